@@ -1,0 +1,365 @@
+"""Samplers: each one `lax.scan` over the static steps of a `Grid`.
+
+Every sampler has the same contract (as in k-diffusion's `sampling.py`):
+
+    sampler(denoise, z, grid, *, key=None, callback=None, **options) -> z_final
+
+`denoise(z, step, t, alpha, sigma) -> Denoised(x0, eps, var_values)` wraps the network (see
+`make_denoiser`); `z` starts at the grid's first level (pure noise: `grid.init_sigma * noise`).
+The update rules are written for a state z = alpha x0 + sigma eps at any scaling, so the same
+sampler runs on VP, VE and flow grids. Stochastic samplers draw step i's noise from
+`step_noise(key, i, shape)`; `key` may be one key or one key per batch row, which makes an
+image independent of the batch it is placed in.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.diffusion import guidance as guidance_lib
+from imagen_jax.diffusion import parameterization as param_lib
+from imagen_jax.diffusion.grids import Grid
+
+
+class Denoised(NamedTuple):
+    x0: jax.Array
+    eps: jax.Array
+    var_values: jax.Array | None  # learned-range variance outputs, else None
+
+
+# ----------------------------------------------------------------------------------------------
+# The network as a denoiser
+# ----------------------------------------------------------------------------------------------
+
+
+def make_denoiser(
+    model_fn: Callable,
+    *,
+    cond,
+    prediction: str = "eps",  # eps | x0 | v | flow
+    model_space: str = "vp",  # vp | flow: the scaling the network was trained in
+    uncond=None,
+    guidance_scale=None,  # scalar or [N]; None (or no uncond) disables guidance
+    guidance_rescale: float = 0.0,
+    learned_variance: bool = False,
+    clip_x0: float | None = None,  # static clipping of x0 to [-c, c]
+    dynamic_threshold: tuple[float, float] | None = None,  # (percentile, max_value)
+) -> Callable:
+    """Turns `model_fn(z_t, t, cond) -> prediction` into a sampler's `denoise`.
+
+    The network sees its input scaled into its own space and a time of shape [B]. A clipped
+    or thresholded x0 gives back a consistent eps, so every sampler uses the clipped x0.
+    """
+    param_lib.check_prediction(prediction)
+    guided = guidance_scale is not None and uncond is not None
+
+    def network(z_in, step, t_batch):
+        if not guided:
+            return model_fn(z_in, t_batch, cond)
+        scale = jnp.asarray(guidance_scale, jnp.float32)
+        w = scale[step] if scale.ndim else scale  # a per-step schedule is indexed by step
+        guided_fn = guidance_lib.cfg_model(
+            model_fn, uncond=uncond, guidance_scale=w, guidance_rescale=guidance_rescale,
+            pred_channels=z_in.shape[-1] if learned_variance else None,
+        )
+        return guided_fn(z_in, t_batch, cond)
+
+    def denoise(z, step, t, alpha, sigma):
+        c = param_lib.network_scale(model_space, alpha=alpha, sigma=sigma)
+        z_in, a_in, s_in = c * z, c * alpha, c * sigma
+        t_batch = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z.shape[0],))
+        out = network(z_in, step, t_batch)
+        var_values = None
+        if learned_variance:
+            out, var_values = param_lib.split_variance(out, z.shape[-1])
+        x0, eps = param_lib.to_x0_eps(prediction, out, z_t=z_in, alpha_t=a_in, sigma_t=s_in)
+        if dynamic_threshold is not None or clip_x0 is not None:
+            if dynamic_threshold is not None:
+                percentile, max_value = dynamic_threshold
+                x0 = guidance_lib.dynamic_threshold(x0, percentile=percentile, max_value=max_value)
+            else:
+                x0 = guidance_lib.static_clip(x0, clip_range=clip_x0)
+            eps = param_lib.eps_from_x0(x0, z_t=z_in, alpha_t=a_in, sigma_t=s_in)
+        return Denoised(x0, eps, var_values)
+
+    return denoise
+
+
+# ----------------------------------------------------------------------------------------------
+# The scan driver
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_key(key):
+    if key is None:
+        raise ValueError("this sampler is stochastic: pass `key`")
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    return key
+
+
+def step_noise(key, step, shape, dtype=jnp.float32):
+    """Standard normal noise of step `step`. With one key per batch row ([B] typed keys or
+    [B, 2] raw keys) each row's noise depends on its own key only."""
+    key = _as_key(key)
+    if key.ndim == 0:
+        return jax.random.normal(jax.random.fold_in(key, step), shape, dtype)
+    if key.shape[0] != shape[0]:
+        raise ValueError(f"got {key.shape[0]} keys for a batch of {shape[0]}")
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, step)
+    return jax.vmap(lambda k: jax.random.normal(k, shape[1:], dtype))(keys)
+
+
+class Step(NamedTuple):
+    """One step's slice of the grid, as the scan body sees it."""
+
+    i: jax.Array
+    t: jax.Array
+    alpha: jax.Array
+    sigma: jax.Array
+    alpha_next: jax.Array
+    sigma_next: jax.Array
+    t_next: jax.Array
+    max_order: jax.Array
+
+
+def _run(body, carry, grid: Grid, callback, trajectory: bool):
+    """Scans `body(carry, step) -> carry` over the grid, the sample first in the carry.
+    `callback(i)` reports progress from inside the compiled loop; with `trajectory` the
+    sample after every step is returned too, as [N, *shape]."""
+    n = grid.num_steps
+    xs = Step(jnp.arange(n), *(jnp.asarray(a) for a in grid[:-1]))
+    sample_of = lambda c: c[0] if isinstance(c, tuple) else c  # noqa: E731
+
+    def scan_body(carry, step):
+        carry = body(carry, step)
+        if callback is not None:
+            jax.debug.callback(callback, step.i)
+        return carry, (sample_of(carry) if trajectory else None)
+
+    carry, zs = jax.lax.scan(scan_body, carry, xs)
+    return (sample_of(carry), zs) if trajectory else sample_of(carry)
+
+
+def _ve(alpha, sigma):
+    """The variance-exploding level sigma / alpha of a state."""
+    return sigma / alpha
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------------------------
+
+
+def ddim(denoise, z, grid: Grid, *, key=None, eta: float = 0.0, callback=None, trajectory=False):
+    """DDIM (Song et al. 2021, eq. 12): z_next = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s noise
+    with s = eta * sqrt(sigma'^2 (1 - SNR / SNR')); eta = 0 is deterministic, eta = 1 ancestral."""
+
+    def body(z, st):
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        snr_ratio = (st.alpha * st.sigma_next) ** 2 / (st.sigma * st.alpha_next) ** 2
+        std = eta * jnp.sqrt(jnp.maximum(st.sigma_next**2 * (1.0 - snr_ratio), 0.0))
+        direction = jnp.sqrt(jnp.maximum(st.sigma_next**2 - std**2, 0.0))
+        z_next = st.alpha_next * d.x0 + direction * d.eps
+        if eta:
+            z_next = z_next + std * step_noise(key, st.i, z.shape, z.dtype)
+        return z_next
+
+    return _run(body, z, grid, callback, trajectory)
+
+
+def ddpm(denoise, z, grid: Grid, *, key=None, variance: str = "fixed_small", callback=None, trajectory=False):
+    """Ancestral sampling from the posterior q(z_next | z, x0) (Ho et al. 2020, eq. 6-7), with
+    the variance fixed_small (beta-tilde), fixed_large (beta) or learned_range (Nichol &
+    Dhariwal 2021). As in diffusers, no noise is added on a step evaluated at t = 0."""
+
+    def body(z, st):
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        alpha_ts = st.alpha / st.alpha_next
+        var_large = st.sigma**2 - alpha_ts**2 * st.sigma_next**2  # beta_t
+        mean = (alpha_ts * st.sigma_next**2 / st.sigma**2) * z
+        mean = mean + (st.alpha_next * var_large / st.sigma**2) * d.x0
+        var_small = var_large * st.sigma_next**2 / st.sigma**2
+        log_var = param_lib.posterior_log_variance(
+            variance, var_small=var_small, var_large=var_large, var_values=d.var_values
+        )
+        noise = step_noise(key, st.i, z.shape, z.dtype)
+        return mean + jnp.where(st.t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
+
+    return _run(body, z, grid, callback, trajectory)
+
+
+def euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
+    """Euler's method on the probability-flow ODE in the VE variable x = z / alpha
+    (Karras et al. 2022, alg. 1 without churn)."""
+
+    def body(z, st):
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        dsigma = _ve(st.alpha_next, st.sigma_next) - _ve(st.alpha, st.sigma)
+        return st.alpha_next * (z / st.alpha + dsigma * d.eps)
+
+    return _run(body, z, grid, callback, trajectory)
+
+
+def euler_ancestral(denoise, z, grid: Grid, *, key=None, eta: float = 1.0, callback=None, trajectory=False):
+    """Euler ancestral (k-diffusion `sample_euler_ancestral`): an Euler step down to
+    sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma'^2."""
+
+    def body(z, st):
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        s_from, s_to = _ve(st.alpha, st.sigma), _ve(st.alpha_next, st.sigma_next)
+        s_up = eta * jnp.sqrt(s_to**2 * (s_from**2 - s_to**2) / s_from**2)
+        s_up = jnp.minimum(s_up, s_to)
+        s_down = jnp.sqrt(s_to**2 - s_up**2)
+        x = z / st.alpha + (s_down - s_from) * d.eps
+        x = x + s_up * step_noise(key, st.i, z.shape, z.dtype)
+        return st.alpha_next * x
+
+    return _run(body, z, grid, callback, trajectory)
+
+
+def heun(denoise, z, grid: Grid, *, callback=None, trajectory=False):
+    """Heun's second-order method (Karras et al. 2022, alg. 1 without churn): an Euler step,
+    then the trapezoidal correction, except on a step that lands on sigma = 0."""
+
+    def body(z, st):
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        s_from, s_to = _ve(st.alpha, st.sigma), _ve(st.alpha_next, st.sigma_next)
+        x = z / st.alpha
+        x_euler = x + (s_to - s_from) * d.eps
+
+        def correct(_):
+            d2 = denoise(st.alpha_next * x_euler, st.i, st.t_next, st.alpha_next, st.sigma_next)
+            return x + (s_to - s_from) * 0.5 * (d.eps + d2.eps)
+
+        x_next = jax.lax.cond(st.sigma_next > 0, correct, lambda _: x_euler, None)
+        return st.alpha_next * x_next
+
+    return _run(body, z, grid, callback, trajectory)
+
+
+def dpmpp_2m(denoise, z, grid: Grid, *, key=None, sde: bool = False, solver_type="midpoint",
+             callback=None, trajectory=False):
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", alg. 2) and, with `sde=True`, its
+    SDE variant (SDE-DPM-Solver++(2M), same paper, appendix). Multistep in the data
+    prediction; the first step, and steps with `grid.max_order == 1`, are first order.
+    solver_type: midpoint (the paper's, diffusers' default) | heun."""
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"unknown DPM-Solver solver_type {solver_type!r}")
+
+    def body(carry, st):
+        z, x0_prev, h_prev = carry
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        landing = st.sigma_next > 0
+        # exp(-h) with h = lambda' - lambda, lambda = log(alpha / sigma); 0 when landing clean.
+        exp_neg_h = (st.sigma_next * st.alpha) / (st.sigma * st.alpha_next)
+        h = jnp.where(landing, -jnp.log(jnp.where(landing, exp_neg_h, 1.0)), 1.0)
+        r0 = h_prev / h
+        d1 = (d.x0 - x0_prev) / r0
+        use_second = (st.i > 0) & (st.max_order >= 2)
+        if sde:
+            exp_neg_2h = exp_neg_h**2
+            z_next = (st.sigma_next / st.sigma) * exp_neg_h * z
+            z_next = z_next + st.alpha_next * (1.0 - exp_neg_2h) * d.x0
+            if solver_type == "midpoint":
+                second = 0.5 * st.alpha_next * (1.0 - exp_neg_2h) * d1
+            else:
+                second = st.alpha_next * ((1.0 - exp_neg_2h) / (-2.0 * h) + 1.0) * d1
+            noise = step_noise(key, st.i, z.shape, z.dtype)
+            z_next = z_next + st.sigma_next * jnp.sqrt(1.0 - exp_neg_2h) * noise
+        else:
+            z_next = (st.sigma_next / st.sigma) * z - st.alpha_next * (exp_neg_h - 1.0) * d.x0
+            if solver_type == "midpoint":
+                second = -0.5 * st.alpha_next * (exp_neg_h - 1.0) * d1
+            else:
+                second = st.alpha_next * ((exp_neg_h - 1.0) / h + 1.0) * d1
+        z_next = z_next + jnp.where(use_second, second, 0.0)
+        return z_next, d.x0, h
+
+    carry = (z, jnp.zeros_like(z), jnp.ones((), z.dtype))  # (z, previous x0, previous h)
+    return _run(body, carry, grid, callback, trajectory)
+
+
+def dpmpp_2m_sde(denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False):
+    return dpmpp_2m(denoise, z, grid, key=key, sde=True, solver_type=solver_type,
+                    callback=callback, trajectory=trajectory)
+
+
+def flow_euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
+    """Euler on the rectified-flow ODE dz/dsigma = v = eps - x0 (SD3's sampler), for flow grids
+    (alpha = 1 - sigma, where alpha reaches 0 and the VE form of `euler` is undefined)."""
+
+    def body(z, st):
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        return z + (st.sigma_next - st.sigma) * (d.eps - d.x0)
+
+    return _run(body, z, grid, callback, trajectory)
+
+
+SAMPLERS = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "euler_ancestral": euler_ancestral,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "flow_euler": flow_euler,
+}
+STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
+
+
+def get_sampler(name: str) -> Callable:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(
+    model_fn: Callable,
+    z: jax.Array,
+    grid: Grid,
+    *,
+    sampler: str = "ddim",
+    cond=None,
+    key=None,
+    callback=None,
+    sampler_options: dict | None = None,
+    **denoiser_options,
+) -> jax.Array:
+    """Runs `sampler` with the network `model_fn(z_t, t, cond)`; `denoiser_options` go to
+    `make_denoiser` (prediction, model_space, uncond, guidance_scale, ...)."""
+    fn = get_sampler(sampler)
+    scale = denoiser_options.get("guidance_scale")
+    if scale is not None:
+        denoiser_options["guidance_scale"] = guidance_lib.check_guidance_schedule(
+            scale, grid.num_steps
+        )
+    denoise = make_denoiser(model_fn, cond=cond, **denoiser_options)
+    options = dict(sampler_options or {})
+    if sampler in STOCHASTIC:
+        options["key"] = key
+    return fn(denoise, z, grid, callback=callback, **options)
+
+
+def compile_sampler(apply_fn: Callable, *, sampler: str = "ddim", callback=None,
+                    sampler_options: dict | None = None, **denoiser_options) -> Callable:
+    """One jitted program `run(params, z, grid, cond, uncond, guidance_scale, key)` for a
+    network `apply_fn(params, z_t, t, cond)`. Prompts, guidance and noise are traced
+    arguments: a new prompt never recompiles; a new shape or step count does."""
+    get_sampler(sampler)
+
+    @jax.jit
+    def run(params, z, grid, cond, uncond=None, guidance_scale=None, key=None):
+        return sample(
+            functools.partial(apply_fn, params), z, grid, sampler=sampler, cond=cond, key=key,
+            callback=callback, sampler_options=sampler_options, uncond=uncond,
+            guidance_scale=guidance_scale, **denoiser_options,
+        )
+
+    return run

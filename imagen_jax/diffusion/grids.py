@@ -153,9 +153,9 @@ def sigma_grid(
         t = np.round(t)
     table = schedule.ve_sigmas.astype(np.float32)
     sigmas = np.interp(t, np.arange(big_t), table)
-    if karras:
-        sigmas = sched_lib.karras_sigmas(n, sigma_min=float(sigmas[-1]),
-                                         sigma_max=float(sigmas[0]))
+    if karras:  # DPM-Solver spans the whole table, the others the spaced levels
+        lo, hi = (table[0], table[-1]) if dpm_spacing else (sigmas[-1], sigmas[0])
+        sigmas = sched_lib.karras_sigmas(n, sigma_min=float(lo), sigma_max=float(hi))
         t = schedule.ve_sigma_to_t(sigmas)
         if round_timesteps:
             t = np.round(t)

@@ -342,7 +342,7 @@ def sample(
         )
     denoise = make_denoiser(model_fn, cond=cond, **denoiser_options)
     options = dict(sampler_options or {})
-    if sampler in STOCHASTIC:
+    if sampler in STOCHASTIC or options.get("eta"):
         options["key"] = key
     return fn(denoise, z, grid, callback=callback, **options)
 

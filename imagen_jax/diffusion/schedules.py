@@ -114,7 +114,7 @@ class DiscreteSchedule:
     @property
     def ve_sigmas(self) -> np.ndarray:
         """sigma / alpha for every training timestep [T] (the variance-exploding view)."""
-        ac = self.alphas_cumprod.astype(np.float64)
+        ac = self.alphas_cumprod  # float32 arithmetic, as the diffusers tables
         return np.sqrt((1.0 - ac) / ac)
 
     def alpha_sigma(self, t):
@@ -124,7 +124,7 @@ class DiscreteSchedule:
 
     def ve_sigma_to_t(self, sigma: np.ndarray) -> np.ndarray:
         """Fractional timestep of a VE sigma, by linear interpolation in log sigma."""
-        log_sigmas = np.log(self.ve_sigmas)
+        log_sigmas = np.log(self.ve_sigmas).astype(np.float64)
         log_sigma = np.log(np.maximum(np.asarray(sigma, np.float64), 1e-10))
         dists = log_sigma[None, :] - log_sigmas[:, None]
         low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_sigmas) - 2)

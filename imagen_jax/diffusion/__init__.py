@@ -1,0 +1,62 @@
+"""The diffusion math: schedules, parameterizations, losses, samplers and guidance.
+
+Pure functions over jnp arrays; no Flax. A network reaches this package only as a function
+`model_fn(z_t, t, cond) -> prediction`.
+"""
+
+from imagen_jax.diffusion.grids import (
+    Grid,
+    continuous_grid,
+    ddim_grid,
+    ddpm_grid,
+    denoising_end_stop,
+    denoising_start_index,
+    flow_grid,
+    sigma_grid,
+    slice_grid,
+    strength_start,
+)
+from imagen_jax.diffusion.guidance import cfg_model, dynamic_threshold, static_clip
+from imagen_jax.diffusion.parameterization import target, to_x0_eps
+from imagen_jax.diffusion.samplers import (
+    SAMPLERS,
+    compile_sampler,
+    get_sampler,
+    make_denoiser,
+    sample,
+    step_noise,
+)
+from imagen_jax.diffusion.schedules import (
+    DiscreteSchedule,
+    FlowSchedule,
+    LogSNRSchedule,
+    karras_sigmas,
+)
+
+__all__ = [
+    "SAMPLERS",
+    "DiscreteSchedule",
+    "FlowSchedule",
+    "Grid",
+    "LogSNRSchedule",
+    "cfg_model",
+    "compile_sampler",
+    "continuous_grid",
+    "ddim_grid",
+    "ddpm_grid",
+    "denoising_end_stop",
+    "denoising_start_index",
+    "dynamic_threshold",
+    "flow_grid",
+    "get_sampler",
+    "karras_sigmas",
+    "make_denoiser",
+    "sample",
+    "sigma_grid",
+    "slice_grid",
+    "static_clip",
+    "step_noise",
+    "strength_start",
+    "target",
+    "to_x0_eps",
+]

@@ -15,6 +15,7 @@ t - T // N), the grid says so through its separate `alpha_next` / `sigma_next`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -198,17 +199,19 @@ def continuous_grid(
     num_steps: int,
     *,
     spacing: str = "uniform",  # uniform (in t) | karras
+    sigma_min: float = 0.002,  # karras only: the EDM range of VE sigmas, clipped to the
+    sigma_max: float = 80.0,  # schedule's own range
     rho: float = 7.0,
 ) -> Grid:
-    """A VP grid on a continuous logSNR schedule, from t = 1 to a clean last point
-    (alpha = 1, sigma = 0). The network is told t."""
+    """A VP grid on a continuous logSNR schedule, from t = 1 (or the Karras sigma_max) to a
+    clean last point (alpha = 1, sigma = 0). The network is told t."""
     n = check_num_steps(num_steps)
     if spacing == "uniform":
         t = np.linspace(1.0, 0.0, n + 1)[:-1]
     elif spacing == "karras":
         lo, hi = (float(schedule.logsnr(x)) for x in (1.0, 0.0))
-        sig = sched_lib.karras_sigmas(n, sigma_min=np.exp(-0.5 * hi), sigma_max=np.exp(-0.5 * lo),
-                                      rho=rho)
+        sig = sched_lib.karras_sigmas(n, sigma_min=max(sigma_min, math.exp(-0.5 * hi)),
+                                      sigma_max=min(sigma_max, math.exp(-0.5 * lo)), rho=rho)
         t = np.clip(np.asarray(schedule.t_from_logsnr(-2.0 * np.log(sig))), 0.0, 1.0)
     else:
         raise ValueError(f"unknown continuous spacing {spacing!r}; expected 'uniform' or 'karras'")

@@ -66,9 +66,9 @@ def make_betas(
 
 def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     """Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", alg. 1."""
-    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas.astype(np.float64)))
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas, dtype=np.float32))  # float32, as diffusers
     first, last = sqrt_ab[0], sqrt_ab[-1]
-    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
     alpha_bar = sqrt_ab**2
     alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
     return (1.0 - alphas).astype(np.float32)

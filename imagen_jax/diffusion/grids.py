@@ -43,8 +43,14 @@ class Grid(NamedTuple):
 def _make_grid(t, alpha, sigma, alpha_next, sigma_next, t_next, max_order, init_sigma) -> Grid:
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     return Grid(
-        f32(t), f32(alpha), f32(sigma), f32(alpha_next), f32(sigma_next), f32(t_next),
-        np.asarray(max_order, np.int32), f32(init_sigma),
+        f32(t),
+        f32(alpha),
+        f32(sigma),
+        f32(alpha_next),
+        f32(sigma_next),
+        f32(t_next),
+        np.asarray(max_order, np.int32),
+        f32(init_sigma),
     )
 
 
@@ -80,12 +86,19 @@ def _vp_from_alphas_cumprod(ac):
     return np.sqrt(ac), np.sqrt(1.0 - ac)
 
 
-def ddpm_grid(schedule: sched_lib.DiscreteSchedule, num_steps: int, *, spacing="leading",
-              steps_offset=0) -> Grid:
+def ddpm_grid(
+    schedule: sched_lib.DiscreteSchedule, num_steps: int, *, spacing="leading", steps_offset=0
+) -> Grid:
     """DDPMScheduler's grid: integer timesteps, each step lands on the next one, the last on
     alpha = 1."""
-    t = np.round(spaced_timesteps(num_steps, spacing, steps_offset=steps_offset,
-                                  num_train_timesteps=schedule.num_train_timesteps)).astype(int)
+    t = np.round(
+        spaced_timesteps(
+            num_steps,
+            spacing,
+            steps_offset=steps_offset,
+            num_train_timesteps=schedule.num_train_timesteps,
+        )
+    ).astype(int)
     ac = schedule.alphas_cumprod
     ac_next = np.concatenate([ac[t[1:]], [1.0]])
     alpha, sigma = _vp_from_alphas_cumprod(ac[t])
@@ -94,21 +107,29 @@ def ddpm_grid(schedule: sched_lib.DiscreteSchedule, num_steps: int, *, spacing="
     return _make_grid(t, alpha, sigma, alpha_next, sigma_next, t_next, np.ones_like(t), 1.0)
 
 
-def ddim_grid(schedule: sched_lib.DiscreteSchedule, num_steps: int, *, spacing="leading",
-              steps_offset=0, set_alpha_to_one=True) -> Grid:
+def ddim_grid(
+    schedule: sched_lib.DiscreteSchedule,
+    num_steps: int,
+    *,
+    spacing="leading",
+    steps_offset=0,
+    set_alpha_to_one=True,
+) -> Grid:
     """DDIMScheduler's grid: step i lands on t_i - T // N (alpha = 1 past zero, or
     alphas_cumprod[0] when `set_alpha_to_one` is False)."""
     big_t = schedule.num_train_timesteps
-    t = np.round(spaced_timesteps(num_steps, spacing, steps_offset=steps_offset,
-                                  num_train_timesteps=big_t)).astype(int)
+    t = np.round(
+        spaced_timesteps(num_steps, spacing, steps_offset=steps_offset, num_train_timesteps=big_t)
+    ).astype(int)
     ac = schedule.alphas_cumprod
     prev = t - big_t // num_steps
     final = 1.0 if set_alpha_to_one else ac[0]
     ac_next = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
     alpha, sigma = _vp_from_alphas_cumprod(ac[t])
     alpha_next, sigma_next = _vp_from_alphas_cumprod(ac_next)
-    return _make_grid(t, alpha, sigma, alpha_next, sigma_next, np.maximum(prev, 0),
-                      np.ones_like(t), 1.0)
+    return _make_grid(
+        t, alpha, sigma, alpha_next, sigma_next, np.maximum(prev, 0), np.ones_like(t), 1.0
+    )
 
 
 def _sigma_space(sigmas, space):
@@ -177,8 +198,9 @@ def sigma_grid(
     return _make_grid(t, alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], t_next, max_order, init)
 
 
-def flow_grid(num_steps: int, *, shift: float = 1.0, num_train_timesteps: int = 1000,
-              dynamic: bool = False) -> Grid:
+def flow_grid(
+    num_steps: int, *, shift: float = 1.0, num_train_timesteps: int = 1000, dynamic: bool = False
+) -> Grid:
     """FlowMatchEulerDiscreteScheduler's grid: sigmas from 1 to the shifted 1/T, shifted
     (SD3 eq. 23), then 0; the network is told sigma * T. `dynamic=True` is the
     resolution-dependent shifting, with `shift = exp(mu)` (see `flow_dynamic_shift`)."""
@@ -190,8 +212,16 @@ def flow_grid(num_steps: int, *, shift: float = 1.0, num_train_timesteps: int = 
     sigmas = shift_fn(sigmas).astype(np.float32)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     t = sigmas * big_t
-    return _make_grid(t[:-1], 1.0 - sigmas[:-1], sigmas[:-1], 1.0 - sigmas[1:], sigmas[1:], t[1:],
-                      np.full(n, 2), 1.0)
+    return _make_grid(
+        t[:-1],
+        1.0 - sigmas[:-1],
+        sigmas[:-1],
+        1.0 - sigmas[1:],
+        sigmas[1:],
+        t[1:],
+        np.full(n, 2),
+        1.0,
+    )
 
 
 def continuous_grid(
@@ -210,8 +240,12 @@ def continuous_grid(
         t = np.linspace(1.0, 0.0, n + 1)[:-1]
     elif spacing == "karras":
         lo, hi = (float(schedule.logsnr(x)) for x in (1.0, 0.0))
-        sig = sched_lib.karras_sigmas(n, sigma_min=max(sigma_min, math.exp(-0.5 * hi)),
-                                      sigma_max=min(sigma_max, math.exp(-0.5 * lo)), rho=rho)
+        sig = sched_lib.karras_sigmas(
+            n,
+            sigma_min=max(sigma_min, math.exp(-0.5 * hi)),
+            sigma_max=min(sigma_max, math.exp(-0.5 * lo)),
+            rho=rho,
+        )
         t = np.clip(np.asarray(schedule.t_from_logsnr(-2.0 * np.log(sig))), 0.0, 1.0)
     else:
         raise ValueError(f"unknown continuous spacing {spacing!r}; expected 'uniform' or 'karras'")
@@ -248,9 +282,12 @@ def strength_start(num_steps: int, strength: float) -> int:
 
 
 def _cutoff(fraction: float, name: str, num_train_timesteps: float) -> float:
+    """The time at a fraction of the way from noise to data: rounded to an integer timestep
+    on a discrete (int) time scale, as diffusers does, exact on a continuous one."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"{name} must be in (0, 1), got {fraction!r}")
-    return round(num_train_timesteps - fraction * num_train_timesteps)
+    cutoff = num_train_timesteps - fraction * num_train_timesteps
+    return round(cutoff) if isinstance(num_train_timesteps, int) else cutoff
 
 
 def denoising_end_stop(grid: Grid, denoising_end: float, *, num_train_timesteps=1000) -> int:

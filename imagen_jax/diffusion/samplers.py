@@ -44,7 +44,7 @@ def make_denoiser(
     prediction: str = "eps",  # eps | x0 | v | flow
     model_space: str = "vp",  # vp | flow: the scaling the network was trained in
     uncond=None,
-    guidance_scale=None,  # scalar or [N]; None (or no uncond) disables guidance
+    guidance_scale=None,  # scalar or [N]; None disables guidance
     guidance_rescale: float = 0.0,
     learned_variance: bool = False,
     clip_x0: float | None = None,  # static clipping of x0 to [-c, c]
@@ -56,7 +56,9 @@ def make_denoiser(
     or thresholded x0 gives back a consistent eps, so every sampler uses the clipped x0.
     """
     param_lib.check_prediction(prediction)
-    guided = guidance_scale is not None and uncond is not None
+    guided = guidance_scale is not None
+    if guided and uncond is None:
+        raise ValueError("guidance_scale was given without `uncond` (the null or negative cond)")
 
     def network(z_in, step, t_batch):
         if not guided:
@@ -64,7 +66,10 @@ def make_denoiser(
         scale = jnp.asarray(guidance_scale, jnp.float32)
         w = scale[step] if scale.ndim else scale  # a per-step schedule is indexed by step
         guided_fn = guidance_lib.cfg_model(
-            model_fn, uncond=uncond, guidance_scale=w, guidance_rescale=guidance_rescale,
+            model_fn,
+            uncond=uncond,
+            guidance_scale=w,
+            guidance_rescale=guidance_rescale,
             pred_channels=z_in.shape[-1] if learned_variance else None,
         )
         return guided_fn(z_in, t_batch, cond)
@@ -173,7 +178,16 @@ def ddim(denoise, z, grid: Grid, *, key=None, eta: float = 0.0, callback=None, t
     return _run(body, z, grid, callback, trajectory)
 
 
-def ddpm(denoise, z, grid: Grid, *, key=None, variance: str = "fixed_small", callback=None, trajectory=False):
+def ddpm(
+    denoise,
+    z,
+    grid: Grid,
+    *,
+    key=None,
+    variance: str = "fixed_small",
+    callback=None,
+    trajectory=False,
+):
     """Ancestral sampling from the posterior q(z_next | z, x0) (Ho et al. 2020, eq. 6-7), with
     the variance fixed_small (beta-tilde), fixed_large (beta) or learned_range (Nichol &
     Dhariwal 2021). As in diffusers, no noise is added on a step evaluated at t = 0."""
@@ -206,7 +220,9 @@ def euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
     return _run(body, z, grid, callback, trajectory)
 
 
-def euler_ancestral(denoise, z, grid: Grid, *, key=None, eta: float = 1.0, callback=None, trajectory=False):
+def euler_ancestral(
+    denoise, z, grid: Grid, *, key=None, eta: float = 1.0, callback=None, trajectory=False
+):
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): an Euler step down to
     sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma'^2."""
 
@@ -243,8 +259,17 @@ def heun(denoise, z, grid: Grid, *, callback=None, trajectory=False):
     return _run(body, z, grid, callback, trajectory)
 
 
-def dpmpp_2m(denoise, z, grid: Grid, *, key=None, sde: bool = False, solver_type="midpoint",
-             callback=None, trajectory=False):
+def dpmpp_2m(
+    denoise,
+    z,
+    grid: Grid,
+    *,
+    key=None,
+    sde: bool = False,
+    solver_type="midpoint",
+    callback=None,
+    trajectory=False,
+):
     """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", alg. 2) and, with `sde=True`, its
     SDE variant (SDE-DPM-Solver++(2M), same paper, appendix). Multistep in the data
     prediction; the first step, and steps with `grid.max_order == 1`, are first order.
@@ -285,9 +310,19 @@ def dpmpp_2m(denoise, z, grid: Grid, *, key=None, sde: bool = False, solver_type
     return _run(body, carry, grid, callback, trajectory)
 
 
-def dpmpp_2m_sde(denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False):
-    return dpmpp_2m(denoise, z, grid, key=key, sde=True, solver_type=solver_type,
-                    callback=callback, trajectory=trajectory)
+def dpmpp_2m_sde(
+    denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+):
+    return dpmpp_2m(
+        denoise,
+        z,
+        grid,
+        key=key,
+        sde=True,
+        solver_type=solver_type,
+        callback=callback,
+        trajectory=trajectory,
+    )
 
 
 def flow_euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
@@ -347,8 +382,14 @@ def sample(
     return fn(denoise, z, grid, callback=callback, **options)
 
 
-def compile_sampler(apply_fn: Callable, *, sampler: str = "ddim", callback=None,
-                    sampler_options: dict | None = None, **denoiser_options) -> Callable:
+def compile_sampler(
+    apply_fn: Callable,
+    *,
+    sampler: str = "ddim",
+    callback=None,
+    sampler_options: dict | None = None,
+    **denoiser_options,
+) -> Callable:
     """One jitted program `run(params, z, grid, cond, uncond, guidance_scale, key)` for a
     network `apply_fn(params, z_t, t, cond)`. Prompts, guidance and noise are traced
     arguments: a new prompt never recompiles; a new shape or step count does."""
@@ -357,9 +398,17 @@ def compile_sampler(apply_fn: Callable, *, sampler: str = "ddim", callback=None,
     @jax.jit
     def run(params, z, grid, cond, uncond=None, guidance_scale=None, key=None):
         return sample(
-            functools.partial(apply_fn, params), z, grid, sampler=sampler, cond=cond, key=key,
-            callback=callback, sampler_options=sampler_options, uncond=uncond,
-            guidance_scale=guidance_scale, **denoiser_options,
+            functools.partial(apply_fn, params),
+            z,
+            grid,
+            sampler=sampler,
+            cond=cond,
+            key=key,
+            callback=callback,
+            sampler_options=sampler_options,
+            uncond=uncond,
+            guidance_scale=guidance_scale,
+            **denoiser_options,
         )
 
     return run

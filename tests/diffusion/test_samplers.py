@@ -13,8 +13,7 @@ from imagen_jax.diffusion import grids, guidance, samplers, schedules
 
 SHAPE = (2, 4, 4, 3)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-SCHED = schedules.DiscreteSchedule.from_config("scaled_linear", beta_start=0.00085,
-                                               beta_end=0.012)
+SCHED = schedules.DiscreteSchedule.from_config("scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 
 def _x0():
@@ -53,8 +52,9 @@ def test_true_noise_recovers_x0(sampler, make_grid):
     x0, eps = _x0(), _eps()
     grid = make_grid(10)
     z = grid.alpha[0] * x0 + grid.sigma[0] * eps
-    out = samplers.sample(_oracle_eps_model(x0, SCHED), z, grid, sampler=sampler, cond=None,
-                          key=jax.random.key(0))
+    out = samplers.sample(
+        _oracle_eps_model(x0, SCHED), z, grid, sampler=sampler, cond=None, key=jax.random.key(0)
+    )
     np.testing.assert_allclose(out, x0, atol=2e-5)
 
 
@@ -64,8 +64,14 @@ def test_x0_oracle_ends_on_x0(sampler):
     x0 = _x0()
     grid = grids.sigma_grid(SCHED, 7, karras=True)
     z = grid.init_sigma * _eps()
-    out = samplers.sample(lambda z, t, c: jnp.broadcast_to(x0, z.shape), z, grid,
-                          sampler=sampler, prediction="x0", key=jax.random.key(1))
+    out = samplers.sample(
+        lambda z, t, c: jnp.broadcast_to(x0, z.shape),
+        z,
+        grid,
+        sampler=sampler,
+        prediction="x0",
+        key=jax.random.key(1),
+    )
     np.testing.assert_allclose(out, x0, atol=1e-5)
 
 
@@ -92,8 +98,9 @@ def test_cfg_scale_one_is_the_conditional_prediction():
 
 def test_dynamic_threshold_matches_diffusers():
     x0 = 3.0 * _eps()
-    ref = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9,
-                                  sample_max_value=2.0)
+    ref = diffusers.DDPMScheduler(
+        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0
+    )
     expected = ref._threshold_sample(torch.from_numpy(np.asarray(x0)).permute(0, 3, 1, 2))
     got = guidance.dynamic_threshold(x0, percentile=0.9, max_value=2.0)
     # The quantile is over all of a sample's values, so the layout does not matter.
@@ -106,8 +113,11 @@ def test_guidance_rescale_matches_diffusers():
     )
 
     guided, cond = 2.0 * _eps(), _x0()
-    expected = rescale_noise_cfg(torch.from_numpy(np.asarray(guided)),
-                                 torch.from_numpy(np.asarray(cond)), guidance_rescale=0.7)
+    expected = rescale_noise_cfg(
+        torch.from_numpy(np.asarray(guided)),
+        torch.from_numpy(np.asarray(cond)),
+        guidance_rescale=0.7,
+    )
     got = guidance.rescale_guidance(guided, cond, guidance_rescale=0.7)
     np.testing.assert_allclose(got, expected.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -128,16 +138,24 @@ def test_compiles_once_whatever_the_prompts():
         run(params, z, grid, cond, -cond, jnp.float32(1.0 + seed), jax.random.key(seed))
     # One trace of the cond/uncond batch (the lax.scan body is traced once).
     assert len(traces) == 1
-    run(params, z, grids.sigma_grid(SCHED, 9, space="vp", dpm_spacing=True), cond, -cond,
-        jnp.float32(2.0), jax.random.key(0))
+    run(
+        params,
+        z,
+        grids.sigma_grid(SCHED, 9, space="vp", dpm_spacing=True),
+        cond,
+        -cond,
+        jnp.float32(2.0),
+        jax.random.key(0),
+    )
     assert len(traces) == 2  # a new step count is a new program
 
 
 def test_progress_callback_reports_every_step():
     seen = []
     grid = grids.ddim_grid(SCHED, 6)
-    out = samplers.sample(_linear_model, _eps(), grid, cond=jnp.ones((2, 3)),
-                          callback=lambda i: seen.append(int(i)))
+    out = samplers.sample(
+        _linear_model, _eps(), grid, cond=jnp.ones((2, 3)), callback=lambda i: seen.append(int(i))
+    )
     jax.block_until_ready(out)
     jax.effects_barrier()
     assert sorted(seen) == list(range(6))
@@ -150,16 +168,16 @@ def test_per_row_keys_make_rows_independent_of_batch():
     z = _eps()
     cond = jnp.ones((2, 3))
     both = samplers.sample(_linear_model, z, grid, sampler="ddpm", cond=cond, key=keys)
-    alone = samplers.sample(_linear_model, z[1:], grid, sampler="ddpm", cond=cond[1:],
-                            key=keys[1:])
+    alone = samplers.sample(_linear_model, z[1:], grid, sampler="ddpm", cond=cond[1:], key=keys[1:])
     np.testing.assert_allclose(both[1:], alone, atol=1e-6)
 
 
 def test_per_step_guidance_schedule():
     grid = grids.ddim_grid(SCHED, 4)
     z, cond = _eps(), jnp.ones((2, 3))
-    run = functools.partial(samplers.sample, _linear_model, z, grid, cond=cond,
-                            uncond=jnp.zeros((2, 3)))
+    run = functools.partial(
+        samplers.sample, _linear_model, z, grid, cond=cond, uncond=jnp.zeros((2, 3))
+    )
     const = run(guidance_scale=3.0)
     np.testing.assert_allclose(run(guidance_scale=jnp.full((4,), 3.0)), const, atol=1e-6)
     assert not np.allclose(run(guidance_scale=jnp.array([3.0, 3.0, 3.0, 1.0])), const)
@@ -182,10 +200,12 @@ def test_img2img_start_matches_diffusers(strength):
     grid = grids.slice_grid(grids.ddim_grid(SCHED, n, steps_offset=1), start)
     np.testing.assert_array_equal(grid.t, ref.timesteps[t_start:].numpy())
     x0, eps = _x0(), _eps()
-    noised = ref.add_noise(torch.from_numpy(np.asarray(x0)), torch.from_numpy(np.asarray(eps)),
-                           ref.timesteps[t_start:t_start + 1])
-    np.testing.assert_allclose(grid.alpha[0] * x0 + grid.sigma[0] * eps, noised.numpy(),
-                               atol=1e-6)
+    noised = ref.add_noise(
+        torch.from_numpy(np.asarray(x0)),
+        torch.from_numpy(np.asarray(eps)),
+        ref.timesteps[t_start : t_start + 1],
+    )
+    np.testing.assert_allclose(grid.alpha[0] * x0 + grid.sigma[0] * eps, noised.numpy(), atol=1e-6)
 
 
 def test_denoising_end_and_start_match_sdxl():
@@ -203,13 +223,21 @@ def test_handoff_equals_one_run(sampler):
     """Base up to denoising_end, then the rest from denoising_start, is the whole run (the
     multistep solver restarts at first order, so for it only the first half is exact)."""
     space = "vp" if sampler == "dpmpp_2m" else "ve"
-    grid = (grids.ddim_grid(SCHED, 12) if sampler == "ddim"
-            else grids.sigma_grid(SCHED, 12, space=space, dpm_spacing=sampler == "dpmpp_2m"))
+    grid = (
+        grids.ddim_grid(SCHED, 12)
+        if sampler == "ddim"
+        else grids.sigma_grid(SCHED, 12, space=space, dpm_spacing=sampler == "dpmpp_2m")
+    )
     stop = grids.denoising_end_stop(grid, 0.6)
     assert stop == grids.denoising_start_index(grid, 0.6)
     z, cond = grid.init_sigma * _eps(), jnp.ones((2, 3))
-    run = functools.partial(samplers.sample, _linear_model, sampler=sampler, cond=cond,
-                            sampler_options=dict(trajectory=True))
+    run = functools.partial(
+        samplers.sample,
+        _linear_model,
+        sampler=sampler,
+        cond=cond,
+        sampler_options=dict(trajectory=True),
+    )
     _, whole = run(z, grid)
     mid, first = run(z, grids.slice_grid(grid, 0, stop))
     np.testing.assert_allclose(first, whole[:stop], atol=1e-5)
@@ -271,11 +299,51 @@ def test_bad_denoising_fraction_raises():
 def test_wrong_length_guidance_schedule_raises():
     grid = grids.ddim_grid(SCHED, 4)
     with pytest.raises(ValueError, match="one value per step \\(4\\), got shape \\(3,\\)"):
-        samplers.sample(_linear_model, _eps(), grid, cond=jnp.ones((2, 3)),
-                        uncond=jnp.zeros((2, 3)), guidance_scale=jnp.ones(3))
+        samplers.sample(
+            _linear_model,
+            _eps(),
+            grid,
+            cond=jnp.ones((2, 3)),
+            uncond=jnp.zeros((2, 3)),
+            guidance_scale=jnp.ones(3),
+        )
 
 
 def test_stochastic_sampler_without_key_raises():
     with pytest.raises(ValueError, match="stochastic"):
-        samplers.sample(_linear_model, _eps(), grids.ddpm_grid(SCHED, 3), sampler="ddpm",
-                        cond=jnp.ones((2, 3)))
+        samplers.sample(
+            _linear_model, _eps(), grids.ddpm_grid(SCHED, 3), sampler="ddpm", cond=jnp.ones((2, 3))
+        )
+
+
+def test_guidance_without_uncond_raises():
+    with pytest.raises(ValueError, match="without `uncond`"):
+        samplers.make_denoiser(_linear_model, cond=None, guidance_scale=5.0)
+
+
+def test_sharded_batch_gives_the_same_images():
+    """A batch split over 8 devices samples the same images as on one device."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+
+    def apply_fn(params, z, t, cond):
+        return params * z + jnp.cos(t / 300.0)[:, None, None, None] + cond[:, None, None, :]
+
+    run = samplers.compile_sampler(apply_fn, sampler="dpmpp_2m_sde")
+    grid = grids.sigma_grid(SCHED, 6, space="vp", dpm_spacing=True)
+    z = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+    cond = jax.random.normal(jax.random.key(1), (8, 3))
+    keys = jax.random.split(jax.random.key(2), 8)
+    args = (jnp.float32(0.3), z, grid, cond, jnp.zeros_like(cond), jnp.float32(3.0), keys)
+    single = run(*args)
+    sharded_args = list(args)
+    for i in (1, 3, 4):
+        sharded_args[i] = jax.device_put(args[i], rows)
+    sharded_args[6] = jax.device_put(keys, rows)
+    sharded = run(*sharded_args)
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)

@@ -61,16 +61,23 @@ def jax_net(p):
     return apply
 
 
-def torch_net(p):
-    w = {k: torch.from_numpy(v) for k, v in p.items()}
+def torch_net(p, device):
+    w = {k: torch.from_numpy(v).to(device) for k, v in p.items()}
 
     def apply(x, t, cond):  # x [B, C, H, W]
         h = x.permute(0, 2, 3, 1) @ w["w1"]  # [B, H, W, D]
-        tt = torch.cos(torch.as_tensor(t, dtype=torch.float32).reshape(1, 1) / 1000.0)
+        tt = torch.as_tensor(t, dtype=torch.float32, device=device).reshape(1, 1)
+        tt = torch.cos(tt / 1000.0)
         h = h + (tt @ w["wt"])[:, None, None] + (cond @ w["wc"])[:, None, None]
         return (torch.nn.functional.silu(h) @ w["w2"]).permute(0, 3, 1, 2)
 
     return apply
+
+
+def _sync(out, device):
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return out
 
 
 def time_it(fn, repeats):
@@ -89,9 +96,10 @@ def bench_case(name, args, p):
     cond = np.random.default_rng(1).normal(size=(args.batch, args.cond_dim)).astype(np.float32)
     x = np.random.default_rng(2).normal(size=shape).astype(np.float32)
 
-    net_t = torch_net(p)
-    cond_t = torch.cat([torch.zeros(args.batch, args.cond_dim), torch.from_numpy(cond)])
-    x_t = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+    dev = args.torch_device
+    net_t = torch_net(p, dev)
+    cond_t = torch.cat([torch.zeros(args.batch, args.cond_dim), torch.from_numpy(cond)]).to(dev)
+    x_t = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(dev)
 
     @torch.no_grad()
     def run_diffusers():
@@ -103,6 +111,8 @@ def bench_case(name, args, p):
             out = net_t(inp, t, cond_t)
             out = out[: args.batch] + 7.5 * (out[args.batch :] - out[: args.batch])
             lat = sched.step(out, t, lat).prev_sample
+        if dev != "cpu":
+            torch.cuda.synchronize()
         return lat
 
     run = samplers.compile_sampler(jax_net(p), sampler=sampler)
@@ -115,7 +125,7 @@ def bench_case(name, args, p):
 
     # Same answer first: a benchmark of two different computations would mean nothing.
     ours_out = np.asarray(run_ours())
-    ref_out = run_diffusers().permute(0, 2, 3, 1).numpy()
+    ref_out = run_diffusers().permute(0, 2, 3, 1).cpu().numpy()
     max_err = float(np.abs(ours_out - ref_out).max())
 
     # The network alone, one CFG-batched call, to separate it from the loop around it.
@@ -124,7 +134,7 @@ def bench_case(name, args, p):
     z2, c2 = jnp.concatenate([z, z]), jnp.concatenate([u, c])
     t2 = jnp.full((2 * args.batch,), 500.0)
     net_only = {
-        "diffusers": torch.no_grad()(lambda: net_t(lat2, 500.0, cond_t)),
+        "diffusers": torch.no_grad()(lambda: _sync(net_t(lat2, 500.0, cond_t), dev)),
         "imagen_jax": lambda: jit_net(params, z2, t2, c2).block_until_ready(),
     }
 
@@ -172,6 +182,7 @@ def _env():
         torch=torch.__version__,
         diffusers=diffusers.__version__,
         torch_threads=torch.get_num_threads(),
+        torch_device=str(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
     )
 
 
@@ -184,6 +195,7 @@ def main():
     parser.add_argument("--cond_dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--torch_device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     p = make_weights(4, args.hidden, args.cond_dim)
     for name in args.cases.split(","):

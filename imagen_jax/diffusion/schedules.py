@@ -209,8 +209,9 @@ def flow_time_shift(t, *, shift: float):
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_dynamic_shift(image_seq_len: int, *, base_seq_len=256, max_seq_len=4096, base_shift=0.5,
-                       max_shift=1.15) -> float:
+def flow_dynamic_shift(
+    image_seq_len: int, *, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15
+) -> float:
     """mu of the resolution-dependent exponential shift (Flux / SD3.5): linear in sequence
     length; the shift applied is exp(mu)."""
     m = (max_shift - base_shift) / (max_seq_len - base_seq_len)

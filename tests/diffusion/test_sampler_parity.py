@@ -73,8 +73,17 @@ class NoiseFeed:
         return to_torch(noise)
 
 
-def diffusers_loop(scheduler, num_steps, x_init, p, *, learned_variance=False, step_kwargs=None,
-                   noise_feed=None, heun=False):
+def diffusers_loop(
+    scheduler,
+    num_steps,
+    x_init,
+    p,
+    *,
+    learned_variance=False,
+    step_kwargs=None,
+    noise_feed=None,
+    heun=False,
+):
     """The loop of the diffusers pipelines with CFG; returns the sample after every step."""
     model = torch_model(p)
     cond = torch.cat([torch.from_numpy(p["uncond"]), torch.from_numpy(p["cond"])])
@@ -106,9 +115,13 @@ def ours(grid, x_init, p, sampler, *, key=None, sampler_options=None, **denoiser
     z = jnp.asarray(x_init) * grid.init_sigma
     _, zs = jax.jit(
         functools.partial(
-            samplers.sample, jax_model(p), sampler=sampler,
+            samplers.sample,
+            jax_model(p),
+            sampler=sampler,
             sampler_options=dict(sampler_options or {}, trajectory=True),
-            uncond=jnp.asarray(p["uncond"]), guidance_scale=GUIDANCE, **denoiser_options,
+            uncond=jnp.asarray(p["uncond"]),
+            guidance_scale=GUIDANCE,
+            **denoiser_options,
         )
     )(z, grid, cond=jnp.asarray(p["cond"]), key=key)
     return np.asarray(zs)
@@ -119,7 +132,9 @@ def assert_trajectories_close(ours_zs, ref_zs, tol=TOL):
     for i, (a, b) in enumerate(zip(ours_zs, ref_zs, strict=True)):
         scale = max(1.0, float(np.abs(b).max()))
         err = float(np.abs(a - b).max())
-        assert err <= tol * scale, f"step {i}: max |ours - diffusers| = {err:.3g} (scale {scale:.3g})"
+        assert err <= tol * scale, (
+            f"step {i}: max |ours - diffusers| = {err:.3g} (scale {scale:.3g})"
+        )
 
 
 def x_init(seed=1):
@@ -142,14 +157,16 @@ def discrete(**kw):
 def test_ddim(num_steps, spacing, prediction):
     p = stand_in_params(C)
     pt = {"eps": "epsilon", "v": "v_prediction"}[prediction]
-    ref = diffusers.DDIMScheduler(**SD, clip_sample=False, timestep_spacing=spacing,
-                                  prediction_type=pt)
+    ref = diffusers.DDIMScheduler(
+        **SD, clip_sample=False, timestep_spacing=spacing, prediction_type=pt
+    )
     ref.set_timesteps(num_steps)
     grid = grids.ddim_grid(discrete(**SD), num_steps, spacing=spacing)
     assert np.array_equal(grid.t, ref.timesteps.numpy())
     x = x_init()
-    assert_trajectories_close(ours(grid, x, p, "ddim", prediction=prediction),
-                              diffusers_loop(ref, num_steps, x, p))
+    assert_trajectories_close(
+        ours(grid, x, p, "ddim", prediction=prediction), diffusers_loop(ref, num_steps, x, p)
+    )
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
@@ -157,8 +174,7 @@ def test_ddim(num_steps, spacing, prediction):
 def test_ddim_eta_and_thresholding(num_steps, spacing):
     p = stand_in_params(C)
     key = jax.random.key(7)
-    ref = diffusers.DDIMScheduler(timestep_spacing=spacing, thresholding=True,
-                                  sample_max_value=1.5)
+    ref = diffusers.DDIMScheduler(timestep_spacing=spacing, thresholding=True, sample_max_value=1.5)
     ref.set_timesteps(num_steps)
     # DDIM takes its noise as an argument: feed ours step by step.
     model = torch_model(p)
@@ -169,12 +185,20 @@ def test_ddim_eta_and_thresholding(num_steps, spacing):
         out = model(torch.cat([x, x]), t, cond)
         out = out[:B] + GUIDANCE * (out[B:] - out[:B])
         noise = to_torch(samplers.step_noise(key, i, (B, H, W, C)))
-        x = ref.step(out, t, x, eta=1.0, use_clipped_model_output=True,
-                     variance_noise=noise).prev_sample
+        x = ref.step(
+            out, t, x, eta=1.0, use_clipped_model_output=True, variance_noise=noise
+        ).prev_sample
         ref_zs.append(to_numpy(x))
     grid = grids.ddim_grid(discrete(), num_steps, spacing=spacing)
-    got = ours(grid, x_init(), p, "ddim", key=key, sampler_options=dict(eta=1.0),
-               dynamic_threshold=(0.995, 1.5))
+    got = ours(
+        grid,
+        x_init(),
+        p,
+        "ddim",
+        key=key,
+        sampler_options=dict(eta=1.0),
+        dynamic_threshold=(0.995, 1.5),
+    )
     assert_trajectories_close(got, np.stack(ref_zs))
 
 
@@ -192,21 +216,35 @@ def test_ddpm(num_steps, spacing, variance, monkeypatch):
     key = jax.random.key(3)
     feed = NoiseFeed(key)
     monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor", feed)
-    ref = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type=variance,
-                                  timestep_spacing=spacing, thresholding=True,
-                                  sample_max_value=1.5)
+    ref = diffusers.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2",
+        variance_type=variance,
+        timestep_spacing=spacing,
+        thresholding=True,
+        sample_max_value=1.5,
+    )
     ref.set_timesteps(num_steps)
-    grid = grids.ddpm_grid(schedules.DiscreteSchedule.from_config("squaredcos_cap_v2"),
-                           num_steps, spacing=spacing)
+    grid = grids.ddpm_grid(
+        schedules.DiscreteSchedule.from_config("squaredcos_cap_v2"), num_steps, spacing=spacing
+    )
     x = x_init()
     expected = diffusers_loop(ref, num_steps, x, p, learned_variance=learned, noise_feed=feed)
-    got = ours(grid, x, p, "ddpm", key=key, sampler_options=dict(variance=variance),
-               learned_variance=learned, dynamic_threshold=(0.995, 1.5))
+    got = ours(
+        grid,
+        x,
+        p,
+        "ddpm",
+        key=key,
+        sampler_options=dict(variance=variance),
+        learned_variance=learned,
+        dynamic_threshold=(0.995, 1.5),
+    )
     assert_trajectories_close(got, expected, tol=2e-5)
 
 
-def _sigma_sampler_case(cls, sampler, num_steps, spacing, karras, monkeypatch, module=None,
-                        heun=False, prediction="eps"):
+def _sigma_sampler_case(
+    cls, sampler, num_steps, spacing, karras, monkeypatch, module=None, heun=False, prediction="eps"
+):
     p = stand_in_params(C)
     key = jax.random.key(11)
     feed = None
@@ -218,8 +256,9 @@ def _sigma_sampler_case(cls, sampler, num_steps, spacing, karras, monkeypatch, m
     ref = cls(**SD, timestep_spacing=spacing, prediction_type=pt, **extra)
     ref.set_timesteps(num_steps)
     grid = grids.sigma_grid(discrete(**SD), num_steps, spacing=spacing, karras=karras)
-    np.testing.assert_allclose(grid.t, ref.timesteps.numpy()[:: 2 if heun else 1][:num_steps],
-                               rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(
+        grid.t, ref.timesteps.numpy()[:: 2 if heun else 1][:num_steps], rtol=1e-5, atol=1e-3
+    )
     x = x_init()
     expected = diffusers_loop(ref, num_steps, x, p, noise_feed=feed, heun=heun)
     got = ours(grid, x, p, sampler, key=key, prediction=prediction)
@@ -230,24 +269,38 @@ def _sigma_sampler_case(cls, sampler, num_steps, spacing, karras, monkeypatch, m
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("karras", [False, True])
 def test_euler(num_steps, spacing, karras, monkeypatch):
-    _sigma_sampler_case(diffusers.EulerDiscreteScheduler, "euler", num_steps, spacing, karras,
-                        monkeypatch, prediction="v" if karras else "eps")
+    _sigma_sampler_case(
+        diffusers.EulerDiscreteScheduler,
+        "euler",
+        num_steps,
+        spacing,
+        karras,
+        monkeypatch,
+        prediction="v" if karras else "eps",
+    )
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_euler_ancestral(num_steps, spacing, monkeypatch):
-    _sigma_sampler_case(diffusers.EulerAncestralDiscreteScheduler, "euler_ancestral", num_steps,
-                        spacing, False, monkeypatch,
-                        module="scheduling_euler_ancestral_discrete")
+    _sigma_sampler_case(
+        diffusers.EulerAncestralDiscreteScheduler,
+        "euler_ancestral",
+        num_steps,
+        spacing,
+        False,
+        monkeypatch,
+        module="scheduling_euler_ancestral_discrete",
+    )
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("karras", [False, True])
 def test_heun(num_steps, spacing, karras, monkeypatch):
-    _sigma_sampler_case(diffusers.HeunDiscreteScheduler, "heun", num_steps, spacing, karras,
-                        monkeypatch, heun=True)
+    _sigma_sampler_case(
+        diffusers.HeunDiscreteScheduler, "heun", num_steps, spacing, karras, monkeypatch, heun=True
+    )
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
@@ -263,22 +316,42 @@ def test_dpm_solver(num_steps, spacing, variant, monkeypatch):
     feed = None
     if sde:
         feed = NoiseFeed(key)
-        monkeypatch.setattr("diffusers.schedulers.scheduling_dpmsolver_multistep.randn_tensor", feed)
+        monkeypatch.setattr(
+            "diffusers.schedulers.scheduling_dpmsolver_multistep.randn_tensor", feed
+        )
     ref = diffusers.DPMSolverMultistepScheduler(
-        **SD, timestep_spacing=spacing, use_karras_sigmas=karras, solver_type=solver_type,
+        **SD,
+        timestep_spacing=spacing,
+        use_karras_sigmas=karras,
+        solver_type=solver_type,
         algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
         prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
-        thresholding=not sde, sample_max_value=1.5,
+        thresholding=not sde,
+        sample_max_value=1.5,
     )
     ref.set_timesteps(num_steps)
-    grid = grids.sigma_grid(discrete(**SD), num_steps, spacing=spacing, karras=karras,
-                            space="vp", dpm_spacing=True, round_timesteps=True)
+    grid = grids.sigma_grid(
+        discrete(**SD),
+        num_steps,
+        spacing=spacing,
+        karras=karras,
+        space="vp",
+        dpm_spacing=True,
+        round_timesteps=True,
+    )
     assert np.array_equal(grid.t, ref.timesteps.numpy())
     x = x_init()
     expected = diffusers_loop(ref, num_steps, x, p, noise_feed=feed)
-    got = ours(grid, x, p, "dpmpp_2m_sde" if sde else "dpmpp_2m", key=key, prediction=prediction,
-               sampler_options=dict(solver_type=solver_type),
-               dynamic_threshold=None if sde else (0.995, 1.5))
+    got = ours(
+        grid,
+        x,
+        p,
+        "dpmpp_2m_sde" if sde else "dpmpp_2m",
+        key=key,
+        prediction=prediction,
+        sampler_options=dict(solver_type=solver_type),
+        dynamic_threshold=None if sde else (0.995, 1.5),
+    )
     assert_trajectories_close(got, expected)
 
 

@@ -21,11 +21,13 @@ from imagen_jax.diffusion import grids, schedules
 )
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_beta_schedules_match_diffusers(name, kw, zero_snr):
-    ref = diffusers.EulerDiscreteScheduler(beta_schedule=name, rescale_betas_zero_snr=zero_snr,
-                                           **kw)
+    ref = diffusers.EulerDiscreteScheduler(
+        beta_schedule=name, rescale_betas_zero_snr=zero_snr, **kw
+    )
     ours = schedules.DiscreteSchedule.from_config(name, zero_terminal_snr=zero_snr, **kw)
-    np.testing.assert_allclose(ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=2e-6,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        ours.alphas_cumprod, ref.alphas_cumprod.numpy(), rtol=2e-6, atol=1e-7
+    )
     # sigma = sqrt((1 - ac) / ac) amplifies the last-bit differences of float32 linspace/cumprod
     # (torch vs numpy) where ac is near 1.
     np.testing.assert_allclose(ours.ve_sigmas, ref.sigmas.numpy()[:-1][::-1], rtol=3e-4)
@@ -41,8 +43,11 @@ def test_karras_sigmas_match_diffusers():
 
 @pytest.mark.parametrize("name", ["cosine", "shifted_cosine", "linear"])
 def test_logsnr_schedule_closed_forms(name):
-    sched = (schedules.LogSNRSchedule.shifted_cosine(resolution=256) if name == "shifted_cosine"
-             else schedules.LogSNRSchedule(name))
+    sched = (
+        schedules.LogSNRSchedule.shifted_cosine(resolution=256)
+        if name == "shifted_cosine"
+        else schedules.LogSNRSchedule(name)
+    )
     t = jnp.linspace(0.02, 0.98, 49)
     logsnr = sched.logsnr(t)
     assert np.all(np.diff(np.asarray(logsnr)) < 0)  # noise increases with t
@@ -69,8 +74,9 @@ def test_logsnr_is_clipped_to_its_range():
 def test_flow_shift_matches_diffusers(shift):
     ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     t = np.linspace(1.0, 0.001, 1000).astype(np.float32)
-    np.testing.assert_allclose(schedules.flow_time_shift(t, shift=shift), ref.sigmas.numpy(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        schedules.flow_time_shift(t, shift=shift), ref.sigmas.numpy(), rtol=1e-5
+    )
 
 
 def test_dynamic_flow_shift_matches_diffusers():

@@ -1,0 +1,350 @@
+"""Training losses: draw a time and noise, noise x0, regress the network onto its target.
+
+The weighted denoising objective (Ho et al. 2020, eq. 14, with a per-time weight as in
+Kingma et al. 2021, "Variational Diffusion Models", and Kingma & Gao 2023, "Understanding
+Diffusion Objectives"):
+
+    L = E_{t, eps} [ w(t) * mean_{H, W, C} f(network(z_t, t) - target) ],
+    z_t = alpha_t x0 + sigma_t eps,
+
+with the target of the network's prediction (`parameterization.target`), an element loss f
+(l2 | l1 | huber) and a weighting w (uniform | min_snr | edm). Every weighting is a function of
+the signal-to-noise ratio SNR = alpha_t^2 / sigma_t^2 and of the prediction type.
+
+Converting a weighting between predictions. A weighting is defined on the x0 loss; an error
+in a prediction is an error in x0 scaled by a factor k (from `parameterization.to_x0_eps`, at
+fixed z_t), so w_pred = w_x0 * k^2:
+
+    x0:    k = 1
+    eps:   x0 = (z_t - sigma_t eps) / alpha_t        k^2 = sigma_t^2 / alpha_t^2 = 1 / SNR
+    v:     x0 = alpha_t z_t - sigma_t v  (VP)        k^2 = sigma_t^2 = 1 / (1 + SNR)
+    flow:  x0 = z_t - sigma_t u  (alpha + sigma = 1)  k^2 = sigma_t^2 = 1 / (1 + sqrt(SNR))^2
+
+Every function here is pure `jnp`; the schedule, the prediction and the other string options
+are static Python values, so close over them (`functools.partial`) before `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from imagen_jax.diffusion import parameterization as param_lib
+from imagen_jax.diffusion import schedules as sched_lib
+
+TIME_SAMPLINGS = ("uniform", "stratified", "logit_normal")
+WEIGHTINGS = ("uniform", "min_snr", "edm")
+LOSS_TYPES = ("l2", "l1", "huber")
+
+# Predictions that only make sense in one space (see parameterization.py).
+_PREDICTION_SPACE = {"v": "vp", "flow": "flow"}
+
+
+def _unknown(kind: str, value, allowed) -> ValueError:
+    return ValueError(f"unknown {kind} {value!r}; expected one of {allowed}")
+
+
+def _check(kind: str, value, allowed):
+    if value not in allowed:
+        raise _unknown(kind, value, allowed)
+    return value
+
+
+def _per_example(a, like):
+    """[B] -> [B, 1, ..., 1], broadcastable against `like` [B, H, W, C]."""
+    return jnp.reshape(a, (-1,) + (1,) * (jnp.ndim(like) - 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# Time sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def schedule_space(schedule) -> str:
+    """The space of a schedule's (alpha_t, sigma_t): vp (alpha^2 + sigma^2 = 1) or flow
+    (alpha + sigma = 1)."""
+    if isinstance(schedule, (sched_lib.DiscreteSchedule, sched_lib.LogSNRSchedule)):
+        return "vp"
+    if isinstance(schedule, sched_lib.FlowSchedule):
+        return "flow"
+    raise ValueError(
+        f"unknown schedule type {type(schedule).__name__!r}; expected DiscreteSchedule, "
+        "LogSNRSchedule or FlowSchedule"
+    )
+
+
+def sample_unit_time(key, batch: int, *, method="uniform", logit_mean=0.0, logit_std=1.0):
+    """u in [0, 1] per example [B].
+
+    uniform:       u ~ U(0, 1).
+    stratified:    u_i = (u_0 + i / B) mod 1, u_0 ~ U(0, 1): the low-discrepancy sampler of
+                   Kingma et al. 2021 (VDM), one u in each interval [i / B, (i + 1) / B).
+    logit_normal:  u = sigmoid(n), n ~ N(logit_mean, logit_std^2) (Esser et al. 2024, SD3,
+                   sec. 3.1; diffusers' `compute_density_for_timestep_sampling`).
+    """
+    if method == "uniform":
+        return jax.random.uniform(key, (batch,))
+    if method == "stratified":
+        u0 = jax.random.uniform(key, ())
+        return jnp.mod(u0 + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
+    if method == "logit_normal":
+        return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+    raise _unknown("time sampling", method, TIME_SAMPLINGS)
+
+
+def time_from_unit(u, *, schedule):
+    """(t, alpha_t, sigma_t) at unit times u [B]: t is what the network is told.
+
+    DiscreteSchedule: integer t = floor(u T), clipped to T - 1 (diffusers' SD3 script bins u
+    the same way). LogSNRSchedule: t = u. FlowSchedule: u is shifted (SD3 eq. 23) inside
+    `FlowSchedule.alpha_sigma`, sigma_t is the shifted time and the network is told
+    sigma_t * T, as `grids.flow_grid` tells it when sampling.
+    """
+    schedule_space(schedule)  # raises on an unknown schedule type
+    u = jnp.asarray(u, jnp.float32)
+    if isinstance(schedule, sched_lib.DiscreteSchedule):
+        big_t = schedule.num_train_timesteps
+        t = jnp.minimum(jnp.floor(u * big_t), big_t - 1).astype(jnp.int32)
+        return (t, *schedule.alpha_sigma(t))
+    if isinstance(schedule, sched_lib.LogSNRSchedule):
+        return (u, *schedule.alpha_sigma(u))
+    alpha_t, sigma_t = schedule.alpha_sigma(u)  # FlowSchedule
+    return sigma_t * schedule.num_train_timesteps, alpha_t, sigma_t
+
+
+def sample_time(key, batch: int, *, schedule, method="uniform", logit_mean=0.0, logit_std=1.0):
+    """Training times for a batch: (t [B], alpha_t [B], sigma_t [B]) in the schedule's space.
+
+    method: uniform | stratified | logit_normal (see `sample_unit_time`). For a
+    DiscreteSchedule, uniform draws integer t uniformly in [0, T) exactly (as diffusers'
+    training scripts, `torch.randint`); the other methods bin a unit time (`time_from_unit`).
+    """
+    schedule_space(schedule)
+    _check("time sampling", method, TIME_SAMPLINGS)
+    if method == "uniform" and isinstance(schedule, sched_lib.DiscreteSchedule):
+        t = jax.random.randint(key, (batch,), 0, schedule.num_train_timesteps)
+        return (t, *schedule.alpha_sigma(t))
+    u = sample_unit_time(key, batch, method=method, logit_mean=logit_mean, logit_std=logit_std)
+    return time_from_unit(u, schedule=schedule)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weightings
+# ----------------------------------------------------------------------------------------------
+
+
+def snr(*, alpha_t, sigma_t):
+    """alpha_t^2 / sigma_t^2 (inf where sigma_t = 0); the same in every space. Computed as
+    (alpha / sigma)^2, as diffusers' `compute_snr`."""
+    return (alpha_t / sigma_t) ** 2
+
+
+def x0_error_scale_sq(prediction: str, *, snr):
+    """k^2 with (x0 error) = k * (prediction error) at fixed z_t; see the module docstring."""
+    if prediction == "x0":
+        return jnp.ones_like(snr)
+    if prediction == "eps":
+        return 1.0 / snr
+    if prediction == "v":
+        return 1.0 / (1.0 + snr)
+    if prediction == "flow":
+        return 1.0 / (1.0 + jnp.sqrt(snr)) ** 2
+    raise _unknown("prediction", prediction, param_lib.PREDICTIONS)
+
+
+def min_snr_weight(*, snr, prediction: str, gamma=5.0):
+    """Min-SNR-gamma (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy"): x0 weight min(SNR, gamma), so min(SNR, gamma) / SNR for eps,
+    min(SNR, gamma) / (SNR + 1) for v (as diffusers' train_text_to_image) and
+    min(SNR, gamma) / (1 + sqrt(SNR))^2 for flow."""
+    param_lib.check_prediction(prediction)
+    if prediction == "eps":  # min(SNR, gamma) / SNR, written to stay finite at SNR = 0
+        return jnp.minimum(1.0, gamma / snr)
+    return jnp.minimum(snr, gamma) * x0_error_scale_sq(prediction, snr=snr)
+
+
+def edm_weight(*, snr, prediction: str, sigma_data=0.5):
+    """EDM's lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 (Karras et al.
+    2022, Table 1; the weight that makes eq. 8's effective weight lambda c_out^2 uniform) on
+    the x0 loss, with sigma = sigma_t / alpha_t the variance-exploding sigma.
+
+    With sigma^2 = 1 / SNR and c = 1 / sigma_data^2 the x0 weight is SNR + c; times k^2 (module
+    docstring) it is 1 + c / SNR for eps, 1 + (c - 1) / (1 + SNR) for v (1 for all t when
+    sigma_data = 1) and (1 - s)^2 + c s^2, s = 1 / (1 + sqrt(SNR)) = sigma_t, for flow. These
+    forms stay finite at SNR = inf (sigma_t = 0).
+    """
+    c = 1.0 / sigma_data**2
+    if prediction == "x0":
+        return snr + c
+    if prediction == "eps":
+        return 1.0 + c / snr
+    if prediction == "v":
+        return 1.0 + (c - 1.0) / (1.0 + snr)
+    if prediction == "flow":
+        s = 1.0 / (1.0 + jnp.sqrt(snr))
+        return (1.0 - s) ** 2 + c * s**2
+    raise _unknown("prediction", prediction, param_lib.PREDICTIONS)
+
+
+def loss_weight(weighting: str, *, snr, prediction: str, min_snr_gamma=5.0, sigma_data=0.5):
+    """Per-example weight [B] of the per-example mean loss of `prediction`:
+    uniform | min_snr | edm."""
+    param_lib.check_prediction(prediction)
+    if weighting == "uniform":
+        return jnp.ones_like(snr)
+    if weighting == "min_snr":
+        return min_snr_weight(snr=snr, prediction=prediction, gamma=min_snr_gamma)
+    if weighting == "edm":
+        return edm_weight(snr=snr, prediction=prediction, sigma_data=sigma_data)
+    raise _unknown("weighting", weighting, WEIGHTINGS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Element losses
+# ----------------------------------------------------------------------------------------------
+
+
+def elementwise_loss(loss_type: str, *, pred, target, huber_c=0.001):
+    """l2: d^2 | l1: |d| | huber: the pseudo-Huber sqrt(d^2 + c^2) - c of Song & Dhariwal 2023
+    ("Improved Techniques for Training Consistency Models"), d = pred - target.
+
+    The paper applies pseudo-Huber to the norm of the whole sample, with c = 0.00054 sqrt(dim);
+    here it is per element with a fixed c, as diffusers' LCM distillation scripts (`huber_c`,
+    default 0.001). It is written d^2 / (sqrt(d^2 + c^2) + c), which is exactly 0 at d = 0 and
+    does not cancel in float32 for small d.
+    """
+    d = pred - target
+    if loss_type == "l2":
+        return d**2
+    if loss_type == "l1":
+        return jnp.abs(d)
+    if loss_type == "huber":
+        return d**2 / (jnp.sqrt(d**2 + huber_c**2) + huber_c)
+    raise _unknown("loss type", loss_type, LOSS_TYPES)
+
+
+def per_example_loss(loss_type: str, *, pred, target, huber_c=0.001):
+    """The element loss averaged over every axis but the batch: [B, ...] -> [B]."""
+    loss = elementwise_loss(loss_type, pred=pred, target=target, huber_c=huber_c)
+    return jnp.mean(loss, axis=tuple(range(1, loss.ndim)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loss
+# ----------------------------------------------------------------------------------------------
+
+
+def add_noise(*, x0, eps, alpha_t, sigma_t):
+    """z_t = alpha_t x0 + sigma_t eps (Ho et al. 2020, eq. 4), alpha_t and sigma_t [B] per
+    example."""
+    return _per_example(alpha_t, x0) * x0 + _per_example(sigma_t, x0) * eps
+
+
+def to_model_space(model_space: str, *, schedule, alpha_t, sigma_t):
+    """(alpha_t, sigma_t) rescaled from the schedule's space into the network's (the same noise
+    level: SNR is unchanged), e.g. a VP eps-network trained on a flow schedule's times."""
+    if model_space == schedule_space(schedule):
+        return alpha_t, sigma_t
+    c = param_lib.network_scale(model_space, alpha=alpha_t, sigma=sigma_t)
+    return c * alpha_t, c * sigma_t
+
+
+def _check_options(*, prediction, model_space, time_sampling, weighting, loss_type, vlb_weight):
+    param_lib.check_prediction(prediction)
+    _check("model space", model_space, param_lib.MODEL_SPACES)
+    _check("time sampling", time_sampling, TIME_SAMPLINGS)
+    _check("weighting", weighting, WEIGHTINGS)
+    _check("loss type", loss_type, LOSS_TYPES)
+    needed = _PREDICTION_SPACE.get(prediction, model_space)
+    if needed != model_space:
+        raise ValueError(
+            f"prediction {prediction!r} needs model_space {needed!r}, got {model_space!r}"
+        )
+    if vlb_weight > 0:
+        raise NotImplementedError(
+            "the variational-bound term for learned variances (L_hybrid of Nichol & Dhariwal "
+            "2021, sec. 3.1) is not implemented yet; pass vlb_weight=0"
+        )
+
+
+def diffusion_loss(
+    denoise_fn,
+    x0,
+    cond,
+    key,
+    *,
+    schedule,
+    prediction="eps",  # eps | x0 | v | flow
+    model_space="vp",  # vp | flow
+    time_sampling="uniform",  # uniform | stratified | logit_normal
+    logit_mean=0.0,
+    logit_std=1.0,
+    weighting="uniform",  # uniform | min_snr | edm
+    min_snr_gamma=5.0,
+    sigma_data=0.5,
+    loss_type="l2",  # l2 | l1 | huber
+    huber_c=0.001,
+    learned_variance=False,
+    vlb_weight=0.0,
+):
+    """The weighted denoising loss of one batch: (scalar loss, aux).
+
+    denoise_fn(z_t, t, cond) is the network: z_t [B, H, W, C], t [B] as `sample_time` gives
+    it. `t` and eps come from `key_t, key_eps = jax.random.split(key)`: `sample_time(key_t, B,
+    ...)` and `jax.random.normal(key_eps, x0.shape)`. z_t is built in `model_space` (a schedule
+    from the other space is rescaled, `to_model_space`); prediction v needs vp and flow needs
+    flow, and flow with a FlowSchedule is rectified-flow training (SD3).
+
+    With `learned_variance` the network emits 2C channels and the first C are regressed (the
+    variance channels get no gradient from this loss); the variational-bound term that trains
+    them (Nichol & Dhariwal 2021) is not implemented, and `vlb_weight > 0` raises
+    NotImplementedError.
+
+    The loss is the batch mean of weight * per-example mean loss, in float32; aux holds per
+    example `t`, the unweighted `loss` and the `weight`, for logging.
+    """
+    _check_options(
+        prediction=prediction,
+        model_space=model_space,
+        time_sampling=time_sampling,
+        weighting=weighting,
+        loss_type=loss_type,
+        vlb_weight=vlb_weight,
+    )
+    x0 = jnp.asarray(x0, jnp.float32)
+    key_t, key_eps = jax.random.split(key)
+    t, alpha_t, sigma_t = sample_time(
+        key_t,
+        x0.shape[0],
+        schedule=schedule,
+        method=time_sampling,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+    )
+    eps = jax.random.normal(key_eps, x0.shape, jnp.float32)
+    alpha_t, sigma_t = to_model_space(
+        model_space, schedule=schedule, alpha_t=alpha_t, sigma_t=sigma_t
+    )
+    z_t = add_noise(x0=x0, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)  # [B, H, W, C]
+
+    output = denoise_fn(z_t, t, cond)
+    if learned_variance:
+        output, _ = param_lib.split_variance(output, x0.shape[-1])  # [B, H, W, C]
+    target = param_lib.target(
+        prediction,
+        x0=x0,
+        eps=eps,
+        alpha_t=_per_example(alpha_t, x0),
+        sigma_t=_per_example(sigma_t, x0),
+    )
+    loss = per_example_loss(
+        loss_type, pred=output.astype(jnp.float32), target=target, huber_c=huber_c
+    )  # [B]
+    weight = loss_weight(
+        weighting,
+        snr=snr(alpha_t=alpha_t, sigma_t=sigma_t),
+        prediction=prediction,
+        min_snr_gamma=min_snr_gamma,
+        sigma_data=sigma_data,
+    )
+    return jnp.mean(weight * loss), {"t": t, "loss": loss, "weight": weight}

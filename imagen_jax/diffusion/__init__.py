@@ -17,6 +17,7 @@ from imagen_jax.diffusion.grids import (
     strength_start,
 )
 from imagen_jax.diffusion.guidance import cfg_model, dynamic_threshold, static_clip
+from imagen_jax.diffusion.losses import diffusion_loss, sample_time
 from imagen_jax.diffusion.parameterization import target, to_x0_eps
 from imagen_jax.diffusion.samplers import (
     SAMPLERS,
@@ -46,12 +47,14 @@ __all__ = [
     "ddpm_grid",
     "denoising_end_stop",
     "denoising_start_index",
+    "diffusion_loss",
     "dynamic_threshold",
     "flow_grid",
     "get_sampler",
     "karras_sigmas",
     "make_denoiser",
     "sample",
+    "sample_time",
     "sigma_grid",
     "slice_grid",
     "static_clip",

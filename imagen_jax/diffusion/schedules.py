@@ -74,7 +74,7 @@ def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1.0 - alphas).astype(np.float32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity: usable as a static arg
 class DiscreteSchedule:
     """A T-step variance-preserving schedule; the network is told the integer timestep t.
 

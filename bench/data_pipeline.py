@@ -32,7 +32,13 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from imagen_jax.data import ImageFolderSource, TarShardSource, make_pipeline, preprocess_record
+from imagen_jax.data import (
+    ImageFolderSource,
+    ShapesSource,
+    TarShardSource,
+    make_pipeline,
+    preprocess_record,
+)
 
 
 def synthetic_jpeg(seed: int, size: int) -> bytes:
@@ -78,6 +84,8 @@ SOURCE_BUILDERS = {
     "tar": lambda root, args: TarShardSource(
         os.path.join(root, "shards", "*.tar"), min_decode_size=args.min_decode_size
     ),
+    # Procedural scenes rendered at the image size (no files to decode).
+    "shapes": lambda root, args: ShapesSource(size=args.num_images, resolution=args.image_size),
 }
 
 

@@ -1,6 +1,6 @@
 """Input pipelines: image-caption sources, per-stage preprocessing, grain batch iterators.
 
-    source = ImageFolderSource("data/")  # or TarShardSource("shards/*.tar"), TfdsSource(...)
+    source = ImageFolderSource("data/")  # or TarShardSource, TfdsSource, ShapesSource
     it = make_pipeline(source, batch_size=32, resolution=64, seed=0)
     batch = next(it)  # {"image": uint8 [32, 64, 64, 3], "caption": [32] str, "key": [32] str}
 
@@ -23,6 +23,7 @@ from imagen_jax.data.preprocess import (
     preprocess_record,
     resize_and_crop,
 )
+from imagen_jax.data.shapes_source import ShapesSource
 from imagen_jax.data.sources import (
     IMAGE_EXTENSIONS,
     ImageFolderSource,
@@ -35,6 +36,7 @@ __all__ = [
     "CorruptRecordError",
     "DataIterator",
     "ImageFolderSource",
+    "ShapesSource",
     "SkippedRecord",
     "TarShardSource",
     "TfdsSource",

@@ -1,0 +1,65 @@
+"""The shapes domain as a data source: record i is a scene drawn from a generator seeded by
+(seed, i), rendered at the stage's resolution, with its caption."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from imagen_jax.shapes import SPLITS, TASKS
+from imagen_jax.shapes.render import render
+from imagen_jax.shapes.tasks import sample_scene
+
+
+class ShapesSource:
+    """A random-access source of `size` procedural scenes.
+
+    split: train | heldout (the held-out colour-shape pairs and layouts of
+      `imagen_jax.shapes.splits`; training never sees them).
+    task: one of the six tasks, or None for the training mixture.
+    resolution: the render resolution. Render at the stage's resolution: the pipeline's
+      resize is then the identity, and a super-resolution stage's low-res input is made from
+      this render like any other image.
+    """
+
+    def __init__(
+        self,
+        *,
+        size: int = 1_000_000,
+        resolution: int = 64,
+        split: str = "train",
+        task: str | None = None,
+        seed: int = 0,
+    ):
+        if split not in SPLITS:
+            raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown shapes task {task!r}; expected one of {TASKS}")
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.resolution, self.split, self.task, self.seed = (
+            size,
+            resolution,
+            split,
+            task,
+            seed,
+        )
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} records")
+        rng = np.random.default_rng([self.seed, int(index)])
+        scene, caption = sample_scene(rng, task=self.task, split=self.split)
+        return {
+            "image": render(scene, self.resolution),
+            "caption": caption,
+            "key": f"shapes-{self.split}-{self.seed}-{index}",
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"ShapesSource(size={self.size}, resolution={self.resolution}, "
+            f"split={self.split!r}, task={self.task!r}, seed={self.seed})"
+        )

@@ -1,0 +1,184 @@
+"""Compositional accuracy of a folder of generated images, GenEval style.
+
+The folder holds the images and `manifest.jsonl`, one JSON object per line per image:
+
+    {"file": "images/00012.png", "prompt": "two blue stars", "task": "counting",
+     "split": "train", "spec": {"objects": [{"shape": "star", "color": "blue", "count": 2}]}}
+
+* `file` (required): the image's path, relative to the folder (PNG, JPEG, anything Pillow
+  reads; converted to RGB).
+* `prompt` (required): the prompt the image was generated from.
+* `spec` (optional): the prompt's constraints, `PromptSpec.to_dict()` (as in the prompt
+  files); by default parsed from `prompt`. If it carries a task, that task is used.
+* `task` (optional): what is scored, one of the six GenEval tasks; by default the task
+  `infer_task` reads from the constraints.
+* `split` (optional): "train" or "heldout"; the table then has a block per split.
+* Anything else (seed, sampler settings, ...) is kept in the per-image results.
+
+Each image is scored by `scorer.score` (see its docstring for the semantics of each
+task). The table gives, per split, each task's accuracy and count and the overall score:
+the mean of the six task accuracies, as GenEval reports it (over the tasks present, when
+some are missing, which the table says).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imagen_jax.shapes import grammar, scorer, splits
+from imagen_jax.shapes.spec import TASKS, PromptSpec, check_task
+
+MANIFEST = "manifest.jsonl"
+NO_SPLIT = "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestEntry:
+    """One line of a manifest: the image, and the spec (with task) to score it by."""
+
+    path: pathlib.Path
+    prompt: str
+    spec: PromptSpec
+    split: str
+    extra: dict[str, Any]
+
+
+def infer_task(spec: PromptSpec) -> str:
+    """The GenEval task a prompt's constraints belong to, by their form: a relation makes
+    position, a count above one counting, two coloured objects color_attr, two objects
+    two_object, one coloured object colors, one object single_object."""
+    groups = spec.objects
+    if spec.relation is not None:
+        return "position"
+    if len(groups) == 1 and groups[0].count > 1:
+        return "counting"
+    if len(groups) == 1:
+        return "colors" if groups[0].color else "single_object"
+    if len(groups) == 2 and all(g.count == 1 for g in groups):
+        return "color_attr" if all(g.color for g in groups) else "two_object"
+    raise ValueError(f"no GenEval task fits {spec}; give the entry a 'task'")
+
+
+def _entry(data: Any, folder: pathlib.Path) -> ManifestEntry:
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    for key in ("file", "prompt"):
+        if not isinstance(data.get(key), str):
+            raise ValueError(f"needs a string {key!r}")
+    extra = {k: v for k, v in data.items() if k not in ("file", "prompt", "spec", "task", "split")}
+    if data.get("spec") is not None:
+        spec = PromptSpec.from_dict(data["spec"])
+    else:
+        spec = grammar.parse_prompt(data["prompt"])
+    task = data.get("task")
+    if task is not None:
+        check_task(task)
+        if spec.task is not None and spec.task != task:
+            raise ValueError(f"'task' {task!r} disagrees with the spec's task {spec.task!r}")
+    task = task or spec.task or infer_task(spec)
+    split = data.get("split", NO_SPLIT)
+    if split != NO_SPLIT:
+        splits.check_split(split)
+    path = folder / data["file"]
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} (for prompt {data['prompt']!r}) is missing")
+    return ManifestEntry(path, data["prompt"], dataclasses.replace(spec, task=task), split, extra)
+
+
+def read_manifest(folder: str | pathlib.Path) -> list[ManifestEntry]:
+    """The entries of `folder/manifest.jsonl`; errors name the file and line."""
+    folder = pathlib.Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {str(folder)!r}")
+    entries = []
+    for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entries.append(_entry(json.loads(line), folder))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{manifest}:{i}: {e}") from None
+        except ValueError as e:  # json.JSONDecodeError included
+            raise ValueError(f"{manifest}:{i}: {e}") from None
+    if not entries:
+        raise ValueError(f"{manifest} lists no images")
+    return entries
+
+
+def load_image(path: str | pathlib.Path) -> np.ndarray:
+    """A uint8 RGB image [H, W, 3]."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def score_entries(entries: list[ManifestEntry]) -> Iterator[tuple[ManifestEntry, scorer.Result]]:
+    for entry in entries:
+        yield entry, scorer.score(load_image(entry.path), entry.spec)
+
+
+def summarize(results: list[tuple[ManifestEntry, scorer.Result]]) -> dict[str, Any]:
+    """The GenEval table: per split, per task {accuracy, correct, total}; overall."""
+    table: dict[str, Any] = {"num_images": len(results), "splits": {}}
+    for split in sorted({e.split for e, _ in results}, key=lambda s: (s != "train", s)):
+        rows = {}
+        for task in TASKS:
+            passed = [r.passed for e, r in results if e.split == split and r.task == task]
+            if passed:
+                rows[task] = {
+                    "accuracy": float(np.mean(passed)),
+                    "correct": int(np.sum(passed)),
+                    "total": len(passed),
+                }
+        table["splits"][split] = {
+            "tasks": rows,
+            "overall": float(np.mean([row["accuracy"] for row in rows.values()])),
+            "missing_tasks": [t for t in TASKS if t not in rows],
+        }
+    return table
+
+
+def format_table(table: dict[str, Any]) -> str:
+    """The table as text: one row per (split, task), then each split's overall score."""
+    lines = [f"{'split':<8} {'task':<14} {'accuracy':>8}  {'correct':>7} / total"]
+    for split, block in table["splits"].items():
+        for task, row in block["tasks"].items():
+            lines.append(
+                f"{split:<8} {task:<14} {row['accuracy']:>8.4f}  {row['correct']:>7} / "
+                f"{row['total']}"
+            )
+        missing = ", ".join(block["missing_tasks"])
+        note = (
+            f"mean over {len(block['tasks'])} tasks; missing: {missing}"
+            if missing
+            else "mean of the six task accuracies"
+        )
+        lines.append(f"{split:<8} {'overall':<14} {block['overall']:>8.4f}  ({note})")
+    return "\n".join(lines)
+
+
+def evaluate_folder(
+    folder: str | pathlib.Path, *, results_path: str | pathlib.Path | None = None
+) -> dict[str, Any]:
+    """Scores every image the folder's manifest lists; returns the table (`summarize`).
+    `results_path`: also write one JSON line per image (entry, verdict, what was read)."""
+    results = list(score_entries(read_manifest(folder)))
+    if results_path is not None:
+        with open(results_path, "w", encoding="utf-8") as f:
+            for entry, result in results:
+                record = {
+                    "file": str(entry.path.relative_to(pathlib.Path(folder))),
+                    "prompt": entry.prompt,
+                    "split": entry.split,
+                    **entry.extra,
+                    **result.to_dict(),
+                }
+                f.write(json.dumps(record) + "\n")
+    return summarize(results)

@@ -1,0 +1,55 @@
+"""The renderer: a `Scene` -> an anti-aliased uint8 image [H, W, 3], at any resolution.
+
+Coverage is analytic from the signed distance in pixels: a pixel whose centre lies at
+signed distance d from an edge is covered by clip(0.5 - d, 0, 1), the exact box-filtered
+coverage of a straight edge that runs along a pixel axis and a close approximation for any
+other edge. Objects are composited in order over the background in sRGB. Only the pixels
+inside each object's circumscribed box are evaluated, so the cost grows with the objects'
+area, not the canvas. No randomness: a scene and a resolution fix the image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from imagen_jax.shapes import geometry
+from imagen_jax.shapes.spec import BACKGROUNDS, COLORS, Scene, SceneObject
+
+MIN_RESOLUTION = 8
+
+
+def _check_resolution(resolution: int) -> int:
+    if isinstance(resolution, bool) or not isinstance(resolution, int | np.integer):
+        raise ValueError(f"resolution must be an integer, got {resolution!r}")
+    if resolution < MIN_RESOLUTION:
+        raise ValueError(f"resolution must be at least {MIN_RESOLUTION}, got {resolution}")
+    return int(resolution)
+
+
+def coverage(obj: SceneObject, resolution: int) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The object's coverage [h, w] in [0, 1] over its window (rows, cols) of the canvas."""
+    radius = geometry.circumradius(obj.shape) * obj.size * resolution  # pixels
+    cx, cy = obj.x * resolution, obj.y * resolution
+    x0, x1 = max(0, math.floor(cx - radius - 1)), min(resolution, math.ceil(cx + radius + 1))
+    y0, y1 = max(0, math.floor(cy - radius - 1)), min(resolution, math.ceil(cy + radius + 1))
+    window = (slice(y0, max(y0, y1)), slice(x0, max(x0, x1)))
+    px = (np.arange(x0, x1, dtype=np.float32) + 0.5) / resolution
+    py = (np.arange(y0, y1, dtype=np.float32) + 0.5) / resolution
+    p = geometry.to_unit_frame(obj, px[None, :], py[:, None])  # [h, w, 2]
+    dist_px = geometry.unit_sdf(obj.shape, p) * (obj.size * resolution)
+    return window, np.clip(0.5 - dist_px, 0.0, 1.0)
+
+
+def render(scene: Scene, resolution: int) -> np.ndarray:
+    """The scene drawn on a square canvas: uint8 [resolution, resolution, 3]."""
+    resolution = _check_resolution(resolution)
+    canvas = np.empty((resolution, resolution, 3), np.float32)
+    canvas[:] = BACKGROUNDS[scene.background]
+    for obj in scene.objects:
+        window, alpha = coverage(obj, resolution)
+        if alpha.size:
+            color = np.asarray(COLORS[obj.color], np.float32)
+            canvas[window] += alpha[..., None] * (color - canvas[window])
+    return np.rint(canvas).astype(np.uint8)

@@ -1,0 +1,125 @@
+"""Tests for imagen_jax.shapes.evaluate and eval/compositional.py: a folder of samples."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imagen_jax.shapes import evaluate, prompt_sets, tasks
+from imagen_jax.shapes.render import render
+from imagen_jax.shapes.spec import TASKS
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def write_folder(folder: pathlib.Path, *, noise: bool, per_task: int = 8, res: int = 64):
+    """Images for the first prompts of each task of both splits, and their manifest. Half
+    the entries carry spec and task; the others only the prompt (parsed, task inferred),
+    so that counting/position/color_attr still come out right."""
+    rng = np.random.default_rng(0)
+    lines = []
+    (folder / "images").mkdir(parents=True)
+    for split in ("train", "heldout"):
+        for task in TASKS:
+            for i, record in enumerate(prompt_sets.load_prompts(split, task)[:per_task]):
+                if noise:
+                    image = rng.integers(0, 256, (res, res, 3), dtype=np.uint8)
+                else:
+                    image = render(tasks.scene_for(rng, record.spec, split), res)
+                name = f"images/{split}_{task}_{i}.png"
+                Image.fromarray(image).save(folder / name)
+                entry = {"file": name, "prompt": record.prompt, "split": split, "seed": i}
+                if i % 2 == 0 or task in ("single_object", "two_object"):
+                    entry |= {"task": task, "spec": record.spec.constraints().to_dict()}
+                lines.append(json.dumps(entry))
+    (folder / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def test_scores_rendered_samples_perfectly(tmp_path):
+    n = write_folder(tmp_path, noise=False)
+    table = evaluate.evaluate_folder(tmp_path, results_path=tmp_path / "results.jsonl")
+    assert table["num_images"] == n
+    for split in ("train", "heldout"):
+        block = table["splits"][split]
+        assert set(block["tasks"]) == set(TASKS) and not block["missing_tasks"]
+        assert all(row["total"] == 8 for row in block["tasks"].values())
+        assert block["overall"] == 1.0, evaluate.format_table(table)
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()
+    first = json.loads(lines[0])
+    assert len(lines) == n and first["passed"] and first["seed"] == 0 and first["objects"]
+    text = evaluate.format_table(table)
+    assert "heldout  color_attr" in text and "mean of the six task accuracies" in text
+
+
+def test_scores_noise_as_nothing(tmp_path):
+    write_folder(tmp_path, noise=True, per_task=3)
+    table = evaluate.evaluate_folder(tmp_path)
+    assert all(block["overall"] == 0.0 for block in table["splits"].values())
+
+
+def test_infer_task():
+    parse = evaluate.grammar.parse_prompt
+    assert evaluate.infer_task(parse("a circle")) == "single_object"
+    assert evaluate.infer_task(parse("a red circle")) == "colors"
+    assert evaluate.infer_task(parse("three circles")) == "counting"
+    assert evaluate.infer_task(parse("a circle and a star")) == "two_object"
+    assert evaluate.infer_task(parse("a red circle and a blue star")) == "color_attr"
+    assert evaluate.infer_task(parse("a circle above a star")) == "position"
+    with pytest.raises(ValueError, match="no GenEval task"):
+        evaluate.infer_task(parse("a circle and a star and a heart"))
+
+
+def _manifest(folder, *entries):
+    (folder / "manifest.jsonl").write_text("\n".join(entries) + "\n")
+
+
+def test_clear_errors(tmp_path):
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
+    good = json.dumps({"file": "a.png", "prompt": "a red circle"})
+    with pytest.raises(FileNotFoundError, match="no manifest.jsonl"):
+        evaluate.read_manifest(tmp_path)
+    cases = [
+        (json.dumps({"file": "b.png", "prompt": "a red circle"}), FileNotFoundError, "b.png"),
+        ("{oops", ValueError, "Expecting property name"),
+        (json.dumps({"file": "a.png", "prompt": "a red hexagon"}), ValueError, "'a red hexagon'"),
+        (json.dumps({"file": "a.png"}), ValueError, "needs a string 'prompt'"),
+        (
+            json.dumps({"file": "a.png", "prompt": "a red circle", "task": "x"}),
+            ValueError,
+            "unknown task",
+        ),
+        (
+            json.dumps({"file": "a.png", "prompt": "a circle", "split": "val"}),
+            ValueError,
+            "unknown split",
+        ),
+    ]
+    for line, error, message in cases:
+        _manifest(tmp_path, good, line)
+        with pytest.raises(error, match=message) as info:
+            evaluate.read_manifest(tmp_path)
+        assert "manifest.jsonl:2:" in str(info.value)
+
+
+def test_command_line(tmp_path):
+    write_folder(tmp_path / "samples", noise=False, per_task=1)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval" / "compositional.py"),
+            f"--samples={tmp_path / 'samples'}",
+            f"--json={tmp_path / 'table.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    )
+    assert "train    overall          1.0000" in out.stdout, out.stdout
+    table = json.loads((tmp_path / "table.json").read_text())
+    assert table["splits"]["heldout"]["overall"] == 1.0

@@ -203,3 +203,59 @@ def save_grid(images: Sequence[np.ndarray], path: str, *, columns: int = 8) -> N
         r, c = divmod(k, columns)
         sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
     Image.fromarray(sheet).save(path)
+
+
+def run_job(
+    cascade,
+    entries: Sequence[PromptEntry],
+    outdir: str,
+    *,
+    images_per_prompt: int = 1,
+    seed: int = 0,
+    batch_size: int = 4,
+    settings: dict | None = None,
+    grid: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Samples every pending image of this process's share and writes it; then (process 0)
+    rebuilds the manifest. Returns a summary (images made, skipped, seconds, images/s)."""
+    import time
+
+    from tqdm import tqdm
+
+    items = plan(
+        entries,
+        images_per_prompt,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    todo = pending(items, outdir)
+    groups: dict = {}
+    for it in todo:  # one guidance scale per compiled call: batch by it
+        groups.setdefault(it.entry.guidance_scale, []).append(it)
+    start, made = time.perf_counter(), []
+    bar = tqdm(total=len(todo), disable=not progress, unit="img", desc="sampling")
+    for group in groups.values():
+        for chunk, real in batches(group, batch_size):
+            final = cascade(chunk, seed)[-1]
+            for it, image in list(zip(chunk, final, strict=True))[:real]:
+                meta = image_metadata(it, seed=seed, settings=settings or {})
+                write_png(os.path.join(outdir, it.file), image, meta)
+                made.append(image)
+            bar.update(real)
+    bar.close()
+    seconds = time.perf_counter() - start
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("imagen_jax sampling job done")
+    if jax.process_index() == 0:
+        write_manifest(outdir)
+        if grid and made:
+            save_grid(made, os.path.join(outdir, "grid.png"))
+    return dict(
+        made=len(made),
+        skipped=len(items) - len(todo),
+        seconds=seconds,
+        images_per_s=len(made) / seconds if seconds else 0.0,
+    )

@@ -1,0 +1,135 @@
+"""The cascade pipeline: encode the prompts once, sample the base stage, then each
+super-resolution stage on the previous stage's output, each stage one compiled program.
+
+Every row's randomness comes from its own key (`jobs.image_key(seed, item, stage)`): the
+initial noise, the sampler's per-step noise and the super-resolution augmentation noise.
+An image is therefore the same whatever batch it is placed in.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.diffusion import losses, samplers
+from imagen_jax.pipelines import jobs
+from imagen_jax.pipelines.stages import Stage
+from imagen_jax.training.step import unit_time
+
+_NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation noise
+
+
+def to_uint8(x) -> np.ndarray:
+    """[-1, 1] floats -> uint8 [0, 255]."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class _CompiledStage:
+    def __init__(self, stage: Stage):
+        self.stage = stage
+        self.schedule = diffusion_config.make_schedule(stage.diffusion)
+        self.sampling = diffusion_config.make_sampling(stage.diffusion, stage.sample)
+        graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
+        self.state = (params, rest)
+        schedule = self.schedule
+
+        def apply_fn(state, z, t, cond):
+            model = nnx.merge(graphdef, *state)
+            return model(z, unit_time(t, schedule=schedule), cond)
+
+        self.run = samplers.compile_sampler(
+            apply_fn,
+            sampler=self.sampling.sampler,
+            sampler_options=self.sampling.sampler_options,
+            **self.sampling.denoiser_options,
+        )
+        self._augment = jax.jit(functools.partial(_augment, schedule=schedule))
+
+    def __call__(self, keys, cond, uncond, guidance_scale, low_res=None):
+        res, b = self.stage.resolution, keys.shape[0]
+        if low_res is not None:
+            aug_t = jnp.full((b,), self.stage.aug_level, jnp.float32)
+            cond = dict(cond, low_res=self._augment(low_res, aug_t, keys), aug_t=aug_t)
+            uncond = dict(uncond, low_res=cond["low_res"], aug_t=aug_t)
+        grid = self.sampling.grid
+        z = grid.init_sigma * _row_normal(keys, (res, res, self.stage.unet.in_channels))
+        return self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), keys)
+
+
+def _augment(low_res, aug_t, keys, *, schedule):
+    """Noise-conditioning augmentation at sampling time (as `training.step.make_cond` does
+    in training), each row's noise from its own key."""
+    _, alpha_t, sigma_t = losses.time_from_unit(aug_t, schedule=schedule)
+    eps = jax.vmap(lambda k: jax.random.normal(k, low_res.shape[1:]))(_row_noise_key(keys, _AUG))
+    return losses.add_noise(x0=low_res, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)
+
+
+def _row_noise_key(keys, tag):
+    return jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _row_normal(keys, shape):
+    """Each row's initial noise, from its own key."""
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(_row_noise_key(keys, _NOISE))
+
+
+class Cascade:
+    """`cascade(items, seed) -> [uint8 [B, R_s, R_s, 3] per stage]` for one batch of work
+    items (all sharing a guidance scale)."""
+
+    def __init__(self, stages: Sequence[Stage], encoder):
+        if not stages:
+            raise ValueError("a cascade needs at least one stage")
+        for prev, nxt in zip(stages, stages[1:], strict=False):
+            if not nxt.unet.low_res or nxt.low_resolution != prev.resolution:
+                raise ValueError(
+                    f"stage {nxt.path} (low_resolution={nxt.low_resolution}) cannot follow "
+                    f"{prev.path} (resolution {prev.resolution})"
+                )
+        if stages[0].unet.low_res:
+            raise ValueError(f"the first stage {stages[0].path} is a super-resolution stage")
+        self.stages = [_CompiledStage(s) for s in stages]
+        self.encoder = encoder
+
+    def _conds(self, items):
+        text = self.encoder.encode([it.entry.prompt for it in items])
+        negatives = [it.entry.negative_prompt for it in items]
+        has_negative = np.array([bool(n.strip()) for n in negatives])
+        mask = np.asarray(text[1], bool)
+        # A prompt with no tokens ("") is the null text, as in training.
+        cond = dict(
+            text=jnp.asarray(text[0]),
+            text_mask=jnp.asarray(mask),
+            drop_text=jnp.asarray(~mask.any(-1)),
+        )
+        if has_negative.any():  # a negative prompt replaces the null text of its row
+            neg = self.encoder.encode(negatives)
+            pick = has_negative[:, None, None]
+            neg_mask = np.where(pick[..., 0], np.asarray(neg[1], bool), mask)
+            uncond = dict(
+                text=jnp.asarray(np.where(pick, neg[0], text[0])),
+                text_mask=jnp.asarray(neg_mask),
+                drop_text=jnp.asarray(~has_negative | ~neg_mask.any(-1)),
+            )
+        else:
+            uncond = dict(cond, drop_text=jnp.ones(len(items), bool))
+        return cond, uncond
+
+    def __call__(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
+        cond, uncond = self._conds(items)
+        outputs, low = [], None
+        for index, stage in enumerate(self.stages):
+            keys = jnp.stack([jobs.image_key(seed, it, index) for it in items])
+            scale = items[0].entry.guidance_scale
+            scale = stage.stage.sample.guidance_scale if scale is None else scale
+            x = stage(keys, cond, uncond, scale, low_res=low)
+            low = jnp.clip(x, -1.0, 1.0)
+            outputs.append(to_uint8(low))
+        return outputs

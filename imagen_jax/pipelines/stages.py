@@ -1,0 +1,165 @@
+"""A cascade stage on disk: the UNet's weights and everything needed to sample it.
+
+    DIR/stage.json        {"unet": UNetConfig fields, "diffusion": the diffusion group,
+                           "sample": the sample group, "resolution", "low_resolution",
+                           "aug_level" (super-resolution: the sampling-time augmentation
+                           level, a unit time), "text": the text group, "identity": where
+                           the weights came from (workdir, step, ...)}
+    DIR/params.safetensors the (EMA) parameters, '/'-joined paths, float32 / bfloat16 /
+                           float16
+
+Weights are data: loading reads safetensors only, and is strict (every missing,
+unexpected or mis-shaped parameter is named).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.models import imagen_unet
+
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        out.update(flatten(value, path) if isinstance(value, dict) else {path: value})
+    return out
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(int(p) if p.isdigit() else p, {})
+        node[int(leaf) if leaf.isdigit() else leaf] = value
+    return tree
+
+
+@dataclasses.dataclass
+class Stage:
+    """One loaded stage: the network (with its weights) and its sampling settings."""
+
+    path: str
+    unet: imagen_unet.UNetConfig
+    model: imagen_unet.ImagenUNet
+    diffusion: ml_collections.ConfigDict
+    sample: ml_collections.ConfigDict
+    resolution: int
+    low_resolution: int
+    aug_level: float
+    text: dict
+    identity: dict
+
+    def settings(self) -> dict:
+        """What the metadata of an image records about this stage."""
+        return dict(
+            path=self.path,
+            resolution=self.resolution,
+            aug_level=self.aug_level,
+            sample=self.sample.to_dict(),
+            diffusion=self.diffusion.to_dict(),
+            identity=self.identity,
+        )
+
+
+def save_stage(
+    path: str,
+    *,
+    unet: imagen_unet.UNetConfig,
+    params: dict,
+    diffusion,
+    sample,
+    resolution: int,
+    low_resolution: int = 0,
+    aug_level: float = 0.0,
+    text: dict | None = None,
+    identity: dict | None = None,
+    storage_dtype: str = "float16",
+) -> None:
+    """Writes a stage directory (see the module docstring)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage_dtype must be one of {tuple(STORAGE_DTYPES)}")
+    os.makedirs(path, exist_ok=True)
+    flat = {
+        k: np.asarray(v, np.float32).astype(STORAGE_DTYPES[storage_dtype])
+        for k, v in flatten(params).items()
+    }
+    save_file(flat, os.path.join(path, "params.safetensors"))
+    meta = dict(
+        unet=dataclasses.asdict(unet),
+        diffusion=diffusion.to_dict(),
+        sample=sample.to_dict(),
+        resolution=resolution,
+        low_resolution=low_resolution,
+        aug_level=aug_level,
+        text=text or {},
+        identity=identity or {},
+    )
+    with open(os.path.join(path, "stage.json"), "w") as f:
+        json.dump(meta, f, indent=1, sort_keys=True)
+
+
+def _check_params(path: str, loaded: dict, expected: dict) -> None:
+    problems = []
+    for key in sorted(set(expected) - set(loaded)):
+        problems.append(f"missing {key} {tuple(expected[key].shape)}")
+    for key in sorted(set(loaded) - set(expected)):
+        problems.append(f"unexpected {key} {tuple(loaded[key].shape)}")
+    for key in sorted(set(loaded) & set(expected)):
+        if tuple(loaded[key].shape) != tuple(expected[key].shape):
+            problems.append(
+                f"{key}: file {tuple(loaded[key].shape)}, config {tuple(expected[key].shape)}"
+            )
+    if problems:
+        raise ValueError(
+            f"the weights in {path} do not fit its UNet config:\n  " + "\n  ".join(problems)
+        )
+
+
+def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = None) -> Stage:
+    """Reads a stage directory; `sample_overrides` replace keys of its sample group."""
+    meta_path, weights_path = (os.path.join(path, n) for n in ("stage.json", "params.safetensors"))
+    for p in (meta_path, weights_path):
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{path} is not a stage directory: {p} is missing")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    unet = imagen_unet.UNetConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()}
+    )
+    model = nnx.jit(lambda: imagen_unet.ImagenUNet(unet, rngs=nnx.Rngs(0), dtype=dtype))()
+    expected = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    loaded = load_file(weights_path)
+    _check_params(weights_path, loaded, expected)
+    params = unflatten({k: jnp.asarray(v, jnp.float32) for k, v in loaded.items()})
+    nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), params)
+    nnx.update(model, state)
+    sample = diffusion_config.sample_config(**meta["sample"])
+    if sample_overrides:
+        sample = diffusion_config.sample_config(**{**sample.to_dict(), **sample_overrides})
+    return Stage(
+        path=path,
+        unet=unet,
+        model=model,
+        diffusion=diffusion_config.diffusion_config(**meta["diffusion"]),
+        sample=sample,
+        resolution=int(meta["resolution"]),
+        low_resolution=int(meta["low_resolution"]),
+        aug_level=float(meta["aug_level"]),
+        text=meta["text"],
+        identity=meta["identity"],
+    )

@@ -1,0 +1,128 @@
+"""The cascade pipeline and sample.py's job on tiny random stages."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.models import imagen_unet
+from imagen_jax.pipelines import sampling, stages
+
+TEXT = dict(
+    kind="hash", path="", dim=16, max_length=8, dtype="float32", batch_bucket=0, empty="null"
+)
+
+
+def _save(path, *, low_res, resolution, low_resolution=0, seed=0):
+    unet = imagen_unet.make_config("runlocal", text_dim=16, low_res=low_res, efficient=low_res)
+    model = imagen_unet.ImagenUNet(unet, rngs=nnx.Rngs(seed))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    # Perturb the zero-initialised output layers so that the images depend on everything.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(
+        treedef,
+        [
+            np.asarray(x) + 0.05 * np.asarray(jax.random.normal(k, x.shape))
+            for x, k in zip(leaves, keys, strict=True)
+        ],
+    )
+    stages.save_stage(
+        str(path),
+        unet=unet,
+        params=params,
+        diffusion=diffusion_config.diffusion_config(schedule="cosine", prediction="eps"),
+        sample=diffusion_config.sample_config(sampler="ddpm", steps=4, guidance_scale=3.0),
+        resolution=resolution,
+        low_resolution=low_resolution,
+        aug_level=0.1,
+        text=TEXT,
+        identity={"name": path.name},
+        storage_dtype="float32",
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    return [
+        _save(root / "base", low_res=False, resolution=8),
+        _save(root / "sr", low_res=True, resolution=16, low_resolution=8, seed=2),
+    ]
+
+
+def _job(stage_dirs, outdir, batch_size, prompts=("a red circle", "two blue squares", "")):
+    return sampling.main(
+        stages=stage_dirs,
+        prompts=list(prompts),
+        prompts_file=None,
+        negative_prompt="",
+        images_per_prompt=2,
+        seed=5,
+        batch_size=batch_size,
+        outdir=str(outdir),
+        overrides=[],
+        grid=True,
+    )
+
+
+def _images(outdir):
+    folder = os.path.join(outdir, "images")
+    return {
+        n: np.asarray(__import__("PIL.Image").Image.open(os.path.join(folder, n)))
+        for n in sorted(os.listdir(folder))
+    }
+
+
+def test_images_do_not_depend_on_batching_and_jobs_resume(stage_dirs, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    summary = _job(stage_dirs, a, batch_size=4)
+    assert summary["made"] == 6
+    _job(stage_dirs, b, batch_size=1)
+    images_a, images_b = _images(a), _images(b)
+    assert list(images_a) == list(images_b) and len(images_a) == 6
+    for name in images_a:
+        assert images_a[name].shape == (16, 16, 3)
+        diff = np.abs(images_a[name].astype(int) - images_b[name].astype(int)).max()
+        assert diff <= 1, f"{name} differs by {diff}/255 between batch sizes 4 and 1"
+    assert not np.array_equal(images_a["000000_000.png"], images_a["000000_001.png"])
+    # Kill-and-restart: a missing image is made again, identical; the rest are skipped.
+    os.remove(a / "images" / "000001_001.png")
+    summary = _job(stage_dirs, a, batch_size=4)
+    assert (summary["made"], summary["skipped"]) == (1, 5)
+    np.testing.assert_array_equal(_images(a)["000001_001.png"], images_a["000001_001.png"])
+    with open(a / "manifest.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["prompt"] for r in records][:2] == ["a red circle"] * 2
+    assert records[0]["stages"][1]["aug_level"] == 0.1 and os.path.exists(a / "grid.png")
+
+
+def test_sample_overrides_and_bad_input(stage_dirs, tmp_path):
+    assert sampling.parse_overrides(["1.steps=7", "0.sampler=ddim"], 2) == [
+        {"sampler": "ddim"},
+        {"steps": 7},
+    ]
+    with pytest.raises(ValueError, match="unknown sample key 'stpes'"):
+        sampling.parse_overrides(["0.stpes=3"], 2)
+    with pytest.raises(ValueError, match="STAGE < 2"):
+        sampling.parse_overrides(["2.steps=3"], 2)
+    with pytest.raises(ValueError, match="is a super-resolution stage"):
+        sampling.load_cascade(stage_dirs[1:])
+    with pytest.raises(FileNotFoundError, match="not a stage directory"):
+        stages.load_stage(str(tmp_path))
+    # Weights that do not fit the config: every mismatch is named.
+    meta_path = os.path.join(stage_dirs[0], "stage.json")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with open(meta_path) as f:
+        meta = json.load(f)
+    meta["unet"]["channels"] = 8
+    (bad / "stage.json").write_text(json.dumps(meta))
+    os.symlink(os.path.join(stage_dirs[0], "params.safetensors"), bad / "params.safetensors")
+    with pytest.raises(ValueError, match="do not fit its UNet config"):
+        stages.load_stage(str(bad))

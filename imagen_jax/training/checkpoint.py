@@ -1,0 +1,124 @@
+"""Checkpoints: an Orbax CheckpointManager in `workdir/checkpoints`, resumed automatically.
+
+Layout of one checkpoint, `workdir/checkpoints/<step>/`:
+  state/   the TrainState (params, EMA params, optax state, step, base RNG key) as an Orbax
+           PyTree (StandardSave): restored into the current mesh's shardings, so a
+           checkpoint written on 8 devices restores onto 1, or onto another FSDP layout.
+  data/    the input iterator's state, one JSON file per process (grain's CheckpointSave).
+  model/   JSON: the UNet config and every parameter's shape. A workdir holding another
+           model's checkpoint stops the run with the differences named, before anything
+           is restored.
+The last `train.keep_checkpoints` are kept. Saves are asynchronous (Orbax copies the
+arrays to host memory before `save` returns, so the next step may donate them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from imagen_jax import parallel
+
+
+class CheckpointMismatchError(ValueError):
+    """The workdir holds a checkpoint of a different model."""
+
+
+def model_signature(net) -> dict:
+    """JSON-able description of the network that a checkpoint must match."""
+    shapes = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(net.abstract_params)[0]:
+        shapes[parallel.path_str(path)] = list(x.shape)
+    unet = json.loads(json.dumps(dataclasses.asdict(net.cfg)))
+    return {"unet": unet, "param_shapes": shapes}
+
+
+def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
+    """Human-readable differences between two model signatures (empty if they agree)."""
+    diffs = []
+    saved_unet, unet = saved.get("unet", {}), current["unet"]
+    for key in sorted(set(saved_unet) | set(unet)):
+        if saved_unet.get(key) != unet.get(key):
+            diffs.append(f"{key}: checkpoint {saved_unet.get(key)!r}, config {unet.get(key)!r}")
+    saved_shapes, shapes = saved.get("param_shapes", {}), current["param_shapes"]
+    for path in sorted(set(saved_shapes) | set(shapes)):
+        if saved_shapes.get(path) != shapes.get(path):
+            diffs.append(
+                f"parameter {path}: checkpoint {saved_shapes.get(path)}, config {shapes.get(path)}"
+            )
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+    return diffs
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, data iterator) under `workdir/checkpoints`."""
+
+    def __init__(self, workdir: str, *, keep: int, signature: dict):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.signature = signature
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def check_model(self, step: int) -> None:
+        """Raises CheckpointMismatchError if checkpoint `step` holds another model."""
+        saved = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
+        diffs = describe_mismatch(dict(saved["model"]), self.signature)
+        if diffs:
+            raise CheckpointMismatchError(
+                f"{self.directory}/{step} holds a checkpoint of another model; use a new "
+                "workdir or the matching config. Differences:\n  " + "\n  ".join(diffs)
+            )
+
+    def restore(self, step: int, target, data_iterator):
+        """The TrainState of checkpoint `step`, placed as `target` (ShapeDtypeStructs with
+        shardings) says; the data iterator is restored in place when the checkpoint has
+        this process's data state (the same process count), else it restarts with a
+        warning."""
+        self.check_model(step)
+        items = {"state": ocp.args.StandardRestore(target)}
+        data_file = os.path.join(
+            self.directory,
+            str(step),
+            "data",
+            f"process_{jax.process_index()}-of-{jax.process_count()}.json",
+        )
+        if os.path.exists(data_file):
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        else:
+            logging.warning(
+                "Checkpoint %d has no data state for %d processes; the input stream restarts",
+                step,
+                jax.process_count(),
+            )
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored["state"]
+
+    def save(self, step: int, state, data_iterator) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                model=ocp.args.JsonSave(self.signature),
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

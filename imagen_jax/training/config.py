@@ -1,0 +1,159 @@
+"""The trainer's config groups: `model`, `text`, `data`, `optim`, `train`, `evals`, `mesh`.
+
+The `diffusion` and `sample` groups come from `imagen_jax.diffusion.config`. Each function
+returns the group's defaults with `overrides` applied; an unknown key raises, as does an
+unknown key given later on the command line (configs are locked by `train.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from imagen_jax.models import imagen_unet
+
+_MODEL_KEYS = ("variant", "resolution", "low_resolution", "dtype", "param_dtype")
+_UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
+
+SHAPES_PROMPTS = (
+    "a red circle",
+    "a blue square above a green triangle",
+    "two yellow stars",
+    "a purple hexagon to the left of an orange circle",
+)
+
+
+def _group(defaults: dict, overrides: dict, name: str, extra=()) -> ml_collections.ConfigDict:
+    unknown = sorted(set(overrides) - set(defaults) - set(extra))
+    if unknown:
+        allowed = sorted(set(defaults) | set(extra))
+        raise KeyError(f"unknown {name} config keys {unknown}; allowed: {allowed}")
+    cfg = ml_collections.ConfigDict(defaults)
+    for key, value in overrides.items():
+        cfg[key] = value
+    return cfg
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """The stage's network: an ImagenUNet variant, its resolutions and dtypes.
+
+    Any other key is an `imagen_unet.UNetConfig` field overriding the variant (e.g.
+    `text_dim=4096`, `channels=32`); `unet_config` builds the UNetConfig.
+    """
+    defaults = dict(
+        variant="runlocal",  # imagen_unet.VARIANTS: runlocal | shapes_base | shapes_sr |
+        #                      imagen_base_2b | imagen_sr256_600m | imagen_sr1024_400m
+        resolution=64,  # the side of the images the stage generates
+        low_resolution=0,  # super-resolution stages: the side of their input; 0 = base stage
+        dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay param_dtype)
+        param_dtype="float32",
+    )
+    return _group(defaults, overrides, "model", extra=_UNET_FIELDS)
+
+
+def unet_config(model: ml_collections.ConfigDict) -> imagen_unet.UNetConfig:
+    overrides = {k: v for k, v in model.items() if k not in _MODEL_KEYS}
+    for key, value in overrides.items():
+        if isinstance(value, list):
+            overrides[key] = tuple(value)
+    return imagen_unet.make_config(model.variant, **overrides)
+
+
+def text_config(**overrides) -> ml_collections.ConfigDict:
+    """The frozen text encoder (see `training/text.py`)."""
+    defaults = dict(
+        kind="hash",  # hash (HashTextEncoder, no weights) | minilm | t5 | clip | bert
+        path="",  # a local Hugging Face-layout directory; minilm: "" = the installed package
+        dim=32,  # hash: the embedding width
+        max_length=16,  # tokens per prompt; 0 = the model's default (not for t5)
+        dtype="float32",  # float32 | bfloat16
+        batch_bucket=0,  # compiled batch of the real encoders; 0 = the per-process batch
+        empty="null",  # null: "" gets no tokens (the model's learned null text) | encode
+    )
+    return _group(defaults, overrides, "text")
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """The input pipeline (`imagen_jax.data.make_pipeline`) and its source."""
+    defaults = dict(
+        source="synthetic",  # synthetic (in memory) | folder | tar | shapes
+        path="",  # folder: the root; tar: a glob of shards
+        split="train",  # shapes
+        size=256,  # synthetic, shapes: number of examples
+        resolution=64,  # must equal model.resolution
+        low_resolution=0,  # super-resolution stages; must equal model.low_resolution
+        low_res_method="bicubic",  # bicubic | box
+        batch_size=64,  # global: over all processes
+        seed=0,
+        shuffle=True,
+        random_crop=False,
+        worker_count=0,  # grain worker processes; 0 = threads in this process
+    )
+    return _group(defaults, overrides, "data")
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """The optimizer and its learning-rate schedule (`training/optim.py`)."""
+    defaults = dict(
+        optimizer="adamw",  # adamw | adafactor
+        lr=1e-4,  # peak learning rate
+        warmup_steps=1000,  # linear warm-up from 0
+        decay="cosine",  # cosine | linear | constant (after the warm-up)
+        end_lr_factor=0.0,  # final lr = lr * end_lr_factor (cosine, linear)
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip_norm=1.0,  # global-norm clipping; 0 = off
+        accum_steps=1,  # gradient accumulation: micro-batches per step (a scan in the step)
+    )
+    return _group(defaults, overrides, "optim")
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    """The loop: length, checkpoints, logging, samples, CFG dropout, EMA, augmentation."""
+    defaults = dict(
+        steps=100_000,
+        seed=0,
+        log_every=100,
+        checkpoint_every=1000,
+        keep_checkpoints=3,
+        sample_every=5000,  # 0 = never; a PNG grid from the EMA weights
+        num_samples=4,
+        sample_prompts=SHAPES_PROMPTS,  # base stages; SR stages take the first batch's
+        cond_drop_prob=0.1,  # CFG dropout: the fraction of examples given the null text
+        ema_decay=0.9999,
+        ema_warmup_power=2.0 / 3.0,  # decay min(ema_decay, 1 - (1 + step)^-power); 0 = off
+        noise_aug=ml_collections.ConfigDict(
+            dict(
+                max_level=0.5,  # SR stages: aug_t ~ U(0, max_level) per example
+                sample_level=0.1,  # SR stages: the level used for the sample grid
+            )
+        ),
+        loss=ml_collections.ConfigDict(  # keyword arguments of diffusion.diffusion_loss
+            dict(
+                time_sampling="uniform",  # uniform | stratified | logit_normal
+                logit_mean=0.0,
+                logit_std=1.0,
+                weighting="uniform",  # uniform | min_snr | edm
+                min_snr_gamma=5.0,
+                sigma_data=0.5,
+                loss_type="l2",  # l2 | l1 | huber
+                huber_c=0.001,
+            )
+        ),
+        sharding_rules=((".*", "fsdp"),),  # (regex, spec | "fsdp"); see parallel.py
+        fsdp_min_size=2**18,  # parameters smaller than this stay replicated under "fsdp"
+        progress=True,  # a tqdm bar on process 0's console
+    )
+    return _group(defaults, overrides, "train")
+
+
+def evals_config(**overrides) -> ml_collections.ConfigDict:
+    """Periodic evaluators; none is wired into the trainer yet (see README, Limits)."""
+    return _group(dict(every=0), overrides, "evals")
+
+
+def default_mesh() -> list[tuple[str, int]]:
+    return [("data", -1)]  # add ("fsdp", n) to shard parameters and optimizer state

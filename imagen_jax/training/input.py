@@ -1,0 +1,155 @@
+"""The trainer's input: the `data` config group -> a source -> this process's batches.
+
+Sources: "folder" (ImageFolderSource), "tar" (TarShardSource), "shapes" (the procedural
+shapes domain, `imagen_jax.data.ShapesSource`, imported only when asked for) and
+"synthetic" (`SyntheticSource` below: a few hundred tiny captioned scenes drawn in memory,
+for runlocal configs and tests; no files, no other package).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+
+from imagen_jax import data as data_lib
+
+SOURCES = ("synthetic", "folder", "tar", "shapes")
+
+_COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "white": (240, 240, 240),
+}
+_SHAPES = ("square", "circle")
+_PLACES = {"on the left": (0.3, 0.5), "on the right": (0.7, 0.5), "at the top": (0.5, 0.3)}
+
+
+class SyntheticSource:
+    """`size` captioned images of one coloured square or circle on a dark background.
+
+    Record i is drawn from (seed, i) only: a colour, a shape and a place, with the caption
+    "a <colour> <shape> <place>" (e.g. "a red circle on the left"). Images are uint8
+    [resolution, resolution, 3]; the pipeline resizes them like any other source.
+    """
+
+    def __init__(self, size: int = 256, resolution: int = 32, seed: int = 0):
+        if size < 1 or resolution < 4:
+            raise ValueError(
+                f"SyntheticSource needs size >= 1 and resolution >= 4, got {size}, {resolution}"
+            )
+        self.size, self.resolution, self.seed = int(size), int(resolution), int(seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.size:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, int(index)])
+        color = list(_COLORS)[rng.integers(len(_COLORS))]
+        shape = _SHAPES[rng.integers(len(_SHAPES))]
+        place = list(_PLACES)[rng.integers(len(_PLACES))]
+        r = self.resolution
+        y, x = (np.mgrid[0:r, 0:r] + 0.5) / r
+        cx, cy = _PLACES[place]
+        half = 0.18
+        if shape == "square":
+            inside = (np.abs(x - cx) < half) & (np.abs(y - cy) < half)
+        else:
+            inside = (x - cx) ** 2 + (y - cy) ** 2 < half**2
+        image = np.full((r, r, 3), 30, np.uint8)
+        image[inside] = _COLORS[color]
+        return {"image": image, "caption": f"a {color} {shape} {place}", "key": f"syn{index:06d}"}
+
+    def __repr__(self) -> str:
+        return f"SyntheticSource(size={self.size}, resolution={self.resolution}, seed={self.seed})"
+
+
+def make_source(cfg: ml_collections.ConfigDict):
+    """The source of a `data` config group."""
+    if cfg.source == "synthetic":
+        return SyntheticSource(cfg.size, cfg.resolution, cfg.seed)
+    if cfg.source in ("folder", "tar") and not cfg.path:
+        raise ValueError(f"data.source={cfg.source!r} needs data.path")
+    if cfg.source == "folder":
+        return data_lib.ImageFolderSource(cfg.path, min_decode_size=cfg.resolution)
+    if cfg.source == "tar":
+        return data_lib.TarShardSource(cfg.path, min_decode_size=cfg.resolution)
+    if cfg.source == "shapes":
+        from imagen_jax.data import ShapesSource  # lazy: owned by the shapes domain
+
+        return ShapesSource(
+            split=cfg.split, resolution=cfg.resolution, size=cfg.size, seed=cfg.seed
+        )
+    raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
+
+
+def check_stage(config: ml_collections.ConfigDict, num_levels: int, data_parallel: int) -> None:
+    """Raises ValueError when the stage and its data disagree: resolutions, a low-resolution
+    input for (only) super-resolution stages, sizes the UNet can halve, batch splits."""
+    model, data = config.model, config.data
+    if model.resolution != data.resolution:
+        raise ValueError(
+            f"the stage generates {model.resolution} px images (model.resolution) but its "
+            f"data is {data.resolution} px (data.resolution); set both to the same size"
+        )
+    if model.low_resolution != data.low_resolution:
+        raise ValueError(
+            f"the stage takes {model.low_resolution or 'no'} px low-resolution inputs "
+            f"(model.low_resolution) but data.low_resolution={data.low_resolution}"
+        )
+    if model.low_resolution and not 0 < model.low_resolution < model.resolution:
+        raise ValueError(
+            f"model.low_resolution={model.low_resolution} must lie in (0, {model.resolution})"
+        )
+    factor = 2 ** (num_levels - 1)
+    if model.resolution % factor:
+        raise ValueError(
+            f"model.resolution={model.resolution} is not divisible by {factor}, which the "
+            f"UNet's {num_levels} levels need"
+        )
+    if data.batch_size % jax.process_count() or data.batch_size % data_parallel:
+        raise ValueError(
+            f"data.batch_size={data.batch_size} must divide evenly among "
+            f"{jax.process_count()} processes and {data_parallel} data-parallel devices"
+        )
+    accum = config.optim.accum_steps
+    if accum < 1 or data.batch_size % (accum * data_parallel):
+        raise ValueError(
+            f"data.batch_size={data.batch_size} must split into optim.accum_steps={accum} "
+            f"micro-batches of a multiple of {data_parallel} devices"
+        )
+
+
+def make_input(config: ml_collections.ConfigDict) -> data_lib.DataIterator:
+    """This process's DataIterator over the configured source."""
+    cfg = config.data
+    return data_lib.make_pipeline(
+        make_source(cfg),
+        batch_size=cfg.batch_size // jax.process_count(),
+        resolution=cfg.resolution,
+        low_resolution=cfg.low_resolution or None,
+        low_res_method=cfg.low_res_method,
+        seed=cfg.seed,
+        shuffle=cfg.shuffle,
+        random_crop=cfg.random_crop,
+        worker_count=cfg.worker_count,
+    )
+
+
+def check_batch(batch: dict, config: ml_collections.ConfigDict) -> None:
+    """The first batch has the stage's shapes (a source that ignores the resolution stops
+    here, with its shapes named)."""
+    r, low = config.data.resolution, config.data.low_resolution
+    local = config.data.batch_size // jax.process_count()
+    expected = {"image": (local, r, r, 3)}
+    if low:
+        expected["low_res"] = (local, low, low, 3)
+    for name, shape in expected.items():
+        got = np.shape(batch.get(name)) if name in batch else None
+        if got != shape:
+            raise ValueError(f"the data gives {name} of shape {got}; the stage needs {shape}")

@@ -1,0 +1,98 @@
+"""Where metrics go: `workdir/metrics.jsonl` (always), TensorBoard (when `tensorboardX` is
+installed), the absl log and a tqdm progress bar. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+from absl import logging
+from tqdm import tqdm
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss (or gradient norm) became NaN or infinite; the run stops before saving."""
+
+
+def check_finite(step: int, metrics: dict, last_checkpoint: int | None, directory: str) -> None:
+    bad = {k: metrics[k] for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])}
+    if bad:
+        where = (
+            f"the last good checkpoint is step {last_checkpoint} in {directory}"
+            if last_checkpoint is not None
+            else "no checkpoint was written"
+        )
+        raise NonFiniteLossError(
+            f"Non-finite training metrics at step {step}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + f". Stopping without saving; {where}. Lower optim.lr, check the data, or "
+            "resume from that checkpoint."
+        )
+
+
+class MetricWriter:
+    """Writes scalar metrics per step; counts images/s between writes."""
+
+    def __init__(
+        self, workdir: str, *, total_steps: int, start_step: int, batch_size: int, progress: bool
+    ):
+        self.enabled = jax.process_index() == 0
+        self.batch_size = batch_size
+        self._last = (start_step, time.perf_counter())
+        self._jsonl = None
+        self._tb = None
+        self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        try:
+            import tensorboardX
+        except ImportError:
+            logging.info("tensorboardX is not installed: no TensorBoard events are written")
+        else:
+            self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+        if progress:
+            self._bar = tqdm(
+                total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+            )
+
+    def step_done(self) -> None:
+        """One more step dispatched (moves the bar; no device sync)."""
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def write(self, step: int, metrics: dict) -> dict:
+        """Adds images_per_s (since the last write) and writes `metrics` of `step`."""
+        last_step, last_time = self._last
+        now = time.perf_counter()
+        metrics = dict(metrics)
+        if step > last_step:
+            metrics["images_per_s"] = (step - last_step) * self.batch_size / (now - last_time)
+        self._last = (step, now)
+        if not self.enabled:
+            return metrics
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for name, value in metrics.items():
+                self._tb.add_scalar(name, value, step)
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", img_s=f"{metrics.get('images_per_s', 0):.1f}"
+            )
+        logging.info(
+            "step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items()))
+        )
+        return metrics
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,263 @@
+"""The train state, created already sharded, and the optimizer, schedule and EMA it holds.
+
+    net = make_network(config)                      # static: graphdef, abstract params
+    tx, lr_schedule = make_optimizer(config.optim, total_steps=config.train.steps)
+    state, shardings = create_train_state(config, net, tx, mesh)
+
+`TrainState` is a pytree of arrays only (what a checkpoint holds): the parameters and
+their EMA as nested dicts (`nnx.to_pure_dict` of the network's `nnx.Param` state), the
+optax state, the step and the run's base key. The network's graph and its non-parameter
+state (the dropout RNG streams, reseeded every step) live in `Network`.
+
+Creation follows the flax/big_vision recipe: shapes from `nnx.eval_shape` (nothing is
+allocated), shardings from the parameter rules (`parallel.param_shardings`), then one
+jitted init with those `out_shardings`, so no parameter is ever whole on one device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from imagen_jax import parallel
+from imagen_jax.models import imagen_unet
+from imagen_jax.training.config import unet_config
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(NamedTuple):
+    step: jax.Array  # int32 []: optimizer updates done
+    params: Any  # nested dict of float arrays (param_dtype)
+    ema_params: Any  # the same structure: the exponential moving average of params
+    opt_state: Any  # optax state
+    rng: jax.Array  # uint32 [2]: raw base key; step s draws from fold_in(rng, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+    """The static half of the network: its graph and config; `rest` is the non-parameter
+    state (replicated arrays), created by `init_rest`."""
+
+    cfg: imagen_unet.UNetConfig
+    graphdef: Any
+    abstract_params: Any  # nested dict of ShapeDtypeStruct
+    abstract_rest: Any  # nnx.State of ShapeDtypeStruct
+    dtype: Any
+    param_dtype: Any
+
+    def build(self, rngs: nnx.Rngs) -> imagen_unet.ImagenUNet:
+        return imagen_unet.ImagenUNet(
+            self.cfg, rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+
+    def merge(self, params, rest) -> imagen_unet.ImagenUNet:
+        return nnx.merge(self.graphdef, params, rest)
+
+
+def _dtype(name: str, key: str):
+    if name not in DTYPES:
+        raise ValueError(f"{key}={name!r}; expected one of {tuple(DTYPES)}")
+    return DTYPES[name]
+
+
+def make_network(model: ml_collections.ConfigDict) -> Network:
+    """The `model` config group -> Network (shapes only; nothing is allocated)."""
+    cfg = unet_config(model)
+    if cfg.low_res != bool(model.low_resolution):
+        kind = "a super-resolution" if cfg.low_res else "a base"
+        raise ValueError(
+            f"model.variant={model.variant!r} is {kind} UNet but model.low_resolution="
+            f"{model.low_resolution}"
+        )
+    dtype = _dtype(model.dtype, "model.dtype")
+    param_dtype = _dtype(model.param_dtype, "model.param_dtype")
+    net = Network(cfg, None, None, None, dtype, param_dtype)
+    abstract = nnx.eval_shape(lambda: net.build(nnx.Rngs(params=0, dropout=0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    return dataclasses.replace(
+        net, graphdef=graphdef, abstract_params=nnx.to_pure_dict(params), abstract_rest=rest
+    )
+
+
+def init_params_and_rest(net: Network, key):
+    """Fresh parameters (nested dict) and non-parameter state of the network."""
+    key_params, key_dropout = jax.random.split(key)
+    model = net.build(nnx.Rngs(params=key_params, dropout=key_dropout))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.to_pure_dict(params), rest
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------
+
+
+def make_lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine | linear decay to
+    `lr * end_lr_factor` at `total_steps`, or constant."""
+    warmup = max(0, int(cfg.warmup_steps))
+    end = cfg.lr * cfg.end_lr_factor
+    if cfg.decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=end
+        )
+    if cfg.decay == "linear":
+        decay = optax.linear_schedule(cfg.lr, end, max(1, total_steps - warmup))
+    elif cfg.decay == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    else:
+        raise ValueError(f"optim.decay={cfg.decay!r}; expected cosine | linear | constant")
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def _decay_mask(params):
+    """Weight decay on kernels and other matrices, not on biases, norms or embeddings of
+    rank 1 (as in most diffusion trainers)."""
+    return jax.tree.map(lambda x: x.ndim > 1, params)
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """Global-norm clipping, then AdamW (or Adafactor) on the warm-up/decay schedule.
+
+    Gradient accumulation is not an optax wrapper: the train step scans over
+    `accum_steps` micro-batches and makes one update (see `step.py`).
+    """
+    schedule = make_lr_schedule(cfg, total_steps)
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(
+            schedule,
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=_decay_mask,
+        )
+    elif cfg.optimizer == "adafactor":
+        opt = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None)
+    else:
+        raise ValueError(f"optim.optimizer={cfg.optimizer!r}; expected adamw | adafactor")
+    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+    return optax.chain(*parts, opt), schedule
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA
+# ----------------------------------------------------------------------------------------------
+
+
+def ema_decay(step, *, decay: float, warmup_power: float = 0.0):
+    """The EMA decay at an update step: `decay`, or with a warm-up (ema-pytorch's
+    `inv_gamma=1`, `power`; Karras et al. use 2/3 for long runs) min(decay,
+    1 - (1 + step)^-power), which starts at 0 (the EMA copies the first weights)."""
+    if warmup_power <= 0:
+        return jnp.asarray(decay, jnp.float32)
+    step = jnp.asarray(step, jnp.float32)
+    return jnp.minimum(decay, 1.0 - (1.0 + step) ** (-warmup_power))
+
+
+def ema_update(ema_params, params, decay):
+    return jax.tree.map(
+        lambda e, p: (decay * e.astype(jnp.float32) + (1.0 - decay) * p).astype(e.dtype),
+        ema_params,
+        params,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Creation, sharded
+# ----------------------------------------------------------------------------------------------
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_shardings, mesh):
+    """Optimizer-state leaves that mirror a parameter (same path suffix and shape: Adam's
+    moments) get its sharding; every other leaf (counts, factored moments) is replicated."""
+    by_path = {}
+    for (path, x), s in zip(
+        jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+        jax.tree.leaves(param_shardings),
+        strict=True,
+    ):
+        by_path[parallel.path_str(path)] = (tuple(x.shape), s)
+
+    def leaf(path, x):
+        parts = parallel.path_str(path).split("/")
+        for i in range(len(parts)):
+            shape, sharding = by_path.get("/".join(parts[i:]), (None, None))
+            if shape == tuple(x.shape):
+                return sharding
+        return parallel.replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract_opt_state)
+
+
+def state_shardings(config, net: Network, tx, mesh):
+    """(abstract TrainState, TrainState of NamedShardings) for the current mesh."""
+    rules = [(pattern, spec) for pattern, spec in config.train.sharding_rules]
+    params = net.abstract_params
+    p_sh = parallel.param_shardings(params, mesh, rules, min_size=config.train.fsdp_min_size)
+    opt = jax.eval_shape(tx.init, params)
+    rep = parallel.replicated(mesh)
+    abstract = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        ema_params=params,
+        opt_state=opt,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    shardings = TrainState(rep, p_sh, p_sh, opt_state_shardings(opt, params, p_sh, mesh), rep)
+    return abstract, shardings
+
+
+def abstract_with_shardings(abstract, shardings):
+    """ShapeDtypeStructs that carry their target sharding (an Orbax restore target)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
+
+
+def create_train_state(config, net: Network, tx, mesh):
+    """A fresh TrainState, initialised in one jitted call straight into its shardings.
+
+    Returns (state, shardings, rest); `rest` is the network's non-parameter state,
+    replicated. The parameters depend on `train.seed` only, not on the mesh.
+    """
+    _, shardings = state_shardings(config, net, tx, mesh)
+    seed_key = jax.random.key(config.train.seed)
+
+    def init():
+        params, rest = init_params_and_rest(net, jax.random.fold_in(seed_key, 0))
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(seed_key),
+        )
+        return state, rest
+
+    state, rest = jax.jit(init, out_shardings=(shardings, _replicated_like(net, mesh)))()
+    return state, shardings, rest
+
+
+def _replicated_like(net: Network, mesh):
+    return jax.tree.map(lambda _: parallel.replicated(mesh), net.abstract_rest)
+
+
+def init_rest(net: Network, mesh, seed: int):
+    """The network's non-parameter state (dropout streams) as `create_train_state` makes
+    it, replicated over the mesh (for a state restored from a checkpoint)."""
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    return jax.jit(
+        lambda: init_params_and_rest(net, key)[1], out_shardings=_replicated_like(net, mesh)
+    )()

@@ -1,0 +1,188 @@
+"""The train step: one pure function, jitted once, with the state donated.
+
+    train_step = make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
+    state, metrics = train_step(state, rest, batch)   # batch: global arrays (parallel.py)
+
+Per step s, all randomness comes from `fold_in(state.rng, s)` (and `fold_in(., i)` for
+micro-batch i), so a run resumed from a checkpoint draws what the uninterrupted run drew,
+and random draws do not depend on the number of devices (jax's partitionable threefry).
+
+What the step does, in order:
+1. Classifier-free guidance dropout (Ho & Salimans 2022; Imagen trains with p = 0.1):
+   `drop_text ~ Bernoulli(train.cond_drop_prob)` per example, also set for examples whose
+   caption has no tokens; the network then sees its learned null text.
+2. Super-resolution stages: noise-conditioning augmentation (Imagen, sec. 2.4; Ho et al.
+   2022, "Cascaded Diffusion Models", sec. 4.1): aug_t ~ U(0, train.noise_aug.max_level)
+   per example; the low-resolution image is noised with the stage's own diffusion
+   schedule at unit time aug_t (`diffusion.losses.time_from_unit`: for a discrete schedule
+   the timestep floor(aug_t T), for logSNR schedules t = aug_t, for flow the shifted time),
+   z = alpha x_low + sigma eps, and the network is told aug_t.
+3. The diffusion loss (`diffusion.diffusion_loss`) with the network told the unit time
+   (`unit_time`); with `optim.accum_steps = k` a `lax.scan` over k micro-batches sums the
+   gradients, then one optimizer update (so a step is always one update, the learning-rate
+   schedule and the EMA count updates, and memory holds one micro-batch of activations).
+4. The optax update, then the EMA (`state.ema_decay`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from imagen_jax import diffusion, parallel
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.diffusion import losses, schedules
+from imagen_jax.training import state as state_lib
+
+
+def unit_time(t, *, schedule):
+    """The time a sampler or loss tells the network, as a unit time in [0, 1]: logSNR
+    schedules already use it; discrete timesteps and flow's sigma * T are divided by T.
+    The UNet scales it by its `time_scale` (1000) before the sinusoidal embedding."""
+    if isinstance(schedule, schedules.LogSNRSchedule):
+        return t
+    return jnp.asarray(t, jnp.float32) / schedule.num_train_timesteps
+
+
+def model_fn(model, *, schedule):
+    """The network as `denoise_fn(z_t, t, cond)`, the contract of the diffusion core."""
+    return lambda z_t, t, cond: model(z_t, unit_time(t, schedule=schedule), cond)
+
+
+def to_float_image(x):
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return jnp.asarray(x, jnp.float32) / 127.5 - 1.0
+
+
+def augment_low_res(low_res, aug_t, key, *, schedule):
+    """Noise-conditioning augmentation: low_res [B, h, w, 3] in [-1, 1] noised to unit time
+    aug_t [B] with `schedule` (see the module docstring)."""
+    _, alpha_t, sigma_t = losses.time_from_unit(aug_t, schedule=schedule)
+    eps = jax.random.normal(key, low_res.shape, jnp.float32)
+    return losses.add_noise(x0=low_res, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)
+
+
+def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, schedule):
+    """The network's cond dict of a batch: text, mask, CFG dropout, SR augmentation."""
+    key_drop, key_level, key_noise = jax.random.split(key, 3)
+    text, mask = batch["text"], batch["text_mask"].astype(bool)  # [B, L, D], [B, L]
+    b = text.shape[0]
+    drop = jax.random.bernoulli(key_drop, cond_drop_prob, (b,)) | ~mask.any(axis=-1)
+    cond = {"text": text, "text_mask": mask, "drop_text": drop}
+    if max_aug is not None:
+        aug_t = jax.random.uniform(key_level, (b,), maxval=max_aug)
+        low = to_float_image(batch["low_res"])
+        cond["low_res"] = augment_low_res(low, aug_t, key_noise, schedule=schedule)
+        cond["aug_t"] = aug_t
+    return cond
+
+
+def make_loss_fn(config, net: state_lib.Network, schedule):
+    """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch."""
+    dcfg = config.diffusion
+    loss_kwargs = dict(config.train.loss)
+    max_aug = float(config.train.noise_aug.max_level) if net.cfg.low_res else None
+    use_dropout = net.cfg.dropout > 0
+
+    def loss_fn(params, rest, batch, key):
+        key_cond, key_loss, key_dropout = jax.random.split(key, 3)
+        model = net.merge(params, rest)
+        if use_dropout:
+            nnx.reseed(model, dropout=key_dropout)
+        cond = make_cond(
+            batch,
+            key_cond,
+            cond_drop_prob=config.train.cond_drop_prob,
+            max_aug=max_aug,
+            schedule=schedule,
+        )
+        return diffusion.diffusion_loss(
+            model_fn(model, schedule=schedule),
+            to_float_image(batch["image"]),
+            cond,
+            key_loss,
+            schedule=schedule,
+            prediction=dcfg.prediction,
+            model_space=dcfg.model_space,
+            learned_variance=dcfg.variance == "learned_range",
+            **loss_kwargs,
+        )
+
+    return loss_fn
+
+
+def _split_micro(batch, k: int):
+    """[B, ...] -> [k, B / k, ...], micro-batch i holding rows i, i + k, ...: each device
+    keeps its own rows, so the split moves no data."""
+    return jax.tree.map(
+        lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch
+    )
+
+
+def make_grad_fn(loss_fn, accum_steps: int):
+    """grad_fn(params, rest, batch, key) -> (mean loss, mean gradients) over micro-batches."""
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+
+        def single(params, rest, batch, key):
+            (loss, _), grads = value_and_grad(params, rest, batch, key)
+            return loss, grads
+
+        return single
+
+    def accumulated(params, rest, batch, key):
+        def body(carry, xs):
+            i, micro = xs
+            (loss, _), grads = value_and_grad(params, rest, micro, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        xs = (jnp.arange(accum_steps), _split_micro(batch, accum_steps))
+        (loss, grads), _ = jax.lax.scan(body, zeros, xs)
+        return jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+
+    return accumulated
+
+
+def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shardings, rest):
+    """The jitted `train_step(state, rest, batch) -> (state, metrics)`; state donated.
+
+    metrics (replicated scalars): loss, grad_norm (before clipping), lr (of this update),
+    ema_decay, param_norm.
+    """
+    schedule = diffusion_config.make_schedule(config.diffusion)
+    grad_fn = make_grad_fn(make_loss_fn(config, net, schedule), config.optim.accum_steps)
+    ema_kwargs = dict(decay=config.train.ema_decay, warmup_power=config.train.ema_warmup_power)
+
+    def train_step(state: state_lib.TrainState, rest, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        loss, grads = grad_fn(state.params, rest, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = state_lib.ema_decay(state.step, **ema_kwargs)
+        new_state = state_lib.TrainState(
+            step=state.step + 1,
+            params=params,
+            ema_params=state_lib.ema_update(state.ema_params, params, decay),
+            opt_state=opt_state,
+            rng=state.rng,
+        )
+        metrics = dict(
+            loss=loss,
+            grad_norm=optax.tree.norm(grads),
+            lr=jnp.asarray(lr_schedule(state.step), jnp.float32),
+            ema_decay=decay,
+            param_norm=optax.tree.norm(params),
+        )
+        return new_state, metrics
+
+    rep = parallel.replicated(mesh)
+    rest_shardings = jax.tree.map(lambda _: rep, rest)
+    return jax.jit(
+        train_step,
+        in_shardings=(shardings, rest_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )

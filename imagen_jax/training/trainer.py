@@ -1,0 +1,175 @@
+"""`train_and_evaluate(config, workdir)`: the training loop of one cascade stage.
+
+    state, metrics = train_and_evaluate(config, workdir)
+
+reads as: make mesh, make network, make data, make text encoder, make state (restored
+from `workdir/checkpoints` when it holds one), loop. The loop dispatches step s, then
+waits for step s - 1 (the device always has the next step queued while the host reads
+and encodes the next batch, and the host never runs further ahead: on CPU, a deep queue
+of multi-device programs can starve XLA's collectives). It copies metrics to the host
+every `train.log_every` steps and before every checkpoint or sample grid; a non-finite
+loss or gradient norm among them stops the run with `NonFiniteLossError` before anything
+is saved, leaving the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from imagen_jax import parallel
+from imagen_jax.training import checkpoint as ckpt_lib
+from imagen_jax.training import input as input_lib
+from imagen_jax.training import metrics as metrics_lib
+from imagen_jax.training import sampling as sampling_lib
+from imagen_jax.training import state as state_lib
+from imagen_jax.training import step as step_lib
+from imagen_jax.training import text as text_lib
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+    """The config's mesh. A mesh smaller than the job (all sizes given, no -1) takes the
+    first devices: on one process that runs a job on a subset of the devices."""
+    axes = [tuple(axis) for axis in config.mesh]
+    devices = jax.devices()
+    sizes = [size for _, size in axes]
+    if -1 not in sizes and int(np.prod(sizes)) < len(devices):
+        if jax.process_count() > 1:
+            raise ValueError(f"mesh {axes} is smaller than the job's {len(devices)} devices")
+        devices = devices[: int(np.prod(sizes))]
+    return parallel.make_mesh(axes, devices)
+
+
+def make_state(config, net, tx, mesh, checkpointer, data_iterator):
+    """A fresh sharded TrainState, or the latest checkpoint's restored into this mesh.
+    Returns (state, shardings, rest) as `state.create_train_state`."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        state, shardings, rest = state_lib.create_train_state(config, net, tx, mesh)
+        logging.info("Initialised a new train state")
+    else:
+        abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
+        target = state_lib.abstract_with_shardings(abstract, shardings)
+        state = checkpointer.restore(latest, target, data_iterator)
+        rest = state_lib.init_rest(net, mesh, config.train.seed)
+        logging.info("Resumed from %s/%d", checkpointer.directory, latest)
+    logging.info(
+        "Mesh %s; sharded parameters:\n%s",
+        dict(mesh.shape),
+        parallel.describe_shardings(net.abstract_params, shardings.params),
+    )
+    return state, shardings, rest
+
+
+def device_batch(batch, encoder, mesh):
+    """This process's numpy batch -> the step's global arrays (text encoded here)."""
+    batch = dict(batch, **text_lib.encode_captions(encoder, batch["caption"]))
+    return parallel.global_batch(
+        {k: batch[k] for k in ("image", "low_res", "text", "text_mask") if k in batch}, mesh
+    )
+
+
+def make_stage_network(config, mesh) -> state_lib.Network:
+    """The stage's network (shapes only), once the stage and its data are checked."""
+    net = state_lib.make_network(config.model)
+    input_lib.check_stage(config, len(net.cfg.channel_mult), parallel.data_parallel_size(mesh))
+    return net
+
+
+def make_text_encoder(config, net) -> text_lib.TextEncoder:
+    encoder = text_lib.make_text_encoder(
+        config.text, batch_size=config.data.batch_size // jax.process_count()
+    )
+    width = text_lib.text_width(encoder)
+    if width != net.cfg.text_dim:
+        raise ValueError(
+            f"the text encoder gives {width}-dim embeddings but the model expects "
+            f"model.text_dim={net.cfg.text_dim}"
+        )
+    return encoder
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+    """Trains the stage of `config` in `workdir` (resuming from its checkpoints).
+
+    Returns (final TrainState, metrics of the last logged step, as floats; the same on
+    every process).
+    """
+    mesh = make_mesh(config)
+    with jax.set_mesh(mesh):
+        net = make_stage_network(config, mesh)
+        tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+        checkpointer = ckpt_lib.Checkpointer(
+            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
+        )
+        data = None
+        try:
+            data = input_lib.make_input(config)
+            encoder = make_text_encoder(config, net)
+            state, shardings, rest = make_state(config, net, tx, mesh, checkpointer, data)
+            train_step = step_lib.make_train_step(
+                config, net, tx, lr_schedule, mesh, shardings, rest
+            )
+            return train_loop(
+                config, workdir, mesh, net, encoder, data, state, rest, train_step, checkpointer
+            )
+        finally:
+            checkpointer.close()
+            if data is not None:
+                data.close()
+
+
+def train_loop(config, workdir, mesh, net, encoder, data, state, rest, train_step, checkpointer):
+    """Steps from `state.step` to `train.steps`; returns (state, last metrics)."""
+    tcfg = config.train
+    start = int(jax.device_get(state.step))
+    writer = metrics_lib.MetricWriter(
+        workdir,
+        total_steps=tcfg.steps,
+        start_step=start,
+        batch_size=config.data.batch_size,
+        progress=tcfg.progress,
+    )
+    grid = None
+    pending: list[tuple[int, dict]] = []
+    last = {}
+    last_saved = checkpointer.latest_step()
+
+    def flush():
+        nonlocal last
+        for step, metrics in jax.device_get(pending):
+            metrics = {k: float(v) for k, v in metrics.items()}
+            metrics_lib.check_finite(step, metrics, last_saved, checkpointer.directory)
+            last = metrics
+        if pending:
+            last = writer.write(pending[-1][0], last)
+        pending.clear()
+
+    try:
+        for step in range(start + 1, tcfg.steps + 1):
+            local = next(data)
+            if step == start + 1:
+                input_lib.check_batch(local, config)
+            batch = device_batch(local, encoder, mesh)
+            if grid is None and tcfg.sample_every:
+                grid = sampling_lib.SampleGrid(config, net, mesh, encoder, workdir, batch)
+            state, metrics = train_step(state, rest, batch)
+            if pending:  # at most two steps in flight: the host never runs far ahead
+                jax.block_until_ready(pending[-1][1])
+            pending.append((step, metrics))
+            writer.step_done()
+            save = step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+            sample = bool(tcfg.sample_every) and step % tcfg.sample_every == 0
+            if save or sample or step % tcfg.log_every == 0:
+                flush()
+            if save:
+                checkpointer.save(step, state, data)
+                last_saved = step
+            if sample:
+                grid(step, state.ema_params, rest)
+        flush()
+    finally:
+        writer.close()
+    return state, last

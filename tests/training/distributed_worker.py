@@ -1,0 +1,44 @@
+"""One process of the two-process test (test_distributed.py); not a test itself.
+
+    python distributed_worker.py PORT PROCESS_ID WORKDIR
+
+Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains
+the runlocal base stage for 2 steps in WORKDIR, and prints one JSON line with its view of
+the result.
+"""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from conftest import tiny  # noqa: E402  (sets the shared compilation cache)
+
+from imagen_jax import parallel  # noqa: E402
+from imagen_jax.training import train_and_evaluate  # noqa: E402
+
+
+def main(port: str, process_id: str, workdir: str):
+    parallel.initialize_distributed(
+        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id)
+    )
+    state, metrics = train_and_evaluate(tiny(steps=2), workdir)
+    checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
+    result = dict(
+        process=jax.process_index(),
+        processes=jax.process_count(),
+        devices=jax.device_count(),
+        step=int(jax.device_get(state.step)),
+        loss=metrics["loss"],
+        param_checksum=float(checksum(state.params)),
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,104 @@
+"""Checkpoints: an interrupted run resumes to the same weights, a checkpoint restores onto
+another device count, and runs stop loudly on another model's checkpoint or a NaN loss."""
+
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from conftest import tiny
+
+from imagen_jax.training import (
+    CheckpointMismatchError,
+    NonFiniteLossError,
+    train_and_evaluate,
+    trainer,
+)
+
+
+class Preempted(Exception):
+    pass
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _assert_same(a, b):
+    jax.tree.map(np.testing.assert_array_equal, _host(a), _host(b))
+
+
+def _checkpoints(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _patch_batches(monkeypatch, on_call: int, action):
+    """Applies `action(batch)` to the step's global batch from the `on_call`-th on."""
+    original = trainer.device_batch
+    calls = []
+
+    def device_batch(*args):
+        calls.append(1)
+        batch = original(*args)
+        return action(batch) if len(calls) >= on_call else batch
+
+    monkeypatch.setattr(trainer, "device_batch", device_batch)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Three uninterrupted steps on 8 devices, checkpoints at steps 2 and 3."""
+    workdir = tmp_path_factory.mktemp("reference")
+    state, _ = train_and_evaluate(tiny(steps=3, checkpoint_every=2), str(workdir))
+    return workdir, state
+
+
+def test_resumed_run_matches_uninterrupted_run(reference, tmp_path, monkeypatch):
+    config = tiny(steps=3, checkpoint_every=2)
+
+    def preempt(batch):
+        raise Preempted
+
+    with monkeypatch.context() as m:
+        _patch_batches(m, 3, preempt)  # dies while fetching step 3's batch
+        with pytest.raises(Preempted):
+            train_and_evaluate(config, str(tmp_path))
+    assert _checkpoints(tmp_path) == [2]
+    state, _ = train_and_evaluate(config, str(tmp_path))
+    _assert_same(state, reference[1])  # params, EMA, optimizer state, step, key: bitwise
+
+    # The reference run's checkpoint 2 was saved asynchronously just before step 3
+    # donated the state's buffers: it resumes to the same weights too.
+    resumed = tmp_path / "from_reference"
+    shutil.copytree(reference[0] / "checkpoints" / "2", resumed / "checkpoints" / "2")
+    state, _ = train_and_evaluate(config, str(resumed))
+    _assert_same(state, reference[1])
+
+
+@pytest.mark.parametrize("mesh", [[("data", 1)], [("data", 4), ("fsdp", 2)]])
+def test_checkpoint_restores_onto_another_mesh(reference, mesh, tmp_path):
+    workdir, saved = reference
+    shutil.copytree(workdir / "checkpoints", tmp_path / "checkpoints")
+    state, _ = train_and_evaluate(tiny(steps=3, mesh=mesh, fsdp_min_size=0), str(tmp_path))
+    kernel = state.params["conv_in"]["kernel"]
+    if mesh == [("data", 1)]:
+        assert kernel.sharding.device_set == {jax.devices()[0]}
+    else:
+        assert "fsdp" in tuple(kernel.sharding.spec)
+    _assert_same(state, saved)
+
+
+def test_another_models_checkpoint_stops_the_run(reference, tmp_path):
+    shutil.copytree(reference[0] / "checkpoints", tmp_path / "checkpoints")
+    config = tiny(steps=3)
+    config.model.channels = 8
+    with pytest.raises(CheckpointMismatchError, match=r"channels: checkpoint 16, config 8"):
+        train_and_evaluate(config, str(tmp_path))
+
+
+def test_nan_loss_stops_before_saving(tmp_path, monkeypatch):
+    nan_text = lambda batch: dict(batch, text=batch["text"] * np.nan)  # noqa: E731
+    _patch_batches(monkeypatch, 3, nan_text)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan.*checkpoint is step 2"):
+        train_and_evaluate(tiny(steps=3, checkpoint_every=2), str(tmp_path))
+    assert _checkpoints(tmp_path) == [2]

@@ -1,0 +1,135 @@
+"""Stage configs: every group present, strict arguments and keys, and the checks that stop
+a run whose stage and data disagree before anything is compiled."""
+
+import pathlib
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from conftest import ROOT, STAGES, stage_config, tiny
+
+from imagen_jax import training
+from imagen_jax.training import text as text_lib
+
+GROUPS = {"model", "diffusion", "text", "data", "optim", "train", "sample", "evals", "mesh"}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_configs_build(stage, arg):
+    config = stage_config(stage, arg)
+    assert set(config.keys()) == GROUPS
+    unet = training.unet_config(config.model)
+    assert unet.low_res == bool(config.model.low_resolution)
+    assert unet.text_dim == (
+        config.text.dim if arg else {"minilm": 384, "t5": 4096}[config.text.kind]
+    )
+    assert config.model.resolution == config.data.resolution
+    assert config.model.low_resolution == config.data.low_resolution
+    if arg == "runlocal":
+        assert config.model.variant == "runlocal" and config.text.kind == "hash"
+        assert config.data.source == "synthetic"
+
+
+def test_full_size_configs_name_their_parts():
+    assert stage_config("shapes_base", "").text.kind == "minilm"
+    assert stage_config("shapes_base", "").model.resolution == 32
+    sr = stage_config("shapes_sr", "")
+    assert (sr.model.low_resolution, sr.model.resolution) == (32, 64)
+    base = stage_config("imagen_base64", "data=/d/*.tar,t5=/m/t5,fsdp=4")
+    assert base.data.path == "/d/*.tar" and base.text.path == "/m/t5"
+    assert base.mesh == [("data", -1), ("fsdp", 4)]
+    assert training.unet_config(base.model).text_dim == 4096
+    assert stage_config("imagen_sr1024", "").model.low_resolution == 256
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_unknown_config_arg_raises(stage):
+    with pytest.raises(ValueError, match="Unknown config arg 'bogus'"):
+        stage_config(stage, "runlocal,bogus=1")
+
+
+def test_locked_config_rejects_unknown_keys():
+    config = stage_config("shapes_base")
+    config.lock()
+    with pytest.raises(AttributeError, match="bogus"):
+        config.train.bogus = 1
+    with pytest.raises(KeyError, match="unknown train config keys"):
+        training.train_config(bogus=1)
+    with pytest.raises(KeyError, match="unknown model config keys"):
+        training.model_config(bogus=1)
+    model = training.model_config()
+    model.bogus = 1  # added to an unlocked group
+    with pytest.raises(ValueError, match="unknown UNet config keys"):
+        training.unet_config(model)
+
+
+def test_train_py_rejects_unknown_flag_key(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config=configs/shapes_base.py:runlocal",
+            "--config.train.bogus=1",
+            f"--workdir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "AttributeError" in result.stderr and "'bogus'" in result.stderr
+    assert not pathlib.Path(tmp_path, "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(data=dict(resolution=32)), "generates 16 px images .* data is 32 px"),
+        (dict(data=dict(low_resolution=8)), "takes no px low-resolution inputs"),
+        (dict(model=dict(resolution=17), data=dict(resolution=17)), "not divisible by 2"),
+        (dict(data=dict(batch_size=12)), "must divide evenly"),
+        (dict(text=dict(dim=24)), "24-dim embeddings but the model expects"),
+        (dict(model=dict(low_resolution=8), data=dict(low_resolution=8)), "is a base UNet"),
+    ],
+)
+def test_stage_and_data_must_agree(change, match, tmp_path):
+    config = tiny()
+    for group, values in change.items():
+        for key, value in values.items():
+            config[group][key] = value
+    with pytest.raises(ValueError, match=match):
+        training.train_and_evaluate(config, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_sr_stage_needs_low_resolution_data(tmp_path):
+    config = tiny("shapes_sr")
+    config.model.low_resolution = 0
+    config.data.low_resolution = 0
+    with pytest.raises(ValueError, match="is a super-resolution UNet"):
+        training.train_and_evaluate(config, str(tmp_path))
+
+
+def test_hash_text_encoder_is_deterministic_with_a_real_mask():
+    encoder = text_lib.HashTextEncoder(dim=16, max_length=6)
+    emb, mask, pooled = encoder.encode(["a red circle", "", "a red circle on the left side"])
+    assert emb.shape == (3, 6, 16) and mask.shape == (3, 6) and pooled.shape == (3, 16)
+    assert mask.sum(1).tolist() == [3, 0, 6]  # truncated to max_length
+    assert not emb[1].any()
+    again, _, _ = text_lib.HashTextEncoder(dim=16, max_length=6).encode(["a red circle"])
+    assert (again[0] == emb[0]).all()
+    swapped, _, _ = encoder.encode(["circle red a"])
+    assert not (swapped[0] == emb[0]).all()  # word order matters (position code)
+
+
+def test_text_groups_build_their_encoders():
+    assert isinstance(training.make_text_encoder(training.text_config()), training.HashTextEncoder)
+    with pytest.raises(ValueError, match="text.path is empty"):
+        training.make_text_encoder(training.text_config(kind="t5", path=""))
+
+
+def test_evals_group_is_a_config_dict():
+    assert isinstance(stage_config().evals, ml_collections.ConfigDict)

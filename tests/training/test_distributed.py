@@ -1,0 +1,54 @@
+"""Two processes joined by jax.distributed on 127.0.0.1 train one model together."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together(tmp_path):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(port), str(i), str(tmp_path)],
+            cwd=WORKER.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=240)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out[-4000:]
+    results = [
+        json.loads(line.removeprefix("RESULT "))
+        for out in outputs
+        for line in out.splitlines()
+        if line.startswith("RESULT ")
+    ]
+    assert sorted(r["process"] for r in results) == [0, 1]
+    assert all(r["processes"] == 2 and r["devices"] == 8 and r["step"] == 2 for r in results)
+    assert results[0]["loss"] == results[1]["loss"]
+    assert results[0]["param_checksum"] == results[1]["param_checksum"]
+    data = sorted(p.name for p in (tmp_path / "checkpoints" / "2" / "data").glob("*.json"))
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # process 0 only

@@ -1,0 +1,32 @@
+"""Every stage config, in its runlocal form, trains two steps through train_and_evaluate
+and leaves a checkpoint, metrics and a sample grid in its workdir."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from conftest import STAGES, stage_config
+from PIL import Image
+
+from imagen_jax.training import train_and_evaluate
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_steps(stage, tmp_path):
+    config = stage_config(
+        stage, steps=2, log_every=1, checkpoint_every=2, sample_every=2, num_samples=2
+    )
+    if stage == "imagen_base64":  # also covers gradient accumulation (a scan in the step)
+        config.optim.accum_steps = 2
+        config.data.batch_size = 16  # two micro-batches of 8 rows, one per device
+    state, metrics = train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 2 and math.isfinite(metrics["loss"])
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    assert all(math.isfinite(line["loss"]) for line in lines)
+    assert lines[0]["lr"] == 0 < lines[1]["lr"]  # linear warm-up from 0
+    assert (tmp_path / "checkpoints" / "2" / "state").is_dir()
+    grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
+    rows = 2 if config.model.low_resolution else 1  # SR grids show their inputs too
+    assert grid.shape == (rows * 18 + 2, 2 * 18 + 2, 3)

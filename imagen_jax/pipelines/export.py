@@ -1,0 +1,85 @@
+"""Export a training run's EMA weights as a stage directory that sample.py reads.
+
+    python -m imagen_jax.pipelines.export --config=configs/shapes_base.py \
+        --workdir=runs/shapes_base --outdir=models/shapes_base [--step=N] [--dtype=float16]
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags
+from ml_collections import config_flags
+
+from imagen_jax import parallel
+from imagen_jax.pipelines import stages
+from imagen_jax.training import checkpoint as ckpt_lib
+from imagen_jax.training import state as state_lib
+
+
+def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+    """(EMA params as a nested dict of numpy arrays, the step) of a run's checkpoint; the
+    checkpoint must hold the config's model (else CheckpointMismatchError)."""
+    net = state_lib.make_network(config.model)
+    tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
+    )
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint")
+    checkpointer.check_model(step)
+    mesh = parallel.make_mesh([("data", 1)], jax.devices()[:1])
+    abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
+    target = state_lib.abstract_with_shardings(abstract, shardings)
+    restored = checkpointer.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+    )["state"]
+    checkpointer.close()
+    return jax.tree.map(np.asarray, restored.ema_params), net, int(step)
+
+
+def export_stage(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str,
+    *,
+    step: int | None = None,
+    storage_dtype: str = "float16",
+) -> str:
+    """Writes the stage directory of a run's (latest) checkpoint; returns outdir."""
+    params, net, step = restore_ema(config, workdir, step)
+    stages.save_stage(
+        outdir,
+        unet=net.cfg,
+        params=params,
+        diffusion=config.diffusion,
+        sample=config.sample,
+        resolution=config.model.resolution,
+        low_resolution=config.model.low_resolution,
+        aug_level=float(config.train.noise_aug.sample_level) if net.cfg.low_res else 0.0,
+        text=config.text.to_dict(),
+        identity=dict(workdir=workdir, step=step),
+        storage_dtype=storage_dtype,
+    )
+    return outdir
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
+flags.DEFINE_string("workdir", None, "The training workdir.")
+flags.DEFINE_string("outdir", None, "The stage directory to write.")
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_enum("dtype", "float16", list(stages.STORAGE_DTYPES), "Storage dtype.")
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    print(export_stage(_CONFIG.value, f.workdir, f.outdir, step=f.step, storage_dtype=f.dtype))
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir", "outdir"])
+    app.run(main)

@@ -20,14 +20,10 @@ from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses, samplers
 from imagen_jax.pipelines import jobs
 from imagen_jax.pipelines.stages import Stage
+from imagen_jax.training.sampling import to_uint8
 from imagen_jax.training.step import unit_time
 
 _NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation noise
-
-
-def to_uint8(x) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
 class _CompiledStage:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses, samplers
@@ -80,7 +81,8 @@ class Cascade:
     """`cascade(items, seed) -> [uint8 [B, R_s, R_s, 3] per stage]` for one batch of work
     items (all sharing a guidance scale)."""
 
-    def __init__(self, stages: Sequence[Stage], encoder):
+    def __init__(self, stages: Sequence[Stage], encoder, *, mesh=None):
+        """mesh: a device mesh whose first axis splits the batch (None: one device)."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for prev, nxt in zip(stages, stages[1:], strict=False):
@@ -93,6 +95,7 @@ class Cascade:
             raise ValueError(f"the first stage {stages[0].path} is a super-resolution stage")
         self.stages = [_CompiledStage(s) for s in stages]
         self.encoder = encoder
+        self.mesh = mesh
 
     def _conds(self, items):
         text = self.encoder.encode([it.entry.prompt for it in items])
@@ -118,11 +121,22 @@ class Cascade:
             uncond = dict(cond, drop_text=jnp.ones(len(items), bool))
         return cond, uncond
 
+    def _place(self, tree):
+        """Rows split over the mesh's first axis (a no-op without a mesh)."""
+        if self.mesh is None:
+            return tree
+        rows = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+        return jax.device_put(tree, rows)
+
     def __call__(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
-        cond, uncond = self._conds(items)
+        if self.mesh is not None and len(items) % self.mesh.devices.shape[0]:
+            raise ValueError(
+                f"a batch of {len(items)} does not split over {self.mesh.devices.shape[0]} devices"
+            )
+        cond, uncond = self._place(self._conds(items))
         outputs, low = [], None
         for index, stage in enumerate(self.stages):
-            keys = jnp.stack([jobs.image_key(seed, it, index) for it in items])
+            keys = self._place(jnp.stack([jobs.image_key(seed, it, index) for it in items]))
             scale = items[0].entry.guidance_scale
             scale = stage.stage.sample.guidance_scale if scale is None else scale
             x = stage(keys, cond, uncond, scale, low_res=low)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
+import numpy as np
+from jax.sharding import Mesh
 
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs, stages
@@ -31,7 +34,16 @@ def parse_overrides(overrides, num_stages: int) -> list[dict]:
     return out
 
 
-def load_cascade(stage_dirs, overrides=()):
+def local_mesh(batch_size: int):
+    """A mesh over this process's devices that splits the batch, when it divides evenly
+    (each process samples its own prompts; None: one device)."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch_size % len(devices):
+        return None
+    return Mesh(np.array(devices), ("data",))
+
+
+def load_cascade(stage_dirs, overrides=(), *, mesh=None):
     if not stage_dirs:
         raise ValueError("no --stage given (the shipped default model is not available yet)")
     per_stage = parse_overrides(overrides, len(stage_dirs))
@@ -41,7 +53,7 @@ def load_cascade(stage_dirs, overrides=()):
     from imagen_jax.training.text import make_text_encoder
 
     encoder = make_text_encoder(ml_collections.ConfigDict(loaded[0].text))
-    return cascade_lib.Cascade(loaded, encoder), loaded
+    return cascade_lib.Cascade(loaded, encoder, mesh=mesh), loaded
 
 
 def main(
@@ -64,7 +76,7 @@ def main(
         if prompts_file
         else [jobs.PromptEntry(p, negative_prompt) for p in prompts]
     )
-    cascade, loaded = load_cascade(stages, overrides)
+    cascade, loaded = load_cascade(stages, overrides, mesh=local_mesh(batch_size))
     settings = {"stages": [s.settings() for s in loaded]}
     summary = jobs.run_job(
         cascade,

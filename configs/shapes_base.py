@@ -3,7 +3,7 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
 
     python train.py --config=configs/shapes_base.py --workdir=/tmp/shapes_base
     python train.py --config=configs/shapes_base.py:runlocal --workdir=/tmp/shapes_base_local
-    python train.py --config=configs/shapes_base.py:res=32,batch=128,steps=50000 --workdir=...
+    python train.py --config=configs/shapes_base.py:res=32,batch=64,steps=50000 --workdir=...
 """
 
 from configs import common
@@ -24,12 +24,16 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
     )
     config.diffusion.schedule = "cosine"
     config.diffusion.prediction = "v"
-    config.optim = training.optim_config(lr=2e-4, warmup_steps=2000, decay="cosine")
+    # Constant after the warm-up, so a run can be extended by resuming with more steps.
+    config.optim = training.optim_config(lr=5e-4, warmup_steps=500, decay="constant")
     config.train.steps = steps
-    config.train.checkpoint_every = 2000
-    config.train.sample_every = 5000
+    config.train.log_every = 50
+    config.train.checkpoint_every = 250
+    config.train.keep_checkpoints = 2
+    config.train.sample_every = 2000
     config.train.num_samples = 8
-    config.train.ema_decay = 0.9995
+    config.train.ema_decay = 0.999
+    config.train.loss.weighting = "min_snr"
     config.sample.sampler = "ddim"
     config.sample.steps = 50
     config.sample.guidance_scale = 4.0
@@ -39,7 +43,7 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, res=32, batch=128, steps=100_000, fsdp=1)
+    arg = parse_arg(arg, runlocal=False, res=32, batch=32, steps=100_000, fsdp=1)
     config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     config.model = training.model_config(variant="shapes_base", resolution=arg.res, text_dim=384)
     config.diffusion.resolution = arg.res

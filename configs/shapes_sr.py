@@ -11,7 +11,7 @@ from imagen_jax.config_utils import parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, res=64, low_res=32, batch=64, steps=100_000, fsdp=1)
+    arg = parse_arg(arg, runlocal=False, res=64, low_res=32, batch=16, steps=100_000, fsdp=1)
     config = shapes_base.shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     config.model = training.model_config(
         variant="shapes_sr", resolution=arg.res, low_resolution=arg.low_res, text_dim=384

@@ -71,16 +71,16 @@ VARIANTS = {
         groups=4,
         null_text_len=2,
     ),
-    "shapes_base": dict(
-        channels=64,
+    "shapes_base": dict(  # the shipped default model's base stage (32 px)
+        channels=32,
         channel_mult=(1, 2, 4),
         num_res_blocks=2,
         attn_levels=(1, 2),
         cross_attn_levels=(1, 2),
         head_dim=32,
     ),
-    "shapes_sr": dict(
-        channels=32,
+    "shapes_sr": dict(  # the shipped default model's super-resolution stage (32 -> 64 px)
+        channels=16,
         channel_mult=(1, 2, 4),
         num_res_blocks=(1, 2, 2),
         attn_levels=(),

@@ -62,6 +62,7 @@ def export_stage(
         aug_level=float(config.train.noise_aug.sample_level) if net.cfg.low_res else 0.0,
         text=config.text.to_dict(),
         identity=dict(workdir=workdir, step=step),
+        domain="shapes" if config.data.source == "shapes" else "",
         storage_dtype=storage_dtype,
     )
     return outdir

@@ -1,6 +1,13 @@
-"""What sample.py does: load the stages and the text encoder, run the job, print a summary."""
+"""What sample.py does: load the stages and the text encoder, run the job, print a summary.
+
+With no stage given it samples the shipped default model, the shapes cascade in
+`checkpoints/shapes/` (base 32 px -> super-resolution 64 px), and with no prompt given,
+that model's default prompts (`checkpoints/shapes/prompts.txt`).
+"""
 
 from __future__ import annotations
+
+import pathlib
 
 import jax
 import ml_collections
@@ -9,6 +16,37 @@ from jax.sharding import Mesh
 
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs, stages
+
+SHIPPED_MODEL = pathlib.Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
+SHIPPED_STAGES = ("base", "sr")
+
+
+def shipped_stages() -> list[str]:
+    """The stage directories of the shipped default model (base first)."""
+    dirs = [SHIPPED_MODEL / name for name in SHIPPED_STAGES]
+    missing = [str(d) for d in dirs if not (d / "stage.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the shipped default model is missing ({', '.join(missing)}); sample.py finds it "
+            "in the repository's checkpoints/ folder: run it from a clone, or give --stage"
+        )
+    return [str(d) for d in dirs]
+
+
+def out_of_domain(loaded, entries) -> list[str]:
+    """The prompts that a shapes-domain model cannot read (its prompt grammar rejects
+    them); [] when no stage declares the shapes domain."""
+    if not any(stage.domain == "shapes" for stage in loaded):
+        return []
+    from imagen_jax.shapes.grammar import parse_prompt
+
+    unknown = []
+    for entry in entries:
+        try:
+            parse_prompt(entry.prompt)
+        except ValueError:
+            unknown.append(entry.prompt)
+    return unknown
 
 
 def parse_overrides(overrides, num_stages: int) -> list[dict]:
@@ -44,8 +82,9 @@ def local_mesh(batch_size: int):
 
 
 def load_cascade(stage_dirs, overrides=(), *, mesh=None):
-    if not stage_dirs:
-        raise ValueError("no --stage given (the shipped default model is not available yet)")
+    """(Cascade, its loaded stages) of stage directories, base first; none: the shipped
+    default model."""
+    stage_dirs = list(stage_dirs) or shipped_stages()
     per_stage = parse_overrides(overrides, len(stage_dirs))
     loaded = [
         stages.load_stage(d, sample_overrides=o) for d, o in zip(stage_dirs, per_stage, strict=True)
@@ -69,8 +108,12 @@ def main(
     overrides,
     grid,
 ):
-    if bool(prompts) == bool(prompts_file):
+    if prompts and prompts_file:
         raise ValueError("give prompts with --prompt (repeatable) or --prompts=FILE, not both")
+    if not (prompts or prompts_file):
+        if stages:
+            raise ValueError("no prompts: give --prompt (repeatable) or --prompts=FILE")
+        prompts_file = str(SHIPPED_MODEL / "prompts.txt")  # the shipped model's defaults
     entries = (
         jobs.read_prompts(prompts_file)
         if prompts_file
@@ -78,6 +121,14 @@ def main(
     )
     cascade, loaded = load_cascade(stages, overrides, mesh=local_mesh(batch_size))
     settings = {"stages": [s.settings() for s in loaded]}
+    unknown = out_of_domain(loaded, entries)
+    if unknown:
+        print(
+            f"note: {len(unknown)} of {len(entries)} prompts are outside the shapes domain "
+            f"(e.g. {unknown[0]!r}): the model was trained only on coloured shapes (circle, "
+            "square, triangle, star, heart, cross), their colours, sizes, counts, positions "
+            "and background; it makes an image anyway"
+        )
     summary = jobs.run_job(
         cascade,
         entries,

@@ -4,7 +4,8 @@
                            "sample": the sample group, "resolution", "low_resolution",
                            "aug_level" (super-resolution: the sampling-time augmentation
                            level, a unit time), "text": the text group, "identity": where
-                           the weights came from (workdir, step, ...)}
+                           the weights came from (workdir, step, ...), "domain": what
+                           the stage was trained on ("shapes", or "" when unstated)}
     DIR/params.safetensors the (EMA) parameters, '/'-joined paths, float32 / bfloat16 /
                            float16
 
@@ -63,6 +64,7 @@ class Stage:
     aug_level: float
     text: dict
     identity: dict
+    domain: str = ""
 
     def settings(self) -> dict:
         """What the metadata of an image records about this stage."""
@@ -88,6 +90,7 @@ def save_stage(
     aug_level: float = 0.0,
     text: dict | None = None,
     identity: dict | None = None,
+    domain: str = "",
     storage_dtype: str = "float16",
 ) -> None:
     """Writes a stage directory (see the module docstring)."""
@@ -108,6 +111,7 @@ def save_stage(
         aug_level=aug_level,
         text=text or {},
         identity=identity or {},
+        domain=domain,
     )
     with open(os.path.join(path, "stage.json"), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
@@ -162,4 +166,5 @@ def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = 
         aug_level=float(meta["aug_level"]),
         text=meta["text"],
         identity=meta["identity"],
+        domain=meta.get("domain", ""),
     )

@@ -34,6 +34,7 @@ flags.DEFINE_integer("batch_size", 16, "Images per compiled call.")
 flags.DEFINE_multi_string("set", [], "STAGE.KEY=VALUE sample-setting overrides.")
 flags.DEFINE_string("outdir", None, "Where the images and manifest go.")
 flags.DEFINE_string("results", None, "Also append the JSON line to this file.")
+flags.DEFINE_string("name", "", "A label for the JSON line (e.g. the sweep point).")
 flags.mark_flag_as_required("outdir")
 
 
@@ -67,6 +68,7 @@ def main(argv):
     table = evaluate.evaluate_folder(f.outdir)
     print(evaluate.format_table(table))
     line = dict(
+        name=f.name,
         split=f.split,
         prompts=len(entries),
         images=len(entries) * f.images_per_prompt,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The results table of the shipped shapes cascade (README, "The shipped model"): one JSON
+# line per setting appended to docs/results/shapes.jsonl, images under runs/eval/.
+#   bash eval/shapes_results.sh                  # 10 prompts per task, sweeps on 5
+#   PER_TASK=60 SWEEP_PER_TASK=60 bash eval/shapes_results.sh   # every evaluation prompt
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/eval}
+RESULTS=${RESULTS:-docs/results/shapes.jsonl}
+N=${PER_TASK:-10}
+S=${SWEEP_PER_TASK:-5}
+
+run() {
+  local name=$1
+  shift
+  "$PY" eval/shapes_cascade.py --name="$name" --outdir="$OUT/$name" --results="$RESULTS" "$@"
+}
+
+# The full cascade with its shipped settings, on held-out and training prompts; the base alone.
+run cascade_heldout --split=heldout --prompts_per_task="$N"
+run cascade_train --split=train --prompts_per_task="$N"
+run base_heldout --split=heldout --prompts_per_task="$N" --base_only
+# Guidance scale of the base stage.
+for g in 1 3 5 7.5 10; do
+  run "guidance_$g" --base_only --prompts_per_task="$S" --set=0.guidance_scale="$g"
+done
+# Sampler and steps of the base stage.
+for s in ddim:10 ddim:25 ddim:50 dpmpp_2m:10 dpmpp_2m:20 ddpm:100; do
+  run "sampler_${s/:/_}" --base_only --prompts_per_task="$S" \
+    --set=0.sampler="${s%:*}" --set=0.steps="${s#*:}"
+done

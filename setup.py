@@ -33,6 +33,7 @@ setup(
         "tokenizers==0.23.3",
         "pillow==13.0.0",
         "tqdm==4.70.1",
+        "tensorboardX==2.6.5",
     ],
     extras_require={
         # The text encoder of the shipped default model (sample.sh installs it).

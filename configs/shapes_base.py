@@ -34,8 +34,9 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
     config.train.num_samples = 8
     config.train.ema_decay = 0.999
     config.train.loss.weighting = "min_snr"
-    config.sample.sampler = "ddim"
-    config.sample.steps = 50
+    # Sampling (the sample grid, and the settings an exported stage ships with).
+    config.sample.sampler = "dpmpp_2m"
+    config.sample.steps = 20
     config.sample.guidance_scale = 4.0
     if fsdp > 1:
         config.mesh = [("data", -1), ("fsdp", fsdp)]

@@ -1,5 +1,6 @@
-"""Where metrics go: `workdir/metrics.jsonl` (always), TensorBoard (when `tensorboardX` is
-installed), the absl log and a tqdm progress bar. Only process 0 writes."""
+"""Where metrics go: `workdir/metrics.jsonl`, TensorBoard event files in
+`workdir/tensorboard/` (`tensorboard --logdir=WORKDIR`), the absl log and a tqdm progress
+bar. Only process 0 writes."""
 
 from __future__ import annotations
 

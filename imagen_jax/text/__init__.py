@@ -10,9 +10,15 @@ Load a local Hugging Face-layout directory and encode prompts:
 
 or use the models directly: `text.load_model(path, kind)(input_ids, attention_mask)` gives
 an `EncoderOutput(last_hidden_state, hidden_states, pooled)` equal to transformers'.
+
+Encode a data set's captions once and read them back (`cache.py`):
+
+    text.build_cache("cache/", captions, encoder)
+    emb, mask, pooled = text.EmbeddingCache.open("cache/", encoder.fingerprint()).lookup(prompts)
 """
 
 from imagen_jax.text.bert import BertConfig, BertEncoder
+from imagen_jax.text.cache import CachedTextEncoder, CacheError, EmbeddingCache, build_cache
 from imagen_jax.text.clip import CLIPTextConfig, CLIPTextEncoder, pool_eos
 from imagen_jax.text.config import make_text_encoder, text_config
 from imagen_jax.text.encoder import TextEmbeddings, TextEncoder, load_text_encoder
@@ -27,6 +33,9 @@ __all__ = [
     "BertEncoder",
     "CLIPTextConfig",
     "CLIPTextEncoder",
+    "CacheError",
+    "CachedTextEncoder",
+    "EmbeddingCache",
     "EncoderOutput",
     "T5Config",
     "T5Encoder",
@@ -34,6 +43,7 @@ __all__ = [
     "TextEncoder",
     "Tokenizer",
     "Tokens",
+    "build_cache",
     "l2_normalize",
     "load_model",
     "load_text_encoder",

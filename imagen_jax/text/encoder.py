@@ -18,6 +18,7 @@ Empty prompts ("" or whitespace only):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -27,13 +28,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from imagen_jax.text import layers
 from imagen_jax.text.loading import family_for, load_model
 from imagen_jax.text.tokenizer import TOKENIZER_FILE, Tokenizer
-from imagen_jax.weights import read_config
+from imagen_jax.weights import Checkpoint, read_config
 
 POOLINGS = ("model", "mean", "mean_normalized", "none")
+# What Tokenizer.from_dir reads: the files that decide the token ids.
+TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "special_tokens_map.json")
 EMPTY = ("encode", "null")
 # Per kind: (pooling, pass the attention mask into the model). CLIP in Stable Diffusion
 # gets no attention mask; IF gives T5 one (SD3 does not: model_mask=False there).
@@ -60,6 +65,7 @@ class TextEncoder:
         L2-normalized: sentence-transformers' sentence embedding), or "none".
       model_mask: whether the model sees the attention mask (else padding is attended to).
       empty: "encode" | "null" (see the module docstring).
+      files: the weight, config and tokenizer files it was loaded from (`fingerprint`).
     """
 
     def __init__(
@@ -72,6 +78,7 @@ class TextEncoder:
         pooling: str = "model",
         model_mask: bool = True,
         empty: str = "encode",
+        files: Sequence[str] = (),
     ):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -86,9 +93,12 @@ class TextEncoder:
         self.pooling = pooling
         self.model_mask = model_mask
         self.empty = empty
+        self.files = tuple(os.fspath(f) for f in files)
+        self.model_name = type(model).__name__
         self.trace_count = 0
         self._graphdef, self._state = nnx.split(model)
         self._forward = jax.jit(self._apply)
+        self._on_devices: tuple | None = None  # (devices, replicated state, batch sharding)
 
     def _apply(self, state, input_ids, attention_mask):  # [N, L] each
         self.trace_count += 1  # runs only while tracing
@@ -110,12 +120,17 @@ class TextEncoder:
                 pooled = layers.l2_normalize(pooled)
         return emb, pooled
 
-    def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
-        """prompts -> embeddings [B, L, D], mask [B, L] bool, pooled [B, P] (or None)."""
+    def encode(
+        self, prompts: Sequence[str], *, devices: Sequence[jax.Device] | None = None
+    ) -> TextEmbeddings:
+        """prompts -> embeddings [B, L, D], mask [B, L] bool, pooled [B, P] (or None).
+
+        `devices`: split the work over these devices (see `encode_tokens`).
+        """
         if len(prompts) == 0:
             raise ValueError("encode needs at least one prompt")
         tokens = self.tokenizer(prompts)
-        emb, pooled = self.encode_tokens(tokens.input_ids, tokens.attention_mask)
+        emb, pooled = self.encode_tokens(tokens.input_ids, tokens.attention_mask, devices=devices)
         keep = jnp.asarray(tokens.attention_mask.astype(bool))
         if self.empty == "null":
             real = jnp.asarray([bool(p.strip()) for p in prompts])
@@ -128,23 +143,35 @@ class TextEncoder:
     __call__ = encode
 
     def encode_tokens(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        *,
+        devices: Sequence[jax.Device] | None = None,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Tokenized ids and mask [B, L] -> embeddings [B, L, D], pooled [B, P] (or None).
 
         Runs the compiled function on chunks of batch_bucket rows (the last one padded);
-        no handling of empty prompts.
+        no handling of empty prompts. With several `devices`, a chunk is batch_bucket rows
+        per device, split over a 1-D mesh of them with the weights replicated on each: every
+        device runs the shapes of the one-device program, and gives the same numbers.
         """
+        state, chunk_rows, sharding = self._state, self.batch_bucket, None
+        if devices is not None and len(devices) > 1:
+            state, sharding = self._replicated(tuple(devices))
+            chunk_rows *= len(devices)
         n = len(input_ids)
-        size = -(-n // self.batch_bucket) * self.batch_bucket
+        size = -(-n // chunk_rows) * chunk_rows
         ids, mask = (
             _pad_rows(np.asarray(input_ids), size),
             _pad_rows(np.asarray(attention_mask), size),
         )
         embs, pools = [], []
-        for start in range(0, size, self.batch_bucket):
-            chunk = slice(start, start + self.batch_bucket)
-            emb, pooled = self._forward(self._state, ids[chunk], mask[chunk])
+        for start in range(0, size, chunk_rows):
+            chunk = (ids[start : start + chunk_rows], mask[start : start + chunk_rows])
+            if sharding is not None:
+                chunk = jax.device_put(chunk, sharding)
+            emb, pooled = self._forward(state, *chunk)
             embs.append(emb)
             pools.append(pooled)
         if len(embs) == 1 and size == n:
@@ -152,10 +179,53 @@ class TextEncoder:
         emb = jnp.concatenate(embs)[:n]
         return emb, None if pools[0] is None else jnp.concatenate(pools)[:n]
 
+    def _replicated(self, devices: tuple[jax.Device, ...]) -> tuple[nnx.State, NamedSharding]:
+        """(the weights replicated on `devices`, the sharding of a batch split over them);
+        kept for the next call with the same devices."""
+        if self._on_devices is None or self._on_devices[0] != devices:
+            mesh = jax.make_mesh(
+                (len(devices),), ("data",), axis_types=(AxisType.Auto,), devices=devices
+            )
+            state = jax.device_put(self._state, NamedSharding(mesh, P()))
+            self._on_devices = (devices, state, NamedSharding(mesh, P("data")))
+        return self._on_devices[1:]
+
+    def fingerprint(self) -> dict:
+        """What decides this encoder's outputs, as JSON values (a cache of them keeps it): the
+        model class, max_length, dtype, empty mode, pooling, hidden layer, whether the model
+        sees the mask, and a sha256 of the contents (not the paths) of the files it was
+        loaded from, so two copies of one model in different folders match."""
+        if not self.files:
+            raise ValueError(
+                "this TextEncoder was built from a model, not loaded from files "
+                "(load_text_encoder), so it has no fingerprint"
+            )
+        return dict(
+            kind=self.model_name,
+            max_length=self.max_length,
+            dtype=str(jax.tree.leaves(self._state)[0].dtype),
+            empty=self.empty,
+            pooling=self.pooling,
+            hidden_layer=self.hidden_layer,
+            model_mask=self.model_mask,
+            sha256=_sha256_files(self.files),
+        )
+
 
 def _pad_rows(x: np.ndarray, size: int) -> np.ndarray:
     """Pads the batch to `size` rows with copies of the last row (their outputs are dropped)."""
     return np.concatenate([x, np.repeat(x[-1:], size - len(x), axis=0)]) if size > len(x) else x
+
+
+def _sha256_files(files: Sequence[str]) -> str:
+    """sha256 over each file's name (without its folder) and contents, in order."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(os.path.basename(file).encode() + b"\0")
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def tokenizer_dir(path: str) -> str:
@@ -222,7 +292,10 @@ def load_text_encoder(
         allow_missing=allow_missing,
         allow_unexpected=allow_unexpected,
     )
-    tokenizer = Tokenizer.from_dir(tokenizer_path or tokenizer_dir(path), max_length)
+    tok_dir = os.fspath(tokenizer_path or tokenizer_dir(path))
+    tokenizer = Tokenizer.from_dir(tok_dir, max_length)
+    weights = sorted({tensor.file for tensor in Checkpoint(path).values()})
+    tok_files = [os.path.join(tok_dir, f) for f in TOKENIZER_FILES]
     return TextEncoder(
         model,
         tokenizer,
@@ -231,6 +304,7 @@ def load_text_encoder(
         pooling=pooling,
         model_mask=default_mask if model_mask is None else model_mask,
         empty=empty,
+        files=[*weights, os.path.join(path, "config.json"), *filter(os.path.isfile, tok_files)],
     )
 
 

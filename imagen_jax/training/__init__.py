@@ -7,6 +7,7 @@
   config.py      the trainer's config groups (model, text, data, optim, train, evals, mesh)
   input.py       data sources and the per-process pipeline; stage/data consistency checks
   text.py        the TextEncoder protocol, HashTextEncoder, the real encoders (lazily)
+  text_cache.py  builds a config's text-embedding cache (`python -m ...training.text_cache`)
   state.py       TrainState (created sharded), optimizer and schedule, EMA
   step.py        the jitted train step: CFG dropout, noise augmentation, loss, update
   checkpoint.py  Orbax checkpoints of state, data iterator and model signature

@@ -70,6 +70,9 @@ def text_config(**overrides) -> ml_collections.ConfigDict:
         dtype="float32",  # float32 | bfloat16
         batch_bucket=0,  # compiled batch of the real encoders; 0 = the per-process batch
         empty="null",  # null: "" gets no tokens (the model's learned null text) | encode
+        cache="",  # a text-embedding cache of the data's captions (python -m
+        #            imagen_jax.training.text_cache): batches read their text from it instead
+        #            of running the encoder; "" = encode every batch
     )
     return _group(defaults, overrides, "text")
 

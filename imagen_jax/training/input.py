@@ -4,15 +4,23 @@ Sources: "folder" (ImageFolderSource), "tar" (TarShardSource), "shapes" (the pro
 shapes domain, `imagen_jax.data.ShapesSource`, imported only when asked for) and
 "synthetic" (`SyntheticSource` below: a few hundred tiny captioned scenes drawn in memory,
 for runlocal configs and tests; no files, no other package).
+
+With a text-embedding cache (`text.cache`), `make_input` adds each batch's text from it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import grain
 import jax
 import ml_collections
 import numpy as np
 
 from imagen_jax import data as data_lib
+
+if TYPE_CHECKING:
+    from imagen_jax.text.cache import EmbeddingCache
 
 SOURCES = ("synthetic", "folder", "tar", "shapes")
 
@@ -46,13 +54,23 @@ class SyntheticSource:
     def __len__(self) -> int:
         return self.size
 
-    def __getitem__(self, index: int) -> dict:
+    def _draw(self, index: int) -> tuple[str, str, str]:
+        """Record i's (colour, shape, place)."""
         if not 0 <= index < self.size:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, int(index)])
         color = list(_COLORS)[rng.integers(len(_COLORS))]
         shape = _SHAPES[rng.integers(len(_SHAPES))]
         place = list(_PLACES)[rng.integers(len(_PLACES))]
+        return color, shape, place
+
+    def caption(self, index: int) -> str:
+        """Record i's caption, without drawing its image."""
+        color, shape, place = self._draw(index)
+        return f"a {color} {shape} {place}"
+
+    def __getitem__(self, index: int) -> dict:
+        color, shape, place = self._draw(index)
         r = self.resolution
         y, x = (np.mgrid[0:r, 0:r] + 0.5) / r
         cx, cy = _PLACES[place]
@@ -63,7 +81,7 @@ class SyntheticSource:
             inside = (x - cx) ** 2 + (y - cy) ** 2 < half**2
         image = np.full((r, r, 3), 30, np.uint8)
         image[inside] = _COLORS[color]
-        return {"image": image, "caption": f"a {color} {shape} {place}", "key": f"syn{index:06d}"}
+        return {"image": image, "caption": self.caption(index), "key": f"syn{index:06d}"}
 
     def __repr__(self) -> str:
         return f"SyntheticSource(size={self.size}, resolution={self.resolution}, seed={self.seed})"
@@ -125,10 +143,13 @@ def check_stage(config: ml_collections.ConfigDict, num_levels: int, data_paralle
         )
 
 
-def make_input(config: ml_collections.ConfigDict) -> data_lib.DataIterator:
-    """This process's DataIterator over the configured source."""
+def make_input(
+    config: ml_collections.ConfigDict, text_cache: EmbeddingCache | None = None
+) -> grain.DatasetIterator:
+    """This process's DataIterator over the configured source; with `text_cache`, its
+    batches also carry their captions' "text" and "text_mask" (`CachedText`)."""
     cfg = config.data
-    return data_lib.make_pipeline(
+    data = data_lib.make_pipeline(
         make_source(cfg),
         batch_size=cfg.batch_size // jax.process_count(),
         resolution=cfg.resolution,
@@ -139,6 +160,34 @@ def make_input(config: ml_collections.ConfigDict) -> data_lib.DataIterator:
         random_crop=cfg.random_crop,
         worker_count=cfg.worker_count,
     )
+    return data if text_cache is None else CachedText(data, text_cache)
+
+
+class CachedText(grain.DatasetIterator):
+    """The batches of `data` plus "text" float32 [B, L, D] and "text_mask" bool [B, L] of
+    their captions, looked up in a text cache (so the trainer runs no encoder for them).
+    Its state is the wrapped iterator's: checkpoints and resumption are unchanged."""
+
+    def __init__(self, data: data_lib.DataIterator, cache: EmbeddingCache):
+        super().__init__(data)
+        self.cache = cache
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        return with_cached_text(next(self._parent), self.cache)
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state)
+
+
+def with_cached_text(batch: dict, cache: EmbeddingCache) -> dict:
+    """The batch plus its captions' "text" float32 [B, L, D] and "text_mask" bool [B, L],
+    looked up in a text cache."""
+    emb, mask, _ = cache.lookup(batch["caption"])
+    return dict(batch, text=emb, text_mask=mask)
 
 
 def check_batch(batch: dict, config: ml_collections.ConfigDict) -> None:

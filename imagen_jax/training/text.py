@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -37,7 +38,8 @@ class HashTextEncoder:
     A prompt is lower-cased and split into words and punctuation marks; token i is the
     word's vector (standard normal, seeded by the CRC32 of the word, scaled by 1/sqrt(dim)
     so embeddings have unit norm on average) plus a small sinusoidal position code, so
-    that word order matters. Up to `max_length` tokens are kept; the mask marks them. An
+    that word order matters. Up to `max_length` tokens are kept; the mask marks them, and a
+    warning says how many tokens longer prompts lost (as the real tokenizers' does). An
     empty prompt has no tokens (an all-False mask): the trainer gives it the model's
     learned null text. Deterministic across processes and runs.
     """
@@ -63,21 +65,46 @@ class HashTextEncoder:
         return self._vectors[word]
 
     def tokens(self, prompt: str) -> list[str]:
-        return _WORD.findall(prompt.lower())[: self.max_length]
+        """Every token of the prompt, before truncation to `max_length`."""
+        return _WORD.findall(prompt.lower())
 
     def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         emb = np.zeros((len(prompts), self.max_length, self.dim), np.float32)  # [B, L, D]
         mask = np.zeros((len(prompts), self.max_length), bool)  # [B, L]
+        lost = np.zeros(len(prompts), np.int64)  # [B] tokens dropped by truncation
         for b, prompt in enumerate(prompts):
             words = self.tokens(str(prompt))
+            lost[b] = max(0, len(words) - self.max_length)
+            words = words[: self.max_length]
             for i, word in enumerate(words):
                 emb[b, i] = self._vector(word) + self._positions[i]
             mask[b, : len(words)] = True
+        if lost.any():
+            warn_truncated([str(p) for p in prompts], lost, self.max_length)
         count = np.maximum(mask.sum(1, keepdims=True), 1)
         pooled = (emb * mask[..., None]).sum(1) / count  # [B, D]
         return emb, mask, pooled
 
     __call__ = encode
+
+    def fingerprint(self) -> dict:
+        """What decides the outputs (a text-embedding cache keeps it to check against)."""
+        return dict(kind="hash", dim=self.dim, max_length=self.max_length)
+
+
+def warn_truncated(prompts: Sequence[str], lost: np.ndarray, max_length: int) -> None:
+    """Logs how many prompts lost tokens to truncation to `max_length`, how many tokens in
+    all, and the prompt that lost the most; lost [B] counts each prompt's dropped tokens."""
+    worst = int(np.argmax(lost))
+    logging.warning(
+        "Truncated %d of %d prompts to %d tokens: %d tokens lost in all, %d from %r",
+        int((lost > 0).sum()),
+        len(prompts),
+        max_length,
+        int(lost.sum()),
+        int(lost[worst]),
+        prompts[worst][:80] + ("..." if len(prompts[worst]) > 80 else ""),
+    )
 
 
 def make_text_encoder(cfg: ml_collections.ConfigDict, *, batch_size: int = 8) -> TextEncoder:

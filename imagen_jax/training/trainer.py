@@ -2,8 +2,9 @@
 
     state, metrics = train_and_evaluate(config, workdir)
 
-reads as: make mesh, make network, make data, make text encoder, make state (restored
-from `workdir/checkpoints` when it holds one), loop. The loop dispatches step s, then
+reads as: make mesh, make network, make text encoder (and open its cache of the data's
+captions when `text.cache` is set), make data, make state (restored from
+`workdir/checkpoints` when it holds one), loop. The loop dispatches step s, then
 waits for step s - 1 (the device always has the next step queued while the host reads
 and encodes the next batch, and the host never runs further ahead: on CPU, a deep queue
 of multi-device programs can starve XLA's collectives). It copies metrics to the host
@@ -64,8 +65,10 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
 
 
 def device_batch(batch, encoder, mesh):
-    """This process's numpy batch -> the step's global arrays (text encoded here)."""
-    batch = dict(batch, **text_lib.encode_captions(encoder, batch["caption"]))
+    """This process's numpy batch -> the step's global arrays (the text encoded here, unless
+    the batch carries it from a text cache)."""
+    if "text" not in batch:
+        batch = dict(batch, **text_lib.encode_captions(encoder, batch["caption"]))
     return parallel.global_batch(
         {k: batch[k] for k in ("image", "low_res", "text", "text_mask") if k in batch}, mesh
     )
@@ -91,6 +94,24 @@ def make_text_encoder(config, net) -> text_lib.TextEncoder:
     return encoder
 
 
+def open_text_cache(config, encoder, net):
+    """The text cache of `text.cache` (None if unset), checked to be the encoder's and to fit
+    the model."""
+    if not config.text.cache:
+        return None
+    from imagen_jax.text.cache import EmbeddingCache  # lazy: only cached runs need it
+
+    cache = EmbeddingCache.open(config.text.cache, expect_fingerprint=encoder.fingerprint())
+    if (cache.max_length, cache.dim) != (encoder.max_length, net.cfg.text_dim):
+        raise ValueError(
+            f"the text cache {cache.directory} holds [L={cache.max_length}, D={cache.dim}] "
+            f"embeddings; the stage needs L={encoder.max_length} (text.max_length) and "
+            f"D={net.cfg.text_dim} (model.text_dim)"
+        )
+    logging.info("Text from the cache %s (%d captions)", cache.directory, len(cache))
+    return cache
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Trains the stage of `config` in `workdir` (resuming from its checkpoints).
 
@@ -106,8 +127,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         )
         data = None
         try:
-            data = input_lib.make_input(config)
-            encoder = make_text_encoder(config, net)
+            encoder = make_text_encoder(config, net)  # also for the sample grid's prompts
+            data = input_lib.make_input(config, open_text_cache(config, encoder, net))
             state, shardings, rest = make_state(config, net, tx, mesh, checkpointer, data)
             train_step = step_lib.make_train_step(
                 config, net, tx, lr_schedule, mesh, shardings, rest

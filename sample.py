@@ -8,10 +8,24 @@ with per-prompt "seed", "negative_prompt", "guidance_scale"). A stage is a direc
 by `imagen_jax.pipelines.stages.save_stage` (or exported from a training workdir). A
 restarted job makes only the images that are missing. --set=STAGE.KEY=VALUE (repeatable)
 overrides a stage's sample settings, e.g. --set=0.steps=25 --set=1.sampler=ddim.
+
+--height/--width set the final images' size (default: the last stage's trained square
+resolution); the networks are fully convolutional, so any size works whose every stage size
+(the final size divided by the super-resolution factors after that stage) is a multiple of
+that stage's UNet downsampling factor (2 ** (levels - 1)), e.g. 32x64 with the shapes
+cascade. Non-square sizes were never seen in training: expect the quality to vary.
+
+Multi-host: every process runs the same command with --coordinator_address=host:port,
+--num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID; --jax_distributed lets jax find them on Slurm and TPU pods). Each process
+samples a contiguous range of the prompts; --outdir must be one shared file system, where
+process 0 writes the manifest once every process is done.
 """
 
+import jax
 from absl import app, flags
 
+from imagen_jax import parallel
 from imagen_jax.pipelines import sampling
 
 flags.DEFINE_multi_string("stage", [], "Stage directories, base first.")
@@ -23,12 +37,32 @@ flags.DEFINE_integer("seed", 0, "Job seed.")
 flags.DEFINE_integer("batch_size", 4, "Images per compiled call (per process).")
 flags.DEFINE_string("outdir", "samples", "Output directory.")
 flags.DEFINE_multi_string("set", [], "STAGE.KEY=VALUE sample-setting overrides.")
-flags.DEFINE_bool("grid", True, "Also write grid.png of the final images.")
+flags.DEFINE_bool("grid", True, "Also write grid.png of the final images (process 0's).")
+flags.DEFINE_integer(
+    "height",
+    None,
+    "Final image height in pixels (default: the last stage's resolution); each stage's "
+    "share of it must be a multiple of its UNet's downsampling factor.",
+)
+flags.DEFINE_integer("width", None, "Final image width in pixels (as --height).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+flags.DEFINE_bool("jax_distributed", False, "Join a multi-host job found by jax itself.")
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
+    if f.jax_distributed and not f.coordinator_address:
+        jax.distributed.initialize()
+    else:
+        parallel.initialize_distributed(
+            coordinator_address=f.coordinator_address,
+            num_processes=f.num_processes,
+            process_id=f.process_id,
+        )
     sampling.main(
         stages=f.stage,
         prompts=f.prompt,
@@ -40,6 +74,8 @@ def main(argv):
         outdir=f.outdir,
         overrides=f.set,
         grid=f.grid,
+        height=f.height,
+        width=f.width,
     )
 
 

@@ -230,3 +230,23 @@ def initialize_distributed(
         jax.device_count(),
     )
     return True
+
+
+# A process may reach a barrier long after the others: the hosts of a sampling job finish
+# their shares at different times (uneven shares, compilation, restarts).
+BARRIER_TIMEOUT_S = 24 * 3600
+
+
+def barrier(name: str, *, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Blocks until every process of the job has reached the barrier `name` (a no-op with
+    one process); every process must call it, in the same order as its other barriers.
+
+    It waits on jax.distributed's coordination service (through orbax's barrier), not on a
+    device collective: `multihost_utils.sync_global_devices` runs an all-gather, which on
+    CPU (gloo) fails when the processes arrive more than 30 s apart.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost  # lazy: only multi-process jobs need it
+
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

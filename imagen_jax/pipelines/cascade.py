@@ -4,11 +4,17 @@ super-resolution stage on the previous stage's output, each stage one compiled p
 Every row's randomness comes from its own key (`jobs.image_key(seed, item, stage)`): the
 initial noise, the sampler's per-step noise and the super-resolution augmentation noise.
 An image is therefore the same whatever batch it is placed in.
+
+The networks are fully convolutional and their attention takes any number of positions, so a
+cascade samples any height x width whose every stage size is a multiple of that stage's UNet
+downsampling factor (`stage_sizes`); by default each stage samples its trained square
+resolution.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -30,6 +36,7 @@ _NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation no
 class _CompiledStage:
     def __init__(self, stage: Stage):
         self.stage = stage
+        stage.model.eval()  # no dropout at sampling time
         self.schedule = diffusion_config.make_schedule(stage.diffusion)
         self.sampling = diffusion_config.make_sampling(stage.diffusion, stage.sample)
         graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
@@ -48,14 +55,15 @@ class _CompiledStage:
         )
         self._augment = jax.jit(functools.partial(_augment, schedule=schedule))
 
-    def __call__(self, keys, cond, uncond, guidance_scale, low_res=None):
-        res, b = self.stage.resolution, keys.shape[0]
+    def __call__(self, keys, cond, uncond, guidance_scale, size, low_res=None):
+        """keys [B] -> samples [B, H, W, C] at size (H, W) (low_res: the previous stage's)."""
+        b = keys.shape[0]
         if low_res is not None:
             aug_t = jnp.full((b,), self.stage.aug_level, jnp.float32)
             cond = dict(cond, low_res=self._augment(low_res, aug_t, keys), aug_t=aug_t)
             uncond = dict(uncond, low_res=cond["low_res"], aug_t=aug_t)
         grid = self.sampling.grid
-        z = grid.init_sigma * _row_normal(keys, (res, res, self.stage.unet.in_channels))
+        z = grid.init_sigma * _row_normal(keys, (*size, self.stage.unet.in_channels))
         return self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), keys)
 
 
@@ -77,12 +85,53 @@ def _row_normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(_row_noise_key(keys, _NOISE))
 
 
-class Cascade:
-    """`cascade(items, seed) -> [uint8 [B, R_s, R_s, 3] per stage]` for one batch of work
-    items (all sharing a guidance scale)."""
+def downsampling_factor(unet) -> int:
+    """How many times a UNet halves its input's height and width: sizes it samples must be
+    multiples of it."""
+    return 2 ** (len(unet.channel_mult) - 1)
 
-    def __init__(self, stages: Sequence[Stage], encoder, *, mesh=None):
-        """mesh: a device mesh whose first axis splits the batch (None: one device)."""
+
+def stage_sizes(
+    stages: Sequence[Stage], height: int | None = None, width: int | None = None
+) -> list[tuple[int, int]]:
+    """(H, W) each stage samples at for final images of height x width (None: the last
+    stage's trained resolution). A super-resolution stage scales its input by
+    resolution / low_resolution; every stage's size must be a whole number of pixels and a
+    multiple of its UNet's downsampling factor."""
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name} must be a positive number of pixels, got {value!r}")
+    last = stages[-1].resolution
+    final = (height or last, width or last)
+    misfit = f"images of {final[0]}x{final[1]} (height x width) do not fit this cascade"
+    sizes = [final]
+    for stage in reversed(stages[1:]):  # each stage's input is the size the one before made
+        h, w = sizes[0]
+        up, down = stage.resolution, stage.low_resolution
+        step = up // math.gcd(up, down)
+        if h % step or w % step:
+            raise ValueError(
+                f"{misfit}: stage {stage.path} scales {down} -> {up} px, so its output "
+                f"{h}x{w} must be a multiple of {step} in both sides"
+            )
+        sizes.insert(0, (h * down // up, w * down // up))
+    for stage, (h, w) in zip(stages, sizes, strict=True):
+        factor = downsampling_factor(stage.unet)
+        if h % factor or w % factor:
+            raise ValueError(
+                f"{misfit}: stage {stage.path} would sample {h}x{w}, not a multiple of its "
+                f"UNet's downsampling factor {factor} in both sides"
+            )
+    return sizes
+
+
+class Cascade:
+    """`cascade(items, seed) -> [uint8 [B, H_s, W_s, 3] per stage]` for one batch of work
+    items (all sharing a guidance scale); (H_s, W_s) = `self.sizes[s]`."""
+
+    def __init__(self, stages: Sequence[Stage], encoder, *, mesh=None, size=None):
+        """mesh: a device mesh whose first axis splits the batch (None: one device).
+        size: (height, width) of the final images (None: each stage's trained resolution)."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for prev, nxt in zip(stages, stages[1:], strict=False):
@@ -93,9 +142,15 @@ class Cascade:
                 )
         if stages[0].unet.low_res:
             raise ValueError(f"the first stage {stages[0].path} is a super-resolution stage")
+        self.sizes = stage_sizes(stages, *(size or (None, None)))
         self.stages = [_CompiledStage(s) for s in stages]
         self.encoder = encoder
         self.mesh = mesh
+
+    def set_size(self, height: int | None = None, width: int | None = None) -> None:
+        """Final images of height x width from now on (None: the last stage's trained
+        resolution); each new size compiles each stage once more."""
+        self.sizes = stage_sizes([s.stage for s in self.stages], height, width)
 
     def _conds(self, items):
         text = self.encoder.encode([it.entry.prompt for it in items])
@@ -135,11 +190,11 @@ class Cascade:
             )
         cond, uncond = self._place(self._conds(items))
         outputs, low = [], None
-        for index, stage in enumerate(self.stages):
+        for index, (stage, size) in enumerate(zip(self.stages, self.sizes, strict=True)):
             keys = self._place(jnp.stack([jobs.image_key(seed, it, index) for it in items]))
             scale = items[0].entry.guidance_scale
             scale = stage.stage.sample.guidance_scale if scale is None else scale
-            x = stage(keys, cond, uncond, scale, low_res=low)
+            x = stage(keys, cond, uncond, scale, size, low_res=low)
             low = jnp.clip(x, -1.0, 1.0)
             outputs.append(to_uint8(low))
         return outputs

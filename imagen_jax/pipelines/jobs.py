@@ -12,7 +12,8 @@ rebuilt from the PNGs' metadata at the end (one line per image, sorted), so it i
 consistent with the images on disk: `{"file", "prompt", "prompt_index", "image_index",
 "seed", ...}` plus any "spec" / "task" / "split" fields the prompt file carried.
 
-Prompt files: plain text, one prompt per line (blank lines are skipped); or JSON lines
+Prompt files: plain text, one prompt per line (blank lines are skipped, but counted in the
+line numbers that errors name); or JSON lines
 (`.jsonl`) with "prompt" and optional "negative_prompt", "seed", "guidance_scale", and any
 other fields (kept in the metadata, e.g. the shapes evaluation files' "spec" and "task").
 """
@@ -28,9 +29,10 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
+
+from imagen_jax import parallel
 
 METADATA_KEY = "imagen_jax"
 _KNOWN = ("prompt", "negative_prompt", "seed", "guidance_scale")
@@ -63,12 +65,17 @@ def _entry_from_json(obj, where: str) -> PromptEntry:
 
 
 def read_prompts(path: str) -> list[PromptEntry]:
-    """Prompts of a .txt (one per line) or .jsonl file; errors name the file and line."""
+    """Prompts of a .txt (one per line) or .jsonl file (UTF-8). Blank lines are skipped but
+    counted, so that errors name the file and the line as an editor numbers it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             if path.endswith(".jsonl"):
@@ -146,6 +153,24 @@ def image_key(seed: int, item: WorkItem, stage: int):
     return jax.random.fold_in(jax.random.fold_in(key, item.image_index), stage)
 
 
+def check_outdir(outdir: str) -> None:
+    """Fails fast (before any model is loaded) unless `outdir` can hold the job's files: it
+    must be a directory, or creatable as one, where this process can write (checked by
+    writing a file, which also catches read-only file systems and the root user's
+    permissions)."""
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise NotADirectoryError(f"output directory {outdir!r} exists and is not a directory")
+    folder = os.path.join(outdir, "images")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for where in (outdir, folder):  # the manifest, the images
+            fd, probe = tempfile.mkstemp(dir=where, suffix=".tmp")
+            os.close(fd)
+            os.remove(probe)
+    except OSError as e:
+        raise type(e)(f"output directory {outdir!r} is not writable: {e}") from None
+
+
 def write_png(path: str, image: np.ndarray, metadata: dict) -> None:
     """Writes uint8 [H, W, 3] as a PNG with `metadata` in its text chunk, atomically."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -220,8 +245,11 @@ def run_job(
     grid: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Samples every pending image of this process's share and writes it; then (process 0)
-    rebuilds the manifest. Returns a summary (images made, skipped, seconds, images/s)."""
+    """Samples every pending image of this process's share and writes it; then, once every
+    process is done (a barrier), process 0 alone rebuilds the manifest from the PNGs (so
+    `outdir` must be one file system shared by all processes) and writes the grid of its
+    own images. Returns this process's summary: prompts in the job, images in its share,
+    made, skipped (already on disk), seconds, images/s."""
     items = plan(
         entries,
         images_per_prompt,
@@ -244,13 +272,14 @@ def run_job(
             bar.update(real)
     bar.close()
     seconds = time.perf_counter() - start
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("imagen_jax sampling job done")
+    parallel.barrier("imagen_jax sampling job done")  # every share is on disk
     if jax.process_index() == 0:
         write_manifest(outdir)
         if grid and made:
             save_grid(made, os.path.join(outdir, "grid.png"))
     return dict(
+        prompts=len(entries),
+        images=len(items),
         made=len(made),
         skipped=len(items) - len(todo),
         seconds=seconds,

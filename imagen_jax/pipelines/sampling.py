@@ -107,7 +107,12 @@ def main(
     outdir,
     overrides,
     grid,
+    height: int | None = None,
+    width: int | None = None,
 ):
+    """The job of sample.py's flags; returns `jobs.run_job`'s summary. height, width: the
+    final images' size (None: the last stage's trained resolution; see
+    `cascade.stage_sizes`)."""
     if prompts and prompts_file:
         raise ValueError("give prompts with --prompt (repeatable) or --prompts=FILE, not both")
     if not (prompts or prompts_file):
@@ -119,8 +124,17 @@ def main(
         if prompts_file
         else [jobs.PromptEntry(p, negative_prompt) for p in prompts]
     )
+    print(f"{len(entries)} prompts read from {prompts_file or '--prompt'}")
+    jobs.check_outdir(outdir)  # before any model is loaded or compiled
     cascade, loaded = load_cascade(stages, overrides, mesh=local_mesh(batch_size))
-    settings = {"stages": [s.settings() for s in loaded]}
+    if height is not None or width is not None:
+        cascade.set_size(height, width)
+    settings = {
+        "stages": [
+            dict(s.settings(), height=h, width=w)
+            for s, (h, w) in zip(loaded, cascade.sizes, strict=True)
+        ]
+    }
     unknown = out_of_domain(loaded, entries)
     if unknown:
         print(
@@ -140,7 +154,9 @@ def main(
         grid=grid,
     )
     print(
-        f"{summary['made']} images written to {outdir} ({summary['skipped']} already there) "
+        f"{summary['made']} images written to {outdir} ({summary['skipped']} already there; "
+        f"this process's share: {summary['images']} images; the job: {summary['prompts']} "
+        f"prompts x {images_per_prompt}) "
         f"in {summary['seconds']:.1f} s, {summary['images_per_s']:.2f} images/s"
     )
     return summary

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -134,6 +135,26 @@ def _check_params(path: str, loaded: dict, expected: dict) -> None:
         )
 
 
+def _model_with_params(unet: imagen_unet.UNetConfig, weights_path: str, dtype):
+    """The UNet of `unet` holding the parameters of `weights_path` (checked strictly)."""
+
+    def build():
+        return imagen_unet.ImagenUNet(unet, rngs=nnx.Rngs(0), dtype=dtype)
+
+    # Only the shapes of an initialisation are needed: the parameters come from the file,
+    # and the other variables (dropout RNG state) from a program whose parameter
+    # initialisers XLA drops (compiling those takes tens of seconds on a CPU even for a
+    # tiny UNet).
+    graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
+    loaded = load_file(weights_path)
+    _check_params(weights_path, loaded, flatten(nnx.to_pure_dict(params)))
+    nnx.replace_by_pure_dict(
+        params, unflatten({k: jnp.asarray(v, jnp.float32) for k, v in loaded.items()})
+    )
+    return nnx.merge(graphdef, params, rest)
+
+
 def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = None) -> Stage:
     """Reads a stage directory; `sample_overrides` replace keys of its sample group."""
     meta_path, weights_path = (os.path.join(path, n) for n in ("stage.json", "params.safetensors"))
@@ -145,13 +166,7 @@ def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = 
     unet = imagen_unet.UNetConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()}
     )
-    model = nnx.jit(lambda: imagen_unet.ImagenUNet(unet, rngs=nnx.Rngs(0), dtype=dtype))()
-    expected = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    loaded = load_file(weights_path)
-    _check_params(weights_path, loaded, expected)
-    params = unflatten({k: jnp.asarray(v, jnp.float32) for k, v in loaded.items()})
-    nnx.replace_by_pure_dict(state := nnx.state(model, nnx.Param), params)
-    nnx.update(model, state)
+    model = _model_with_params(unet, weights_path, dtype)
     sample = diffusion_config.sample_config(**meta["sample"])
     if sample_overrides:
         sample = diffusion_config.sample_config(**{**sample.to_dict(), **sample_overrides})

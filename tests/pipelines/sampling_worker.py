@@ -1,4 +1,4 @@
-"""One process of test_distributed.py's sampling job; not a test itself.
+"""One process of test_sampling_multihost.py's sampling job; not a test itself.
 
     python sampling_worker.py [sample.py flags ...]
 

@@ -1,0 +1,54 @@
+"""The shipped default model: what the README's first command runs."""
+
+import json
+import os
+
+import pytest
+
+from imagen_jax.pipelines import jobs, sampling, stages
+
+MAX_SHIPPED_BYTES = 30 * 2**20
+
+
+def test_shipped_model_is_small_and_declares_its_domain():
+    dirs = sampling.shipped_stages()
+    total = sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(sampling.SHIPPED_MODEL)
+        for name in names
+    )
+    assert total < MAX_SHIPPED_BYTES
+    for d in dirs:
+        with open(os.path.join(d, "stage.json")) as f:
+            meta = json.load(f)
+        assert meta["domain"] == "shapes"
+        assert meta["text"]["kind"] == "minilm"
+    assert [len(jobs.read_prompts(str(sampling.SHIPPED_MODEL / "prompts.txt")))] == [8]
+
+
+def test_out_of_domain_prompts_are_named():
+    loaded = [stages.load_stage(sampling.shipped_stages()[1])]
+    entries = [jobs.PromptEntry("a red circle above a blue square"), jobs.PromptEntry("a cat")]
+    assert sampling.out_of_domain(loaded, entries) == ["a cat"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sample_with_no_stage_uses_the_shipped_cascade(tmp_path, capsys):
+    summary = sampling.main(
+        stages=[],
+        prompts=["a photo of a cat", "a red star"],
+        prompts_file=None,
+        negative_prompt="",
+        images_per_prompt=1,
+        seed=0,
+        batch_size=2,
+        outdir=str(tmp_path),
+        overrides=["0.steps=2", "1.steps=2"],
+        grid=False,
+    )
+    assert summary["made"] == 2
+    assert "outside the shapes domain" in capsys.readouterr().out
+    manifest = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert [m["prompt"] for m in manifest] == ["a photo of a cat", "a red star"]
+    assert [len(m["stages"]) for m in manifest] == [2, 2]
+    assert manifest[0]["stages"][1]["resolution"] == 64

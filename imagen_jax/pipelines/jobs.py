@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
@@ -65,11 +66,12 @@ def _entry_from_json(obj, where: str) -> PromptEntry:
 
 
 def read_prompts(path: str) -> list[PromptEntry]:
-    """Prompts of a .txt (one per line) or .jsonl file (UTF-8). Blank lines are skipped but
-    counted, so that errors name the file and the line as an editor numbers it."""
+    """Prompts of a .txt (one per line) or .jsonl file (UTF-8). Blank lines are skipped (and
+    their number logged) but counted, so that errors name the file and the line as an
+    editor numbers it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file {path!r} does not exist")
-    entries = []
+    entries, blank = [], 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -77,6 +79,7 @@ def read_prompts(path: str) -> list[PromptEntry]:
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
             if not line.strip():
+                blank += 1
                 continue
             if path.endswith(".jsonl"):
                 try:
@@ -88,6 +91,8 @@ def read_prompts(path: str) -> list[PromptEntry]:
                 entries.append(PromptEntry(line.rstrip("\n").strip()))
     if not entries:
         raise ValueError(f"prompt file {path!r} holds no prompts")
+    if blank:
+        logging.info("%s: %d prompts, %d blank lines skipped", path, len(entries), blank)
     return entries
 
 

@@ -45,10 +45,12 @@ def test_bad_prompt_files_name_file_and_line(tmp_path, text, message):
         jobs.read_prompts(str(tmp_path / "nope.txt"))
 
 
-def test_text_prompt_files_skip_blank_lines_and_name_bad_bytes(tmp_path):
+def test_text_prompt_files_skip_blank_lines_and_name_bad_bytes(tmp_path, caplog):
     path = tmp_path / "p.txt"
     path.write_bytes("\ufeffa red circle\r\n\n \t\r\nthree stars\n".encode())
-    assert [e.prompt for e in jobs.read_prompts(str(path))] == ["a red circle", "three stars"]
+    with caplog.at_level("INFO"):
+        assert [e.prompt for e in jobs.read_prompts(str(path))] == ["a red circle", "three stars"]
+    assert "2 prompts, 2 blank lines skipped" in caplog.text
     path.write_bytes(b"a red circle\n\nbad \xff byte\n")
     with pytest.raises(ValueError, match=r"p.txt:3: not valid UTF-8"):
         jobs.read_prompts(str(path))

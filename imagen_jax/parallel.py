@@ -183,9 +183,6 @@ def replicate(tree, mesh: Mesh):
 # ----------------------------------------------------------------------------------------------
 
 
-CPU_COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
-
-
 def initialize_distributed(
     config=None,
     *,
@@ -201,9 +198,7 @@ def initialize_distributed(
     (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID). With no coordinator and at
     most one process there is nothing to join and False is returned; otherwise True once
     joined. Collectives between CPU processes run over gloo (the setting only concerns the
-    CPU backend), with XLA's CPU collective timeout raised from 30 s to an hour (unless
-    XLA_FLAGS sets one): processes that reach a collective far apart, one still compiling
-    or writing images, wait instead of failing. Must run before anything touches a device.
+    CPU backend). Must run before anything touches a device.
     """
     config = config or {}
     env = os.environ
@@ -221,8 +216,6 @@ def initialize_distributed(
     if coordinator_address is None and (num_processes or 1) == 1:
         return False
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if CPU_COLLECTIVE_TIMEOUT_FLAG not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {CPU_COLLECTIVE_TIMEOUT_FLAG}=3600".strip()
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,

@@ -95,11 +95,13 @@ class Tokenizer:
         if cut:
             full = self._full.encode_batch([prompts[i] for i in cut])
             lost[cut] = [len(f.ids) - int(mask[i].sum()) for i, f in zip(cut, full, strict=True)]
-            _warn_truncated(prompts, lost, self.max_length)
+            warn_truncated(prompts, lost, self.max_length)
         return Tokens(ids, mask, lost)
 
 
-def _warn_truncated(prompts, lost, max_length):
+def warn_truncated(prompts: Sequence[str], lost: np.ndarray, max_length: int) -> None:
+    """Logs how many prompts lost tokens to truncation to `max_length`, how many tokens in
+    all, and the prompt that lost the most; lost [B] counts each prompt's dropped tokens."""
     worst = int(np.argmax(lost))
     logging.warning(
         "Truncated %d of %d prompts to %d tokens: %d tokens lost in all, %d from %r",

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
-from absl import logging
+
+from imagen_jax.text.tokenizer import warn_truncated
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
 
@@ -90,21 +91,6 @@ class HashTextEncoder:
     def fingerprint(self) -> dict:
         """What decides the outputs (a text-embedding cache keeps it to check against)."""
         return dict(kind="hash", dim=self.dim, max_length=self.max_length)
-
-
-def warn_truncated(prompts: Sequence[str], lost: np.ndarray, max_length: int) -> None:
-    """Logs how many prompts lost tokens to truncation to `max_length`, how many tokens in
-    all, and the prompt that lost the most; lost [B] counts each prompt's dropped tokens."""
-    worst = int(np.argmax(lost))
-    logging.warning(
-        "Truncated %d of %d prompts to %d tokens: %d tokens lost in all, %d from %r",
-        int((lost > 0).sum()),
-        len(prompts),
-        max_length,
-        int(lost.sum()),
-        int(lost[worst]),
-        prompts[worst][:80] + ("..." if len(prompts[worst]) > 80 else ""),
-    )
 
 
 def make_text_encoder(cfg: ml_collections.ConfigDict, *, batch_size: int = 8) -> TextEncoder:

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax.diffusion import config as diffusion_config
@@ -85,6 +86,14 @@ def _row_normal(keys, shape):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(_row_noise_key(keys, _NOISE))
 
 
+def _to_host(x: jax.Array) -> np.ndarray:
+    """All rows of a batch on this host (gathered from the other processes when the mesh
+    spans several)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def downsampling_factor(unet) -> int:
     """How many times a UNet halves its input's height and width: sizes it samples must be
     multiples of it."""
@@ -147,6 +156,12 @@ class Cascade:
         self.encoder = encoder
         self.mesh = mesh
 
+    def set_state(self, index: int, state) -> None:
+        """Replaces stage `index`'s weights by `state` = (params, rest) of the same structure
+        and shapes (the trainer's periodic evaluation samples its current EMA weights this
+        way); the compiled programs are reused."""
+        self.stages[index].state = state
+
     def set_size(self, height: int | None = None, width: int | None = None) -> None:
         """Final images of height x width from now on (None: the last stage's trained
         resolution); each new size compiles each stage once more."""
@@ -196,5 +211,5 @@ class Cascade:
             scale = stage.stage.sample.guidance_scale if scale is None else scale
             x = stage(keys, cond, uncond, scale, size, low_res=low)
             low = jnp.clip(x, -1.0, 1.0)
-            outputs.append(to_uint8(low))
+            outputs.append(to_uint8(_to_host(low)))
         return outputs

@@ -66,13 +66,9 @@ def infer_task(spec: PromptSpec) -> str:
     raise ValueError(f"no GenEval task fits {spec}; give the entry a 'task'")
 
 
-def _entry(data: Any, folder: pathlib.Path) -> ManifestEntry:
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    for key in ("file", "prompt"):
-        if not isinstance(data.get(key), str):
-            raise ValueError(f"needs a string {key!r}")
-    extra = {k: v for k, v in data.items() if k not in ("file", "prompt", "spec", "task", "split")}
+def record_spec(data: dict[str, Any]) -> tuple[PromptSpec, str]:
+    """(spec with its task, split) of a manifest or prompt-file record: `spec` if given, else
+    parsed from `prompt`; `task` if given (it must agree with the spec's), else inferred."""
     if data.get("spec") is not None:
         spec = PromptSpec.from_dict(data["spec"])
     else:
@@ -86,10 +82,21 @@ def _entry(data: Any, folder: pathlib.Path) -> ManifestEntry:
     split = data.get("split", NO_SPLIT)
     if split != NO_SPLIT:
         splits.check_split(split)
+    return dataclasses.replace(spec, task=task), split
+
+
+def _entry(data: Any, folder: pathlib.Path) -> ManifestEntry:
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    for key in ("file", "prompt"):
+        if not isinstance(data.get(key), str):
+            raise ValueError(f"needs a string {key!r}")
+    extra = {k: v for k, v in data.items() if k not in ("file", "prompt", "spec", "task", "split")}
+    spec, split = record_spec(data)
     path = folder / data["file"]
     if not path.is_file():
         raise FileNotFoundError(f"image {str(path)!r} (for prompt {data['prompt']!r}) is missing")
-    return ManifestEntry(path, data["prompt"], dataclasses.replace(spec, task=task), split, extra)
+    return ManifestEntry(path, data["prompt"], spec, split, extra)
 
 
 def read_manifest(folder: str | pathlib.Path) -> list[ManifestEntry]:

@@ -154,8 +154,31 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def evals_config(**overrides) -> ml_collections.ConfigDict:
-    """Periodic evaluators; none is wired into the trainer yet (see README, Limits)."""
-    return _group(dict(every=0), overrides, "evals")
+    """Periodic evaluation of a base stage (`training/evaluation.py`): every `every` steps
+    (0 = never) sample the prompts from the EMA weights through the sampling pipeline and
+    run the evaluators of `metrics` (`imagen_jax.evaluation.evaluators`)."""
+    defaults = dict(
+        every=0,
+        metrics=("compositional",),  # compositional | fid | clip_score
+        # "shapes:heldout" / "shapes:train": the shapes evaluation prompts (the first
+        # `prompts_per_task` of each task); otherwise a prompt file (.txt or .jsonl).
+        prompts="shapes:heldout",
+        prompts_per_task=4,
+        images_per_prompt=1,
+        batch_size=0,  # images per sampling batch; 0 = data.batch_size
+        seed=0,  # the images' noise: (seed, prompt, image) only, as in sample.py
+        fid=ml_collections.ConfigDict(
+            dict(
+                inception="",  # pt_inception-2015-12-05 .pth or its safetensors conversion
+                reference="",  # .npz with mu, sigma (pytorch-fid / clean-fid layout)
+                kid_reference="",  # .npz of reference features: adds KID
+                resize="pytorch_fid",  # pytorch_fid (bilinear) | clean_fid (bicubic)
+                batch_size=50,
+            )
+        ),
+        clip=ml_collections.ConfigDict(dict(path="")),  # a Hugging Face CLIPModel directory
+    )
+    return _group(defaults, overrides, "evals")
 
 
 def default_mesh() -> list[tuple[str, int]]:

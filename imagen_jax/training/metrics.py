@@ -76,19 +76,30 @@ class MetricWriter:
         self._last = (step, now)
         if not self.enabled:
             return metrics
+        self._emit(step, metrics)
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", img_s=f"{metrics.get('images_per_s', 0):.1f}"
+            )
+        return metrics
+
+    def write_eval(self, step: int, metrics: dict) -> None:
+        """Writes an evaluation's metrics of `step`; the time it took does not count
+        against images/s."""
+        self._last = (self._last[0], time.perf_counter())
+        if self.enabled:
+            self._emit(step, metrics)
+
+    def _emit(self, step: int, metrics: dict) -> None:
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in metrics.items():
                 self._tb.add_scalar(name, value, step)
-        if self._bar is not None:
-            self._bar.set_postfix(
-                loss=f"{metrics['loss']:.4f}", img_s=f"{metrics.get('images_per_s', 0):.1f}"
-            )
+            self._tb.flush()
         logging.info(
             "step %d: %s", step, ", ".join(f"{k}={v:.5g}" for k, v in sorted(metrics.items()))
         )
-        return metrics
 
     def close(self) -> None:
         if self._bar is not None:

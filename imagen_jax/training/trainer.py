@@ -8,9 +8,10 @@ captions when `text.cache` is set), make data, make state (restored from
 waits for step s - 1 (the device always has the next step queued while the host reads
 and encodes the next batch, and the host never runs further ahead: on CPU, a deep queue
 of multi-device programs can starve XLA's collectives). It copies metrics to the host
-every `train.log_every` steps and before every checkpoint or sample grid; a non-finite
-loss or gradient norm among them stops the run with `NonFiniteLossError` before anything
-is saved, leaving the last good checkpoint.
+every `train.log_every` steps and before every checkpoint, sample grid or evaluation
+(`evals.every`: sample the evaluation prompts and score them, `training/evaluation.py`);
+a non-finite loss or gradient norm among them stops the run with `NonFiniteLossError`
+before anything is saved, leaving the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from absl import logging
 
 from imagen_jax import parallel
 from imagen_jax.training import checkpoint as ckpt_lib
+from imagen_jax.training import evaluation as eval_lib
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import metrics as metrics_lib
 from imagen_jax.training import sampling as sampling_lib
@@ -133,8 +135,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             train_step = step_lib.make_train_step(
                 config, net, tx, lr_schedule, mesh, shardings, rest
             )
+            evaluation = None
+            if config.evals.every:
+                evaluation = eval_lib.PeriodicEvaluation(config, net, mesh, encoder, workdir)
             return train_loop(
-                config, workdir, mesh, net, encoder, data, state, rest, train_step, checkpointer
+                config,
+                workdir,
+                mesh,
+                net,
+                encoder,
+                data,
+                state,
+                rest,
+                train_step,
+                checkpointer,
+                evaluation=evaluation,
             )
         finally:
             checkpointer.close()
@@ -142,8 +157,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 data.close()
 
 
-def train_loop(config, workdir, mesh, net, encoder, data, state, rest, train_step, checkpointer):
-    """Steps from `state.step` to `train.steps`; returns (state, last metrics)."""
+def train_loop(
+    config,
+    workdir,
+    mesh,
+    net,
+    encoder,
+    data,
+    state,
+    rest,
+    train_step,
+    checkpointer,
+    *,
+    evaluation=None,
+):
+    """Steps from `state.step` to `train.steps`, evaluating every `evals.every` steps with
+    `evaluation` (a PeriodicEvaluation); returns (state, last metrics)."""
     tcfg = config.train
     start = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(
@@ -183,13 +212,16 @@ def train_loop(config, workdir, mesh, net, encoder, data, state, rest, train_ste
             writer.step_done()
             save = step % tcfg.checkpoint_every == 0 or step == tcfg.steps
             sample = bool(tcfg.sample_every) and step % tcfg.sample_every == 0
-            if save or sample or step % tcfg.log_every == 0:
+            evaluate = evaluation is not None and step % config.evals.every == 0
+            if save or sample or evaluate or step % tcfg.log_every == 0:
                 flush()
             if save:
                 checkpointer.save(step, state, data)
                 last_saved = step
             if sample:
                 grid(step, state.ema_params, rest)
+            if evaluate:
+                writer.write_eval(step, evaluation(step, state.ema_params, rest))
         flush()
     finally:
         writer.close()

@@ -32,6 +32,7 @@ from flax.nnx import traversals
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # diffusers' models (VAE, UNet)
 
 _DTYPES = {
     "F64": np.float64,
@@ -97,7 +98,7 @@ def read_safetensors_header(file: str) -> dict[str, TensorInfo]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{file} is not a safetensors file ({e})") from None
     base = 8 + n
-    return {
+    tensors = {
         name: TensorInfo(
             file,
             meta["dtype"],
@@ -108,6 +109,11 @@ def read_safetensors_header(file: str) -> dict[str, TensorInfo]:
         for name, meta in header.items()
         if name != "__metadata__"
     }
+    # An interrupted copy or download keeps a valid header but loses data at the end.
+    size, end = os.path.getsize(file), max((t.end for t in tensors.values()), default=0)
+    if size < end:
+        raise CheckpointError(f"{file} is truncated: {size} bytes, its header needs {end}")
+    return tensors
 
 
 class Checkpoint(Mapping[str, TensorInfo]):
@@ -174,15 +180,45 @@ class Source:
     `names[0]` is the tensor's name; further names are tied copies of it (such as T5's
     `encoder.embed_tokens.weight` beside `shared.weight`) that a checkpoint may hold
     instead or as well. `transpose` turns a PyTorch `nn.Linear` weight [out, in] into a
-    Flax kernel [in, out].
+    Flax kernel [in, out]; `permute` reorders the axes of the checkpoint's tensor
+    (`np.transpose(tensor, permute)`), e.g. (2, 3, 1, 0) turns a PyTorch `nn.Conv2d`
+    weight [out, in, kh, kw] into a Flax kernel [kh, kw, in, out].
     """
 
     names: tuple[str, ...]
     transpose: bool = False
+    permute: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.transpose and self.permute is not None:
+            raise ValueError(f"Source {self.names[0]}: give transpose or permute, not both")
 
     @classmethod
-    def of(cls, name: str, *aliases: str, transpose: bool = False) -> Source:
-        return cls((name, *aliases), transpose)
+    def of(
+        cls,
+        name: str,
+        *aliases: str,
+        transpose: bool = False,
+        permute: tuple[int, ...] | None = None,
+    ) -> Source:
+        return cls((name, *aliases), transpose, permute)
+
+    def to_ours(self, array: np.ndarray) -> np.ndarray:
+        """A checkpoint tensor in our layout."""
+        if self.transpose:
+            return array.T
+        return array if self.permute is None else np.transpose(array, self.permute)
+
+    def checkpoint_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape in the checkpoint of a parameter whose shape is ours `shape`."""
+        if self.transpose:
+            return tuple(shape[::-1])
+        if self.permute is None:
+            return tuple(shape)
+        out = [0] * len(shape)
+        for ours, theirs in enumerate(self.permute):
+            out[theirs] = shape[ours]
+        return tuple(out)
 
 
 KeyMap = Mapping[tuple, Source]
@@ -235,7 +271,7 @@ def load_into(
     for path, src in key_map.items():
         if path in chosen:
             array = checkpoint[chosen[path]].read()
-            values[path] = jnp.asarray((array.T if src.transpose else array).astype(dtype))
+            values[path] = jnp.asarray(src.to_ours(array).astype(dtype))
             continue
         logging.warning("%s: %s is missing; keeping its initialization", what, src.names[0])
         if fresh is None:
@@ -257,8 +293,7 @@ def _match(key_map, expected, checkpoint, unused, allow_missing, allow_unexpecte
     for path, src in key_map.items():
         present = [n for n in src.names if n in checkpoint]
         consumed.update(present)
-        want = tuple(expected[path].shape)
-        want = want[::-1] if src.transpose else want  # in the checkpoint's layout
+        want = src.checkpoint_shape(tuple(expected[path].shape))  # in the checkpoint's layout
         if not present:
             if not any(p.fullmatch(src.names[0]) for p in allow_missing):
                 missing.append(f"{src.names[0]} (expected shape {want})")

@@ -5,6 +5,10 @@ manifest reads back as the samples it holds, and a folder that disagrees with it
 manifest is refused."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -144,3 +148,37 @@ def test_stats_file_of_reference_renders(tmp_path, fid_reference):
     # Identical sets: 0 up to the square root of a rank-6 covariance (sqrtm of a singular
     # matrix is accurate to about 1e-3 of its trace here).
     assert evaluator(samples)["fid"] == pytest.approx(0.0, abs=1e-3 * np.trace(sigma))
+
+
+def test_eval_main_over_a_folder(tmp_path):
+    """eval/evaluate.py (a subprocess) reports the evaluators' metrics of a job's folder."""
+    samples = shapes_samples(per_task=1)
+    _write_job(tmp_path / "job", samples)
+    root = pathlib.Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "eval" / "evaluate.py"),
+            f"--samples={tmp_path / 'job'}",
+            "--metrics=compositional",
+            f"--json={tmp_path / 'report.json'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["num_images"] == len(samples)
+    assert report["metrics"] == evaluators.Compositional()(samples)
+    bad = subprocess.run(
+        [sys.executable, str(root / "eval" / "evaluate.py"), f"--samples={tmp_path}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode != 0 and "no manifest.jsonl" in bad.stderr

@@ -51,6 +51,8 @@ setup(
             "torch-fidelity==0.4.0",
             "clean-fid==0.1.35",
             "torchvision==0.28.0",
+            # CLIP score reference (tests/evaluation/test_clip_score.py).
+            "torchmetrics==1.9.0",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
             "ruff==0.17.6",

@@ -1,6 +1,8 @@
-"""Evaluators of generated images: FID and KID with the standard FID Inception.
+"""Evaluators of generated images: FID and KID with the standard FID Inception; CLIP score.
 
 `inception` (the network, its weights, resizing, feature extraction), `fid` (Fréchet
-distance, KID, statistics files), `folder` (a folder of samples -> FID / KID). Modules are
-imported by name, e.g. `from imagen_jax.evaluation import fid`.
+distance, KID, statistics files), `folder` (a folder of samples -> FID / KID),
+`clip_vision` (CLIP's image tower and preprocessing), `clip_score` (both CLIP towers, the
+score, a folder of samples with its prompts -> CLIP score). Modules are imported by name,
+e.g. `from imagen_jax.evaluation import fid`.
 """

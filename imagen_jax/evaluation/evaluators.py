@@ -18,8 +18,8 @@ Evaluators (`evals.metrics` names):
 * `fid`: FID against reference statistics (`evals.fid.reference`, an `.npz` of mu and
   sigma as pytorch-fid and clean-fid write them), and KID when reference features are given
   (`evals.fid.kid_reference`), with the FID Inception of `evals.fid.inception`.
-* `clip_score`: the CLIP score of `evals.clip.path` (torchmetrics' convention,
-  100 * max(cos, 0), averaged).
+* `clip_score`: the CLIP score with the CLIPModel of `evals.clip.path`
+  (`imagen_jax.evaluation.clip_score`: torchmetrics' convention, equal to its CLIPScore).
 """
 
 from __future__ import annotations
@@ -155,6 +155,25 @@ class FID:
         }
 
 
+class CLIPScore:
+    """The CLIP score of each image with its prompt, averaged (`clip_score`: torchmetrics'
+    convention, 100 * cos clamped at 0); the backbone is named in `describe()`."""
+
+    name = "clip_score"
+
+    def __init__(self, path: str, *, batch_size: int = 32):
+        from imagen_jax.evaluation import clip_score  # lazy: only CLIP runs need it
+
+        self.path = os.fspath(path)
+        self.scorer = clip_score.load_clip_scorer(path, batch_size=batch_size)
+
+    def __call__(self, samples: Samples) -> dict[str, float]:
+        return {self.name: self.scorer.score(samples.images, samples.prompts)["score"]}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "clip": self.path, "backbone": self.scorer.backbone}
+
+
 def _make_compositional(evals: ml_collections.ConfigDict) -> Evaluator:
     del evals
     return Compositional()
@@ -177,9 +196,7 @@ def _make_fid(evals: ml_collections.ConfigDict) -> Evaluator:
 def _make_clip_score(evals: ml_collections.ConfigDict) -> Evaluator:
     if not evals.clip.path:
         raise ValueError("the clip_score evaluator needs evals.clip.path (a CLIP directory)")
-    from imagen_jax.evaluation import clip_score  # lazy: only CLIP runs need it
-
-    return clip_score.CLIPScoreEvaluator(evals.clip.path)
+    return CLIPScore(evals.clip.path)
 
 
 EVALUATORS: dict[str, Callable[[ml_collections.ConfigDict], Evaluator]] = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Collection
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,18 @@ class CLIPTextConfig:
         return config
 
 
+class LayerConfig(Protocol):
+    """What CLIPAttention and CLIPLayer read from a config: a CLIPTextConfig here, or the
+    image tower's CLIPVisionConfig (imagen_jax/evaluation/clip_vision.py), whose layers are
+    the same apart from the mask."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+
+
 def pool_eos(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     """The state at each sequence's end-of-text token, [B, L, D] -> [B, D].
 
@@ -81,7 +94,7 @@ def pool_eos(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.
 
 
 class CLIPAttention(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, rngs, dtype, param_dtype):
+    def __init__(self, config: LayerConfig, *, rngs, dtype, param_dtype):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         linear = functools.partial(
@@ -89,7 +102,7 @@ class CLIPAttention(nnx.Module):
         )
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (linear() for _ in range(4))
 
-    def __call__(self, x, mask):  # x [B, L, D]
+    def __call__(self, x, mask):  # x [B, L, D]; mask: bool [B|1, 1, L, L], or None
         heads = (*x.shape[:2], self.num_heads, -1)
         q, k, v = (f(x).reshape(heads) for f in (self.q_proj, self.k_proj, self.v_proj))
         out = attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)  # [B, L, H, Dh]
@@ -97,7 +110,7 @@ class CLIPAttention(nnx.Module):
 
 
 class CLIPLayer(nnx.Module):
-    def __init__(self, config: CLIPTextConfig, *, rngs, dtype, param_dtype):
+    def __init__(self, config: LayerConfig, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = config.hidden_size
         self.layer_norm1 = nnx.LayerNorm(
@@ -187,16 +200,23 @@ def hf_key_map(config: CLIPTextConfig, prefix: str = "text_model.") -> dict[tupl
     if config.projection_dim:
         m[("text_projection", "kernel")] = Source.of("text_projection.weight", transpose=True)
     for i in range(config.num_hidden_layers):
-        hf, ours = f"{t}encoder.layers.{i}", ("layers", i)
-        for n in ("layer_norm1", "layer_norm2"):
-            m[(*ours, n, "scale")] = Source.of(f"{hf}.{n}.weight")
-            m[(*ours, n, "bias")] = Source.of(f"{hf}.{n}.bias")
-        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            m[(*ours, "self_attn", n, "kernel")] = Source.of(
-                f"{hf}.self_attn.{n}.weight", transpose=True
-            )
-            m[(*ours, "self_attn", n, "bias")] = Source.of(f"{hf}.self_attn.{n}.bias")
-        for n in ("fc1", "fc2"):
-            m[(*ours, n, "kernel")] = Source.of(f"{hf}.mlp.{n}.weight", transpose=True)
-            m[(*ours, n, "bias")] = Source.of(f"{hf}.mlp.{n}.bias")
+        m.update(layer_key_map(f"{t}encoder.layers.{i}", ("layers", i)))
+    return m
+
+
+def layer_key_map(hf: str, ours: tuple) -> dict[tuple, Source]:
+    """One CLIPLayer's state paths (under `ours`) -> the tensors of transformers'
+    CLIPEncoderLayer named `hf` (text and image towers alike)."""
+    m = {}
+    for n in ("layer_norm1", "layer_norm2"):
+        m[(*ours, n, "scale")] = Source.of(f"{hf}.{n}.weight")
+        m[(*ours, n, "bias")] = Source.of(f"{hf}.{n}.bias")
+    for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        m[(*ours, "self_attn", n, "kernel")] = Source.of(
+            f"{hf}.self_attn.{n}.weight", transpose=True
+        )
+        m[(*ours, "self_attn", n, "bias")] = Source.of(f"{hf}.self_attn.{n}.bias")
+    for n in ("fc1", "fc2"):
+        m[(*ours, n, "kernel")] = Source.of(f"{hf}.mlp.{n}.weight", transpose=True)
+        m[(*ours, n, "bias")] = Source.of(f"{hf}.mlp.{n}.bias")
     return m

@@ -15,6 +15,11 @@ resolution); the networks are fully convolutional, so any size works whose every
 that stage's UNet downsampling factor (2 ** (levels - 1)), e.g. 32x64 with the shapes
 cascade. Non-square sizes were never seen in training: expect the quality to vary.
 
+Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x or SDXL directory in
+diffusers layout (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/),
+with its scheduler's settings (override with --set=0.steps=30 --set=0.sampler=dpmpp_2m);
+--refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8).
+
 Multi-host: every process runs the same command with --coordinator_address=host:port,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID; --jax_distributed lets jax find them on Slurm and TPU pods). Each process
@@ -45,6 +50,11 @@ flags.DEFINE_integer(
     "share of it must be a multiple of its UNet's downsampling factor.",
 )
 flags.DEFINE_integer("width", None, "Final image width in pixels (as --height).")
+flags.DEFINE_string(
+    "pipeline", None, "A diffusers-format SD 1.x / 2.x / SDXL directory (instead of --stage)."
+)
+flags.DEFINE_string("refiner", None, "An SDXL refiner directory (with an SDXL --pipeline).")
+flags.DEFINE_float("refiner_start", 0.8, "Fraction of the steps after which the refiner runs.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -76,6 +86,9 @@ def main(argv):
         grid=f.grid,
         height=f.height,
         width=f.width,
+        pipeline=f.pipeline,
+        refiner=f.refiner,
+        refiner_start=f.refiner_start,
     )
 
 

@@ -53,6 +53,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
             steps=50,
             spacing="trailing",  # leading | trailing | linspace (discrete schedules)
             steps_offset=0,
+            set_alpha_to_one=True,  # ddim: the last step lands on alpha = 1 (else on
+            #                         alphas_cumprod[0], as Stable Diffusion's DDIM configs)
             karras=False,  # Karras et al. 2022 sigmas (sigma-based samplers)
             eta=0.0,  # ddim: 0 deterministic, 1 ancestral; euler_ancestral: noise amount
             guidance_scale=5.0,  # 1 = conditional only
@@ -137,7 +139,7 @@ def make_grid(schedule, sample: ml_collections.ConfigDict) -> grids.Grid:
     if name == "ddpm":
         return grids.ddpm_grid(schedule, n, **spacing)
     if name == "ddim":
-        return grids.ddim_grid(schedule, n, **spacing)
+        return grids.ddim_grid(schedule, n, set_alpha_to_one=sample.set_alpha_to_one, **spacing)
     dpm = name.startswith("dpmpp")
     return grids.sigma_grid(
         schedule,

@@ -109,10 +109,18 @@ def main(
     grid,
     height: int | None = None,
     width: int | None = None,
+    pipeline: str | None = None,
+    refiner: str | None = None,
+    refiner_start: float = 0.8,
 ):
     """The job of sample.py's flags; returns `jobs.run_job`'s summary. height, width: the
     final images' size (None: the last stage's trained resolution; see
-    `cascade.stage_sizes`)."""
+    `cascade.stage_sizes`). pipeline: a diffusers-format SD / SDXL directory instead of
+    stages (refiner: an SDXL refiner taking over at `refiner_start` of the steps)."""
+    if pipeline and stages:
+        raise ValueError("give --stage directories or a --pipeline directory, not both")
+    if refiner and not pipeline:
+        raise ValueError("--refiner needs --pipeline (the SDXL base)")
     if prompts and prompts_file:
         raise ValueError("give prompts with --prompt (repeatable) or --prompts=FILE, not both")
     if not (prompts or prompts_file):
@@ -126,6 +134,19 @@ def main(
     )
     print(f"{len(entries)} prompts read from {prompts_file or '--prompt'}")
     jobs.check_outdir(outdir)  # before any model is loaded or compiled
+    if pipeline:
+        from imagen_jax.pipelines import latent  # lazy: only public pipelines need it
+
+        per_stage = parse_overrides(overrides, 2 if refiner else 1) + [{}]
+        job = latent.LatentJob(
+            latent.load_latent_pipeline(pipeline),
+            latent.load_latent_pipeline(refiner) if refiner else None,
+            refiner_start=refiner_start,
+            height=height,
+            width=width,
+            overrides=per_stage[:2],
+        )
+        return _run(job, entries, outdir, images_per_prompt, seed, batch_size, job.settings(), grid)
     cascade, loaded = load_cascade(stages, overrides, mesh=local_mesh(batch_size))
     if height is not None or width is not None:
         cascade.set_size(height, width)
@@ -143,8 +164,12 @@ def main(
             "square, triangle, star, heart, cross), their colours, sizes, counts, positions "
             "and background; it makes an image anyway"
         )
+    return _run(cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
+
+
+def _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid):
     summary = jobs.run_job(
-        cascade,
+        job,
         entries,
         outdir,
         images_per_prompt=images_per_prompt,

@@ -1,0 +1,353 @@
+"""End-to-end parity of the latent pipelines with diffusers on tiny random components.
+
+Each case builds a diffusers pipeline of tiny random models of the real classes (UNet,
+VAE, CLIP text encoders and tokenizers, the scheduler the public checkpoint ships), saves it
+with `save_pretrained`, loads the directory through `load_latent_pipeline`, and samples the
+same prompts from the same initial noise on both sides (classifier-free guidance on). The
+final images must agree within 1e-3 (float32, values in [0, 1]); the images are checked to
+vary, so that an agreement is not one of two blank outputs.
+"""
+
+import json
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+import transformers
+from tokenizers import pre_tokenizers
+
+from imagen_jax.pipelines import diffusers_format
+from imagen_jax.pipelines.latent import load_latent_pipeline
+from imagen_jax.weights import CheckpointError
+
+TOL = 1e-3
+PROMPTS = ["a red circle above a blue square", "two green stars"]
+NEGATIVE = ["blurry", ""]
+
+
+def clip_tokenizer(**kwargs):
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("a", "b"), ("b", "l")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kwargs)
+
+
+def clip_text(seed, *, hidden=32, projection=None):
+    tok = clip_tokenizer()
+    config = transformers.CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_act="gelu" if projection else "quick_gelu",
+        **({"projection_dim": projection} if projection else {}),
+    )
+    torch.manual_seed(seed)
+    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
+    return cls(config).eval(), tok
+
+
+def tiny_vae(seed, **kw):
+    torch.manual_seed(seed)
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+        **kw,
+    ).eval()
+
+
+def tiny_unet(seed, **kw):
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8,
+        **kw,
+    ).eval()
+    with torch.no_grad():  # diffusers zero-initializes nothing here, but scale up the output
+        unet.conv_out.weight.mul_(4.0)
+    return unet
+
+
+def sd_pipeline(path, scheduler):
+    text_encoder, tokenizer = clip_text(1)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(2),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(3, cross_attention_dim=32, attention_head_dim=4),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def sd2_pipeline(path):
+    """SD 2.x: linear projections, upcast attention, v-prediction, "!" padding."""
+    text_encoder, _ = clip_text(1)
+    tokenizer = clip_tokenizer(pad_token="!")
+    scheduler = diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction",
+    )
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(2),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(
+            3,
+            cross_attention_dim=32,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            upcast_attention=True,
+        ),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def xl_unet(seed, *, time_ids, cross, pooled):
+    return tiny_unet(
+        seed,
+        cross_attention_dim=cross,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        transformer_layers_per_block=(2, 1),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=8 * time_ids + pooled,
+    )
+
+
+def euler():
+    return diffusers.EulerDiscreteScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+
+
+def sdxl_pipeline(path):
+    enc1, tok1 = clip_text(1, hidden=32)
+    enc2, tok2 = clip_text(4, hidden=32, projection=16)
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=tiny_vae(2),
+        text_encoder=enc1,
+        text_encoder_2=enc2,
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=xl_unet(3, time_ids=6, cross=64, pooled=16),
+        scheduler=euler(),
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def refiner_pipeline(path, base):
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae,
+        text_encoder=None,
+        text_encoder_2=base.text_encoder_2,
+        tokenizer=None,
+        tokenizer_2=base.tokenizer_2,
+        unet=xl_unet(5, time_ids=5, cross=32, pooled=16),
+        scheduler=euler(),
+        requires_aesthetics_score=True,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def noise_for(pipe, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    c = pipe.unet.config.in_channels
+    s = pipe.unet.config.sample_size
+    return rng.standard_normal((batch, s, s, c)).astype(np.float32)  # NHWC
+
+
+def to_nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+
+
+def assert_images_close(ours, ref):
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert ref.std() > 0.01  # not blank
+    err = np.abs(ours - ref).max()
+    assert err < TOL, f"max |ours - diffusers| = {err:.2e}"
+
+
+SCHEDULERS = {
+    # SD 2.1's DDIM settings with epsilon prediction, and SD 1.5's PNDM replaced by DPM++ 2M.
+    "ddim": lambda: diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    ),
+    "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
+    ),
+}
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_stable_diffusion_matches_diffusers(scheduler, tmp_path):
+    ref = sd_pipeline(tmp_path, SCHEDULERS[scheduler]())
+    noise = noise_for(ref)
+    want = ref(
+        PROMPTS,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        latents=to_nchw(noise),
+        output_type="np",
+    ).images
+    pipe = load_latent_pipeline(tmp_path)
+    assert pipe.sample.sampler == scheduler
+    got = pipe(PROMPTS, negative_prompts=NEGATIVE, noise=noise, steps=4, guidance_scale=7.5)
+    assert_images_close(got.images, want)
+
+
+def test_stable_diffusion_2_matches_diffusers(tmp_path):
+    ref = sd2_pipeline(tmp_path)
+    noise = noise_for(ref, seed=1)
+    want = ref(
+        PROMPTS, num_inference_steps=3, guidance_scale=5.0, latents=to_nchw(noise), output_type="np"
+    ).images
+    pipe = load_latent_pipeline(tmp_path)
+    assert pipe.diffusion.prediction == "v"
+    got = pipe(PROMPTS, noise=noise, steps=3, guidance_scale=5.0)
+    assert_images_close(got.images, want)
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory):
+    base_dir = tmp_path_factory.mktemp("sdxl")
+    base = sdxl_pipeline(base_dir)
+    refiner_dir = tmp_path_factory.mktemp("refiner")
+    refiner = refiner_pipeline(refiner_dir, base)
+    return base, base_dir, refiner, refiner_dir
+
+
+def test_sdxl_matches_diffusers(xl):
+    base, base_dir, _, _ = xl
+    noise = noise_for(base, seed=2)
+    want = base(
+        PROMPTS, num_inference_steps=4, guidance_scale=5.0, latents=to_nchw(noise), output_type="np"
+    ).images
+    got = load_latent_pipeline(base_dir)(PROMPTS, noise=noise, steps=4, guidance_scale=5.0)
+    assert_images_close(got.images, want)
+
+
+def test_sdxl_base_to_refiner_handoff_matches_diffusers(xl):
+    base, base_dir, refiner, refiner_dir = xl
+    noise = noise_for(base, seed=3)
+    latents = base(
+        PROMPTS,
+        num_inference_steps=6,
+        denoising_end=0.5,
+        guidance_scale=5.0,
+        latents=to_nchw(noise),
+        output_type="latent",
+    ).images
+    want = refiner(
+        PROMPTS,
+        image=latents,
+        num_inference_steps=6,
+        denoising_start=0.5,
+        guidance_scale=5.0,
+        output_type="np",
+    ).images
+    ours_base, ours_refiner = load_latent_pipeline(base_dir), load_latent_pipeline(refiner_dir)
+    assert ours_refiner.requires_aesthetics_score and len(ours_refiner.encoders) == 1
+    handoff = ours_base(
+        PROMPTS, noise=noise, steps=6, denoising_end=0.5, guidance_scale=5.0, output="latent"
+    )
+    np.testing.assert_allclose(
+        np.asarray(handoff.latents), latents.permute(0, 2, 3, 1).numpy(), atol=1e-3
+    )
+    got = ours_refiner(
+        PROMPTS,
+        image_latents=handoff.latents,
+        steps=6,
+        denoising_start=0.5,
+        guidance_scale=5.0,
+    )
+    assert_images_close(got.images, want)
+
+
+def test_bad_pipeline_directories(tmp_path):
+    sd_pipeline(tmp_path / "sd", SCHEDULERS["ddim"]())
+    with pytest.raises(CheckpointError, match="is not a diffusers pipeline"):
+        load_latent_pipeline(tmp_path / "sd" / "unet")
+    # a missing component
+    import shutil
+
+    shutil.copytree(tmp_path / "sd", tmp_path / "no_vae")
+    shutil.rmtree(tmp_path / "no_vae" / "vae")
+    with pytest.raises(CheckpointError, match="component 'vae' is missing"):
+        load_latent_pipeline(tmp_path / "no_vae")
+    # a component of another class where the VAE belongs
+    shutil.copytree(tmp_path / "sd", tmp_path / "swapped")
+    shutil.rmtree(tmp_path / "swapped" / "vae")
+    shutil.copytree(tmp_path / "sd" / "unet", tmp_path / "swapped" / "vae")
+    with pytest.raises(CheckpointError, match="holds a UNet2DConditionModel model"):
+        load_latent_pipeline(tmp_path / "swapped")
+    # a UNet of another family: its cross-attention does not fit the text encoder
+    shutil.copytree(tmp_path / "sd", tmp_path / "wide")
+    config_file = tmp_path / "wide" / "unet" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "cross_attention_dim": 2048}))
+    with pytest.raises(CheckpointError, match="cross_attention_dim=2048 does not fit"):
+        load_latent_pipeline(tmp_path / "wide")
+    # a truncated weights file
+    shutil.copytree(tmp_path / "sd", tmp_path / "cut")
+    weights = tmp_path / "cut" / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_latent_pipeline(tmp_path / "cut")
+    # an unsupported scheduler setting
+    scheduler_file = tmp_path / "sd" / "scheduler" / "scheduler_config.json"
+    config = json.loads(scheduler_file.read_text())
+    scheduler_file.write_text(json.dumps({**config, "beta_schedule": "sigmoid"}))
+    with pytest.raises(CheckpointError, match="beta_schedule='sigmoid' is not supported"):
+        diffusers_format.scheduler_settings(tmp_path / "sd" / "scheduler")

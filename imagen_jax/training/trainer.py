@@ -203,6 +203,12 @@ def train_loop(
             if step == start + 1:
                 input_lib.check_batch(local, config)
             batch = device_batch(local, encoder, mesh)
+            if step == start + 1:
+                # Compile ahead, then wait for every process: the step's first collective
+                # (gloo on CPU) gives up when processes reach it more than 30 s apart, as a
+                # slower compile on a loaded host would make them.
+                train_step = train_step.lower(state, rest, batch).compile()
+                parallel.barrier("imagen_jax train step compiled")
             if grid is None and tcfg.sample_every:
                 grid = sampling_lib.SampleGrid(config, net, mesh, encoder, workdir, batch)
             state, metrics = train_step(state, rest, batch)

@@ -11,6 +11,7 @@ SHA-256), the resize convention, the image count, and the reference files.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pathlib
@@ -135,10 +136,19 @@ def evaluate_folder(
         batch_size=batch_size,
         devices=devices,
     )
-    features = extractor(_images(files))  # [N, 2048]
+    sizes: collections.Counter = collections.Counter()
+
+    def counted(images):
+        for image in images:
+            sizes[f"{image.shape[0]}x{image.shape[1]}"] += 1
+            yield image
+
+    features = extractor(counted(_images(files)))  # [N, 2048]
     result: dict[str, Any] = {
         "samples": os.fspath(folder),
         "num_images": len(files),
+        # height x width -> count: mixed sizes are each resized by the convention
+        "image_sizes": dict(sorted(sizes.items())),
         "inception": {
             "path": os.fspath(inception_path),
             "sha256": inception.file_sha256(inception_path),

@@ -182,3 +182,21 @@ def test_eval_main_over_a_folder(tmp_path):
         text=True,
     )
     assert bad.returncode != 0 and "no manifest.jsonl" in bad.stderr
+
+
+def test_mixed_sizes_are_resized_and_recorded(fid_reference, tmp_path):
+    """Images of two sizes: each is resized by the convention (its features equal those of
+    the image alone) and the report counts the sizes."""
+    _, weights = fid_reference
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, s, dtype=np.uint8) for s in ((40, 48, 3), (32, 32, 3)) * 2]
+    (tmp_path / "mixed").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / "mixed" / f"{i}.png")
+    result = folder.evaluate_folder(
+        tmp_path / "mixed", inception_path=weights, save_features=tmp_path / "f.npz"
+    )
+    assert result["image_sizes"] == {"32x32": 2, "40x48": 2}
+    extractor = inception.FeatureExtractor(inception.load_inception(weights))
+    alone = np.concatenate([extractor([im]) for im in images])
+    np.testing.assert_allclose(fid.load_features(tmp_path / "f.npz"), alone, rtol=1e-4, atol=1e-5)

@@ -122,6 +122,10 @@ def evaluate_folder(
     if ref_stats is not None:
         reference = fid.load_stats(ref_stats)
         _check_reference(reference, os.fspath(ref_stats), resize)
+    if (ref_stats is not None or save_stats is not None) and len(files) < 2:
+        raise ValueError(
+            f"{os.fspath(folder)!r} holds {len(files)} image: FID statistics need at least 2"
+        )
     ref_features = None
     if kid_ref_features is not None:
         ref_features = fid.load_features(kid_ref_features)

@@ -288,8 +288,9 @@ def read_weights(path: str | os.PathLike) -> Mapping:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"Inception weights file {path!r} does not exist: pass pytorch-fid's {WEIGHTS_FILE} "
-            "or a safetensors file converted from it (python -m imagen_jax.evaluation.inception "
-            "--convert IN.pth --out OUT.safetensors)"
+            "(published with pytorch-fid's GitHub releases, tag fid_weights; download it "
+            "yourself) or a safetensors file converted from it (python -m "
+            "imagen_jax.evaluation.inception --convert IN.pth --out OUT.safetensors)"
         )
     if path.endswith(".safetensors"):
         return _Tensors(path, read_safetensors_header(path))

@@ -411,7 +411,9 @@ def test_evaluate_folder_checks_inputs_first(tmp_path):
     fid.save_stats(stats, np.zeros(2048), np.eye(2048), resize="clean_fid")
     with pytest.raises(ValueError, match="resize='clean_fid', not 'pytorch_fid'"):
         folder.evaluate_folder(tmp_path / "samples", inception_path="missing.pth", ref_stats=stats)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(ValueError, match="holds 1 image: FID statistics need at least 2"):
+        folder.evaluate_folder(tmp_path / "samples", inception_path="missing.pth", save_stats=stats)
+    with pytest.raises(FileNotFoundError, match="missing.pth.*GitHub releases, tag fid_weights"):
         folder.evaluate_folder(tmp_path / "samples", inception_path="missing.pth")
 
 

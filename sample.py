@@ -19,6 +19,10 @@ Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x or SDXL direc
 diffusers layout (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/),
 with its scheduler's settings (override with --set=0.steps=30 --set=0.sampler=dpmpp_2m);
 --refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8).
+DeepFloyd IF: --pipeline=IF_I_DIR samples stage I (IFPipeline), --pipeline_sr=IF_II_DIR adds
+stage II (IFSuperResolutionPipeline) on its output, with the input noised at --noise_level
+(default 250); the two run as one cascade (--set=0.steps=50 --set=1.guidance_scale=4 ...).
+Prompts are lower-cased and stripped, not cleaned (diffusers' clean_caption=False).
 
 Multi-host: every process runs the same command with --coordinator_address=host:port,
 --num_processes and --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
@@ -51,10 +55,19 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("width", None, "Final image width in pixels (as --height).")
 flags.DEFINE_string(
-    "pipeline", None, "A diffusers-format SD 1.x / 2.x / SDXL directory (instead of --stage)."
+    "pipeline",
+    None,
+    "A diffusers-format SD 1.x / 2.x / SDXL or DeepFloyd IF stage I directory (instead of "
+    "--stage).",
 )
 flags.DEFINE_string("refiner", None, "An SDXL refiner directory (with an SDXL --pipeline).")
 flags.DEFINE_float("refiner_start", 0.8, "Fraction of the steps after which the refiner runs.")
+flags.DEFINE_string(
+    "pipeline_sr", None, "A DeepFloyd IF stage II directory (after an IF stage I --pipeline)."
+)
+flags.DEFINE_integer(
+    "noise_level", None, "DeepFloyd IF stage II: the noise level of its input (default 250)."
+)
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
@@ -89,6 +102,8 @@ def main(argv):
         pipeline=f.pipeline,
         refiner=f.refiner,
         refiner_start=f.refiner_start,
+        pipeline_sr=f.pipeline_sr,
+        noise_level=f.noise_level,
     )
 
 

@@ -5,6 +5,20 @@ Every row's randomness comes from its own key (`jobs.image_key(seed, item, stage
 initial noise, the sampler's per-step noise and the super-resolution augmentation noise.
 An image is therefore the same whatever batch it is placed in.
 
+Stages are our own (`stages.Stage`) by default. A stage of another kind (DeepFloyd IF's, in
+`pipelines.deepfloyd`) runs through the same code by supplying, as attributes:
+  - `network()` -> (apply_fn(state, z_t, t, cond), state): its network as the sampler calls it;
+  - `low_res_conditioning(low_res, aug_keys, size)` -> dict: what a super-resolution stage adds
+    to both cond and uncond from the previous stage's images (`aug_keys`: one key per row for
+    its noise; `size`: this stage's (H, W)), traced under jit;
+  - `super_resolution`, `channels` (of the sampled image), `downsampling_factor`;
+  - `encoder`: its own text encoder, or None for the cascade's.
+The three kinds of a row's noise come from three keys folded from the row key (tags
+`_NOISE`, `_AUG`, `STEP_NOISE_TAG`; the sampler folds the step index into the last), so the
+initial noise, the augmentation noise and every step's noise are independent.
+The cascade's `conditioning(encoder, items) -> (cond, uncond)` turns prompts into the
+networks' text conditioning (default: `imagen_conditioning`).
+
 The networks are fully convolutional and their attention takes any number of positions, so a
 cascade samples any height x width whose every stage size is a multiple of that stage's UNet
 downsampling factor (`stage_sizes`); by default each stage samples its trained square
@@ -32,6 +46,26 @@ from imagen_jax.training.sampling import to_uint8
 from imagen_jax.training.step import unit_time
 
 _NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation noise
+STEP_NOISE_TAG = 2  # the fold_in tag of a row key for the sampler's step noise
+
+
+def _imagen_network(model, schedule):
+    """Our UNet as the sampler calls it: told the unit time, conditioned on a dict."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(state, z, t, cond):
+        net = nnx.merge(graphdef, *state)
+        return net(z, unit_time(t, schedule=schedule), cond)
+
+    return apply_fn, (params, rest)
+
+
+def _imagen_low_res(low_res, aug_keys, size, *, aug_level, schedule):
+    """Our super-resolution conditioning: the previous stage's images noised at the stage's
+    augmentation level (the UNet resizes them itself), and that level."""
+    del size
+    aug_t = jnp.full((low_res.shape[0],), aug_level, jnp.float32)
+    return dict(low_res=_augment_with(low_res, aug_t, aug_keys, schedule=schedule), aug_t=aug_t)
 
 
 class _CompiledStage:
@@ -40,39 +74,40 @@ class _CompiledStage:
         stage.model.eval()  # no dropout at sampling time
         self.schedule = diffusion_config.make_schedule(stage.diffusion)
         self.sampling = diffusion_config.make_sampling(stage.diffusion, stage.sample)
-        graphdef, params, rest = nnx.split(stage.model, nnx.Param, ...)
-        self.state = (params, rest)
         schedule = self.schedule
-
-        def apply_fn(state, z, t, cond):
-            model = nnx.merge(graphdef, *state)
-            return model(z, unit_time(t, schedule=schedule), cond)
-
+        network = getattr(stage, "network", None)
+        apply_fn, self.state = network() if network else _imagen_network(stage.model, schedule)
         self.run = samplers.compile_sampler(
             apply_fn,
             sampler=self.sampling.sampler,
             sampler_options=self.sampling.sampler_options,
             **self.sampling.denoiser_options,
         )
-        self._augment = jax.jit(functools.partial(_augment, schedule=schedule))
+        low_res_fn = getattr(stage, "low_res_conditioning", None) or functools.partial(
+            _imagen_low_res, aug_level=getattr(stage, "aug_level", 0.0), schedule=schedule
+        )
+        self._low_res = jax.jit(
+            lambda low_res, keys, size: low_res_fn(low_res, _row_noise_key(keys, _AUG), size),
+            static_argnums=2,
+        )
+        self.channels = getattr(stage, "channels", None) or stage.unet.in_channels
 
     def __call__(self, keys, cond, uncond, guidance_scale, size, low_res=None):
         """keys [B] -> samples [B, H, W, C] at size (H, W) (low_res: the previous stage's)."""
-        b = keys.shape[0]
         if low_res is not None:
-            aug_t = jnp.full((b,), self.stage.aug_level, jnp.float32)
-            cond = dict(cond, low_res=self._augment(low_res, aug_t, keys), aug_t=aug_t)
-            uncond = dict(uncond, low_res=cond["low_res"], aug_t=aug_t)
+            extra = self._low_res(low_res, keys, tuple(size))
+            cond, uncond = dict(cond, **extra), dict(uncond, **extra)
         grid = self.sampling.grid
-        z = grid.init_sigma * _row_normal(keys, (*size, self.stage.unet.in_channels))
-        return self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), keys)
+        z = grid.init_sigma * _row_normal(keys, (*size, self.channels))
+        step_keys = _row_noise_key(keys, STEP_NOISE_TAG)
+        return self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), step_keys)
 
 
-def _augment(low_res, aug_t, keys, *, schedule):
+def _augment_with(low_res, aug_t, aug_keys, *, schedule):
     """Noise-conditioning augmentation at sampling time (as `training.step.make_cond` does
     in training), each row's noise from its own key."""
     _, alpha_t, sigma_t = losses.time_from_unit(aug_t, schedule=schedule)
-    eps = jax.vmap(lambda k: jax.random.normal(k, low_res.shape[1:]))(_row_noise_key(keys, _AUG))
+    eps = jax.vmap(lambda k: jax.random.normal(k, low_res.shape[1:]))(aug_keys)
     return losses.add_noise(x0=low_res, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)
 
 
@@ -80,10 +115,25 @@ def _row_noise_key(keys, tag):
     return jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys)
 
 
+def row_noise_keys(keys, tag: str | int):
+    """The per-row keys a cascade stage draws one kind of noise from: tag "initial",
+    "augmentation", "steps" (the sampler folds in the step index), or an int tag."""
+    tags = {"initial": _NOISE, "augmentation": _AUG, "steps": STEP_NOISE_TAG}
+    return _row_noise_key(keys, tags.get(tag, tag))
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _row_normal(keys, shape):
     """Each row's initial noise, from its own key."""
     return jax.vmap(lambda k: jax.random.normal(k, shape))(_row_noise_key(keys, _NOISE))
+
+
+def _global_rows(x, rows: NamedSharding) -> jax.Array:
+    """A host value that every process holds whole -> a global array split by rows."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_global_rows(jax.random.key_data(x), rows))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, rows, lambda index: host[index])
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -98,6 +148,16 @@ def downsampling_factor(unet) -> int:
     """How many times a UNet halves its input's height and width: sizes it samples must be
     multiples of it."""
     return 2 ** (len(unet.channel_mult) - 1)
+
+
+def _stage_factor(stage) -> int:
+    factor = getattr(stage, "downsampling_factor", None)
+    return downsampling_factor(stage.unet) if factor is None else factor
+
+
+def _super_resolution(stage) -> bool:
+    sr = getattr(stage, "super_resolution", None)
+    return bool(stage.unet.low_res) if sr is None else bool(sr)
 
 
 def stage_sizes(
@@ -125,7 +185,7 @@ def stage_sizes(
             )
         sizes.insert(0, (h * down // up, w * down // up))
     for stage, (h, w) in zip(stages, sizes, strict=True):
-        factor = downsampling_factor(stage.unet)
+        factor = _stage_factor(stage)
         if h % factor or w % factor:
             raise ValueError(
                 f"{misfit}: stage {stage.path} would sample {h}x{w}, not a multiple of its "
@@ -134,26 +194,61 @@ def stage_sizes(
     return sizes
 
 
+def imagen_conditioning(encoder, items: Sequence[jobs.WorkItem]):
+    """(cond, uncond) of our UNets for a batch of work items: the text embeddings and mask;
+    an empty prompt, and the uncond of a row without a negative prompt, is the null text
+    (`drop_text`), as in training."""
+    text = encoder.encode([it.entry.prompt for it in items])
+    negatives = [it.entry.negative_prompt for it in items]
+    has_negative = np.array([bool(n.strip()) for n in negatives])
+    mask = np.asarray(text[1], bool)
+    # A prompt with no tokens ("") is the null text, as in training.
+    cond = dict(
+        text=jnp.asarray(text[0]),
+        text_mask=jnp.asarray(mask),
+        drop_text=jnp.asarray(~mask.any(-1)),
+    )
+    if has_negative.any():  # a negative prompt replaces the null text of its row
+        neg = encoder.encode(negatives)
+        pick = has_negative[:, None, None]
+        neg_mask = np.where(pick[..., 0], np.asarray(neg[1], bool), mask)
+        uncond = dict(
+            text=jnp.asarray(np.where(pick, neg[0], text[0])),
+            text_mask=jnp.asarray(neg_mask),
+            drop_text=jnp.asarray(~has_negative | ~neg_mask.any(-1)),
+        )
+    else:
+        uncond = dict(cond, drop_text=jnp.ones(len(items), bool))
+    return cond, uncond
+
+
 class Cascade:
     """`cascade(items, seed) -> [uint8 [B, H_s, W_s, 3] per stage]` for one batch of work
-    items (all sharing a guidance scale); (H_s, W_s) = `self.sizes[s]`."""
+    items (all sharing a guidance scale); (H_s, W_s) = `self.sizes[s]`. `cascade.sample`
+    gives the same images as floats in [-1, 1]."""
 
-    def __init__(self, stages: Sequence[Stage], encoder, *, mesh=None, size=None):
+    def __init__(
+        self, stages: Sequence[Stage], encoder, *, mesh=None, size=None, conditioning=None
+    ):
         """mesh: a device mesh whose first axis splits the batch (None: one device).
-        size: (height, width) of the final images (None: each stage's trained resolution)."""
+        size: (height, width) of the final images (None: each stage's trained resolution).
+        conditioning: `conditioning(encoder, items) -> (cond, uncond)` (None:
+        `imagen_conditioning`); it runs once per distinct text encoder (a stage's own
+        `encoder`, else `encoder`)."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for prev, nxt in zip(stages, stages[1:], strict=False):
-            if not nxt.unet.low_res or nxt.low_resolution != prev.resolution:
+            if not _super_resolution(nxt) or nxt.low_resolution != prev.resolution:
                 raise ValueError(
                     f"stage {nxt.path} (low_resolution={nxt.low_resolution}) cannot follow "
                     f"{prev.path} (resolution {prev.resolution})"
                 )
-        if stages[0].unet.low_res:
+        if _super_resolution(stages[0]):
             raise ValueError(f"the first stage {stages[0].path} is a super-resolution stage")
         self.sizes = stage_sizes(stages, *(size or (None, None)))
         self.stages = [_CompiledStage(s) for s in stages]
         self.encoder = encoder
+        self.conditioning = conditioning or imagen_conditioning
         self.mesh = mesh
 
     def set_state(self, index: int, state) -> None:
@@ -168,48 +263,45 @@ class Cascade:
         self.sizes = stage_sizes([s.stage for s in self.stages], height, width)
 
     def _conds(self, items):
-        text = self.encoder.encode([it.entry.prompt for it in items])
-        negatives = [it.entry.negative_prompt for it in items]
-        has_negative = np.array([bool(n.strip()) for n in negatives])
-        mask = np.asarray(text[1], bool)
-        # A prompt with no tokens ("") is the null text, as in training.
-        cond = dict(
-            text=jnp.asarray(text[0]),
-            text_mask=jnp.asarray(mask),
-            drop_text=jnp.asarray(~mask.any(-1)),
-        )
-        if has_negative.any():  # a negative prompt replaces the null text of its row
-            neg = self.encoder.encode(negatives)
-            pick = has_negative[:, None, None]
-            neg_mask = np.where(pick[..., 0], np.asarray(neg[1], bool), mask)
-            uncond = dict(
-                text=jnp.asarray(np.where(pick, neg[0], text[0])),
-                text_mask=jnp.asarray(neg_mask),
-                drop_text=jnp.asarray(~has_negative | ~neg_mask.any(-1)),
-            )
-        else:
-            uncond = dict(cond, drop_text=jnp.ones(len(items), bool))
-        return cond, uncond
+        return self.conditioning(self.encoder, items)
 
     def _place(self, tree):
         """Rows split over the mesh's first axis (a no-op without a mesh)."""
         if self.mesh is None:
             return tree
         rows = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
-        return jax.device_put(tree, rows)
+        if rows.is_fully_addressable:
+            return jax.device_put(tree, rows)
+        return jax.tree.map(lambda x: _global_rows(x, rows), tree)  # a multi-host mesh
 
-    def __call__(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
+    def _stage_conds(self, items):
+        """(cond, uncond) per stage, each text encoder run once."""
+        by_encoder, out = {}, []
+        for stage in self.stages:
+            encoder = getattr(stage.stage, "encoder", None) or self.encoder
+            if id(encoder) not in by_encoder:
+                by_encoder[id(encoder)] = self._place(self.conditioning(encoder, items))
+            out.append(by_encoder[id(encoder)])
+        return out
+
+    def sample(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
+        """Every stage's images of a batch, float32 [B, H_s, W_s, C] in [-1, 1] on the host
+        (each stage's output is clipped to [-1, 1], and so conditions the next stage)."""
         if self.mesh is not None and len(items) % self.mesh.devices.shape[0]:
             raise ValueError(
                 f"a batch of {len(items)} does not split over {self.mesh.devices.shape[0]} devices"
             )
-        cond, uncond = self._place(self._conds(items))
+        conds = self._stage_conds(items)
         outputs, low = [], None
         for index, (stage, size) in enumerate(zip(self.stages, self.sizes, strict=True)):
             keys = self._place(jnp.stack([jobs.image_key(seed, it, index) for it in items]))
             scale = items[0].entry.guidance_scale
             scale = stage.stage.sample.guidance_scale if scale is None else scale
+            cond, uncond = conds[index]
             x = stage(keys, cond, uncond, scale, size, low_res=low)
             low = jnp.clip(x, -1.0, 1.0)
-            outputs.append(to_uint8(_to_host(low)))
+            outputs.append(_to_host(low))
         return outputs
+
+    def __call__(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
+        return [to_uint8(x) for x in self.sample(items, seed)]

@@ -35,11 +35,13 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A kind of pipeline: the model_index classes it accepts and its required components
-    with the class each must have."""
+    with the class each must have (`optional`: the classes of components that only some of
+    its pipelines have, checked where a loader asks for them)."""
 
     name: str
     pipelines: tuple[str, ...]
     components: dict[str, tuple[str, ...]]
+    optional: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
 
 _CLIP_TEXT = ("CLIPTextModel",)
@@ -72,7 +74,14 @@ FAMILIES = {
         {
             "unet": ("UNet2DConditionModel",),
             "scheduler": (),
-        },  # stage I also has text_encoder (T5EncoderModel) and tokenizer
+        },
+        # Stage I has a T5 text encoder and its tokenizer (stage II may); stage II
+        # (IFSuperResolutionPipeline) has the scheduler that noises its low-resolution input.
+        optional={
+            "text_encoder": ("T5EncoderModel",),
+            "tokenizer": ("T5Tokenizer", "T5TokenizerFast"),
+            "image_noising_scheduler": (),
+        },
     ),
 }
 
@@ -123,7 +132,7 @@ def component_class(path: str, name: str) -> str:
     if name.startswith("tokenizer"):
         file = os.path.join(folder, "tokenizer_config.json")
         return read_json(file, f"tokenizer {folder}").get("tokenizer_class", "")
-    if name == "scheduler":
+    if name == "scheduler" or name.endswith("_scheduler"):
         return read_json(os.path.join(folder, SCHEDULER_CONFIG), f"scheduler {folder}").get(
             "_class_name", ""
         )
@@ -140,7 +149,7 @@ def check_components(path: str, index: dict, family: Family, extra=()) -> None:
             raise CheckpointError(
                 f"{path}/{MODEL_INDEX} lists no {name!r}, which a {family.name} pipeline needs"
             )
-        expected = family.components.get(name, ())
+        expected = family.components.get(name) or family.optional.get(name, ())
         found = component_class(path, name)
         if expected and found not in expected:
             raise CheckpointError(

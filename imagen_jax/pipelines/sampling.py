@@ -112,15 +112,23 @@ def main(
     pipeline: str | None = None,
     refiner: str | None = None,
     refiner_start: float = 0.8,
+    pipeline_sr: str | None = None,
+    noise_level: int | None = None,
 ):
     """The job of sample.py's flags; returns `jobs.run_job`'s summary. height, width: the
     final images' size (None: the last stage's trained resolution; see
     `cascade.stage_sizes`). pipeline: a diffusers-format SD / SDXL directory instead of
-    stages (refiner: an SDXL refiner taking over at `refiner_start` of the steps)."""
+    stages (refiner: an SDXL refiner taking over at `refiner_start` of the steps), or a
+    DeepFloyd IF stage I directory (pipeline_sr: an IF stage II directory after it, whose
+    input is noised at `noise_level`, None: diffusers' 250)."""
     if pipeline and stages:
         raise ValueError("give --stage directories or a --pipeline directory, not both")
     if refiner and not pipeline:
         raise ValueError("--refiner needs --pipeline (the SDXL base)")
+    if pipeline_sr and not pipeline:
+        raise ValueError("--pipeline_sr needs --pipeline (DeepFloyd IF stage I)")
+    if noise_level is not None and not pipeline_sr:
+        raise ValueError("--noise_level needs --pipeline_sr (DeepFloyd IF stage II)")
     if prompts and prompts_file:
         raise ValueError("give prompts with --prompt (repeatable) or --prompts=FILE, not both")
     if not (prompts or prompts_file):
@@ -135,27 +143,22 @@ def main(
     print(f"{len(entries)} prompts read from {prompts_file or '--prompt'}")
     jobs.check_outdir(outdir)  # before any model is loaded or compiled
     if pipeline:
-        from imagen_jax.pipelines import latent  # lazy: only public pipelines need it
-
-        per_stage = parse_overrides(overrides, 2 if refiner else 1) + [{}]
-        job = latent.LatentJob(
-            latent.load_latent_pipeline(pipeline),
-            latent.load_latent_pipeline(refiner) if refiner else None,
+        job, settings = public_job(
+            pipeline,
+            overrides,
+            refiner=refiner,
             refiner_start=refiner_start,
+            pipeline_sr=pipeline_sr,
+            noise_level=noise_level,
             height=height,
             width=width,
-            overrides=per_stage[:2],
+            batch_size=batch_size,
         )
-        return _run(job, entries, outdir, images_per_prompt, seed, batch_size, job.settings(), grid)
+        return _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
     cascade, loaded = load_cascade(stages, overrides, mesh=local_mesh(batch_size))
     if height is not None or width is not None:
         cascade.set_size(height, width)
-    settings = {
-        "stages": [
-            dict(s.settings(), height=h, width=w)
-            for s, (h, w) in zip(loaded, cascade.sizes, strict=True)
-        ]
-    }
+    settings = _stage_settings(loaded, cascade)
     unknown = out_of_domain(loaded, entries)
     if unknown:
         print(
@@ -165,6 +168,60 @@ def main(
             "and background; it makes an image anyway"
         )
     return _run(cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
+
+
+def public_job(
+    pipeline,
+    overrides,
+    *,
+    refiner=None,
+    refiner_start=0.8,
+    pipeline_sr=None,
+    noise_level=None,
+    height=None,
+    width=None,
+    batch_size=1,
+):
+    """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
+    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner)."""
+    from imagen_jax.pipelines import deepfloyd  # lazy: only public pipelines need them
+
+    if deepfloyd.is_if_pipeline(pipeline):
+        if refiner:
+            raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
+        cascade, loaded = deepfloyd.load_if_cascade(
+            pipeline,
+            pipeline_sr,
+            overrides=parse_overrides(overrides, 2 if pipeline_sr else 1),
+            noise_level=deepfloyd.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level,
+            mesh=local_mesh(batch_size),
+            size=(height, width),
+        )
+        return cascade, _stage_settings(loaded, cascade)
+    if pipeline_sr:
+        raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
+    from imagen_jax.pipelines import latent
+
+    per_stage = parse_overrides(overrides, 2 if refiner else 1) + [{}]
+    job = latent.LatentJob(
+        latent.load_latent_pipeline(pipeline),
+        latent.load_latent_pipeline(refiner) if refiner else None,
+        refiner_start=refiner_start,
+        height=height,
+        width=width,
+        overrides=per_stage[:2],
+    )
+    return job, job.settings()
+
+
+def _stage_settings(loaded, cascade) -> dict:
+    """What every image's metadata records about the stages of a cascade."""
+    return {
+        "stages": [
+            dict(s.settings(), height=h, width=w)
+            for s, (h, w) in zip(loaded, cascade.sizes, strict=True)
+        ]
+    }
 
 
 def _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid):

@@ -1,0 +1,375 @@
+"""DeepFloyd IF stage I -> stage II through our cascade, against diffusers' IFPipeline and
+IFSuperResolutionPipeline on tiny random components of the real classes.
+
+The pipelines (a tiny T5EncoderModel and T5 tokenizer, tiny IF-like UNets, IF's DDPM
+scheduler settings) are saved with `save_pretrained` and loaded by `load_if_cascade`. DDPM
+draws noise at every step: diffusers' `randn_tensor` is patched to hand out the noise that
+our cascade draws from each row's key (the initial noise, stage II's augmentation noise, the
+step noise), so both sides sample from the same randomness. Stage I's and stage II's images
+must agree within 1e-3 (float32, values in [0, 1]), and are checked to vary.
+"""
+
+import json
+import shutil
+import string
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from imagen_jax.diffusion import samplers
+from imagen_jax.pipelines import cascade as cascade_lib
+from imagen_jax.pipelines import jobs, sampling
+from imagen_jax.pipelines.deepfloyd import load_if_cascade, resize_bilinear_aligned
+from imagen_jax.weights import CheckpointError
+
+TOL = 1e-3
+STEPS = 3
+SEED = 7
+# Upper case and padding spaces: diffusers lower-cases and strips them (clean_caption=False).
+ITEMS = [
+    jobs.WorkItem(0, 0, jobs.PromptEntry("A red circle above a blue square ", "blurry")),
+    jobs.WorkItem(1, 0, jobs.PromptEntry("two green stars")),
+    jobs.WorkItem(1, 1, jobs.PromptEntry("two green stars")),
+]
+
+
+def t5_tokenizer():
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    pieces += [(w, -3.0) for w in ["▁a", "▁red", "▁circle", "▁blue", "▁square", "▁two"]]
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(2, -1, -1)]
+    return transformers.T5Tokenizer(vocab=pieces, extra_ids=3)
+
+
+def tiny_t5(seed, vocab_size, width=32):
+    config = transformers.T5Config(
+        vocab_size=vocab_size,
+        d_model=width,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as IF's T5-XXL
+    )
+    torch.manual_seed(seed)
+    return transformers.T5EncoderModel(config).eval()
+
+
+def if_unet(seed, stage, text_width=32):
+    """A tiny UNet with the block types and switches of IF-I-XL's (stage "I") or IF-II-L's
+    (stage "II") config.json (as tests/models/test_sd_unet.py), every parameter perturbed."""
+    common = dict(
+        norm_num_groups=8,
+        block_out_channels=(32, 64),
+        act_fn="gelu",
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        cross_attention_norm="group_norm",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        encoder_hid_dim=text_width,
+        encoder_hid_dim_type="text_proj",
+        out_channels=6,
+        resnet_time_scale_shift="scale_shift",
+    )
+    if stage == "I":
+        config = dict(common, in_channels=3, layers_per_block=1, sample_size=8)
+    else:
+        config = dict(
+            common,
+            in_channels=6,
+            sample_size=16,
+            class_embed_type="timestep",
+            layers_per_block=(1, 2),
+            mid_block_scale_factor=1 / 0.7071,
+            only_cross_attention=True,
+            resnet_out_scale_factor=1 / 0.7071,
+            resnet_skip_time_act=True,
+            time_embedding_act_fn="gelu",
+            time_embedding_dim=48,
+        )
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**config).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        # The variance outputs mostly in [-1, 1] (the learned range), as IF's are.
+        unet.conv_out.weight[3:].mul_(0.25)
+        unet.conv_out.bias[3:].mul_(0.25)
+    return unet
+
+
+def if_scheduler(sample_max_value):
+    """IF's sampling scheduler: DDPM, squaredcos_cap_v2, learned-range variance, dynamic
+    thresholding at the 95th percentile."""
+    return diffusers.DDPMScheduler(
+        beta_schedule="squaredcos_cap_v2",
+        variance_type="learned_range",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=sample_max_value,
+    )
+
+
+def stage_2_pipeline(path, *, text_encoder=None, tokenizer=None, seed=3):
+    pipe = diffusers.IFSuperResolutionPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=if_unet(seed, "II"),
+        scheduler=if_scheduler(1.0),
+        image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """(stage I pipeline, its dir, stage II pipeline without a text encoder, its dir)."""
+    tokenizer = t5_tokenizer()
+    dir_1, dir_2 = tmp_path_factory.mktemp("if_1"), tmp_path_factory.mktemp("if_2")
+    stage_1 = diffusers.IFPipeline(
+        tokenizer=tokenizer,
+        text_encoder=tiny_t5(1, len(tokenizer)),
+        unet=if_unet(2, "I"),
+        scheduler=if_scheduler(1.5),
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    stage_1.save_pretrained(dir_1)
+    return stage_1, dir_1, stage_2_pipeline(dir_2), dir_2
+
+
+@pytest.fixture(scope="module")
+def ours(pipelines):
+    _, dir_1, _, dir_2 = pipelines
+    return load_if_cascade(dir_1, dir_2, overrides=[dict(steps=STEPS), dict(steps=STEPS)])
+
+
+def to_torch(x):
+    return torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(x), (0, 3, 1, 2))))
+
+
+def row_normal(keys, tag, shape):
+    keys = cascade_lib.row_noise_keys(keys, tag)
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+
+class StepNoise:
+    """diffusers' DDPM step noise: call i (a step with t > 0) gets our step i's noise."""
+
+    def __init__(self, keys, shape):
+        self.keys, self.shape, self.calls = keys, shape, 0
+
+    def __call__(self, shape, **kwargs):
+        assert tuple(shape) == (self.shape[0], self.shape[3], *self.shape[1:3]), shape
+        noise = samplers.step_noise(self.keys, self.calls, self.shape)
+        self.calls += 1
+        return to_torch(noise)
+
+
+def feed_noise(monkeypatch, items, stage, size, *, augmentation=False):
+    """Patches diffusers to draw stage `stage`'s noise of our cascade; returns the step feed."""
+    keys = jax.numpy.stack([jobs.image_key(SEED, it, stage) for it in items])
+    shape = (len(items), *size, 3)
+    queue = [to_torch(row_normal(keys, "initial", shape[1:]))]
+    if augmentation:  # drawn after the initial noise, of the upscaled image's shape
+        queue.append(to_torch(row_normal(keys, "augmentation", shape[1:])))
+    module = "pipeline_if_superresolution" if augmentation else "pipeline_if"
+    monkeypatch.setattr(
+        f"diffusers.pipelines.deepfloyd_if.{module}.randn_tensor",
+        lambda shape, **kwargs: queue.pop(0),
+    )
+    steps = StepNoise(cascade_lib.row_noise_keys(keys, "steps"), shape)
+    monkeypatch.setattr("diffusers.schedulers.scheduling_ddpm.randn_tensor", steps)
+    return steps
+
+
+def reference(pipelines, items, monkeypatch, stage_2=None):
+    """diffusers' stage I images (NCHW torch, unclamped) and stage II images ([0, 1] NHWC)."""
+    stage_1, _, default_2, _ = pipelines
+    stage_2 = stage_2 or default_2
+    prompts = [it.entry.prompt for it in items]
+    negatives = [it.entry.negative_prompt for it in items]
+    common = dict(num_inference_steps=STEPS, clean_caption=False, output_type="pt")
+    steps = feed_noise(monkeypatch, items, 0, (8, 8))
+    low = stage_1(prompt=prompts, negative_prompt=negatives, guidance_scale=7.0, **common).images
+    assert steps.calls == STEPS - 1  # no noise on the last step (t = 0)
+    steps = feed_noise(monkeypatch, items, 1, (16, 16), augmentation=True)
+    if stage_2.text_encoder is None:  # IF-II as published: stage I's embeddings
+        embeds, negative_embeds = stage_1.encode_prompt(
+            prompts, negative_prompt=negatives, clean_caption=False
+        )
+        text = dict(prompt_embeds=embeds, negative_prompt_embeds=negative_embeds)
+    else:
+        text = dict(prompt=prompts, negative_prompt=negatives)
+    common["output_type"] = "np"
+    high = stage_2(image=low, guidance_scale=4.0, noise_level=250, **text, **common).images
+    return low, high
+
+
+def assert_images_close(ours, ref):
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    assert ref.std() > 0.05  # not blank
+    err = np.abs(ours - ref).max()
+    assert err < TOL, f"max |ours - diffusers| = {err:.2e}"
+    return err
+
+
+def test_if_cascade_matches_diffusers(pipelines, ours, monkeypatch):
+    cascade, stages = ours
+    assert [s.stage for s in stages] == ["I", "II"] and stages[1].encoder is None
+    assert stages[0].sample.sampler == "ddpm" and stages[0].diffusion.variance == "learned_range"
+    assert stages[0].sample.dynamic_threshold == 0.95 and stages[1].sample.threshold_max == 1.0
+    assert cascade.sizes == [(8, 8), (16, 16)]
+    items = ITEMS[:2]
+    low, high = cascade.sample(items, SEED)
+    ref_low, ref_high = reference(pipelines, items, monkeypatch)
+    assert float(ref_low.abs().max()) <= 1.0  # so our clipping between stages changes nothing
+    ref_low = (ref_low.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1)
+    assert_images_close(low / 2 + 0.5, ref_low)
+    assert_images_close(high / 2 + 0.5, ref_high)
+    # An image does not depend on its batch: item 0 beside another partner.
+    _, high_again = cascade.sample([ITEMS[0], ITEMS[2]], SEED)
+    np.testing.assert_array_equal(high_again[0], high[0])
+    assert np.abs(high_again[1] - high[1]).max() > 0.05  # another image of the prompt
+
+
+def test_stage_2_with_its_own_text_encoder(pipelines, ours, tmp_path, monkeypatch):
+    stage_1, dir_1, _, _ = pipelines
+    tokenizer = stage_1.tokenizer
+    own = stage_2_pipeline(
+        tmp_path, text_encoder=tiny_t5(5, len(tokenizer)), tokenizer=tokenizer, seed=3
+    )
+    cascade, stages = load_if_cascade(
+        dir_1, tmp_path, overrides=[dict(steps=STEPS), dict(steps=STEPS)]
+    )
+    assert stages[1].encoder is not None
+    # Stage I is the same as in `ours`: reuse its compiled program (a compile takes seconds).
+    cascade.stages[0] = ours[0].stages[0]
+    _, high = cascade.sample(ITEMS[:2], SEED)
+    _, ref_high = reference(pipelines, ITEMS[:2], monkeypatch, stage_2=own)
+    assert_images_close(high / 2 + 0.5, ref_high)
+
+
+def test_upscaling_matches_torch_align_corners():
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    for size in [(16, 16), (9, 20), (5, 7), (1, 3)]:
+        want = torch.nn.functional.interpolate(
+            to_torch(x), size, mode="bilinear", align_corners=True
+        )
+        got = resize_bilinear_aligned(jax.numpy.asarray(x), size)
+        np.testing.assert_allclose(np.asarray(got), want.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+
+
+def _copy(src, dst):
+    """A copy of a pipeline directory without its weight files, so that a check that fires
+    proves it did so before reading any weights."""
+    shutil.copytree(src, dst)
+    for file in dst.rglob("*.safetensors"):
+        file.unlink()
+    return dst
+
+
+def _edit(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+def test_bad_directories(pipelines, tmp_path):
+    _, dir_1, _, dir_2 = pipelines
+    with pytest.raises(CheckpointError, match=r"is DeepFloyd IF stage II .* given as stage I"):
+        load_if_cascade(_copy(dir_2, tmp_path / "ii"))
+    with pytest.raises(CheckpointError, match=r"is DeepFloyd IF stage I .* given as stage II"):
+        load_if_cascade(_copy(dir_1, tmp_path / "i"), tmp_path / "i")
+    no_tokenizer = _copy(dir_1, tmp_path / "no_tokenizer")
+    shutil.rmtree(no_tokenizer / "tokenizer")
+    with pytest.raises(CheckpointError, match="component 'tokenizer' is missing"):
+        load_if_cascade(no_tokenizer)
+    (no_tokenizer / "tokenizer").mkdir()
+    (no_tokenizer / "tokenizer" / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "T5Tokenizer"}'
+    )
+    with pytest.raises(CheckpointError, match="has no tokenizer.json"):
+        load_if_cascade(no_tokenizer)
+    no_noising = _copy(dir_2, tmp_path / "no_noising")
+    _edit(no_noising / "model_index.json", image_noising_scheduler=[None, None])
+    with pytest.raises(CheckpointError, match="lists no 'image_noising_scheduler'"):
+        load_if_cascade(tmp_path / "i", no_noising)
+    # A UNet whose text projection does not take the T5's width: its own, or stage I's.
+    wide = _copy(dir_1, tmp_path / "wide")
+    _edit(wide / "unet" / "config.json", encoder_hid_dim=48)
+    with pytest.raises(CheckpointError, match=r"encoder_hid_dim=48 does not fit .*d_model=32"):
+        load_if_cascade(wide)
+    wide_2 = _copy(dir_2, tmp_path / "wide_2")
+    _edit(wide_2 / "unet" / "config.json", encoder_hid_dim=48)
+    with pytest.raises(CheckpointError, match=r"encoder_hid_dim=48 does not fit .*stage I's"):
+        load_if_cascade(tmp_path / "i", wide_2)
+    # The UNets swapped between the stages.
+    swapped_1 = _copy(dir_1, tmp_path / "swapped_1")
+    shutil.rmtree(swapped_1 / "unet")
+    shutil.copytree(tmp_path / "ii" / "unet", swapped_1 / "unet")
+    with pytest.raises(CheckpointError, match="an IF stage II UNet in a stage I pipeline"):
+        load_if_cascade(swapped_1)
+    swapped_2 = _copy(dir_2, tmp_path / "swapped_2")
+    shutil.rmtree(swapped_2 / "unet")
+    shutil.copytree(tmp_path / "i" / "unet", swapped_2 / "unet")
+    with pytest.raises(CheckpointError, match="an IF stage I UNet in a super-resolution"):
+        load_if_cascade(tmp_path / "i", swapped_2)
+    # Checked, then loaded: missing weights are the loader's error.
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_if_cascade(tmp_path / "i")
+
+
+def test_sample_py_runs_the_if_cascade(pipelines, ours, tmp_path, monkeypatch):
+    """sample.py's IF branch: the flags reach `load_if_cascade`, and the job writes each
+    image with its stages' settings (the cascade of `ours` stands in, already compiled)."""
+    _, dir_1, _, dir_2 = pipelines
+    calls = []
+
+    def load(*args, **kwargs):
+        calls.append((args, kwargs))
+        return ours
+
+    monkeypatch.setattr("imagen_jax.pipelines.deepfloyd.load_if_cascade", load)
+    flags = dict(
+        stages=[],
+        prompts=["two green stars", "a red circle"],
+        prompts_file=None,
+        negative_prompt="",
+        images_per_prompt=1,
+        seed=SEED,
+        batch_size=2,
+        outdir=str(tmp_path / "out"),
+        overrides=["0.steps=3", "1.guidance_scale=5"],
+        grid=False,
+        pipeline=str(dir_1),
+        pipeline_sr=str(dir_2),
+        noise_level=100,
+    )
+    assert sampling.main(**flags)["made"] == 2
+    ((args, kwargs),) = calls
+    assert args == (str(dir_1), str(dir_2)) and kwargs["noise_level"] == 100
+    assert kwargs["overrides"] == [{"steps": 3}, {"guidance_scale": 5.0}]
+    meta = jobs.read_metadata(str(tmp_path / "out" / "images" / "000000_000.png"))
+    assert [s["stage"] for s in meta["stages"]] == ["I", "II"]
+    assert meta["stages"][1]["noise_level"] == 250 and meta["stages"][1]["height"] == 16
+    with pytest.raises(ValueError, match="--pipeline_sr needs --pipeline"):
+        sampling.main(**dict(flags, pipeline=None))
+    with pytest.raises(ValueError, match="--noise_level needs --pipeline_sr"):
+        sampling.main(**dict(flags, pipeline_sr=None))

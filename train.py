@@ -3,6 +3,11 @@
     python train.py --config=configs/shapes_base.py:runlocal --workdir=/tmp/shapes_local
     python train.py --config=configs/shapes_base.py --workdir=/tmp/shapes_base \
         --config.optim.lr=1e-4
+    python train.py --config=configs/shapes_vae.py:runlocal --workdir=/tmp/vae_local
+    python train.py --config=configs/shapes_latent.py:runlocal --workdir=/tmp/latent_local
+
+A config whose model.family is "vae" trains an autoencoder (and writes WORKDIR/vae/); one
+whose family is "sd_unet" trains a latent stage on the frozen VAE of its latent.vae.
 
 Multi-host: every process runs the same command, with --coordinator_address=host:port,
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and

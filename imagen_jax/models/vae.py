@@ -14,23 +14,27 @@ conv_out to the mean and log-variance of a diagonal Gaussian; the decoder mirror
 nearest-neighbour 2x upsampling and layers_per_block + 1 ResNet blocks per level.
 
 `load_vae(path)` reads a diffusers directory (`config.json` +
-`diffusion_pytorch_model.safetensors`) strictly. Tiled encoding and decoding reproduce
-diffusers' `enable_tiling()`: overlapping tiles, each through the network alone, blended
-linearly where they overlap.
+`diffusion_pytorch_model.safetensors`) strictly; `save_vae(path, params, config)` writes one
+(the inverse of `hf_key_map`), as the VAE trainer exports its weights. Tiled encoding and
+decoding reproduce diffusers' `enable_tiling()`: overlapping tiles, each through the network
+alone, blended linearly where they overlap.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from flax import nnx
+from flax.nnx import traversals
 
 from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
@@ -733,3 +737,85 @@ def load_vae(
         what=CLASS_NAME,
     )
     return model, config
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes for training, and writing diffusers checkpoints
+# ----------------------------------------------------------------------------------------------
+
+# Fields of VAEConfig per variant; the block types follow from len(block_out_channels).
+# "sd" is the VAE of Stable Diffusion 1.x / 2.x (its config.json: f = 8, 4 latent channels).
+VARIANTS = {
+    "runlocal": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+    "shapes": dict(block_out_channels=(32, 64, 128), layers_per_block=2, norm_num_groups=32),
+    "sd": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+}
+DIFFUSERS_VERSION = "0.30.0"  # written into exported config.json files
+
+
+def make_config(variant: str, **overrides) -> VAEConfig:
+    """The VAEConfig of a `VARIANTS` entry with `overrides` (VAEConfig fields); the down and
+    up block types are filled in to match block_out_channels unless given."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown VAE variant {variant!r}; expected one of {tuple(VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(VAEConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown VAE config keys {unknown}; allowed: {sorted(fields)}")
+    values = {**VARIANTS[variant], **overrides}
+    for key, value in values.items():
+        if isinstance(value, list):
+            values[key] = tuple(value)
+    n = len(values["block_out_channels"])
+    values.setdefault("down_block_types", DOWN_BLOCK_TYPES * n)
+    values.setdefault("up_block_types", UP_BLOCK_TYPES * n)
+    return VAEConfig(**values)
+
+
+def hf_config(config: VAEConfig) -> dict:
+    """The config.json of a diffusers AutoencoderKL with `config`."""
+    hf: dict[str, Any] = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        hf[field.name] = list(value) if isinstance(value, tuple) else value
+    return hf
+
+
+def hf_tensors(params, config: VAEConfig) -> dict[str, np.ndarray]:
+    """Our parameters (a model, or the nested dict of `nnx.to_pure_dict`) as diffusers'
+    float32 tensors, by name: the inverse of `hf_key_map` (kernels back to PyTorch's
+    layouts)."""
+    if isinstance(params, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+    flat = traversals.flatten_mapping(params)
+    key_map = hf_key_map(config)
+    missing, unexpected = sorted(set(key_map) - set(flat)), sorted(set(flat) - set(key_map))
+    if missing or unexpected:
+        raise ValueError(
+            f"the parameters do not fit the VAE config: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all)"
+        )
+    tensors = {}
+    for path, source in key_map.items():
+        array = np.asarray(flat[path], np.float32)
+        if source.transpose:
+            array = array.T
+        elif source.permute is not None:
+            array = np.transpose(array, np.argsort(source.permute))
+        tensors[source.names[0]] = np.ascontiguousarray(array)
+    return tensors
+
+
+def save_vae(path: str | os.PathLike, params, config: VAEConfig) -> str:
+    """Writes a diffusers AutoencoderKL directory (config.json and float32
+    diffusion_pytorch_model.safetensors) that `load_vae` and diffusers'
+    `AutoencoderKL.from_pretrained` read; returns the path."""
+    from safetensors.numpy import save_file  # lazy: only writers need it
+
+    path = os.fspath(path)
+    tensors = hf_tensors(params, config)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(config), f, indent=2)
+    save_file(tensors, os.path.join(path, weights_name()), metadata={"format": "pt"})
+    return path

@@ -10,10 +10,13 @@
   text_cache.py  builds a config's text-embedding cache (`python -m ...training.text_cache`)
   state.py       TrainState (created sharded), optimizer and schedule, EMA
   step.py        the jitted train step: CFG dropout, noise augmentation, loss, update
+  latent.py      latent stages (model.family "sd_unet"): the frozen VAE, images -> latents
   checkpoint.py  Orbax checkpoints of state, data iterator and model signature
   metrics.py     metrics.jsonl, TensorBoard (if tensorboardX is installed), progress bar
   sampling.py    the periodic sample grid from the EMA weights
   trainer.py     train_and_evaluate
+  vae_step.py    the autoencoder's step (model.family "vae"): reconstruction + KL
+  vae_trainer.py train_vae (train_and_evaluate dispatches to it) and the diffusers export
 """
 
 from imagen_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
@@ -21,11 +24,14 @@ from imagen_jax.training.config import (
     data_config,
     default_mesh,
     evals_config,
+    latent_config,
     model_config,
+    network_config,
     optim_config,
     text_config,
     train_config,
     unet_config,
+    vae_loss_config,
 )
 from imagen_jax.training.input import SyntheticSource, make_input, make_source
 from imagen_jax.training.metrics import NonFiniteLossError
@@ -56,6 +62,7 @@ __all__ = [
     "default_mesh",
     "ema_decay",
     "evals_config",
+    "latent_config",
     "make_input",
     "make_lr_schedule",
     "make_mesh",
@@ -66,10 +73,12 @@ __all__ = [
     "make_train_step",
     "model_config",
     "model_fn",
+    "network_config",
     "optim_config",
     "text_config",
     "train_and_evaluate",
     "train_config",
     "unet_config",
     "unit_time",
+    "vae_loss_config",
 ]

@@ -1,8 +1,13 @@
-"""The trainer's config groups: `model`, `text`, `data`, `optim`, `train`, `evals`, `mesh`.
+"""The trainer's config groups: `model`, `text`, `data`, `optim`, `train`, `evals`, `mesh`;
+`latent` (latent diffusion stages) and `vae_loss` (autoencoder training).
 
 The `diffusion` and `sample` groups come from `imagen_jax.diffusion.config`. Each function
 returns the group's defaults with `overrides` applied; an unknown key raises, as does an
 unknown key given later on the command line (configs are locked by `train.py`).
+
+`model.family` picks the network: "imagen" (ImagenUNet, pixel stages; the default),
+"sd_unet" (`models.latent_unet.LatentUNet`, our SDUNet, on a frozen VAE's latents) or "vae"
+(`models.vae.AutoencoderKL`, trained by `training.vae_trainer`).
 """
 
 from __future__ import annotations
@@ -11,10 +16,12 @@ import dataclasses
 
 import ml_collections
 
-from imagen_jax.models import imagen_unet
+from imagen_jax.models import imagen_unet, latent_unet, vae
 
-_MODEL_KEYS = ("variant", "resolution", "low_resolution", "dtype", "param_dtype")
+FAMILIES = ("imagen", "sd_unet", "vae")
+_MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
+_VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
 
 SHAPES_PROMPTS = (
     "a red circle",
@@ -36,12 +43,21 @@ def _group(defaults: dict, overrides: dict, name: str, extra=()) -> ml_collectio
 
 
 def model_config(**overrides) -> ml_collections.ConfigDict:
-    """The stage's network: an ImagenUNet variant, its resolutions and dtypes.
+    """The stage's network: a variant of the `family`'s network, its resolutions and dtypes.
 
-    Any other key is an `imagen_unet.UNetConfig` field overriding the variant (e.g.
-    `text_dim=4096`, `channels=32`); `unet_config` builds the UNetConfig.
+    family "imagen" (default): any other key is an `imagen_unet.UNetConfig` field overriding
+    the variant (e.g. `text_dim=4096`, `channels=32`); `unet_config` builds the UNetConfig.
+    family "sd_unet": `latent_unet_model_config`; family "vae": `vae_model_config`.
     """
+    family = overrides.get("family", "imagen")
+    if family == "sd_unet":
+        return latent_unet_model_config(**overrides)
+    if family == "vae":
+        return vae_model_config(**overrides)
+    if family != "imagen":
+        raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
     defaults = dict(
+        family="imagen",  # imagen | sd_unet | vae
         variant="runlocal",  # imagen_unet.VARIANTS: runlocal | shapes_base | shapes_sr |
         #                      imagen_base_2b | imagen_sr256_600m | imagen_sr1024_400m
         resolution=64,  # the side of the images the stage generates
@@ -52,12 +68,80 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "model", extra=_UNET_FIELDS)
 
 
-def unet_config(model: ml_collections.ConfigDict) -> imagen_unet.UNetConfig:
+def latent_unet_model_config(**overrides) -> ml_collections.ConfigDict:
+    """A latent diffusion stage's network (family "sd_unet"): a `latent_unet.VARIANTS` entry.
+
+    `resolution` is the side of the images (the UNet runs on the VAE's latents of them);
+    any other key is an `sd_unet.SDUNetConfig` field (e.g. `cross_attention_dim=384`, the
+    text encoder's width) or `null_text_len`, overriding the variant.
+    """
+    defaults = dict(
+        family="sd_unet",
+        variant="runlocal",  # latent_unet.VARIANTS: runlocal | shapes_latent
+        resolution=64,  # the side of the images; latents are resolution / f of the VAE
+        low_resolution=0,  # must be 0: latent super-resolution stages are not implemented
+        dtype="float32",
+        param_dtype="float32",
+    )
+    return _group(defaults, overrides, "model", extra=latent_unet.VARIANT_FIELDS)
+
+
+def vae_model_config(**overrides) -> ml_collections.ConfigDict:
+    """An autoencoder to train (family "vae"): a `vae.VARIANTS` entry; any other key is a
+    `vae.VAEConfig` field (e.g. `latent_channels=4`, `block_out_channels=(32, 64, 128)`)."""
+    defaults = dict(
+        family="vae",
+        variant="runlocal",  # vae.VARIANTS: runlocal | shapes | sd
+        resolution=64,  # the side of the training images
+        dtype="float32",
+        param_dtype="float32",
+    )
+    return _group(defaults, overrides, "model", extra=_VAE_FIELDS)
+
+
+def _overrides(model: ml_collections.ConfigDict) -> dict:
     overrides = {k: v for k, v in model.items() if k not in _MODEL_KEYS}
     for key, value in overrides.items():
         if isinstance(value, list):
             overrides[key] = tuple(value)
-    return imagen_unet.make_config(model.variant, **overrides)
+    return overrides
+
+
+def unet_config(model: ml_collections.ConfigDict) -> imagen_unet.UNetConfig:
+    return imagen_unet.make_config(model.variant, **_overrides(model))
+
+
+def network_config(model: ml_collections.ConfigDict):
+    """The dataclass config of `model`'s network: imagen_unet.UNetConfig,
+    latent_unet.LatentUNetConfig or vae.VAEConfig, by `model.family`."""
+    family = model.get("family", "imagen")
+    if family == "sd_unet":
+        return latent_unet.make_config(model.variant, **_overrides(model))
+    if family == "vae":
+        return vae.make_config(model.variant, **_overrides(model))
+    if family != "imagen":
+        raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
+    return unet_config(model)
+
+
+def latent_config(**overrides) -> ml_collections.ConfigDict:
+    """The frozen VAE of a latent diffusion stage (`training/latent.py`)."""
+    defaults = dict(
+        vae="",  # a diffusers AutoencoderKL directory (a pipeline's vae/ folder; the VAE
+        #          trainer writes WORKDIR/vae), or "random": an untrained tiny VAE (runlocal)
+        sample_posterior=True,  # latents drawn from q(z | x) (as diffusers' scripts); False: mode
+    )
+    return _group(defaults, overrides, "latent")
+
+
+def vae_loss_config(**overrides) -> ml_collections.ConfigDict:
+    """The autoencoder's loss (`training/vae_step.py`): reconstruction + KL only."""
+    defaults = dict(
+        reconstruction="l1",  # l1 | l2, per pixel value
+        kl_weight=1e-6,  # on the KL summed over the latent, per pixel value (as LDM's 1e-6)
+        sample_posterior=True,  # decode a sample of q(z | x); False: its mode
+    )
+    return _group(defaults, overrides, "vae_loss")
 
 
 def text_config(**overrides) -> ml_collections.ConfigDict:

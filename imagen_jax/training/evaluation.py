@@ -83,7 +83,12 @@ class PeriodicEvaluation:
 
     def __init__(self, config, net, mesh, encoder, workdir: str):
         evals = config.evals
-        if net.cfg.low_res:
+        if net.family != "imagen":
+            raise ValueError(
+                f"evals.every is set on a model.family={net.family!r} stage: periodic "
+                "evaluation samples pixel-space (imagen) base stages only; set evals.every=0"
+            )
+        if net.low_res:
             raise ValueError(
                 "evals.every is set on a super-resolution stage: periodic evaluation samples "
                 "base stages only (evaluate a cascade with eval/shapes_cascade.py)"

@@ -110,19 +110,20 @@ def check_stage(config: ml_collections.ConfigDict, num_levels: int, data_paralle
     """Raises ValueError when the stage and its data disagree: resolutions, a low-resolution
     input for (only) super-resolution stages, sizes the UNet can halve, batch splits."""
     model, data = config.model, config.data
+    low_resolution = model.get("low_resolution", 0)  # the VAE's model group has none
     if model.resolution != data.resolution:
         raise ValueError(
             f"the stage generates {model.resolution} px images (model.resolution) but its "
             f"data is {data.resolution} px (data.resolution); set both to the same size"
         )
-    if model.low_resolution != data.low_resolution:
+    if low_resolution != data.low_resolution:
         raise ValueError(
-            f"the stage takes {model.low_resolution or 'no'} px low-resolution inputs "
+            f"the stage takes {low_resolution or 'no'} px low-resolution inputs "
             f"(model.low_resolution) but data.low_resolution={data.low_resolution}"
         )
-    if model.low_resolution and not 0 < model.low_resolution < model.resolution:
+    if low_resolution and not 0 < low_resolution < model.resolution:
         raise ValueError(
-            f"model.low_resolution={model.low_resolution} must lie in (0, {model.resolution})"
+            f"model.low_resolution={low_resolution} must lie in (0, {model.resolution})"
         )
     factor = 2 ** (num_levels - 1)
     if model.resolution % factor:

@@ -5,7 +5,9 @@ Base stages sample `train.sample_prompts`; super-resolution stages upsample the 
 augmented at `train.noise_aug.sample_level`, and show the inputs in the grid's top row.
 The noise is fixed for the whole run (from `train.seed`), so grids of successive steps
 differ only by the weights. Sampling uses the `diffusion` and `sample` config groups
-through the diffusion core's compiled sampler, with classifier-free guidance.
+through the diffusion core's compiled sampler, with classifier-free guidance. Latent stages
+(`latent`, a `training.latent.LatentSpace`) sample latents and decode them with the frozen
+VAE inside the same compiled call.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class SampleGrid:
     """`grid(step, ema_params, rest)` samples and (process 0) writes
     `workdir/samples/step_<step>.png`; returns the images, uint8 [N, R, R, 3]."""
 
-    def __init__(self, config, net, mesh, encoder, workdir: str, first_batch=None):
+    def __init__(self, config, net, mesh, encoder, workdir: str, first_batch=None, latent=None):
         self.workdir = workdir
         self.net = net
         n, res = config.train.num_samples, config.model.resolution
@@ -56,7 +58,7 @@ class SampleGrid:
         key_z, key_aug, key_sampler = jax.random.split(key, 3)
         self._key = parallel.replicate(np.asarray(jax.random.key_data(key_sampler)), mesh)
 
-        if net.cfg.low_res:
+        if net.low_res:
             if first_batch is None:
                 raise ValueError("a super-resolution stage samples from its first batch")
             level = float(config.train.noise_aug.sample_level)
@@ -79,7 +81,8 @@ class SampleGrid:
         flags = parallel.replicate({"cond": np.zeros(n, bool), "uncond": np.ones(n, bool)}, mesh)
         self._cond = dict(cond, drop_text=flags["cond"])
         self._uncond = dict(cond, drop_text=flags["uncond"])
-        z = np.asarray(jax.random.normal(key_z, (n, res, res, 3)))
+        shape = (res, res, 3) if latent is None else latent.latent_shape(res)
+        z = np.asarray(jax.random.normal(key_z, (n, *shape)))
         self._z = parallel.replicate(sampling.grid.init_sigma * z, mesh)
         scale = sampling.guidance_scale
         guided = scale != 1.0
@@ -95,9 +98,11 @@ class SampleGrid:
             **sampling.denoiser_options,
         )
 
-        def sample(params, rest, z, cond, uncond, key):
+        self._vae = None if latent is None else latent.state
+
+        def sample(params, rest, vae, z, cond, uncond, key):
             keys = jax.random.split(jax.random.wrap_key_data(key), z.shape[0])
-            return run(
+            x = run(
                 (params, rest),
                 z,
                 sampling.grid,
@@ -106,11 +111,12 @@ class SampleGrid:
                 scale if guided else None,
                 keys,
             )
+            return x if latent is None else latent.decode(vae, x)
 
         self._sample = jax.jit(sample, out_shardings=rep)
 
     def __call__(self, step: int, ema_params, rest) -> np.ndarray:
-        x = self._sample(ema_params, rest, self._z, self._cond, self._uncond, self._key)
+        x = self._sample(ema_params, rest, self._vae, self._z, self._cond, self._uncond, self._key)
         images = to_uint8(x)
         if jax.process_index() == 0:
             folder = os.path.join(self.workdir, "samples")

@@ -9,6 +9,10 @@ their EMA as nested dicts (`nnx.to_pure_dict` of the network's `nnx.Param` state
 optax state, the step and the run's base key. The network's graph and its non-parameter
 state (the dropout RNG streams, reseeded every step) live in `Network`.
 
+The network is the `model.family`'s: ImagenUNet ("imagen", the default), LatentUNet
+("sd_unet", our SDUNet with a learned null text) or AutoencoderKL ("vae"); `Network`'s
+properties (`low_res`, `dropout`, `text_dim`, `num_levels`) answer for all three.
+
 Creation follows the flax/big_vision recipe: shapes from `nnx.eval_shape` (nothing is
 allocated), shardings from the parameter rules (`parallel.param_shardings`), then one
 jitted init with those `out_shardings`, so no parameter is ever whole on one device.
@@ -26,8 +30,8 @@ import optax
 from flax import nnx
 
 from imagen_jax import parallel
-from imagen_jax.models import imagen_unet
-from imagen_jax.training.config import unet_config
+from imagen_jax.models import imagen_unet, latent_unet, vae
+from imagen_jax.training.config import network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -45,20 +49,52 @@ class Network:
     """The static half of the network: its graph and config; `rest` is the non-parameter
     state (replicated arrays), created by `init_rest`."""
 
-    cfg: imagen_unet.UNetConfig
+    cfg: Any  # imagen_unet.UNetConfig | latent_unet.LatentUNetConfig | vae.VAEConfig
     graphdef: Any
     abstract_params: Any  # nested dict of ShapeDtypeStruct
     abstract_rest: Any  # nnx.State of ShapeDtypeStruct
     dtype: Any
     param_dtype: Any
+    family: str = "imagen"  # imagen | sd_unet | vae (config.model.family)
 
-    def build(self, rngs: nnx.Rngs) -> imagen_unet.ImagenUNet:
-        return imagen_unet.ImagenUNet(
-            self.cfg, rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+    def build(self, rngs: nnx.Rngs) -> nnx.Module:
+        kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.family == "sd_unet":
+            return latent_unet.LatentUNet(self.cfg, **kw)
+        if self.family == "vae":
+            return vae.AutoencoderKL(self.cfg, **kw)
+        return imagen_unet.ImagenUNet(self.cfg, **kw)
 
-    def merge(self, params, rest) -> imagen_unet.ImagenUNet:
+    def merge(self, params, rest) -> nnx.Module:
         return nnx.merge(self.graphdef, params, rest)
+
+    @property
+    def low_res(self) -> bool:
+        """Whether it is a super-resolution stage (told a low-resolution image)."""
+        return self.family == "imagen" and self.cfg.low_res
+
+    @property
+    def dropout(self) -> float:
+        return self.cfg.dropout if self.family == "imagen" else 0.0
+
+    @property
+    def text_dim(self) -> int | None:
+        """The width of the text tokens it attends to (None for the VAE)."""
+        return None if self.family == "vae" else self.cfg.text_dim
+
+    @property
+    def text_dim_key(self) -> str:
+        """The config key that sets `text_dim`."""
+        return "model.cross_attention_dim" if self.family == "sd_unet" else "model.text_dim"
+
+    @property
+    def num_levels(self) -> int:
+        """Resolutions it works at: the input's side must divide by 2 ** (num_levels - 1)."""
+        if self.family == "imagen":
+            return len(self.cfg.channel_mult)
+        if self.family == "sd_unet":
+            return self.cfg.num_levels
+        return len(self.cfg.block_out_channels)
 
 
 def _dtype(name: str, key: str):
@@ -69,16 +105,22 @@ def _dtype(name: str, key: str):
 
 def make_network(model: ml_collections.ConfigDict) -> Network:
     """The `model` config group -> Network (shapes only; nothing is allocated)."""
-    cfg = unet_config(model)
-    if cfg.low_res != bool(model.low_resolution):
+    family = model.get("family", "imagen")
+    cfg = network_config(model)
+    if family == "imagen" and cfg.low_res != bool(model.low_resolution):
         kind = "a super-resolution" if cfg.low_res else "a base"
         raise ValueError(
             f"model.variant={model.variant!r} is {kind} UNet but model.low_resolution="
             f"{model.low_resolution}"
         )
+    if family == "sd_unet" and model.low_resolution:
+        raise ValueError(
+            f"model.low_resolution={model.low_resolution}: latent (sd_unet) stages take no "
+            "low-resolution input; latent super-resolution is not implemented"
+        )
     dtype = _dtype(model.dtype, "model.dtype")
     param_dtype = _dtype(model.param_dtype, "model.param_dtype")
-    net = Network(cfg, None, None, None, dtype, param_dtype)
+    net = Network(cfg, None, None, None, dtype, param_dtype, family)
     abstract = nnx.eval_shape(lambda: net.build(nnx.Rngs(params=0, dropout=0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     return dataclasses.replace(

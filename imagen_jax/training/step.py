@@ -17,10 +17,13 @@ What the step does, in order:
    schedule at unit time aug_t (`diffusion.losses.time_from_unit`: for a discrete schedule
    the timestep floor(aug_t T), for logSNR schedules t = aug_t, for flow the shifted time),
    z = alpha x_low + sigma eps, and the network is told aug_t.
-3. The diffusion loss (`diffusion.diffusion_loss`) with the network told the unit time
-   (`unit_time`); with `optim.accum_steps = k` a `lax.scan` over k micro-batches sums the
-   gradients, then one optimizer update (so a step is always one update, the learning-rate
-   schedule and the EMA count updates, and memory holds one micro-batch of activations).
+3. The diffusion loss (`diffusion.diffusion_loss`) on the images in [-1, 1], or on the
+   batch's "latents" (latent stages: `training/latent.py` puts them there), with the network
+   told the unit time (`unit_time`; diffusers' timesteps for a network whose `time_input` is
+   "timesteps", `diffusers_timesteps`); with `optim.accum_steps = k` a `lax.scan` over k
+   micro-batches sums the gradients, then one optimizer update (so a step is always one
+   update, the learning-rate schedule and the EMA count updates, and memory holds one
+   micro-batch of activations).
 4. The optax update, then the EMA (`state.ema_decay`).
 """
 
@@ -46,14 +49,35 @@ def unit_time(t, *, schedule):
     return jnp.asarray(t, jnp.float32) / schedule.num_train_timesteps
 
 
+TIMESTEP_SCALE = 1000.0  # logSNR schedules' unit time -> diffusers-style timesteps
+
+
+def diffusers_timesteps(t, *, schedule):
+    """The time as diffusers' UNets are told it: a discrete schedule's timesteps 0..T-1 and
+    flow's sigma * T as they are; a logSNR schedule's unit time times 1000."""
+    if isinstance(schedule, schedules.LogSNRSchedule):
+        return jnp.asarray(t, jnp.float32) * TIMESTEP_SCALE
+    return jnp.asarray(t, jnp.float32)
+
+
 def model_fn(model, *, schedule):
-    """The network as `denoise_fn(z_t, t, cond)`, the contract of the diffusion core."""
+    """The network as `denoise_fn(z_t, t, cond)`, the contract of the diffusion core. It is
+    told `unit_time`, or `diffusers_timesteps` when its `time_input` is "timesteps"."""
+    if getattr(model, "time_input", "unit") == "timesteps":
+        return lambda z_t, t, cond: model(z_t, diffusers_timesteps(t, schedule=schedule), cond)
     return lambda z_t, t, cond: model(z_t, unit_time(t, schedule=schedule), cond)
 
 
 def to_float_image(x):
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return jnp.asarray(x, jnp.float32) / 127.5 - 1.0
+
+
+def stage_x0(batch):
+    """What the stage generates: the batch's "latents" (latent stages), else its images."""
+    if "latents" in batch:
+        return jnp.asarray(batch["latents"], jnp.float32)
+    return to_float_image(batch["image"])
 
 
 def augment_low_res(low_res, aug_t, key, *, schedule):
@@ -83,8 +107,8 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
     """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch."""
     dcfg = config.diffusion
     loss_kwargs = dict(config.train.loss)
-    max_aug = float(config.train.noise_aug.max_level) if net.cfg.low_res else None
-    use_dropout = net.cfg.dropout > 0
+    max_aug = float(config.train.noise_aug.max_level) if net.low_res else None
+    use_dropout = net.dropout > 0
 
     def loss_fn(params, rest, batch, key):
         key_cond, key_loss, key_dropout = jax.random.split(key, 3)
@@ -100,7 +124,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
         )
         return diffusion.diffusion_loss(
             model_fn(model, schedule=schedule),
-            to_float_image(batch["image"]),
+            stage_x0(batch),
             cond,
             key_loss,
             schedule=schedule,
@@ -121,27 +145,31 @@ def _split_micro(batch, k: int):
     )
 
 
-def make_grad_fn(loss_fn, accum_steps: int):
-    """grad_fn(params, rest, batch, key) -> (mean loss, mean gradients) over micro-batches."""
+def make_grad_fn(loss_fn, accum_steps: int, *, with_aux: bool = False):
+    """grad_fn(params, rest, batch, key) -> (mean loss, mean gradients) over micro-batches;
+    with `with_aux`, (mean loss, mean aux, mean gradients), the loss's aux being scalars."""
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
 
         def single(params, rest, batch, key):
-            (loss, _), grads = value_and_grad(params, rest, batch, key)
-            return loss, grads
+            (loss, aux), grads = value_and_grad(params, rest, batch, key)
+            return (loss, aux, grads) if with_aux else (loss, grads)
 
         return single
 
     def accumulated(params, rest, batch, key):
         def body(carry, xs):
             i, micro = xs
-            (loss, _), grads = value_and_grad(params, rest, micro, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            (loss, aux), grads = value_and_grad(params, rest, micro, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), (aux if with_aux else None)
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
         xs = (jnp.arange(accum_steps), _split_micro(batch, accum_steps))
-        (loss, grads), _ = jax.lax.scan(body, zeros, xs)
-        return jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+        (loss, grads), aux = jax.lax.scan(body, zeros, xs)
+        loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+        if with_aux:
+            return loss, jax.tree.map(lambda x: jnp.mean(x, axis=0), aux), grads
+        return loss, grads
 
     return accumulated
 
@@ -154,11 +182,22 @@ def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shard
     """
     schedule = diffusion_config.make_schedule(config.diffusion)
     grad_fn = make_grad_fn(make_loss_fn(config, net, schedule), config.optim.accum_steps)
-    ema_kwargs = dict(decay=config.train.ema_decay, warmup_power=config.train.ema_warmup_power)
+    update = make_update(config, tx, lr_schedule)
 
     def train_step(state: state_lib.TrainState, rest, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss, grads = grad_fn(state.params, rest, batch, key)
+        return update(state, loss, grads)
+
+    return jit_step(train_step, mesh, shardings, rest)
+
+
+def make_update(config, tx, lr_schedule):
+    """update(state, loss, grads) -> (new state, metrics): the optax update, then the EMA;
+    metrics as `make_train_step` lists them."""
+    ema_kwargs = dict(decay=config.train.ema_decay, warmup_power=config.train.ema_warmup_power)
+
+    def update(state: state_lib.TrainState, loss, grads):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         decay = state_lib.ema_decay(state.step, **ema_kwargs)
@@ -178,6 +217,11 @@ def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shard
         )
         return new_state, metrics
 
+    return update
+
+
+def jit_step(train_step, mesh, shardings, rest):
+    """`train_step(state, rest, batch)` jitted with the state's shardings, the state donated."""
     rep = parallel.replicated(mesh)
     rest_shardings = jax.tree.map(lambda _: rep, rest)
     return jax.jit(

@@ -12,6 +12,11 @@ every `train.log_every` steps and before every checkpoint, sample grid or evalua
 (`evals.every`: sample the evaluation prompts and score them, `training/evaluation.py`);
 a non-finite loss or gradient norm among them stops the run with `NonFiniteLossError`
 before anything is saved, leaving the last good checkpoint.
+
+`model.family` picks the stage: "imagen" (pixel stages), "sd_unet" (a latent stage: the
+batches' images become latents of the frozen VAE of `latent.vae` before the step,
+`training/latent.py`, and the sample grid decodes its latents with it) or "vae" (the
+autoencoder itself: `training/vae_trainer.py:train_vae`, the same loop with its own step).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from imagen_jax import parallel
 from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import evaluation as eval_lib
 from imagen_jax.training import input as input_lib
+from imagen_jax.training import latent as latent_lib
 from imagen_jax.training import metrics as metrics_lib
 from imagen_jax.training import sampling as sampling_lib
 from imagen_jax.training import state as state_lib
@@ -68,8 +74,8 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
 
 def device_batch(batch, encoder, mesh):
     """This process's numpy batch -> the step's global arrays (the text encoded here, unless
-    the batch carries it from a text cache)."""
-    if "text" not in batch:
+    the batch carries it from a text cache or there is no `encoder`: the VAE's stage)."""
+    if encoder is not None and "text" not in batch:
         batch = dict(batch, **text_lib.encode_captions(encoder, batch["caption"]))
     return parallel.global_batch(
         {k: batch[k] for k in ("image", "low_res", "text", "text_mask") if k in batch}, mesh
@@ -79,7 +85,7 @@ def device_batch(batch, encoder, mesh):
 def make_stage_network(config, mesh) -> state_lib.Network:
     """The stage's network (shapes only), once the stage and its data are checked."""
     net = state_lib.make_network(config.model)
-    input_lib.check_stage(config, len(net.cfg.channel_mult), parallel.data_parallel_size(mesh))
+    input_lib.check_stage(config, net.num_levels, parallel.data_parallel_size(mesh))
     return net
 
 
@@ -88,10 +94,10 @@ def make_text_encoder(config, net) -> text_lib.TextEncoder:
         config.text, batch_size=config.data.batch_size // jax.process_count()
     )
     width = text_lib.text_width(encoder)
-    if width != net.cfg.text_dim:
+    if width != net.text_dim:
         raise ValueError(
             f"the text encoder gives {width}-dim embeddings but the model expects "
-            f"model.text_dim={net.cfg.text_dim}"
+            f"{net.text_dim_key}={net.text_dim}"
         )
     return encoder
 
@@ -104,11 +110,11 @@ def open_text_cache(config, encoder, net):
     from imagen_jax.text.cache import EmbeddingCache  # lazy: only cached runs need it
 
     cache = EmbeddingCache.open(config.text.cache, expect_fingerprint=encoder.fingerprint())
-    if (cache.max_length, cache.dim) != (encoder.max_length, net.cfg.text_dim):
+    if (cache.max_length, cache.dim) != (encoder.max_length, net.text_dim):
         raise ValueError(
             f"the text cache {cache.directory} holds [L={cache.max_length}, D={cache.dim}] "
             f"embeddings; the stage needs L={encoder.max_length} (text.max_length) and "
-            f"D={net.cfg.text_dim} (model.text_dim)"
+            f"D={net.text_dim} ({net.text_dim_key})"
         )
     logging.info("Text from the cache %s (%d captions)", cache.directory, len(cache))
     return cache
@@ -120,9 +126,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     Returns (final TrainState, metrics of the last logged step, as floats; the same on
     every process).
     """
+    if config.model.get("family", "imagen") == "vae":
+        from imagen_jax.training import vae_trainer  # lazy: it imports this module
+
+        return vae_trainer.train_vae(config, workdir)
     mesh = make_mesh(config)
     with jax.set_mesh(mesh):
         net = make_stage_network(config, mesh)
+        latent = None
+        if net.family == "sd_unet":
+            latent = latent_lib.LatentSpace.from_config(config, net, mesh)
         tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
         checkpointer = ckpt_lib.Checkpointer(
             workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
@@ -138,6 +151,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             evaluation = None
             if config.evals.every:
                 evaluation = eval_lib.PeriodicEvaluation(config, net, mesh, encoder, workdir)
+            prepare = make_grid = None
+            if latent is not None:
+                prepare = latent.encode_batch
+                make_grid = lambda batch: sampling_lib.SampleGrid(
+                    config, net, mesh, encoder, workdir, batch, latent=latent
+                )
             return train_loop(
                 config,
                 workdir,
@@ -150,6 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 train_step,
                 checkpointer,
                 evaluation=evaluation,
+                prepare=prepare,
+                make_grid=make_grid,
             )
         finally:
             checkpointer.close()
@@ -170,9 +191,17 @@ def train_loop(
     checkpointer,
     *,
     evaluation=None,
+    prepare=None,
+    make_grid=None,
 ):
     """Steps from `state.step` to `train.steps`, evaluating every `evals.every` steps with
-    `evaluation` (a PeriodicEvaluation); returns (state, last metrics)."""
+    `evaluation` (a PeriodicEvaluation); returns (state, last metrics, with the last
+    evaluation's).
+
+    prepare: `prepare(batch, step) -> batch` on each global batch before the step (latent
+      stages: images -> latents). make_grid: `make_grid(first batch) -> grid` builds the
+      sample grid (default `sampling.SampleGrid`), called as `grid(step, ema_params, rest)`.
+    """
     tcfg = config.train
     start = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(
@@ -203,6 +232,8 @@ def train_loop(
             if step == start + 1:
                 input_lib.check_batch(local, config)
             batch = device_batch(local, encoder, mesh)
+            if prepare is not None:
+                batch = prepare(batch, step)
             if step == start + 1:
                 # Compile ahead, then wait for every process: the step's first collective
                 # (gloo on CPU) gives up when processes reach it more than 30 s apart, as a
@@ -210,7 +241,10 @@ def train_loop(
                 train_step = train_step.lower(state, rest, batch).compile()
                 parallel.barrier("imagen_jax train step compiled")
             if grid is None and tcfg.sample_every:
-                grid = sampling_lib.SampleGrid(config, net, mesh, encoder, workdir, batch)
+                if make_grid is None:
+                    grid = sampling_lib.SampleGrid(config, net, mesh, encoder, workdir, batch)
+                else:
+                    grid = make_grid(batch)
             state, metrics = train_step(state, rest, batch)
             if pending:  # at most two steps in flight: the host never runs far ahead
                 jax.block_until_ready(pending[-1][1])
@@ -227,7 +261,9 @@ def train_loop(
             if sample:
                 grid(step, state.ema_params, rest)
             if evaluate:
-                writer.write_eval(step, evaluation(step, state.ema_params, rest))
+                scores = evaluation(step, state.ema_params, rest)
+                writer.write_eval(step, scores)
+                last = {**last, **scores}
         flush()
     finally:
         writer.close()

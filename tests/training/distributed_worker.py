@@ -3,8 +3,8 @@
     python distributed_worker.py PORT PROCESS_ID WORKDIR
 
 Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains
-the runlocal base stage for 2 steps in WORKDIR, and prints one JSON line with its view of
-the result.
+the runlocal base stage for 2 steps in WORKDIR (with a periodic evaluation at step 2), and
+prints one JSON line with its view of the result.
 """
 
 import json
@@ -26,7 +26,12 @@ def main(port: str, process_id: str, workdir: str):
     parallel.initialize_distributed(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id)
     )
-    state, metrics = train_and_evaluate(tiny(steps=2), workdir)
+    config = tiny(steps=2)
+    config.evals.every = 2  # periodic evaluation: sampled over both hosts' devices, gathered
+    config.evals.prompts_per_task = 1
+    config.evals.batch_size = 8
+    config.sample.steps = 2
+    state, metrics = train_and_evaluate(config, workdir)
     checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
     result = dict(
         process=jax.process_index(),
@@ -35,6 +40,7 @@ def main(port: str, process_id: str, workdir: str):
         step=int(jax.device_get(state.step)),
         loss=metrics["loss"],
         param_checksum=float(checksum(state.params)),
+        evals={k: v for k, v in metrics.items() if k.startswith("eval/")},
     )
     print("RESULT " + json.dumps(result), flush=True)
     jax.distributed.shutdown()

@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
 
 
@@ -51,4 +53,14 @@ def test_two_processes_train_together(tmp_path):
     assert results[0]["param_checksum"] == results[1]["param_checksum"]
     data = sorted(p.name for p in (tmp_path / "checkpoints" / "2" / "data").glob("*.json"))
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # process 0 only
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [1, 2]  # process 0 only
+    # The evaluation sampled over both hosts' devices; both saw every image and agree.
+    evals = [x for x in lines if "eval/compositional/heldout/overall" in x]
+    assert [x["step"] for x in evals] == [2]
+    assert results[0]["evals"] == results[1]["evals"]
+    assert results[0]["evals"]["eval/compositional/heldout/overall"] == pytest.approx(
+        evals[0]["eval/compositional/heldout/overall"]
+    )
+    report = json.loads((tmp_path / "evals" / "step_00000002.json").read_text())
+    assert report["num_images"] == 6

@@ -1,0 +1,130 @@
+"""A text-conditioned latent UNet for the trainer: our `SDUNet` (diffusers'
+UNet2DConditionModel) behind the network contract of the training loop,
+`model(z_t, t, cond) -> prediction`, with a learned null text for classifier-free guidance.
+
+    cfg = make_config("shapes_latent", cross_attention_dim=384)
+    model = LatentUNet(cfg, rngs=nnx.Rngs(0))
+    out = model(z_t, timesteps, {"text": text, "text_mask": mask, "drop_text": drop})
+
+Time: the network is told diffusers' timesteps (`time_input = "timesteps"`: 0..T-1 for a
+discrete schedule, as Stable Diffusion's UNets are), not the unit time of `ImagenUNet`;
+`training.step.model_fn` reads `time_input` and converts.
+
+Text: cond["text"] [B, L, D] tokens (D = cross_attention_dim) with cond["text_mask"] [B, L]
+go to the cross-attention as `encoder_hidden_states` and `encoder_attention_mask`. Where
+cond["drop_text"] [B] is set, they are replaced by `null_text_len` learned tokens (a
+parameter, 0.02-scaled normal at init), as ImagenUNet does: the "unconditional" input of
+classifier-free guidance (Ho & Salimans 2022) is learned, not the encoding of "" that Stable
+Diffusion uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagen_jax.models import sd_unet
+
+_SD_FIELDS = frozenset(f.name for f in dataclasses.fields(sd_unet.SDUNetConfig))
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentUNetConfig:
+    unet: sd_unet.SDUNetConfig
+    null_text_len: int = 8  # learned null tokens standing in for dropped text
+
+    @property
+    def text_dim(self) -> int:
+        return self.unet.cross_attention_dim
+
+    @property
+    def num_levels(self) -> int:
+        return self.unet.num_blocks
+
+
+# SDUNetConfig fields per variant: SD 1.x's block layout (cross-attention in all but the
+# lowest-resolution level, a cross-attention mid block), scaled down.
+VARIANTS = {
+    "runlocal": dict(
+        block_out_channels=(16, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        attention_head_dim=2,  # heads (diffusers' naming for Transformer2DModel blocks)
+        cross_attention_dim=32,
+        null_text_len=2,
+    ),
+    "shapes_latent": dict(  # 18M parameters; 16x16x4 latents of 64 px shapes images
+        block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=2,
+        norm_num_groups=32,
+        attention_head_dim=8,
+        cross_attention_dim=384,  # all-MiniLM-L6-v2
+        null_text_len=8,
+    ),
+}
+VARIANT_FIELDS = tuple(sorted(_SD_FIELDS | {"null_text_len"}))
+
+
+def make_config(variant: str, **overrides) -> LatentUNetConfig:
+    """The config of a `VARIANTS` entry with `overrides` (SDUNetConfig fields or
+    null_text_len)."""
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown latent UNet variant {variant!r}; expected one of {tuple(VARIANTS)}"
+        )
+    unknown = sorted(set(overrides) - set(VARIANT_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown latent UNet config keys {unknown}; allowed: {VARIANT_FIELDS}")
+    values = {**VARIANTS[variant], **overrides}
+    null_text_len = values.pop("null_text_len")
+    if not isinstance(values.get("cross_attention_dim"), int):
+        raise ValueError(
+            "the latent UNet needs one int cross_attention_dim (the text encoder's width), got "
+            f"{values.get('cross_attention_dim')!r}"
+        )
+    return LatentUNetConfig(sd_unet.SDUNetConfig(**values), null_text_len=int(null_text_len))
+
+
+def with_null_text(text, mask, drop, null):
+    """text [B, L, D] and mask [B, L] with rows where drop [B] is set replaced by the null
+    tokens null [1, N, D] (padded or cut to L; the mask marks the first N)."""
+    b, length = mask.shape
+    n = null.shape[1]
+    null = jnp.broadcast_to(null.astype(text.dtype), (b, n, text.shape[-1]))
+    null = jnp.pad(null, ((0, 0), (0, max(0, length - n)), (0, 0)))[:, :length]
+    null_mask = jnp.arange(length)[None, :] < n
+    text = jnp.where(drop[:, None, None], null, text)
+    mask = jnp.where(drop[:, None], null_mask, mask)
+    return text, mask
+
+
+class LatentUNet(nnx.Module):
+    """SDUNet + a learned null text, called as `model(z_t, timesteps, cond)`."""
+
+    time_input = "timesteps"  # what `training.step.model_fn` tells it: diffusers' timesteps
+
+    def __init__(
+        self, cfg: LatentUNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
+        self.cfg = cfg
+        self.unet = sd_unet.SDUNet(cfg.unet, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        shape = (1, cfg.null_text_len, cfg.text_dim)
+        self.null_text = nnx.Param(
+            (jax.random.normal(rngs.params(), shape) * 0.02).astype(param_dtype)
+        )
+
+    def __call__(self, z_t, t, cond):
+        """z_t [B, h, w, in_channels], t [B] timesteps -> [B, h, w, out_channels]."""
+        text, mask = cond["text"], cond["text_mask"].astype(bool)  # [B, L, D], [B, L]
+        if "drop_text" in cond:
+            text, mask = with_null_text(
+                text, mask, cond["drop_text"].astype(bool), self.null_text[...]
+            )
+        return self.unet(z_t, t, text, encoder_attention_mask=mask)

@@ -1,0 +1,186 @@
+"""`train_vae(config, workdir)`: trains an AutoencoderKL (`model.family = "vae"`) and writes
+it as a diffusers `vae/` directory that latent stages (`latent.vae`) and diffusers read.
+
+    state, metrics = train_vae(config, workdir)   # or train_and_evaluate: it dispatches here
+    python -m imagen_jax.training.vae_trainer --config=configs/shapes_vae.py \
+        --workdir=runs/shapes_vae --outdir=models/shapes_vae/vae [--step=N] [--noema]
+
+The run is the diffusion trainer's loop (`trainer.train_loop`: mesh, data pipeline, sharded
+state with EMA, Orbax checkpoints with resume, metrics.jsonl and TensorBoard, the NaN stop)
+with the autoencoder's step (`vae_step.py`) and, every `train.sample_every` steps, a
+reconstruction grid `workdir/samples/step_<step>.png` (top row: the first batch's first
+`train.num_samples` images; bottom row: their reconstructions from the posterior's mode, EMA
+weights).
+
+When the run reaches `train.steps`, process 0 writes `workdir/vae/` from the EMA weights
+(`export_vae` writes one from any checkpoint). The exported `scaling_factor` is measured, as
+Rombach et al. chose Stable Diffusion's 0.18215: 1 / the standard deviation of the posterior
+means of one batch of the training data, so that latent stages see latents of about unit
+variance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+from PIL import Image
+
+from imagen_jax import parallel
+from imagen_jax.models import vae as vae_lib
+from imagen_jax.training import checkpoint as ckpt_lib
+from imagen_jax.training import input as input_lib
+from imagen_jax.training import sampling as sampling_lib
+from imagen_jax.training import state as state_lib
+from imagen_jax.training import step as step_lib
+from imagen_jax.training import trainer as trainer_lib
+from imagen_jax.training import vae_step
+
+EXPORT_DIR = "vae"
+
+
+class ReconstructionGrid:
+    """`grid(step, ema_params, rest)` reconstructs the first batch's first
+    `train.num_samples` images and (process 0) writes them under the originals to
+    `workdir/samples/step_<step>.png`; returns the reconstructions, uint8 [N, H, W, 3]."""
+
+    def __init__(self, config, net, mesh, workdir: str, first_batch):
+        n = config.train.num_samples
+        rep = parallel.replicated(mesh)
+        self.workdir = workdir
+        self._images = jax.jit(lambda b: b["image"][:n], out_shardings=rep)(first_batch)
+
+        def reconstruct(params, rest, images):
+            return net.merge(params, rest)(step_lib.to_float_image(images))
+
+        self._reconstruct = jax.jit(reconstruct, out_shardings=rep)
+
+    def __call__(self, step: int, ema_params, rest) -> np.ndarray:
+        images = sampling_lib.to_uint8(self._reconstruct(ema_params, rest, self._images))
+        if jax.process_index() == 0:
+            folder = os.path.join(self.workdir, "samples")
+            os.makedirs(folder, exist_ok=True)
+            grid = sampling_lib._grid_image([np.asarray(self._images), images])
+            Image.fromarray(grid).save(os.path.join(folder, f"step_{step:08d}.png"))
+        return images
+
+
+def train_vae(config: ml_collections.ConfigDict, workdir: str):
+    """Trains the autoencoder of `config` in `workdir` (resuming from its checkpoints), then
+    exports `workdir/vae/`. Returns (final TrainState, metrics of the last logged step)."""
+    mesh = trainer_lib.make_mesh(config)
+    with jax.set_mesh(mesh):
+        net = trainer_lib.make_stage_network(config, mesh)
+        tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+        checkpointer = ckpt_lib.Checkpointer(
+            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
+        )
+        data = None
+        try:
+            data = input_lib.make_input(config)
+            state, shardings, rest = trainer_lib.make_state(
+                config, net, tx, mesh, checkpointer, data
+            )
+            train_step = vae_step.make_vae_train_step(
+                config, net, tx, lr_schedule, mesh, shardings, rest
+            )
+            state, metrics = trainer_lib.train_loop(
+                config,
+                workdir,
+                mesh,
+                net,
+                None,  # no text
+                data,
+                state,
+                rest,
+                train_step,
+                checkpointer,
+                make_grid=lambda batch: ReconstructionGrid(config, net, mesh, workdir, batch),
+            )
+        finally:
+            checkpointer.close()
+            if data is not None:
+                data.close()
+        params = multihost_utils.process_allgather(state.ema_params, tiled=True)
+    if jax.process_index() == 0:
+        write_vae(os.path.join(workdir, EXPORT_DIR), config, net, params)
+    return state, metrics
+
+
+def measure_scaling_factor(config, net, params) -> float:
+    """1 / std of the posterior means of one batch of the config's data (params: host)."""
+    data = input_lib.make_input(config)
+    try:
+        images = np.asarray(next(data)["image"])
+    finally:
+        data.close()
+    model = net.merge(params, net.abstract_rest)  # the VAE has no non-parameter state
+    means = nnx.jit(lambda m, x: m.encode(step_lib.to_float_image(x)).mean)(model, images)
+    std = float(np.std(np.asarray(means, np.float64)))
+    return 1.0 / std if std > 0 else 1.0
+
+
+def write_vae(outdir: str, config, net, params) -> str:
+    """Writes `params` (host arrays) of the autoencoder `net` as a diffusers directory, with
+    the scaling factor measured on the config's data."""
+    scale = measure_scaling_factor(config, net, params)
+    cfg = dataclasses.replace(net.cfg, scaling_factor=scale, sample_size=config.model.resolution)
+    vae_lib.save_vae(outdir, params, cfg)
+    logging.info("Wrote the VAE to %s (scaling_factor %.5g)", outdir, scale)
+    return outdir
+
+
+def export_vae(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str,
+    *,
+    step: int | None = None,
+    ema: bool = True,
+) -> str:
+    """Writes the autoencoder of a run's checkpoint (default: the latest; EMA weights unless
+    `ema` is False) as a diffusers directory; returns outdir."""
+    net = state_lib.make_network(config.model)
+    tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+    checkpointer = ckpt_lib.Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
+    )
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint")
+        checkpointer.check_model(step)
+        mesh = parallel.make_mesh([("data", 1)], jax.devices()[:1])
+        abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
+        target = state_lib.abstract_with_shardings(abstract, shardings)
+        restored = checkpointer.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+    finally:
+        checkpointer.close()
+    params = jax.tree.map(np.asarray, restored.ema_params if ema else restored.params)
+    return write_vae(outdir, config, net, params)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    print(export_vae(f.config, f.workdir, f.outdir, step=f.step, ema=f.ema))
+
+
+if __name__ == "__main__":  # flags only here: train.py imports this module and has its own
+    config_flags.DEFINE_config_file("config", None, "The VAE run's config file.")
+    flags.DEFINE_string("workdir", None, "The training workdir.")
+    flags.DEFINE_string("outdir", None, "The diffusers vae/ directory to write.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+    flags.DEFINE_bool("ema", True, "Export the EMA weights (--noema: the raw weights).")
+    flags.mark_flags_as_required(["config", "workdir", "outdir"])
+    app.run(main)

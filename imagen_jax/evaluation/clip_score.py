@@ -34,7 +34,6 @@ every tensor is used except `logit_scale` and position_ids buffers.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import pathlib
 import re
@@ -48,7 +47,7 @@ from flax import nnx
 
 from imagen_jax import parallel
 from imagen_jax.evaluation import clip_vision
-from imagen_jax.evaluation.folder import IMAGE_EXTENSIONS, MANIFEST, load_image
+from imagen_jax.evaluation.folder import load_image, read_manifest
 from imagen_jax.text import clip
 from imagen_jax.text.tokenizer import TOKENIZER_FILE, Tokenizer
 from imagen_jax.weights import (
@@ -378,64 +377,9 @@ def load_clip_scorer(
 
 
 def read_pairs(folder: str | os.PathLike) -> list[tuple[pathlib.Path, str]]:
-    """(image file, prompt) of every line of `folder/manifest.jsonl` (sample.py's: one JSON
-    object per image with "file", relative to the folder, and "prompt"; other fields are
-    ignored), checked against the folder: every listed file exists, none is listed twice,
-    and no PNG/JPEG in the listed files' directories is left out (a stale manifest)."""
-    folder = pathlib.Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"samples folder {str(folder)!r} does not exist")
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST} in {str(folder)!r}: CLIP score needs each image's prompt, one JSON "
-            'object per line with "file" and "prompt" (sample.py writes it)'
-        )
-    pairs, seen = [], {}
-    for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest}:{i}: not JSON ({e})") from None
-        if not isinstance(entry, dict) or not all(
-            isinstance(entry.get(k), str) for k in ("file", "prompt")
-        ):
-            raise ValueError(f"{manifest}:{i}: expected an object with string 'file' and 'prompt'")
-        path = folder / entry["file"]
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{manifest}:{i}: image {str(path)!r} is missing: the manifest does not match "
-                "the folder"
-            )
-        key = path.resolve()
-        if key in seen:
-            raise ValueError(
-                f"{manifest}:{i}: {entry['file']!r} is listed again (line {seen[key]})"
-            )
-        seen[key] = i
-        pairs.append((path, entry["prompt"]))
-    if not pairs:
-        raise ValueError(f"{manifest} lists no images: CLIP score needs at least 1")
-    _check_unlisted(manifest, set(seen))
-    return pairs
-
-
-def _check_unlisted(manifest: pathlib.Path, listed: set[pathlib.Path]) -> None:
-    dirs = {p.parent for p in listed}
-    unlisted = sorted(
-        p
-        for d in dirs
-        for p in d.iterdir()
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and p.resolve() not in listed
-    )
-    if unlisted:
-        raise ValueError(
-            f"{manifest} does not match the folder: {len(unlisted)} image(s) beside the listed "
-            f"ones are not in it, e.g. {str(unlisted[0])!r} (rebuild the manifest, e.g. rerun "
-            "the sampling job, which writes it from the images at its end)"
-        )
+    """(image file, prompt) of every line of `folder/manifest.jsonl`, checked against the
+    folder (`folder.read_manifest`)."""
+    return [(path, r["prompt"]) for path, r in read_manifest(folder, purpose="CLIP score")]
 
 
 def evaluate_folder(

@@ -25,7 +25,6 @@ Evaluators (`evals.metrics` names):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -35,11 +34,10 @@ import ml_collections
 import numpy as np
 
 from imagen_jax.evaluation import fid as fid_lib
+from imagen_jax.evaluation import folder as folder_lib
 from imagen_jax.evaluation import inception
 from imagen_jax.shapes import evaluate as shapes_evaluate
 from imagen_jax.shapes import scorer
-
-MANIFEST = "manifest.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,42 +224,8 @@ def run_evaluators(evaluators: Sequence[Evaluator], samples: Samples) -> dict[st
 
 
 def samples_from_folder(folder: str | os.PathLike) -> Samples:
-    """The images a sampling job's `manifest.jsonl` lists, with their records. Every image
-    the manifest names must exist, and every image beside them must be named (the folder
-    and its manifest must agree); a job's `grid.png` is not a sample."""
-    folder = pathlib.Path(folder)
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {str(folder)!r} (write one with sample.py)")
-    records = []
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{manifest}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not all(
-            isinstance(record.get(k), str) for k in ("file", "prompt")
-        ):
-            raise ValueError(f"{manifest}:{n}: needs string 'file' and 'prompt' fields")
-        if not (folder / record["file"]).is_file():
-            raise FileNotFoundError(f"{manifest}:{n}: image {record['file']!r} is missing")
-        records.append(record)
-    if not records:
-        raise ValueError(f"{manifest} lists no images")
-    listed = {os.path.normpath(r["file"]) for r in records}
-    on_disk = {  # the images beside the listed ones (a job's grid.png lies elsewhere)
-        os.path.normpath(p.relative_to(folder))
-        for d in {(folder / f).parent for f in listed}
-        for p in d.iterdir()
-        if p.suffix.lower() in (".png", ".jpg", ".jpeg") and p.is_file() and p.name != "grid.png"
-    }
-    unlisted = sorted(on_disk - listed)
-    if unlisted:
-        raise ValueError(
-            f"{len(unlisted)} images in {str(folder)!r} are not in {MANIFEST} (e.g. "
-            f"{unlisted[0]}): the manifest does not match the folder"
-        )
-    images = [shapes_evaluate.load_image(folder / r["file"]) for r in records]
-    return Samples(images, records)
+    """The images a sampling job's `manifest.jsonl` lists, with their records, checked
+    against the folder (`folder.read_manifest`: every listed image exists, none is listed
+    twice, none beside them is left out)."""
+    pairs = folder_lib.read_manifest(folder)
+    return Samples([folder_lib.load_image(path) for path, _ in pairs], [r for _, r in pairs])

@@ -25,6 +25,7 @@ from imagen_jax.evaluation import fid, inception
 
 MANIFEST = "manifest.jsonl"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+GRID = "grid.png"  # a sampling job's contact sheet, beside its manifest
 
 
 def list_images(folder: str | os.PathLike) -> list[pathlib.Path]:
@@ -60,6 +61,73 @@ def list_images(folder: str | os.PathLike) -> list[pathlib.Path]:
             f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     return files
+
+
+def read_manifest(
+    folder: str | os.PathLike, *, purpose: str = "evaluation"
+) -> list[tuple[pathlib.Path, dict[str, Any]]]:
+    """(image file, record) of every line of `folder/manifest.jsonl` (sample.py's: one JSON
+    object per image with "file", relative to the folder, and "prompt"; other fields are
+    kept), checked against the folder: every listed file exists, none is listed twice, and
+    no PNG/JPEG beside the listed files is left out (a stale manifest; a job's `grid.png`
+    is not a sample). `purpose` names what needs the prompts, in error messages."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"samples folder {str(folder)!r} does not exist")
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {str(folder)!r}: {purpose} needs each image's prompt, one JSON "
+            'object per line with "file" and "prompt" (sample.py writes it)'
+        )
+    records, seen = [], {}
+    for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{manifest}:{i}: not JSON ({e})") from None
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(k), str) for k in ("file", "prompt")
+        ):
+            raise ValueError(f"{manifest}:{i}: expected an object with string 'file' and 'prompt'")
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{manifest}:{i}: image {str(path)!r} is missing: the manifest does not match "
+                "the folder"
+            )
+        key = path.resolve()
+        if key in seen:
+            raise ValueError(
+                f"{manifest}:{i}: {entry['file']!r} is listed again (line {seen[key]})"
+            )
+        seen[key] = i
+        records.append((path, entry))
+    if not records:
+        raise ValueError(f"{manifest} lists no images: {purpose} needs at least 1")
+    _check_unlisted(manifest, set(seen))
+    return records
+
+
+def _check_unlisted(manifest: pathlib.Path, listed: set[pathlib.Path]) -> None:
+    dirs = {p.parent for p in listed}
+    unlisted = sorted(
+        p
+        for d in dirs
+        for p in d.iterdir()
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
+        and p.name != GRID
+        and p.resolve() not in listed
+    )
+    if unlisted:
+        raise ValueError(
+            f"{manifest} does not match the folder: {len(unlisted)} image(s) beside the listed "
+            f"ones are not in it, e.g. {str(unlisted[0])!r} (rebuild the manifest, e.g. rerun "
+            "the sampling job, which writes it from the images at its end)"
+        )
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

@@ -57,5 +57,18 @@ setup(
             "pytest-xdist==3.8.0",
             "ruff==0.17.6",
         ],
+        # The peer of bench/train_vs_imagen_pytorch.py and what its Unet imports (torch as
+        # for `test`: the CPU build). imagen-pytorch's own requirements also pull its
+        # trainer's stack (accelerate, datasets, ...), which the benchmark never imports; to
+        # add the peer to a test environment without them, see bench/README.md.
+        "bench": [
+            "torch==2.13.0",
+            "torchvision==0.28.0",
+            "transformers==5.23.0",
+            "imagen-pytorch==2.1.0",
+            "einops==0.8.2",
+            "beartype==0.23.1",
+            "kornia==0.9.0",
+        ],
     },
 )

@@ -6,39 +6,18 @@
 
 from __future__ import annotations
 
-import jax
 import ml_collections
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax import parallel
 from imagen_jax.pipelines import stages
 from imagen_jax.training import checkpoint as ckpt_lib
-from imagen_jax.training import state as state_lib
 
 
 def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
-    """(EMA params as a nested dict of numpy arrays, the step) of a run's checkpoint; the
-    checkpoint must hold the config's model (else CheckpointMismatchError)."""
-    net = state_lib.make_network(config.model)
-    tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
-    )
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"{workdir} holds no checkpoint")
-    checkpointer.check_model(step)
-    mesh = parallel.make_mesh([("data", 1)], jax.devices()[:1])
-    abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
-    target = state_lib.abstract_with_shardings(abstract, shardings)
-    restored = checkpointer.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-    )["state"]
-    checkpointer.close()
-    return jax.tree.map(np.asarray, restored.ema_params), net, int(step)
+    """(EMA params as a nested dict of numpy arrays, the Network, the step) of a run's
+    checkpoint (`checkpoint.restore_params`)."""
+    return ckpt_lib.restore_params(config, workdir, step)
 
 
 def export_stage(

@@ -20,6 +20,7 @@ import os
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -122,3 +123,32 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_params(config, workdir: str, step: int | None = None, *, ema: bool = True):
+    """(parameters as a nested dict of numpy arrays — the EMA weights unless `ema` is
+    False —, the Network, the step) of a run's checkpoint (default: the latest), restored
+    onto one device; the checkpoint must hold the config's model (else
+    CheckpointMismatchError)."""
+    from imagen_jax.training import state as state_lib  # lazy: state is heavier
+
+    net = state_lib.make_network(config.model)
+    tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
+    checkpointer = Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, signature=model_signature(net)
+    )
+    try:
+        step = checkpointer.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint")
+        checkpointer.check_model(step)
+        mesh = parallel.make_mesh([("data", 1)], jax.devices()[:1])
+        abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
+        target = state_lib.abstract_with_shardings(abstract, shardings)
+        restored = checkpointer.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
+        )["state"]
+    finally:
+        checkpointer.close()
+    params = restored.ema_params if ema else restored.params
+    return jax.tree.map(np.asarray, params), net, int(step)

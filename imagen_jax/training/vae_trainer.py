@@ -27,7 +27,6 @@ import os
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -148,25 +147,7 @@ def export_vae(
 ) -> str:
     """Writes the autoencoder of a run's checkpoint (default: the latest; EMA weights unless
     `ema` is False) as a diffusers directory; returns outdir."""
-    net = state_lib.make_network(config.model)
-    tx, _ = state_lib.make_optimizer(config.optim, config.train.steps)
-    checkpointer = ckpt_lib.Checkpointer(
-        workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
-    )
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir} holds no checkpoint")
-        checkpointer.check_model(step)
-        mesh = parallel.make_mesh([("data", 1)], jax.devices()[:1])
-        abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
-        target = state_lib.abstract_with_shardings(abstract, shardings)
-        restored = checkpointer.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
-        )["state"]
-    finally:
-        checkpointer.close()
-    params = jax.tree.map(np.asarray, restored.ema_params if ema else restored.params)
+    params, net, _ = ckpt_lib.restore_params(config, workdir, step, ema=ema)
     return write_vae(outdir, config, net, params)
 
 

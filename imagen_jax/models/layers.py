@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax.models.attention import dot_product_attention
+
 zeros_init = nnx.initializers.zeros_init()
 
 
@@ -80,9 +82,7 @@ class Attention(nnx.Module):
         k, v = jnp.split(
             self.kv(context).reshape(b, context.shape[1], 2 * self.heads, self.head_dim), 2, axis=2
         )
-        if mask is not None:
-            mask = mask[:, None, None, :].astype(bool)  # [B, 1, 1, S]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
+        out = dot_product_attention(q, k, v, mask=mask)  # [B, T, N, D]
         return self.out(out.reshape(b, t, self.heads * self.head_dim))
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx import traversals
 
+from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -357,9 +358,7 @@ def _attention(q, k, v, *, heads: int, bias=None):
     """
     b, lq, inner = q.shape
     q, k, v = (x.reshape(b, x.shape[1], heads, inner // heads) for x in (q, k, v))
-    if bias is not None:
-        bias = bias.astype(jnp.float32)[:, None, None, :]  # [B, 1, 1, Lk]
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias)  # [B, Lq, H, D]
+    out = dot_product_attention(q, k, v, bias=bias)  # [B, Lq, H, D]
     return out.reshape(b, lq, inner)
 
 

@@ -36,6 +36,7 @@ from absl import logging
 from flax import nnx
 from flax.nnx import traversals
 
+from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
 
@@ -260,9 +261,7 @@ class SpatialAttention(nnx.Module):
         b, hh, ww, c = x.shape
         h = self.group_norm(x).reshape(b, hh * ww, c)  # [B, T, C]
         q, k, v = self.to_q(h), self.to_k(h), self.to_v(h)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
-        weights = jax.nn.softmax(logits * c**-0.5, axis=-1)  # float32, as upcast_softmax
-        out = jnp.einsum("bqk,bkc->bqc", weights.astype(v.dtype), v)
+        out = dot_product_attention(*(t[:, :, None] for t in (q, k, v)))[:, :, 0]  # one head
         return x + self.to_out(out).reshape(b, hh, ww, c)
 
 

@@ -15,8 +15,9 @@ resolution); the networks are fully convolutional, so any size works whose every
 that stage's UNet downsampling factor (2 ** (levels - 1)), e.g. 32x64 with the shapes
 cascade. Non-square sizes were never seen in training: expect the quality to vary.
 
-Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x or SDXL directory in
-diffusers layout (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/),
+Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x, SDXL or SD 3 / 3.5
+directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, text_encoder*/,
+tokenizer*/, scheduler/),
 with its scheduler's settings (override with --set=0.steps=30 --set=0.sampler=dpmpp_2m);
 --refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8).
 DeepFloyd IF: --pipeline=IF_I_DIR samples stage I (IFPipeline), --pipeline_sr=IF_II_DIR adds

@@ -68,6 +68,24 @@ FAMILIES = {
             "scheduler": (),
         },  # the base also has text_encoder / tokenizer; the refiner has none
     ),
+    "stable_diffusion_3": Family(
+        "stable_diffusion_3",
+        ("StableDiffusion3Pipeline",),
+        {
+            "transformer": ("SD3Transformer2DModel",),
+            "vae": ("AutoencoderKL",),
+            "text_encoder": ("CLIPTextModelWithProjection",),
+            "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+            "text_encoder_2": ("CLIPTextModelWithProjection",),
+            "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+            "scheduler": ("FlowMatchEulerDiscreteScheduler",),
+        },
+        # The T5 encoder may be left out (model_index lists it as null): zeros take its place.
+        optional={
+            "text_encoder_3": ("T5EncoderModel",),
+            "tokenizer_3": ("T5Tokenizer", "T5TokenizerFast"),
+        },
+    ),
     "deepfloyd_if": Family(
         "deepfloyd_if",
         ("IFPipeline", "IFSuperResolutionPipeline"),

@@ -137,19 +137,23 @@ class LatentPipeline:
             tuple(sorted((k, str(v)) for k, v in sampling.denoiser_options.items())),
         )
         if key not in self._samplers:
-            graph = self._unet_graph
-
-            def apply_fn(state, z, t, cond):
-                unet = nnx.merge(graph, state)
-                return unet(z, t, cond["text"], added_cond=cond.get("added"))
-
             self._samplers[key] = samplers.compile_sampler(
-                apply_fn,
+                self._network(),
                 sampler=sampling.sampler,
                 sampler_options=sampling.sampler_options,
                 **sampling.denoiser_options,
             )
         return self._samplers[key]
+
+    def _network(self):
+        """apply_fn(state, z, t, cond) of the denoising network, as the samplers call it."""
+        graph = self._unet_graph
+
+        def apply_fn(state, z, t, cond):
+            unet = nnx.merge(graph, state)
+            return unet(z, t, cond["text"], added_cond=cond.get("added"))
+
+        return apply_fn
 
     def settings(self, **overrides) -> ml_collections.ConfigDict:
         """The call's `sample` group: the scheduler's settings with `overrides` (None: keep)."""
@@ -298,11 +302,16 @@ DEFAULT_STEPS = 50
 
 
 def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPipeline:
-    """An SD 1.x / 2.x or SDXL (base or refiner) pipeline from a diffusers directory. Every
-    component is checked (present, of its class, fitting the others) before weights load."""
+    """An SD 1.x / 2.x or SDXL (base or refiner) pipeline from a diffusers directory (an SD 3
+    directory gives `sd3.load_sd3_pipeline`'s pipeline). Every component is checked
+    (present, of its class, fitting the others) before weights load."""
     path = os.fspath(path)
     index = diffusers_format.read_model_index(path)
     family = diffusers_format.family_of(index, path)
+    if family.name == "stable_diffusion_3":
+        from imagen_jax.pipelines import sd3  # it builds on this module
+
+        return sd3.load_sd3_pipeline(path, dtype=dtype)
     if family.name not in DEFAULT_GUIDANCE:
         raise CheckpointError(
             f"{path} is a {index['_class_name']}; load it with the {family.name} loader"

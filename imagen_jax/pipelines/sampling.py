@@ -183,7 +183,7 @@ def public_job(
     batch_size=1,
 ):
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
-    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner)."""
+    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3."""
     from imagen_jax.pipelines import deepfloyd  # lazy: only public pipelines need them
 
     if deepfloyd.is_if_pipeline(pipeline):

@@ -5,9 +5,11 @@
         --config.optim.lr=1e-4
     python train.py --config=configs/shapes_vae.py:runlocal --workdir=/tmp/vae_local
     python train.py --config=configs/shapes_latent.py:runlocal --workdir=/tmp/latent_local
+    python train.py --config=configs/shapes_mmdit.py:runlocal --workdir=/tmp/mmdit_local
 
 A config whose model.family is "vae" trains an autoencoder (and writes WORKDIR/vae/); one
-whose family is "sd_unet" trains a latent stage on the frozen VAE of its latent.vae.
+whose family is "sd_unet" (UNet) or "mmdit" (SD3-style, rectified flow) trains a latent
+stage on the frozen VAE of its latent.vae.
 
 Multi-host: every process runs the same command, with --coordinator_address=host:port,
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and

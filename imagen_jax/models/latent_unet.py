@@ -41,6 +41,14 @@ class LatentUNetConfig:
         return self.unet.cross_attention_dim
 
     @property
+    def in_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.unet.out_channels
+
+    @property
     def num_levels(self) -> int:
         return self.unet.num_blocks
 

@@ -10,7 +10,7 @@
   text_cache.py  builds a config's text-embedding cache (`python -m ...training.text_cache`)
   state.py       TrainState (created sharded), optimizer and schedule, EMA
   step.py        the jitted train step: CFG dropout, noise augmentation, loss, update
-  latent.py      latent stages (model.family "sd_unet"): the frozen VAE, images -> latents
+  latent.py      latent stages (model.family "sd_unet" / "mmdit"): the frozen VAE, images -> latents
   checkpoint.py  Orbax checkpoints of state, data iterator and model signature
   metrics.py     metrics.jsonl, TensorBoard (if tensorboardX is installed), progress bar
   sampling.py    the periodic sample grid from the EMA weights

@@ -6,7 +6,8 @@ returns the group's defaults with `overrides` applied; an unknown key raises, as
 unknown key given later on the command line (configs are locked by `train.py`).
 
 `model.family` picks the network: "imagen" (ImagenUNet, pixel stages; the default),
-"sd_unet" (`models.latent_unet.LatentUNet`, our SDUNet, on a frozen VAE's latents) or "vae"
+"sd_unet" (`models.latent_unet.LatentUNet`, our SDUNet, on a frozen VAE's latents), "mmdit"
+(`models.latent_mmdit.LatentMMDiT`, our SD3 MMDiT, on a frozen VAE's latents) or "vae"
 (`models.vae.AutoencoderKL`, trained by `training.vae_trainer`).
 """
 
@@ -16,9 +17,10 @@ import dataclasses
 
 import ml_collections
 
-from imagen_jax.models import imagen_unet, latent_unet, vae
+from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
 
-FAMILIES = ("imagen", "sd_unet", "vae")
+FAMILIES = ("imagen", "sd_unet", "mmdit", "vae")
+LATENT_FAMILIES = ("sd_unet", "mmdit")  # diffusion on a frozen VAE's latents
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
 _VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
@@ -47,17 +49,20 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
 
     family "imagen" (default): any other key is an `imagen_unet.UNetConfig` field overriding
     the variant (e.g. `text_dim=4096`, `channels=32`); `unet_config` builds the UNetConfig.
-    family "sd_unet": `latent_unet_model_config`; family "vae": `vae_model_config`.
+    family "sd_unet": `latent_unet_model_config`; "mmdit": `latent_mmdit_model_config`;
+    family "vae": `vae_model_config`.
     """
     family = overrides.get("family", "imagen")
     if family == "sd_unet":
         return latent_unet_model_config(**overrides)
+    if family == "mmdit":
+        return latent_mmdit_model_config(**overrides)
     if family == "vae":
         return vae_model_config(**overrides)
     if family != "imagen":
         raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
     defaults = dict(
-        family="imagen",  # imagen | sd_unet | vae
+        family="imagen",  # imagen | sd_unet | mmdit | vae
         variant="runlocal",  # imagen_unet.VARIANTS: runlocal | shapes_base | shapes_sr |
         #                      imagen_base_2b | imagen_sr256_600m | imagen_sr1024_400m
         resolution=64,  # the side of the images the stage generates
@@ -84,6 +89,24 @@ def latent_unet_model_config(**overrides) -> ml_collections.ConfigDict:
         param_dtype="float32",
     )
     return _group(defaults, overrides, "model", extra=latent_unet.VARIANT_FIELDS)
+
+
+def latent_mmdit_model_config(**overrides) -> ml_collections.ConfigDict:
+    """A latent diffusion stage's MMDiT (family "mmdit"): a `latent_mmdit.VARIANTS` entry.
+
+    `resolution` is the side of the images (the MMDiT runs on the VAE's latents of them);
+    any other key is an `sd3_transformer.SD3TransformerConfig` field (e.g.
+    `joint_attention_dim=384`, the text encoder's width) or `null_text_len`.
+    """
+    defaults = dict(
+        family="mmdit",
+        variant="runlocal",  # latent_mmdit.VARIANTS: runlocal | shapes_mmdit
+        resolution=64,  # the side of the images; latents are resolution / f of the VAE
+        low_resolution=0,  # must be 0: latent super-resolution stages are not implemented
+        dtype="float32",
+        param_dtype="float32",
+    )
+    return _group(defaults, overrides, "model", extra=latent_mmdit.VARIANT_FIELDS)
 
 
 def vae_model_config(**overrides) -> ml_collections.ConfigDict:
@@ -113,10 +136,13 @@ def unet_config(model: ml_collections.ConfigDict) -> imagen_unet.UNetConfig:
 
 def network_config(model: ml_collections.ConfigDict):
     """The dataclass config of `model`'s network: imagen_unet.UNetConfig,
-    latent_unet.LatentUNetConfig or vae.VAEConfig, by `model.family`."""
+    latent_unet.LatentUNetConfig, latent_mmdit.LatentMMDiTConfig or vae.VAEConfig, by
+    `model.family`."""
     family = model.get("family", "imagen")
     if family == "sd_unet":
         return latent_unet.make_config(model.variant, **_overrides(model))
+    if family == "mmdit":
+        return latent_mmdit.make_config(model.variant, **_overrides(model))
     if family == "vae":
         return vae.make_config(model.variant, **_overrides(model))
     if family != "imagen":

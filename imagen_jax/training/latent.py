@@ -58,9 +58,10 @@ def load_frozen_vae(path: str, seed: int = 0) -> tuple[vae_lib.AutoencoderKL, st
 
 
 def check_latent_stage(config: ml_collections.ConfigDict, vae_cfg: vae_lib.VAEConfig, net, where):
-    """Raises ValueError when the VAE's latents do not fit the UNet: channels in and out, and
-    a latent side that the UNet's levels can halve."""
-    unet = net.cfg.unet
+    """Raises ValueError when the VAE's latents do not fit the network (UNet or MMDiT):
+    channels in and out, and a latent side that the UNet's levels can halve (the MMDiT's
+    patches can tile)."""
+    unet = net.cfg  # LatentUNetConfig | LatentMMDiTConfig: in_channels, out_channels
     c = vae_cfg.latent_channels
     if c != unet.in_channels:
         raise ValueError(

@@ -10,7 +10,8 @@ optax state, the step and the run's base key. The network's graph and its non-pa
 state (the dropout RNG streams, reseeded every step) live in `Network`.
 
 The network is the `model.family`'s: ImagenUNet ("imagen", the default), LatentUNet
-("sd_unet", our SDUNet with a learned null text) or AutoencoderKL ("vae"); `Network`'s
+("sd_unet", our SDUNet with a learned null text), LatentMMDiT ("mmdit", our SD3 MMDiT with
+a learned null text) or AutoencoderKL ("vae"); `Network`'s
 properties (`low_res`, `dropout`, `text_dim`, `num_levels`) answer for all three.
 
 Creation follows the flax/big_vision recipe: shapes from `nnx.eval_shape` (nothing is
@@ -30,8 +31,8 @@ import optax
 from flax import nnx
 
 from imagen_jax import parallel
-from imagen_jax.models import imagen_unet, latent_unet, vae
-from imagen_jax.training.config import network_config
+from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.training.config import LATENT_FAMILIES, network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,18 +50,20 @@ class Network:
     """The static half of the network: its graph and config; `rest` is the non-parameter
     state (replicated arrays), created by `init_rest`."""
 
-    cfg: Any  # imagen_unet.UNetConfig | latent_unet.LatentUNetConfig | vae.VAEConfig
+    cfg: Any  # UNetConfig | LatentUNetConfig | LatentMMDiTConfig | VAEConfig (by family)
     graphdef: Any
     abstract_params: Any  # nested dict of ShapeDtypeStruct
     abstract_rest: Any  # nnx.State of ShapeDtypeStruct
     dtype: Any
     param_dtype: Any
-    family: str = "imagen"  # imagen | sd_unet | vae (config.model.family)
+    family: str = "imagen"  # imagen | sd_unet | mmdit | vae (config.model.family)
 
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.family == "sd_unet":
             return latent_unet.LatentUNet(self.cfg, **kw)
+        if self.family == "mmdit":
+            return latent_mmdit.LatentMMDiT(self.cfg, **kw)
         if self.family == "vae":
             return vae.AutoencoderKL(self.cfg, **kw)
         return imagen_unet.ImagenUNet(self.cfg, **kw)
@@ -85,14 +88,15 @@ class Network:
     @property
     def text_dim_key(self) -> str:
         """The config key that sets `text_dim`."""
-        return "model.cross_attention_dim" if self.family == "sd_unet" else "model.text_dim"
+        keys = {"sd_unet": "model.cross_attention_dim", "mmdit": "model.joint_attention_dim"}
+        return keys.get(self.family, "model.text_dim")
 
     @property
     def num_levels(self) -> int:
         """Resolutions it works at: the input's side must divide by 2 ** (num_levels - 1)."""
         if self.family == "imagen":
             return len(self.cfg.channel_mult)
-        if self.family == "sd_unet":
+        if self.family in LATENT_FAMILIES:
             return self.cfg.num_levels
         return len(self.cfg.block_out_channels)
 
@@ -113,9 +117,9 @@ def make_network(model: ml_collections.ConfigDict) -> Network:
             f"model.variant={model.variant!r} is {kind} UNet but model.low_resolution="
             f"{model.low_resolution}"
         )
-    if family == "sd_unet" and model.low_resolution:
+    if family in LATENT_FAMILIES and model.low_resolution:
         raise ValueError(
-            f"model.low_resolution={model.low_resolution}: latent (sd_unet) stages take no "
+            f"model.low_resolution={model.low_resolution}: latent ({family}) stages take no "
             "low-resolution input; latent super-resolution is not implemented"
         )
     dtype = _dtype(model.dtype, "model.dtype")

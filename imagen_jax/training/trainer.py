@@ -13,9 +13,10 @@ every `train.log_every` steps and before every checkpoint, sample grid or evalua
 a non-finite loss or gradient norm among them stops the run with `NonFiniteLossError`
 before anything is saved, leaving the last good checkpoint.
 
-`model.family` picks the stage: "imagen" (pixel stages), "sd_unet" (a latent stage: the
-batches' images become latents of the frozen VAE of `latent.vae` before the step,
-`training/latent.py`, and the sample grid decodes its latents with it) or "vae" (the
+`model.family` picks the stage: "imagen" (pixel stages), "sd_unet" or "mmdit" (a latent
+stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE of
+`latent.vae` before the step, `training/latent.py`, and the sample grid decodes its
+latents with it) or "vae" (the
 autoencoder itself: `training/vae_trainer.py:train_vae`, the same loop with its own step).
 """
 
@@ -36,6 +37,7 @@ from imagen_jax.training import sampling as sampling_lib
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
 from imagen_jax.training import text as text_lib
+from imagen_jax.training.config import LATENT_FAMILIES
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -134,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     with jax.set_mesh(mesh):
         net = make_stage_network(config, mesh)
         latent = None
-        if net.family == "sd_unet":
+        if net.family in LATENT_FAMILIES:
             latent = latent_lib.LatentSpace.from_config(config, net, mesh)
         tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
         checkpointer = ckpt_lib.Checkpointer(

@@ -1,7 +1,9 @@
-"""Latent training on the shapes domain: the VAE config (configs/shapes_vae.py) and the
-latent SDUNet config (configs/shapes_latent.py), in their runlocal forms, through
-train_and_evaluate: two steps, a checkpoint, a resume, the VAE's diffusers export read back
-by diffusers itself, and the errors of a latent stage whose VAE is missing or does not fit.
+"""Latent training on the shapes domain: the VAE config (configs/shapes_vae.py), the
+latent SDUNet config (configs/shapes_latent.py) and the SD3-style MMDiT config
+(configs/shapes_mmdit.py), in their runlocal forms, through train_and_evaluate: two steps, a
+checkpoint, a resume, the VAE's diffusers export read back by diffusers itself, the MMDiT
+learning a fixed batch with rectified flow, and the errors of a latent stage whose VAE is
+missing or does not fit.
 """
 
 import json
@@ -17,14 +19,18 @@ import torch
 from conftest import stage_config, tiny
 from flax import nnx
 from PIL import Image
+from test_learning import _probe_losses
 
 from imagen_jax import training
 from imagen_jax.diffusion import schedules
-from imagen_jax.models import latent_unet, vae
+from imagen_jax.models import latent_mmdit, latent_unet, vae
+from imagen_jax.training import latent as latent_lib
 from imagen_jax.training import step as step_lib
+from imagen_jax.training import trainer
 from imagen_jax.training.vae_trainer import EXPORT_DIR
 
-STAGES = ("shapes_vae", "shapes_latent")
+STAGES = ("shapes_vae", "shapes_latent", "shapes_mmdit")
+FAMILY = {"shapes_vae": "vae", "shapes_latent": "sd_unet", "shapes_mmdit": "mmdit"}
 
 
 def _steps(workdir) -> list[dict]:
@@ -79,15 +85,16 @@ def test_vae_trains_resumes_and_exports_for_diffusers(tmp_path):
     _check_run(tmp_path, state, metrics, 3)
 
 
-def test_latent_stage_trains_and_resumes(tmp_path):
-    config = stage_config("shapes_latent", steps=2, log_every=1, checkpoint_every=2, sample_every=2)
+@pytest.mark.parametrize("stage", ["shapes_latent", "shapes_mmdit"])
+def test_latent_stage_trains_and_resumes(stage, tmp_path):
+    config = stage_config(stage, steps=2, log_every=1, checkpoint_every=2, sample_every=2)
     assert config.latent.vae == "random"  # runlocal: an untrained tiny VAE
     state, metrics = training.train_and_evaluate(config, str(tmp_path))
     _check_run(tmp_path, state, metrics, 2)
     grid = np.asarray(Image.open(tmp_path / "samples" / "step_00000002.png"))
     assert grid.shape == (18 + 2, 2 * 18 + 2, 3)  # decoded to 16 px images
 
-    resumed = tiny("shapes_latent", steps=3)
+    resumed = tiny(stage, steps=3)
     state, metrics = training.train_and_evaluate(resumed, str(tmp_path))
     _check_run(tmp_path, state, metrics, 3)
 
@@ -146,16 +153,64 @@ def test_latent_unet_is_told_diffusers_timesteps():
     assert latent_unet.LatentUNet.time_input == "timesteps"
 
 
+def test_mmdit_learns_a_fixed_batch_with_rectified_flow():
+    """On one fixed batch of latents, the flow-matching loss of the MMDiT stage falls far
+    below where it starts (the same probe as test_learning.py's for the pixel UNet)."""
+    config = tiny("shapes_mmdit", steps=100)
+    mesh = trainer.make_mesh(config)
+    with jax.set_mesh(mesh):
+        net = training.make_network(config.model)
+        assert isinstance(net.build(nnx.Rngs(0)), latent_mmdit.LatentMMDiT)
+        latent = latent_lib.LatentSpace.from_config(config, net, mesh)
+        tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)
+        state, shardings, rest = training.create_train_state(config, net, tx, mesh)
+        encoder = training.make_text_encoder(config.text)
+        batch = trainer.device_batch(next(training.make_input(config)), encoder, mesh)
+        batch = latent.encode_batch(batch, 0)
+        train_step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
+        before = _probe_losses(train_step, state, rest, batch)
+        for _ in range(config.train.steps):
+            state, metrics = train_step(state, rest, batch)
+            jax.block_until_ready(metrics)
+        after = _probe_losses(train_step, state, rest, batch)
+    print(f"flow loss on the same draws: before {before.mean():.3f}, after {after.mean():.3f}")
+    assert np.isfinite(after).all()
+    assert after.mean() < 0.6 * before.mean(), (before, after)
+
+
+def test_mmdit_is_told_sigma_times_1000_and_pools_real_tokens():
+    seen = {}
+    model = latent_mmdit.LatentMMDiT(latent_mmdit.make_config("runlocal"), rngs=nnx.Rngs(0))
+
+    def spy(z, t, text, pooled):
+        seen.update(t=t, text=text, pooled=pooled)
+        return z
+
+    model.transformer = spy
+    flow = schedules.FlowSchedule(shift=3.0)  # the loss and samplers use sigma * 1000 as t
+    text = jnp.ones((2, 4, 32)).at[:, 2:].set(5.0)  # two real tokens, then padding
+    mask = jnp.array([[True, True, False, False]] * 2)
+    cond = {"text": text, "text_mask": mask, "drop_text": jnp.array([False, True])}
+    t = jnp.array([250.0, 999.0])
+    step_lib.model_fn(model, schedule=flow)(jnp.zeros((2, 4, 4, 4)), t, cond)
+    np.testing.assert_array_equal(seen["t"], [250.0, 999.0])  # as SD3's transformer is told
+    np.testing.assert_array_equal(seen["text"][0, 2:], 0.0)  # padding zeroed
+    np.testing.assert_allclose(seen["pooled"][0], 1.0)  # the mean of the real tokens
+    null = model.null_text[...][0]  # dropped row: the learned null tokens and their mean
+    np.testing.assert_allclose(seen["text"][1, :2], null)
+    np.testing.assert_allclose(seen["pooled"][1], null.mean(axis=0), rtol=1e-6)
+
+
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("arg", ["", "runlocal"])
 def test_configs_build(stage, arg):
     config = stage_config(stage, arg)
     net = training.make_network(config.model)
-    assert net.family == {"shapes_vae": "vae", "shapes_latent": "sd_unet"}[stage]
+    assert net.family == FAMILY[stage]
     assert config.model.resolution == config.data.resolution
-    if stage == "shapes_latent":
+    if stage in ("shapes_latent", "shapes_mmdit"):
         assert net.text_dim == (config.text.dim if arg else 384)
-        assert net.cfg.unet.in_channels == 4 and config.evals.every == 0
+        assert net.cfg.in_channels == 4 and config.evals.every == 0
     else:
         assert net.cfg.latent_channels == 4 and set(config.vae_loss) >= {"kl_weight"}
     with pytest.raises(ValueError, match="Unknown config arg 'bogus'"):
@@ -169,6 +224,10 @@ def test_model_groups_are_strict():
         training.model_config(family="vae", text_dim=32)
     with pytest.raises(ValueError, match="model.family='dit'"):
         training.model_config(family="dit")
+    with pytest.raises(KeyError, match="unknown model config keys"):
+        training.model_config(family="mmdit", cross_attention_dim=32)  # an SDUNet key
+    with pytest.raises(ValueError, match="pooled_projection_dim=16 must equal"):
+        training.make_network(training.model_config(family="mmdit", pooled_projection_dim=16))
     model = training.model_config(family="sd_unet", low_resolution=8)
     with pytest.raises(ValueError, match="latent super-resolution is not implemented"):
         training.make_network(model)

@@ -50,19 +50,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import traversals
 
+from imagen_jax.models import diffusers_loading
 from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.models.sd_unet import (
     TimestepEmbedding,
-    _key_map,
-    _ShapeOnlyRngs,
     sinusoidal_embedding,
 )
-from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
+from imagen_jax.weights import Source
 
 CLASS_NAME = "SD3Transformer2DModel"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = diffusers_loading.WEIGHTS_NAME
 QK_NORMS = (None, "rms_norm")
 TIME_PROJ_DIM = 256  # diffusers' CombinedTimestepTextProjEmbeddings: Timesteps(256, ...)
 NORM_EPS = 1e-6  # every LayerNorm / RMSNorm of the model
@@ -554,22 +552,17 @@ def hf_key_map(config: SD3TransformerConfig) -> dict[tuple, Source]:
     transposed, the patch convolution's kernel [p, p, in, D] PyTorch's [D, in, p, p]
     permuted; the position table `pos_embed.pos_embed` [1, M * M, D] is taken as it is.
     """
-    return _key_map(_abstract_state(config))
+    return diffusers_loading.key_map(_abstract_state(config))
 
 
 def abstract_sd3_transformer(config: SD3TransformerConfig, dtype=jnp.float32) -> SD3Transformer:
     """The model with `jax.ShapeDtypeStruct`s for parameters: nothing allocated or drawn."""
-    rngs: Any = _ShapeOnlyRngs()
-    return nnx.eval_shape(lambda: SD3Transformer(config, rngs=rngs, dtype=dtype, param_dtype=dtype))
-
-
-def _flat_state(model: nnx.Module) -> dict[tuple, Any]:
-    return traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model)))
+    return diffusers_loading.abstract_model(functools.partial(SD3Transformer, config), dtype)
 
 
 @functools.lru_cache(maxsize=8)
 def _abstract_state(config: SD3TransformerConfig) -> dict[tuple, Any]:
-    return _flat_state(abstract_sd3_transformer(config))
+    return diffusers_loading.flat_state(abstract_sd3_transformer(config))
 
 
 def load_sd3_transformer(
@@ -592,30 +585,14 @@ def load_sd3_transformer(
       CheckpointError: not an SD3Transformer2DModel directory, a config value this module
         does not implement, missing / truncated weights, or mismatched tensors.
     """
-    path = os.fspath(path)
-    hf = read_config(path)
-    name = hf.get("_class_name")
-    if name != CLASS_NAME:
-        raise CheckpointError(
-            f"{os.path.join(path, 'config.json')} describes a {name!r}, not a {CLASS_NAME} "
-            "(pass the pipeline's transformer/ folder)"
-        )
-    try:
-        config = SD3TransformerConfig.from_hf(hf)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
-    checkpoint = Checkpoint(path, WEIGHTS_NAME)
-    dtype = jnp.dtype(dtype)
-    build = functools.partial(SD3Transformer, config, dtype=dtype, param_dtype=dtype)
-    abstract = abstract_sd3_transformer(config, dtype)
-    model = load_into(
-        abstract,
-        _key_map(_flat_state(abstract)),
-        checkpoint,
+    return diffusers_loading.load_model_dir(
+        path,
+        class_name=CLASS_NAME,
+        folder="transformer",
+        parse_config=SD3TransformerConfig.from_hf,
+        build=SD3Transformer,
         dtype=dtype,
         allow_missing=allow_missing,
         allow_unexpected=allow_unexpected,
-        init_missing=lambda: build(rngs=nnx.Rngs(0)),
-        what=f"SD3Transformer ({path})",
+        what="SD3Transformer",
     )
-    return model, config

@@ -34,13 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.nnx import traversals
 
+from imagen_jax.models import diffusers_loading
 from imagen_jax.models.attention import dot_product_attention
-from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
+from imagen_jax.weights import Source
 
 CLASS_NAME = "UNet2DConditionModel"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_NAME = diffusers_loading.WEIGHTS_NAME
 
 DOWN_BLOCKS = (
     "DownBlock2D",
@@ -1026,58 +1026,22 @@ def _class_embedding(c: SDUNetConfig, kw):
 # --------------------------------------------------------------------------------------------
 # diffusers weights
 
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-TORCH_CONV_TO_FLAX = (2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
-
 
 def hf_key_map(config: SDUNetConfig) -> dict[tuple, Source]:
-    """Our state paths -> diffusers tensor names.
-
-    Our modules carry diffusers' names, so a path maps by joining it with dots and renaming
-    the leaf (kernel / scale / embedding -> weight). Linear kernels [in, out] are PyTorch's
-    [out, in] transposed, convolution kernels [kh, kw, in, out] PyTorch's [out, in, kh, kw]
-    permuted.
-    """
-    return _key_map(_abstract_state(config))
-
-
-def _key_map(flat: Mapping[tuple, Any]) -> dict[tuple, Source]:
-    key_map = {}
-    for path, leaf in flat.items():
-        *modules, last = path
-        name = ".".join(str(p) for p in (*modules, _LEAF_NAMES.get(last, last)))
-        if last == "kernel" and len(leaf.shape) == 4:
-            key_map[path] = Source.of(name, permute=TORCH_CONV_TO_FLAX)
-        else:
-            key_map[path] = Source.of(name, transpose=last == "kernel")
-    return key_map
-
-
-class _ShapeOnlyRngs:
-    """Stands in for `nnx.Rngs` where only shapes are wanted: every key is the same.
-
-    Under `nnx.eval_shape`, each draw from an `nnx.Rngs` updates a traced counter, and in
-    this flax version each update costs time proportional to the trace so far: building SDXL
-    abstractly took about a minute that way, and takes seconds this way.
-    """
-
-    def params(self) -> jax.Array:
-        return jax.random.key(0)
+    """Our state paths -> diffusers tensor names (`diffusers_loading.key_map`: dotted
+    paths, kernel / scale / embedding -> weight, linear kernels transposed, convolution
+    kernels permuted from PyTorch's [out, in, kh, kw])."""
+    return diffusers_loading.key_map(_abstract_state(config))
 
 
 def abstract_unet(config: SDUNetConfig, dtype=jnp.float32) -> SDUNet:
     """The model with `jax.ShapeDtypeStruct`s for parameters: nothing allocated or drawn."""
-    rngs: Any = _ShapeOnlyRngs()
-    return nnx.eval_shape(lambda: SDUNet(config, rngs=rngs, dtype=dtype, param_dtype=dtype))
-
-
-def _flat_state(model: nnx.Module) -> dict[tuple, Any]:
-    return traversals.flatten_mapping(nnx.to_pure_dict(nnx.state(model)))
+    return diffusers_loading.abstract_model(functools.partial(SDUNet, config), dtype)
 
 
 @functools.lru_cache(maxsize=8)
 def _abstract_state(config: SDUNetConfig) -> dict[tuple, Any]:
-    return _flat_state(abstract_unet(config))
+    return diffusers_loading.flat_state(abstract_unet(config))
 
 
 def load_unet(
@@ -1099,30 +1063,14 @@ def load_unet(
       CheckpointError: not a UNet2DConditionModel directory (e.g. a VAE's), a config value
         this module does not implement, missing / truncated weights, or mismatched tensors.
     """
-    path = os.fspath(path)
-    hf = read_config(path)
-    name = hf.get("_class_name")
-    if name != CLASS_NAME:
-        raise CheckpointError(
-            f"{os.path.join(path, 'config.json')} describes a {name!r}, not a {CLASS_NAME} "
-            "(pass the pipeline's unet/ folder)"
-        )
-    try:
-        config = SDUNetConfig.from_hf(hf)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/config.json: {e}") from None
-    checkpoint = Checkpoint(path, WEIGHTS_NAME)
-    dtype = jnp.dtype(dtype)
-    build = functools.partial(SDUNet, config, dtype=dtype, param_dtype=dtype)
-    abstract = abstract_unet(config, dtype)
-    model = load_into(
-        abstract,
-        _key_map(_flat_state(abstract)),
-        checkpoint,
+    return diffusers_loading.load_model_dir(
+        path,
+        class_name=CLASS_NAME,
+        folder="unet",
+        parse_config=SDUNetConfig.from_hf,
+        build=SDUNet,
         dtype=dtype,
         allow_missing=allow_missing,
         allow_unexpected=allow_unexpected,
-        init_missing=lambda: build(rngs=nnx.Rngs(0)),
-        what=f"SDUNet ({path})",
+        what="SDUNet",
     )
-    return model, config

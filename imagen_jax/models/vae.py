@@ -37,6 +37,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from imagen_jax.models.attention import dot_product_attention
+from imagen_jax.models.diffusers_loading import TORCH_CONV_TO_FLAX
 from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
 
@@ -45,7 +46,6 @@ DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
 UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
 EPS = 1e-6  # every GroupNorm of diffusers' Encoder and Decoder
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance
-TORCH_CONV_TO_FLAX = (2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
 
 # Attention tensors of checkpoints saved before diffusers 0.14 (same shapes, old names); the
 # current names come first.

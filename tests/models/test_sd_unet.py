@@ -494,5 +494,5 @@ def test_key_map_names_diffusers_tensors():
     assert key_map[(*ff, "kernel")].transpose  # nn.Linear [out, in] -> [in, out]
     conv = key_map[("up_blocks", 1, "resnets", 2, "conv_shortcut", "kernel")]
     assert conv.names == ("up_blocks.1.resnets.2.conv_shortcut.weight",)
-    assert conv.permute == sd_unet.TORCH_CONV_TO_FLAX  # [out, in, kh, kw] -> [kh, kw, in, out]
+    assert conv.permute == (2, 3, 1, 0)  # [out, in, kh, kw] -> [kh, kw, in, out]
     assert key_map[("conv_norm_out", "scale")].names == ("conv_norm_out.weight",)

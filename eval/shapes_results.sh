@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The results table of the shipped shapes cascade (README, "The shipped model"): one JSON
-# line per setting appended to docs/results/shapes.jsonl, images under runs/eval/.
+# line per setting appended to docs/results/shapes.jsonl, images under runs/eval/; then
+# the table of the whole file (eval/shapes_table.py).
 #   bash eval/shapes_results.sh                  # 10 prompts per task, sweeps on 5
 #   PER_TASK=60 SWEEP_PER_TASK=60 bash eval/shapes_results.sh   # every evaluation prompt
 set -euo pipefail
@@ -30,3 +31,5 @@ for s in ddim:10 ddim:25 ddim:50 dpmpp_2m:10 dpmpp_2m:20 ddpm:100; do
   run "sampler_${s/:/_}" --base_only --prompts_per_task="$S" \
     --set=0.sampler="${s%:*}" --set=0.steps="${s#*:}"
 done
+# The README's table of every line in the results file.
+"$PY" eval/shapes_table.py "$RESULTS"

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax.models import sd3_transformer
-from imagen_jax.models.latent_unet import with_null_text
+from imagen_jax.models.latent_unet import variant_values, with_null_text
 
 _SD3_FIELDS = frozenset(f.name for f in dataclasses.fields(sd3_transformer.SD3TransformerConfig))
 
@@ -96,15 +96,9 @@ def make_config(variant: str, **overrides) -> LatentMMDiTConfig:
     """The config of a `VARIANTS` entry with `overrides` (SD3TransformerConfig fields or
     null_text_len). The pooled vector is the mean text token, so pooled_projection_dim
     must equal joint_attention_dim."""
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown latent MMDiT variant {variant!r}; expected one of {tuple(VARIANTS)}"
-        )
-    unknown = sorted(set(overrides) - set(VARIANT_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown latent MMDiT config keys {unknown}; allowed: {VARIANT_FIELDS}")
-    values = {**VARIANTS[variant], **overrides}
-    null_text_len = values.pop("null_text_len")
+    values, null_text_len = variant_values(
+        VARIANTS, variant, overrides, VARIANT_FIELDS, what="latent MMDiT"
+    )
     if "joint_attention_dim" in overrides and "pooled_projection_dim" not in overrides:
         values["pooled_projection_dim"] = values["joint_attention_dim"]
     if values["pooled_projection_dim"] != values["joint_attention_dim"]:

@@ -83,21 +83,27 @@ VARIANT_FIELDS = tuple(sorted(_SD_FIELDS | {"null_text_len"}))
 def make_config(variant: str, **overrides) -> LatentUNetConfig:
     """The config of a `VARIANTS` entry with `overrides` (SDUNetConfig fields or
     null_text_len)."""
-    if variant not in VARIANTS:
-        raise ValueError(
-            f"unknown latent UNet variant {variant!r}; expected one of {tuple(VARIANTS)}"
-        )
-    unknown = sorted(set(overrides) - set(VARIANT_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown latent UNet config keys {unknown}; allowed: {VARIANT_FIELDS}")
-    values = {**VARIANTS[variant], **overrides}
-    null_text_len = values.pop("null_text_len")
+    values, null_text_len = variant_values(
+        VARIANTS, variant, overrides, VARIANT_FIELDS, what="latent UNet"
+    )
     if not isinstance(values.get("cross_attention_dim"), int):
         raise ValueError(
             "the latent UNet needs one int cross_attention_dim (the text encoder's width), got "
             f"{values.get('cross_attention_dim')!r}"
         )
     return LatentUNetConfig(sd_unet.SDUNetConfig(**values), null_text_len=int(null_text_len))
+
+
+def variant_values(variants, variant, overrides, allowed, *, what) -> tuple[dict, int]:
+    """(the network config's fields, null_text_len) of `variants[variant]` with `overrides`,
+    each key checked against `allowed`; the errors name the `what` network."""
+    if variant not in variants:
+        raise ValueError(f"unknown {what} variant {variant!r}; expected one of {tuple(variants)}")
+    unknown = sorted(set(overrides) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; allowed: {allowed}")
+    values = {**variants[variant], **overrides}
+    return values, int(values.pop("null_text_len"))
 
 
 def with_null_text(text, mask, drop, null):

@@ -48,13 +48,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 
 import diffusers
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -272,7 +270,7 @@ def bench_config(name: str, args, tmp: str) -> None:
             latent=side,
             repeats=args.repeats,
             **count_params(ref),
-            **_env(args, load_before),
+            **sd_unet_forward._env(args, load_before),
         )
         report(common, seconds, unet_s, checks, args)
 
@@ -417,27 +415,9 @@ def bench_sd15(args) -> None:
         # Meaningful on an H100 only (the published figures are fp16 on an H100).
         ratio_to_published={k: args.steps / sec / v for k, v in PUBLISHED_H100_SD15_IT_S.items()},
         device=str(jax.devices()[0].device_kind),
-        **_env(args, os.getloadavg()),
+        **sd_unet_forward._env(args, os.getloadavg()),
     )
     print(json.dumps(record), flush=True)
-
-
-def _env(args, load_before) -> dict:
-    return dict(
-        machine=platform.processor() or platform.machine(),
-        cpus=os.cpu_count(),
-        load_avg_before=round(load_before[0], 2),
-        load_avg_after=round(os.getloadavg()[0], 2),
-        jax_backend=jax.default_backend(),
-        jax=jax.__version__,
-        flax=flax.__version__,
-        torch=torch.__version__,
-        diffusers=diffusers.__version__,
-        torch_threads=torch.get_num_threads(),
-        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-        xla_flags=os.environ.get("XLA_FLAGS"),
-        note=args.note,
-    )
 
 
 def main():

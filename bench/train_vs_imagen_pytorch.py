@@ -77,6 +77,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import sd_unet_forward
 import torch
 from flax import nnx
 from torch.utils import flop_counter
@@ -120,24 +121,6 @@ SIZES = {
 # ------------------------------------------------------------------------------------------
 
 
-def _import_torchvision():
-    """PyPI's torchvision is a CUDA build whose compiled operators do not register against
-    the CPU torch of the test environment, and `import torchvision` fails while registering
-    fake kernels for them. imagen-pytorch only uses its pure-Python transforms, so in that
-    case the registration module is replaced by an empty one (tests/conftest.py does the
-    same)."""
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-            del sys.modules[name]
-        name = "torchvision._meta_registrations"
-        sys.modules[name] = types.ModuleType(name)
-        import torchvision  # noqa: F401
-
-
 def import_imagen_pytorch():
     """imagen_pytorch.imagen_pytorch (Unet, BaseUnet64, Imagen), imported without running the
     package's __init__, which also imports its trainer and data modules (accelerate,
@@ -145,7 +128,7 @@ def import_imagen_pytorch():
     Unet3D's default text width asks the Hugging Face hub for T5's config at import time; it
     is seeded with the public value (t5-v1_1-base, d_model 768) so that nothing is fetched.
     Every model here is built with an explicit text_embed_dim."""
-    _import_torchvision()
+    sd_unet_forward.import_torchvision_without_operators()
     if "imagen_pytorch.imagen_pytorch" in sys.modules:
         return sys.modules["imagen_pytorch.imagen_pytorch"]
     spec = importlib.util.find_spec("imagen_pytorch")

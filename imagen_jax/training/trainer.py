@@ -11,7 +11,9 @@ of multi-device programs can starve XLA's collectives). It copies metrics to the
 every `train.log_every` steps and before every checkpoint, sample grid or evaluation
 (`evals.every`: sample the evaluation prompts and score them, `training/evaluation.py`);
 a non-finite loss or gradient norm among them stops the run with `NonFiniteLossError`
-before anything is saved, leaving the last good checkpoint.
+before anything is saved, leaving the last good checkpoint. SIGTERM (a scheduler's
+preemption, `timeout`) ends the run at the next step boundary with a checkpoint of that
+step (`StopSignal`), so it resumes exactly where it stopped.
 
 `model.family` picks the stage: "imagen" (pixel stages), "sd_unet" or "mmdit" (a latent
 stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE of
@@ -21,6 +23,9 @@ autoencoder itself: `training/vae_trainer.py:train_vae`, the same loop with its 
 """
 
 from __future__ import annotations
+
+import signal
+import threading
 
 import jax
 import ml_collections
@@ -51,6 +56,47 @@ def make_mesh(config: ml_collections.ConfigDict):
             raise ValueError(f"mesh {axes} is smaller than the job's {len(devices)} devices")
         devices = devices[: int(np.prod(sizes))]
     return parallel.make_mesh(axes, devices)
+
+
+class StopSignal:
+    """Turns SIGTERM into a request to stop at the next step boundary.
+
+    `train_loop` saves a checkpoint of the step it has just taken and returns; rerunning
+    the same command resumes from exactly there. Every process must stop at the same step
+    (the checkpoint is collective), so with several processes the request is shared
+    (an all-gather of the flag) every `train.log_every` steps, where the loop syncs anyway.
+    The handler is installed only from the main thread, and the previous one is restored
+    on exit.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM,)):
+        self.signals = tuple(signals)
+        self.received: int | None = None  # the signal's number once one arrived
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def should_stop(self, step: int, sync_every: int) -> bool:
+        if jax.process_count() == 1:
+            return self.received is not None
+        if step % sync_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.received is not None))
+        return bool(np.any(flags))
 
 
 def make_state(config, net, tx, mesh, checkpointer, data_iterator):
@@ -159,21 +205,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 make_grid = lambda batch: sampling_lib.SampleGrid(
                     config, net, mesh, encoder, workdir, batch, latent=latent
                 )
-            return train_loop(
-                config,
-                workdir,
-                mesh,
-                net,
-                encoder,
-                data,
-                state,
-                rest,
-                train_step,
-                checkpointer,
-                evaluation=evaluation,
-                prepare=prepare,
-                make_grid=make_grid,
-            )
+            with StopSignal() as stop:
+                return train_loop(
+                    config,
+                    workdir,
+                    mesh,
+                    net,
+                    encoder,
+                    data,
+                    state,
+                    rest,
+                    train_step,
+                    checkpointer,
+                    evaluation=evaluation,
+                    prepare=prepare,
+                    make_grid=make_grid,
+                    stop=stop,
+                )
         finally:
             checkpointer.close()
             if data is not None:
@@ -195,6 +243,7 @@ def train_loop(
     evaluation=None,
     prepare=None,
     make_grid=None,
+    stop: StopSignal | None = None,
 ):
     """Steps from `state.step` to `train.steps`, evaluating every `evals.every` steps with
     `evaluation` (a PeriodicEvaluation); returns (state, last metrics, with the last
@@ -203,6 +252,8 @@ def train_loop(
     prepare: `prepare(batch, step) -> batch` on each global batch before the step (latent
       stages: images -> latents). make_grid: `make_grid(first batch) -> grid` builds the
       sample grid (default `sampling.SampleGrid`), called as `grid(step, ema_params, rest)`.
+    stop: a `StopSignal`; once it asks, the loop checkpoints the step it has just taken
+      and returns early.
     """
     tcfg = config.train
     start = int(jax.device_get(state.step))
@@ -252,7 +303,8 @@ def train_loop(
                 jax.block_until_ready(pending[-1][1])
             pending.append((step, metrics))
             writer.step_done()
-            save = step % tcfg.checkpoint_every == 0 or step == tcfg.steps
+            stopping = stop is not None and stop.should_stop(step, tcfg.log_every)
+            save = step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stopping
             sample = bool(tcfg.sample_every) and step % tcfg.sample_every == 0
             evaluate = evaluation is not None and step % config.evals.every == 0
             if save or sample or evaluate or step % tcfg.log_every == 0:
@@ -266,6 +318,15 @@ def train_loop(
                 scores = evaluation(step, state.ema_params, rest)
                 writer.write_eval(step, scores)
                 last = {**last, **scores}
+            if stopping:
+                logging.warning(
+                    "Stopped by signal %s after step %d; its checkpoint is in %s: rerun the "
+                    "same command to resume",
+                    stop.received,
+                    step,
+                    checkpointer.directory,
+                )
+                break
         flush()
     finally:
         writer.close()

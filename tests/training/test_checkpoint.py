@@ -1,7 +1,9 @@
 """Checkpoints: an interrupted run resumes to the same weights, a checkpoint restores onto
 another device count, and runs stop loudly on another model's checkpoint or a NaN loss."""
 
+import os
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -72,6 +74,26 @@ def test_resumed_run_matches_uninterrupted_run(reference, tmp_path, monkeypatch)
     resumed = tmp_path / "from_reference"
     shutil.copytree(reference[0] / "checkpoints" / "2", resumed / "checkpoints" / "2")
     state, _ = train_and_evaluate(config, str(resumed))
+    _assert_same(state, reference[1])
+
+
+def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(
+    reference, tmp_path, monkeypatch
+):
+    config = tiny(steps=3, checkpoint_every=2)
+
+    def sigterm(batch):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler's preemption or `timeout` would
+        return batch
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        _patch_batches(m, 1, sigterm)  # arrives while step 1's batch is prepared
+        state, metrics = train_and_evaluate(config, str(tmp_path))
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
+    assert int(state.step) == 1 and np.isfinite(metrics["loss"])
+    assert _checkpoints(tmp_path) == [1]  # saved off the checkpoint_every grid
+    state, _ = train_and_evaluate(config, str(tmp_path))
     _assert_same(state, reference[1])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import jax
@@ -44,6 +45,14 @@ def make_step(graphdef, rest, optimizer, schedule):
     return step
 
 
+def phase(what: str, since: float) -> float:
+    """Seconds since `since`, also printed to stderr (a run cut off by a time limit still
+    shows how far it got)."""
+    seconds = time.perf_counter() - since
+    print(f"{what} in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="shapes_base")
@@ -60,6 +69,7 @@ def main():
     overrides = {k: v for k, v in (("channels", args.channels), ("text_dim", args.text_dim)) if v}
     cfg = imagen_unet.make_config(args.variant, **overrides)
     dtype = jnp.dtype(args.dtype)
+    clock = time.perf_counter()
     model = nnx.jit(lambda: imagen_unet.ImagenUNet(cfg, rngs=nnx.Rngs(0), dtype=dtype))()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adamw(1e-4)
@@ -73,8 +83,15 @@ def main():
             drop_text=jax.random.bernoulli(key, 0.1, (args.batch,)),
         ),
     )
+    jax.block_until_ready(opt_state)
+    init_s = phase("initialised", clock)
     step = make_step(graphdef, rest, optimizer, schedules.LogSNRSchedule("cosine"))
-    compiled = step.lower(params, opt_state, batch, key).compile()
+    clock = time.perf_counter()
+    lowered = step.lower(params, opt_state, batch, key)
+    lower_s = phase("traced and lowered", clock)
+    clock = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = phase("compiled", clock)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     flops = float(cost.get("flops", 0.0))
@@ -96,6 +113,9 @@ def main():
         batch=args.batch,
         res=args.res,
         dtype=args.dtype,
+        init_s=init_s,
+        lower_s=lower_s,
+        compile_s=compile_s,
         step_seconds=sec,
         images_per_s=args.batch / sec,
         flops_per_step=flops,

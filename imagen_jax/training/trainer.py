@@ -122,12 +122,22 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
 
 def device_batch(batch, encoder, mesh):
     """This process's numpy batch -> the step's global arrays (the text encoded here, unless
-    the batch carries it from a text cache or there is no `encoder`: the VAE's stage)."""
+    the batch carries it from a text cache or there is no `encoder`: the VAE's stage).
+
+    On one process the embeddings stay on the devices: copying them to the host would wait
+    for the train step queued before the encoder, and the host could not prepare the next
+    batch meanwhile. Several processes build the global batch from host arrays.
+    """
+    text = {}
     if encoder is not None and "text" not in batch:
-        batch = dict(batch, **text_lib.encode_captions(encoder, batch["caption"]))
-    return parallel.global_batch(
-        {k: batch[k] for k in ("image", "low_res", "text", "text_mask") if k in batch}, mesh
-    )
+        on_device = jax.process_count() == 1
+        text = text_lib.encode_captions(encoder, batch["caption"], to_host=not on_device)
+        if on_device:
+            text = jax.device_put(text, parallel.batch_sharding(mesh))
+        else:
+            batch, text = dict(batch, **text), {}
+    keys = ("image", "low_res", "text", "text_mask")
+    return {**parallel.global_batch({k: batch[k] for k in keys if k in batch}, mesh), **text}
 
 
 def make_stage_network(config, mesh) -> state_lib.Network:

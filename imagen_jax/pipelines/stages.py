@@ -118,7 +118,7 @@ def save_stage(
         json.dump(meta, f, indent=1, sort_keys=True)
 
 
-def _check_params(path: str, loaded: dict, expected: dict) -> None:
+def check_params(path: str, loaded: dict, expected: dict) -> None:
     problems = []
     for key in sorted(set(expected) - set(loaded)):
         problems.append(f"missing {key} {tuple(expected[key].shape)}")
@@ -130,8 +130,11 @@ def _check_params(path: str, loaded: dict, expected: dict) -> None:
                 f"{key}: file {tuple(loaded[key].shape)}, config {tuple(expected[key].shape)}"
             )
     if problems:
+        shown = problems[:20]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
         raise ValueError(
-            f"the weights in {path} do not fit its UNet config:\n  " + "\n  ".join(problems)
+            f"the weights in {path} do not fit its UNet config:\n  " + "\n  ".join(shown)
         )
 
 
@@ -148,7 +151,7 @@ def _model_with_params(unet: imagen_unet.UNetConfig, weights_path: str, dtype):
     graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
     loaded = load_file(weights_path)
-    _check_params(weights_path, loaded, flatten(nnx.to_pure_dict(params)))
+    check_params(weights_path, loaded, flatten(nnx.to_pure_dict(params)))
     nnx.replace_by_pure_dict(
         params, unflatten({k: jnp.asarray(v, jnp.float32) for k, v in loaded.items()})
     )

@@ -232,6 +232,10 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=100,
         checkpoint_every=1000,
         keep_checkpoints=3,
+        # A stage directory (imagen_jax.pipelines.export) whose weights start a new run
+        # (params and EMA; a fresh optimizer at step 0); ignored once the workdir holds a
+        # checkpoint. "" = a random initialisation.
+        init_from="",
         sample_every=5000,  # 0 = never; a PNG grid from the EMA weights
         num_samples=4,
         sample_prompts=SHAPES_PROMPTS,  # base stages; SR stages take the first batch's

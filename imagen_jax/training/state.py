@@ -22,13 +22,16 @@ jitted init with those `out_shardings`, so no parameter is ever whole on one dev
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
+from safetensors.numpy import load_file
 
 from imagen_jax import parallel
 from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
@@ -294,6 +297,31 @@ def create_train_state(config, net: Network, tx, mesh):
 
     state, rest = jax.jit(init, out_shardings=(shardings, _replicated_like(net, mesh)))()
     return state, shardings, rest
+
+
+def params_from_stage(path: str, net: Network, shardings) -> dict:
+    """The parameters of a stage directory written by `imagen_jax.pipelines.export`, as
+    `net`'s params tree in its param_dtype, placed in `shardings`; strict (every missing,
+    unexpected or mis-shaped parameter is named)."""
+    from imagen_jax.pipelines import stages  # lazy: the pipelines import training
+
+    if net.family != "imagen":
+        raise ValueError(f"train.init_from reads pixel-stage directories; this is {net.family!r}")
+    file = os.path.join(path, "params.safetensors")
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"train.init_from={path!r} is not a stage directory (imagen_jax.pipelines.export "
+            f"writes one): {file} is missing"
+        )
+    loaded = load_file(file)
+    stages.check_params(file, loaded, stages.flatten(net.abstract_params))
+    tree = stages.unflatten(loaded)
+
+    def place(array, abstract, sharding):
+        array = np.asarray(array, abstract.dtype)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return jax.tree.map(place, tree, net.abstract_params, shardings)
 
 
 def _replicated_like(net: Network, mesh):

@@ -100,12 +100,19 @@ class StopSignal:
 
 
 def make_state(config, net, tx, mesh, checkpointer, data_iterator):
-    """A fresh sharded TrainState, or the latest checkpoint's restored into this mesh.
+    """A fresh sharded TrainState (its weights from the stage `train.init_from` if set), or
+    the latest checkpoint's restored into this mesh.
     Returns (state, shardings, rest) as `state.create_train_state`."""
     latest = checkpointer.latest_step()
     if latest is None:
         state, shardings, rest = state_lib.create_train_state(config, net, tx, mesh)
-        logging.info("Initialised a new train state")
+        if config.train.init_from:
+            params = state_lib.params_from_stage(config.train.init_from, net, shardings.params)
+            ema = state_lib.params_from_stage(config.train.init_from, net, shardings.params)
+            state = state._replace(params=params, ema_params=ema)
+            logging.info("New train state with the weights of %s", config.train.init_from)
+        else:
+            logging.info("Initialised a new train state")
     else:
         abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
         target = state_lib.abstract_with_shardings(abstract, shardings)

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import tiny
+from safetensors.numpy import load_file, save_file
 
+from imagen_jax.pipelines import export, stages
 from imagen_jax.training import (
     CheckpointMismatchError,
     NonFiniteLossError,
@@ -108,6 +110,47 @@ def test_checkpoint_restores_onto_another_mesh(reference, mesh, tmp_path):
     else:
         assert "fsdp" in tuple(kernel.sharding.spec)
     _assert_same(state, saved)
+
+
+def test_new_run_starts_from_an_exported_stage(reference, tmp_path):
+    stage = export.export_stage(
+        tiny(steps=3), str(reference[0]), str(tmp_path / "stage"), storage_dtype="float32"
+    )
+    # Weights far from any initialisation: every parameter of the run's EMA, plus 0.5.
+    file = tmp_path / "stage" / "params.safetensors"
+    weights = {k: v + 0.5 for k, v in load_file(file).items()}
+    save_file(weights, file)
+    config = tiny(steps=1)
+    config.train.init_from = stage
+    state, _ = train_and_evaluate(config, str(tmp_path / "run"))
+
+    def largest_gap(tree):
+        got = stages.flatten(_host(tree))
+        assert got.keys() == weights.keys()
+        return max(float(np.abs(got[k] - weights[k]).max()) for k in weights)
+
+    lr = config.optim.lr  # one AdamW step moves a weight by at most about the learning rate
+    assert largest_gap(state.params) <= 1.5 * lr
+    assert largest_gap(state.ema_params) <= 1.5 * lr
+    assert int(state.step) == 1  # a new run: step and optimizer start afresh
+    fresh, _ = train_and_evaluate(tiny(steps=1), str(tmp_path / "fresh"))
+    assert largest_gap(fresh.params) > 0.4
+
+
+def test_init_from_a_stage_that_does_not_fit_stops_the_run(reference, tmp_path):
+    stage = export.export_stage(tiny(steps=3), str(reference[0]), str(tmp_path / "stage"))
+    config = tiny(steps=1)
+    config.model.channels = 8
+    config.train.init_from = stage
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)do not fit.*conv_in/kernel: file \(3, 3, 3, 16\), config \(3, 3, 3, 8\)"
+        r".*and \d+ more",
+    ):
+        train_and_evaluate(config, str(tmp_path / "run"))
+    config.train.init_from = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="is not a stage directory"):
+        train_and_evaluate(config, str(tmp_path / "run2"))
 
 
 def test_another_models_checkpoint_stops_the_run(reference, tmp_path):

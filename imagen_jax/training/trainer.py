@@ -65,8 +65,8 @@ class StopSignal:
     the same command resumes from exactly there. Every process must stop at the same step
     (the checkpoint is collective), so with several processes the request is shared
     (an all-gather of the flag) every `train.log_every` steps, where the loop syncs anyway.
-    The handler is installed only from the main thread, and the previous one is restored
-    on exit.
+    `install` sets the handler (from the main thread only; elsewhere it does nothing),
+    `restore` puts the previous one back.
     """
 
     def __init__(self, signals=(signal.SIGTERM,)):
@@ -74,13 +74,13 @@ class StopSignal:
         self.received: int | None = None  # the signal's number once one arrived
         self._previous: dict = {}
 
-    def __enter__(self) -> StopSignal:
+    def install(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -222,23 +222,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 make_grid = lambda batch: sampling_lib.SampleGrid(
                     config, net, mesh, encoder, workdir, batch, latent=latent
                 )
-            with StopSignal() as stop:
-                return train_loop(
-                    config,
-                    workdir,
-                    mesh,
-                    net,
-                    encoder,
-                    data,
-                    state,
-                    rest,
-                    train_step,
-                    checkpointer,
-                    evaluation=evaluation,
-                    prepare=prepare,
-                    make_grid=make_grid,
-                    stop=stop,
-                )
+            return train_loop(
+                config,
+                workdir,
+                mesh,
+                net,
+                encoder,
+                data,
+                state,
+                rest,
+                train_step,
+                checkpointer,
+                evaluation=evaluation,
+                prepare=prepare,
+                make_grid=make_grid,
+            )
         finally:
             checkpointer.close()
             if data is not None:
@@ -260,7 +258,6 @@ def train_loop(
     evaluation=None,
     prepare=None,
     make_grid=None,
-    stop: StopSignal | None = None,
 ):
     """Steps from `state.step` to `train.steps`, evaluating every `evals.every` steps with
     `evaluation` (a PeriodicEvaluation); returns (state, last metrics, with the last
@@ -269,8 +266,7 @@ def train_loop(
     prepare: `prepare(batch, step) -> batch` on each global batch before the step (latent
       stages: images -> latents). make_grid: `make_grid(first batch) -> grid` builds the
       sample grid (default `sampling.SampleGrid`), called as `grid(step, ema_params, rest)`.
-    stop: a `StopSignal`; once it asks, the loop checkpoints the step it has just taken
-      and returns early.
+    SIGTERM (`StopSignal`) makes the loop checkpoint the step it has just taken and return.
     """
     tcfg = config.train
     start = int(jax.device_get(state.step))
@@ -296,6 +292,7 @@ def train_loop(
             last = writer.write(pending[-1][0], last)
         pending.clear()
 
+    stop = StopSignal().install()
     try:
         for step in range(start + 1, tcfg.steps + 1):
             local = next(data)
@@ -320,7 +317,7 @@ def train_loop(
                 jax.block_until_ready(pending[-1][1])
             pending.append((step, metrics))
             writer.step_done()
-            stopping = stop is not None and stop.should_stop(step, tcfg.log_every)
+            stopping = stop.should_stop(step, tcfg.log_every)
             save = step % tcfg.checkpoint_every == 0 or step == tcfg.steps or stopping
             sample = bool(tcfg.sample_every) and step % tcfg.sample_every == 0
             evaluate = evaluation is not None and step % config.evals.every == 0
@@ -346,5 +343,6 @@ def train_loop(
                 break
         flush()
     finally:
+        stop.restore()
         writer.close()
     return state, last

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU measurements, in parts that each fit a 10-minute call; JSON lines to
+# bench/results/DATE_gpu_PART.jsonl (or $RESULTS_DIR), each part under its own time limit.
+#   bash bench/gpu.sh train_step   # the shapes stages' trainer step alone, float32 and bf16
+#   bash bench/gpu.sh sd15         # SD 1.5-sized sampling: ours, diffusers eager, torch.compile
+#   bash bench/gpu.sh mfu          # bf16 train-step MFU of the paper-width base (long compile)
+# train_step tells a training run's step time apart from its loop (data, text, host): the
+# shapes stages trained at ~1,300 / ~700 images/s on an H100 through train.py.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY=${PY:-python3}
+DIR=${RESULTS_DIR:-bench/results}
+DATE=$(date +%F)
+mkdir -p "$DIR"
+
+run() {  # run SECONDS PART COMMAND...: stdout's JSON lines appended, phases on stderr
+  local seconds=$1 part=$2
+  shift 2
+  echo "== $part ($seconds s): $*" >&2
+  timeout "$seconds" "$@" | tee -a "$DIR/${DATE}_gpu_${part}.jsonl"
+  echo "== $part: exit ${PIPESTATUS[0]}" >&2
+}
+
+case "${1:-}" in
+  train_step)
+    for dtype in float32 bfloat16; do
+      run 140 train_step "$PY" bench/train_step.py --configs=shapes_base --batch=256 --dtype=$dtype --steps=20
+      run 140 train_step "$PY" bench/train_step.py --configs=shapes_sr --batch=64 --dtype=$dtype --steps=20
+    done
+    ;;
+  sd15)
+    run 560 sd15 "$PY" bench/sd_sampling.py --gpu_sd15 --sd15_peer --sd15_compile --steps 20 --repeats 5
+    ;;
+  mfu)
+    run 560 mfu "$PY" bench/unet_train_step.py --variant=imagen_base_2b --channels=256 \
+      --batch=64 --res=64 --dtype=bfloat16 --peak_tflops=989
+    ;;
+  *)
+    echo "usage: bash bench/gpu.sh train_step|sd15|mfu" >&2
+    exit 2
+    ;;
+esac

@@ -32,6 +32,7 @@ from imagen_jax.models import attention
 
 SHAPES = {  # name: (batch, query tokens, key tokens, heads, head dim)
     "sd_mid_self": (2, 1024, 1024, 8, 40),
+    "sd_mid_unet_self": (2, 1024, 1024, 8, 8),  # bench/sd_unet_forward.py's "mid", level 0
     "sd512_self": (2, 4096, 4096, 8, 40),
     "sd_cross": (2, 1024, 77, 8, 40),
     "shapes_self": (32, 256, 256, 2, 32),

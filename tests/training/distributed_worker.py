@@ -1,14 +1,16 @@
 """One process of the two-process test (test_distributed.py); not a test itself.
 
-    python distributed_worker.py PORT PROCESS_ID WORKDIR
+    python distributed_worker.py PORT PROCESS_ID WORKDIR [sigterm]
 
 Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains
 the runlocal base stage for 2 steps in WORKDIR (with a periodic evaluation at step 2), and
-prints one JSON line with its view of the result.
+prints one JSON line with its view of the result. With `sigterm`, the run is 4 steps long
+(stop requests shared every 2) and process 1 sends itself SIGTERM while preparing step 1.
 """
 
 import json
 import os
+import signal
 import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
@@ -19,18 +21,35 @@ import jax.numpy as jnp  # noqa: E402
 from conftest import tiny  # noqa: E402  (sets the shared compilation cache)
 
 from imagen_jax import parallel  # noqa: E402
-from imagen_jax.training import train_and_evaluate  # noqa: E402
+from imagen_jax.training import train_and_evaluate, trainer  # noqa: E402
 
 
-def main(port: str, process_id: str, workdir: str):
+def sigterm_on_first_batch():
+    original = trainer.device_batch
+
+    def device_batch(*args):
+        if not getattr(device_batch, "sent", False):
+            device_batch.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args)
+
+    trainer.device_batch = device_batch
+
+
+def main(port: str, process_id: str, workdir: str, mode: str = ""):
     parallel.initialize_distributed(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id)
     )
-    config = tiny(steps=2)
-    config.evals.every = 2  # periodic evaluation: sampled over both hosts' devices, gathered
-    config.evals.prompts_per_task = 1
-    config.evals.batch_size = 8
-    config.sample.steps = 2
+    if mode == "sigterm":
+        config = tiny(steps=4, log_every=2)
+        if jax.process_index() == 1:
+            sigterm_on_first_batch()
+    else:
+        config = tiny(steps=2)
+        config.evals.every = 2  # periodic evaluation: over both hosts' devices, gathered
+        config.evals.prompts_per_task = 1
+        config.evals.batch_size = 8
+        config.sample.steps = 2
     state, metrics = train_and_evaluate(config, workdir)
     checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
     result = dict(

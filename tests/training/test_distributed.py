@@ -1,4 +1,5 @@
-"""Two processes joined by jax.distributed on 127.0.0.1 train one model together."""
+"""Two processes joined by jax.distributed on 127.0.0.1 train one model together, and stop
+together when one of them gets SIGTERM."""
 
 import json
 import os
@@ -18,12 +19,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together(tmp_path):
+def _run_two_processes(workdir, *mode) -> list[dict]:
+    """Both workers' RESULT lines (each process's view), after checking they exited 0."""
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(port), str(i), str(tmp_path)],
+            [sys.executable, str(WORKER), str(port), str(i), str(workdir), *mode],
             cwd=WORKER.parent,
             env=env,
             stdout=subprocess.PIPE,
@@ -48,6 +50,18 @@ def test_two_processes_train_together(tmp_path):
         if line.startswith("RESULT ")
     ]
     assert sorted(r["process"] for r in results) == [0, 1]
+    return results
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    results = _run_two_processes(tmp_path, "sigterm")  # process 1 is signalled before step 1
+    assert [r["step"] for r in results] == [2, 2]  # stopped where the request was shared
+    assert results[0]["param_checksum"] == results[1]["param_checksum"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+
+
+def test_two_processes_train_together(tmp_path):
+    results = _run_two_processes(tmp_path)
     assert all(r["processes"] == 2 and r["devices"] == 8 and r["step"] == 2 for r in results)
     assert results[0]["loss"] == results[1]["loss"]
     assert results[0]["param_checksum"] == results[1]["param_checksum"]

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 from PIL import Image
 
+from imagen_jax.pipelines.jobs import save_grid
+
 GAP = 2
 
 
@@ -24,22 +26,16 @@ def picture(outdir: str, out: str) -> tuple[int, int]:
         records = [json.loads(line) for line in f if line.strip()]
     if not records:
         raise SystemExit(f"{outdir}/manifest.jsonl lists no images")
-    rows: dict[int, list[str]] = {}
-    for rec in sorted(records, key=lambda r: (r["prompt_index"], r["image_index"])):
-        rows.setdefault(rec["prompt_index"], []).append(os.path.join(outdir, rec["file"]))
-    columns = max(len(files) for files in rows.values())
-    first = np.asarray(Image.open(next(iter(rows.values()))[0]).convert("RGB"))
-    h, w, _ = first.shape
-    sheet = np.full((len(rows) * (h + GAP) - GAP, columns * (w + GAP) - GAP, 3), 255, np.uint8)
-    for r, files in enumerate(rows.values()):
-        for c, file in enumerate(files):
-            image = np.asarray(Image.open(file).convert("RGB"))
-            if image.shape != first.shape:
-                raise SystemExit(f"{file} is {image.shape}, the others {first.shape}")
-            top, left = r * (h + GAP), c * (w + GAP)
-            sheet[top : top + h, left : left + w] = image
-    Image.fromarray(sheet).save(out)
-    return len(rows), columns
+    records.sort(key=lambda r: (r["prompt_index"], r["image_index"]))
+    rows = len({r["prompt_index"] for r in records})
+    columns = len(records) // rows
+    if columns * rows != len(records):
+        raise SystemExit(f"{outdir}: the prompts do not all have the same number of images")
+    images = [
+        np.asarray(Image.open(os.path.join(outdir, r["file"])).convert("RGB")) for r in records
+    ]
+    save_grid(images, out, columns=columns, gap=GAP)
+    return rows, columns
 
 
 if __name__ == "__main__":

@@ -224,17 +224,19 @@ def write_manifest(outdir: str) -> str:
     return path
 
 
-def save_grid(images: Sequence[np.ndarray], path: str, *, columns: int = 8) -> None:
-    """A contact sheet of equally sized uint8 images."""
+def save_grid(images: Sequence[np.ndarray], path: str, *, columns: int = 8, gap: int = 0) -> None:
+    """A contact sheet of equally sized uint8 images, row by row, `gap` white pixels apart."""
     if not images:
         return
     h, w, _ = images[0].shape
     rows = -(-len(images) // columns)
     cols = min(columns, len(images))
-    sheet = np.full((rows * h, cols * w, 3), 255, np.uint8)
+    sheet = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255, np.uint8)
     for k, image in enumerate(images):
-        r, c = divmod(k, columns)
-        sheet[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+        if image.shape != images[0].shape:
+            raise ValueError(f"image {k} is {image.shape}, the first {images[0].shape}")
+        top, left = (i * (n + gap) for i, n in zip(divmod(k, columns), (h, w), strict=True))
+        sheet[top : top + h, left : left + w] = image
     Image.fromarray(sheet).save(path)
 
 

@@ -111,3 +111,18 @@ def test_pngs_resume_and_manifest(tmp_path):
     assert [r["file"] for r in records] == [items[0].file, items[1].file]
     assert records[0]["task"] == "colors" and records[0]["prompt"] == "a red circle"
     assert not [n for n in os.listdir(os.path.join(out, "images")) if n.endswith(".tmp")]
+
+
+def test_grid_places_images_row_by_row_with_white_gaps(tmp_path):
+    from PIL import Image
+
+    images = [np.full((2, 3, 3), 10 * (k + 1), np.uint8) for k in range(3)]
+    path = str(tmp_path / "grid.png")
+    jobs.save_grid(images, path, columns=2, gap=1)
+    sheet = np.asarray(Image.open(path))
+    assert sheet.shape == (5, 7, 3)  # 2 rows of 2 px and 2 columns of 3 px, 1 px apart
+    assert (sheet[0:2, 0:3] == 10).all() and (sheet[0:2, 4:7] == 20).all()
+    assert (sheet[3:5, 0:3] == 30).all() and (sheet[3:5, 4:7] == 255).all()
+    assert (sheet[2] == 255).all() and (sheet[:, 3] == 255).all()  # the gaps
+    with pytest.raises(ValueError, match=r"image 1 is \(2, 2, 3\)"):
+        jobs.save_grid([images[0], images[0][:, :2]], path, columns=2)

@@ -19,6 +19,7 @@ import json
 import platform
 import sys
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +68,7 @@ def random_model(cfg, dtype):
                 return jnp.zeros(x.shape, x.dtype)
             # A deterministic pseudo-random pattern: XLA compiles the random-bit generator
             # slowly at this size, and only the step's speed is measured.
-            phase = (hash(jax.tree_util.keystr(path)) % 997) / 997.0
+            phase = (zlib.crc32(jax.tree_util.keystr(path).encode()) % 997) / 997.0
             n = jnp.arange(x.size, dtype=jnp.float32)
             return (0.03 * jnp.sin(n * 12.9898 + phase * 78.233)).reshape(x.shape).astype(x.dtype)
 

@@ -324,6 +324,13 @@ def params_from_stage(path: str, net: Network, shardings) -> dict:
     return jax.tree.map(place, tree, net.abstract_params, shardings)
 
 
+@jax.jit
+def copy_tree(tree):
+    """New buffers holding `tree`'s values, in its shardings (the state's params and EMA
+    must not share buffers: the train step donates both)."""
+    return jax.tree.map(jnp.copy, tree)
+
+
 def _replicated_like(net: Network, mesh):
     return jax.tree.map(lambda _: parallel.replicated(mesh), net.abstract_rest)
 

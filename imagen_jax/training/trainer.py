@@ -63,8 +63,8 @@ class StopSignal:
 
     `train_loop` saves a checkpoint of the step it has just taken and returns; rerunning
     the same command resumes from exactly there. Every process must stop at the same step
-    (the checkpoint is collective), so with several processes the request is shared
-    (an all-gather of the flag) every `train.log_every` steps, where the loop syncs anyway.
+    (the checkpoint is collective), so with several processes the request is shared by a
+    small all-gather of the flag every `train.log_every` steps.
     `install` sets the handler (from the main thread only; elsewhere it does nothing),
     `restore` puts the previous one back.
     """
@@ -108,8 +108,7 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
         state, shardings, rest = state_lib.create_train_state(config, net, tx, mesh)
         if config.train.init_from:
             params = state_lib.params_from_stage(config.train.init_from, net, shardings.params)
-            ema = state_lib.params_from_stage(config.train.init_from, net, shardings.params)
-            state = state._replace(params=params, ema_params=ema)
+            state = state._replace(params=params, ema_params=state_lib.copy_tree(params))
             logging.info("New train state with the weights of %s", config.train.init_from)
         else:
             logging.info("Initialised a new train state")

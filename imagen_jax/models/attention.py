@@ -7,18 +7,24 @@ float32 whatever the compute dtype (diffusers' `upcast_attention` / `upcast_soft
 - "xla": `jax.nn.dot_product_attention`, which builds the whole [B, N, Lq, Lk] score tensor
   in one piece. Right on GPUs and TPUs, where XLA fuses it (or cuDNN takes it).
 - "blockwise": one head at a time (`lax.map` over B * N), each head's queries in blocks of
-  at most `BLOCK_SCORES` scores, softmax normalisation after the value product. On XLA's
-  CPU backend the score tensor of a 1024-token self-attention does not stay in cache and
-  the fused-in-one-piece version is 3-5x slower than this (forward and gradient);
-  `bench/attention.py` measures both against PyTorch's fused SDPA.
+  at most `BLOCK_SCORES` scores, softmax normalisation after the value product. Its
+  gradient is FlashAttention's backward pass (a custom VJP): the forward keeps only each
+  query's log-sum-exp, and the backward recomputes each block's weights from q and k, so
+  no [Lq, Lk] tensor is stored between the passes. On XLA's CPU backend the score tensor
+  of a 1024-token self-attention does not stay in cache and the fused-in-one-piece
+  version is 3-5x slower than this (forward and gradient); `bench/attention.py` measures
+  both against PyTorch's fused SDPA.
 
 "auto" (the default) picks "blockwise" on the CPU backend when a head has at least
-`BLOCKWISE_MIN_SCORES` scores (self-attention over 512+ tokens) and "xla" otherwise: for
-short keys (cross-attention to text) or small maps, one fused piece is the faster of the two
-there too. Both agree to float32 rounding (tests/models/test_attention.py).
+`BLOCKWISE_MIN_SCORES` scores and `BLOCKWISE_MIN_KEYS` keys (self-attention over 256+
+tokens) and "xla" otherwise: for short keys (cross-attention to text) or small maps, one
+fused piece is the faster of the two there too. Both agree to float32 rounding, values and
+gradients (tests/models/test_attention.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +32,13 @@ import jax.numpy as jnp
 IMPLEMENTATIONS = ("auto", "xla", "blockwise")
 # Scores per query block of one head: 2**20 float32 = 4 MiB, which stays in a CPU's L2/L3.
 BLOCK_SCORES = 1 << 20
-# Below this many scores per head (Lq * Lk), "auto" keeps the "xla" path on the CPU too.
-BLOCKWISE_MIN_SCORES = 1 << 18
+# Below this many scores per head (Lq * Lk), or this many keys, "auto" keeps the "xla" path
+# on the CPU too (bench/attention.py: with short keys, as in cross-attention to text, the
+# one-piece path is the faster).
+BLOCKWISE_MIN_SCORES = 1 << 16
+BLOCKWISE_MIN_KEYS = 256
+# The logit of a masked key (jax.nn.dot_product_attention's value).
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str = "auto"):
@@ -41,7 +52,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
         raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
     if implementation == "auto":
         cpu = jax.default_backend() == "cpu"
-        long = q.shape[1] * k.shape[1] >= BLOCKWISE_MIN_SCORES
+        lq, lk = q.shape[1], k.shape[1]
+        long = lq * lk >= BLOCKWISE_MIN_SCORES and lk >= BLOCKWISE_MIN_KEYS
         implementation = "blockwise" if cpu and long else "xla"
     if implementation == "xla":
         if bias is not None:
@@ -58,27 +70,95 @@ def _blockwise(q, k, v, *, bias, mask):
     # [B, L, N, D] -> [B * N, L, D]: one row per head.
     qh, kh, vh = (x.transpose(0, 2, 1, 3).reshape(b * n, x.shape[1], d) for x in (q, k, v))
     add = jnp.zeros((b, lk), jnp.float32) if bias is None else bias.astype(jnp.float32)
-    if mask is not None:  # jax.nn.dot_product_attention's masked logit value
-        add = jnp.where(mask.astype(bool), add, -0.7 * jnp.finfo(jnp.float32).max)
+    if mask is not None:
+        add = jnp.where(mask.astype(bool), add, _MASKED)
     add = jnp.repeat(add, n, axis=0)  # [B * N, Lk], in the order of the heads' rows
-    block = _query_block(lq, lk)
-    scale = d**-0.5
+    out = _heads_attention(qh, kh, vh, add, _query_block(lq, lk))
+    return out.reshape(b, n, lq, d).transpose(0, 2, 1, 3)
 
-    def one_block(qb, kk, vv, bb):  # qb [Lb, D], kk / vv [Lk, D], bb [Lk]
-        logits = jnp.dot(qb, kk.T, preferred_element_type=jnp.float32) * scale + bb
-        e = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _heads_attention(q, k, v, add, block):
+    """softmax(q kᵀ / sqrt(D) + add) v per head: q [H, Lq, D], k, v [H, Lk, D], add [H, Lk]."""
+    return _heads_forward(q, k, v, add, block)[0]
+
+
+def _heads_forward(q, k, v, add, block):
+    """(out [H, Lq, D] in q's dtype, (each query's largest logit, the sum of its
+    exponentials after subtracting it) [H, Lq] float32): the log-sum-exp, kept in two parts
+    because a query whose keys are all masked has logits near -3e38, where adding the log
+    of the sum would round away."""
+    h, lq, d = q.shape
+    scale = d**-0.5
+    # A column of ones after each head's values: the value product then also gives the
+    # softmax denominator (its last column), so the exponentials are read once, not twice.
+    v1 = jnp.concatenate([v, jnp.ones(v.shape[:2] + (1,), v.dtype)], axis=-1)
+
+    def one_block(qb, kk, vv, aa):  # qb [Lb, D], kk [Lk, D], vv [Lk, D + 1], aa [Lk]
+        logits = jnp.dot(qb, kk.T, preferred_element_type=jnp.float32) * scale + aa
+        top = logits.max(axis=-1, keepdims=True)
+        e = jnp.exp(logits - top)
         out = jnp.dot(e.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
-        return (out / e.sum(axis=-1, keepdims=True)).astype(q.dtype)
+        total = out[:, d:]
+        return (out[:, :d] / total).astype(q.dtype), (top[:, 0], total[:, 0])
 
     def one_head(args):
-        qq, kk, vv, bb = args
+        qq, kk, vv, aa = args
         if block == lq:
-            return one_block(qq, kk, vv, bb)
-        blocks = qq.reshape(lq // block, block, d)
-        return jax.lax.map(lambda qb: one_block(qb, kk, vv, bb), blocks).reshape(lq, d)
+            return one_block(qq, kk, vv, aa)
+        out, lse = jax.lax.map(lambda qb: one_block(qb, kk, vv, aa), qq.reshape(-1, block, d))
+        return out.reshape(lq, d), tuple(x.reshape(lq) for x in lse)
 
-    out = jax.lax.map(one_head, (qh, kh, vh, add))  # [B * N, Lq, D]
-    return out.reshape(b, n, lq, d).transpose(0, 2, 1, 3)
+    return jax.lax.map(one_head, (q, k, v1, add))
+
+
+def _heads_attention_fwd(q, k, v, add, block):
+    out, lse = _heads_forward(q, k, v, add, block)
+    return out, (q, k, v, add, out, lse)
+
+
+def _heads_attention_bwd(block, residuals, d_out):
+    """The gradient without the forward's [Lq, Lk] weights: each query block's logits are
+    recomputed from q and k and turned into the softmax weights with the saved log-sum-exp
+    (FlashAttention's backward pass), so nothing of size Lq x Lk is kept between the passes."""
+    q, k, v, add, out, (top, total) = residuals
+    h, lq, d = q.shape
+    lk = k.shape[1]
+    scale = d**-0.5
+    f32 = jnp.float32
+    # sum_j p_ij dp_ij = d_out_i . out_i: the softmax's Jacobian term, one number per query.
+    delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # [H, Lq]
+
+    def one_head(args):
+        qq, kk, vv, aa, gg, mm, ss, dd = args
+
+        def one_block(acc, xs):
+            dk, dv, da = acc
+            qb, gb, mb, sb, db = xs  # [Lb, D], [Lb, D], [Lb], [Lb] (1 / sum), [Lb]
+            logits = jnp.dot(qb, kk.T, preferred_element_type=f32) * scale + aa
+            p = jnp.exp(logits - mb[:, None]) * sb[:, None]  # the forward's weights [Lb, Lk]
+            dv = dv + jnp.einsum("qk,qd->kd", p.astype(gb.dtype), gb, preferred_element_type=f32)
+            dp = jnp.dot(gb, vv.T, preferred_element_type=f32)
+            ds = p * (dp - db[:, None])  # d loss / d logits
+            # A masked key's logit is a constant (it is replaced, as in the "xla" path): no
+            # gradient reaches q or k through it, even where a query has no other key.
+            ds = jnp.where(aa <= _MASKED, 0.0, ds)
+            dq = jnp.dot(ds.astype(kk.dtype), kk, preferred_element_type=f32) * scale
+            dk = dk + scale * jnp.einsum(
+                "qk,qd->kd", ds.astype(qb.dtype), qb, preferred_element_type=f32
+            )
+            return (dk, dv, da + ds.sum(axis=0)), dq
+
+        zeros = (jnp.zeros((lk, d), f32), jnp.zeros((lk, d), f32), jnp.zeros((lk,), f32))
+        blocks = tuple(x.reshape((lq // block, block) + x.shape[1:]) for x in (qq, gg, mm, ss, dd))
+        (dk, dv, da), dq = jax.lax.scan(one_block, zeros, blocks)
+        return dq.reshape(lq, d), dk, dv, da
+
+    dq, dk, dv, da = jax.lax.map(one_head, (q, k, v, add, d_out, top, 1.0 / total, delta))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(add.dtype)
+
+
+_heads_attention.defvjp(_heads_attention_fwd, _heads_attention_bwd)
 
 
 def _query_block(lq: int, lk: int) -> int:

@@ -72,6 +72,33 @@ def test_gradients_match(monkeypatch):
         np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_gradients_with_masks_and_bfloat16(monkeypatch):
+    # The custom backward pass (recomputed weights from the saved log-sum-exp) against
+    # autodiff of the one-piece path, with masked keys and a query block per 8 queries.
+    monkeypatch.setattr(attention, "BLOCK_SCORES", 8 * 9)
+    q, k, v = _qkv(2, 16, 9, 2, 8, seed=6)
+    mask = jnp.asarray([[True] * 5 + [False] * 4, [False] * 9])  # 2nd example: all masked
+
+    def grads(impl, q, k, v):
+        def loss(q, k, v):
+            out = attention.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+    for ours, ref in zip(grads("blockwise", q, k, v), grads("xla", q, k, v), strict=True):
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-4)
+    ours = grads("blockwise", q, k, v)
+    assert float(jnp.abs(ours[1][0, 5:]).max()) == 0.0  # masked keys get no gradient
+    low = tuple(x.astype(jnp.bfloat16) for x in (q, k, v))
+    for ours, ref in zip(grads("blockwise", *low), grads("xla", *low), strict=True):
+        assert ours.dtype == jnp.bfloat16
+        scale = float(jnp.abs(ref.astype(jnp.float32)).max())
+        np.testing.assert_allclose(
+            np.asarray(ours, np.float32), np.asarray(ref, np.float32), atol=2e-2 * scale
+        )
+
+
 def test_bfloat16_keeps_dtype_and_float32_softmax():
     q, k, v = _qkv(2, 32, 32, 2, 16, seed=5, dtype=jnp.bfloat16)
     ours, ref = _both(q, k, v)
@@ -87,6 +114,8 @@ def test_auto_choice_and_unknown_is_named(monkeypatch):
     assert jax.default_backend() == "cpu"
     np.testing.assert_array_equal(run(), run("xla"))  # 64 scores: short, "xla"
     monkeypatch.setattr(attention, "BLOCKWISE_MIN_SCORES", 64)
+    np.testing.assert_array_equal(run(), run("xla"))  # 8 keys: still short
+    monkeypatch.setattr(attention, "BLOCKWISE_MIN_KEYS", 8)
     np.testing.assert_array_equal(run(), run("blockwise"))
     with pytest.raises(ValueError, match="'flash'"):
         attention.dot_product_attention(q, k, v, implementation="flash")

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax.models import layers
+from imagen_jax.models.conv import Conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +183,7 @@ class ImagenUNet(nnx.Module):
             cfg.text_dim, emb_dim, head_dim=cfg.head_dim, rngs=rngs, **kw
         )
         in_ch = cfg.in_channels * (2 if cfg.low_res else 1)
-        self.conv_in = nnx.Conv(in_ch, ch, (3, 3), rngs=rngs, **kw)
+        self.conv_in = Conv(in_ch, ch, (3, 3), rngs=rngs, **kw)
 
         widths = [ch * m for m in cfg.channel_mult]
         self.down, self.downsample = nnx.List(), nnx.List()
@@ -248,7 +249,7 @@ class ImagenUNet(nnx.Module):
         self.norm_out = nnx.GroupNorm(
             prev, num_groups=layers.group_count(prev, cfg.groups), rngs=rngs, **kw
         )
-        self.conv_out = nnx.Conv(
+        self.conv_out = Conv(
             prev, cfg.out_channels, (3, 3), kernel_init=layers.zeros_init, rngs=rngs, **kw
         )
 

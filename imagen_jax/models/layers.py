@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax.models.attention import dot_product_attention
+from imagen_jax.models.conv import Conv
 
 zeros_init = nnx.initializers.zeros_init()
 
@@ -44,12 +45,12 @@ class ResBlock(nnx.Module):
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = nnx.GroupNorm(in_ch, num_groups=group_count(in_ch, groups), **kw)
-        self.conv1 = nnx.Conv(in_ch, out_ch, (3, 3), **kw)
+        self.conv1 = Conv(in_ch, out_ch, (3, 3), **kw)
         self.emb = nnx.Linear(emb_dim, 2 * out_ch, **kw)
         self.norm2 = nnx.GroupNorm(out_ch, num_groups=group_count(out_ch, groups), **kw)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
-        self.conv2 = nnx.Conv(out_ch, out_ch, (3, 3), kernel_init=zeros_init, **kw)
-        self.skip = nnx.Conv(in_ch, out_ch, (1, 1), **kw) if in_ch != out_ch else None
+        self.conv2 = Conv(out_ch, out_ch, (3, 3), kernel_init=zeros_init, **kw)
+        self.skip = Conv(in_ch, out_ch, (1, 1), **kw) if in_ch != out_ch else None
 
     def __call__(self, x, emb):  # x [B, H, W, Cin], emb [B, E]
         h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -157,7 +158,7 @@ class Downsample(nnx.Module):
 
 class Upsample(nnx.Module):
     def __init__(self, in_ch, out_ch, *, rngs, dtype=None, param_dtype=jnp.float32):
-        self.conv = nnx.Conv(in_ch, out_ch, (3, 3), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.conv = Conv(in_ch, out_ch, (3, 3), rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x):
         b, h, w, c = x.shape

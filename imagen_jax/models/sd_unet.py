@@ -37,6 +37,7 @@ from flax import nnx
 
 from imagen_jax.models import diffusers_loading
 from imagen_jax.models.attention import dot_product_attention
+from imagen_jax.models.conv import Conv
 from imagen_jax.weights import Source
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -394,9 +395,7 @@ def _layer_norm(dim, eps, kw):
 def _conv(cin, cout, kernel, kw, *, stride=1, padding=None):
     """A torch-style Conv2d: symmetric padding (kernel - 1) // 2 unless given."""
     pad = (kernel - 1) // 2 if padding is None else padding
-    return nnx.Conv(
-        cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), **kw
-    )
+    return Conv(cin, cout, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)), **kw)
 
 
 class TimestepEmbedding(nnx.Module):

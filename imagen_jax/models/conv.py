@@ -8,12 +8,12 @@ is the slowest operation of a UNet's training step (bench/README.md, train_vs_im
 3-4x slower per FLOP than the forward convolution). There it is computed instead as matrix
 products over shifted views of the flattened input (a custom VJP):
 
-- pad x [B, H, W, C] to [B, H + 2p + 1, W + 2p, C] and flatten the pixels: the input under
-  kernel tap (i, j) of output pixel q is then input pixel q + i * (W + 2p) + j, one offset
-  per tap for the whole batch;
-- pad the output gradient g the same way (zeros outside the image) and flatten it;
-- the weight gradient is [x shifted by each tap's offset, side by side]ᵀ @ g: one matrix
-  product with the taps' pixels as its reduction.
+- pad x [B, H, W, C] to [B, H + 2p + 1, W + 2p, C] and flatten each image's pixels: the
+  input under kernel tap (i, j) of output pixel q is then input pixel q + i * (W + 2p) + j,
+  one offset per tap;
+- pad the output gradient g to the same width (zeros outside the image) and flatten it;
+- tap (i, j)'s weight gradient is gᵀ @ (x from that tap's offset), a matrix product that
+  reduces over the batch's pixels.
 
 The input gradient and every other case (strides, dilation, groups, other layouts or
 dtypes, other backends) are `lax.conv_general_dilated`'s own.
@@ -151,14 +151,13 @@ def _weight_grad(x, g, kernel_shape, precision):
     ph, pw = kh // 2, kw // 2
     row = w + 2 * pw  # padded width
     rows = h + 2 * ph + 1  # padded height, one spare row so the last tap stays in the image
-    xp = jnp.pad(x, ((0, 0), (ph, ph + 1), (pw, pw), (0, 0))).reshape(b * rows * row, c)
-    gp = jnp.pad(g, ((0, 0), (0, rows - h), (0, row - w), (0, 0))).reshape(b * rows * row, o)
-    # Output pixels beyond `n` are all padding (zero gradient); every tap's view of x from
-    # its offset stays inside the flattened array.
-    n = b * rows * row - (kh - 1) * row - (kw - 1)
-    gt = gp[:n].T  # [O, n]
+    xp = jnp.pad(x, ((0, 0), (ph, ph + 1), (pw, pw), (0, 0))).reshape(b, rows * row, c)
+    # The output pixels with the padded width's extra columns, there with zero gradient.
+    n = h * row
+    gp = jnp.pad(g, ((0, 0), (0, 0), (0, row - w), (0, 0))).reshape(b, n, o)
+    # Per image, not over the batch flattened, so a batch sharded over devices stays so.
     taps = [
-        jnp.dot(gt, xp[i * row + j : i * row + j + n], precision=precision)  # [O, C]
+        jnp.einsum("bpo,bpc->oc", gp, xp[:, i * row + j : i * row + j + n], precision=precision)
         for i in range(kh)
         for j in range(kw)
     ]

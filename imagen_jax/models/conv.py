@@ -12,8 +12,8 @@ products over shifted views of the flattened input (a custom VJP):
   input under kernel tap (i, j) of output pixel q is then input pixel q + i * (W + 2p) + j,
   one offset per tap;
 - pad the output gradient g to the same width (zeros outside the image) and flatten it;
-- tap (i, j)'s weight gradient is gᵀ @ (x from that tap's offset), a matrix product that
-  reduces over the batch's pixels.
+- tap (i, j)'s weight gradient is gᵀ @ (x from that tap's offset), matrix products that
+  reduce over the pixels of groups of images, summed.
 
 The input gradient and every other case (strides, dilation, groups, other layouts or
 dtypes, other backends) are `lax.conv_general_dilated`'s own.
@@ -30,8 +30,12 @@ from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Below these (3x3 kernels), XLA's own weight gradient is used: see _matmul_weight_grad_pays.
+MIN_IMAGE_PIXELS = 1024
+MIN_BATCH = 4
 MIN_PIXELS = 8192
-MIN_IN_CHANNELS = 128
+MIN_IN_CHANNELS = 64
+# The weight gradient's products are split over at most this many groups of images.
+MAX_GROUPS = 8
 
 
 def conv_general_dilated(
@@ -89,11 +93,19 @@ def Conv(in_features: int, out_features: int, kernel_size, **kwargs) -> nnx.Conv
 
 def _matmul_weight_grad_pays(x_shape, kernel_shape) -> bool:
     """Where the matrix-product weight gradient was the faster on a 2-core x86 CPU
-    (bench/conv_grad.py): every 1x1 convolution (4x), and 3x3 ones with at least 8192 output
-    pixels per batch and 128 input channels (1.1-1.7x); below that, XLA's own is faster."""
+    (bench/conv_grad.py): every 1x1 convolution (2-3x), and larger kernels over images of
+    at least 32x32 pixels, at least 4 of them and 8192 pixels in all, with at least 64 input
+    channels (1.3-1.7x); on smaller images, batches or widths XLA's own is as fast or faster."""
     kh, kw, cin, _ = kernel_shape
-    pixels = x_shape[0] * x_shape[1] * x_shape[2]
-    return kh * kw == 1 or (pixels >= MIN_PIXELS and cin >= MIN_IN_CHANNELS)
+    b, h, w = x_shape[:3]
+    if kh * kw == 1:
+        return True
+    return (
+        h * w >= MIN_IMAGE_PIXELS
+        and b >= MIN_BATCH
+        and b * h * w >= MIN_PIXELS
+        and cin >= MIN_IN_CHANNELS
+    )
 
 
 def _is_nhwc(dimension_numbers) -> bool:
@@ -155,10 +167,27 @@ def _weight_grad(x, g, kernel_shape, precision):
     # The output pixels with the padded width's extra columns, there with zero gradient.
     n = h * row
     gp = jnp.pad(g, ((0, 0), (0, 0), (0, row - w), (0, 0))).reshape(b, n, o)
-    # Per image, not over the batch flattened, so a batch sharded over devices stays so.
-    taps = [
-        jnp.einsum("bpo,bpc->oc", gp, xp[:, i * row + j : i * row + j + n], precision=precision)
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    # One product per tap and group of images, summed: XLA's CPU backend runs separate
+    # products side by side on its cores and keeps a group's pixels in cache, where one
+    # product over the whole batch runs on one core. With several devices the batch is
+    # sharded over them and a group would be gathered from its shards: there, one product
+    # per tap over whole images (not the batch flattened into one pixel axis), which keeps
+    # each device's pixels where they are.
+    most = 1 if jax.device_count() > 1 else min(b, MAX_GROUPS)
+    groups = max(d for d in range(1, most + 1) if b % d == 0)
+    size = b // groups
+
+    def tap(i, j):
+        views = (
+            jnp.einsum(
+                "bpo,bpc->oc",
+                gp[k * size : (k + 1) * size],
+                xp[k * size : (k + 1) * size, i * row + j : i * row + j + n],
+                precision=precision,
+            )
+            for k in range(groups)
+        )
+        return functools.reduce(jnp.add, views)
+
+    taps = [tap(i, j) for i in range(kh) for j in range(kw)]
     return jnp.stack(taps).reshape(kh, kw, o, c).transpose(0, 1, 3, 2)

@@ -28,6 +28,12 @@ def _inputs(shape, kernel, seed=0):
     return x, w
 
 
+def _everywhere(monkeypatch):
+    """The matrix-product weight gradient for every shape, however small."""
+    for name in ("MIN_IMAGE_PIXELS", "MIN_BATCH", "MIN_PIXELS", "MIN_IN_CHANNELS"):
+        monkeypatch.setattr(conv, name, 1)
+
+
 @pytest.mark.parametrize(
     "shape, kernel, padding",
     [
@@ -38,8 +44,7 @@ def _inputs(shape, kernel, seed=0):
     ],
 )
 def test_weight_gradient_matches_autodiff(monkeypatch, shape, kernel, padding):
-    monkeypatch.setattr(conv, "MIN_PIXELS", 1)
-    monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 1)
+    _everywhere(monkeypatch)
     x, w = _inputs(shape, kernel)
     assert conv._matmul_weight_grad_pays(x.shape, w.shape)
     forward = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)  # noqa: E731
@@ -53,10 +58,28 @@ def test_weight_gradient_matches_autodiff(monkeypatch, shape, kernel, padding):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch, groups", [(6, 3), (5, 1), (4, 4)])
+def test_weight_gradient_in_groups_of_images(monkeypatch, batch, groups):
+    # On one device the products are split over groups of images (at most MAX_GROUPS, a
+    # divisor of the batch); the tests' 8 devices would otherwise always take one group.
+    _everywhere(monkeypatch)
+    monkeypatch.setattr(conv, "MAX_GROUPS", 4)
+    monkeypatch.setattr(conv.jax, "device_count", lambda: 1)
+    x, w = _inputs((batch, 7, 6, 5), (3, 3, 5, 4), seed=3)
+    jaxpr = str(
+        jax.make_jaxpr(jax.grad(lambda w: conv._conv_same(x, w, ((1, 1), (1, 1)), None).sum()))(w)
+    )
+    assert jaxpr.count("dot_general") == 9 * groups
+    ours = _grads(conv.conv_general_dilated, x, w)
+    for a, b in zip(ours, _grads(lax.conv_general_dilated, x, w), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_threshold_and_fallbacks(monkeypatch):
-    assert conv._matmul_weight_grad_pays((8, 32, 32, 128), (3, 3, 128, 128))
-    assert not conv._matmul_weight_grad_pays((8, 32, 32, 64), (3, 3, 64, 64))  # few channels
-    assert not conv._matmul_weight_grad_pays((2, 32, 32, 256), (3, 3, 256, 256))  # few pixels
+    assert conv._matmul_weight_grad_pays((8, 32, 32, 64), (3, 3, 64, 64))
+    assert not conv._matmul_weight_grad_pays((16, 32, 32, 32), (3, 3, 32, 32))  # few channels
+    assert not conv._matmul_weight_grad_pays((2, 64, 64, 128), (3, 3, 128, 64))  # few images
+    assert not conv._matmul_weight_grad_pays((32, 16, 16, 128), (3, 3, 128, 128))  # small ones
     assert conv._matmul_weight_grad_pays((1, 4, 4, 8), (1, 1, 8, 8))  # 1x1: always
     # Strided, dilated, grouped and even-kernel convolutions go to lax unchanged (values and
     # gradients), as does every case when the custom gradient is switched off.
@@ -99,11 +122,10 @@ def test_batch_sharded_over_devices(monkeypatch):
     # The weight gradient reduces per image, so a batch split over the 8 test devices needs
     # no exchange of pixels between them (only the all-reduce of the weight gradient), and
     # gives lax's gradient.
-    monkeypatch.setattr(conv, "MIN_PIXELS", 1)
+    _everywhere(monkeypatch)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     x, w = _inputs((len(jax.devices()), 6, 5, 4), (3, 3, 4, 3), seed=2)
     x = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-    monkeypatch.setattr(conv, "MIN_IN_CHANNELS", 1)
     ours = _grads(conv.conv_general_dilated, x, w)
     for a, b in zip(ours, _grads(lax.conv_general_dilated, x, w), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

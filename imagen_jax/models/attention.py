@@ -8,12 +8,13 @@ float32 whatever the compute dtype (diffusers' `upcast_attention` / `upcast_soft
   in one piece. Right on GPUs and TPUs, where XLA fuses it (or cuDNN takes it).
 - "blockwise": one head at a time (`lax.map` over B * N), each head's queries in blocks of
   at most `BLOCK_SCORES` scores, softmax normalisation after the value product. Its
-  gradient is FlashAttention's backward pass (a custom VJP): the forward keeps only each
-  query's log-sum-exp, and the backward recomputes each block's weights from q and k, so
-  no [Lq, Lk] tensor is stored between the passes. On XLA's CPU backend the score tensor
-  of a 1024-token self-attention does not stay in cache and the fused-in-one-piece
-  version is 3-5x slower than this (forward and gradient); `bench/attention.py` measures
-  both against PyTorch's fused SDPA.
+  gradient is FlashAttention's backward pass (a custom VJP, so reverse mode only, no
+  `jax.jvp`): the forward keeps only each query's largest logit and sum of exponentials,
+  and the backward recomputes each block's weights from q and k, so no [Lq, Lk] tensor is
+  stored between the passes. On XLA's CPU backend the score tensor of a 1024-token
+  self-attention does not stay in cache and the fused-in-one-piece version is 3-7x slower
+  than this (forward and gradient); `bench/attention.py` measures both against PyTorch's
+  fused SDPA.
 
 "auto" (the default) picks "blockwise" on the CPU backend when a head has at least
 `BLOCKWISE_MIN_SCORES` scores and `BLOCKWISE_MIN_KEYS` keys (self-attention over 256+
@@ -119,7 +120,7 @@ def _heads_attention_fwd(q, k, v, add, block):
 
 def _heads_attention_bwd(block, residuals, d_out):
     """The gradient without the forward's [Lq, Lk] weights: each query block's logits are
-    recomputed from q and k and turned into the softmax weights with the saved log-sum-exp
+    recomputed from q and k and turned into the softmax weights with the saved maximum and sum
     (FlashAttention's backward pass), so nothing of size Lq x Lk is kept between the passes."""
     q, k, v, add, out, (top, total) = residuals
     h, lq, d = q.shape

@@ -16,7 +16,8 @@ products over shifted views of the flattened input (a custom VJP):
   reduce over the pixels of groups of images, summed.
 
 The input gradient and every other case (strides, dilation, groups, other layouts or
-dtypes, other backends) are `lax.conv_general_dilated`'s own.
+dtypes, other backends) are `lax.conv_general_dilated`'s own. Being a custom VJP, the CPU
+path supports reverse-mode differentiation only (`jax.grad`, not `jax.jvp`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from flax import nnx
 
 from imagen_jax.models import layers
 from imagen_jax.models.conv import Conv
+from imagen_jax.models.norm import GroupNorm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,7 +247,7 @@ class ImagenUNet(nnx.Module):
             )
             self.upsample.append(layers.Upsample(w, w, rngs=rngs, **kw) if i > 0 else None)
         assert not skips, skips
-        self.norm_out = nnx.GroupNorm(
+        self.norm_out = GroupNorm(
             prev, num_groups=layers.group_count(prev, cfg.groups), rngs=rngs, **kw
         )
         self.conv_out = Conv(

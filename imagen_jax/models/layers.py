@@ -10,6 +10,7 @@ from flax import nnx
 
 from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.models.conv import Conv
+from imagen_jax.models.norm import GroupNorm
 
 zeros_init = nnx.initializers.zeros_init()
 
@@ -44,10 +45,10 @@ class ResBlock(nnx.Module):
         param_dtype=jnp.float32,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = nnx.GroupNorm(in_ch, num_groups=group_count(in_ch, groups), **kw)
+        self.norm1 = GroupNorm(in_ch, num_groups=group_count(in_ch, groups), **kw)
         self.conv1 = Conv(in_ch, out_ch, (3, 3), **kw)
         self.emb = nnx.Linear(emb_dim, 2 * out_ch, **kw)
-        self.norm2 = nnx.GroupNorm(out_ch, num_groups=group_count(out_ch, groups), **kw)
+        self.norm2 = GroupNorm(out_ch, num_groups=group_count(out_ch, groups), **kw)
         self.dropout = nnx.Dropout(dropout, rngs=rngs)
         self.conv2 = Conv(out_ch, out_ch, (3, 3), kernel_init=zeros_init, **kw)
         self.skip = Conv(in_ch, out_ch, (1, 1), **kw) if in_ch != out_ch else None
@@ -106,7 +107,7 @@ class TransformerBlock(nnx.Module):
         param_dtype=jnp.float32,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm_in = nnx.GroupNorm(dim, num_groups=group_count(dim, groups), **kw)
+        self.norm_in = GroupNorm(dim, num_groups=group_count(dim, groups), **kw)
         self.self_attn = Attention(dim, head_dim=head_dim, **kw) if self_attn else None
         self.norm_self = nnx.LayerNorm(dim, **kw) if self_attn else None
         self.cross_attn = (

@@ -38,6 +38,7 @@ from flax import nnx
 from imagen_jax.models import diffusers_loading
 from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.models.conv import Conv
+from imagen_jax.models.norm import GroupNorm
 from imagen_jax.weights import Source
 
 CLASS_NAME = "UNet2DConditionModel"
@@ -385,7 +386,7 @@ def _avg_pool2(x):
 
 
 def _group_norm(channels, groups, eps, kw):
-    return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False, **kw)
+    return GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False, **kw)
 
 
 def _layer_norm(dim, eps, kw):

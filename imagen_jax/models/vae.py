@@ -38,6 +38,7 @@ from flax.nnx import traversals
 
 from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.models.diffusers_loading import TORCH_CONV_TO_FLAX
+from imagen_jax.models.norm import GroupNorm
 from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
 
@@ -198,9 +199,9 @@ def _conv(in_ch, out_ch, kernel=3, *, stride=1, padding=None, **kw) -> nnx.Conv:
     )
 
 
-def _norm(channels, groups, *, rngs, dtype, param_dtype, precision=None) -> nnx.GroupNorm:
+def _norm(channels, groups, *, rngs, dtype, param_dtype, precision=None) -> GroupNorm:
     del precision
-    return nnx.GroupNorm(
+    return GroupNorm(
         channels,
         num_groups=groups,
         epsilon=EPS,

@@ -6,7 +6,7 @@ batch and the group: on the CPU the innermost reduction then runs over the few c
 a group, which does not vectorise. Here, on the CPU, each channel is first summed over the
 pixels (the channels stay the vectorised axis) and the channel sums are then added up per
 group, for the mean and again for the variance of the deviations from it (two passes, the
-numerics of `use_fast_variance=False`, whatever that flag says). bench/README.md (norm)
+numerics of `use_fast_variance=False`, whatever that flag says). bench/group_norm.py
 has the timings; other backends, masks, custom reduction axes and dtypes other than float32
 take flax's own computation.
 """

@@ -19,7 +19,6 @@ taking turns) and the speed-ups. All three must agree within 1e-4 before timing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -80,28 +79,19 @@ def bench_shape(name, shape, args):
     load_before = os.getloadavg()
     seconds = sd_unet_forward.time_interleaved(fns, args.repeats)
     ms = {key: round(s * 1e3, 3) for key, s in seconds.items()}
-    speedups = {}
-    for kind in ("fwd", "grad"):
-        if f"blockwise_{kind}" in ms:
-            for peer in ("xla", "torch"):
-                speedups[f"{kind}_speedup_vs_{peer}"] = round(
-                    ms[f"{peer}_{kind}"] / ms[f"blockwise_{kind}"], 3
-                )
+    speedups = sd_unet_forward.speedups(ms, "blockwise", ("xla", "torch"), ("fwd", "grad"))
     record = dict(bench=BENCH, shape=name, batch=b, lq=lq, lk=lk, heads=n, head_dim=d)
     record.update(ms=ms, **speedups, **sd_unet_forward._env(args, load_before))
     print(json.dumps(record), flush=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no_grad", dest="grad", action="store_false", help="forward only")
-    parser.add_argument("--note", default="", help="e.g. what else the machine was running")
-    args = parser.parse_args()
-    sd_unet_forward.import_torchvision_without_operators()
-    for name in args.shapes.split(","):
-        bench_shape(name, SHAPES[name], args)
+    def add_arguments(parser):
+        parser.add_argument("--no_grad", dest="grad", action="store_false", help="forward only")
+
+    sd_unet_forward.shapes_main(
+        __doc__, SHAPES, bench_shape, repeats=5, add_arguments=add_arguments
+    )
 
 
 if __name__ == "__main__":

@@ -16,12 +16,10 @@ lax's). All sides must agree within 1e-4 of the largest weight gradient before t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import sd_unet_forward
 import torch
@@ -89,11 +87,7 @@ def bench_shape(name, shape, args):
     load_before = os.getloadavg()
     seconds = sd_unet_forward.time_interleaved(fns, args.repeats)
     ms = {key: round(s * 1e3, 3) for key, s in seconds.items()}
-    speedups = {
-        f"{kind}_speedup_vs_{peer}": round(ms[f"{kind}_{peer}"] / ms[f"{kind}_ours"], 3)
-        for kind in ("dw", "grad")
-        for peer in ("lax", "torch")
-    }
+    speedups = sd_unet_forward.speedups(ms, "ours", ("lax", "torch"), ("dw", "grad"))
     gflop = 2 * b * side * side * k * k * cin * cout / 1e9  # one pass (forward or either grad)
     custom = conv._matmul_weight_grad_pays(x.shape, w.shape)
     record = dict(bench=BENCH, shape=name, batch=b, side=side, cin=cin, cout=cout, kernel=k)
@@ -103,15 +97,7 @@ def bench_shape(name, shape, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--note", default="", help="e.g. what else the machine was running")
-    args = parser.parse_args()
-    sd_unet_forward.import_torchvision_without_operators()
-    assert jnp.zeros(()).dtype == jnp.float32
-    for name in args.shapes.split(","):
-        bench_shape(name, SHAPES[name], args)
+    sd_unet_forward.shapes_main(__doc__, SHAPES, bench_shape, repeats=5)
 
 
 if __name__ == "__main__":

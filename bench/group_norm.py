@@ -12,7 +12,6 @@ speed-ups. The three must agree within 1e-4 before timing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -75,25 +74,14 @@ def bench_shape(name, shape, args):
     load_before = os.getloadavg()
     seconds = sd_unet_forward.time_interleaved(fns, args.repeats)
     ms = {key: round(s * 1e3, 3) for key, s in seconds.items()}
-    speedups = {
-        f"{kind}_speedup_vs_{peer}": round(ms[f"{peer}_{kind}"] / ms[f"ours_{kind}"], 3)
-        for kind in ("fwd", "grad")
-        for peer in ("flax", "torch")
-    }
+    speedups = sd_unet_forward.speedups(ms, "ours", ("flax", "torch"), ("fwd", "grad"))
     record = dict(bench=BENCH, shape=name, batch=b, side=side, channels=c, groups=GROUPS)
     record.update(ms=ms, **speedups, **sd_unet_forward._env(args, load_before))
     print(json.dumps(record), flush=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--note", default="", help="e.g. what else the machine was running")
-    args = parser.parse_args()
-    sd_unet_forward.import_torchvision_without_operators()
-    for name in args.shapes.split(","):
-        bench_shape(name, SHAPES[name], args)
+    sd_unet_forward.shapes_main(__doc__, SHAPES, bench_shape, repeats=9)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,32 @@ def make_inputs(config: dict, batch: int, seed: int = 1):
     return z, t, text.astype(np.float32)
 
 
+def shapes_main(doc: str, shapes: dict, bench_shape, *, repeats: int, add_arguments=None):
+    """The command line of the one-operation benches (attention.py, conv_grad.py,
+    group_norm.py): --shapes (names from `shapes`), --repeats, --note, and whatever
+    `add_arguments(parser)` adds; then `bench_shape(name, shape, args)` for each shape."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--shapes", default=",".join(shapes))
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--note", default="", help="e.g. what else the machine was running")
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = parser.parse_args()
+    import_torchvision_without_operators()
+    for name in args.shapes.split(","):
+        bench_shape(name, shapes[name], args)
+
+
+def speedups(ms: dict, ours: str, peers, kinds) -> dict:
+    """{f"{kind}_speedup_vs_{peer}": peer's ms / ours'} from ms keyed "{side}_{kind}"."""
+    return {
+        f"{kind}_speedup_vs_{peer}": round(ms[f"{peer}_{kind}"] / ms[f"{ours}_{kind}"], 3)
+        for kind in kinds
+        for peer in peers
+        if f"{ours}_{kind}" in ms
+    }
+
+
 def time_interleaved(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each function over `repeats` rounds in which each runs once."""
     times = {name: [] for name in fns}

@@ -87,7 +87,9 @@ def bench_shape(name, shape, args):
     load_before = os.getloadavg()
     seconds = sd_unet_forward.time_interleaved(fns, args.repeats)
     ms = {key: round(s * 1e3, 3) for key, s in seconds.items()}
-    speedups = sd_unet_forward.speedups(ms, "ours", ("lax", "torch"), ("dw", "grad"))
+    speedups = sd_unet_forward.speedups(
+        ms, "ours", ("lax", "torch"), ("dw", "grad"), key="{kind}_{side}"
+    )
     gflop = 2 * b * side * side * k * k * cin * cout / 1e9  # one pass (forward or either grad)
     custom = conv._matmul_weight_grad_pays(x.shape, w.shape)
     record = dict(bench=BENCH, shape=name, batch=b, side=side, cin=cin, cout=cout, kernel=k)

@@ -138,13 +138,18 @@ def shapes_main(doc: str, shapes: dict, bench_shape, *, repeats: int, add_argume
         bench_shape(name, shapes[name], args)
 
 
-def speedups(ms: dict, ours: str, peers, kinds) -> dict:
-    """{f"{kind}_speedup_vs_{peer}": peer's ms / ours'} from ms keyed "{side}_{kind}"."""
+def speedups(ms: dict, ours: str, peers, kinds, key: str = "{side}_{kind}") -> dict:
+    """{f"{kind}_speedup_vs_{peer}": peer's ms / ours'} from ms keyed `key` (of side, kind);
+    kinds that ours did not time are left out."""
+
+    def at(side, kind):
+        return ms.get(key.format(side=side, kind=kind))
+
     return {
-        f"{kind}_speedup_vs_{peer}": round(ms[f"{peer}_{kind}"] / ms[f"{ours}_{kind}"], 3)
+        f"{kind}_speedup_vs_{peer}": round(at(peer, kind) / at(ours, kind), 3)
         for kind in kinds
         for peer in peers
-        if f"{ours}_{kind}" in ms
+        if at(ours, kind) is not None
     }
 
 

@@ -90,13 +90,12 @@ def _heads_forward(q, k, v, add, block):
     because a query whose keys are all masked has logits near -3e38, where adding the log
     of the sum would round away."""
     h, lq, d = q.shape
-    scale = d**-0.5
     # A column of ones after each head's values: the value product then also gives the
     # softmax denominator (its last column), so the exponentials are read once, not twice.
     v1 = jnp.concatenate([v, jnp.ones(v.shape[:2] + (1,), v.dtype)], axis=-1)
 
     def one_block(qb, kk, vv, aa):  # qb [Lb, D], kk [Lk, D], vv [Lk, D + 1], aa [Lk]
-        logits = jnp.dot(qb, kk.T, preferred_element_type=jnp.float32) * scale + aa
+        logits = _logits(qb, kk, aa)
         top = logits.max(axis=-1, keepdims=True)
         e = jnp.exp(logits - top)
         out = jnp.dot(e.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
@@ -107,15 +106,15 @@ def _heads_forward(q, k, v, add, block):
         qq, kk, vv, aa = args
         if block == lq:
             return one_block(qq, kk, vv, aa)
-        out, lse = jax.lax.map(lambda qb: one_block(qb, kk, vv, aa), qq.reshape(-1, block, d))
-        return out.reshape(lq, d), tuple(x.reshape(lq) for x in lse)
+        out, stats = jax.lax.map(lambda qb: one_block(qb, kk, vv, aa), qq.reshape(-1, block, d))
+        return out.reshape(lq, d), tuple(x.reshape(lq) for x in stats)
 
     return jax.lax.map(one_head, (q, k, v1, add))
 
 
 def _heads_attention_fwd(q, k, v, add, block):
-    out, lse = _heads_forward(q, k, v, add, block)
-    return out, (q, k, v, add, out, lse)
+    out, stats = _heads_forward(q, k, v, add, block)
+    return out, (q, k, v, add, out, stats)
 
 
 def _heads_attention_bwd(block, residuals, d_out):
@@ -136,12 +135,12 @@ def _heads_attention_bwd(block, residuals, d_out):
         def one_block(acc, xs):
             dk, dv, da = acc
             qb, gb, mb, sb, db = xs  # [Lb, D], [Lb, D], [Lb], [Lb] (1 / sum), [Lb]
-            logits = jnp.dot(qb, kk.T, preferred_element_type=f32) * scale + aa
+            logits = _logits(qb, kk, aa)  # as the forward pass computed them
             p = jnp.exp(logits - mb[:, None]) * sb[:, None]  # the forward's weights [Lb, Lk]
             dv = dv + jnp.einsum("qk,qd->kd", p.astype(gb.dtype), gb, preferred_element_type=f32)
             dp = jnp.dot(gb, vv.T, preferred_element_type=f32)
             ds = p * (dp - db[:, None])  # d loss / d logits
-            # A masked key's logit is a constant (it is replaced, as in the "xla" path): no
+            # A masked key's logit is the constant _MASKED (the "xla" path replaces it): no
             # gradient reaches q or k through it, even where a query has no other key.
             ds = jnp.where(aa <= _MASKED, 0.0, ds)
             dq = jnp.dot(ds.astype(kk.dtype), kk, preferred_element_type=f32) * scale
@@ -160,6 +159,11 @@ def _heads_attention_bwd(block, residuals, d_out):
 
 
 _heads_attention.defvjp(_heads_attention_fwd, _heads_attention_bwd)
+
+
+def _logits(q, k, add):
+    """q [Lb, D] . k [Lk, D] / sqrt(D) + add [Lk], float32: one query block's logits."""
+    return jnp.dot(q, k.T, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5 + add
 
 
 def _query_block(lq: int, lk: int) -> int:

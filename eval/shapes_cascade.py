@@ -74,6 +74,7 @@ def main(argv):
         images=len(entries) * f.images_per_prompt,
         overall=table["splits"][f.split]["overall"],
         tasks={k: v["accuracy"] for k, v in table["splits"][f.split]["tasks"].items()},
+        failures={k: v["failures"] for k, v in table["splits"][f.split]["tasks"].items()},
         seconds_per_image=summary["seconds"] / summary["made"] if summary["made"] else None,
         stages=[
             dict(

@@ -4,6 +4,8 @@
     python eval/shapes_table.py [docs/results/shapes.jsonl]
 
 One row per line, in file order; a name that appears twice keeps its last line (a rerun).
+Then, for the lines that carry them, what the failed images got wrong (each task's failures
+by `scorer.failure_kind`).
 """
 
 import json
@@ -14,6 +16,11 @@ HEADER = (
     "| run | prompts | images | single | two objects | counting | colours | position | "
     "colour attr. | overall | s / image |"
 )
+
+FAILURE_HEADER = (
+    "| run | prompts | single | two objects | counting | colours | position | colour attr. |"
+)
+MAIN_ROWS = ("cascade_heldout", "cascade_train", "base_heldout")
 
 
 def describe(name: str) -> str:
@@ -34,17 +41,37 @@ def describe(name: str) -> str:
     return name
 
 
-def rows(lines: list[dict]) -> list[str]:
-    latest = {}
+def latest(lines: list[dict]) -> list[dict]:
+    """The last line of each name, in the order the names first appear."""
+    by_name = {}
     for line in lines:
-        latest[line["name"]] = line  # dicts keep the first position, take the last value
+        by_name[line["name"]] = line  # dicts keep the first position, take the last value
+    return list(by_name.values())
+
+
+def rows(lines: list[dict]) -> list[str]:
     out = [HEADER, "| --- " * 11 + "|"]
-    for line in latest.values():
+    for line in latest(lines):
         tasks = " | ".join(f"{line['tasks'][t]:.2f}" for t in TASKS)
         out.append(
             f"| {describe(line['name'])} | {line['split']} | {line['images']} | {tasks} | "
             f"**{line['overall']:.3f}** | {line['seconds_per_image']:.2f} |"
         )
+    return out
+
+
+def failure_rows(lines: list[dict], names=MAIN_ROWS) -> list[str]:
+    """Per task, the failed images by kind, for the named lines that carry failures."""
+    chosen = [line for line in latest(lines) if line["name"] in names and "failures" in line]
+    if not chosen:
+        return []
+    out = [FAILURE_HEADER, "| --- " * 8 + "|"]
+    for line in chosen:
+        cells = []
+        for task in TASKS:
+            kinds = line["failures"].get(task, {})
+            cells.append(", ".join(f"{kind} {n}" for kind, n in kinds.items()) or "none")
+        out.append(f"| {describe(line['name'])} | {line['split']} | {' | '.join(cells)} |")
     return out
 
 
@@ -55,6 +82,10 @@ def main(argv: list[str]) -> None:
     if not lines:
         raise SystemExit(f"{path}: no results lines")
     print("\n".join(rows(lines)))
+    failures = failure_rows(lines)
+    if failures:
+        print("\nFailed images by kind (scorer.failure_kind):\n")
+        print("\n".join(failures))
 
 
 if __name__ == "__main__":

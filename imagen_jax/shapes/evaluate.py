@@ -16,13 +16,15 @@ The folder holds the images and `manifest.jsonl`, one JSON object per line per i
 * Anything else (seed, sampler settings, ...) is kept in the per-image results.
 
 Each image is scored by `scorer.score` (see its docstring for the semantics of each
-task). The table gives, per split, each task's accuracy and count and the overall score:
-the mean of the six task accuracies, as GenEval reports it (over the tasks present, when
-some are missing, which the table says).
+task). The table gives, per split, each task's accuracy and count, its failures by kind
+(`scorer.failure_kind`: an object missing, a colour swapped between objects, ...) and the
+overall score: the mean of the six task accuracies, as GenEval reports it (over the tasks
+present, when some are missing, which the table says).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -132,17 +134,21 @@ def score_entries(entries: list[ManifestEntry]) -> Iterator[tuple[ManifestEntry,
 
 
 def summarize(results: list[tuple[ManifestEntry, scorer.Result]]) -> dict[str, Any]:
-    """The GenEval table: per split, per task {accuracy, correct, total}; overall."""
+    """The GenEval table: per split, per task {accuracy, correct, total, failures}; overall.
+    `failures` counts the failed images by `scorer.failure_kind`, in `FAILURE_KINDS` order."""
     table: dict[str, Any] = {"num_images": len(results), "splits": {}}
     for split in sorted({e.split for e, _ in results}, key=lambda s: (s != "train", s)):
         rows = {}
         for task in TASKS:
-            passed = [r.passed for e, r in results if e.split == split and r.task == task]
-            if passed:
+            scored = [r for e, r in results if e.split == split and r.task == task]
+            if scored:
+                passed = [r.passed for r in scored]
+                kinds = collections.Counter(scorer.failure_kind(r) for r in scored)
                 rows[task] = {
                     "accuracy": float(np.mean(passed)),
                     "correct": int(np.sum(passed)),
                     "total": len(passed),
+                    "failures": {k: kinds[k] for k in scorer.FAILURE_KINDS if kinds[k]},
                 }
         table["splits"][split] = {
             "tasks": rows,
@@ -153,14 +159,14 @@ def summarize(results: list[tuple[ManifestEntry, scorer.Result]]) -> dict[str, A
 
 
 def format_table(table: dict[str, Any]) -> str:
-    """The table as text: one row per (split, task), then each split's overall score."""
-    lines = [f"{'split':<8} {'task':<14} {'accuracy':>8}  {'correct':>7} / total"]
+    """The table as text: one row per (split, task) with its failures by kind, then each
+    split's overall score."""
+    lines = [f"{'split':<8} {'task':<14} {'accuracy':>8}  {'correct':>7} / total  failures"]
     for split, block in table["splits"].items():
         for task, row in block["tasks"].items():
-            lines.append(
-                f"{split:<8} {task:<14} {row['accuracy']:>8.4f}  {row['correct']:>7} / "
-                f"{row['total']}"
-            )
+            kinds = ", ".join(f"{k} {n}" for k, n in row["failures"].items())
+            count = f"{row['correct']:>7} / {row['total']}"
+            lines.append(f"{split:<8} {task:<14} {row['accuracy']:>8.4f}  {count:<15}  {kinds}")
         missing = ", ".join(block["missing_tasks"])
         note = (
             f"mean over {len(block['tasks'])} tasks; missing: {missing}"

@@ -47,6 +47,12 @@ Checking (`check`, GenEval semantics, Ghosh et al. 2023), by the prompt's task:
   counts where stated (a count of one means "at least one", larger counts are exact); the
   relation; the background; and the binding rule of colors/color_attr for colour and size.
 
+Why an image failed (`failure_kind`), the first of `FAILURE_KINDS` that applies:
+unreadable (no plain background); missing (no object of a shape the prompt names);
+swapped (an object of a named shape wears the colour the prompt gives another object: the
+binding failure of color_attr); color (a named shape in a colour no object is asked for);
+size; count; background; relation.
+
 Objects of shapes the prompt does not name never fail it (as in GenEval, which only looks
 for the classes a prompt names); objects of a named shape do when they contradict it (a
 fourth star for "three stars", a blue circle beside the red one for "a red circle"). Where
@@ -194,6 +200,7 @@ class Result:
             "task": self.task,
             "checked": self.checked.to_dict(),
             "failures": list(self.failures),
+            "failure_kind": failure_kind(self),
             "relations": None if self.relations is None else list(self.relations),
             **self.reading.to_dict(),
         }
@@ -594,6 +601,50 @@ def check(reading: Reading, spec: PromptSpec) -> Result:
     if checked.background is not None and reading.background != checked.background:
         failures.append(f"expected a {checked.background} background, read {reading.background}")
     return Result(not failures, spec.task, checked, tuple(failures), reading, relations)
+
+
+FAILURE_KINDS = (
+    "unreadable",
+    "missing",
+    "swapped",
+    "color",
+    "size",
+    "count",
+    "background",
+    "relation",
+)
+
+
+def failure_kind(result: Result) -> str | None:
+    """Why the image failed, the first of `FAILURE_KINDS` that applies; None if it passed."""
+    if result.passed:
+        return None
+    reading, groups = result.reading, result.checked.objects
+    if not reading.plain_background:
+        return "unreadable"
+    if any(all(o.shape != g.shape for o in reading.objects) for g in groups):
+        return "missing"
+    named = [(o, [g for g in groups if g.shape == o.shape]) for o in reading.objects]
+    named = [(o, same) for o, same in named if same]
+    off_color = [
+        o for o, same in named if all(g.color is not None and g.color != o.color for g in same)
+    ]
+    if any(any(g.shape != o.shape and g.color == o.color for g in groups) for o in off_color):
+        return "swapped"
+    if off_color:
+        return "color"
+    if any(not any(_matches(o, g) for g in same) for o, same in named):
+        return "size"  # its colour is one asked for its shape, so its size is not
+    exact = result.checked.task in (None, "counting")
+    for g in groups:
+        hits = sum(_matches(o, g) for o in reading.objects)
+        if not hits:
+            return "missing"  # its shape is there, all taken by another object of the prompt
+        if exact and g.count > 1 and hits != g.count:
+            return "count"
+    if result.checked.background is not None and reading.background != result.checked.background:
+        return "background"
+    return "relation"
 
 
 def score(image: np.ndarray, spec: PromptSpec) -> Result:

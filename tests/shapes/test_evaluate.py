@@ -54,12 +54,16 @@ def test_scores_rendered_samples_perfectly(tmp_path):
     assert len(lines) == n and first["passed"] and first["seed"] == 0 and first["objects"]
     text = evaluate.format_table(table)
     assert "heldout  color_attr" in text and "mean of the six task accuracies" in text
+    assert all(not row["failures"] for row in block["tasks"].values())
 
 
 def test_scores_noise_as_nothing(tmp_path):
     write_folder(tmp_path, noise=True, per_task=3)
     table = evaluate.evaluate_folder(tmp_path)
     assert all(block["overall"] == 0.0 for block in table["splits"].values())
+    for block in table["splits"].values():  # noise has no plain background to read
+        assert all(row["failures"] == {"unreadable": 3} for row in block["tasks"].values())
+    assert "unreadable 3" in evaluate.format_table(table)
 
 
 def test_infer_task():
@@ -123,3 +127,32 @@ def test_command_line(tmp_path):
     assert "train    overall          1.0000" in out.stdout, out.stdout
     table = json.loads((tmp_path / "table.json").read_text())
     assert table["splits"]["heldout"]["overall"] == 1.0
+
+
+def test_results_table(tmp_path):
+    """eval/shapes_table.py: a row per name (its last line), then the failure kinds of the
+    main rows that carry them."""
+    line = dict(
+        split="heldout",
+        images=8,
+        overall=0.5,
+        tasks=dict.fromkeys(TASKS, 0.5),
+        seconds_per_image=0.25,
+    )
+    lines = [
+        dict(line, name="cascade_heldout", overall=0.1),
+        dict(line, name="guidance_3"),
+        dict(line, name="cascade_heldout", failures={"color_attr": {"missing": 3, "swapped": 1}}),
+    ]
+    path = tmp_path / "shapes.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    script = str(ROOT / "eval" / "shapes_table.py")
+    out = subprocess.run(
+        [sys.executable, script, str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.count("| cascade, shipped settings | heldout | 8 |") == 1, out
+    assert "**0.500**" in out and "**0.100**" not in out and "| base, guidance 3 |" in out
+    assert "| none | missing 3, swapped 1 |" in out, out
+    path.write_text("")
+    empty = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True)
+    assert empty.returncode != 0 and "no results lines" in empty.stderr

@@ -305,6 +305,50 @@ def test_checking_rules(objects, text, task, passed):
     assert bool(result.failures) != passed
 
 
+@pytest.mark.parametrize(
+    "objects, text, task, kind",
+    [
+        ([obj("circle", "red")], "a red circle", "colors", None),
+        ([obj("circle", "red")], "a circle and a star", "two_object", "missing"),
+        (  # the binding failure: each shape in the other's colour
+            [obj("circle", "blue", x=0.2), obj("square", "red", x=0.8)],
+            "a red circle and a blue square",
+            "color_attr",
+            "swapped",
+        ),
+        (
+            [obj("circle", "green", x=0.2), obj("square", "blue", x=0.8)],
+            "a red circle and a blue square",
+            "color_attr",
+            "color",
+        ),
+        ([obj("circle", "blue")], "a red circle", "colors", "color"),
+        (  # missing comes before the colour of what is there
+            [obj("circle", "blue", x=0.2)],
+            "a red circle and a blue square",
+            "color_attr",
+            "missing",
+        ),
+        ([obj("star", "red", x=x) for x in (0.1, 0.4)], "three stars", "counting", "count"),
+        ([obj("circle", "red", size=0.28)], "a small red circle", None, "size"),
+        ([obj("circle", "red")], "a red circle on a white background", None, "background"),
+        (
+            [obj("circle", "red", x=0.8), obj("square", "red", x=0.2)],
+            "a circle left of a square",
+            "position",
+            "relation",
+        ),
+    ],
+)
+def test_failure_kind(objects, text, task, kind):
+    result = scorer.check(reading(*objects), spec(text, task))
+    assert scorer.failure_kind(result) == kind, result.failures
+    assert result.to_dict()["failure_kind"] == kind
+    unreadable = dataclasses.replace(result.reading, plain_background=False, objects=())
+    failed = scorer.check(unreadable, spec(text, task))
+    assert scorer.failure_kind(failed) == "unreadable"
+
+
 def test_result_reports_what_it_read():
     result = scorer.check(
         reading(obj("circle", "red", x=0.2), obj("square", "blue", x=0.8)),

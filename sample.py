@@ -7,7 +7,8 @@ Prompts come from --prompt (repeatable) or --prompts=FILE (.txt, one per line; o
 with per-prompt "seed", "negative_prompt", "guidance_scale"). A stage is a directory written
 by `imagen_jax.pipelines.stages.save_stage` (or exported from a training workdir). A
 restarted job makes only the images that are missing. --set=STAGE.KEY=VALUE (repeatable)
-overrides a stage's sample settings, e.g. --set=0.steps=25 --set=1.sampler=ddim.
+overrides a stage's sample settings, e.g. --set=0.steps=25 --set=1.sampler=ddim, and a
+super-resolution stage's augmentation level of its low-res input (--set=1.aug_level=0.2).
 
 --height/--width set the final images' size (default: the last stage's trained square
 resolution); the networks are fully convolutional, so any size works whose every stage size

@@ -49,12 +49,16 @@ def out_of_domain(loaded, entries) -> list[str]:
     return unknown
 
 
-def parse_overrides(overrides, num_stages: int) -> list[dict]:
+STAGE_KEYS = {"aug_level": 0.0}  # what --set may change of a stage beyond its sample group
+
+
+def parse_overrides(overrides, num_stages: int, extra_keys: dict | None = None) -> list[dict]:
     """["0.steps=25", "1.sampler=ddim"] -> one dict of sample overrides per stage, values
-    typed by the sample group's defaults (unknown keys raise)."""
+    typed by the sample group's defaults, or by `extra_keys` (key: default) for keys beyond
+    it (unknown keys raise)."""
     from imagen_jax.diffusion.config import sample_config
 
-    defaults = sample_config()
+    defaults = {**sample_config().to_dict(), **(extra_keys or {})}
     out = [{} for _ in range(num_stages)]
     for item in overrides:
         target, _, value = item.partition("=")
@@ -85,9 +89,10 @@ def load_cascade(stage_dirs, overrides=(), *, mesh=None):
     """(Cascade, its loaded stages) of stage directories, base first; none: the shipped
     default model."""
     stage_dirs = list(stage_dirs) or shipped_stages()
-    per_stage = parse_overrides(overrides, len(stage_dirs))
+    per_stage = parse_overrides(overrides, len(stage_dirs), STAGE_KEYS)
     loaded = [
-        stages.load_stage(d, sample_overrides=o) for d, o in zip(stage_dirs, per_stage, strict=True)
+        stages.load_stage(d, sample_overrides=o, aug_level=o.pop("aug_level", None))
+        for d, o in zip(stage_dirs, per_stage, strict=True)
     ]
     from imagen_jax.training.text import make_text_encoder
 

@@ -158,8 +158,15 @@ def _model_with_params(unet: imagen_unet.UNetConfig, weights_path: str, dtype):
     return nnx.merge(graphdef, params, rest)
 
 
-def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = None) -> Stage:
-    """Reads a stage directory; `sample_overrides` replace keys of its sample group."""
+def load_stage(
+    path: str,
+    *,
+    dtype=jnp.float32,
+    sample_overrides: dict | None = None,
+    aug_level: float | None = None,
+) -> Stage:
+    """Reads a stage directory; `sample_overrides` replace keys of its sample group, and
+    `aug_level` (a super-resolution stage's) its stored augmentation level."""
     meta_path, weights_path = (os.path.join(path, n) for n in ("stage.json", "params.safetensors"))
     for p in (meta_path, weights_path):
         if not os.path.isfile(p):
@@ -173,6 +180,11 @@ def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = 
     sample = diffusion_config.sample_config(**meta["sample"])
     if sample_overrides:
         sample = diffusion_config.sample_config(**{**sample.to_dict(), **sample_overrides})
+    if aug_level is not None:
+        if not meta["low_resolution"]:
+            raise ValueError(f"aug_level={aug_level}: {path} is a base stage (no low-res input)")
+        if not 0.0 <= aug_level <= 1.0:
+            raise ValueError(f"aug_level={aug_level}: expected a unit time in [0, 1]")
     return Stage(
         path=path,
         unet=unet,
@@ -181,7 +193,7 @@ def load_stage(path: str, *, dtype=jnp.float32, sample_overrides: dict | None = 
         sample=sample,
         resolution=int(meta["resolution"]),
         low_resolution=int(meta["low_resolution"]),
-        aug_level=float(meta["aug_level"]),
+        aug_level=float(meta["aug_level"] if aug_level is None else aug_level),
         text=meta["text"],
         identity=meta["identity"],
         domain=meta.get("domain", ""),

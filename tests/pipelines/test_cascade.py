@@ -66,6 +66,17 @@ def test_sample_overrides_and_bad_input(stage_dirs, tmp_path):
         sampling.parse_overrides(["0.stpes=3"], 2)
     with pytest.raises(ValueError, match="STAGE < 2"):
         sampling.parse_overrides(["2.steps=3"], 2)
+    assert sampling.parse_overrides(["1.aug_level=0.25"], 2, sampling.STAGE_KEYS) == [
+        {},
+        {"aug_level": 0.25},
+    ]
+    with pytest.raises(ValueError, match="unknown sample key 'aug_level'"):
+        sampling.parse_overrides(["1.aug_level=0.25"], 2)  # public pipelines have none
+    assert stages.load_stage(stage_dirs[1], aug_level=0.3).settings()["aug_level"] == 0.3
+    with pytest.raises(ValueError, match="is a base stage"):
+        sampling.load_cascade(stage_dirs, ["0.aug_level=0.2"])
+    with pytest.raises(ValueError, match=r"aug_level=1.5: expected a unit time in \[0, 1\]"):
+        sampling.load_cascade(stage_dirs, ["1.aug_level=1.5"])
     with pytest.raises(ValueError, match="is a super-resolution stage"):
         sampling.load_cascade(stage_dirs[1:])
     with pytest.raises(FileNotFoundError, match="not a stage directory"):

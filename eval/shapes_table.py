@@ -34,6 +34,10 @@ def describe(name: str) -> str:
         return fixed[name]
     if name.startswith("guidance_"):
         return f"base, guidance {name.removeprefix('guidance_')}"
+    if name.startswith("sr_"):
+        key, value = name.removeprefix("sr_").rsplit("_", 1)
+        label = {"aug_level": "augmentation level", "guidance_scale": "guidance"}.get(key, key)
+        return f"cascade, SR {label} {value}"
     if name.startswith("sampler_"):
         sampler, steps = name.removeprefix("sampler_").rsplit("_", 1)
         label = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "ddpm": "DDPM"}.get(sampler)

@@ -49,7 +49,7 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(
         dict(
             sampler="ddim",  # ddpm | ddim | euler | euler_ancestral | heun | dpmpp_2m |
-            #                  dpmpp_2m_sde | flow_euler
+            #                  dpmpp_2m_sde | dpmpp_3m | flow_euler
             steps=50,
             spacing="trailing",  # leading | trailing | linspace (discrete schedules)
             steps_offset=0,
@@ -123,10 +123,10 @@ def make_grid(schedule, sample: ml_collections.ConfigDict) -> grids.Grid:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sample.sampler {name!r}; expected one of {tuple(SAMPLERS)}")
     if isinstance(schedule, schedules.FlowSchedule):
-        if name not in ("flow_euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde"):
+        if name not in ("flow_euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m"):
             raise ValueError(
                 f"sampler {name!r} cannot start from pure noise (alpha = 0) of a flow "
-                "schedule; use flow_euler, ddim or dpmpp_2m"
+                "schedule; use flow_euler, ddim, dpmpp_2m or dpmpp_3m"
             )
         return grids.flow_grid(
             n, shift=schedule.shift, num_train_timesteps=schedule.num_train_timesteps

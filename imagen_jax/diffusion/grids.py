@@ -186,7 +186,9 @@ def sigma_grid(
     last = 0.0 if final_sigma == "zero" else float(table[0])
     sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
     alpha, sigma = _sigma_space(sigmas, space)
-    max_order = np.full(n, 2)
+    max_order = np.full(n, 3)
+    if lower_order_final and n < 15:  # diffusers' `lower_order_second`
+        max_order[-2:] = 2
     if final_sigma == "zero" or euler_at_final or (lower_order_final and n < 15):
         max_order[-1] = 1
     if space == "ve":
@@ -219,7 +221,7 @@ def flow_grid(
         1.0 - sigmas[1:],
         sigmas[1:],
         t[1:],
-        np.full(n, 2),
+        np.concatenate([np.full(n - 1, 3), [1]]),  # the clean landing is first order
         1.0,
     )
 
@@ -253,7 +255,7 @@ def continuous_grid(
     alpha = np.concatenate([alpha, [1.0]])
     sigma = np.concatenate([sigma, [0.0]])
     t_next = np.concatenate([t[1:], [0.0]])
-    max_order = np.full(n, 2)
+    max_order = np.full(n, 3)
     max_order[-1] = 1
     return _make_grid(t, alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], t_next, max_order, 1.0)
 

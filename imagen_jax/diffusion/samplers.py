@@ -259,26 +259,31 @@ def heun(denoise, z, grid: Grid, *, callback=None, trajectory=False):
     return _run(body, z, grid, callback, trajectory)
 
 
-def dpmpp_2m(
+def dpm_solver_pp(
     denoise,
     z,
     grid: Grid,
     *,
+    order: int = 2,
     key=None,
     sde: bool = False,
     solver_type="midpoint",
     callback=None,
     trajectory=False,
 ):
-    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", alg. 2) and, with `sde=True`, its
-    SDE variant (SDE-DPM-Solver++(2M), same paper, appendix). Multistep in the data
-    prediction; the first step, and steps with `grid.max_order == 1`, are first order.
-    solver_type: midpoint (the paper's, diffusers' default) | heun."""
+    """Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", alg. 2 and its third-order
+    form, as diffusers' DPMSolverMultistepScheduler) in the data prediction: step i uses
+    order min(i + 1, `order`, grid.max_order[i]), so it warms up from first order, and a
+    step that lands on a clean state (sigma' = 0) is always first order. `sde=True` is
+    SDE-DPM-Solver++(2M) (same paper, appendix; second order at most). solver_type, of the
+    second-order update: midpoint (the paper's, diffusers' default) | heun."""
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"unknown DPM-Solver solver_type {solver_type!r}")
+    if order not in (1, 2, 3) or (sde and order > 2):
+        raise ValueError(f"DPM-Solver++ order {order}: expected 1, 2 or 3 (at most 2 with sde)")
 
     def body(carry, st):
-        z, x0_prev, h_prev = carry
+        z, x0_prev, x0_prev2, h_prev, h_prev2 = carry
         d = denoise(z, st.i, st.t, st.alpha, st.sigma)
         landing = st.sigma_next > 0
         # exp(-h) with h = lambda' - lambda, lambda = log(alpha / sigma); 0 when landing clean.
@@ -286,7 +291,8 @@ def dpmpp_2m(
         h = jnp.where(landing, -jnp.log(jnp.where(landing, exp_neg_h, 1.0)), 1.0)
         r0 = h_prev / h
         d1 = (d.x0 - x0_prev) / r0
-        use_second = (st.i > 0) & (st.max_order >= 2)
+        step_order = jnp.minimum(jnp.minimum(st.i + 1, st.max_order), order)
+        step_order = jnp.where(landing, step_order, 1)
         if sde:
             exp_neg_2h = exp_neg_h**2
             z_next = (st.sigma_next / st.sigma) * exp_neg_h * z
@@ -297,28 +303,65 @@ def dpmpp_2m(
                 second = st.alpha_next * ((1.0 - exp_neg_2h) / (-2.0 * h) + 1.0) * d1
             noise = step_noise(key, st.i, z.shape, z.dtype)
             z_next = z_next + st.sigma_next * jnp.sqrt(1.0 - exp_neg_2h) * noise
+            third = second
         else:
             z_next = (st.sigma_next / st.sigma) * z - st.alpha_next * (exp_neg_h - 1.0) * d.x0
             if solver_type == "midpoint":
                 second = -0.5 * st.alpha_next * (exp_neg_h - 1.0) * d1
             else:
                 second = st.alpha_next * ((exp_neg_h - 1.0) / h + 1.0) * d1
-        z_next = z_next + jnp.where(use_second, second, 0.0)
-        return z_next, d.x0, h
+            # Third order: the first and second differences of the last three x0.
+            r1 = h_prev2 / h
+            d1_1 = (x0_prev - x0_prev2) / r1
+            d2 = (d1 - d1_1) / (r0 + r1)
+            third = st.alpha_next * ((exp_neg_h - 1.0) / h + 1.0) * (d1 + r0 * d2)
+            third = third - st.alpha_next * ((exp_neg_h - 1.0 + h) / h**2 - 0.5) * d2
+        z_next = z_next + jnp.where(step_order == 2, second, 0.0)
+        z_next = z_next + jnp.where(step_order == 3, third, 0.0)
+        return z_next, d.x0, x0_prev, h, h_prev
 
-    carry = (z, jnp.zeros_like(z), jnp.ones((), z.dtype))  # (z, previous x0, previous h)
+    one = jnp.ones((), z.dtype)
+    zeros = jnp.zeros_like(z)
+    carry = (z, zeros, zeros, one, one)  # (z, the previous two x0, the previous two h)
     return _run(body, carry, grid, callback, trajectory)
+
+
+def dpmpp_2m(
+    denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+):
+    """DPM-Solver++(2M): `dpm_solver_pp` of order 2."""
+    del key
+    return dpm_solver_pp(
+        denoise, z, grid, solver_type=solver_type, callback=callback, trajectory=trajectory
+    )
 
 
 def dpmpp_2m_sde(
     denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
 ):
-    return dpmpp_2m(
+    """SDE-DPM-Solver++(2M): `dpm_solver_pp` of order 2 with `sde=True`."""
+    return dpm_solver_pp(
         denoise,
         z,
         grid,
         key=key,
         sde=True,
+        solver_type=solver_type,
+        callback=callback,
+        trajectory=trajectory,
+    )
+
+
+def dpmpp_3m(
+    denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+):
+    """DPM-Solver++(3M): `dpm_solver_pp` of order 3 (diffusers' `solver_order=3`)."""
+    del key
+    return dpm_solver_pp(
+        denoise,
+        z,
+        grid,
+        order=3,
         solver_type=solver_type,
         callback=callback,
         trajectory=trajectory,
@@ -344,6 +387,7 @@ SAMPLERS = {
     "heun": heun,
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
+    "dpmpp_3m": dpmpp_3m,
     "flow_euler": flow_euler,
 }
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")

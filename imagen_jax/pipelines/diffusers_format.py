@@ -260,9 +260,12 @@ def scheduler_settings(
         algorithm = cfg.get("algorithm_type", "dpmsolver++")
         if algorithm not in ("dpmsolver++", "sde-dpmsolver++"):
             raise _unsupported(file, "algorithm_type", algorithm, "dpmsolver++, sde-dpmsolver++")
-        if cfg.get("solver_order", 2) != 2:
-            raise _unsupported(file, "solver_order", cfg["solver_order"], 2)
+        order = cfg.get("solver_order", 2)
+        if order not in (2, 3) or (order == 3 and algorithm != "dpmsolver++"):
+            raise _unsupported(file, "solver_order", order, "2, or 3 with dpmsolver++")
         sample.sampler = "dpmpp_2m" if algorithm == "dpmsolver++" else "dpmpp_2m_sde"
+        if order == 3:
+            sample.sampler = "dpmpp_3m"
     if cfg.get("thresholding"):  # as diffusers: thresholding replaces clip_sample
         sample.dynamic_threshold = float(cfg.get("dynamic_thresholding_ratio", 0.995))
         sample.threshold_max = float(cfg.get("sample_max_value", 1.0))

@@ -16,9 +16,19 @@ SAMPLERS_BY_SCHEDULE = {
         "heun",
         "dpmpp_2m",
         "dpmpp_2m_sde",
+        "dpmpp_3m",
     ],
-    "cosine": ["ddpm", "ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"],
-    "flow": ["flow_euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde"],
+    "cosine": [
+        "ddpm",
+        "ddim",
+        "euler",
+        "euler_ancestral",
+        "heun",
+        "dpmpp_2m",
+        "dpmpp_2m_sde",
+        "dpmpp_3m",
+    ],
+    "flow": ["flow_euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m"],
 }
 CASES = [(s, n) for s, names in SAMPLERS_BY_SCHEDULE.items() for n in names]
 

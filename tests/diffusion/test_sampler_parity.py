@@ -305,11 +305,12 @@ def test_heun(num_steps, spacing, karras, monkeypatch):
 
 @pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("variant", ["2m", "2m_karras", "2m_sde", "2m_heun_v"])
+@pytest.mark.parametrize("variant", ["2m", "2m_karras", "2m_sde", "2m_heun_v", "3m", "3m_karras_v"])
 def test_dpm_solver(num_steps, spacing, variant, monkeypatch):
     p = stand_in_params(C)
     key = jax.random.key(5)
     sde = "sde" in variant
+    order = 3 if variant.startswith("3m") else 2
     karras = "karras" in variant
     solver_type = "heun" if "heun" in variant else "midpoint"
     prediction = "v" if variant.endswith("_v") else "eps"
@@ -324,6 +325,7 @@ def test_dpm_solver(num_steps, spacing, variant, monkeypatch):
         timestep_spacing=spacing,
         use_karras_sigmas=karras,
         solver_type=solver_type,
+        solver_order=order,
         algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
         prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
         thresholding=not sde,
@@ -346,7 +348,7 @@ def test_dpm_solver(num_steps, spacing, variant, monkeypatch):
         grid,
         x,
         p,
-        "dpmpp_2m_sde" if sde else "dpmpp_2m",
+        "dpmpp_3m" if order == 3 else "dpmpp_2m_sde" if sde else "dpmpp_2m",
         key=key,
         prediction=prediction,
         sampler_options=dict(solver_type=solver_type),

@@ -45,6 +45,7 @@ def _linear_model(z, t, cond):
         ("ddim", lambda n: grids.ddim_grid(SCHED, n, spacing="trailing")),
         ("ddpm", lambda n: grids.ddpm_grid(SCHED, n)),
         ("dpmpp_2m", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
+        ("dpmpp_3m", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
     ],
 )
 def test_true_noise_recovers_x0(sampler, make_grid):
@@ -347,3 +348,30 @@ def test_sharded_batch_gives_the_same_images():
     sharded = run(*sharded_args)
     assert len(sharded.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=1e-6)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        grids.flow_grid(12, shift=3.0),
+        grids.continuous_grid(schedules.LogSNRSchedule("cosine"), 12),
+        grids.sigma_grid(SCHED, 20, space="vp", dpm_spacing=True, lower_order_final=False),
+    ],
+    ids=["flow", "continuous", "sigma"],
+)
+def test_dpm_solver_lands_clean_at_first_order(order, grid):
+    """The step onto a clean state (sigma' = 0) has no h to extrapolate over: whatever the
+    grid allows, it returns the last x0 prediction. The prediction here moves with t, so a
+    higher-order term there would show."""
+    target = jnp.asarray(_x0())
+
+    def denoise(z, i, t, alpha, sigma):
+        x0 = target * (1.0 + t / 1000.0)
+        return samplers.Denoised(x0, (z - alpha * x0) / sigma, None)
+
+    assert grid.sigma_next[-1] == 0 and grid.max_order[-1] == 1
+    z = grid.init_sigma * jnp.asarray(_eps())
+    grid = grid._replace(max_order=np.full(grid.num_steps, 3, np.int32))
+    out = samplers.dpm_solver_pp(denoise, z, grid, order=order)
+    np.testing.assert_allclose(out, target * (1.0 + grid.t[-1] / 1000.0), rtol=1e-6, atol=1e-6)

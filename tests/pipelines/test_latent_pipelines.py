@@ -351,3 +351,16 @@ def test_bad_pipeline_directories(tmp_path):
     scheduler_file.write_text(json.dumps({**config, "beta_schedule": "sigmoid"}))
     with pytest.raises(CheckpointError, match="beta_schedule='sigmoid' is not supported"):
         diffusers_format.scheduler_settings(tmp_path / "sd" / "scheduler")
+
+
+def test_dpm_solver_order_of_a_scheduler_config(tmp_path):
+    """solver_order=3 maps to DPM-Solver++(3M) (its numerics: tests/diffusion's parity);
+    the SDE variant has no third order here, and says so."""
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    diffusers.DPMSolverMultistepScheduler(**kw, solver_order=3).save_config(tmp_path / "a")
+    _, sample = diffusers_format.scheduler_settings(tmp_path / "a")
+    assert sample.sampler == "dpmpp_3m"
+    sde = dict(kw, solver_order=3, algorithm_type="sde-dpmsolver++")
+    diffusers.DPMSolverMultistepScheduler(**sde).save_config(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="solver_order=3 is not supported"):
+        diffusers_format.scheduler_settings(tmp_path / "b")

@@ -20,6 +20,12 @@ HEADER = (
 FAILURE_HEADER = (
     "| run | prompts | single | two objects | counting | colours | position | colour attr. |"
 )
+SAMPLER_LABELS = {
+    "ddim": "DDIM",
+    "dpmpp_2m": "DPM-Solver++(2M)",
+    "dpmpp_3m": "DPM-Solver++(3M)",
+    "ddpm": "DDPM",
+}
 MAIN_ROWS = ("cascade_heldout", "cascade_train", "base_heldout")
 
 
@@ -40,7 +46,7 @@ def describe(name: str) -> str:
         return f"cascade, SR {label} {value}"
     if name.startswith("sampler_"):
         sampler, steps = name.removeprefix("sampler_").rsplit("_", 1)
-        label = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "ddpm": "DDPM"}.get(sampler)
+        label = SAMPLER_LABELS.get(sampler)
         return f"base, {label or sampler} {steps} steps"
     return name
 

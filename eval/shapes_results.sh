@@ -27,7 +27,7 @@ for g in 1 3 5 7.5 10; do
   run "guidance_$g" --base_only --prompts_per_task="$S" --set=0.guidance_scale="$g"
 done
 # Sampler and steps of the base stage.
-for s in ddim:10 ddim:25 ddim:50 dpmpp_2m:10 dpmpp_2m:20 dpmpp_3m:10 ddpm:100; do
+for s in ddim:10 ddim:25 ddim:50 dpmpp_2m:10 dpmpp_2m:20 dpmpp_3m:10 unipc:10 ddpm:100; do
   run "sampler_${s/:/_}" --base_only --prompts_per_task="$S" \
     --set=0.sampler="${s%:*}" --set=0.steps="${s#*:}"
 done

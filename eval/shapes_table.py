@@ -24,6 +24,7 @@ SAMPLER_LABELS = {
     "ddim": "DDIM",
     "dpmpp_2m": "DPM-Solver++(2M)",
     "dpmpp_3m": "DPM-Solver++(3M)",
+    "unipc": "UniPC",
     "ddpm": "DDPM",
 }
 MAIN_ROWS = ("cascade_heldout", "cascade_train", "base_heldout")

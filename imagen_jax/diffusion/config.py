@@ -49,7 +49,7 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(
         dict(
             sampler="ddim",  # ddpm | ddim | euler | euler_ancestral | heun | dpmpp_2m |
-            #                  dpmpp_2m_sde | dpmpp_3m | flow_euler
+            #                  dpmpp_2m_sde | dpmpp_3m | unipc | flow_euler
             steps=50,
             spacing="trailing",  # leading | trailing | linspace (discrete schedules)
             steps_offset=0,
@@ -140,7 +140,7 @@ def make_grid(schedule, sample: ml_collections.ConfigDict) -> grids.Grid:
         return grids.ddpm_grid(schedule, n, **spacing)
     if name == "ddim":
         return grids.ddim_grid(schedule, n, set_alpha_to_one=sample.set_alpha_to_one, **spacing)
-    dpm = name.startswith("dpmpp")
+    dpm = name.startswith("dpmpp") or name == "unipc"  # the multistep solvers' grid
     return grids.sigma_grid(
         schedule,
         n,

@@ -368,6 +368,114 @@ def dpmpp_3m(
     )
 
 
+def _unipc_rhos(rks, b, p: int, *, corrector: bool):
+    """UniPC's coefficients of the differences for order p (static): the predictor solves
+    the first p - 1 rows of R rhos = b (0.5 at p = 2), the corrector all p (0.5 at p = 1).
+    rks: [p - 1] ratios of the earlier steps' lambda offsets to h; b: [>= p]."""
+    if corrector and p == 1:
+        return jnp.full((1,), 0.5, b.dtype)
+    if not corrector and p == 2:
+        return jnp.full((1,), 0.5, b.dtype)
+    size = p if corrector else p - 1
+    r = jnp.concatenate([rks[: p - 1], jnp.ones((1,), rks.dtype)])[:size]
+    matrix = jnp.stack([r**k for k in range(size)])
+    return jnp.linalg.solve(matrix, b[:size])
+
+
+def unipc(
+    denoise,
+    z,
+    grid: Grid,
+    *,
+    key=None,
+    order: int = 2,
+    solver_type: str = "bh2",
+    corrector: bool = True,
+    lower_order_final: bool = True,
+    callback=None,
+    trajectory=False,
+):
+    """UniPC (Zhao et al. 2023) in the data prediction, as diffusers' UniPCMultistepScheduler
+    (`predict_x0=True`): the UniP-p predictor, and the UniC corrector that refines each new
+    state with the network's output there before stepping on (no extra evaluation; the
+    final state is not corrected). Step i has order min(`order`, i + 1, N - i) with
+    `lower_order_final` (min(`order`, i + 1) without), first order onto a clean state; the
+    corrector of step i has the order of the predictor that made its state. solver_type:
+    bh2 (B(h) = e^h - 1, diffusers' default) | bh1 (B(h) = h)."""
+    del key
+    if solver_type not in ("bh1", "bh2"):
+        raise ValueError(f"unknown UniPC solver_type {solver_type!r}; expected bh1 or bh2")
+    if order not in (1, 2, 3):
+        raise ValueError(f"UniPC order {order}: expected 1, 2 or 3")
+    n = grid.num_steps
+    k = order  # history length: x0 and lambda of the last k states
+
+    def lam(alpha, sigma):
+        return jnp.log(alpha) - jnp.log(sigma)
+
+    def phis(h):
+        """(h_phi_1, B(h), b[k]) of a step of log-SNR length h."""
+        hh = -h
+        h_phi_1 = jnp.expm1(hh)
+        b_h = hh if solver_type == "bh1" else jnp.expm1(hh)
+        h_phi_k, factorial, b = h_phi_1 / hh - 1.0, 1.0, []
+        for i in range(1, k + 1):
+            b.append(h_phi_k * factorial / b_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1.0 / factorial
+        return h_phi_1, b_h, jnp.stack(b)
+
+    def update(x, scale_x, alpha_t, h, x0s, lams, *, new_x0=None):
+        """The UniP (new_x0 None) or UniC update from state x (at history entry 0) to the
+        point of log-SNR offset h, for each order 1..k; returns the candidates [k, ...]."""
+        h_phi_1, b_h, b = phis(h)
+        base = scale_x * x - alpha_t * h_phi_1 * x0s[0]
+        rks = jnp.stack([(lams[j] - lams[0]) / h for j in range(1, k)]) if k > 1 else None
+        d1s = [(x0s[j] - x0s[0]) / rks[j - 1] for j in range(1, k)]
+        out = []
+        for p in range(1, k + 1):
+            if new_x0 is None and p == 1:
+                out.append(base)
+                continue
+            rhos = _unipc_rhos(rks, b, p, corrector=new_x0 is not None)
+            res = sum((rhos[j - 1] * d1s[j - 1] for j in range(1, p)), jnp.zeros_like(x))
+            if new_x0 is not None:
+                res = res + rhos[-1] * (new_x0 - x0s[0])
+            out.append(base - alpha_t * b_h * res)
+        return jnp.stack(out)
+
+    def pick(candidates, p):
+        return candidates[jnp.clip(p, 1, k) - 1]
+
+    def body(carry, st):
+        z, last_z, x0s, lams, prev_order, alpha_prev, sigma_prev = carry
+        d = denoise(z, st.i, st.t, st.alpha, st.sigma)
+        lam_now = lam(st.alpha, st.sigma)
+        if corrector:  # refines z, which the previous step's predictor made from last_z
+            h = lam_now - lams[0]
+            cands = update(last_z, st.sigma / sigma_prev, st.alpha, h, x0s, lams, new_x0=d.x0)
+            z = jnp.where(st.i > 0, pick(cands, prev_order), z)
+        x0s = jnp.concatenate([d.x0[None], x0s[:-1]])
+        lams = jnp.concatenate([lam_now[None], lams[:-1]])
+        p = jnp.minimum(order, st.i + 1)
+        if lower_order_final:
+            p = jnp.minimum(p, n - st.i)
+        landing = st.sigma_next > 0
+        p = jnp.where(landing, p, 1)
+        h = lam(st.alpha_next, jnp.where(landing, st.sigma_next, 1.0)) - lam_now
+        h = jnp.where(landing, h, jnp.inf)
+        cands = update(z, st.sigma_next / st.sigma, st.alpha_next, h, x0s, lams)
+        z_next = pick(cands, p)
+        return z_next, z, x0s, lams, p, st.alpha, st.sigma
+
+    x0s = jnp.zeros((k, *z.shape), z.dtype)
+    # Distinct stand-in lambdas for the empty history, so that unused candidates stay finite.
+    lams = -jnp.arange(1, k + 1, dtype=z.dtype) * 1e3
+    one = jnp.ones((), z.dtype)
+    carry = (z, z, x0s, lams, jnp.ones((), jnp.int32), one, one)
+    return _run(body, carry, grid, callback, trajectory)
+
+
 def flow_euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
     """Euler on the rectified-flow ODE dz/dsigma = v = eps - x0 (SD3's sampler), for flow grids
     (alpha = 1 - sigma, where alpha reaches 0 and the VE form of `euler` is undefined)."""
@@ -388,6 +496,7 @@ SAMPLERS = {
     "dpmpp_2m": dpmpp_2m,
     "dpmpp_2m_sde": dpmpp_2m_sde,
     "dpmpp_3m": dpmpp_3m,
+    "unipc": unipc,
     "flow_euler": flow_euler,
 }
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")

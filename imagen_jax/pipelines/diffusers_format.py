@@ -187,10 +187,21 @@ SAMPLER_OF = {
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "HeunDiscreteScheduler": "heun",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "UniPCMultistepScheduler": "unipc",
     "FlowMatchEulerDiscreteScheduler": "flow_euler",
     # PLMS (PNDM with skip_prk_steps) is not implemented: its schedule is sampled with DDIM.
     "PNDMScheduler": "ddim",
 }
+# The UniPCMultistepScheduler settings that `unipc` is (diffusers' defaults).
+_UNIPC_SETTINGS = dict(
+    solver_order=2,
+    solver_type="bh2",
+    predict_x0=True,
+    disable_corrector=[],
+    lower_order_final=True,
+    final_sigmas_type="zero",
+    use_flow_sigmas=False,
+)
 _PREDICTION = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _VARIANCE = {
     None: "fixed_small",
@@ -266,6 +277,10 @@ def scheduler_settings(
         sample.sampler = "dpmpp_2m" if algorithm == "dpmsolver++" else "dpmpp_2m_sde"
         if order == 3:
             sample.sampler = "dpmpp_3m"
+    if cls == "UniPCMultistepScheduler":
+        for key, value in _UNIPC_SETTINGS.items():
+            if cfg.get(key, value) != value:
+                raise _unsupported(file, key, cfg[key], value)
     if cfg.get("thresholding"):  # as diffusers: thresholding replaces clip_sample
         sample.dynamic_threshold = float(cfg.get("dynamic_thresholding_ratio", 0.995))
         sample.threshold_max = float(cfg.get("sample_max_value", 1.0))

@@ -17,6 +17,7 @@ SAMPLERS_BY_SCHEDULE = {
         "dpmpp_2m",
         "dpmpp_2m_sde",
         "dpmpp_3m",
+        "unipc",
     ],
     "cosine": [
         "ddpm",
@@ -27,6 +28,7 @@ SAMPLERS_BY_SCHEDULE = {
         "dpmpp_2m",
         "dpmpp_2m_sde",
         "dpmpp_3m",
+        "unipc",
     ],
     "flow": ["flow_euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m"],
 }

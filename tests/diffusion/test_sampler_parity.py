@@ -358,6 +358,53 @@ def test_dpm_solver(num_steps, spacing, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("num_steps", STEPS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("variant", ["2", "3", "2_karras_v", "3_bh1_sigma_min"])
+def test_unipc(num_steps, spacing, variant):
+    p = stand_in_params(C)
+    order = int(variant[0])
+    karras = "karras" in variant
+    solver_type = "bh1" if "bh1" in variant else "bh2"
+    final_sigma = "sigma_min" if "sigma_min" in variant else "zero"
+    prediction = "v" if variant.endswith("_v") else "eps"
+    ref = diffusers.UniPCMultistepScheduler(
+        **SD,
+        timestep_spacing=spacing,
+        use_karras_sigmas=karras,
+        solver_order=order,
+        solver_type=solver_type,
+        final_sigmas_type=final_sigma,
+        prediction_type={"eps": "epsilon", "v": "v_prediction"}[prediction],
+        thresholding=True,
+        sample_max_value=1.5,
+    )
+    ref.set_timesteps(num_steps)
+    grid = grids.sigma_grid(
+        discrete(**SD),
+        num_steps,
+        spacing=spacing,
+        karras=karras,
+        final_sigma=final_sigma,
+        space="vp",
+        dpm_spacing=True,
+        round_timesteps=True,
+    )
+    assert np.array_equal(grid.t, ref.timesteps.numpy())
+    x = x_init()
+    expected = diffusers_loop(ref, num_steps, x, p)
+    got = ours(
+        grid,
+        x,
+        p,
+        "unipc",
+        prediction=prediction,
+        sampler_options=dict(order=order, solver_type=solver_type),
+        dynamic_threshold=(0.995, 1.5),
+    )
+    assert_trajectories_close(got, expected)
+
+
+@pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 def test_flow_euler(num_steps, shift):
     p = stand_in_params(C)

@@ -46,6 +46,7 @@ def _linear_model(z, t, cond):
         ("ddpm", lambda n: grids.ddpm_grid(SCHED, n)),
         ("dpmpp_2m", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
         ("dpmpp_3m", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
+        ("unipc", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
     ],
 )
 def test_true_noise_recovers_x0(sampler, make_grid):

@@ -364,3 +364,14 @@ def test_dpm_solver_order_of_a_scheduler_config(tmp_path):
     diffusers.DPMSolverMultistepScheduler(**sde).save_config(tmp_path / "b")
     with pytest.raises(CheckpointError, match="solver_order=3 is not supported"):
         diffusers_format.scheduler_settings(tmp_path / "b")
+
+
+def test_unipc_scheduler_config(tmp_path):
+    """diffusers' default UniPC maps to unipc; settings it does not implement are named."""
+    kw = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    diffusers.UniPCMultistepScheduler(**kw).save_config(tmp_path / "a")
+    _, sample = diffusers_format.scheduler_settings(tmp_path / "a")
+    assert sample.sampler == "unipc"
+    diffusers.UniPCMultistepScheduler(**kw, solver_type="bh1").save_config(tmp_path / "b")
+    with pytest.raises(CheckpointError, match="solver_type='bh1' is not supported"):
+        diffusers_format.scheduler_settings(tmp_path / "b")

@@ -7,29 +7,20 @@ import pytest
 
 from imagen_jax.diffusion import config, samplers
 
+NOT_FLOW = [
+    "ddpm",
+    "ddim",
+    "euler",
+    "euler_ancestral",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m",
+    "unipc",
+]
 SAMPLERS_BY_SCHEDULE = {
-    "scaled_linear": [
-        "ddpm",
-        "ddim",
-        "euler",
-        "euler_ancestral",
-        "heun",
-        "dpmpp_2m",
-        "dpmpp_2m_sde",
-        "dpmpp_3m",
-        "unipc",
-    ],
-    "cosine": [
-        "ddpm",
-        "ddim",
-        "euler",
-        "euler_ancestral",
-        "heun",
-        "dpmpp_2m",
-        "dpmpp_2m_sde",
-        "dpmpp_3m",
-        "unipc",
-    ],
+    "scaled_linear": NOT_FLOW,
+    "cosine": NOT_FLOW,
     "flow": ["flow_euler", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m"],
 }
 CASES = [(s, n) for s, names in SAMPLERS_BY_SCHEDULE.items() for n in names]

@@ -303,6 +303,24 @@ def test_heun(num_steps, spacing, karras, monkeypatch):
     )
 
 
+def multistep_grid(ref, num_steps, spacing, karras, final_sigma="zero"):
+    """Our grid of diffusers' multistep solvers (DPM-Solver, UniPC) on SD's schedule; its
+    timesteps must be the scheduler's, which this sets."""
+    ref.set_timesteps(num_steps)
+    grid = grids.sigma_grid(
+        discrete(**SD),
+        num_steps,
+        spacing=spacing,
+        karras=karras,
+        final_sigma=final_sigma,
+        space="vp",
+        dpm_spacing=True,
+        round_timesteps=True,
+    )
+    assert np.array_equal(grid.t, ref.timesteps.numpy())
+    return grid
+
+
 @pytest.mark.parametrize("num_steps", STEPS)
 @pytest.mark.parametrize("spacing", SPACINGS)
 @pytest.mark.parametrize("variant", ["2m", "2m_karras", "2m_sde", "2m_heun_v", "3m", "3m_karras_v"])
@@ -331,17 +349,7 @@ def test_dpm_solver(num_steps, spacing, variant, monkeypatch):
         thresholding=not sde,
         sample_max_value=1.5,
     )
-    ref.set_timesteps(num_steps)
-    grid = grids.sigma_grid(
-        discrete(**SD),
-        num_steps,
-        spacing=spacing,
-        karras=karras,
-        space="vp",
-        dpm_spacing=True,
-        round_timesteps=True,
-    )
-    assert np.array_equal(grid.t, ref.timesteps.numpy())
+    grid = multistep_grid(ref, num_steps, spacing, karras)
     x = x_init()
     expected = diffusers_loop(ref, num_steps, x, p, noise_feed=feed)
     got = ours(
@@ -378,18 +386,7 @@ def test_unipc(num_steps, spacing, variant):
         thresholding=True,
         sample_max_value=1.5,
     )
-    ref.set_timesteps(num_steps)
-    grid = grids.sigma_grid(
-        discrete(**SD),
-        num_steps,
-        spacing=spacing,
-        karras=karras,
-        final_sigma=final_sigma,
-        space="vp",
-        dpm_spacing=True,
-        round_timesteps=True,
-    )
-    assert np.array_equal(grid.t, ref.timesteps.numpy())
+    grid = multistep_grid(ref, num_steps, spacing, karras, final_sigma=final_sigma)
     x = x_init()
     expected = diffusers_loop(ref, num_steps, x, p)
     got = ours(

@@ -31,7 +31,9 @@ for s in ddim:10 ddim:25 ddim:50 dpmpp_2m:10 dpmpp_2m:20 dpmpp_3m:10 unipc:10 dd
   run "sampler_${s/:/_}" --base_only --prompts_per_task="$S" \
     --set=0.sampler="${s%:*}" --set=0.steps="${s#*:}"
 done
-# Settings of the super-resolution stage, the base's images being the same.
+# Settings of the super-resolution stage, the base's images being the same (sr_shipped:
+# the shipped settings on these prompts, the sweep's reference).
+run sr_shipped --prompts_per_task="$S"
 for s in aug_level:0 aug_level:0.25 guidance_scale:1 guidance_scale:4; do
   run "sr_${s/:/_}" --prompts_per_task="$S" --set=1."${s%:*}"="${s#*:}"
 done

@@ -36,6 +36,7 @@ def describe(name: str) -> str:
         "cascade_heldout": "cascade, shipped settings",
         "cascade_train": "cascade, shipped settings",
         "base_heldout": "base stage alone (32 px)",
+        "sr_shipped": "cascade, shipped settings (sweep prompts)",
     }
     if name in fixed:
         return fixed[name]

@@ -143,6 +143,7 @@ def test_results_table(tmp_path):
         dict(line, name="cascade_heldout", overall=0.1),
         dict(line, name="guidance_3"),
         dict(line, name="sr_aug_level_0.25"),
+        dict(line, name="sr_shipped"),
         dict(line, name="cascade_heldout", failures={"color_attr": {"missing": 3, "swapped": 1}}),
     ]
     path = tmp_path / "shapes.jsonl"
@@ -154,6 +155,7 @@ def test_results_table(tmp_path):
     assert out.count("| cascade, shipped settings | heldout | 8 |") == 1, out
     assert "**0.500**" in out and "**0.100**" not in out and "| base, guidance 3 |" in out
     assert "| cascade, SR augmentation level 0.25 |" in out
+    assert "| cascade, shipped settings (sweep prompts) |" in out
     assert "| none | missing 3, swapped 1 |" in out, out
     path.write_text("")
     empty = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True)

@@ -303,21 +303,20 @@ def dpm_solver_pp(
                 second = st.alpha_next * ((1.0 - exp_neg_2h) / (-2.0 * h) + 1.0) * d1
             noise = step_noise(key, st.i, z.shape, z.dtype)
             z_next = z_next + st.sigma_next * jnp.sqrt(1.0 - exp_neg_2h) * noise
-            third = second
         else:
             z_next = (st.sigma_next / st.sigma) * z - st.alpha_next * (exp_neg_h - 1.0) * d.x0
             if solver_type == "midpoint":
                 second = -0.5 * st.alpha_next * (exp_neg_h - 1.0) * d1
             else:
                 second = st.alpha_next * ((exp_neg_h - 1.0) / h + 1.0) * d1
-            # Third order: the first and second differences of the last three x0.
+        z_next = z_next + jnp.where(step_order == 2, second, 0.0)
+        if order == 3:  # the first and second differences of the last three x0 (ODE only)
             r1 = h_prev2 / h
             d1_1 = (x0_prev - x0_prev2) / r1
             d2 = (d1 - d1_1) / (r0 + r1)
             third = st.alpha_next * ((exp_neg_h - 1.0) / h + 1.0) * (d1 + r0 * d2)
             third = third - st.alpha_next * ((exp_neg_h - 1.0 + h) / h**2 - 0.5) * d2
-        z_next = z_next + jnp.where(step_order == 2, second, 0.0)
-        z_next = z_next + jnp.where(step_order == 3, third, 0.0)
+            z_next = z_next + jnp.where(step_order == 3, third, 0.0)
         return z_next, d.x0, x0_prev, h, h_prev
 
     one = jnp.ones((), z.dtype)
@@ -425,27 +424,32 @@ def unipc(
             h_phi_k = h_phi_k / hh - 1.0 / factorial
         return h_phi_1, b_h, jnp.stack(b)
 
-    def update(x, scale_x, alpha_t, h, x0s, lams, *, new_x0=None):
-        """The UniP (new_x0 None) or UniC update from state x (at history entry 0) to the
-        point of log-SNR offset h, for each order 1..k; returns the candidates [k, ...]."""
+    def update(x, scale_x, alpha_t, h, x0s, lams, p, *, new_x0=None):
+        """The UniP (new_x0 None) or UniC update of order p (traced, 1..k) from state x
+        (history entry 0) to the point of log-SNR offset h. The orders differ only in
+        scalar coefficients, so p picks those and the image is combined once."""
+        corrector = new_x0 is not None
         h_phi_1, b_h, b = phis(h)
         base = scale_x * x - alpha_t * h_phi_1 * x0s[0]
         rks = jnp.stack([(lams[j] - lams[0]) / h for j in range(1, k)]) if k > 1 else None
-        d1s = [(x0s[j] - x0s[0]) / rks[j - 1] for j in range(1, k)]
-        out = []
-        for p in range(1, k + 1):
-            if new_x0 is None and p == 1:
-                out.append(base)
-                continue
-            rhos = _unipc_rhos(rks, b, p, corrector=new_x0 is not None)
-            res = sum((rhos[j - 1] * d1s[j - 1] for j in range(1, p)), jnp.zeros_like(x))
-            if new_x0 is not None:
-                res = res + rhos[-1] * (new_x0 - x0s[0])
-            out.append(base - alpha_t * b_h * res)
-        return jnp.stack(out)
-
-    def pick(candidates, p):
-        return candidates[jnp.clip(p, 1, k) - 1]
+        table = []  # per order: coefficients of the k - 1 differences, then of the new x0's
+        for q in range(1, k + 1):
+            coef = jnp.zeros((k,), b.dtype)
+            if corrector or q > 1:
+                rhos = _unipc_rhos(rks, b, q, corrector=corrector)
+                coef = coef.at[: q - 1].set(rhos[: q - 1])
+                if corrector:
+                    coef = coef.at[k - 1].set(rhos[-1])
+            table.append(coef)
+        coef = jnp.stack(table)[jnp.clip(p, 1, k) - 1]
+        res = sum(
+            (coef[j - 1] * (x0s[j] - x0s[0]) / rks[j - 1] for j in range(1, k)),
+            jnp.zeros_like(x),
+        )
+        if corrector:
+            return base - alpha_t * b_h * (res + coef[k - 1] * (new_x0 - x0s[0]))
+        # First order has no differences (and at a clean landing, h = inf makes them NaN).
+        return jnp.where(p > 1, base - alpha_t * b_h * res, base)
 
     def body(carry, st):
         z, last_z, x0s, lams, prev_order, alpha_prev, sigma_prev = carry
@@ -453,8 +457,10 @@ def unipc(
         lam_now = lam(st.alpha, st.sigma)
         if corrector:  # refines z, which the previous step's predictor made from last_z
             h = lam_now - lams[0]
-            cands = update(last_z, st.sigma / sigma_prev, st.alpha, h, x0s, lams, new_x0=d.x0)
-            z = jnp.where(st.i > 0, pick(cands, prev_order), z)
+            corrected = update(
+                last_z, st.sigma / sigma_prev, st.alpha, h, x0s, lams, prev_order, new_x0=d.x0
+            )
+            z = jnp.where(st.i > 0, corrected, z)
         x0s = jnp.concatenate([d.x0[None], x0s[:-1]])
         lams = jnp.concatenate([lam_now[None], lams[:-1]])
         p = jnp.minimum(order, st.i + 1)
@@ -464,8 +470,7 @@ def unipc(
         p = jnp.where(landing, p, 1)
         h = lam(st.alpha_next, jnp.where(landing, st.sigma_next, 1.0)) - lam_now
         h = jnp.where(landing, h, jnp.inf)
-        cands = update(z, st.sigma_next / st.sigma, st.alpha_next, h, x0s, lams)
-        z_next = pick(cands, p)
+        z_next = update(z, st.sigma_next / st.sigma, st.alpha_next, h, x0s, lams, p)
         return z_next, z, x0s, lams, p, st.alpha, st.sigma
 
     x0s = jnp.zeros((k, *z.shape), z.dtype)

@@ -16,7 +16,14 @@ float32 whatever the compute dtype (diffusers' `upcast_attention` / `upcast_soft
   than this (forward and gradient); `bench/attention.py` measures both against PyTorch's
   fused SDPA.
 
-"auto" (the default) picks "blockwise" on the CPU backend when a head has at least
+- "cudnn": `jax.nn.dot_product_attention(..., implementation="cudnn")`, cuDNN's fused
+  (flash) attention on NVIDIA GPUs: no [Lq, Lk] tensor in memory, the softmax in float32
+  inside the kernel. It takes bfloat16 / float16 inputs and a head size of at most 128.
+
+"auto" (the default) picks "cudnn" on a GPU for unmasked, unbiased bfloat16 / float16
+attention with a head size it takes (a UNet's self-attention; on an H100 the paper-width
+base's train step spends a fifth of its time in the one-piece path's 1024-token score
+tensors, bench/README.md), "blockwise" on the CPU backend when a head has at least
 `BLOCKWISE_MIN_SCORES` scores and `BLOCKWISE_MIN_KEYS` keys (self-attention over 256+
 tokens) and "xla" otherwise: for short keys (cross-attention to text) or small maps, one
 fused piece is the faster of the two there too. Both agree to float32 rounding, values and
@@ -30,7 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "blockwise")
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn")
 # Scores per query block of one head: 2**20 float32 = 4 MiB, which stays in a CPU's L2/L3.
 BLOCK_SCORES = 1 << 20
 # Below this many scores per head (Lq * Lk), or this many keys, "auto" keeps the "xla" path
@@ -56,6 +63,12 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
         lq, lk = q.shape[1], k.shape[1]
         long = lq * lk >= BLOCKWISE_MIN_SCORES and lk >= BLOCKWISE_MIN_KEYS
         implementation = "blockwise" if cpu and long else "xla"
+        if jax.default_backend() == "gpu" and _cudnn_takes(q, bias, mask):
+            implementation = "cudnn"
+    if implementation == "cudnn":
+        if bias is not None or mask is not None:
+            raise ValueError("attention implementation 'cudnn' is used here without bias or mask")
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     if implementation == "xla":
         if bias is not None:
             bias = bias.astype(jnp.float32)[:, None, None, :]  # [B, 1, 1, Lk]
@@ -63,6 +76,13 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
             mask = mask.astype(bool)[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
     return _blockwise(q, k, v, bias=bias, mask=mask)
+
+
+def _cudnn_takes(q, bias, mask) -> bool:
+    """Whether "auto" hands this attention to cuDNN's fused kernel on a GPU."""
+    d = q.shape[-1]
+    half = q.dtype in (jnp.bfloat16, jnp.float16)
+    return half and bias is None and mask is None and d <= 128 and d % 8 == 0
 
 
 def _blockwise(q, k, v, *, bias, mask):

@@ -119,3 +119,24 @@ def test_auto_choice_and_unknown_is_named(monkeypatch):
     np.testing.assert_array_equal(run(), run("blockwise"))
     with pytest.raises(ValueError, match="'flash'"):
         attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+def test_auto_takes_cudnn_on_a_gpu_for_unmasked_half_precision(monkeypatch):
+    calls = []
+
+    def recorder(q, k, v, **kw):
+        calls.append(kw.get("implementation"))
+        return q
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recorder)
+    q, k, v = _qkv(1, 16, 16, 2, 64)
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    attention.dot_product_attention(*half)
+    attention.dot_product_attention(q, k, v)  # float32: the one-piece path
+    attention.dot_product_attention(*half, mask=jnp.ones((1, 16), bool))  # masked: one piece
+    big = [x.astype(jnp.bfloat16) for x in _qkv(1, 4, 4, 1, 256)]  # head size over 128
+    attention.dot_product_attention(*big)
+    assert calls == ["cudnn", None, None, None]
+    with pytest.raises(ValueError, match="'cudnn'.*without bias or mask"):
+        attention.dot_product_attention(*half, mask=jnp.ones((1, 16), bool), implementation="cudnn")

@@ -3,12 +3,13 @@
 One jitted step: the diffusion loss (continuous cosine schedule, eps prediction, text
 cross-attention, CFG dropout through `drop_text`), its gradient, and an AdamW update, with
 the parameters in float32 and the compute in `--dtype`. FLOPs come from XLA's cost analysis
-of the step's module as lowered with the one-piece attention, before the backend compiles it: on a GPU the compiled
-module hands convolutions and matrix products to cuDNN / cuBLAS as custom calls, which its
-cost analysis counts as zero FLOPs (`compiled_flops_per_step`, 13x too low for the paper
-base), and a GPU plug-in gives no cost analysis of a lowered module, so the count runs in a
-CPU-only child process (`--flops_only`). MFU divides achieved FLOP/s by the device's peak (`--peak_tflops`, 989 for an H100
-SXM in dense bf16). `--attention` picks the attention implementation (models/attention.py).
+of the step's module as lowered with the one-piece attention, before the backend compiles
+it: on a GPU the compiled module hands convolutions and matrix products to cuDNN / cuBLAS as
+custom calls, which its cost analysis counts as zero FLOPs (`compiled_flops_per_step`, 13x
+too low for the paper base), and a GPU plug-in gives no cost analysis of a lowered module,
+so the count runs in a CPU-only child process (`--flops_only`). MFU divides achieved FLOP/s
+by the device's peak (`--peak_tflops`, 989 for an H100 SXM in dense bf16). `--attention`
+picks the attention implementation (models/attention.py).
 
     python bench/unet_train_step.py --variant=imagen_base_2b --channels=256 --batch=64 \\
         --res=64 --dtype=bfloat16 --peak_tflops=989

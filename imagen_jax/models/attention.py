@@ -64,7 +64,10 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
         long = lq * lk >= BLOCKWISE_MIN_SCORES and lk >= BLOCKWISE_MIN_KEYS
         implementation = "blockwise" if cpu and long else "xla"
         if jax.default_backend() == "gpu" and _cudnn_takes(q, bias, mask):
-            implementation = "cudnn"
+            try:
+                return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+            except (ValueError, NotImplementedError, RuntimeError):
+                implementation = "xla"  # a shape or cuDNN version it does not take
     if implementation == "cudnn":
         if bias is not None or mask is not None:
             raise ValueError("attention implementation 'cudnn' is used here without bias or mask")

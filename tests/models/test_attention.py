@@ -138,5 +138,16 @@ def test_auto_takes_cudnn_on_a_gpu_for_unmasked_half_precision(monkeypatch):
     big = [x.astype(jnp.bfloat16) for x in _qkv(1, 4, 4, 1, 256)]  # head size over 128
     attention.dot_product_attention(*big)
     assert calls == ["cudnn", None, None, None]
+
+    def refuses(q, k, v, implementation=None, **kw):  # cuDNN refusing a shape at trace time
+        calls.append(implementation)
+        if implementation == "cudnn":
+            raise NotImplementedError("not this shape")
+        return q
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refuses)
+    calls.clear()
+    attention.dot_product_attention(*half)
+    assert calls == ["cudnn", None]  # "auto" falls back to the one-piece path
     with pytest.raises(ValueError, match="'cudnn'.*without bias or mask"):
         attention.dot_product_attention(*half, mask=jnp.ones((1, 16), bool), implementation="cudnn")

@@ -23,10 +23,11 @@ float32 whatever the compute dtype (diffusers' `upcast_attention` / `upcast_soft
 "auto" (the default) picks "cudnn" on a GPU for unmasked, unbiased bfloat16 / float16
 attention with a head size it takes (a UNet's self-attention; on an H100 the paper-width
 base's train step spends a fifth of its time in the one-piece path's 1024-token score
-tensors, bench/README.md), "blockwise" on the CPU backend when a head has at least
-`BLOCKWISE_MIN_SCORES` scores and `BLOCKWISE_MIN_KEYS` keys (self-attention over 256+
-tokens) and "xla" otherwise: for short keys (cross-attention to text) or small maps, one
-fused piece is the faster of the two there too. Both agree to float32 rounding, values and
+tensors, bench/README.md), and "xla" where cuDNN refuses the shape at trace time. On the
+CPU backend it picks "blockwise" when a head has at least `BLOCKWISE_MIN_SCORES` scores and
+`BLOCKWISE_MIN_KEYS` keys (self-attention over 256+ tokens) and "xla" otherwise: for short
+keys (cross-attention to text) or small maps, one fused piece is the faster of the two
+there too. Both agree to float32 rounding, values and
 gradients (tests/models/test_attention.py).
 """
 

@@ -54,16 +54,22 @@ def make_step(graphdef, rest, optimizer, schedule):
     return step
 
 
+def _abstract_model(cfg, dtype):
+    """(the UNet's constructor, its (graphdef, params, rest) as shapes alone)."""
+
+    def build():
+        return imagen_unet.ImagenUNet(cfg, rngs=nnx.Rngs(0), dtype=dtype)
+
+    return build, nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+
+
 def random_model(cfg, dtype):
     """(graphdef, params, rest) of the UNet with small pseudo-random weights (norm scales 1,
     biases 0): only the step is timed, and compiling the layers' own initialisers (or any
     random-bit generation) takes minutes at the paper's size, while this compiles in
     seconds."""
 
-    def build():
-        return imagen_unet.ImagenUNet(cfg, rngs=nnx.Rngs(0), dtype=dtype)
-
-    graphdef, abstract, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    build, (graphdef, abstract, _) = _abstract_model(cfg, dtype)
     rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()  # initialisers dropped
 
     @jax.jit
@@ -122,8 +128,7 @@ def model_flops(cfg, dtype, optimizer, schedule, args) -> float:
     backend compiles it), with the one-piece attention: a fused kernel's custom call counts
     zero. Only shapes are used, nothing is initialised."""
     _use_attention("xla")
-    build = lambda: imagen_unet.ImagenUNet(cfg, rngs=nnx.Rngs(0), dtype=dtype)  # noqa: E731
-    graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+    graphdef, params, rest = _abstract_model(cfg, dtype)[1]
     opt_state = jax.eval_shape(optimizer.init, params)
     step = make_step(graphdef, rest, optimizer, schedule)
     flops = _flops(step.lower(params, opt_state, _batch_shapes(cfg, args), jax.random.key(0)))

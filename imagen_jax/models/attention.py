@@ -60,15 +60,14 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, implementation: str 
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
     if implementation == "auto":
-        cpu = jax.default_backend() == "cpu"
-        lq, lk = q.shape[1], k.shape[1]
-        long = lq * lk >= BLOCKWISE_MIN_SCORES and lk >= BLOCKWISE_MIN_KEYS
-        implementation = "blockwise" if cpu and long else "xla"
         if jax.default_backend() == "gpu" and _cudnn_takes(q, bias, mask):
             try:
                 return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
             except (ValueError, NotImplementedError, RuntimeError):
-                implementation = "xla"  # a shape or cuDNN version it does not take
+                pass  # a shape or cuDNN version it does not take: the one-piece path
+        lq, lk = q.shape[1], k.shape[1]
+        long = lq * lk >= BLOCKWISE_MIN_SCORES and lk >= BLOCKWISE_MIN_KEYS
+        implementation = "blockwise" if jax.default_backend() == "cpu" and long else "xla"
     if implementation == "cudnn":
         if bias is not None or mask is not None:
             raise ValueError("attention implementation 'cudnn' is used here without bias or mask")

@@ -7,7 +7,7 @@ import numpy as np
 
 from imagen_jax.shapes import SPLITS, TASKS
 from imagen_jax.shapes.render import render
-from imagen_jax.shapes.tasks import sample_scene
+from imagen_jax.shapes.tasks import check_task_weights, sample_scene
 
 
 class ShapesSource:
@@ -16,6 +16,8 @@ class ShapesSource:
     split: train | heldout (the held-out colour-shape pairs and layouts of
       `imagen_jax.shapes.splits`; training never sees them).
     task: one of the six tasks, or None for the training mixture.
+    task_weights: the mixture's task -> weight (`imagen_jax.shapes.tasks.parse_task_weights`
+      reads "position:3,color_attr:2"); None = the six tasks equally.
     resolution: the render resolution. Render at the stage's resolution: the pipeline's
       resize is then the identity, and a super-resolution stage's low-res input is made from
       this render like any other image.
@@ -29,11 +31,14 @@ class ShapesSource:
         split: str = "train",
         task: str | None = None,
         seed: int = 0,
+        task_weights: dict[str, float] | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
         if task is not None and task not in TASKS:
             raise ValueError(f"unknown shapes task {task!r}; expected one of {TASKS}")
+        if task_weights is not None:
+            check_task_weights(task_weights)
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size, self.resolution, self.split, self.task, self.seed = (
@@ -43,6 +48,7 @@ class ShapesSource:
             task,
             seed,
         )
+        self.task_weights = None if task_weights is None else dict(task_weights)
 
     def __len__(self) -> int:
         return self.size
@@ -51,7 +57,9 @@ class ShapesSource:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} records")
         rng = np.random.default_rng([self.seed, int(index)])
-        scene, caption = sample_scene(rng, task=self.task, split=self.split)
+        scene, caption = sample_scene(
+            rng, task=self.task, split=self.split, task_weights=self.task_weights
+        )
         return {
             "image": render(scene, self.resolution),
             "caption": caption,
@@ -61,5 +69,6 @@ class ShapesSource:
     def __repr__(self) -> str:
         return (
             f"ShapesSource(size={self.size}, resolution={self.resolution}, "
-            f"split={self.split!r}, task={self.task!r}, seed={self.seed})"
+            f"split={self.split!r}, task={self.task!r}, seed={self.seed}, "
+            f"task_weights={self.task_weights})"
         )

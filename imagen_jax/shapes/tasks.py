@@ -260,20 +260,63 @@ def scene_for(rng: np.random.Generator, spec: PromptSpec, split: str = "train") 
     return None
 
 
+def parse_task_weights(text: str) -> dict[str, float] | None:
+    """`"position:3,color_attr:2"` -> the six tasks' weights in the training mixture (tasks
+    not named weigh 1); "" -> None (uniform). Raises ValueError naming a bad entry."""
+    if not text.strip():
+        return None
+    weights = dict.fromkeys(TASKS, 1.0)
+    for entry in text.split(","):
+        name, sep, value = entry.partition(":")
+        name = name.strip()
+        if not sep or name not in TASKS:
+            raise ValueError(
+                f"bad task weight {entry.strip()!r} in {text!r}: expected TASK:WEIGHT, TASK "
+                f"one of {TASKS}"
+            )
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise ValueError(f"task weight {entry.strip()!r} in {text!r} is not a number") from None
+    check_task_weights(weights)
+    return weights
+
+
+def check_task_weights(weights: dict[str, float]) -> None:
+    unknown = sorted(set(weights) - set(TASKS))
+    if unknown:
+        raise ValueError(f"unknown shapes tasks {unknown} in task weights; expected {TASKS}")
+    if any(not np.isfinite(w) or w < 0 for w in weights.values()) or not any(
+        w > 0 for w in weights.values()
+    ):
+        raise ValueError(f"task weights must be finite, >= 0 and not all 0; got {weights}")
+
+
+def _pick_task(rng: np.random.Generator, weights: dict[str, float] | None) -> str:
+    if weights is None:
+        return _pick(rng, TASKS)  # the uniform mixture's draw, unchanged
+    p = np.array([weights.get(t, 0.0) for t in TASKS])
+    return TASKS[int(np.searchsorted(np.cumsum(p / p.sum()), rng.random(), side="right"))]
+
+
 def sample_example(
     rng: np.random.Generator,
     *,
     task: str | None = None,
     split: str = "train",
     rich: bool | None = None,
+    task_weights: dict[str, float] | None = None,
 ) -> Example:
-    """A scene, its spec (with task) and caption. task None: one of the six, uniformly.
+    """A scene, its spec (with task) and caption. task None: one of the six, uniformly, or
+    with probabilities proportional to `task_weights` (task -> weight; missing tasks 0).
     rich (default: split == 'train'): training captions that also name sizes and the
     background now and then (see module docstring)."""
     splits.check_split(split)
+    if task_weights is not None:
+        check_task_weights(task_weights)
     rich = split == "train" if rich is None else rich
     while True:
-        chosen = check_task(task) if task is not None else _pick(rng, TASKS)
+        chosen = check_task(task) if task is not None else _pick_task(rng, task_weights)
         spec = sample_prompt_spec(rng, chosen, split)
         scene = scene_for(rng, spec, split)
         if scene is not None:
@@ -282,9 +325,14 @@ def sample_example(
 
 
 def sample_scene(
-    rng: np.random.Generator, *, task: str | None = None, split: str = "train"
+    rng: np.random.Generator,
+    *,
+    task: str | None = None,
+    split: str = "train",
+    task_weights: dict[str, float] | None = None,
 ) -> tuple[Scene, str]:
     """A (scene, caption) pair: the training mixture by default (all six tasks, rich
-    captions); `task` picks one task, `split='heldout'` the held-out combinations."""
-    example = sample_example(rng, task=task, split=split)
+    captions; `task_weights` reweighs the tasks); `task` picks one task, `split='heldout'`
+    the held-out combinations."""
+    example = sample_example(rng, task=task, split=split, task_weights=task_weights)
     return example.scene, example.caption

@@ -193,6 +193,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         source="synthetic",  # synthetic (in memory) | folder | tar | shapes
         path="",  # folder: the root; tar: a glob of shards
         split="train",  # shapes
+        task_weights="",  # shapes: the training mixture, e.g. "position:3,color_attr:2"
+        #                   (tasks not named weigh 1); "" = the six tasks equally
         size=256,  # synthetic, shapes: number of examples
         resolution=64,  # must equal model.resolution
         low_resolution=0,  # super-resolution stages; must equal model.low_resolution

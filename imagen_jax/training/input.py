@@ -99,9 +99,14 @@ def make_source(cfg: ml_collections.ConfigDict):
         return data_lib.TarShardSource(cfg.path, min_decode_size=cfg.resolution)
     if cfg.source == "shapes":
         from imagen_jax.data import ShapesSource  # lazy: owned by the shapes domain
+        from imagen_jax.shapes.tasks import parse_task_weights
 
         return ShapesSource(
-            split=cfg.split, resolution=cfg.resolution, size=cfg.size, seed=cfg.seed
+            split=cfg.split,
+            resolution=cfg.resolution,
+            size=cfg.size,
+            seed=cfg.seed,
+            task_weights=parse_task_weights(cfg.task_weights),
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 

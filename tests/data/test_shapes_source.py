@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from imagen_jax.data import ShapesSource, make_pipeline
-from imagen_jax.shapes import parse_prompt, score
+from imagen_jax.shapes import TASKS, parse_prompt, score
 
 
 def test_records_are_deterministic_and_scored_correctly():
@@ -41,3 +41,17 @@ def test_bad_arguments_raise():
         ShapesSource(task="count")
     with pytest.raises(IndexError, match="index 5 out of range"):
         ShapesSource(size=5)[5]
+
+
+def test_task_weights_reach_the_source_through_the_data_config():
+    from imagen_jax import training
+    from imagen_jax.training.input import make_source
+
+    only_position = "position:1," + ",".join(f"{t}:0" for t in TASKS if t != "position")
+    cfg = training.data_config(source="shapes", resolution=32, size=100)
+    cfg.task_weights = only_position
+    source = make_source(cfg)
+    for i in range(10):
+        assert parse_prompt(source[i]["caption"]).relation is not None, source[i]["caption"]
+    with pytest.raises(ValueError, match="unknown shapes tasks \\['count'\\]"):
+        ShapesSource(task_weights={"count": 1.0})

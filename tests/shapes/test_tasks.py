@@ -104,6 +104,37 @@ def test_sampling_is_seeded():
         tasks.sample_scene(np.random.default_rng(0), split="test")
 
 
+def test_task_weights_set_the_mixture():
+    weights = tasks.parse_task_weights("position:3.5, color_attr:2.5")
+    assert weights == {**dict.fromkeys(TASKS, 1.0), "position": 3.5, "color_attr": 2.5}
+    assert tasks.parse_task_weights("") is None
+    n = 4000
+    drawn = collections.Counter(
+        tasks.sample_example(np.random.default_rng([1, i]), task_weights=weights).spec.task
+        for i in range(n)
+    )
+    for task in TASKS:  # 3 standard deviations of a binomial count
+        p = weights[task] / sum(weights.values())
+        assert abs(drawn[task] - n * p) < 3 * np.sqrt(n * p * (1 - p)), (task, drawn)
+    only = tasks.sample_example(np.random.default_rng(0), task_weights={"counting": 1.0})
+    assert only.spec.task == "counting"  # tasks left out of the mapping weigh 0
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("pos:3", "bad task weight 'pos:3'"),
+        ("position=3", "bad task weight 'position=3'"),
+        ("position:x", "task weight 'position:x' .* is not a number"),
+        ("position:-1", "must be finite, >= 0"),
+        (",".join(f"{t}:0" for t in TASKS), "not all 0"),
+    ],
+)
+def test_bad_task_weights_name_the_entry(text, match):
+    with pytest.raises(ValueError, match=match):
+        tasks.parse_task_weights(text)
+
+
 @pytest.mark.parametrize("split", splits.SPLITS)
 def test_prompt_files_are_checked_in_and_regenerate_identically(split, tmp_path):
     packaged = prompt_sets.packaged_path(split)

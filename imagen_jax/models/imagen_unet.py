@@ -51,6 +51,10 @@ class UNetConfig:
     skip_scale: float = 1.0 / math.sqrt(2.0)
     time_scale: float = 1000.0  # multiplies t before the sinusoidal embedding
     low_res: bool = False  # a super-resolution stage: concatenate the upsampled low-res image
+    # Learned 2-D positional embeddings in the attention blocks (layers.TransformerBlock),
+    # zero at initialisation: without them nothing but the convolutions' zero padding tells
+    # the network where a pixel is, and attention cannot tell "above" from "below".
+    pos_emb: bool = False
 
     def blocks(self, level: int) -> int:
         n = self.num_res_blocks
@@ -158,6 +162,7 @@ class _Level(nnx.Module):
                     head_dim=cfg.head_dim,
                     ff_mult=cfg.ff_mult,
                     groups=cfg.groups,
+                    pos_emb=cfg.pos_emb,
                     rngs=rngs,
                     **kw,
                 )
@@ -218,6 +223,7 @@ class ImagenUNet(nnx.Module):
             self_attn=cfg.mid_attn,
             head_dim=cfg.head_dim,
             groups=cfg.groups,
+            pos_emb=cfg.pos_emb,
             rngs=rngs,
             **kw,
         )

@@ -23,6 +23,27 @@ def timestep_embedding(t, dim: int, *, max_period: float = 10000.0):
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
+# 2-D positional features: sin and cos of 2 pi f u for each axis u in [0, 1] (pixel centres,
+# as a fraction of the canvas, so the same place reads the same at every level) and POS_FREQS
+# frequencies f in cycles per canvas.
+POS_FREQS = 16
+POS_FEATURES = 4 * POS_FREQS
+
+
+def position_features(height: int, width: int):
+    """[height * width, POS_FEATURES] sinusoidal features of each pixel's place, row-major."""
+    freqs = jnp.geomspace(0.5, 16.0, POS_FREQS)
+
+    def axis(n):
+        u = (jnp.arange(n, dtype=jnp.float32) + 0.5) / n
+        args = 2.0 * math.pi * u[:, None] * freqs[None]
+        return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)  # [n, 2F]
+
+    rows = jnp.broadcast_to(axis(height)[:, None], (height, width, 2 * POS_FREQS))
+    cols = jnp.broadcast_to(axis(width)[None, :], (height, width, 2 * POS_FREQS))
+    return jnp.concatenate([rows, cols], axis=-1).reshape(height * width, POS_FEATURES)
+
+
 def group_count(channels: int, groups: int) -> int:
     """The largest group count <= `groups` that divides `channels`."""
     return math.gcd(channels, groups)
@@ -90,7 +111,12 @@ class Attention(nnx.Module):
 
 class TransformerBlock(nnx.Module):
     """Self-attention (optional), cross-attention to the text tokens (optional) and an MLP,
-    pre-norm, on the pixels of a feature map as tokens (Imagen's attention layers)."""
+    pre-norm, on the pixels of a feature map as tokens (Imagen's attention layers).
+
+    With `pos_emb`, a learned projection of `position_features` is added to the tokens the
+    block attends with (not to the residual stream it returns to). Its weights start at zero,
+    so a block grown from weights without it computes what they did; without it the block
+    is blind to where a pixel is: attention is permutation-equivariant."""
 
     def __init__(
         self,
@@ -102,12 +128,14 @@ class TransformerBlock(nnx.Module):
         head_dim=64,
         ff_mult=2,
         groups=32,
+        pos_emb=False,
         rngs,
         dtype=None,
         param_dtype=jnp.float32,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm_in = GroupNorm(dim, num_groups=group_count(dim, groups), **kw)
+        self.pos = nnx.Linear(POS_FEATURES, dim, kernel_init=zeros_init, **kw) if pos_emb else None
         self.self_attn = Attention(dim, head_dim=head_dim, **kw) if self_attn else None
         self.norm_self = nnx.LayerNorm(dim, **kw) if self_attn else None
         self.cross_attn = (
@@ -121,6 +149,8 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x, text, text_mask):  # x [B, H, W, C], text [B, L, Dt]
         b, hh, ww, c = x.shape
         h = self.norm_in(x).reshape(b, hh * ww, c)
+        if self.pos is not None:
+            h = h + self.pos(position_features(hh, ww).astype(h.dtype))[None]
         if self.self_attn is not None:
             h = h + self.self_attn(self.norm_self(h))
         if self.cross_attn is not None:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -313,8 +314,9 @@ def params_from_stage(path: str, net: Network, shardings) -> dict:
             f"train.init_from={path!r} is not a stage directory (imagen_jax.pipelines.export "
             f"writes one): {file} is missing"
         )
-    loaded = load_file(file)
-    stages.check_params(file, loaded, stages.flatten(net.abstract_params))
+    expected = stages.flatten(net.abstract_params)
+    loaded = _grow_positional(load_file(file), expected)
+    stages.check_params(file, loaded, expected)
     tree = stages.unflatten(loaded)
 
     def place(array, abstract, sharding):
@@ -322,6 +324,26 @@ def params_from_stage(path: str, net: Network, shardings) -> dict:
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
     return jax.tree.map(place, tree, net.abstract_params, shardings)
+
+
+def _grow_positional(loaded: dict, expected: dict) -> dict:
+    """`loaded` with zeros for the positional embeddings (`model.pos_emb`) the network has
+    and a stage trained without them lacks: they start at zero by design, so the grown
+    network computes what the stage did. Nothing else is filled in."""
+
+    def positional(key):  # .../pos/kernel, .../pos/bias
+        return key.split("/")[-2:-1] == ["pos"]
+
+    if any(positional(key) for key in loaded):
+        return loaded
+    grown = {
+        key: np.zeros(abstract.shape, abstract.dtype)
+        for key, abstract in expected.items()
+        if key not in loaded and positional(key)
+    }
+    if grown:
+        logging.info("train.init_from: %d positional-embedding arrays start at zero", len(grown))
+    return {**loaded, **grown}
 
 
 @jax.jit

@@ -8,7 +8,7 @@ from flax import nnx
 
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
-from imagen_jax.models import imagen_unet
+from imagen_jax.models import imagen_unet, layers
 
 
 def _model(variant="runlocal", **overrides):
@@ -126,3 +126,49 @@ def test_variant_table_and_counts():
         imagen_unet.make_config("huge")
     with pytest.raises(ValueError, match="unknown UNet config keys \\['chanels'\\]"):
         imagen_unet.make_config("runlocal", chanels=3)
+
+
+def _block(pos_emb, pos_scale):
+    """A self-attention block with randomised weights; its positional projection (if any)
+    scaled by `pos_scale` (0: as initialised)."""
+    block = layers.TransformerBlock(
+        16, text_dim=8, cross_attn=False, head_dim=8, groups=4, pos_emb=pos_emb, rngs=nnx.Rngs(0)
+    )
+    leaves, treedef = jax.tree.flatten(nnx.state(block, nnx.Param))
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(block, jax.tree.unflatten(treedef, leaves))
+    if pos_emb:
+        block.pos.kernel[...] = pos_scale * block.pos.kernel[...]
+        block.pos.bias[...] = pos_scale * block.pos.bias[...]
+    return block
+
+
+def test_positional_embedding_tells_attention_where_pixels_are():
+    x = jax.random.normal(jax.random.key(4), (1, 8, 8, 16))
+    flip = (slice(None), slice(None, None, -1))  # upside down
+    mask = jnp.ones((1, 1), bool)
+
+    def flipped_equivariant(block):
+        return np.allclose(block(x[flip], None, mask), block(x, None, mask)[flip], atol=1e-5)
+
+    # Without positions, attention over pixels commutes with flipping the image: "above"
+    # and "below" are the same to it. Zero-initialised positions change nothing; trained
+    # (non-zero) ones break the symmetry.
+    blind = _block(False, 0.0)
+    assert flipped_equivariant(blind)
+    grown = _block(True, 0.0)
+    nnx.update(grown, nnx.state(blind, nnx.Param))
+    np.testing.assert_allclose(grown(x, None, mask), blind(x, None, mask), atol=1e-6)
+    assert flipped_equivariant(grown)
+    assert not flipped_equivariant(_block(True, 1.0))
+
+
+def test_position_features_are_per_row_and_column():
+    f = layers.position_features(4, 6).reshape(4, 6, layers.POS_FEATURES)
+    half = layers.POS_FEATURES // 2
+    assert np.ptp(f[:, :, :half], axis=1).max() == 0  # rows: by row only
+    assert np.ptp(f[:, :, half:], axis=0).max() == 0  # columns: by column only
+    flat = np.asarray(layers.position_features(4, 6))
+    assert len({tuple(np.round(r, 5)) for r in flat}) == 24  # every pixel distinct
+    np.testing.assert_allclose(np.abs(flat).max(), 1.0, atol=1e-6)

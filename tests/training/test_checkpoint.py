@@ -167,3 +167,22 @@ def test_nan_loss_stops_before_saving(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan.*checkpoint is step 2"):
         train_and_evaluate(tiny(steps=3, checkpoint_every=2), str(tmp_path))
     assert _checkpoints(tmp_path) == [2]
+
+
+def test_init_from_grows_zero_positional_embeddings(reference, tmp_path):
+    """A stage trained without `model.pos_emb` starts a run with it: every other weight is
+    the stage's, the positional projections start at zero."""
+    stage = export.export_stage(
+        tiny(steps=3), str(reference[0]), str(tmp_path / "stage"), storage_dtype="float32"
+    )
+    weights = load_file(tmp_path / "stage" / "params.safetensors")
+    config = tiny(steps=1)
+    config.model.pos_emb = True
+    config.train.init_from = stage
+    state, _ = train_and_evaluate(config, str(tmp_path / "run"))
+    got = stages.flatten(_host(state.params))
+    grown = sorted(set(got) - set(weights))
+    assert grown and all(key.split("/")[-2] == "pos" for key in grown)
+    lr = config.optim.lr
+    assert max(float(np.abs(got[k]).max()) for k in grown) <= 1.5 * lr
+    assert max(float(np.abs(got[k] - weights[k]).max()) for k in weights) <= 1.5 * lr

@@ -1,16 +1,22 @@
-"""Does a shapes base stage read the relation word, and at which noise levels?
+"""Does a shapes base stage read the relation word, or which colour goes with which shape,
+and at which noise levels?
 
-For position scenes of the shapes domain, compares the stage's denoising loss given the true
-caption ("a red circle above a blue square") with the loss given the same caption with the
-opposite relation ("... below ..."), on the same image, time and noise. A stage that has
-learnt the relation has a lower loss with the true caption wherever the layout is still
-undecided; where the two losses agree, the relation word carries nothing the stage uses.
+For scenes of one task of the shapes domain, compares the stage's denoising loss given the
+true caption with its loss given a counterfactual caption, on the same image, time and noise:
+
+* position: the opposite relation ("a red circle above a blue square" against "... below ...");
+* color_attr: the two objects' colours exchanged ("a red circle and a blue square" against
+  "a blue circle and a red square").
+
+A stage that reads what differs has a lower loss with the true caption wherever the image is
+still undecided; where the two losses agree, the difference carries nothing the stage uses.
 
     python -m imagen_jax.shapes.relation_probe --stage=checkpoints/shapes/base
-    python -m imagen_jax.shapes.relation_probe --stage=runs/export/base --scenes=64
+    python -m imagen_jax.shapes.relation_probe --stage=runs/export/base --scenes=128
+    python -m imagen_jax.shapes.relation_probe --task=color_attr --split=heldout
 
 Prints, per unit time t (1 = pure noise), the mean v-prediction loss with each caption, and
-the fraction of scenes whose true caption has the lower loss (0.5 = the relation word is
+the fraction of scenes whose true caption has the lower loss (0.5 = the difference is
 ignored). Everything is seeded: the same stage gives the same table.
 """
 
@@ -31,38 +37,56 @@ from imagen_jax.diffusion import parameterization as param_lib
 from imagen_jax.pipelines import stages
 from imagen_jax.shapes import grammar, tasks
 from imagen_jax.shapes.render import render
-from imagen_jax.shapes.spec import INVERSE_RELATION
+from imagen_jax.shapes.spec import INVERSE_RELATION, PromptSpec
 from imagen_jax.training.step import model_fn, to_float_image
 from imagen_jax.training.text import encode_captions, make_text_encoder
 
 TIMES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 
 
-def probe_scenes(n: int, seed: int, split: str, resolution: int):
-    """n position scenes: images uint8 [n, r, r, 3], true and relation-inverted captions."""
+TASKS = ("position", "color_attr")
+
+
+def counterfactual(spec: PromptSpec) -> PromptSpec:
+    """The spec with its relation inverted (position) or its two colours exchanged."""
+    if spec.relation is not None:
+        return dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation])
+    a, b = spec.objects
+    if a.color is None or b.color is None or a.color == b.color:
+        raise ValueError(f"no colours to exchange in {spec}")
+    return dataclasses.replace(
+        spec,
+        objects=(dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)),
+    )
+
+
+def probe_scenes(n: int, seed: int, split: str, resolution: int, task: str = "position"):
+    """n scenes of `task`: images uint8 [n, r, r, 3], true and counterfactual captions."""
+    if task not in TASKS:
+        raise ValueError(f"the probe takes task one of {TASKS}, got {task!r}")
     images, true, inverted = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        example = tasks.sample_example(rng, task="position", split=split, rich=False)
-        flipped = dataclasses.replace(
-            example.spec, relation=INVERSE_RELATION[example.spec.relation]
-        )
+        example = tasks.sample_example(rng, task=task, split=split, rich=False)
+        flipped = counterfactual(example.spec)
         images.append(render(example.scene, resolution))
         true.append(grammar.caption(example.spec, np.random.default_rng([seed, i, 1])))
         inverted.append(grammar.caption(flipped, np.random.default_rng([seed, i, 1])))
     return np.stack(images), true, inverted
 
 
-def relation_probe(stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str = "train"):
-    """Per time: mean loss with the true and the inverted caption, and the fraction of scenes
-    where the true caption's loss is lower."""
+def relation_probe(
+    stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str = "train", task="position"
+):
+    """Per time: mean loss with the true and the counterfactual caption, and the fraction of
+    scenes where the true caption's loss is lower."""
     stage = stages.load_stage(stage_dir)
     if stage.low_resolution:
         raise ValueError(f"{stage_dir} is a super-resolution stage; the probe takes a base")
     encoder = make_text_encoder(ml_collections.ConfigDict(stage.text))
     schedule = diffusion_config.make_schedule(stage.diffusion)
     prediction = stage.diffusion.prediction
-    images, true, inverted = probe_scenes(scenes, seed, split, stage.resolution)
+    images, true, inverted = probe_scenes(scenes, seed, split, stage.resolution, task)
     x0 = to_float_image(images)
     denoise = model_fn(stage.model, schedule=schedule)
 
@@ -101,18 +125,23 @@ def main(argv=None):
     parser.add_argument("--scenes", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", default="train", choices=("train", "heldout"))
+    parser.add_argument("--task", default="position", choices=TASKS)
     parser.add_argument("--json", default="", help="also write the rows to this file")
     args = parser.parse_args(argv)
-    rows = relation_probe(args.stage, scenes=args.scenes, seed=args.seed, split=args.split)
-    print(f"{args.stage}: {args.scenes} {args.split} position scenes")
-    print("t      loss(true)  loss(inverted)  true lower")
+    rows = relation_probe(
+        args.stage, scenes=args.scenes, seed=args.seed, split=args.split, task=args.task
+    )
+    print(f"{args.stage}: {args.scenes} {args.split} {args.task} scenes")
+    print("t      loss(true)  loss(counter.)  true lower")
     for r in rows:
         print(
             f"{r['t']:<6} {r['loss_true']:<11.5f} {r['loss_inverted']:<15.5f} {r['true_lower']:.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(stage=args.stage, split=args.split, rows=rows), f, indent=1)
+            json.dump(
+                dict(stage=args.stage, split=args.split, task=args.task, rows=rows), f, indent=1
+            )
 
 
 if __name__ == "__main__":

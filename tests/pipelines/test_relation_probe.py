@@ -1,6 +1,8 @@
 """The relation probe: its caption pairs state opposite relations of the drawn scene, and its
 losses respond to the caption."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,14 +11,23 @@ from imagen_jax.shapes.relation_probe import probe_scenes, relation_probe
 from imagen_jax.shapes.spec import INVERSE_RELATION
 
 
-def test_caption_pairs_state_the_scene_and_its_opposite():
-    images, true, inverted = probe_scenes(12, seed=3, split="train", resolution=64)
+@pytest.mark.parametrize("task", ["position", "color_attr"])
+def test_caption_pairs_state_the_scene_and_its_counterfactual(task):
+    images, true, other = probe_scenes(12, seed=3, split="train", resolution=64, task=task)
     assert images.shape == (12, 64, 64, 3) and len(set(true)) == 12
-    for image, a, b in zip(images, true, inverted, strict=True):
+    for image, a, b in zip(images, true, other, strict=True):
         spec_a, spec_b = parse_prompt(a), parse_prompt(b)
-        assert spec_b.relation == INVERSE_RELATION[spec_a.relation]
-        assert spec_a.objects == spec_b.objects
+        if task == "position":
+            assert spec_b.relation == INVERSE_RELATION[spec_a.relation]
+            assert spec_a.objects == spec_b.objects
+        else:
+            assert spec_a.relation is None and spec_b.relation is None
+            assert [o.shape for o in spec_a.objects] == [o.shape for o in spec_b.objects]
+            assert [o.color for o in spec_a.objects] == [o.color for o in spec_b.objects][::-1]
+        spec_a, spec_b = (dataclasses.replace(s, task=task) for s in (spec_a, spec_b))
         assert score(image, spec_a).passed and not score(image, spec_b).passed, (a, b)
+    with pytest.raises(ValueError, match="the probe takes task"):
+        probe_scenes(1, seed=0, split="train", resolution=32, task="counting")
 
 
 def test_probe_rows_on_a_tiny_stage(stage_dirs):

@@ -42,8 +42,6 @@ from imagen_jax.training.step import model_fn, to_float_image
 from imagen_jax.training.text import encode_captions, make_text_encoder
 
 TIMES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
-
-
 TASKS = ("position", "color_attr")
 
 
@@ -64,15 +62,16 @@ def probe_scenes(n: int, seed: int, split: str, resolution: int, task: str = "po
     """n scenes of `task`: images uint8 [n, r, r, 3], true and counterfactual captions."""
     if task not in TASKS:
         raise ValueError(f"the probe takes task one of {TASKS}, got {task!r}")
-    images, true, inverted = [], [], []
+    images, true, other = [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         example = tasks.sample_example(rng, task=task, split=split, rich=False)
-        flipped = counterfactual(example.spec)
         images.append(render(example.scene, resolution))
         true.append(grammar.caption(example.spec, np.random.default_rng([seed, i, 1])))
-        inverted.append(grammar.caption(flipped, np.random.default_rng([seed, i, 1])))
-    return np.stack(images), true, inverted
+        other.append(
+            grammar.caption(counterfactual(example.spec), np.random.default_rng([seed, i, 1]))
+        )
+    return np.stack(images), true, other
 
 
 def relation_probe(
@@ -86,7 +85,7 @@ def relation_probe(
     encoder = make_text_encoder(ml_collections.ConfigDict(stage.text))
     schedule = diffusion_config.make_schedule(stage.diffusion)
     prediction = stage.diffusion.prediction
-    images, true, inverted = probe_scenes(scenes, seed, split, stage.resolution, task)
+    images, true, other = probe_scenes(scenes, seed, split, stage.resolution, task)
     x0 = to_float_image(images)
     denoise = model_fn(stage.model, schedule=schedule)
 
@@ -100,20 +99,20 @@ def relation_probe(
         target = param_lib.target(prediction, x0=x0, eps=eps, alpha_t=a, sigma_t=s)
         return jnp.mean((out - target) ** 2, axis=(1, 2, 3))
 
-    batches = [encode_captions(encoder, c) for c in (true, inverted)]
+    batches = [encode_captions(encoder, c) for c in (true, other)]
     rows = []
     for k, time in enumerate(TIMES):
         eps = jax.random.normal(jax.random.key(seed * 1000 + k), x0.shape, jnp.float32)
         t_unit = jnp.full((scenes,), time, jnp.float32)
-        loss_true, loss_inv = (
+        loss_true, loss_other = (
             np.asarray(per_example_loss(b["text"], b["text_mask"], t_unit, eps)) for b in batches
         )
         rows.append(
             dict(
                 t=time,
                 loss_true=float(loss_true.mean()),
-                loss_inverted=float(loss_inv.mean()),
-                true_lower=float(np.mean(loss_true < loss_inv)),
+                loss_counterfactual=float(loss_other.mean()),
+                true_lower=float(np.mean(loss_true < loss_other)),
             )
         )
     return rows
@@ -134,9 +133,10 @@ def main(argv=None):
     print(f"{args.stage}: {args.scenes} {args.split} {args.task} scenes")
     print("t      loss(true)  loss(counter.)  true lower")
     for r in rows:
-        print(
-            f"{r['t']:<6} {r['loss_true']:<11.5f} {r['loss_inverted']:<15.5f} {r['true_lower']:.2f}"
+        t, ours, other, lower = (
+            r[k] for k in ("t", "loss_true", "loss_counterfactual", "true_lower")
         )
+        print(f"{t:<6} {ours:<11.5f} {other:<15.5f} {lower:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -34,9 +34,9 @@ def test_probe_rows_on_a_tiny_stage(stage_dirs):
     rows = relation_probe(stage_dirs[0], scenes=4, seed=0)
     assert [r["t"] for r in rows] == sorted(r["t"] for r in rows)
     for r in rows:
-        assert np.isfinite([r["loss_true"], r["loss_inverted"]]).all()
+        assert np.isfinite([r["loss_true"], r["loss_counterfactual"]]).all()
         assert 0.0 <= r["true_lower"] <= 1.0
     # The tiny stage's (hash) text encoder tells the two captions apart, so its losses do.
-    assert any(r["loss_true"] != r["loss_inverted"] for r in rows)
+    assert any(r["loss_true"] != r["loss_counterfactual"] for r in rows)
     with pytest.raises(ValueError, match="super-resolution stage"):
         relation_probe(stage_dirs[1], scenes=2)

@@ -55,6 +55,9 @@ class UNetConfig:
     # zero at initialisation: without them nothing but the convolutions' zero padding tells
     # the network where a pixel is, and attention cannot tell "above" from "below".
     pos_emb: bool = False
+    # Trainable transformer layers over the frozen text tokens (layers.TextRefiner), after
+    # `text_proj`; each starts as the identity, so a stage grows them with its function kept.
+    text_refiner: int = 0
 
     def blocks(self, level: int) -> int:
         n = self.num_res_blocks
@@ -182,6 +185,18 @@ class ImagenUNet(nnx.Module):
         self.time_out = nnx.Linear(emb_dim, emb_dim, rngs=rngs, **kw)
         self.aug_in = nnx.Linear(ch, emb_dim, rngs=rngs, **kw) if cfg.low_res else None
         self.text_proj = nnx.Linear(cfg.text_dim, cfg.text_dim, rngs=rngs, **kw)
+        self.text_refiner = (
+            layers.TextRefiner(
+                cfg.text_dim,
+                cfg.text_refiner,
+                head_dim=cfg.head_dim,
+                ff_mult=cfg.ff_mult,
+                rngs=rngs,
+                **kw,
+            )
+            if cfg.text_refiner
+            else None
+        )
         self.null_text = nnx.Param(
             jax.random.normal(rngs.params(), (1, cfg.null_text_len, cfg.text_dim)) * 0.02
         )
@@ -263,9 +278,12 @@ class ImagenUNet(nnx.Module):
     # ------------------------------------------------------------------------------------------
 
     def _text(self, cond):
-        """Projected text tokens and mask, the learned null text where `drop_text` is set."""
+        """Projected (and refined) text tokens and mask, the learned null text where `drop_text`
+        is set."""
         text = self.text_proj(cond["text"])  # [B, L, Dt]
         mask = cond["text_mask"].astype(bool)
+        if self.text_refiner is not None:
+            text = self.text_refiner(text, mask)
         if "drop_text" not in cond:
             return text, mask
         drop = cond["drop_text"].astype(bool)

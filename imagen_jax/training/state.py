@@ -300,10 +300,12 @@ def create_train_state(config, net: Network, tx, mesh):
     return state, shardings, rest
 
 
-def params_from_stage(path: str, net: Network, shardings) -> dict:
+def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = None) -> dict:
     """The parameters of a stage directory written by `imagen_jax.pipelines.export`, as
     `net`'s params tree in its param_dtype, placed in `shardings`; strict (every missing,
-    unexpected or mis-shaped parameter is named)."""
+    unexpected or mis-shaped parameter is named), except for the modules a run may add to a
+    trained stage (`GROWN_MODULES`), which take their values from `fresh` (the new run's
+    initial parameters; zeros without it)."""
     from imagen_jax.pipelines import stages  # lazy: the pipelines import training
 
     if net.family != "imagen":
@@ -315,35 +317,61 @@ def params_from_stage(path: str, net: Network, shardings) -> dict:
             f"writes one): {file} is missing"
         )
     expected = stages.flatten(net.abstract_params)
-    loaded = _grow_positional(load_file(file), expected)
-    stages.check_params(file, loaded, expected)
-    tree = stages.unflatten(loaded)
+    loaded = load_file(file)
+    grown = grown_keys(loaded, expected)
+    zeros = {key: np.zeros(expected[key].shape, expected[key].dtype) for key in grown}
+    stages.check_params(file, {**loaded, **zeros}, expected)
+    tree = stages.unflatten({**loaded, **zeros})
 
     def place(array, abstract, sharding):
         array = np.asarray(array, abstract.dtype)
         return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-    return jax.tree.map(place, tree, net.abstract_params, shardings)
+    params = jax.tree.map(place, tree, net.abstract_params, shardings)
+    if not grown:
+        return params
+    for module in sorted({_grown_module(key) for key in grown}):
+        count = sum(_grown_module(key) == module for key in grown)
+        logging.info(
+            "train.init_from: %d arrays of %s are new (%s)",
+            count,
+            module,
+            "fresh initialisation" if fresh is not None else "zeros",
+        )
+    if fresh is None:
+        return params
+    flat, new = stages.flatten(params), stages.flatten(fresh)
+    return stages.unflatten({**flat, **{key: new[key] for key in grown}})
 
 
-def _grow_positional(loaded: dict, expected: dict) -> dict:
-    """`loaded` with zeros for the positional embeddings (`model.pos_emb`) the network has
-    and a stage trained without them lacks: they start at zero by design, so the grown
-    network computes what the stage did. Nothing else is filled in."""
+# Modules a run may add to a stage trained without them: each starts as the identity (its
+# output projection at zero), so the grown network computes the stage's function.
+#   pos           model.pos_emb: .../pos/{kernel,bias} in the attention blocks
+#   text_refiner  model.text_refiner: the token refiner's layers
+GROWN_MODULES = ("pos", "text_refiner")
 
-    def positional(key):  # .../pos/kernel, .../pos/bias
-        return key.split("/")[-2:-1] == ["pos"]
 
-    if any(positional(key) for key in loaded):
-        return loaded
-    grown = {
-        key: np.zeros(abstract.shape, abstract.dtype)
-        for key, abstract in expected.items()
-        if key not in loaded and positional(key)
+def _grown_module(key: str) -> str | None:
+    parts = key.split("/")
+    if parts[0] == "text_refiner":
+        return "text_refiner"
+    if parts[-2:-1] == ["pos"]:
+        return "pos"
+    return None
+
+
+def grown_keys(loaded: dict, expected: dict) -> set[str]:
+    """The keys of `expected` that `loaded` lacks and may grow: those of a module in
+    `GROWN_MODULES` of which the stage holds no array at all (a stage that has part of one
+    is incomplete, and `check_params` names what it misses)."""
+    present = {_grown_module(key) for key in loaded}
+    return {
+        key
+        for key in expected
+        if key not in loaded
+        and _grown_module(key) is not None
+        and _grown_module(key) not in present
     }
-    if grown:
-        logging.info("train.init_from: %d positional-embedding arrays start at zero", len(grown))
-    return {**loaded, **grown}
 
 
 @jax.jit

@@ -107,7 +107,9 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
     if latest is None:
         state, shardings, rest = state_lib.create_train_state(config, net, tx, mesh)
         if config.train.init_from:
-            params = state_lib.params_from_stage(config.train.init_from, net, shardings.params)
+            params = state_lib.params_from_stage(
+                config.train.init_from, net, shardings.params, fresh=state.params
+            )
             state = state._replace(params=params, ema_params=state_lib.copy_tree(params))
             logging.info("New train state with the weights of %s", config.train.init_from)
         else:

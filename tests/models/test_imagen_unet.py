@@ -51,6 +51,7 @@ def _z(batch=2, res=16):
         dict(efficient=True, num_res_blocks=(1, 2)),
         dict(low_res=True, efficient=True),
         dict(out_channels=6),
+        dict(text_refiner=2),
     ],
 )
 def test_output_shapes(overrides):
@@ -72,8 +73,9 @@ def test_gradients_are_finite():
     assert all(np.isfinite(norms)) and max(norms) > 0
 
 
-def test_text_mask_hides_padding_tokens():
-    model = _model()
+@pytest.mark.parametrize("refiner", [0, 2])
+def test_text_mask_hides_padding_tokens(refiner):
+    model = _model(text_refiner=refiner)  # the refiner's tokens attend to the mask's only
     cond = _cond(model.cfg)
     changed = dict(cond, text=cond["text"].at[0, 4:].set(9.0))  # row 0 has 3 real tokens
     a, b = (_apply(model, _z(), jnp.array([0.5, 0.5]), c) for c in (cond, changed))
@@ -172,3 +174,22 @@ def test_position_features_are_per_row_and_column():
     flat = np.asarray(layers.position_features(4, 6))
     assert len({tuple(np.round(r, 5)) for r in flat}) == 24  # every pixel distinct
     np.testing.assert_allclose(np.abs(flat).max(), 1.0, atol=1e-6)
+
+
+def test_text_refiner_grows_as_the_identity():
+    """A UNet given a token refiner, with a stage's weights for everything else, computes
+    the stage's function until the refiner is trained; trained, it changes the output."""
+    stage = _model()
+    grown = imagen_unet.ImagenUNet(
+        imagen_unet.make_config("runlocal", text_refiner=2), rngs=nnx.Rngs(5)
+    )
+    params = nnx.to_pure_dict(nnx.state(grown, nnx.Param))
+    params.update({k: v for k, v in nnx.to_pure_dict(nnx.state(stage, nnx.Param)).items()})
+    nnx.update(grown, params)
+    cond, t = _cond(stage.cfg), jnp.array([0.3, 0.7])
+    np.testing.assert_allclose(
+        _apply(grown, _z(), t, cond), _apply(stage, _z(), t, cond), atol=1e-6
+    )
+    for ff_out in grown.text_refiner.ff_out:
+        ff_out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(6), ff_out.kernel.shape)
+    assert not np.allclose(_apply(grown, _z(), t, cond), _apply(stage, _z(), t, cond), atol=1e-3)

@@ -186,3 +186,24 @@ def test_init_from_grows_zero_positional_embeddings(reference, tmp_path):
     lr = config.optim.lr
     assert max(float(np.abs(got[k]).max()) for k in grown) <= 1.5 * lr
     assert max(float(np.abs(got[k] - weights[k]).max()) for k in weights) <= 1.5 * lr
+
+
+def test_init_from_grows_a_fresh_text_refiner(reference, tmp_path):
+    """A stage trained without `model.text_refiner` starts a run with one: the refiner's
+    inner weights are the run's fresh initialisation (not zeros, which would leave it no
+    gradient), its output projections start at zero, every other weight is the stage's."""
+    stage = export.export_stage(
+        tiny(steps=3), str(reference[0]), str(tmp_path / "stage"), storage_dtype="float32"
+    )
+    weights = load_file(tmp_path / "stage" / "params.safetensors")
+    config = tiny(steps=1)
+    config.model.text_refiner = 1
+    config.train.init_from = stage
+    state, _ = train_and_evaluate(config, str(tmp_path / "run"))
+    got = stages.flatten(_host(state.params))
+    grown = sorted(set(got) - set(weights))
+    assert grown and all(key.startswith("text_refiner/") for key in grown)
+    lr = config.optim.lr
+    assert float(np.abs(got["text_refiner/attn/0/q/kernel"]).std()) > 10 * lr
+    assert float(np.abs(got["text_refiner/ff_out/0/kernel"]).max()) <= 1.5 * lr
+    assert max(float(np.abs(got[k] - weights[k]).max()) for k in weights) <= 1.5 * lr

@@ -115,10 +115,13 @@ def preprocess_record(
     """A source record -> a training example of one stage.
 
     Returns {"image": uint8 [R, R, 3], "caption": str, "key": str} and, for a
-    super-resolution stage, "low_res": uint8 [r, r, 3] downsampled from that "image".
+    super-resolution stage, "low_res": uint8 [r, r, 3] downsampled from that "image"; a
+    record's "counterfactual" caption (ShapesSource) is kept.
     """
     image = resize_and_crop(record["image"], resolution=resolution, rng=rng)
     example = {"image": image, "caption": record["caption"], "key": record["key"]}
+    if "counterfactual" in record:
+        example["counterfactual"] = record["counterfactual"]
     if low_resolution is not None:
         example["low_res"] = downsample(image, resolution=low_resolution, method=low_res_method)
     return example

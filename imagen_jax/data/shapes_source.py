@@ -1,5 +1,6 @@
 """The shapes domain as a data source: record i is a scene drawn from a generator seeded by
-(seed, i), rendered at the stage's resolution, with its caption."""
+(seed, i), rendered at the stage's resolution, with its caption (and, on request, the
+caption of what the scene is not: `imagen_jax.shapes.tasks.counterfactual`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 
 from imagen_jax.shapes import SPLITS, TASKS
 from imagen_jax.shapes.render import render
-from imagen_jax.shapes.tasks import check_task_weights, sample_scene
+from imagen_jax.shapes.tasks import check_task_weights, sample_example
 
 
 class ShapesSource:
@@ -21,6 +22,9 @@ class ShapesSource:
     resolution: the render resolution. Render at the stage's resolution: the pipeline's
       resize is then the identity, and a super-resolution stage's low-res input is made from
       this render like any other image.
+    counterfactuals: records also hold "counterfactual": the caption with the relation
+      inverted or the two colours exchanged, worded alike ("" where there is none). The
+      scenes and captions are the same either way.
     """
 
     def __init__(
@@ -32,6 +36,7 @@ class ShapesSource:
         task: str | None = None,
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
+        counterfactuals: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
@@ -49,6 +54,7 @@ class ShapesSource:
             seed,
         )
         self.task_weights = None if task_weights is None else dict(task_weights)
+        self.counterfactuals = bool(counterfactuals)
 
     def __len__(self) -> int:
         return self.size
@@ -57,18 +63,25 @@ class ShapesSource:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} records")
         rng = np.random.default_rng([self.seed, int(index)])
-        scene, caption = sample_scene(
-            rng, task=self.task, split=self.split, task_weights=self.task_weights
+        example = sample_example(
+            rng,
+            task=self.task,
+            split=self.split,
+            task_weights=self.task_weights,
+            with_counterfactual=self.counterfactuals,
         )
-        return {
-            "image": render(scene, self.resolution),
-            "caption": caption,
+        record = {
+            "image": render(example.scene, self.resolution),
+            "caption": example.caption,
             "key": f"shapes-{self.split}-{self.seed}-{index}",
         }
+        if self.counterfactuals:
+            record["counterfactual"] = example.counterfactual or ""
+        return record
 
     def __repr__(self) -> str:
         return (
             f"ShapesSource(size={self.size}, resolution={self.resolution}, "
             f"split={self.split!r}, task={self.task!r}, seed={self.seed}, "
-            f"task_weights={self.task_weights})"
+            f"task_weights={self.task_weights}, counterfactuals={self.counterfactuals})"
         )

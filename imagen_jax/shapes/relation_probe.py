@@ -23,7 +23,6 @@ ignored). Everything is seeded: the same stage gives the same table.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 import jax
@@ -37,25 +36,11 @@ from imagen_jax.diffusion import parameterization as param_lib
 from imagen_jax.pipelines import stages
 from imagen_jax.shapes import grammar, tasks
 from imagen_jax.shapes.render import render
-from imagen_jax.shapes.spec import INVERSE_RELATION, PromptSpec
 from imagen_jax.training.step import model_fn, to_float_image
 from imagen_jax.training.text import encode_captions, make_text_encoder
 
 TIMES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 TASKS = ("position", "color_attr")
-
-
-def counterfactual(spec: PromptSpec) -> PromptSpec:
-    """The spec with its relation inverted (position) or its two colours exchanged."""
-    if spec.relation is not None:
-        return dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation])
-    a, b = spec.objects
-    if a.color is None or b.color is None or a.color == b.color:
-        raise ValueError(f"no colours to exchange in {spec}")
-    return dataclasses.replace(
-        spec,
-        objects=(dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)),
-    )
 
 
 def probe_scenes(n: int, seed: int, split: str, resolution: int, task: str = "position"):
@@ -69,7 +54,7 @@ def probe_scenes(n: int, seed: int, split: str, resolution: int, task: str = "po
         images.append(render(example.scene, resolution))
         true.append(grammar.caption(example.spec, np.random.default_rng([seed, i, 1])))
         other.append(
-            grammar.caption(counterfactual(example.spec), np.random.default_rng([seed, i, 1]))
+            grammar.caption(tasks.counterfactual(example.spec), np.random.default_rng([seed, i, 1]))
         )
     return np.stack(images), true, other
 

@@ -25,6 +25,7 @@ in (never a global RNG), so a seed fixes the example.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -32,6 +33,7 @@ import numpy as np
 from imagen_jax.shapes import geometry, grammar, splits
 from imagen_jax.shapes.spec import (
     BACKGROUNDS,
+    INVERSE_RELATION,
     RELATIONS,
     SHAPES,
     SIZE_RANGES,
@@ -58,11 +60,31 @@ _SCENE_TRIES = 20
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """A scene, the constraints its caption states (with the task), and the caption."""
+    """A scene, the constraints its caption states (with the task), and the caption; with
+    `sample_example(counterfactual=True)`, also the caption of `counterfactual(spec)` in
+    the same wording (None where the spec has no relation or two colours to exchange)."""
 
     scene: Scene
     spec: PromptSpec
     caption: str
+    counterfactual: str | None = None
+
+
+def counterfactual(spec: PromptSpec) -> PromptSpec | None:
+    """What the scene is not, told apart only by what the position and colour-attribution
+    tasks score: the spec with its relation inverted ("left of" for "right of"), or with
+    its two objects' colours exchanged; None if it has neither."""
+    if spec.relation is not None:
+        return dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation])
+    if len(spec.objects) != 2:
+        return None
+    a, b = spec.objects
+    if a.color is None or b.color is None or a.color == b.color:
+        return None
+    return dataclasses.replace(
+        spec,
+        objects=(dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)),
+    )
 
 
 def _pick(rng: np.random.Generator, options):
@@ -306,11 +328,13 @@ def sample_example(
     split: str = "train",
     rich: bool | None = None,
     task_weights: dict[str, float] | None = None,
+    with_counterfactual: bool = False,
 ) -> Example:
     """A scene, its spec (with task) and caption. task None: one of the six, uniformly, or
     with probabilities proportional to `task_weights` (task -> weight; missing tasks 0).
     rich (default: split == 'train'): training captions that also name sizes and the
-    background now and then (see module docstring)."""
+    background now and then (see module docstring). with_counterfactual: also word
+    `counterfactual(spec)` as the caption was worded (`Example.counterfactual`)."""
     splits.check_split(split)
     if task_weights is not None:
         check_task_weights(task_weights)
@@ -321,7 +345,17 @@ def sample_example(
         scene = scene_for(rng, spec, split)
         if scene is not None:
             spec = _enrich(rng, spec, scene) if rich else spec
-            return Example(scene, spec, grammar.caption(spec, rng))
+            wording = copy.deepcopy(rng) if with_counterfactual else None  # worded alike
+            text = grammar.caption(spec, rng)
+            other = _counterfactual_caption(spec, wording) if wording is not None else None
+            return Example(scene, spec, text, other)
+
+
+def _counterfactual_caption(spec: PromptSpec, wording: np.random.Generator) -> str | None:
+    other = counterfactual(spec)
+    if other is None:
+        return None
+    return grammar.caption(other, wording)
 
 
 def sample_scene(

@@ -262,6 +262,17 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 huber_c=0.001,
             )
         ),
+        # A second loss on scenes that have a counterfactual caption (shapes source: the
+        # relation inverted, or two colours exchanged; `training/step.py`): the same noised
+        # image is denoised with both captions and softplus(beta * (L_true - L_counter) /
+        # their mean) is added with this weight. 0 = off.
+        counterfactual=ml_collections.ConfigDict(
+            dict(
+                weight=0.0,
+                beta=5.0,
+                min_time=0.4,  # its unit times ~ U(min_time, 1): where the layout is decided
+            )
+        ),
         sharding_rules=((".*", "fsdp"),),  # (regex, spec | "fsdp"); see parallel.py
         fsdp_min_size=2**18,  # parameters smaller than this stay replicated under "fsdp"
         progress=True,  # a tqdm bar on process 0's console

@@ -87,8 +87,14 @@ class SyntheticSource:
         return f"SyntheticSource(size={self.size}, resolution={self.resolution}, seed={self.seed})"
 
 
-def make_source(cfg: ml_collections.ConfigDict):
-    """The source of a `data` config group."""
+def make_source(cfg: ml_collections.ConfigDict, *, counterfactuals: bool = False):
+    """The source of a `data` config group; `counterfactuals`: records also carry a
+    "counterfactual" caption (the shapes source only)."""
+    if counterfactuals and cfg.source != "shapes":
+        raise ValueError(
+            f"train.counterfactual.weight > 0 needs counterfactual captions, which only "
+            f"data.source='shapes' writes; this is {cfg.source!r}"
+        )
     if cfg.source == "synthetic":
         return SyntheticSource(cfg.size, cfg.resolution, cfg.seed)
     if cfg.source in ("folder", "tar") and not cfg.path:
@@ -107,6 +113,7 @@ def make_source(cfg: ml_collections.ConfigDict):
             size=cfg.size,
             seed=cfg.seed,
             task_weights=parse_task_weights(cfg.task_weights),
+            counterfactuals=counterfactuals,
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
@@ -155,8 +162,9 @@ def make_input(
     """This process's DataIterator over the configured source; with `text_cache`, its
     batches also carry their captions' "text" and "text_mask" (`CachedText`)."""
     cfg = config.data
+    counterfactuals = config.train.get("counterfactual", {}).get("weight", 0.0) > 0
     data = data_lib.make_pipeline(
-        make_source(cfg),
+        make_source(cfg, counterfactuals=counterfactuals),
         batch_size=cfg.batch_size // jax.process_count(),
         resolution=cfg.resolution,
         low_resolution=cfg.low_resolution or None,

@@ -24,7 +24,17 @@ What the step does, in order:
    micro-batches sums the gradients, then one optimizer update (so a step is always one
    update, the learning-rate schedule and the EMA count updates, and memory holds one
    micro-batch of activations).
-4. The optax update, then the EMA (`state.ema_decay`).
+4. With `train.counterfactual.weight` w > 0 (base stages of the shapes source), a second
+   term on the scenes whose caption has a counterfactual (the relation inverted, or the
+   two colours exchanged): one noised image per scene at unit time ~ U(min_time, 1) is
+   denoised with the true and with the counterfactual caption, and
+   w * softplus(beta * (L_true - L_counter) / stop_gradient((L_true + L_counter) / 2)) is
+   added (`counterfactual_loss`). The two losses share the image, the time and the noise,
+   so everything in their gradients that does not depend on the caption's difference
+   cancels: what is left is how much the network uses the words that differ. metrics add
+   `counterfactual_loss` and `counterfactual_true_lower` (the fraction of those scenes
+   whose true caption has the lower loss; 0.5 = the words are ignored).
+5. The optax update, then the EMA (`state.ema_decay`).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from flax import nnx
 from imagen_jax import diffusion, parallel
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses, schedules
+from imagen_jax.diffusion import parameterization as param_lib
 from imagen_jax.training import state as state_lib
 
 
@@ -103,12 +114,54 @@ def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, sched
     return cond
 
 
+# The batch entries the counterfactual term reads (the trainer's device_batch writes them).
+COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
+
+
+def counterfactual_loss(denoise, x0, batch, key, *, schedule, prediction, beta, min_time):
+    """(loss, metrics) of the counterfactual term (module docstring, 4.) over the rows of
+    `batch["has_counterfactual"]`; 0 when there are none."""
+    b = x0.shape[0]
+    key_t, key_eps = jax.random.split(key)
+    u = jax.random.uniform(key_t, (b,), minval=min_time, maxval=1.0)
+    t, alpha_t, sigma_t = losses.time_from_unit(u, schedule=schedule)
+    eps = jax.random.normal(key_eps, x0.shape, jnp.float32)
+    z_t = losses.add_noise(x0=x0, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)
+    twice = lambda a, c: jnp.concatenate([a, c], axis=0)  # noqa: E731
+    cond = {
+        "text": twice(batch["text"], batch["counter_text"]),
+        "text_mask": twice(batch["text_mask"], batch["counter_mask"]).astype(bool),
+        "drop_text": jnp.zeros((2 * b,), bool),
+    }
+    out = denoise(twice(z_t, z_t), twice(t, t), cond)
+    shape = (b,) + (1,) * (x0.ndim - 1)
+    target = param_lib.target(
+        prediction, x0=x0, eps=eps, alpha_t=alpha_t.reshape(shape), sigma_t=sigma_t.reshape(shape)
+    )
+    per_example = losses.per_example_loss("l2", pred=out, target=twice(target, target))
+    true, other = per_example[:b], per_example[b:]
+    margin = (true - other) / jax.lax.stop_gradient((true + other) / 2 + 1e-12)
+    w = batch["has_counterfactual"].astype(jnp.float32)
+    n = jnp.maximum(w.sum(), 1.0)
+    loss = jnp.sum(w * jax.nn.softplus(beta * margin)) / n
+    true_lower = jnp.sum(w * (true < other)) / n
+    return loss, dict(counterfactual_loss=loss, counterfactual_true_lower=true_lower)
+
+
 def make_loss_fn(config, net: state_lib.Network, schedule):
-    """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch."""
+    """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch; aux is the
+    counterfactual term's metrics when `train.counterfactual.weight` > 0."""
     dcfg = config.diffusion
     loss_kwargs = dict(config.train.loss)
     max_aug = float(config.train.noise_aug.max_level) if net.low_res else None
     use_dropout = net.dropout > 0
+    counter = config.train.get("counterfactual", None)
+    counter_weight = float(counter.weight) if counter is not None else 0.0
+    if counter_weight > 0 and (net.low_res or dcfg.model_space != "vp"):
+        raise ValueError(
+            "train.counterfactual.weight > 0 is for base pixel stages (vp model space); "
+            "this stage is a super-resolution stage or a flow model"
+        )
 
     def loss_fn(params, rest, batch, key):
         key_cond, key_loss, key_dropout = jax.random.split(key, 3)
@@ -122,7 +175,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             max_aug=max_aug,
             schedule=schedule,
         )
-        return diffusion.diffusion_loss(
+        main = diffusion.diffusion_loss(
             model_fn(model, schedule=schedule),
             stage_x0(batch),
             cond,
@@ -133,6 +186,25 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             learned_variance=dcfg.variance == "learned_range",
             **loss_kwargs,
         )
+        if counter_weight == 0:
+            return main
+        missing = [k for k in COUNTERFACTUAL_KEYS if k not in batch]
+        if missing:
+            raise ValueError(
+                f"train.counterfactual.weight > 0 but the batch has no {missing}: it needs "
+                "data.source='shapes' and captions encoded in the loop (not text.cache)"
+            )
+        extra, metrics = counterfactual_loss(
+            model_fn(model, schedule=schedule),
+            stage_x0(batch),
+            batch,
+            jax.random.fold_in(key_loss, 1),
+            schedule=schedule,
+            prediction=dcfg.prediction,
+            beta=float(counter.beta),
+            min_time=float(counter.min_time),
+        )
+        return main[0] + counter_weight * extra, metrics
 
     return loss_fn
 
@@ -181,13 +253,21 @@ def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shard
     ema_decay, param_norm.
     """
     schedule = diffusion_config.make_schedule(config.diffusion)
-    grad_fn = make_grad_fn(make_loss_fn(config, net, schedule), config.optim.accum_steps)
+    counter = config.train.get("counterfactual", None)
+    with_aux = counter is not None and counter.weight > 0  # the counterfactual metrics
+    grad_fn = make_grad_fn(
+        make_loss_fn(config, net, schedule), config.optim.accum_steps, with_aux=with_aux
+    )
     update = make_update(config, tx, lr_schedule)
 
     def train_step(state: state_lib.TrainState, rest, batch):
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        loss, grads = grad_fn(state.params, rest, batch, key)
-        return update(state, loss, grads)
+        if not with_aux:
+            loss, grads = grad_fn(state.params, rest, batch, key)
+            return update(state, loss, grads)
+        loss, aux, grads = grad_fn(state.params, rest, batch, key)
+        state, metrics = update(state, loss, grads)
+        return state, {**metrics, **aux}
 
     return jit_step(train_step, mesh, shardings, rest)
 

@@ -140,11 +140,17 @@ def device_batch(batch, encoder, mesh):
     if encoder is not None and "text" not in batch:
         on_device = jax.process_count() == 1
         text = text_lib.encode_captions(encoder, batch["caption"], to_host=not on_device)
+        if "counterfactual" in batch:  # "" where a scene has none: the has_counterfactual mask
+            other = text_lib.encode_captions(
+                encoder, batch["counterfactual"], to_host=not on_device
+            )
+            text["counter_text"], text["counter_mask"] = other["text"], other["text_mask"]
+            text["has_counterfactual"] = np.asarray([bool(c) for c in batch["counterfactual"]])
         if on_device:
             text = jax.device_put(text, parallel.batch_sharding(mesh))
         else:
             batch, text = dict(batch, **text), {}
-    keys = ("image", "low_res", "text", "text_mask")
+    keys = ("image", "low_res", "text", "text_mask", *step_lib.COUNTERFACTUAL_KEYS)
     return {**parallel.global_batch({k: batch[k] for k in keys if k in batch}, mesh), **text}
 
 

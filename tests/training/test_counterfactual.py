@@ -1,0 +1,96 @@
+"""The counterfactual loss term (`train.counterfactual`): its captions state what the scene
+is not, its value rewards a network for the words that differ, and the trainer runs it."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import stage_config
+
+from imagen_jax.data import ShapesSource
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.shapes import parse_prompt, score
+from imagen_jax.shapes.tasks import counterfactual
+from imagen_jax.training import step as step_lib
+from imagen_jax.training import train_and_evaluate
+
+
+def test_source_counterfactuals_state_what_the_scene_is_not():
+    plain = ShapesSource(size=400, resolution=64, seed=5)
+    source = ShapesSource(size=400, resolution=64, seed=5, counterfactuals=True)
+    seen = set()
+    for i in range(120):
+        record, same = source[i], plain[i]
+        assert record["caption"] == same["caption"]  # the option changes nothing else
+        np.testing.assert_array_equal(record["image"], same["image"])
+        spec = parse_prompt(record["caption"])
+        expected = counterfactual(spec)
+        if expected is None:
+            assert record["counterfactual"] == ""
+            continue
+        other = parse_prompt(record["counterfactual"])
+        assert (other.objects, other.relation) == (expected.objects, expected.relation)
+        if spec.relation is None and any(o.color is None for o in spec.objects):
+            continue
+        task = "position" if spec.relation else "color_attr"
+        seen.add(task)
+        spec, other = (dataclasses.replace(s, task=task) for s in (spec, other))
+        assert score(record["image"], spec).passed, record["caption"]
+        assert not score(record["image"], other).passed, record["counterfactual"]
+    assert seen == {"position", "color_attr"}
+
+
+def _batch(has):
+    b, length, dim = len(has), 4, 3
+    text = jnp.ones((b, length, dim))
+    return {
+        "text": text,
+        "text_mask": jnp.ones((b, length), bool),
+        "counter_text": -text,
+        "counter_mask": jnp.ones((b, length), bool),
+        "has_counterfactual": jnp.asarray(has),
+    }
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_counterfactual_loss_rewards_reading_the_caption(prediction):
+    schedule = diffusion_config.make_schedule(
+        diffusion_config.diffusion_config(schedule="cosine", prediction=prediction)
+    )
+    x0 = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
+    kwargs = dict(schedule=schedule, prediction=prediction, beta=5.0, min_time=0.4)
+    key = jax.random.key(1)
+
+    def blind(z, t, cond):  # the same output whatever the caption
+        return 0.3 * z
+
+    loss, m = step_lib.counterfactual_loss(blind, x0, _batch([True] * 4), key, **kwargs)
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # softplus(0)
+    assert float(m["counterfactual_true_lower"]) == 0.0
+
+    def reader(z, t, cond):  # exact-ish with the true caption, far off with the other
+        sign = cond["text"][:, 0, 0][:, None, None, None]
+        return jnp.where(sign > 0, 0.0, 5.0) + 0.0 * z
+
+    loss, m = step_lib.counterfactual_loss(
+        reader, x0, _batch([True, True, False, True]), key, **kwargs
+    )
+    assert float(loss) < 0.01 and float(m["counterfactual_true_lower"]) == 1.0
+    loss, _ = step_lib.counterfactual_loss(reader, x0, _batch([False] * 4), key, **kwargs)
+    assert float(loss) == 0.0  # no scene has a counterfactual
+
+
+def test_trainer_runs_the_counterfactual_term(tmp_path):
+    config = stage_config(steps=2, log_every=1, checkpoint_every=2, sample_every=0)
+    config.data.source, config.data.size = "shapes", 64
+    config.data.task_weights = "position:1,color_attr:1"
+    config.train.counterfactual.weight = 0.5
+    _, metrics = train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(metrics["counterfactual_loss"]) and metrics["counterfactual_loss"] > 0
+    assert 0.0 <= metrics["counterfactual_true_lower"] <= 1.0
+
+    config.data.source = "synthetic"
+    with pytest.raises(ValueError, match="only data.source='shapes'"):
+        train_and_evaluate(config, str(tmp_path / "synthetic"))

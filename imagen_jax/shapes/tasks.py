@@ -61,7 +61,7 @@ _SCENE_TRIES = 20
 @dataclasses.dataclass(frozen=True)
 class Example:
     """A scene, the constraints its caption states (with the task), and the caption; with
-    `sample_example(counterfactual=True)`, also the caption of `counterfactual(spec)` in
+    `sample_example(with_counterfactual=True)`, also the caption of `counterfactual(spec)` in
     the same wording (None where the spec has no relation or two colours to exchange)."""
 
     scene: Scene

@@ -280,6 +280,12 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "train")
 
 
+def counterfactual_weight(config: ml_collections.ConfigDict) -> float:
+    """`train.counterfactual.weight` (0 where a config has no such group: the term is off)."""
+    group = config.train.get("counterfactual", None)
+    return float(group.weight) if group is not None else 0.0
+
+
 def evals_config(**overrides) -> ml_collections.ConfigDict:
     """Periodic evaluation of a base stage (`training/evaluation.py`): every `every` steps
     (0 = never) sample the prompts from the EMA weights through the sampling pipeline and

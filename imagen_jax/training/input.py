@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import data as data_lib
+from imagen_jax.training import config as config_lib
 
 if TYPE_CHECKING:
     from imagen_jax.text.cache import EmbeddingCache
@@ -162,9 +163,8 @@ def make_input(
     """This process's DataIterator over the configured source; with `text_cache`, its
     batches also carry their captions' "text" and "text_mask" (`CachedText`)."""
     cfg = config.data
-    counterfactuals = config.train.get("counterfactual", {}).get("weight", 0.0) > 0
     data = data_lib.make_pipeline(
-        make_source(cfg, counterfactuals=counterfactuals),
+        make_source(cfg, counterfactuals=config_lib.counterfactual_weight(config) > 0),
         batch_size=cfg.batch_size // jax.process_count(),
         resolution=cfg.resolution,
         low_resolution=cfg.low_resolution or None,

@@ -48,6 +48,7 @@ from imagen_jax import diffusion, parallel
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses, schedules
 from imagen_jax.diffusion import parameterization as param_lib
+from imagen_jax.training import config as config_lib
 from imagen_jax.training import state as state_lib
 
 
@@ -155,8 +156,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
     loss_kwargs = dict(config.train.loss)
     max_aug = float(config.train.noise_aug.max_level) if net.low_res else None
     use_dropout = net.dropout > 0
-    counter = config.train.get("counterfactual", None)
-    counter_weight = float(counter.weight) if counter is not None else 0.0
+    counter_weight = config_lib.counterfactual_weight(config)
     if counter_weight > 0 and (net.low_res or dcfg.model_space != "vp"):
         raise ValueError(
             "train.counterfactual.weight > 0 is for base pixel stages (vp model space); "
@@ -201,8 +201,8 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             jax.random.fold_in(key_loss, 1),
             schedule=schedule,
             prediction=dcfg.prediction,
-            beta=float(counter.beta),
-            min_time=float(counter.min_time),
+            beta=float(config.train.counterfactual.beta),
+            min_time=float(config.train.counterfactual.min_time),
         )
         return main[0] + counter_weight * extra, metrics
 
@@ -253,8 +253,7 @@ def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shard
     ema_decay, param_norm.
     """
     schedule = diffusion_config.make_schedule(config.diffusion)
-    counter = config.train.get("counterfactual", None)
-    with_aux = counter is not None and counter.weight > 0  # the counterfactual metrics
+    with_aux = config_lib.counterfactual_weight(config) > 0  # the counterfactual metrics
     grad_fn = make_grad_fn(
         make_loss_fn(config, net, schedule), config.optim.accum_steps, with_aux=with_aux
     )

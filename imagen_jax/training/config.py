@@ -271,6 +271,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 weight=0.0,
                 beta=5.0,
                 min_time=0.4,  # its unit times ~ U(min_time, 1): where the layout is decided
+                # > 0: the term sees at most this many rows of each (micro-)batch, those with
+                # a counterfactual first (it costs two extra passes over the rows it sees).
+                rows=0,
             )
         ),
         sharding_rules=((".*", "fsdp"),),  # (regex, spec | "fsdp"); see parallel.py

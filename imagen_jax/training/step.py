@@ -119,10 +119,18 @@ def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, sched
 COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
 
 
-def counterfactual_loss(denoise, x0, batch, key, *, schedule, prediction, beta, min_time):
+def counterfactual_loss(
+    denoise, x0, batch, key, *, schedule, prediction, beta, min_time, rows=0
+):
     """(loss, metrics) of the counterfactual term (module docstring, 4.) over the rows of
-    `batch["has_counterfactual"]`; 0 when there are none."""
+    `batch["has_counterfactual"]`; 0 when there are none. rows > 0: only the first `rows`
+    rows that have a counterfactual (in batch order) are denoised, the rest skipped."""
     b = x0.shape[0]
+    if 0 < rows < b:
+        keys = ("text", "text_mask", *COUNTERFACTUAL_KEYS)
+        # Rows with a counterfactual first, in batch order (a stable sort on "has none").
+        take = jnp.argsort(~batch["has_counterfactual"].astype(bool), stable=True)[:rows]
+        x0, batch, b = x0[take], {k: batch[k][take] for k in keys}, rows
     key_t, key_eps = jax.random.split(key)
     u = jax.random.uniform(key_t, (b,), minval=min_time, maxval=1.0)
     t, alpha_t, sigma_t = losses.time_from_unit(u, schedule=schedule)
@@ -203,6 +211,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             prediction=dcfg.prediction,
             beta=float(config.train.counterfactual.beta),
             min_time=float(config.train.counterfactual.min_time),
+            rows=int(config.train.counterfactual.get("rows", 0)),
         )
         return main[0] + counter_weight * extra, metrics
 

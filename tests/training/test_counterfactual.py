@@ -82,11 +82,35 @@ def test_counterfactual_loss_rewards_reading_the_caption(prediction):
     assert float(loss) == 0.0  # no scene has a counterfactual
 
 
+def test_counterfactual_rows_denoises_only_rows_that_have_one():
+    schedule = diffusion_config.make_schedule(diffusion_config.diffusion_config())
+    x0 = jnp.arange(5.0)[:, None, None, None] * jnp.ones((5, 4, 4, 3))
+    batch = _batch([False, True, False, True, True])
+    batch["text"] = batch["text"] * jnp.arange(1.0, 6.0)[:, None, None]  # row i reads i + 1
+    batch["counter_text"] = -batch["text"]
+    seen = []
+
+    def recorder(z, t, cond):
+        seen.append(np.asarray(cond["text"][:, 0, 0]))
+        return 0.0 * z
+
+    kwargs = dict(schedule=schedule, prediction="v", beta=5.0, min_time=0.4)
+    loss, m = step_lib.counterfactual_loss(
+        recorder, x0, batch, jax.random.key(0), rows=2, **kwargs
+    )
+    np.testing.assert_array_equal(seen[-1], [2.0, 4.0, -2.0, -4.0])  # rows 1 and 3, twice
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # caption-blind: softplus(0)
+    step_lib.counterfactual_loss(recorder, x0, batch, jax.random.key(0), rows=4, **kwargs)
+    # Three rows have one; the fourth row taken (row 0) has none and weighs nothing.
+    np.testing.assert_array_equal(seen[-1][:4], [2.0, 4.0, 5.0, 1.0])
+
+
 def test_trainer_runs_the_counterfactual_term(tmp_path):
     config = stage_config(steps=2, log_every=1, checkpoint_every=2, sample_every=0)
     config.data.source, config.data.size = "shapes", 64
     config.data.task_weights = "position:1,color_attr:1"
     config.train.counterfactual.weight = 0.5
+    config.train.counterfactual.rows = 4
     _, metrics = train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(metrics["counterfactual_loss"]) and metrics["counterfactual_loss"] > 0
     assert 0.0 <= metrics["counterfactual_true_lower"] <= 1.0

@@ -6,6 +6,7 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
     python train.py --config=configs/shapes_base.py:res=32,batch=64,steps=50000 --workdir=...
     python train.py --config=configs/shapes_base.py:pos_emb --workdir=...  # 2-D positions
     python train.py --config=configs/shapes_base.py:text_refiner=2 --workdir=...  # token refiner
+    python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=...  # layout head
 """
 
 from configs import common
@@ -47,7 +48,15 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
 
 def get_config(arg=None):
     arg = parse_arg(
-        arg, runlocal=False, res=32, batch=32, steps=100_000, fsdp=1, pos_emb=False, text_refiner=0
+        arg,
+        runlocal=False,
+        res=32,
+        batch=32,
+        steps=100_000,
+        fsdp=1,
+        pos_emb=False,
+        text_refiner=0,
+        layout_grid=0,
     )
     config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     config.model = training.model_config(
@@ -56,6 +65,7 @@ def get_config(arg=None):
         text_dim=384,
         pos_emb=arg.pos_emb,
         text_refiner=arg.text_refiner,
+        layout_grid=arg.layout_grid,
     )
     config.diffusion.resolution = arg.res
     if arg.runlocal:

@@ -58,6 +58,11 @@ class UNetConfig:
     # Trainable transformer layers over the frozen text tokens (layers.TextRefiner), after
     # `text_proj`; each starts as the identity, so a stage grows them with its function kept.
     text_refiner: int = 0
+    # > 0: a layout head (layers.LayoutHead) predicts the image pooled to this grid from the
+    # text, and its prediction (gradient stopped) enters next to the input through a
+    # zero-initialised convolution; the head is fitted by its own regression loss
+    # (`train.layout_weight`; `python -m imagen_jax.training.layout_fit`).
+    layout_grid: int = 0
 
     def blocks(self, level: int) -> int:
         n = self.num_res_blocks
@@ -205,6 +210,17 @@ class ImagenUNet(nnx.Module):
         )
         in_ch = cfg.in_channels * (2 if cfg.low_res else 1)
         self.conv_in = Conv(in_ch, ch, (3, 3), rngs=rngs, **kw)
+        grid = cfg.layout_grid
+        self.layout = (
+            layers.LayoutHead(cfg.text_dim, grid, cfg.in_channels, rngs=rngs, **kw)
+            if grid
+            else None
+        )
+        self.layout_in = (
+            Conv(cfg.in_channels, ch, (3, 3), kernel_init=layers.zeros_init, rngs=rngs, **kw)
+            if grid
+            else None
+        )
 
         widths = [ch * m for m in cfg.channel_mult]
         self.down, self.downsample = nnx.List(), nnx.List()
@@ -313,11 +329,23 @@ class ImagenUNet(nnx.Module):
         low = jax.image.resize(cond["low_res"].astype(z_t.dtype), (b, h, w, c), "bilinear")
         return jnp.concatenate([z_t, low], axis=-1)
 
+    def _layout_hint(self, z_t, cond):
+        """The layout head's prediction from the frozen text (zero where the text is
+        dropped), gradient stopped, upsampled to the image, through `layout_in`."""
+        pred = jax.lax.stop_gradient(self.layout(cond["text"], cond["text_mask"].astype(bool)))
+        if "drop_text" in cond:
+            pred = jnp.where(cond["drop_text"].astype(bool)[:, None, None, None], 0.0, pred)
+        b, h, w, _ = z_t.shape
+        pred = jax.image.resize(pred.astype(z_t.dtype), (b, h, w, pred.shape[-1]), "bilinear")
+        return self.layout_in(pred)
+
     def __call__(self, z_t, t, cond):
         cfg = self.cfg
         text, mask = self._text(cond)
         emb = self._embedding(t, cond, text, mask)
         h = self.conv_in(self._input(z_t, cond))  # [B, H, W, C]
+        if self.layout is not None:
+            h = h + self._layout_hint(z_t, cond)
         skips = [h]
         for level, down in zip(self.down, self.downsample, strict=True):
             if down is not None:

@@ -276,6 +276,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 rows=0,
             )
         ),
+        # A layout head (model.layout_grid > 0) is fitted by regression on the pooled image
+        # with this weight (training/step.py, 5.).
+        layout_weight=1.0,
         sharding_rules=((".*", "fsdp"),),  # (regex, spec | "fsdp"); see parallel.py
         fsdp_min_size=2**18,  # parameters smaller than this stay replicated under "fsdp"
         progress=True,  # a tqdm bar on process 0's console

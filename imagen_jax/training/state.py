@@ -348,13 +348,16 @@ def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = N
 # output projection at zero), so the grown network computes the stage's function.
 #   pos           model.pos_emb: .../pos/{kernel,bias} in the attention blocks
 #   text_refiner  model.text_refiner: the token refiner's layers
-GROWN_MODULES = ("pos", "text_refiner")
+#   layout        model.layout_grid: the layout head and the convolution that reads it
+GROWN_MODULES = ("pos", "text_refiner", "layout")
 
 
 def _grown_module(key: str) -> str | None:
     parts = key.split("/")
     if parts[0] == "text_refiner":
         return "text_refiner"
+    if parts[0] in ("layout", "layout_in"):
+        return "layout"
     if parts[-2:-1] == ["pos"]:
         return "pos"
     return None

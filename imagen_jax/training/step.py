@@ -34,7 +34,12 @@ What the step does, in order:
    cancels: what is left is how much the network uses the words that differ. metrics add
    `counterfactual_loss` and `counterfactual_true_lower` (the fraction of those scenes
    whose true caption has the lower loss; 0.5 = the words are ignored).
-5. The optax update, then the EMA (`state.ema_decay`).
+5. A network with a layout head (`model.layout_grid` > 0: `layers.LayoutHead`) adds
+   `train.layout_weight` times the head's regression loss (`layout_loss`): its prediction
+   from the caption against the image average-pooled to the grid, minus the image's mean
+   (metric `layout_loss`). The UNet sees the prediction with the gradient stopped, so this
+   term alone trains the head, and the denoising loss alone the rest.
+6. The optax update, then the EMA (`state.ema_decay`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ from imagen_jax import diffusion, parallel
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses, schedules
 from imagen_jax.diffusion import parameterization as param_lib
+from imagen_jax.models import layers
 from imagen_jax.training import config as config_lib
 from imagen_jax.training import state as state_lib
 
@@ -119,9 +125,7 @@ def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, sched
 COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
 
 
-def counterfactual_loss(
-    denoise, x0, batch, key, *, schedule, prediction, beta, min_time, rows=0
-):
+def counterfactual_loss(denoise, x0, batch, key, *, schedule, prediction, beta, min_time, rows=0):
     """(loss, metrics) of the counterfactual term (module docstring, 4.) over the rows of
     `batch["has_counterfactual"]`; 0 when there are none. rows > 0: only the first `rows`
     rows that have a counterfactual (in batch order) are denoised, the rest skipped."""
@@ -157,10 +161,31 @@ def counterfactual_loss(
     return loss, dict(counterfactual_loss=loss, counterfactual_true_lower=true_lower)
 
 
+def layout_grid(net: state_lib.Network) -> int:
+    """The grid of the network's layout head (`imagen_unet.UNetConfig.layout_grid`); 0: none."""
+    return net.cfg.layout_grid if net.family == "imagen" else 0
+
+
+def has_extra_terms(config, net: state_lib.Network) -> bool:
+    """Whether the loss adds terms beyond the denoising loss (their metrics are logged)."""
+    return config_lib.counterfactual_weight(config) > 0 or layout_grid(net) > 0
+
+
+def layout_loss(model, batch):
+    """The layout head's regression loss (module docstring, 5.): the mean squared error of
+    its prediction from the caption against the image pooled to its grid."""
+    pred = model.layout(batch["text"], batch["text_mask"].astype(bool)).astype(jnp.float32)
+    target = layers.layout_target(stage_x0(batch).astype(jnp.float32), pred.shape[1])
+    return jnp.mean(jnp.square(pred - target))
+
+
 def make_loss_fn(config, net: state_lib.Network, schedule):
-    """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch; aux is the
-    counterfactual term's metrics when `train.counterfactual.weight` > 0."""
+    """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch; aux holds the
+    metrics of the extra terms (`has_extra_terms`): the counterfactual term's when
+    `train.counterfactual.weight` > 0, `layout_loss` with a layout head."""
     dcfg = config.diffusion
+    grid = layout_grid(net)
+    layout_weight = float(config.train.get("layout_weight", 1.0))
     loss_kwargs = dict(config.train.loss)
     max_aug = float(config.train.noise_aug.max_level) if net.low_res else None
     use_dropout = net.dropout > 0
@@ -194,15 +219,21 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             learned_variance=dcfg.variance == "learned_range",
             **loss_kwargs,
         )
-        if counter_weight == 0:
+        if not (counter_weight > 0 or grid):
             return main
+        total, metrics = main[0], {}
+        if grid:
+            metrics["layout_loss"] = layout_loss(model, batch)
+            total = total + layout_weight * metrics["layout_loss"]
+        if counter_weight == 0:
+            return total, metrics
         missing = [k for k in COUNTERFACTUAL_KEYS if k not in batch]
         if missing:
             raise ValueError(
                 f"train.counterfactual.weight > 0 but the batch has no {missing}: it needs "
                 "data.source='shapes' and captions encoded in the loop (not text.cache)"
             )
-        extra, metrics = counterfactual_loss(
+        extra, counter_metrics = counterfactual_loss(
             model_fn(model, schedule=schedule),
             stage_x0(batch),
             batch,
@@ -213,7 +244,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             min_time=float(config.train.counterfactual.min_time),
             rows=int(config.train.counterfactual.get("rows", 0)),
         )
-        return main[0] + counter_weight * extra, metrics
+        return total + counter_weight * extra, {**metrics, **counter_metrics}
 
     return loss_fn
 
@@ -262,7 +293,7 @@ def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shard
     ema_decay, param_norm.
     """
     schedule = diffusion_config.make_schedule(config.diffusion)
-    with_aux = config_lib.counterfactual_weight(config) > 0  # the counterfactual metrics
+    with_aux = has_extra_terms(config, net)  # their metrics
     grad_fn = make_grad_fn(
         make_loss_fn(config, net, schedule), config.optim.accum_steps, with_aux=with_aux
     )

@@ -1,0 +1,163 @@
+"""Fit the layout head of a stage (`model.layout_grid`) on its data, the UNet frozen.
+
+    python -m imagen_jax.training.layout_fit \
+        --config=configs/shapes_base.py:layout_grid=4 --stage=checkpoints/shapes/base \
+        --outdir=runs/base_layout [--examples=40000] [--steps=3000] [--batch=128]
+
+The head (`imagen_jax.models.layers.LayoutHead`) reads the frozen text tokens and predicts
+the image pooled to a grid; it learns from the caption alone, so it trains on encoded
+captions and pooled images without running the UNet, at thousands of examples a second
+where a train step of the whole network manages tens. It is what makes a head worth
+fitting: its regression learns which object goes where after a phase of a thousand or so
+steps at chance, which the train loop, at the UNet's pace, would take hours to reach.
+
+The stage's weights are read as `train.init_from` reads them (the head and the convolution
+that feeds its prediction to the UNet grown when the stage has none: that convolution
+starts at zero, so the written stage samples as the input stage did). The head is fitted
+with AdamW on `examples` records of `config.data` (the last tenth held out), and the stage
+is written to `outdir` with the head in it, ready for `train.init_from`, where the train
+loop goes on fitting the head (`train.layout_weight`) while the UNet learns to read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from imagen_jax.models import layers
+from imagen_jax.pipelines import stages
+from imagen_jax.training import input as input_lib
+from imagen_jax.training import state as state_lib
+from imagen_jax.training.text import encode_captions, make_text_encoder
+
+
+def layout_examples(config: ml_collections.ConfigDict, count: int, *, chunk: int = 512):
+    """(text [N, L, D], mask [N, L], target [N, g, g, C]) of the first `count` records of
+    `config.data`: the captions encoded by `config.text`'s encoder, the images pooled to the
+    layout grid (`layers.layout_target`)."""
+    source = input_lib.make_source(config.data)
+    if count > len(source):
+        raise ValueError(f"--examples={count} but config.data has only {len(source)} records")
+    encoder = make_text_encoder(config.text, batch_size=chunk)
+    grid = config.model.layout_grid
+    texts, masks, targets = [], [], []
+    for start in range(0, count, chunk):
+        records = [source[i] for i in range(start, min(count, start + chunk))]
+        enc = encode_captions(encoder, [r["caption"] for r in records])
+        images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+        texts.append(enc["text"])
+        masks.append(enc["text_mask"])
+        targets.append(np.asarray(layers.layout_target(jnp.asarray(images), grid)))
+        logging.info("layout_fit: %d / %d examples", start + len(records), count)
+    return np.concatenate(texts), np.concatenate(masks), np.concatenate(targets)
+
+
+def fit_layout_head(model, data, *, steps: int, batch: int, lr: float, seed: int = 0, log=None):
+    """Fits `model.layout` in place on data = (text, mask, target), the last tenth held out;
+    returns {"train_mse", "val_mse", "val_mse_before"}. Only the head's parameters move."""
+    text, mask, target = data
+    n_val = max(1, len(text) // 10)
+    n_train = len(text) - n_val
+    if n_train < batch:
+        raise ValueError(f"{n_train} training examples for batch {batch}: raise --examples")
+    head = model.layout
+    opt = nnx.Optimizer(head, optax.adamw(lr, weight_decay=1e-4), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(head, opt, t, m, y):
+        def loss_fn(head):
+            return jnp.mean(jnp.square(head(t, m) - y))
+
+        loss, grads = nnx.value_and_grad(loss_fn)(head)
+        opt.update(head, grads)
+        return loss
+
+    @nnx.jit
+    def mse(head, t, m, y):
+        return jnp.mean(jnp.square(head(t, m) - y))
+
+    def val_mse():
+        sl = slice(n_train, None)
+        return float(mse(head, text[sl], mask[sl], target[sl]))
+
+    before = val_mse()
+    rng = np.random.default_rng(seed)
+    losses = []
+    for s in range(1, steps + 1):
+        i = rng.integers(0, n_train, batch)
+        losses.append(float(step(head, opt, text[i], mask[i], target[i])))
+        if log is not None and (s % max(1, steps // 10) == 0 or s == steps):
+            log(s, float(np.mean(losses[-100:])), val_mse())
+    return dict(train_mse=float(np.mean(losses[-100:])), val_mse=val_mse(), val_mse_before=before)
+
+
+def layout_fit(config, stage: str, outdir: str, *, examples: int, steps: int, batch: int, lr):
+    """Reads `stage`, fits its layout head, writes the stage to `outdir`; returns the fit's
+    numbers (also in the written stage.json's identity)."""
+    if not config.model.get("layout_grid", 0):
+        raise ValueError("model.layout_grid is 0: the config has no layout head to fit")
+    net = state_lib.make_network(config.model)
+    fresh, rest = state_lib.init_params_and_rest(net, jax.random.key(config.train.seed))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, net.abstract_params)
+    params = state_lib.params_from_stage(stage, net, shardings, fresh=fresh)
+    model = net.merge(params, rest)
+    data = layout_examples(config, examples)
+
+    def log(s, train, val):
+        logging.info("layout_fit: step %d, train mse %.5f, held-out mse %.5f", s, train, val)
+
+    result = fit_layout_head(model, data, steps=steps, batch=batch, lr=lr, log=log)
+    result.update(examples=examples, steps=steps, batch=batch, lr=lr)
+    with open(os.path.join(stage, "stage.json")) as f:
+        identity = json.load(f).get("identity", {})
+    _, fitted, _ = nnx.split(model, nnx.Param, ...)
+    stages.save_stage(
+        outdir,
+        unet=net.cfg,
+        params=jax.tree.map(np.asarray, nnx.to_pure_dict(fitted)),
+        diffusion=config.diffusion,
+        sample=config.sample,
+        resolution=config.model.resolution,
+        low_resolution=config.model.low_resolution,
+        text=config.text.to_dict(),
+        identity=dict(stage=stage, stage_identity=identity, layout_fit=result),
+        domain="shapes" if config.data.source == "shapes" else "",
+    )
+    return result
+
+
+def _define_flags() -> None:
+    """The command line's flags (defined only when run as a program, not on import)."""
+    config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:arg]: the stage.")
+    flags.DEFINE_string("stage", None, "The stage directory to start from.")
+    flags.DEFINE_string("outdir", None, "The stage directory to write.")
+    flags.DEFINE_integer("examples", 40000, "Records of config.data to fit on (a tenth held out).")
+    flags.DEFINE_integer("steps", 3000, "AdamW steps.")
+    flags.DEFINE_integer("batch", 128, "Examples a step.")
+    flags.DEFINE_float("lr", 1e-3, "Learning rate.")
+    flags.mark_flags_as_required(["config", "stage", "outdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    f = flags.FLAGS
+    result = layout_fit(
+        f.config, f.stage, f.outdir, examples=f.examples, steps=f.steps, batch=f.batch, lr=f.lr
+    )
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,129 @@
+"""The layout head (`model.layout_grid`): what it predicts, how the UNet reads it, what trains
+it, and the tool that fits it on a stage's data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imagen_jax.models import imagen_unet, layers
+from imagen_jax.training import layout_fit
+from imagen_jax.training import step as step_lib
+
+
+def test_layout_target_is_the_pooled_image_minus_its_mean():
+    x = np.zeros((1, 8, 8, 3), np.float32)
+    x[0, :4, :4, 0] = 1.0  # the top-left quarter red
+    target = np.asarray(layers.layout_target(jnp.asarray(x), 2))
+    expected = np.zeros((1, 2, 2, 3), np.float32)
+    expected[0, :, :, 0] = -0.25
+    expected[0, 0, 0, 0] = 0.75
+    np.testing.assert_allclose(target, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="layout grid 3 does not divide the image size 8 x 8"):
+        layers.layout_target(jnp.asarray(x), 3)
+
+
+def _cond(dim=32, drop=(False, False)):
+    rng = np.random.default_rng(0)
+    return dict(
+        text=jnp.asarray(rng.normal(size=(2, 6, dim)), jnp.float32),
+        text_mask=jnp.asarray(np.arange(6)[None] < np.array([[3], [6]])),
+        drop_text=jnp.asarray(drop),
+    )
+
+
+def _params(model):
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _randomised(model):
+    """The model with every parameter jittered: its zero-initialised output layer no longer
+    hides every path from input to output."""
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return model
+
+
+def test_layout_head_grows_as_the_identity_and_is_read_once_trained():
+    """A stage given a layout head computes the stage's function while `layout_in` is zero;
+    once it is not, the caption's layout changes the output, except where the text is
+    dropped (the unconditional branch gets no layout)."""
+    stage = _randomised(
+        imagen_unet.ImagenUNet(imagen_unet.make_config("runlocal", text_dim=32), rngs=nnx.Rngs(0))
+    )
+    grown = imagen_unet.ImagenUNet(
+        imagen_unet.make_config("runlocal", text_dim=32, layout_grid=4), rngs=nnx.Rngs(1)
+    )
+    params = _params(grown)
+    params.update(_params(stage))
+    nnx.update(grown, params)
+    _randomised(grown.layout)  # a head that predicts something
+    z, t = jax.random.normal(jax.random.key(2), (2, 16, 16, 3)), jnp.array([0.3, 0.9])
+    cond = _cond(drop=(False, True))
+    np.testing.assert_allclose(grown(z, t, cond), stage(z, t, cond), atol=1e-6)
+
+    grown.layout_in.kernel[...] = jax.random.normal(jax.random.key(3), grown.layout_in.kernel.shape)
+    out = np.asarray(grown(z, t, cond))
+    reference = np.asarray(stage(z, t, cond))
+    assert not np.allclose(out[0], reference[0], atol=1e-3)  # row 0 reads its layout
+    np.testing.assert_allclose(out[1], reference[1], atol=1e-6)  # row 1: text dropped
+
+
+def test_layout_loss_trains_only_the_head_and_the_denoiser_never_does():
+    """The UNet sees the head's prediction with the gradient stopped: the denoising loss
+    gives the head no gradient, and the layout loss gives nothing but the head one."""
+    model = _randomised(
+        imagen_unet.ImagenUNet(
+            imagen_unet.make_config("runlocal", text_dim=32, layout_grid=4), rngs=nnx.Rngs(0)
+        )
+    )
+    cond = _cond()
+    batch = dict(image=jnp.full((2, 16, 16, 3), 100, jnp.uint8), **cond)
+    batch["image"] = batch["image"].at[:, :8].set(250)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def grads(loss):
+        return nnx.to_pure_dict(jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)))(params))
+
+    def norms(tree, module):
+        return max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree[module]))
+
+    z, t = jax.random.normal(jax.random.key(1), (2, 16, 16, 3)), jnp.array([0.5, 0.8])
+    denoise = grads(lambda m: jnp.mean(jnp.square(m(z, t, cond))))
+    assert norms(denoise, "layout") == 0.0
+    assert norms(denoise, "layout_in") > 0.0 and norms(denoise, "conv_in") > 0.0
+    layout = grads(lambda m: step_lib.layout_loss(m, batch))
+    assert norms(layout, "layout") > 0.0
+    others = {k: v for k, v in layout.items() if k not in ("layout", "layout_in")}
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(others)) == 0.0
+
+
+def test_fit_layout_head_learns_which_token_goes_where():
+    """Synthetic captions: token 0 is A or B and the image is bright on A's side; the head
+    must learn the side from the token (a caption-blind fit cannot beat the mean)."""
+    rng = np.random.default_rng(0)
+    n, dim = 600, 16
+    a, b = rng.normal(size=dim), rng.normal(size=dim)
+    left = rng.random(n) < 0.5
+    text = rng.normal(size=(n, 4, dim)).astype(np.float32) * 0.3
+    text[:, 0] = np.where(left[:, None], a, b)
+    images = np.zeros((n, 8, 8, 3), np.float32)
+    images[left, :, :4] = 1.0
+    images[~left, :, 4:] = 1.0
+    target = np.asarray(layers.layout_target(jnp.asarray(images), 2))
+    mask = np.ones((n, 4), bool)
+    model = imagen_unet.ImagenUNet(
+        imagen_unet.make_config("runlocal", text_dim=dim, layout_grid=2), rngs=nnx.Rngs(0)
+    )
+    before = _params(model)
+    result = layout_fit.fit_layout_head(model, (text, mask, target), steps=300, batch=64, lr=3e-3)
+    assert result["val_mse"] < 0.1 * float(np.mean(np.square(target)))  # the mean: 0.25
+    assert result["val_mse_before"] > 0.5 * float(np.mean(np.square(target)))
+    after = _params(model)
+    for key in before:  # only the head moved
+        same = jax.tree.map(lambda x, y: bool(jnp.all(x == y)), before[key], after[key])
+        assert all(jax.tree.leaves(same)) == (key != "layout"), key

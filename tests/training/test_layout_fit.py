@@ -1,0 +1,50 @@
+"""`python -m imagen_jax.training.layout_fit`: a stage grows a layout head, fitted on its data,
+keeps sampling what it sampled, and the train loop goes on from it with the head's loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny
+from safetensors.numpy import load_file
+
+from imagen_jax.pipelines import export, stages
+from imagen_jax.training import layout_fit, train_and_evaluate
+
+
+def test_layout_fit_grows_a_stage_that_samples_as_before_and_trains_on(tmp_path):
+    config = tiny(steps=2)
+    train_and_evaluate(config, str(tmp_path / "run"))
+    stage = export.export_stage(
+        config, str(tmp_path / "run"), str(tmp_path / "stage"), storage_dtype="float32"
+    )
+    with pytest.raises(ValueError, match="model.layout_grid is 0"):
+        layout_fit.layout_fit(
+            config, stage, str(tmp_path / "x"), examples=8, steps=1, batch=4, lr=1e-3
+        )
+
+    config.model.layout_grid = 4
+    result = layout_fit.layout_fit(
+        config, stage, str(tmp_path / "fitted"), examples=40, steps=20, batch=8, lr=3e-3
+    )
+    assert result["val_mse"] < result["val_mse_before"]
+    before = load_file(tmp_path / "stage" / "params.safetensors")
+    after = load_file(tmp_path / "fitted" / "params.safetensors")
+    grown = sorted(set(after) - set(before))
+    assert grown and all(k.split("/")[0] in ("layout", "layout_in") for k in grown)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key].astype(after[key].dtype))
+    assert not np.any(after["layout_in/kernel"])  # read by the UNet only once trained
+
+    old, new = stages.load_stage(stage), stages.load_stage(str(tmp_path / "fitted"))
+    z = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+    cond = dict(
+        text=jax.random.normal(jax.random.key(1), (2, 5, old.unet.text_dim)),
+        text_mask=jnp.ones((2, 5), bool),
+    )
+    t = jnp.array([0.4, 0.9])
+    np.testing.assert_allclose(new.model(z, t, cond), old.model(z, t, cond), atol=1e-5)
+
+    config.train.init_from = str(tmp_path / "fitted")
+    _, metrics = train_and_evaluate(config, str(tmp_path / "on"))
+    assert np.isfinite(metrics["layout_loss"]) and metrics["layout_loss"] > 0

@@ -65,6 +65,8 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
             strength=1.0,  # image-to-image: the fraction of the steps run
             denoising_start=0.0,  # SDXL handoff: run only the steps after this fraction
             denoising_end=1.0,  # and stop after this one
+            layout_scale=1.0,  # a UNet with a layout head (model.layout_grid): the gain on
+            #                    the head's prediction that the network reads
         )
     )
     _update(cfg, overrides)

@@ -211,6 +211,7 @@ class ImagenUNet(nnx.Module):
         in_ch = cfg.in_channels * (2 if cfg.low_res else 1)
         self.conv_in = Conv(in_ch, ch, (3, 3), rngs=rngs, **kw)
         grid = cfg.layout_grid
+        self.layout_scale = 1.0  # the gain on the head's prediction (a sampling setting)
         self.layout = (
             layers.LayoutHead(cfg.text_dim, grid, cfg.in_channels, rngs=rngs, **kw)
             if grid
@@ -331,8 +332,10 @@ class ImagenUNet(nnx.Module):
 
     def _layout_hint(self, z_t, cond):
         """The layout head's prediction from the frozen text (zero where the text is
-        dropped), gradient stopped, upsampled to the image, through `layout_in`."""
+        dropped), gradient stopped, times `layout_scale`, upsampled to the image, through
+        `layout_in`."""
         pred = jax.lax.stop_gradient(self.layout(cond["text"], cond["text_mask"].astype(bool)))
+        pred = pred * self.layout_scale
         if "drop_text" in cond:
             pred = jnp.where(cond["drop_text"].astype(bool)[:, None, None, None], 0.0, pred)
         b, h, w, _ = z_t.shape

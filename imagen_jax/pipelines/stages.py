@@ -180,6 +180,10 @@ def load_stage(
     sample = diffusion_config.sample_config(**meta["sample"])
     if sample_overrides:
         sample = diffusion_config.sample_config(**{**sample.to_dict(), **sample_overrides})
+    if sample.layout_scale < 0:
+        raise ValueError(f"{path}: sample.layout_scale={sample.layout_scale} must be >= 0")
+    if unet.layout_grid:
+        model.layout_scale = float(sample.layout_scale)
     if aug_level is not None:
         if not meta["low_resolution"]:
             raise ValueError(f"aug_level={aug_level}: {path} is a base stage (no low-res input)")

@@ -37,14 +37,24 @@ def model_signature(net) -> dict:
     for path, x in jax.tree_util.tree_flatten_with_path(net.abstract_params)[0]:
         shapes[parallel.path_str(path)] = list(x.shape)
     unet = json.loads(json.dumps(dataclasses.asdict(net.cfg)))
-    return {"unet": unet, "param_shapes": shapes}
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(net.cfg)
+        if f.default is not dataclasses.MISSING
+    }
+    return {"unet": unet, "param_shapes": shapes, "defaults": json.loads(json.dumps(defaults))}
 
 
 def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
-    """Human-readable differences between two model signatures (empty if they agree)."""
+    """Human-readable differences between two model signatures (empty if they agree). A
+    field the checkpoint does not record (one added to the config since) agrees when the
+    config leaves it at its default."""
     diffs = []
     saved_unet, unet = saved.get("unet", {}), current["unet"]
+    defaults = current.get("defaults", {})
     for key in sorted(set(saved_unet) | set(unet)):
+        if key not in saved_unet and key in defaults and unet.get(key) == defaults[key]:
+            continue
         if saved_unet.get(key) != unet.get(key):
             diffs.append(f"{key}: checkpoint {saved_unet.get(key)!r}, config {unet.get(key)!r}")
     saved_shapes, shapes = saved.get("param_shapes", {}), current["param_shapes"]

@@ -71,6 +71,8 @@ def test_layout_head_grows_as_the_identity_and_is_read_once_trained():
     reference = np.asarray(stage(z, t, cond))
     assert not np.allclose(out[0], reference[0], atol=1e-3)  # row 0 reads its layout
     np.testing.assert_allclose(out[1], reference[1], atol=1e-6)  # row 1: text dropped
+    grown.layout_scale = 0.0  # the sampling gain (sample.layout_scale): 0 reads no layout
+    np.testing.assert_allclose(grown(z, t, cond), reference, atol=1e-6)
 
 
 def test_layout_loss_trains_only_the_head_and_the_denoiser_never_does():

@@ -15,9 +15,11 @@ from imagen_jax.pipelines import export, stages
 from imagen_jax.training import (
     CheckpointMismatchError,
     NonFiniteLossError,
+    checkpoint,
     train_and_evaluate,
     trainer,
 )
+from imagen_jax.training import state as state_lib
 
 
 class Preempted(Exception):
@@ -207,3 +209,18 @@ def test_init_from_grows_a_fresh_text_refiner(reference, tmp_path):
     assert float(np.abs(got["text_refiner/attn/0/q/kernel"]).std()) > 10 * lr
     assert float(np.abs(got["text_refiner/ff_out/0/kernel"]).max()) <= 1.5 * lr
     assert max(float(np.abs(got[k] - weights[k]).max()) for k in weights) <= 1.5 * lr
+
+
+def test_a_config_field_added_since_the_checkpoint_agrees_at_its_default():
+    """A run checkpointed before a UNet field existed resumes (and exports) while the config
+    leaves the field at its default, and not once it sets it."""
+    net = state_lib.make_network(tiny().model)
+    current = checkpoint.model_signature(net)
+    saved = {**current, "unet": {k: v for k, v in current["unet"].items() if k != "layout_grid"}}
+    assert checkpoint.describe_mismatch(saved, current) == []
+    config = tiny()
+    config.model.layout_grid = 4
+    grown = checkpoint.model_signature(state_lib.make_network(config.model))
+    diffs = checkpoint.describe_mismatch(saved, grown)
+    assert diffs[0] == "layout_grid: checkpoint None, config 4"
+    assert any(d.startswith("parameter layout/") for d in diffs)

@@ -95,9 +95,7 @@ def test_counterfactual_rows_denoises_only_rows_that_have_one():
         return 0.0 * z
 
     kwargs = dict(schedule=schedule, prediction="v", beta=5.0, min_time=0.4)
-    loss, m = step_lib.counterfactual_loss(
-        recorder, x0, batch, jax.random.key(0), rows=2, **kwargs
-    )
+    loss, m = step_lib.counterfactual_loss(recorder, x0, batch, jax.random.key(0), rows=2, **kwargs)
     np.testing.assert_array_equal(seen[-1], [2.0, 4.0, -2.0, -4.0])  # rows 1 and 3, twice
     np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # caption-blind: softplus(0)
     step_lib.counterfactual_loss(recorder, x0, batch, jax.random.key(0), rows=4, **kwargs)

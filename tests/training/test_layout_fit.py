@@ -44,6 +44,11 @@ def test_layout_fit_grows_a_stage_that_samples_as_before_and_trains_on(tmp_path)
     )
     t = jnp.array([0.4, 0.9])
     np.testing.assert_allclose(new.model(z, t, cond), old.model(z, t, cond), atol=1e-5)
+    assert new.model.layout_scale == 1.0
+    gained = stages.load_stage(str(tmp_path / "fitted"), sample_overrides=dict(layout_scale=3.0))
+    assert gained.model.layout_scale == 3.0
+    with pytest.raises(ValueError, match="sample.layout_scale=-1.0 must be >= 0"):
+        stages.load_stage(str(tmp_path / "fitted"), sample_overrides=dict(layout_scale=-1.0))
 
     config.train.init_from = str(tmp_path / "fitted")
     _, metrics = train_and_evaluate(config, str(tmp_path / "on"))

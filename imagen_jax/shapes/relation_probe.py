@@ -18,6 +18,10 @@ still undecided; where the two losses agree, the difference carries nothing the 
 Prints, per unit time t (1 = pure noise), the mean v-prediction loss with each caption, and
 the fraction of scenes whose true caption has the lower loss (0.5 = the difference is
 ignored). Everything is seeded: the same stage gives the same table.
+
+For a stage with a layout head (`model.layout_grid`) and the position task it also prints
+how often the head, from the caption alone, puts the two objects on the right sides
+(`layout_side_accuracy`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import numpy as np
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses
 from imagen_jax.diffusion import parameterization as param_lib
+from imagen_jax.models import layers
 from imagen_jax.pipelines import stages
-from imagen_jax.shapes import grammar, tasks
+from imagen_jax.shapes import grammar, parse_prompt, tasks
 from imagen_jax.shapes.render import render
 from imagen_jax.training.step import model_fn, to_float_image
 from imagen_jax.training.text import encode_captions, make_text_encoder
@@ -103,6 +108,38 @@ def relation_probe(
     return rows
 
 
+def layout_side_accuracy(pred, target, horizontal, *, min_difference=0.05) -> tuple[float, int]:
+    """(fraction, count): of the scenes where the image's two halves along the relation's
+    axis differ (target [N, g, g, C], `layers.layout_target`; horizontal [N] bool: left of /
+    right of), the fraction whose predicted layout pred differs between them the same way
+    (a positive inner product of the two half-differences); a head blind to the caption,
+    whose one layout suits half the scenes, scores about 0.5."""
+
+    def halves(a):
+        g = a.shape[1] // 2
+        across = a[:, :, :g].mean(axis=(1, 2)) - a[:, :, g:].mean(axis=(1, 2))
+        down = a[:, :g].mean(axis=(1, 2)) - a[:, g:].mean(axis=(1, 2))
+        return np.where(np.asarray(horizontal)[:, None], across, down)
+
+    true, ours = halves(np.asarray(target)), halves(np.asarray(pred))
+    keep = np.linalg.norm(true, axis=1) > min_difference
+    return float(np.mean((true * ours).sum(axis=1)[keep] > 0)), int(keep.sum())
+
+
+def layout_probe(stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str = "train"):
+    """`layout_side_accuracy` of a stage's layout head on position scenes."""
+    stage = stages.load_stage(stage_dir)
+    if not stage.unet.layout_grid:
+        raise ValueError(f"{stage_dir} has no layout head (model.layout_grid is 0)")
+    encoder = make_text_encoder(ml_collections.ConfigDict(stage.text))
+    images, true, _ = probe_scenes(scenes, seed, split, stage.resolution, "position")
+    batch = encode_captions(encoder, true)
+    pred = stage.model.layout(jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"]))
+    target = layers.layout_target(to_float_image(images), stage.unet.layout_grid)
+    horizontal = [parse_prompt(c).relation in ("left of", "right of") for c in true]
+    return layout_side_accuracy(pred, target, horizontal)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage", default="checkpoints/shapes/base", help="a base stage dir")
@@ -122,6 +159,11 @@ def main(argv=None):
             r[k] for k in ("t", "loss_true", "loss_counterfactual", "true_lower")
         )
         print(f"{t:<6} {ours:<11.5f} {other:<15.5f} {lower:.2f}")
+    if args.task == "position" and stages.load_stage(args.stage).unet.layout_grid:
+        accuracy, count = layout_probe(
+            args.stage, scenes=args.scenes, seed=args.seed, split=args.split
+        )
+        print(f"layout head: the objects' sides right in {accuracy:.3f} of {count} scenes")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -6,9 +6,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from imagen_jax.models import layers
 from imagen_jax.shapes import parse_prompt, score
-from imagen_jax.shapes.relation_probe import probe_scenes, relation_probe
+from imagen_jax.shapes.relation_probe import layout_side_accuracy, probe_scenes, relation_probe
 from imagen_jax.shapes.spec import INVERSE_RELATION
+from imagen_jax.training.step import to_float_image
 
 
 @pytest.mark.parametrize("task", ["position", "color_attr"])
@@ -40,3 +42,16 @@ def test_probe_rows_on_a_tiny_stage(stage_dirs):
     assert any(r["loss_true"] != r["loss_counterfactual"] for r in rows)
     with pytest.raises(ValueError, match="super-resolution stage"):
         relation_probe(stage_dirs[1], scenes=2)
+
+
+def test_layout_side_accuracy_reads_the_sides_of_the_relation():
+    images, true, _ = probe_scenes(40, seed=2, split="train", resolution=32)
+    target = np.asarray(layers.layout_target(to_float_image(images), 4))
+    horizontal = np.array([parse_prompt(c).relation in ("left of", "right of") for c in true])
+    assert horizontal.any() and not horizontal.all()
+    accuracy, count = layout_side_accuracy(target, target, horizontal)
+    assert accuracy == 1.0 and count >= 30
+    mirrored = np.where(horizontal[:, None, None, None], target[:, :, ::-1], target[:, ::-1])
+    assert layout_side_accuracy(mirrored, target, horizontal)[0] == 0.0  # every side swapped
+    blind = np.broadcast_to(target[0], target.shape)  # one layout for every caption
+    assert 0.2 < layout_side_accuracy(blind, target, horizontal)[0] < 0.8

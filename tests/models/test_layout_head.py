@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_imagen_unet import _model as jittered_model  # every parameter jittered
 
 from imagen_jax.models import imagen_unet, layers
 from imagen_jax.training import layout_fit
@@ -37,31 +38,16 @@ def _params(model):
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def _randomised(model):
-    """The model with every parameter jittered: its zero-initialised output layer no longer
-    hides every path from input to output."""
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    leaves = [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
-
-
 def test_layout_head_grows_as_the_identity_and_is_read_once_trained():
     """A stage given a layout head computes the stage's function while `layout_in` is zero;
     once it is not, the caption's layout changes the output, except where the text is
     dropped (the unconditional branch gets no layout)."""
-    stage = _randomised(
-        imagen_unet.ImagenUNet(imagen_unet.make_config("runlocal", text_dim=32), rngs=nnx.Rngs(0))
-    )
-    grown = imagen_unet.ImagenUNet(
-        imagen_unet.make_config("runlocal", text_dim=32, layout_grid=4), rngs=nnx.Rngs(1)
-    )
+    stage = jittered_model("runlocal", text_dim=32)
+    grown = jittered_model("runlocal", text_dim=32, layout_grid=4)  # a head that predicts
     params = _params(grown)
     params.update(_params(stage))
+    params["layout_in"] = jax.tree.map(jnp.zeros_like, params["layout_in"])  # as grown
     nnx.update(grown, params)
-    _randomised(grown.layout)  # a head that predicts something
     z, t = jax.random.normal(jax.random.key(2), (2, 16, 16, 3)), jnp.array([0.3, 0.9])
     cond = _cond(drop=(False, True))
     np.testing.assert_allclose(grown(z, t, cond), stage(z, t, cond), atol=1e-6)
@@ -78,11 +64,7 @@ def test_layout_head_grows_as_the_identity_and_is_read_once_trained():
 def test_layout_loss_trains_only_the_head_and_the_denoiser_never_does():
     """The UNet sees the head's prediction with the gradient stopped: the denoising loss
     gives the head no gradient, and the layout loss gives nothing but the head one."""
-    model = _randomised(
-        imagen_unet.ImagenUNet(
-            imagen_unet.make_config("runlocal", text_dim=32, layout_grid=4), rngs=nnx.Rngs(0)
-        )
-    )
+    model = jittered_model("runlocal", text_dim=32, layout_grid=4)
     cond = _cond()
     batch = dict(image=jnp.full((2, 16, 16, 3), 100, jnp.uint8), **cond)
     batch["image"] = batch["image"].at[:, :8].set(250)

@@ -127,10 +127,11 @@ def layout_side_accuracy(pred, target, horizontal, *, min_difference=0.05) -> tu
 
 
 def layout_probe(stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str = "train"):
-    """`layout_side_accuracy` of a stage's layout head on position scenes."""
+    """`layout_side_accuracy` of a stage's layout head on position scenes; None for a stage
+    without one."""
     stage = stages.load_stage(stage_dir)
     if not stage.unet.layout_grid:
-        raise ValueError(f"{stage_dir} has no layout head (model.layout_grid is 0)")
+        return None
     encoder = make_text_encoder(ml_collections.ConfigDict(stage.text))
     images, true, _ = probe_scenes(scenes, seed, split, stage.resolution, "position")
     batch = encode_captions(encoder, true)
@@ -159,11 +160,11 @@ def main(argv=None):
             r[k] for k in ("t", "loss_true", "loss_counterfactual", "true_lower")
         )
         print(f"{t:<6} {ours:<11.5f} {other:<15.5f} {lower:.2f}")
-    if args.task == "position" and stages.load_stage(args.stage).unet.layout_grid:
-        accuracy, count = layout_probe(
-            args.stage, scenes=args.scenes, seed=args.seed, split=args.split
-        )
-        print(f"layout head: the objects' sides right in {accuracy:.3f} of {count} scenes")
+    layout = None
+    if args.task == "position":
+        layout = layout_probe(args.stage, scenes=args.scenes, seed=args.seed, split=args.split)
+    if layout is not None:
+        print(f"layout head: the objects' sides right in {layout[0]:.3f} of {layout[1]} scenes")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(

@@ -8,7 +8,12 @@ import pytest
 
 from imagen_jax.models import layers
 from imagen_jax.shapes import parse_prompt, score
-from imagen_jax.shapes.relation_probe import layout_side_accuracy, probe_scenes, relation_probe
+from imagen_jax.shapes.relation_probe import (
+    layout_probe,
+    layout_side_accuracy,
+    probe_scenes,
+    relation_probe,
+)
 from imagen_jax.shapes.spec import INVERSE_RELATION
 from imagen_jax.training.step import to_float_image
 
@@ -40,6 +45,7 @@ def test_probe_rows_on_a_tiny_stage(stage_dirs):
         assert 0.0 <= r["true_lower"] <= 1.0
     # The tiny stage's (hash) text encoder tells the two captions apart, so its losses do.
     assert any(r["loss_true"] != r["loss_counterfactual"] for r in rows)
+    assert layout_probe(stage_dirs[0], scenes=2) is None  # no layout head to ask
     with pytest.raises(ValueError, match="super-resolution stage"):
         relation_probe(stage_dirs[1], scenes=2)
 

@@ -37,6 +37,7 @@ from imagen_jax.models import layers
 from imagen_jax.pipelines import stages
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import state as state_lib
+from imagen_jax.training.step import to_float_image
 from imagen_jax.training.text import encode_captions, make_text_encoder
 
 
@@ -53,10 +54,10 @@ def layout_examples(config: ml_collections.ConfigDict, count: int, *, chunk: int
     for start in range(0, count, chunk):
         records = [source[i] for i in range(start, min(count, start + chunk))]
         enc = encode_captions(encoder, [r["caption"] for r in records])
-        images = np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1.0
+        images = to_float_image(np.stack([r["image"] for r in records]))
         texts.append(enc["text"])
         masks.append(enc["text_mask"])
-        targets.append(np.asarray(layers.layout_target(jnp.asarray(images), grid)))
+        targets.append(np.asarray(layers.layout_target(images, grid)))
         logging.info("layout_fit: %d / %d examples", start + len(records), count)
     return np.concatenate(texts), np.concatenate(masks), np.concatenate(targets)
 
@@ -72,32 +73,33 @@ def fit_layout_head(model, data, *, steps: int, batch: int, lr: float, seed: int
     head = model.layout
     opt = nnx.Optimizer(head, optax.adamw(lr, weight_decay=1e-4), wrt=nnx.Param)
 
-    @nnx.jit
-    def step(head, opt, t, m, y):
-        def loss_fn(head):
-            return jnp.mean(jnp.square(head(t, m) - y))
-
-        loss, grads = nnx.value_and_grad(loss_fn)(head)
-        opt.update(head, grads)
-        return loss
-
-    @nnx.jit
     def mse(head, t, m, y):
         return jnp.mean(jnp.square(head(t, m) - y))
 
+    @nnx.jit
+    def step(head, opt, t, m, y):
+        loss, grads = nnx.value_and_grad(mse)(head, t, m, y)
+        opt.update(head, grads)
+        return loss
+
+    held_out = nnx.jit(mse)
+
     def val_mse():
         sl = slice(n_train, None)
-        return float(mse(head, text[sl], mask[sl], target[sl]))
+        return float(held_out(head, text[sl], mask[sl], target[sl]))
+
+    def recent(losses):  # the mean of the last 100 steps' losses (one device-to-host copy)
+        return float(jnp.mean(jnp.stack(losses[-100:])))
 
     before = val_mse()
     rng = np.random.default_rng(seed)
     losses = []
     for s in range(1, steps + 1):
         i = rng.integers(0, n_train, batch)
-        losses.append(float(step(head, opt, text[i], mask[i], target[i])))
+        losses.append(step(head, opt, text[i], mask[i], target[i]))  # stays on the device
         if log is not None and (s % max(1, steps // 10) == 0 or s == steps):
-            log(s, float(np.mean(losses[-100:])), val_mse())
-    return dict(train_mse=float(np.mean(losses[-100:])), val_mse=val_mse(), val_mse_before=before)
+            log(s, recent(losses), val_mse())
+    return dict(train_mse=recent(losses), val_mse=val_mse(), val_mse_before=before)
 
 
 def layout_fit(config, stage: str, outdir: str, *, examples: int, steps: int, batch: int, lr):

@@ -31,6 +31,13 @@ for s in ddim:10 ddim:25 ddim:50 dpmpp_2m:10 dpmpp_2m:20 dpmpp_3m:10 unipc:10 dd
   run "sampler_${s/:/_}" --base_only --prompts_per_task="$S" \
     --set=0.sampler="${s%:*}" --set=0.steps="${s#*:}"
 done
+# The layout head's gain (`sample.layout_scale`), when the base stage has a head.
+if "$PY" -c "import json, sys
+sys.exit(not json.load(open('checkpoints/shapes/base/stage.json'))['unet'].get('layout_grid'))"; then
+  for l in 0 1 1.5 2 3; do
+    run "layout_scale_$l" --base_only --prompts_per_task="$S" --set=0.layout_scale="$l"
+  done
+fi
 # Settings of the super-resolution stage, the base's images being the same (sr_shipped:
 # the shipped settings on these prompts, the sweep's reference).
 run sr_shipped --prompts_per_task="$S"

@@ -10,6 +10,12 @@ scored on the rest:
             the two above, and it is what a cross-attention key must carry for a pixel on the
             left to find the object drawn there.
 
+For "a C1 S1 and a C2 S2" prompts (colour attribution), `binding_probe` asks each shape
+noun's token which colour its object has (a six-way ridge classifier fitted on training-split
+prompts) and scores it on held-out-split prompts, apart for the held-out colour-shape pairs
+(never in a training caption) and the trained ones: whether the token carries the binding
+in a direction shared across pairs, so that a linear reader would generalise to a new pair.
+
 Besides the accuracy, `separation` is the distance between the two classes' mean tokens
 over the tokens' spread (root mean squared distance to their mean): how large the fact is
 among everything else the token carries. A fact with high accuracy but a separation of a
@@ -18,18 +24,20 @@ descent is slow to pick out.
 
     python -m imagen_jax.shapes.text_probe                 # all-MiniLM-L6-v2, 3000 prompts
     python -m imagen_jax.shapes.text_probe --prompts=600 --json=runs/text_probe.json
+    python -m imagen_jax.shapes.text_probe --task=color_attr   # the binding question
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import numpy as np
 
 from imagen_jax import training
-from imagen_jax.shapes import grammar, tasks
-from imagen_jax.shapes.spec import PromptSpec
+from imagen_jax.shapes import grammar, splits, tasks
+from imagen_jax.shapes.spec import COLORS, PromptSpec
 from imagen_jax.training.text import encode_captions, make_text_encoder
 
 FIRST_SIDE = ("left of", "above")  # relations whose subject is the left / upper object
@@ -60,33 +68,46 @@ def _noun_positions(ids: np.ndarray, noun_ids: tuple[int, int]) -> tuple[int, in
     return int(a[0]), int(b[-1])
 
 
-def position_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[PromptSpec, str]]:
-    """n position specs of the domain (single objects on each side) with a caption each."""
+def task_prompts(
+    task: str, n: int, seed: int = 0, split: str = "train"
+) -> list[tuple[PromptSpec, str]]:
+    """n prompt specs of a task of the domain with a caption each."""
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
-        spec = tasks.sample_prompt_spec(rng, "position", split)
+        spec = tasks.sample_prompt_spec(rng, task, split)
         out.append((spec, grammar.caption(spec, rng)))
     return out
+
+
+def position_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[PromptSpec, str]]:
+    """n position specs of the domain (single objects on each side) with a caption each."""
+    return task_prompts("position", n, seed, split)
+
+
+def _word_id(encoder, word: str) -> int:
+    row = np.asarray(encoder.tokenizer([word])[0])[0]
+    inner = [t for t in row[1:] if t != encoder.tokenizer.pad_id][:-1]  # no [CLS] / [SEP]
+    if len(inner) != 1:
+        raise ValueError(f"the word {word!r} is {len(inner)} tokens; the probe needs one")
+    return inner[0]
+
+
+def _encoder(text_cfg):
+    if text_cfg is None:
+        text_cfg = training.text_config(kind="minilm", path="", max_length=32)
+    return make_text_encoder(text_cfg)
 
 
 def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
     """{question: {"accuracy", "separation"}} over the nouns of `prompts` position prompts,
     with the text encoder of `text_cfg` (default: the shapes cascade's all-MiniLM-L6-v2)."""
-    if text_cfg is None:
-        text_cfg = training.text_config(kind="minilm", path="", max_length=32)
-    encoder = make_text_encoder(text_cfg)
+    encoder = _encoder(text_cfg)
     pairs = position_prompts(prompts, seed)
     captions = [c for _, c in pairs]
     emb = encode_captions(encoder, captions)["text"]
     ids = np.asarray(encoder.tokenizer(captions)[0])
-
-    def noun_id(word):
-        row = np.asarray(encoder.tokenizer([word])[0])[0]
-        inner = [t for t in row[1:] if t != encoder.tokenizer.pad_id][:-1]  # no [CLS] / [SEP]
-        if len(inner) != 1:
-            raise ValueError(f"the noun {word!r} is {len(inner)} tokens; the probe needs one")
-        return inner[0]
+    noun_id = functools.partial(_word_id, encoder)
 
     features, answers = [], {q: [] for q in QUESTIONS}
     for row, (spec, _) in enumerate(pairs):
@@ -110,17 +131,76 @@ def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
     return out
 
 
+def _shape_tokens(encoder, pairs):
+    """(tokens [N, D], colour index [N], held-out pair [N]) of the shape nouns of `pairs`
+    (nouns the caption names once)."""
+    captions = [c for _, c in pairs]
+    emb = encode_captions(encoder, captions)["text"]
+    ids = np.asarray(encoder.tokenizer(captions)[0])
+    names = list(COLORS)
+    features, colors, heldout = [], [], []
+    for row, (spec, _) in enumerate(pairs):
+        for obj in spec.objects:
+            where = np.flatnonzero(ids[row] == _word_id(encoder, obj.shape))
+            if len(where) == 1:
+                features.append(np.asarray(emb[row, where[0]], np.float64))
+                colors.append(names.index(obj.color))
+                heldout.append((obj.color, obj.shape) in splits.HELDOUT_PAIRS)
+    return np.stack(features), np.asarray(colors), np.asarray(heldout, bool)
+
+
+def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e-2) -> dict:
+    """Which colour a colour-attribution prompt gives each shape, read linearly from the
+    shape noun's token: a ridge classifier fitted on `prompts` training-split prompts,
+    scored on half as many held-out-split prompts. {"heldout_pairs", "trained_pairs": the
+    accuracy on the nouns of held-out / trained colour-shape pairs; "separation": the
+    spread of the colour classes' mean tokens over the tokens' spread (fitting set);
+    "tokens": the number scored}."""
+    encoder = _encoder(text_cfg)
+    x, y, _ = _shape_tokens(encoder, task_prompts("color_attr", prompts, seed, "train"))
+    xt, yt, held = _shape_tokens(
+        encoder, task_prompts("color_attr", prompts // 2, seed + 1, "heldout")
+    )
+    mean = x.mean(0)
+    design = np.concatenate([x - mean, np.ones((len(x), 1))], axis=1)
+    onehot = -np.ones((len(y), len(COLORS)))
+    onehot[np.arange(len(y)), y] = 1.0
+    w = np.linalg.solve(design.T @ design + ridge * np.eye(design.shape[1]), design.T @ onehot)
+    guess = (np.concatenate([xt - mean, np.ones((len(xt), 1))], axis=1) @ w).argmax(1)
+    spread = np.sqrt(np.mean(np.sum((x - mean) ** 2, axis=1)))
+    means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
+    separation = np.sqrt(np.mean(np.sum((means - means.mean(0)) ** 2, axis=1))) / spread
+    return dict(
+        heldout_pairs=float(np.mean(guess[held] == yt[held])),
+        trained_pairs=float(np.mean(guess[~held] == yt[~held])),
+        separation=float(separation),
+        tokens=int(len(xt)),
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="", help="also write the result to this file")
+    parser.add_argument("--task", default="position", choices=("position", "color_attr"))
     args = parser.parse_args(argv)
-    result = text_probe(prompts=args.prompts, seed=args.seed)
-    print(f"all-MiniLM-L6-v2, {result['tokens']} noun tokens of {args.prompts} position prompts")
-    print("question   held-out accuracy   separation")
-    for q in QUESTIONS:
-        print(f"{q:<10} {result[q]['accuracy']:<19.3f} {result[q]['separation']:.3f}")
+    if args.task == "color_attr":
+        result = binding_probe(prompts=args.prompts, seed=args.seed)
+        print(f"all-MiniLM-L6-v2, the colour of {result['tokens']} shape nouns of held-out")
+        print("colour-attribution prompts, read by a classifier fitted on training prompts")
+        print(
+            f"held-out pairs {result['heldout_pairs']:.3f}, trained pairs "
+            f"{result['trained_pairs']:.3f}, separation {result['separation']:.3f}"
+        )
+    else:
+        result = text_probe(prompts=args.prompts, seed=args.seed)
+        print(
+            f"all-MiniLM-L6-v2, {result['tokens']} noun tokens of {args.prompts} position prompts"
+        )
+        print("question   held-out accuracy   separation")
+        for q in QUESTIONS:
+            print(f"{q:<10} {result[q]['accuracy']:<19.3f} {result[q]['separation']:.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

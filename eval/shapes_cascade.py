@@ -3,14 +3,16 @@ accuracy and seconds per image, as one JSON line.
 
     python eval/shapes_cascade.py --split=heldout --outdir=runs/eval/heldout \\
         [--stage=DIR ...] [--base_only] [--set=0.sampler=dpmpp_2m --set=0.steps=20] \\
-        [--images_per_prompt=4] [--prompts_per_task=60] [--results=docs/results/x.jsonl]
+        [--images_per_prompt=4] [--prompts_per_task=60] [--tasks=position,color_attr] \\
+        [--results=docs/results/x.jsonl]
 
 With no --stage it evaluates the shipped default model (`checkpoints/shapes/`);
 --base_only keeps the first stage (32 px images). The prompts are the package's fixed
 evaluation prompts (`imagen_jax/shapes/prompts/{train,heldout}.jsonl`, 60 per task), the
-first --prompts_per_task of each task. Images are written like sample.py writes them
-(resumable: a rerun with the same --outdir scores what is there and makes only the rest);
-seconds per image are timed after a warm-up batch that compiles the stages.
+first --prompts_per_task of each task (of each of --tasks: overall is then their mean).
+Images are written like sample.py writes them (resumable: a rerun with the same --outdir
+scores what is there and makes only the rest); seconds per image are timed after a warm-up
+batch that compiles the stages.
 """
 
 import json
@@ -23,11 +25,13 @@ from absl import app, flags
 
 from imagen_jax.pipelines import jobs, sampling
 from imagen_jax.shapes import evaluate, prompt_sets
+from imagen_jax.shapes.spec import check_task
 
 flags.DEFINE_multi_string("stage", [], "Stage directories, base first (default: shipped).")
 flags.DEFINE_bool("base_only", False, "Sample the first stage only.")
 flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "Evaluation prompts.")
 flags.DEFINE_integer("prompts_per_task", 60, "The first N prompts of each task.")
+flags.DEFINE_list("tasks", [], "Only these tasks' prompts (default: all six).")
 flags.DEFINE_integer("images_per_prompt", 4, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Job seed.")
 flags.DEFINE_integer("batch_size", 16, "Images per compiled call.")
@@ -38,11 +42,16 @@ flags.DEFINE_string("name", "", "A label for the JSON line (e.g. the sweep point
 flags.mark_flag_as_required("outdir")
 
 
-def prompt_entries(split: str, per_task: int) -> list[jobs.PromptEntry]:
-    """The first `per_task` evaluation prompts of each task, carrying what the scorer needs."""
+def prompt_entries(split: str, per_task: int, only=()) -> list[jobs.PromptEntry]:
+    """The first `per_task` evaluation prompts of each task (of the tasks in `only`, if
+    given), carrying what the scorer needs."""
+    for task in only:
+        check_task(task)
     taken: dict[str, int] = {}
     entries = []
     for record in prompt_sets.load_prompts(split):
+        if only and record.task not in only:
+            continue
         if taken.get(record.task, 0) < per_task:
             taken[record.task] = taken.get(record.task, 0) + 1
             extra = dict(task=record.task, split=record.split, spec=record.spec.to_dict())
@@ -59,7 +68,7 @@ def main(argv):
     cascade, loaded = sampling.load_cascade(
         stage_dirs, f.set, mesh=sampling.local_mesh(f.batch_size)
     )
-    entries = prompt_entries(f.split, f.prompts_per_task)
+    entries = prompt_entries(f.split, f.prompts_per_task, f.tasks)
     job = dict(images_per_prompt=f.images_per_prompt, seed=f.seed, batch_size=f.batch_size)
     settings = {"stages": [s.settings() for s in loaded]}
     with tempfile.TemporaryDirectory() as warm:  # compiles every stage once

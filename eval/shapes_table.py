@@ -42,6 +42,8 @@ def describe(name: str) -> str:
         return fixed[name]
     if name.startswith("guidance_"):
         return f"base, guidance {name.removeprefix('guidance_')}"
+    if name.startswith("layout_scale_"):
+        return f"base, layout scale {name.removeprefix('layout_scale_')}"
     if name.startswith("sr_"):
         key, value = name.removeprefix("sr_").rsplit("_", 1)
         label = {"aug_level": "augmentation level", "guidance_scale": "guidance"}.get(key, key)

@@ -143,6 +143,7 @@ def test_results_table(tmp_path):
         dict(line, name="cascade_heldout", overall=0.1),
         dict(line, name="guidance_3"),
         dict(line, name="sr_aug_level_0.25"),
+        dict(line, name="layout_scale_1.5"),
         dict(line, name="sr_shipped"),
         dict(line, name="cascade_heldout", failures={"color_attr": {"missing": 3, "swapped": 1}}),
     ]
@@ -155,8 +156,27 @@ def test_results_table(tmp_path):
     assert out.count("| cascade, shipped settings | heldout | 8 |") == 1, out
     assert "**0.500**" in out and "**0.100**" not in out and "| base, guidance 3 |" in out
     assert "| cascade, SR augmentation level 0.25 |" in out
+    assert "| base, layout scale 1.5 |" in out
     assert "| cascade, shipped settings (sweep prompts) |" in out
     assert "| none | missing 3, swapped 1 |" in out, out
     path.write_text("")
     empty = subprocess.run([sys.executable, script, str(path)], capture_output=True, text=True)
     assert empty.returncode != 0 and "no results lines" in empty.stderr
+
+
+def test_shapes_cascade_prompt_entries_per_task_and_subset():
+    """eval/shapes_cascade.py: the first N prompts of each task, or of the tasks asked for,
+    with the spec the scorer reads; an unknown task is named."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shapes_cascade", ROOT / "eval/shapes_cascade.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    entries = module.prompt_entries("heldout", 3)
+    assert [e.extra["task"] for e in entries].count("counting") == 3 and len(entries) == 18
+    first = prompt_sets.load_prompts("heldout", "position")[0]
+    subset = module.prompt_entries("heldout", 2, ["position", "color_attr"])
+    assert sorted(e.extra["task"] for e in subset) == ["color_attr"] * 2 + ["position"] * 2
+    assert any(e.prompt == first.prompt and e.extra["spec"] == first.spec.to_dict() for e in subset)
+    with pytest.raises(ValueError, match="colour"):
+        module.prompt_entries("heldout", 2, ["colour"])

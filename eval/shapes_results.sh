@@ -2,14 +2,14 @@
 # The results table of the shipped shapes cascade (README, "The shipped model"): one JSON
 # line per setting appended to docs/results/shapes.jsonl, images under runs/eval/; then
 # the table of the whole file (eval/shapes_table.py).
-#   bash eval/shapes_results.sh                  # 10 prompts per task, sweeps on 5
+#   bash eval/shapes_results.sh                  # 20 prompts per task, sweeps on 5
 #   PER_TASK=60 SWEEP_PER_TASK=60 bash eval/shapes_results.sh   # every evaluation prompt
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/eval}
 RESULTS=${RESULTS:-docs/results/shapes.jsonl}
-N=${PER_TASK:-10}
+N=${PER_TASK:-20}
 S=${SWEEP_PER_TASK:-5}
 
 run() {

@@ -25,7 +25,6 @@ from absl import app, flags
 
 from imagen_jax.pipelines import jobs, sampling
 from imagen_jax.shapes import evaluate, prompt_sets
-from imagen_jax.shapes.spec import check_task
 
 flags.DEFINE_multi_string("stage", [], "Stage directories, base first (default: shipped).")
 flags.DEFINE_bool("base_only", False, "Sample the first stage only.")
@@ -42,21 +41,13 @@ flags.DEFINE_string("name", "", "A label for the JSON line (e.g. the sweep point
 flags.mark_flag_as_required("outdir")
 
 
-def prompt_entries(split: str, per_task: int, only=()) -> list[jobs.PromptEntry]:
-    """The first `per_task` evaluation prompts of each task (of the tasks in `only`, if
-    given), carrying what the scorer needs."""
-    for task in only:
-        check_task(task)
-    taken: dict[str, int] = {}
-    entries = []
-    for record in prompt_sets.load_prompts(split):
-        if only and record.task not in only:
-            continue
-        if taken.get(record.task, 0) < per_task:
-            taken[record.task] = taken.get(record.task, 0) + 1
-            extra = dict(task=record.task, split=record.split, spec=record.spec.to_dict())
-            entries.append(jobs.PromptEntry(record.prompt, extra=extra))
-    return entries
+def prompt_entries(split: str, per_task: int, tasks=()) -> list[jobs.PromptEntry]:
+    """The first `per_task` evaluation prompts of each task (of each of `tasks`, if given),
+    carrying what the scorer needs."""
+    return [
+        jobs.PromptEntry(r.prompt, extra=dict(task=r.task, split=r.split, spec=r.spec.to_dict()))
+        for r in prompt_sets.first_per_task(split, per_task, tasks)
+    ]
 
 
 def main(argv):

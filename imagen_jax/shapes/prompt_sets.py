@@ -120,3 +120,17 @@ def load_prompts(split: str = "train", task: str | None = None) -> list[PromptRe
         check_task(task)
         records = [r for r in records if r.task == task]
     return records
+
+
+def first_per_task(split: str, per_task: int, tasks=()) -> list[PromptRecord]:
+    """The first `per_task` evaluation prompts of each task of a split (of each of `tasks`,
+    if given), in file order."""
+    for task in tasks:
+        check_task(task)
+    taken: dict[str, int] = {}
+    out = []
+    for record in load_prompts(split):
+        if (not tasks or record.task in tasks) and taken.get(record.task, 0) < per_task:
+            taken[record.task] = taken.get(record.task, 0) + 1
+            out.append(record)
+    return out

@@ -164,19 +164,16 @@ def test_results_table(tmp_path):
     assert empty.returncode != 0 and "no results lines" in empty.stderr
 
 
-def test_shapes_cascade_prompt_entries_per_task_and_subset():
-    """eval/shapes_cascade.py: the first N prompts of each task, or of the tasks asked for,
-    with the spec the scorer reads; an unknown task is named."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("shapes_cascade", ROOT / "eval/shapes_cascade.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    entries = module.prompt_entries("heldout", 3)
-    assert [e.extra["task"] for e in entries].count("counting") == 3 and len(entries) == 18
-    first = prompt_sets.load_prompts("heldout", "position")[0]
-    subset = module.prompt_entries("heldout", 2, ["position", "color_attr"])
-    assert sorted(e.extra["task"] for e in subset) == ["color_attr"] * 2 + ["position"] * 2
-    assert any(e.prompt == first.prompt and e.extra["spec"] == first.spec.to_dict() for e in subset)
+def test_first_prompts_per_task_and_of_a_subset():
+    """prompt_sets.first_per_task (eval/shapes_cascade.py's prompts): the first N prompts of
+    each task in file order, or of the tasks asked for; an unknown task is named."""
+    records = prompt_sets.first_per_task("heldout", 3)
+    assert len(records) == 3 * len(TASKS)
+    assert [r.prompt for r in records if r.task == "counting"] == [
+        r.prompt for r in prompt_sets.load_prompts("heldout", "counting")[:3]
+    ]
+    subset = prompt_sets.first_per_task("heldout", 2, ["position", "color_attr"])
+    assert sorted(r.task for r in subset) == ["color_attr"] * 2 + ["position"] * 2
+    assert subset[0].prompt in [r.prompt for r in records]
     with pytest.raises(ValueError, match="colour"):
-        module.prompt_entries("heldout", 2, ["colour"])
+        prompt_sets.first_per_task("heldout", 2, ["colour"])

@@ -44,15 +44,23 @@ FIRST_SIDE = ("left of", "above")  # relations whose subject is the left / upper
 QUESTIONS = ("subject", "relation", "side")
 
 
+def _with_bias(x: np.ndarray) -> np.ndarray:
+    return np.concatenate([x, np.ones((len(x), 1))], axis=1).astype(np.float64)
+
+
+def _ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """Ridge regression weights of targets y [N] or [N, K] on the rows of x [N, D]."""
+    return np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
+
+
 def linear_probe(features: np.ndarray, labels: np.ndarray, *, train_fraction=0.7, ridge=1e-2):
     """Held-out accuracy of a ridge classifier of boolean `labels` [N] from `features`
     [N, D] (the first `train_fraction` of the rows fit it), and the class-mean separation
     (|mean(True) - mean(False)| / RMS distance of the rows to their mean)."""
     labels = np.asarray(labels, bool)
-    x = np.concatenate([features, np.ones((len(features), 1))], axis=1).astype(np.float64)
+    x = _with_bias(features)
     fit = np.arange(len(x)) < int(train_fraction * len(x))
-    y = np.where(labels, 1.0, -1.0)
-    w = np.linalg.solve(x[fit].T @ x[fit] + ridge * np.eye(x.shape[1]), x[fit].T @ y[fit])
+    w = _ridge(x[fit], np.where(labels, 1.0, -1.0)[fit], ridge)
     accuracy = float(np.mean((x[~fit] @ w > 0) == labels[~fit]))
     spread = np.sqrt(np.mean(np.sum((features - features.mean(0)) ** 2, axis=1)))
     gap = np.linalg.norm(features[labels].mean(0) - features[~labels].mean(0))
@@ -162,11 +170,10 @@ def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e
         encoder, task_prompts("color_attr", prompts // 2, seed + 1, "heldout")
     )
     mean = x.mean(0)
-    design = np.concatenate([x - mean, np.ones((len(x), 1))], axis=1)
     onehot = -np.ones((len(y), len(COLORS)))
     onehot[np.arange(len(y)), y] = 1.0
-    w = np.linalg.solve(design.T @ design + ridge * np.eye(design.shape[1]), design.T @ onehot)
-    guess = (np.concatenate([xt - mean, np.ones((len(xt), 1))], axis=1) @ w).argmax(1)
+    w = _ridge(_with_bias(x - mean), onehot, ridge)
+    guess = (_with_bias(xt - mean) @ w).argmax(1)
     spread = np.sqrt(np.mean(np.sum((x - mean) ** 2, axis=1)))
     means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
     separation = np.sqrt(np.mean(np.sum((means - means.mean(0)) ** 2, axis=1))) / spread

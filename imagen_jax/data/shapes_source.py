@@ -8,7 +8,12 @@ import numpy as np
 
 from imagen_jax.shapes import SPLITS, TASKS
 from imagen_jax.shapes.render import render
-from imagen_jax.shapes.tasks import check_task_weights, sample_example
+from imagen_jax.shapes.tasks import (
+    COUNTERFACTUAL_KINDS,
+    check_counterfactual_kinds,
+    check_task_weights,
+    sample_example,
+)
 
 
 class ShapesSource:
@@ -25,6 +30,7 @@ class ShapesSource:
     counterfactuals: records also hold "counterfactual": the caption with the relation
       inverted or the two colours exchanged, worded alike ("" where there is none). The
       scenes and captions are the same either way.
+    counterfactual_kinds: which of those ("relation", "colors"; default both).
     """
 
     def __init__(
@@ -37,6 +43,7 @@ class ShapesSource:
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
         counterfactuals: bool = False,
+        counterfactual_kinds=COUNTERFACTUAL_KINDS,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
@@ -55,6 +62,7 @@ class ShapesSource:
         )
         self.task_weights = None if task_weights is None else dict(task_weights)
         self.counterfactuals = bool(counterfactuals)
+        self.counterfactual_kinds = check_counterfactual_kinds(counterfactual_kinds)
 
     def __len__(self) -> int:
         return self.size
@@ -69,6 +77,7 @@ class ShapesSource:
             split=self.split,
             task_weights=self.task_weights,
             with_counterfactual=self.counterfactuals,
+            counterfactual_kinds=self.counterfactual_kinds,
         )
         record = {
             "image": render(example.scene, self.resolution),
@@ -83,5 +92,6 @@ class ShapesSource:
         return (
             f"ShapesSource(size={self.size}, resolution={self.resolution}, "
             f"split={self.split!r}, task={self.task!r}, seed={self.seed}, "
-            f"task_weights={self.task_weights}, counterfactuals={self.counterfactuals})"
+            f"task_weights={self.task_weights}, counterfactuals={self.counterfactuals}, "
+            f"counterfactual_kinds={self.counterfactual_kinds})"
         )

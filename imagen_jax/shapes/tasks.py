@@ -70,13 +70,30 @@ class Example:
     counterfactual: str | None = None
 
 
-def counterfactual(spec: PromptSpec) -> PromptSpec | None:
+COUNTERFACTUAL_KINDS = ("relation", "colors")
+
+
+def check_counterfactual_kinds(kinds) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    unknown = sorted(set(kinds) - set(COUNTERFACTUAL_KINDS))
+    if unknown or not kinds:
+        raise ValueError(
+            f"counterfactual kinds {list(kinds)}: expected a non-empty subset of "
+            f"{list(COUNTERFACTUAL_KINDS)}"
+        )
+    return kinds
+
+
+def counterfactual(spec: PromptSpec, kinds=COUNTERFACTUAL_KINDS) -> PromptSpec | None:
     """What the scene is not, told apart only by what the position and colour-attribution
-    tasks score: the spec with its relation inverted ("left of" for "right of"), or with
-    its two objects' colours exchanged; None if it has neither."""
+    tasks score: the spec with its relation inverted ("left of" for "right of"; kind
+    "relation"), or with its two objects' colours exchanged (kind "colors"); None if it has
+    neither of `kinds`."""
     if spec.relation is not None:
+        if "relation" not in kinds:
+            return None
         return dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation])
-    if len(spec.objects) != 2:
+    if "colors" not in kinds or len(spec.objects) != 2:
         return None
     a, b = spec.objects
     if a.color is None or b.color is None or a.color == b.color:
@@ -329,12 +346,14 @@ def sample_example(
     rich: bool | None = None,
     task_weights: dict[str, float] | None = None,
     with_counterfactual: bool = False,
+    counterfactual_kinds=COUNTERFACTUAL_KINDS,
 ) -> Example:
     """A scene, its spec (with task) and caption. task None: one of the six, uniformly, or
     with probabilities proportional to `task_weights` (task -> weight; missing tasks 0).
     rich (default: split == 'train'): training captions that also name sizes and the
     background now and then (see module docstring). with_counterfactual: also word
-    `counterfactual(spec)` as the caption was worded (`Example.counterfactual`)."""
+    `counterfactual(spec, counterfactual_kinds)` as the caption was worded
+    (`Example.counterfactual`)."""
     splits.check_split(split)
     if task_weights is not None:
         check_task_weights(task_weights)
@@ -347,12 +366,14 @@ def sample_example(
             spec = _enrich(rng, spec, scene) if rich else spec
             wording = copy.deepcopy(rng) if with_counterfactual else None  # worded alike
             text = grammar.caption(spec, rng)
-            other = _counterfactual_caption(spec, wording) if wording is not None else None
+            other = None
+            if wording is not None:
+                other = _counterfactual_caption(spec, wording, counterfactual_kinds)
             return Example(scene, spec, text, other)
 
 
-def _counterfactual_caption(spec: PromptSpec, wording: np.random.Generator) -> str | None:
-    other = counterfactual(spec)
+def _counterfactual_caption(spec: PromptSpec, wording: np.random.Generator, kinds) -> str | None:
+    other = counterfactual(spec, kinds)
     if other is None:
         return None
     return grammar.caption(other, wording)

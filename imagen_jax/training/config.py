@@ -274,6 +274,12 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 # > 0: the term sees at most this many rows of each (micro-)batch, those with
                 # a counterfactual first (it costs two extra passes over the rows it sees).
                 rows=0,
+                # Which counterfactual captions the data writes: "relation", "colors" or both.
+                kinds="relation,colors",
+                # > 0: the hinge form, relu((L_true - L_counter) / their mean + margin), which
+                # stops pushing once the counterfactual's loss is `margin` (a fraction of
+                # their mean) above the true one; 0: the softplus form above.
+                margin=0.0,
             )
         ),
         # A layout head (model.layout_grid > 0) is fitted by regression on the pooled image
@@ -290,6 +296,14 @@ def counterfactual_weight(config: ml_collections.ConfigDict) -> float:
     """`train.counterfactual.weight` (0 where a config has no such group: the term is off)."""
     group = config.train.get("counterfactual", None)
     return float(group.weight) if group is not None else 0.0
+
+
+def counterfactual_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+    """`train.counterfactual.kinds` as a tuple (None where a config has no such group)."""
+    group = config.train.get("counterfactual", None)
+    if group is None or "kinds" not in group:
+        return None
+    return tuple(k.strip() for k in str(group.kinds).split(",") if k.strip())
 
 
 def evals_config(**overrides) -> ml_collections.ConfigDict:

@@ -88,9 +88,12 @@ class SyntheticSource:
         return f"SyntheticSource(size={self.size}, resolution={self.resolution}, seed={self.seed})"
 
 
-def make_source(cfg: ml_collections.ConfigDict, *, counterfactuals: bool = False):
+def make_source(
+    cfg: ml_collections.ConfigDict, *, counterfactuals: bool = False, counterfactual_kinds=None
+):
     """The source of a `data` config group; `counterfactuals`: records also carry a
-    "counterfactual" caption (the shapes source only)."""
+    "counterfactual" caption (the shapes source only), of `counterfactual_kinds` (None:
+    every kind; `shapes.tasks.COUNTERFACTUAL_KINDS`)."""
     if counterfactuals and cfg.source != "shapes":
         raise ValueError(
             f"train.counterfactual.weight > 0 needs counterfactual captions, which only "
@@ -115,6 +118,7 @@ def make_source(cfg: ml_collections.ConfigDict, *, counterfactuals: bool = False
             seed=cfg.seed,
             task_weights=parse_task_weights(cfg.task_weights),
             counterfactuals=counterfactuals,
+            **({} if counterfactual_kinds is None else dict(counterfactual_kinds=counterfactual_kinds)),
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
@@ -164,7 +168,11 @@ def make_input(
     batches also carry their captions' "text" and "text_mask" (`CachedText`)."""
     cfg = config.data
     data = data_lib.make_pipeline(
-        make_source(cfg, counterfactuals=config_lib.counterfactual_weight(config) > 0),
+        make_source(
+            cfg,
+            counterfactuals=config_lib.counterfactual_weight(config) > 0,
+            counterfactual_kinds=config_lib.counterfactual_kinds(config),
+        ),
         batch_size=cfg.batch_size // jax.process_count(),
         resolution=cfg.resolution,
         low_resolution=cfg.low_resolution or None,

@@ -29,7 +29,10 @@ What the step does, in order:
    two colours exchanged): one noised image per scene at unit time ~ U(min_time, 1) is
    denoised with the true and with the counterfactual caption, and
    w * softplus(beta * (L_true - L_counter) / stop_gradient((L_true + L_counter) / 2)) is
-   added (`counterfactual_loss`). The two losses share the image, the time and the noise,
+   added (`counterfactual_loss`); with `train.counterfactual.margin` m > 0 the hinge
+   w * relu((L_true - L_counter) / stop_gradient(...) + m) instead, which is 0 once the
+   counterfactual's loss is m of their mean above the true one. `train.counterfactual.kinds`
+   picks the counterfactuals the data writes ("relation", "colors"). The two losses share the image, the time and the noise,
    so everything in their gradients that does not depend on the caption's difference
    cancels: what is left is how much the network uses the words that differ. metrics add
    `counterfactual_loss` and `counterfactual_true_lower` (the fraction of those scenes
@@ -125,10 +128,13 @@ def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, sched
 COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
 
 
-def counterfactual_loss(denoise, x0, batch, key, *, schedule, prediction, beta, min_time, rows=0):
+def counterfactual_loss(
+    denoise, x0, batch, key, *, schedule, prediction, beta, min_time, rows=0, margin=0.0
+):
     """(loss, metrics) of the counterfactual term (module docstring, 4.) over the rows of
     `batch["has_counterfactual"]`; 0 when there are none. rows > 0: only the first `rows`
-    rows that have a counterfactual (in batch order) are denoised, the rest skipped."""
+    rows that have a counterfactual (in batch order) are denoised, the rest skipped.
+    margin > 0: the hinge relu(relative difference + margin) instead of the softplus."""
     b = x0.shape[0]
     if 0 < rows < b:
         keys = ("text", "text_mask", *COUNTERFACTUAL_KEYS)
@@ -153,10 +159,11 @@ def counterfactual_loss(denoise, x0, batch, key, *, schedule, prediction, beta, 
     )
     per_example = losses.per_example_loss("l2", pred=out, target=twice(target, target))
     true, other = per_example[:b], per_example[b:]
-    margin = (true - other) / jax.lax.stop_gradient((true + other) / 2 + 1e-12)
+    rel = (true - other) / jax.lax.stop_gradient((true + other) / 2 + 1e-12)
     w = batch["has_counterfactual"].astype(jnp.float32)
     n = jnp.maximum(w.sum(), 1.0)
-    loss = jnp.sum(w * jax.nn.softplus(beta * margin)) / n
+    per_row = jax.nn.relu(rel + margin) if margin > 0 else jax.nn.softplus(beta * rel)
+    loss = jnp.sum(w * per_row) / n
     true_lower = jnp.sum(w * (true < other)) / n
     return loss, dict(counterfactual_loss=loss, counterfactual_true_lower=true_lower)
 
@@ -243,6 +250,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule):
             beta=float(config.train.counterfactual.beta),
             min_time=float(config.train.counterfactual.min_time),
             rows=int(config.train.counterfactual.get("rows", 0)),
+            margin=float(config.train.counterfactual.get("margin", 0.0)),
         )
         return total + counter_weight * extra, {**metrics, **counter_metrics}
 

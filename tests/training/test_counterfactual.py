@@ -13,6 +13,8 @@ from imagen_jax.data import ShapesSource
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.shapes import parse_prompt, score
 from imagen_jax.shapes.tasks import counterfactual
+from imagen_jax.training import config as config_lib
+from imagen_jax.training import input as input_lib
 from imagen_jax.training import step as step_lib
 from imagen_jax.training import train_and_evaluate
 
@@ -40,6 +42,25 @@ def test_source_counterfactuals_state_what_the_scene_is_not():
         assert score(record["image"], spec).passed, record["caption"]
         assert not score(record["image"], other).passed, record["counterfactual"]
     assert seen == {"position", "color_attr"}
+
+
+@pytest.mark.parametrize("kinds", [("colors",), ("relation",)])
+def test_source_counterfactual_kinds_keep_only_those(kinds):
+    source = ShapesSource(
+        size=400, resolution=64, seed=5, counterfactuals=True, counterfactual_kinds=kinds
+    )
+    both = ShapesSource(size=400, resolution=64, seed=5, counterfactuals=True)
+    kept = 0
+    for i in range(120):
+        record, full = source[i], both[i]
+        assert record["caption"] == full["caption"]
+        relation = parse_prompt(record["caption"]).relation is not None
+        wanted = ("relation" if relation else "colors") in kinds
+        assert record["counterfactual"] == (full["counterfactual"] if wanted else "")
+        kept += bool(record["counterfactual"])
+    assert kept > 0
+    with pytest.raises(ValueError, match="counterfactual kinds"):
+        ShapesSource(size=4, counterfactuals=True, counterfactual_kinds=("size",))
 
 
 def _batch(has):
@@ -82,6 +103,27 @@ def test_counterfactual_loss_rewards_reading_the_caption(prediction):
     assert float(loss) == 0.0  # no scene has a counterfactual
 
 
+def test_counterfactual_hinge_stops_at_the_margin():
+    schedule = diffusion_config.make_schedule(diffusion_config.diffusion_config())
+    x0 = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
+    kwargs = dict(schedule=schedule, prediction="v", beta=5.0, min_time=0.4, margin=0.1)
+    key = jax.random.key(1)
+    loss, _ = step_lib.counterfactual_loss(lambda z, t, c: 0.3 * z, x0, _batch([True] * 4), key, **kwargs)
+    np.testing.assert_allclose(loss, 0.1, rtol=1e-6)  # caption-blind: relu(0 + margin)
+
+    def reader(scale):  # the counterfactual caption's output is off by `scale`
+        def fn(z, t, cond):
+            sign = cond["text"][:, 0, 0][:, None, None, None]
+            return jnp.where(sign > 0, 0.0, scale) + 0.0 * z
+
+        return fn
+
+    far, _ = step_lib.counterfactual_loss(reader(5.0), x0, _batch([True] * 4), key, **kwargs)
+    assert float(far) == 0.0  # past the margin: nothing left to push
+    near, _ = step_lib.counterfactual_loss(reader(0.05), x0, _batch([True] * 4), key, **kwargs)
+    assert 0.0 < float(near) < 0.1  # the true caption wins, by less than the margin
+
+
 def test_counterfactual_rows_denoises_only_rows_that_have_one():
     schedule = diffusion_config.make_schedule(diffusion_config.diffusion_config())
     x0 = jnp.arange(5.0)[:, None, None, None] * jnp.ones((5, 4, 4, 3))
@@ -112,6 +154,14 @@ def test_trainer_runs_the_counterfactual_term(tmp_path):
     _, metrics = train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(metrics["counterfactual_loss"]) and metrics["counterfactual_loss"] > 0
     assert 0.0 <= metrics["counterfactual_true_lower"] <= 1.0
+
+    config.train.counterfactual.kinds = "colors"
+    source = input_lib.make_source(
+        config.data,
+        counterfactuals=True,
+        counterfactual_kinds=config_lib.counterfactual_kinds(config),
+    )
+    assert source.counterfactual_kinds == ("colors",)
 
     config.data.source = "synthetic"
     with pytest.raises(ValueError, match="only data.source='shapes'"):

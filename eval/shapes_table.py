@@ -27,13 +27,14 @@ SAMPLER_LABELS = {
     "unipc": "UniPC",
     "ddpm": "DDPM",
 }
-MAIN_ROWS = ("cascade_heldout", "cascade_train", "base_heldout")
+MAIN_ROWS = ("cascade_heldout", "cascade_train", "base_heldout", "cascade_heldout_all")
 
 
 def describe(name: str) -> str:
     """A row label for a sweep point's name (as shapes_results.sh names them)."""
     fixed = {
         "cascade_heldout": "cascade, shipped settings",
+        "cascade_heldout_all": "cascade, shipped settings, all 60 prompts a task",
         "cascade_train": "cascade, shipped settings",
         "base_heldout": "base stage alone (32 px)",
         "sr_shipped": "cascade, shipped settings (sweep prompts)",

@@ -32,9 +32,10 @@ What the step does, in order:
    added (`counterfactual_loss`); with `train.counterfactual.margin` m > 0 the hinge
    w * relu((L_true - L_counter) / stop_gradient(...) + m) instead, which is 0 once the
    counterfactual's loss is m of their mean above the true one. `train.counterfactual.kinds`
-   picks the counterfactuals the data writes ("relation", "colors"). The two losses share the image, the time and the noise,
-   so everything in their gradients that does not depend on the caption's difference
-   cancels: what is left is how much the network uses the words that differ. metrics add
+   picks the counterfactuals the data writes ("relation", "colors"). The two losses share
+   the image, the time and the noise, so everything in their gradients that does not
+   depend on the caption's difference cancels: what is left is how much the network uses
+   the words that differ. metrics add
    `counterfactual_loss` and `counterfactual_true_lower` (the fraction of those scenes
    whose true caption has the lower loss; 0.5 = the words are ignored).
 5. A network with a layout head (`model.layout_grid` > 0: `layers.LayoutHead`) adds

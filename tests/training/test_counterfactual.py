@@ -108,7 +108,9 @@ def test_counterfactual_hinge_stops_at_the_margin():
     x0 = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
     kwargs = dict(schedule=schedule, prediction="v", beta=5.0, min_time=0.4, margin=0.1)
     key = jax.random.key(1)
-    loss, _ = step_lib.counterfactual_loss(lambda z, t, c: 0.3 * z, x0, _batch([True] * 4), key, **kwargs)
+    loss, _ = step_lib.counterfactual_loss(
+        lambda z, t, c: 0.3 * z, x0, _batch([True] * 4), key, **kwargs
+    )
     np.testing.assert_allclose(loss, 0.1, rtol=1e-6)  # caption-blind: relu(0 + margin)
 
     def reader(scale):  # the counterfactual caption's output is off by `scale`

@@ -118,7 +118,9 @@ def make_source(
             seed=cfg.seed,
             task_weights=parse_task_weights(cfg.task_weights),
             counterfactuals=counterfactuals,
-            counterfactual_kinds=counterfactual_kinds or COUNTERFACTUAL_KINDS,
+            counterfactual_kinds=(
+                COUNTERFACTUAL_KINDS if counterfactual_kinds is None else counterfactual_kinds
+            ),
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 

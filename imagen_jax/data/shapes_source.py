@@ -8,12 +8,7 @@ import numpy as np
 
 from imagen_jax.shapes import SPLITS, TASKS
 from imagen_jax.shapes.render import render
-from imagen_jax.shapes.tasks import (
-    COUNTERFACTUAL_KINDS,
-    check_counterfactual_kinds,
-    check_task_weights,
-    sample_example,
-)
+from imagen_jax.shapes.tasks import check_counterfactual_kinds, check_task_weights, sample_example
 
 
 class ShapesSource:
@@ -30,7 +25,7 @@ class ShapesSource:
     counterfactuals: records also hold "counterfactual": the caption with the relation
       inverted or the two colours exchanged, worded alike ("" where there is none). The
       scenes and captions are the same either way.
-    counterfactual_kinds: which of those ("relation", "colors"; default both).
+    counterfactual_kinds: which of those ("relation", "colors"; None: both).
     """
 
     def __init__(
@@ -43,7 +38,7 @@ class ShapesSource:
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
         counterfactuals: bool = False,
-        counterfactual_kinds=COUNTERFACTUAL_KINDS,
+        counterfactual_kinds=None,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")

@@ -74,7 +74,8 @@ COUNTERFACTUAL_KINDS = ("relation", "colors")
 
 
 def check_counterfactual_kinds(kinds) -> tuple[str, ...]:
-    kinds = tuple(kinds)
+    """`kinds` as a tuple (None: every kind); an unknown or empty one is an error."""
+    kinds = COUNTERFACTUAL_KINDS if kinds is None else tuple(kinds)
     unknown = sorted(set(kinds) - set(COUNTERFACTUAL_KINDS))
     if unknown or not kinds:
         raise ValueError(

@@ -109,7 +109,7 @@ def make_source(
         return data_lib.TarShardSource(cfg.path, min_decode_size=cfg.resolution)
     if cfg.source == "shapes":
         from imagen_jax.data import ShapesSource  # lazy: owned by the shapes domain
-        from imagen_jax.shapes.tasks import COUNTERFACTUAL_KINDS, parse_task_weights
+        from imagen_jax.shapes.tasks import parse_task_weights
 
         return ShapesSource(
             split=cfg.split,
@@ -118,9 +118,7 @@ def make_source(
             seed=cfg.seed,
             task_weights=parse_task_weights(cfg.task_weights),
             counterfactuals=counterfactuals,
-            counterfactual_kinds=(
-                COUNTERFACTUAL_KINDS if counterfactual_kinds is None else counterfactual_kinds
-            ),
+            counterfactual_kinds=counterfactual_kinds,
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 

@@ -5,7 +5,7 @@
 
 Prompts come from --prompt (repeatable) or --prompts=FILE (.txt, one per line; or .jsonl
 with per-prompt "seed", "negative_prompt", "guidance_scale"). A stage is a directory written
-by `imagen_jax.pipelines.stages.save_stage` (or exported from a training workdir). A
+by `imagen_jax.stages.save_stage` (or exported from a training workdir). A
 restarted job makes only the images that are missing. --set=STAGE.KEY=VALUE (repeatable)
 overrides a stage's sample settings, e.g. --set=0.steps=25 --set=1.sampler=ddim, and a
 super-resolution stage's augmentation level of its low-res input (--set=1.aug_level=0.2).
@@ -33,7 +33,6 @@ samples a contiguous range of the prompts; --outdir must be one shared file syst
 process 0 writes the manifest once every process is done.
 """
 
-import jax
 from absl import app, flags
 
 from imagen_jax import parallel
@@ -70,25 +69,15 @@ flags.DEFINE_string(
 flags.DEFINE_integer(
     "noise_level", None, "DeepFloyd IF stage II: the noise level of its input (default 250)."
 )
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_bool("jax_distributed", False, "Join a multi-host job found by jax itself.")
+parallel.define_distributed_flags()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     f = flags.FLAGS
-    if f.jax_distributed and not f.coordinator_address:
-        jax.distributed.initialize()
-    else:
-        parallel.initialize_distributed(
-            coordinator_address=f.coordinator_address,
-            num_processes=f.num_processes,
-            process_id=f.process_id,
-        )
-    sampling.main(
+    parallel.initialize_from_flags()
+    sampling.run_sampling_job(
         stages=f.stage,
         prompts=f.prompt,
         prompts_file=f.prompts,

@@ -17,7 +17,6 @@ JAX_PROCESS_ID variables; on Slurm and TPU pods jax finds them itself when
 --jax_distributed is set). The run resumes from the workdir's last checkpoint.
 """
 
-import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -29,24 +28,14 @@ config_flags.DEFINE_config_file(
     "config", None, "configs/<stage>.py[:arg]: the experiment.", lock_config=True
 )
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-flags.DEFINE_bool("jax_distributed", False, "Join a multi-host job found by jax itself.")
+parallel.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.jax_distributed and not FLAGS.coordinator_address:
-        jax.distributed.initialize()
-    else:
-        parallel.initialize_distributed(
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-        )
+    parallel.initialize_from_flags()
     logging.info("Config:\n%s", FLAGS.config)
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
 

@@ -70,7 +70,7 @@ from tokenizers import pre_tokenizers
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
 from imagen_jax.models import sd_unet
-from imagen_jax.pipelines.latent import load_latent_pipeline
+from imagen_jax.pipelines.public import load_latent_pipeline
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 SCHEDULERS = {  # our sampler name: SD's scheduler settings in diffusers

@@ -3,7 +3,7 @@ lookups, each followed by the trainer's jitted step, in one process.
 
 The config's batches are drawn from its input pipeline once, before timing (both sides
 would pay the same for them). Side "encoder" is the trainer without a cache: encode the
-captions (`trainer.device_batch`), then the step. Side "cache" is the trainer with
+captions (`loop.device_batch`), then the step. Side "cache" is the trainer with
 `text.cache`: look the captions up (`input.CachedText`), then the step. A cache of the
 batches' captions is built first with the config's encoder; the two sides' text must agree
 within float16 rounding before anything is timed.
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imagen_jax import training  # noqa: E402
 from imagen_jax.text.cache import EmbeddingCache, build_cache  # noqa: E402
 from imagen_jax.training import input as input_lib  # noqa: E402
-from imagen_jax.training import trainer  # noqa: E402
+from imagen_jax.training import loop, trainer  # noqa: E402
 
 
 def load_config(name: str, batch: int):
@@ -61,10 +61,10 @@ def check_same_text(cache: EmbeddingCache, encoder, captions) -> float:
 
 def bench(args) -> dict:
     config = load_config("shapes_base:runlocal" if args.runlocal else args.config, args.batch)
-    mesh = trainer.make_mesh(config)
+    mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
-        net = trainer.make_stage_network(config, mesh)
-        encoder = trainer.make_text_encoder(config, net)
+        net = loop.make_stage_network(config, mesh)
+        encoder = trainer.stage_text_encoder(config, net)
         data = training.make_input(config)
         batches = [next(data) for _ in range(args.batches)]
         data.close()
@@ -79,8 +79,8 @@ def bench(args) -> dict:
             state, shardings, rest = training.create_train_state(config, net, tx, mesh)
             step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
             prep = {
-                "encoder": lambda b: trainer.device_batch(b, encoder, mesh),
-                "cache": lambda b: trainer.device_batch(
+                "encoder": lambda b: loop.device_batch(b, encoder, mesh),
+                "cache": lambda b: loop.device_batch(
                     input_lib.with_cached_text(b, cache), encoder, mesh
                 ),
             }

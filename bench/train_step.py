@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imagen_jax import parallel, training  # noqa: E402
-from imagen_jax.training import trainer  # noqa: E402
+from imagen_jax.training import loop  # noqa: E402
 
 CONFIGS = {  # name -> (config file, arg)
     "runlocal": ("shapes_base", "runlocal"),
@@ -61,7 +61,7 @@ def bench(name: str, args) -> dict:
         config.data.batch_size = args.batch
     if args.dtype:
         config.model.dtype = args.dtype
-    mesh = trainer.make_mesh(config)
+    mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net = training.make_network(config.model)
         tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)

@@ -85,6 +85,7 @@ from torch.utils import flop_counter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from imagen_jax.diffusion import losses, schedules  # noqa: E402
+from imagen_jax.diffusion.adapter import model_fn  # noqa: E402
 from imagen_jax.models import imagen_unet  # noqa: E402
 from imagen_jax.training import step as step_lib  # noqa: E402
 
@@ -219,7 +220,7 @@ class Ours:
                 batch, key_cond, cond_drop_prob=COND_DROP_PROB, max_aug=None, schedule=schedule
             )
             return losses.diffusion_loss(
-                step_lib.model_fn(net, schedule=schedule),
+                model_fn(net, schedule=schedule),
                 batch["image"],
                 cond,
                 key_loss,

@@ -35,7 +35,8 @@ import optax
 from flax import nnx
 
 from imagen_jax.diffusion import losses, schedules
-from imagen_jax.models import attention, imagen_unet, layers
+from imagen_jax.models import attention, imagen_unet
+from imagen_jax.models import unet_layers as layers
 
 
 def make_step(graphdef, rest, optimizer, schedule):

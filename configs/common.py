@@ -9,6 +9,7 @@ import ml_collections
 
 from imagen_jax import training
 from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.text.config import text_config
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -17,7 +18,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.model = training.model_config()
     config.diffusion = diffusion_config.diffusion_config()
-    config.text = training.text_config()
+    config.text = text_config()
     config.data = training.data_config()
     config.optim = training.optim_config()
     config.train = training.train_config()
@@ -37,7 +38,7 @@ def runlocal(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         variant="runlocal", resolution=16, low_resolution=low, text_dim=32, **extra
     )
     config.diffusion.resolution = 16
-    config.text = training.text_config(kind="hash", dim=32, max_length=16)
+    config.text = text_config(kind="hash", dim=32, max_length=16)
     config.data = training.data_config(
         source="synthetic", size=64, resolution=16, low_resolution=low, batch_size=8
     )

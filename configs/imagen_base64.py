@@ -14,12 +14,13 @@ Hugging Face-layout T5 encoder directory (e.g. google/t5-v1_1-xxl's encoder).
 from configs import common
 from imagen_jax import training
 from imagen_jax.config_utils import parse_arg
+from imagen_jax.text.config import text_config
 
 
 def imagen_config(*, data: str, t5: str, batch: int, steps: int, fsdp: int):
     """What the Imagen stages share: T5-XXL text, tar-shard data, optimizer, EMA, mesh."""
     config = common.base_config()
-    config.text = training.text_config(kind="t5", path=t5, max_length=128, dtype="bfloat16")
+    config.text = text_config(kind="t5", path=t5, max_length=128, dtype="bfloat16")
     config.data = training.data_config(source="tar", path=data, batch_size=batch, worker_count=8)
     config.optim = training.optim_config(lr=1e-4, warmup_steps=10_000, decay="constant")
     config.train.steps = steps

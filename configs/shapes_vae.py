@@ -8,7 +8,7 @@ al. 2022), 64 px images -> 16x16x4 latents (factor 4; `factor=8` gives 8x8x4).
 The run ends by writing WORKDIR/vae/, a diffusers AutoencoderKL directory (config.json +
 diffusion_pytorch_model.safetensors, EMA weights, measured scaling_factor) that
 `configs/shapes_latent.py:vae=WORKDIR/vae` and diffusers' `AutoencoderKL.from_pretrained`
-read; `python -m imagen_jax.training.vae_trainer` exports any checkpoint the same way.
+read; `python -m imagen_jax.training.export` exports any checkpoint the same way.
 
 Limits: the loss is an L1 (or L2) reconstruction plus a small KL term only
 (`training/vae_step.py`). Stable Diffusion's VAE also trained with a perceptual (LPIPS) loss

@@ -4,7 +4,7 @@
 
 DIR holds the images and `manifest.jsonl` (one JSON object per image with at least "file",
 relative to DIR, and "prompt"; optional "spec", "task", "split"): the format is documented
-in `imagen_jax/shapes/evaluate.py`, which holds all the logic. Prints each task's accuracy
+in `imagen_jax/shapes/accuracy.py`, which holds all the logic. Prints each task's accuracy
 and count and the overall mean of the six task accuracies, per split.
 """
 
@@ -12,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from imagen_jax.shapes import evaluate
+from imagen_jax.shapes import accuracy
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Folder with images and manifest.jsonl.")
 _JSON = flags.DEFINE_string("json", None, "Also write the table here, as JSON.")
@@ -22,8 +22,8 @@ flags.mark_flag_as_required("samples")
 
 def main(argv):
     del argv
-    table = evaluate.evaluate_folder(_SAMPLES.value, results_path=_RESULTS.value)
-    print(evaluate.format_table(table))
+    table = accuracy.evaluate_folder(_SAMPLES.value, results_path=_RESULTS.value)
+    print(accuracy.format_table(table))
     if _JSON.value:
         with open(_JSON.value, "w", encoding="utf-8") as f:
             json.dump(table, f, indent=2)

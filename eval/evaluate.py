@@ -20,7 +20,7 @@ from absl import app, flags
 from imagen_jax.evaluation import evaluators, inception
 from imagen_jax.pipelines import jobs, sampling
 from imagen_jax.training import config as config_lib
-from imagen_jax.training import evaluation
+from imagen_jax.training import periodic_eval as evaluation
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Folder of samples with manifest.jsonl.")
 _STAGE = flags.DEFINE_multi_string("stage", [], "Sample these stage directories (base first).")
@@ -65,9 +65,7 @@ def main(argv):
     if _STAGE.value:
         if not _OUTDIR.value:
             raise app.UsageError("--stage needs --outdir (where the samples are written)")
-        cascade, loaded = sampling.load_cascade(
-            _STAGE.value, mesh=sampling.local_mesh(_BATCH.value)
-        )
+        cascade, loaded = sampling.load_cascade(_STAGE.value, mesh=jobs.local_mesh(_BATCH.value))
         entries, _ = evaluation.eval_prompts(evals)
         jobs.check_outdir(_OUTDIR.value)
         jobs.run_job(

@@ -7,7 +7,7 @@
 
 DIR holds the images: those `manifest.jsonl` lists, else every PNG/JPEG under DIR.
 WEIGHTS is pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (read with torch) or its
-safetensors conversion (`python -m imagen_jax.evaluation.inception --convert`). REF.npz
+safetensors conversion (`python tools/convert_inception.py --convert`). REF.npz
 holds `mu` and `sigma` (pytorch-fid's and clean-fid's statistics files work); a reference
 must be computed with the same --resize. All logic lives in
 `imagen_jax/evaluation/folder.py`; this prints the result as JSON (naming the weights file,

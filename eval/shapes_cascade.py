@@ -24,7 +24,7 @@ import jax
 from absl import app, flags
 
 from imagen_jax.pipelines import jobs, sampling
-from imagen_jax.shapes import evaluate, prompt_sets
+from imagen_jax.shapes import accuracy, prompt_sets
 
 flags.DEFINE_multi_string("stage", [], "Stage directories, base first (default: shipped).")
 flags.DEFINE_bool("base_only", False, "Sample the first stage only.")
@@ -56,17 +56,15 @@ def main(argv):
     stage_dirs = list(f.stage) or sampling.shipped_stages()
     if f.base_only:
         stage_dirs = stage_dirs[:1]
-    cascade, loaded = sampling.load_cascade(
-        stage_dirs, f.set, mesh=sampling.local_mesh(f.batch_size)
-    )
+    cascade, loaded = sampling.load_cascade(stage_dirs, f.set, mesh=jobs.local_mesh(f.batch_size))
     entries = prompt_entries(f.split, f.prompts_per_task, f.tasks)
     job = dict(images_per_prompt=f.images_per_prompt, seed=f.seed, batch_size=f.batch_size)
     settings = {"stages": [s.settings() for s in loaded]}
     with tempfile.TemporaryDirectory() as warm:  # compiles every stage once
         jobs.run_job(cascade, entries[:1], warm, **job, settings=settings, progress=False)
     summary = jobs.run_job(cascade, entries, f.outdir, **job, settings=settings)
-    table = evaluate.evaluate_folder(f.outdir)
-    print(evaluate.format_table(table))
+    table = accuracy.evaluate_folder(f.outdir)
+    print(accuracy.format_table(table))
     line = dict(
         name=f.name,
         split=f.split,

@@ -26,7 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -181,6 +181,30 @@ def replicate(tree, mesh: Mesh):
 # ----------------------------------------------------------------------------------------------
 # Multi-host start-up
 # ----------------------------------------------------------------------------------------------
+
+
+def define_distributed_flags() -> None:
+    """Defines the multi-host flags every main shares (call it at a main's import):
+    --coordinator_address, --num_processes, --process_id, --jax_distributed."""
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
+    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+    flags.DEFINE_bool("jax_distributed", False, "Join a multi-host job found by jax itself.")
+
+
+def initialize_from_flags(values=None) -> None:
+    """Joins the job the flags of `define_distributed_flags` describe (default: absl's
+    FLAGS): with --jax_distributed and no coordinator, jax finds the job itself (Slurm, TPU
+    pods); else `initialize_distributed` with the flags (or the JAX_* environment)."""
+    f = values or flags.FLAGS
+    if f.jax_distributed and not f.coordinator_address:
+        jax.distributed.initialize()
+        return
+    initialize_distributed(
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+    )
 
 
 def initialize_distributed(

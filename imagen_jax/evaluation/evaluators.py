@@ -8,13 +8,13 @@
 An evaluator is any object with a `name` and `__call__(samples: Samples) -> dict[str, float]`
 (plus `describe() -> dict`, what a report records about it: weights, conventions). The
 trainer runs them periodically on images sampled from its EMA weights
-(`imagen_jax.training.evaluation`); `eval/` mains run the same evaluators over a folder of
+(`imagen_jax.training.periodic_eval`); `eval/` mains run the same evaluators over a folder of
 samples with its manifest (`samples_from_folder`). Metric names start with the evaluator's
 name.
 
 Evaluators (`evals.metrics` names):
 * `compositional`: GenEval-style accuracy with the shapes scorer, per split and task, and
-  the overall mean of the task accuracies (`imagen_jax.shapes.evaluate`).
+  the overall mean of the task accuracies (`imagen_jax.shapes.accuracy`).
 * `fid`: FID against reference statistics (`evals.fid.reference`, an `.npz` of mu and
   sigma as pytorch-fid and clean-fid write them), and KID when reference features are given
   (`evals.fid.kid_reference`), with the FID Inception of `evals.fid.inception`.
@@ -36,7 +36,7 @@ import numpy as np
 from imagen_jax.evaluation import fid as fid_lib
 from imagen_jax.evaluation import folder as folder_lib
 from imagen_jax.evaluation import inception
-from imagen_jax.shapes import evaluate as shapes_evaluate
+from imagen_jax.shapes import accuracy as shapes_accuracy
 from imagen_jax.shapes import scorer
 
 
@@ -81,12 +81,12 @@ class Compositional:
     def __call__(self, samples: Samples) -> dict[str, float]:
         results = []
         for i, (image, record) in enumerate(zip(samples.images, samples.records, strict=True)):
-            spec, split = shapes_evaluate.record_spec(record)
-            entry = shapes_evaluate.ManifestEntry(
+            spec, split = shapes_accuracy.record_spec(record)
+            entry = shapes_accuracy.ManifestEntry(
                 pathlib.Path(f"sample_{i}"), record["prompt"], spec, split, {}
             )
             results.append((entry, scorer.score(np.asarray(image), spec)))
-        table = shapes_evaluate.summarize(results)
+        table = shapes_accuracy.summarize(results)
         metrics = {}
         for split, block in table["splits"].items():
             for task, row in block["tasks"].items():

@@ -1,7 +1,7 @@
 """FID and KID of a folder of generated images (what `eval/fid.py` runs).
 
 The images are those that `manifest.jsonl` lists (one JSON object per line with a "file"
-relative to the folder, as `imagen_jax/shapes/evaluate.py` documents; other fields are
+relative to the folder, as `imagen_jax/shapes/accuracy.py` documents; other fields are
 ignored), or, without a manifest, every PNG / JPEG under the folder (recursively, sorted).
 Each is read with Pillow and converted to RGB, as pytorch-fid does.
 

@@ -13,10 +13,10 @@ original `fid.py`). The architecture here is pytorch-fid's port of it (mseitzer/
 
 Weights: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (a PyTorch state dict of
 torchvision's Inception3 layout, read with `torch.load(weights_only=True)` when torch is
-installed), or a safetensors file of the same tensors (`--convert` writes one):
+installed), or a safetensors file of the same tensors (`convert` writes one):
 
-    python -m imagen_jax.evaluation.inception --convert pt_inception-2015-12-05-6726825d.pth \
-        --out fid_inception.safetensors
+    python tools/convert_inception.py --convert=pt_inception-2015-12-05-6726825d.pth \
+        --out=fid_inception.safetensors
 
 Resizing to 299 moves FID, so it is chosen by name and recorded (`RESIZE_MODES`):
 
@@ -31,7 +31,6 @@ Resizing to 299 moves FID, so it is chosen by name and recorded (`RESIZE_MODES`)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import hashlib
@@ -41,7 +40,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 from flax.nnx import traversals
 from jax import lax
@@ -289,8 +287,8 @@ def read_weights(path: str | os.PathLike) -> Mapping:
         raise FileNotFoundError(
             f"Inception weights file {path!r} does not exist: pass pytorch-fid's {WEIGHTS_FILE} "
             "(published with pytorch-fid's GitHub releases, tag fid_weights; download it "
-            "yourself) or a safetensors file converted from it (python -m "
-            "imagen_jax.evaluation.inception --convert IN.pth --out OUT.safetensors)"
+            "yourself) or a safetensors file converted from it (python "
+            "tools/convert_inception.py --convert=IN.pth --out=OUT.safetensors)"
         )
     if path.endswith(".safetensors"):
         return _Tensors(path, read_safetensors_header(path))
@@ -299,7 +297,7 @@ def read_weights(path: str | os.PathLike) -> Mapping:
     except ImportError:
         raise CheckpointError(
             f"{path} is not .safetensors and torch, needed to read a PyTorch state dict, is not "
-            "installed: convert it to safetensors where torch is (--convert)"
+            "installed: convert it to safetensors where torch is (tools/convert_inception.py)"
         ) from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -484,25 +482,3 @@ class FeatureExtractor:
         if not out:
             raise ValueError("no images to extract features from")
         return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line: --convert
-# ----------------------------------------------------------------------------------------------
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m imagen_jax.evaluation.inception",
-        description="Convert pytorch-fid's Inception weights (.pth) to safetensors.",
-    )
-    parser.add_argument("--convert", required=True, metavar="IN.pth", help="PyTorch state dict")
-    parser.add_argument("--out", required=True, metavar="OUT.safetensors")
-    args = parser.parse_args(argv)
-    convert(args.convert, args.out)
-    logging.info("wrote %s (sha256 %s)", args.out, file_sha256(args.out))
-    print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen_jax.models import layers
+from imagen_jax.models import layout_head
+from imagen_jax.models import unet_layers as layers
 from imagen_jax.models.conv import Conv
 from imagen_jax.models.norm import GroupNorm
 
@@ -58,10 +59,10 @@ class UNetConfig:
     # Trainable transformer layers over the frozen text tokens (layers.TextRefiner), after
     # `text_proj`; each starts as the identity, so a stage grows them with its function kept.
     text_refiner: int = 0
-    # > 0: a layout head (layers.LayoutHead) predicts the image pooled to this grid from the
+    # > 0: a layout head (layout_head.LayoutHead) predicts the image pooled to this grid from the
     # text, and its prediction (gradient stopped) enters next to the input through a
     # zero-initialised convolution; the head is fitted by its own regression loss
-    # (`train.layout_weight`; `python -m imagen_jax.training.layout_fit`).
+    # (`train.aux_losses.layout`; `python -m imagen_jax.proj.shapes.layout_fit`).
     layout_grid: int = 0
 
     def blocks(self, level: int) -> int:
@@ -73,7 +74,7 @@ class UNetConfig:
 # (`imagen_pytorch/imagen_pytorch.py`), which follow the paper's appendix F: the 2B-parameter
 # 64x64 base (width 512, mults 1,2,3,4, 3 blocks, attention at 32, 16, 8) and the 600M
 # Efficient U-Net for 64 -> 256 (width 128, mults 1,2,4,8, blocks 2,4,8,8, attention only at
-# the lowest resolution). `python -m imagen_jax.models.imagen_unet` prints parameter counts.
+# the lowest resolution). `python tools/unet_variants.py` prints parameter counts.
 VARIANTS = {
     "runlocal": dict(
         channels=16,
@@ -213,7 +214,7 @@ class ImagenUNet(nnx.Module):
         grid = cfg.layout_grid
         self.layout_scale = 1.0  # the gain on the head's prediction (a sampling setting)
         self.layout = (
-            layers.LayoutHead(cfg.text_dim, grid, cfg.in_channels, rngs=rngs, **kw)
+            layout_head.LayoutHead(cfg.text_dim, grid, cfg.in_channels, rngs=rngs, **kw)
             if grid
             else None
         )
@@ -376,8 +377,3 @@ def count_params(cfg: UNetConfig) -> int:
     """Parameter count, from shapes only (nothing is allocated)."""
     model = nnx.eval_shape(lambda: ImagenUNet(cfg, rngs=nnx.Rngs(0)))
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-
-if __name__ == "__main__":
-    for name in VARIANTS:
-        print(f"{name:22s} {count_params(make_config(name)) / 1e6:10.1f} M parameters")

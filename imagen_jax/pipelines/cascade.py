@@ -39,11 +39,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax.diffusion import config as diffusion_config
-from imagen_jax.diffusion import losses, samplers
+from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion.adapter import augment_low_res, model_fn
+from imagen_jax.images import to_uint8
 from imagen_jax.pipelines import jobs
-from imagen_jax.pipelines.stages import Stage
-from imagen_jax.training.sampling import to_uint8
-from imagen_jax.training.step import unit_time
+from imagen_jax.stages import Stage
 
 _NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation noise
 STEP_NOISE_TAG = 2  # the fold_in tag of a row key for the sampler's step noise
@@ -54,8 +54,7 @@ def _imagen_network(model, schedule):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def apply_fn(state, z, t, cond):
-        net = nnx.merge(graphdef, *state)
-        return net(z, unit_time(t, schedule=schedule), cond)
+        return model_fn(nnx.merge(graphdef, *state), schedule=schedule)(z, t, cond)
 
     return apply_fn, (params, rest)
 
@@ -65,7 +64,7 @@ def _imagen_low_res(low_res, aug_keys, size, *, aug_level, schedule):
     augmentation level (the UNet resizes them itself), and that level."""
     del size
     aug_t = jnp.full((low_res.shape[0],), aug_level, jnp.float32)
-    return dict(low_res=_augment_with(low_res, aug_t, aug_keys, schedule=schedule), aug_t=aug_t)
+    return dict(low_res=augment_low_res(low_res, aug_t, aug_keys, schedule=schedule), aug_t=aug_t)
 
 
 class _CompiledStage:
@@ -101,14 +100,6 @@ class _CompiledStage:
         z = grid.init_sigma * _row_normal(keys, (*size, self.channels))
         step_keys = _row_noise_key(keys, STEP_NOISE_TAG)
         return self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), step_keys)
-
-
-def _augment_with(low_res, aug_t, aug_keys, *, schedule):
-    """Noise-conditioning augmentation at sampling time (as `training.step.make_cond` does
-    in training), each row's noise from its own key."""
-    _, alpha_t, sigma_t = losses.time_from_unit(aug_t, schedule=schedule)
-    eps = jax.vmap(lambda k: jax.random.normal(k, low_res.shape[1:]))(aug_keys)
-    return losses.add_noise(x0=low_res, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)
 
 
 def _row_noise_key(keys, tag):

@@ -30,10 +30,12 @@ from collections.abc import Iterable, Sequence
 import jax
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 from imagen_jax import parallel
+from imagen_jax.diffusion.config import sample_config
 
 METADATA_KEY = "imagen_jax"
 _KNOWN = ("prompt", "negative_prompt", "seed", "guidance_scale")
@@ -292,3 +294,44 @@ def run_job(
         seconds=seconds,
         images_per_s=len(made) / seconds if seconds else 0.0,
     )
+
+
+def parse_overrides(overrides, num_stages: int, extra_keys: dict | None = None) -> list[dict]:
+    """["0.steps=25", "1.sampler=ddim"] -> one dict of sample overrides per stage, values
+    typed by the sample group's defaults, or by `extra_keys` (key: default) for keys beyond
+    it (unknown keys raise)."""
+    defaults = {**sample_config().to_dict(), **(extra_keys or {})}
+    out = [{} for _ in range(num_stages)]
+    for item in overrides:
+        target, _, value = item.partition("=")
+        index, _, key = target.partition(".")
+        if not index.isdigit() or int(index) >= num_stages or not _:
+            raise ValueError(f"--set={item!r}: expected STAGE.KEY=VALUE with STAGE < {num_stages}")
+        if key not in defaults:
+            raise ValueError(
+                f"--set={item!r}: unknown sample key {key!r}; allowed: {sorted(defaults.keys())}"
+            )
+        kind = type(defaults[key])
+        out[int(index)][key] = (
+            (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        )
+    return out
+
+
+def local_mesh(batch_size: int):
+    """A mesh over this process's devices that splits the batch, when it divides evenly
+    (each process samples its own prompts; None: one device)."""
+    devices = jax.local_devices()
+    if len(devices) == 1 or batch_size % len(devices):
+        return None
+    return Mesh(np.array(devices), ("data",))
+
+
+def stage_settings(loaded, cascade) -> dict:
+    """What every image's metadata records about the stages of a cascade."""
+    return {
+        "stages": [
+            dict(s.settings(), height=h, width=w)
+            for s, (h, w) in zip(loaded, cascade.sizes, strict=True)
+        ]
+    }

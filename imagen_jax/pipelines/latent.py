@@ -1,12 +1,12 @@
 """Stable Diffusion 1.x / 2.x and SDXL (base and refiner) from a diffusers directory:
 text-to-image, image-to-image, and the SDXL base -> refiner handoff.
 
-    pipe = load_latent_pipeline("models/stable-diffusion-v1-5")
+    pipe = load_sd_pipeline("models/stable-diffusion-v1-5")
     out = pipe(["a photo of an astronaut riding a horse"], seed=0, steps=30)
     out.images  # float32 [B, H, W, 3] in [0, 1]
 
     # SDXL: the base denoises the first 80% of the steps, the refiner the rest
-    base, refiner = load_latent_pipeline(sdxl_dir), load_latent_pipeline(refiner_dir)
+    base, refiner = load_sd_pipeline(sdxl_dir), load_sd_pipeline(refiner_dir)
     latents = base(prompts, seed=0, steps=40, denoising_end=0.8, output="latent").latents
     out = refiner(prompts, image_latents=latents, steps=40, denoising_start=0.8, seed=0)
 
@@ -38,7 +38,7 @@ from flax import nnx
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
 from imagen_jax.models import sd_unet, vae
-from imagen_jax.pipelines import diffusers_format
+from imagen_jax.pipelines import diffusers_format, jobs
 from imagen_jax.text.encoder import TextEncoder, load_text_encoder
 from imagen_jax.weights import CheckpointError
 
@@ -301,17 +301,13 @@ DEFAULT_GUIDANCE = {"stable_diffusion": 7.5, "stable_diffusion_xl": 5.0}
 DEFAULT_STEPS = 50
 
 
-def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPipeline:
-    """An SD 1.x / 2.x or SDXL (base or refiner) pipeline from a diffusers directory (an SD 3
-    directory gives `sd3.load_sd3_pipeline`'s pipeline). Every component is checked
-    (present, of its class, fitting the others) before weights load."""
+def load_sd_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPipeline:
+    """An SD 1.x / 2.x or SDXL (base or refiner) pipeline from a diffusers directory
+    (`pipelines.public.load_latent_pipeline` takes any latent family). Every component is
+    checked (present, of its class, fitting the others) before weights load."""
     path = os.fspath(path)
     index = diffusers_format.read_model_index(path)
     family = diffusers_format.family_of(index, path)
-    if family.name == "stable_diffusion_3":
-        from imagen_jax.pipelines import sd3  # it builds on this module
-
-        return sd3.load_sd3_pipeline(path, dtype=dtype)
     if family.name not in DEFAULT_GUIDANCE:
         raise CheckpointError(
             f"{path} is a {index['_class_name']}; load it with the {family.name} loader"
@@ -339,7 +335,7 @@ def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> Laten
                 model_mask=False,
             )
         )
-    width = sum(_text_width(os.path.join(path, n)) for n in encoder_names)
+    width = sum(text_width_of(os.path.join(path, n)) for n in encoder_names)
     if unet_hf.get("cross_attention_dim") != width:
         raise CheckpointError(
             f"{path}/unet/config.json: cross_attention_dim={unet_hf.get('cross_attention_dim')} "
@@ -366,7 +362,8 @@ def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> Laten
     )
 
 
-def _text_width(folder: str) -> int:
+def text_width_of(folder: str) -> int:
+    """The hidden width of a transformers text model directory (a CLIP's text tower)."""
     config = diffusers_format.read_json(os.path.join(folder, "config.json"), folder)
     if config.get("model_type") == "clip":
         config = config.get("text_config") or {}
@@ -409,8 +406,6 @@ class LatentJob:
         return {"stages": stages, **self.size}
 
     def __call__(self, items, seed: int) -> list[np.ndarray]:
-        from imagen_jax.pipelines import jobs
-
         prompts = [it.entry.prompt for it in items]
         negatives = [it.entry.negative_prompt for it in items]
         negatives = negatives if any(n.strip() for n in negatives) else None

@@ -1,4 +1,5 @@
-"""What sample.py does: load the stages and the text encoder, run the job, print a summary.
+"""What sample.py does: load the stages and the text encoder, run the job, print a summary
+(`run_sampling_job`); public diffusers checkpoints go through `pipelines.public`.
 
 With no stage given it samples the shipped default model, the shapes cascade in
 `checkpoints/shapes/` (base 32 px -> super-resolution 64 px), and with no prompt given,
@@ -9,13 +10,11 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
-import ml_collections
-import numpy as np
-from jax.sharding import Mesh
-
+from imagen_jax import stages
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import jobs, stages
+from imagen_jax.pipelines import jobs, public
+from imagen_jax.shapes.grammar import out_of_domain_note
+from imagen_jax.text.config import make_text_encoder, text_config
 
 SHIPPED_MODEL = pathlib.Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
 SHIPPED_STAGES = ("base", "sr")
@@ -33,74 +32,31 @@ def shipped_stages() -> list[str]:
     return [str(d) for d in dirs]
 
 
-def out_of_domain(loaded, entries) -> list[str]:
-    """The prompts that a shapes-domain model cannot read (its prompt grammar rejects
-    them); [] when no stage declares the shapes domain."""
-    if not any(stage.domain == "shapes" for stage in loaded):
-        return []
-    from imagen_jax.shapes.grammar import parse_prompt
-
-    unknown = []
-    for entry in entries:
-        try:
-            parse_prompt(entry.prompt)
-        except ValueError:
-            unknown.append(entry.prompt)
-    return unknown
-
-
 STAGE_KEYS = {"aug_level": 0.0}  # what --set may change of a stage beyond its sample group
 
 
-def parse_overrides(overrides, num_stages: int, extra_keys: dict | None = None) -> list[dict]:
-    """["0.steps=25", "1.sampler=ddim"] -> one dict of sample overrides per stage, values
-    typed by the sample group's defaults, or by `extra_keys` (key: default) for keys beyond
-    it (unknown keys raise)."""
-    from imagen_jax.diffusion.config import sample_config
-
-    defaults = {**sample_config().to_dict(), **(extra_keys or {})}
-    out = [{} for _ in range(num_stages)]
-    for item in overrides:
-        target, _, value = item.partition("=")
-        index, _, key = target.partition(".")
-        if not index.isdigit() or int(index) >= num_stages or not _:
-            raise ValueError(f"--set={item!r}: expected STAGE.KEY=VALUE with STAGE < {num_stages}")
-        if key not in defaults:
-            raise ValueError(
-                f"--set={item!r}: unknown sample key {key!r}; allowed: {sorted(defaults.keys())}"
-            )
-        kind = type(defaults[key])
-        out[int(index)][key] = (
-            (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-        )
-    return out
-
-
-def local_mesh(batch_size: int):
-    """A mesh over this process's devices that splits the batch, when it divides evenly
-    (each process samples its own prompts; None: one device)."""
-    devices = jax.local_devices()
-    if len(devices) == 1 or batch_size % len(devices):
-        return None
-    return Mesh(np.array(devices), ("data",))
+def domain_note(loaded, prompts) -> str | None:
+    """What a stage's training domain says about prompts it cannot read (a stage directory's
+    "domain"; only "shapes" has a reader, `shapes.grammar.out_of_domain_note`)."""
+    if any(stage.domain == "shapes" for stage in loaded):
+        return out_of_domain_note(prompts)
+    return None
 
 
 def load_cascade(stage_dirs, overrides=(), *, mesh=None):
     """(Cascade, its loaded stages) of stage directories, base first; none: the shipped
     default model."""
     stage_dirs = list(stage_dirs) or shipped_stages()
-    per_stage = parse_overrides(overrides, len(stage_dirs), STAGE_KEYS)
+    per_stage = jobs.parse_overrides(overrides, len(stage_dirs), STAGE_KEYS)
     loaded = [
         stages.load_stage(d, sample_overrides=o, aug_level=o.pop("aug_level", None))
         for d, o in zip(stage_dirs, per_stage, strict=True)
     ]
-    from imagen_jax.training.text import make_text_encoder
-
-    encoder = make_text_encoder(ml_collections.ConfigDict(loaded[0].text))
+    encoder = make_text_encoder(text_config(**loaded[0].text))
     return cascade_lib.Cascade(loaded, encoder, mesh=mesh), loaded
 
 
-def main(
+def run_sampling_job(
     *,
     stages,
     prompts,
@@ -120,12 +76,13 @@ def main(
     pipeline_sr: str | None = None,
     noise_level: int | None = None,
 ):
-    """The job of sample.py's flags; returns `jobs.run_job`'s summary. height, width: the
-    final images' size (None: the last stage's trained resolution; see
-    `cascade.stage_sizes`). pipeline: a diffusers-format SD / SDXL directory instead of
-    stages (refiner: an SDXL refiner taking over at `refiner_start` of the steps), or a
-    DeepFloyd IF stage I directory (pipeline_sr: an IF stage II directory after it, whose
-    input is noised at `noise_level`, None: diffusers' 250)."""
+    """The job of sample.py's flags (one keyword argument per flag); returns
+    `jobs.run_job`'s summary. height, width: the final images' size (None: the last
+    stage's trained resolution; see `cascade.stage_sizes`). pipeline: a diffusers-format
+    SD / SDXL directory instead of stages (refiner: an SDXL refiner taking over at
+    `refiner_start` of the steps), or a DeepFloyd IF stage I directory (pipeline_sr: an IF
+    stage II directory after it, whose input is noised at `noise_level`, None: diffusers'
+    250)."""
     if pipeline and stages:
         raise ValueError("give --stage directories or a --pipeline directory, not both")
     if refiner and not pipeline:
@@ -148,7 +105,7 @@ def main(
     print(f"{len(entries)} prompts read from {prompts_file or '--prompt'}")
     jobs.check_outdir(outdir)  # before any model is loaded or compiled
     if pipeline:
-        job, settings = public_job(
+        job, settings = public.public_job(
             pipeline,
             overrides,
             refiner=refiner,
@@ -160,73 +117,14 @@ def main(
             batch_size=batch_size,
         )
         return _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
-    cascade, loaded = load_cascade(stages, overrides, mesh=local_mesh(batch_size))
+    cascade, loaded = load_cascade(stages, overrides, mesh=jobs.local_mesh(batch_size))
     if height is not None or width is not None:
         cascade.set_size(height, width)
-    settings = _stage_settings(loaded, cascade)
-    unknown = out_of_domain(loaded, entries)
-    if unknown:
-        print(
-            f"note: {len(unknown)} of {len(entries)} prompts are outside the shapes domain "
-            f"(e.g. {unknown[0]!r}): the model was trained only on coloured shapes (circle, "
-            "square, triangle, star, heart, cross), their colours, sizes, counts, positions "
-            "and background; it makes an image anyway"
-        )
+    settings = jobs.stage_settings(loaded, cascade)
+    note = domain_note(loaded, [e.prompt for e in entries])
+    if note:
+        print(note)
     return _run(cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
-
-
-def public_job(
-    pipeline,
-    overrides,
-    *,
-    refiner=None,
-    refiner_start=0.8,
-    pipeline_sr=None,
-    noise_level=None,
-    height=None,
-    width=None,
-    batch_size=1,
-):
-    """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
-    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3."""
-    from imagen_jax.pipelines import deepfloyd  # lazy: only public pipelines need them
-
-    if deepfloyd.is_if_pipeline(pipeline):
-        if refiner:
-            raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
-        cascade, loaded = deepfloyd.load_if_cascade(
-            pipeline,
-            pipeline_sr,
-            overrides=parse_overrides(overrides, 2 if pipeline_sr else 1),
-            noise_level=deepfloyd.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level,
-            mesh=local_mesh(batch_size),
-            size=(height, width),
-        )
-        return cascade, _stage_settings(loaded, cascade)
-    if pipeline_sr:
-        raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
-    from imagen_jax.pipelines import latent
-
-    per_stage = parse_overrides(overrides, 2 if refiner else 1) + [{}]
-    job = latent.LatentJob(
-        latent.load_latent_pipeline(pipeline),
-        latent.load_latent_pipeline(refiner) if refiner else None,
-        refiner_start=refiner_start,
-        height=height,
-        width=width,
-        overrides=per_stage[:2],
-    )
-    return job, job.settings()
-
-
-def _stage_settings(loaded, cascade) -> dict:
-    """What every image's metadata records about the stages of a cascade."""
-    return {
-        "stages": [
-            dict(s.settings(), height=h, width=w)
-            for s, (h, w) in zip(loaded, cascade.sizes, strict=True)
-        ]
-    }
 
 
 def _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid):

@@ -5,8 +5,8 @@ text-to-image with the MMDiT (`models/sd3_transformer.py`) and rectified flow.
     out = pipe(["a photo of a cat holding a sign"], seed=0)   # 28 steps, guidance 7.0
     out.images  # float32 [B, H, W, 3] in [0, 1]
 
-`load_latent_pipeline` hands an SD 3 directory here, so `sample.py --pipeline=DIR` and
-`LatentJob` take it like any other latent pipeline.
+`pipelines.public.load_latent_pipeline` hands an SD 3 directory here, so
+`sample.py --pipeline=DIR` and `LatentJob` take it like any other latent pipeline.
 
 The numerics are diffusers': the text goes through three encoders as `encode_prompt` does
 it, the penultimate layer of both CLIPs (77 tokens each) concatenated on the channels and
@@ -34,7 +34,7 @@ from flax import nnx
 
 from imagen_jax.models import sd3_transformer, vae
 from imagen_jax.pipelines import diffusers_format
-from imagen_jax.pipelines.latent import LatentPipeline, _text_width
+from imagen_jax.pipelines.latent import LatentPipeline, text_width_of
 from imagen_jax.text.encoder import load_text_encoder
 from imagen_jax.weights import CheckpointError
 
@@ -111,7 +111,7 @@ def load_sd3_pipeline(
     diffusers_format.check_components(path, index, family, extra=extra)
     hf = diffusers_format.read_json(os.path.join(path, "transformer", "config.json"), "transformer")
     joint, pooled_dim = hf.get("joint_attention_dim"), hf.get("pooled_projection_dim")
-    clip_widths = [_text_width(os.path.join(path, n)) for n in ("text_encoder", "text_encoder_2")]
+    clip_widths = [text_width_of(os.path.join(path, n)) for n in ("text_encoder", "text_encoder_2")]
     projections = [
         _projection_dim(os.path.join(path, n)) for n in ("text_encoder", "text_encoder_2")
     ]

@@ -15,7 +15,7 @@ data and its compositional yardstick.
 Modules: `spec` (scene and prompt dataclasses, the vocabulary and palette), `geometry`
 (outlines, relations), `render`, `grammar` (captions and their parser), `splits` (the
 held-out combinations), `tasks` (scene and prompt sampling per task), `scorer`,
-`prompt_sets` (the checked-in evaluation prompts), `evaluate` (a folder of samples),
+`prompt_sets` (the checked-in evaluation prompts), `accuracy` (a folder of samples),
 `relation_probe` (does a base stage read the relation word, and at which noise levels).
 """
 

@@ -223,3 +223,22 @@ def parse_prompt(text: str) -> PromptSpec:
         fail("a relation can only relate two single objects")
     assert relation is None or relation in RELATIONS
     return PromptSpec(groups, relation=relation, background=background)
+
+
+def out_of_domain_note(prompts) -> str | None:
+    """A note on the prompts the grammar cannot read (a model of the shapes domain knows
+    nothing else); None when it reads them all."""
+    unknown = []
+    for prompt in prompts:
+        try:
+            parse_prompt(prompt)
+        except ValueError:
+            unknown.append(prompt)
+    if not unknown:
+        return None
+    return (
+        f"note: {len(unknown)} of {len(prompts)} prompts are outside the shapes domain "
+        f"(e.g. {unknown[0]!r}): the model was trained only on coloured shapes (circle, "
+        "square, triangle, star, heart, cross), their colours, sizes, counts, positions "
+        "and background; it makes an image anyway"
+    )

@@ -1,4 +1,5 @@
-"""Frozen text encoders (T5, CLIP, BERT) in Flax NNX, their tokenizers and loaders.
+"""Frozen text encoders (T5, CLIP, BERT) in Flax NNX, their tokenizers and loaders, the
+weight-free HashTextEncoder, and the one `text` config group that builds any of them.
 
 Load a local Hugging Face-layout directory and encode prompts:
 
@@ -20,8 +21,9 @@ Encode a data set's captions once and read them back (`cache.py`):
 from imagen_jax.text.bert import BertConfig, BertEncoder
 from imagen_jax.text.cache import CachedTextEncoder, CacheError, EmbeddingCache, build_cache
 from imagen_jax.text.clip import CLIPTextConfig, CLIPTextEncoder, pool_eos
-from imagen_jax.text.config import make_text_encoder, text_config
+from imagen_jax.text.config import encode_captions, make_text_encoder, text_config, text_width
 from imagen_jax.text.encoder import TextEmbeddings, TextEncoder, load_text_encoder
+from imagen_jax.text.hash import HashTextEncoder
 from imagen_jax.text.layers import EncoderOutput, l2_normalize, mean_pool
 from imagen_jax.text.loading import KINDS, load_model
 from imagen_jax.text.t5 import T5Config, T5Encoder
@@ -37,6 +39,7 @@ __all__ = [
     "CachedTextEncoder",
     "EmbeddingCache",
     "EncoderOutput",
+    "HashTextEncoder",
     "T5Config",
     "T5Encoder",
     "TextEmbeddings",
@@ -44,6 +47,7 @@ __all__ = [
     "Tokenizer",
     "Tokens",
     "build_cache",
+    "encode_captions",
     "l2_normalize",
     "load_model",
     "load_text_encoder",
@@ -51,4 +55,5 @@ __all__ = [
     "mean_pool",
     "pool_eos",
     "text_config",
+    "text_width",
 ]

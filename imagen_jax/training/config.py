@@ -1,7 +1,8 @@
-"""The trainer's config groups: `model`, `text`, `data`, `optim`, `train`, `evals`, `mesh`;
+"""The trainer's config groups: `model`, `data`, `optim`, `train`, `evals`, `mesh`;
 `latent` (latent diffusion stages) and `vae_loss` (autoencoder training).
 
-The `diffusion` and `sample` groups come from `imagen_jax.diffusion.config`. Each function
+The `diffusion` and `sample` groups come from `imagen_jax.diffusion.config`, the `text`
+group from `imagen_jax.text.config`. Each function
 returns the group's defaults with `overrides` applied; an unknown key raises, as does an
 unknown key given later on the command line (configs are locked by `train.py`).
 
@@ -24,13 +25,6 @@ LATENT_FAMILIES = ("sd_unet", "mmdit")  # diffusion on a frozen VAE's latents
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
 _VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
-
-SHAPES_PROMPTS = (
-    "a red circle",
-    "a blue square above a green triangle",
-    "two yellow stars",
-    "a purple hexagon to the left of an orange circle",
-)
 
 
 def _group(defaults: dict, overrides: dict, name: str, extra=()) -> ml_collections.ConfigDict:
@@ -151,7 +145,7 @@ def network_config(model: ml_collections.ConfigDict):
 
 
 def latent_config(**overrides) -> ml_collections.ConfigDict:
-    """The frozen VAE of a latent diffusion stage (`training/latent.py`)."""
+    """The frozen VAE of a latent diffusion stage (`training/latent_space.py`)."""
     defaults = dict(
         vae="",  # a diffusers AutoencoderKL directory (a pipeline's vae/ folder; the VAE
         #          trainer writes WORKDIR/vae), or "random": an untrained tiny VAE (runlocal)
@@ -170,29 +164,15 @@ def vae_loss_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "vae_loss")
 
 
-def text_config(**overrides) -> ml_collections.ConfigDict:
-    """The frozen text encoder (see `training/text.py`)."""
-    defaults = dict(
-        kind="hash",  # hash (HashTextEncoder, no weights) | minilm | t5 | clip | bert
-        path="",  # a local Hugging Face-layout directory; minilm: "" = the installed package
-        dim=32,  # hash: the embedding width
-        max_length=16,  # tokens per prompt; 0 = the model's default (not for t5)
-        dtype="float32",  # float32 | bfloat16
-        batch_bucket=0,  # compiled batch of the real encoders; 0 = the per-process batch
-        empty="null",  # null: "" gets no tokens (the model's learned null text) | encode
-        cache="",  # a text-embedding cache of the data's captions (python -m
-        #            imagen_jax.training.text_cache): batches read their text from it instead
-        #            of running the encoder; "" = encode every batch
-    )
-    return _group(defaults, overrides, "text")
-
-
 def data_config(**overrides) -> ml_collections.ConfigDict:
     """The input pipeline (`imagen_jax.data.make_pipeline`) and its source."""
     defaults = dict(
         source="synthetic",  # synthetic (in memory) | folder | tar | shapes
         path="",  # folder: the root; tar: a glob of shards
         split="train",  # shapes
+        counterfactuals="",  # shapes: records also carry a caption of what the scene is
+        #                      not, of these kinds ("relation", "colors", or both:
+        #                      "relation,colors"); "" = none
         task_weights="",  # shapes: the training mixture, e.g. "position:3,color_attr:2"
         #                   (tasks not named weigh 1); "" = the six tasks equally
         size=256,  # synthetic, shapes: number of examples
@@ -234,13 +214,15 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=100,
         checkpoint_every=1000,
         keep_checkpoints=3,
-        # A stage directory (imagen_jax.pipelines.export) whose weights start a new run
+        # A stage directory (imagen_jax.training.export) whose weights start a new run
         # (params and EMA; a fresh optimizer at step 0); ignored once the workdir holds a
         # checkpoint. "" = a random initialisation.
         init_from="",
         sample_every=5000,  # 0 = never; a PNG grid from the EMA weights
         num_samples=4,
-        sample_prompts=SHAPES_PROMPTS,  # base stages; SR stages take the first batch's
+        # Base stages: the prompts of the sample grid ("" is the unconditional image); SR
+        # stages take the first batch's captions.
+        sample_prompts=("",),
         cond_drop_prob=0.1,  # CFG dropout: the fraction of examples given the null text
         ema_decay=0.9999,
         ema_warmup_power=2.0 / 3.0,  # decay min(ema_decay, 1 - (1 + step)^-power); 0 = off
@@ -262,29 +244,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 huber_c=0.001,
             )
         ),
-        # A second loss on scenes that have a counterfactual caption (shapes source: the
-        # relation inverted, or two colours exchanged; `training/step.py`): the same noised
-        # image is denoised with both captions and softplus(beta * (L_true - L_counter) /
-        # their mean) is added with this weight. 0 = off.
-        counterfactual=ml_collections.ConfigDict(
-            dict(
-                weight=0.0,
-                beta=5.0,
-                min_time=0.4,  # its unit times ~ U(min_time, 1): where the layout is decided
-                # > 0: the term sees at most this many rows of each (micro-)batch, those with
-                # a counterfactual first (it costs two extra passes over the rows it sees).
-                rows=0,
-                # Which counterfactual captions the data writes: "relation", "colors" or both.
-                kinds="relation,colors",
-                # > 0: the hinge form, relu((L_true - L_counter) / their mean + margin), which
-                # stops pushing once the counterfactual's loss is `margin` (a fraction of
-                # their mean) above the true one; 0: the softplus form above.
-                margin=0.0,
-            )
-        ),
-        # A layout head (model.layout_grid > 0) is fitted by regression on the pooled image
-        # with this weight (training/step.py, 5.).
-        layout_weight=1.0,
+        # Named auxiliary loss terms (`training/aux_losses.py`): NAME -> a group with `fn`
+        # ("package.module:factory"), `weight` (0 = off) and the factory's arguments.
+        aux_losses=ml_collections.ConfigDict(),
         sharding_rules=((".*", "fsdp"),),  # (regex, spec | "fsdp"); see parallel.py
         fsdp_min_size=2**18,  # parameters smaller than this stay replicated under "fsdp"
         progress=True,  # a tqdm bar on process 0's console
@@ -292,30 +254,16 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "train")
 
 
-def counterfactual_weight(config: ml_collections.ConfigDict) -> float:
-    """`train.counterfactual.weight` (0 where a config has no such group: the term is off)."""
-    group = config.train.get("counterfactual", None)
-    return float(group.weight) if group is not None else 0.0
-
-
-def counterfactual_kinds(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
-    """`train.counterfactual.kinds` as a tuple (None where a config has no such group)."""
-    group = config.train.get("counterfactual", None)
-    if group is None or "kinds" not in group:
-        return None
-    return tuple(k.strip() for k in str(group.kinds).split(",") if k.strip())
-
-
 def evals_config(**overrides) -> ml_collections.ConfigDict:
-    """Periodic evaluation of a base stage (`training/evaluation.py`): every `every` steps
+    """Periodic evaluation of a base stage (`training/periodic_eval.py`): every `every` steps
     (0 = never) sample the prompts from the EMA weights through the sampling pipeline and
     run the evaluators of `metrics` (`imagen_jax.evaluation.evaluators`)."""
     defaults = dict(
         every=0,
-        metrics=("compositional",),  # compositional | fid | clip_score
-        # "shapes:heldout" / "shapes:train": the shapes evaluation prompts (the first
-        # `prompts_per_task` of each task); otherwise a prompt file (.txt or .jsonl).
-        prompts="shapes:heldout",
+        metrics=(),  # compositional | fid | clip_score
+        # A prompt file (.txt or .jsonl), or "shapes:heldout" / "shapes:train": the shapes
+        # evaluation prompts (the first `prompts_per_task` of each task).
+        prompts="",
         prompts_per_task=4,
         images_per_prompt=1,
         batch_size=0,  # images per sampling batch; 0 = data.batch_size

@@ -1,7 +1,7 @@
 """The trainer's input: the `data` config group -> a source -> this process's batches.
 
 Sources: "folder" (ImageFolderSource), "tar" (TarShardSource), "shapes" (the procedural
-shapes domain, `imagen_jax.data.ShapesSource`, imported only when asked for) and
+shapes domain, `imagen_jax.data.ShapesSource`) and
 "synthetic" (`SyntheticSource` below: a few hundred tiny captioned scenes drawn in memory,
 for runlocal configs and tests; no files, no other package).
 
@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import data as data_lib
-from imagen_jax.training import config as config_lib
+from imagen_jax.shapes.tasks import parse_task_weights
 
 if TYPE_CHECKING:
     from imagen_jax.text.cache import EmbeddingCache
@@ -88,16 +88,20 @@ class SyntheticSource:
         return f"SyntheticSource(size={self.size}, resolution={self.resolution}, seed={self.seed})"
 
 
-def make_source(
-    cfg: ml_collections.ConfigDict, *, counterfactuals: bool = False, counterfactual_kinds=None
-):
-    """The source of a `data` config group; `counterfactuals`: records also carry a
-    "counterfactual" caption (the shapes source only), of `counterfactual_kinds` (None:
-    every kind; `shapes.tasks.COUNTERFACTUAL_KINDS`)."""
-    if counterfactuals and cfg.source != "shapes":
+def counterfactual_kinds(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """`data.counterfactuals` as a tuple of kinds; () when off (or a config has no such key)."""
+    value = str(cfg.get("counterfactuals", "") or "")
+    return tuple(k.strip() for k in value.split(",") if k.strip())
+
+
+def make_source(cfg: ml_collections.ConfigDict):
+    """The source of a `data` config group. With `data.counterfactuals` set, records also
+    carry a "counterfactual" caption of those kinds (the shapes source only)."""
+    kinds = counterfactual_kinds(cfg)
+    if kinds and cfg.source != "shapes":
         raise ValueError(
-            f"train.counterfactual.weight > 0 needs counterfactual captions, which only "
-            f"data.source='shapes' writes; this is {cfg.source!r}"
+            f"data.counterfactuals={cfg.counterfactuals!r} needs counterfactual captions, which "
+            f"only data.source='shapes' writes; this is {cfg.source!r}"
         )
     if cfg.source == "synthetic":
         return SyntheticSource(cfg.size, cfg.resolution, cfg.seed)
@@ -108,17 +112,14 @@ def make_source(
     if cfg.source == "tar":
         return data_lib.TarShardSource(cfg.path, min_decode_size=cfg.resolution)
     if cfg.source == "shapes":
-        from imagen_jax.data import ShapesSource  # lazy: owned by the shapes domain
-        from imagen_jax.shapes.tasks import parse_task_weights
-
-        return ShapesSource(
+        return data_lib.ShapesSource(
             split=cfg.split,
             resolution=cfg.resolution,
             size=cfg.size,
             seed=cfg.seed,
             task_weights=parse_task_weights(cfg.task_weights),
-            counterfactuals=counterfactuals,
-            counterfactual_kinds=counterfactual_kinds,
+            counterfactuals=bool(kinds),
+            counterfactual_kinds=kinds or None,
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 
@@ -168,11 +169,7 @@ def make_input(
     batches also carry their captions' "text" and "text_mask" (`CachedText`)."""
     cfg = config.data
     data = data_lib.make_pipeline(
-        make_source(
-            cfg,
-            counterfactuals=config_lib.counterfactual_weight(config) > 0,
-            counterfactual_kinds=config_lib.counterfactual_kinds(config),
-        ),
+        make_source(cfg),
         batch_size=cfg.batch_size // jax.process_count(),
         resolution=cfg.resolution,
         low_resolution=cfg.low_resolution or None,

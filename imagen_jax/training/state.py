@@ -34,7 +34,7 @@ from absl import logging
 from flax import nnx
 from safetensors.numpy import load_file
 
-from imagen_jax import parallel
+from imagen_jax import parallel, stages
 from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
 from imagen_jax.training.config import LATENT_FAMILIES, network_config
 
@@ -301,19 +301,17 @@ def create_train_state(config, net: Network, tx, mesh):
 
 
 def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = None) -> dict:
-    """The parameters of a stage directory written by `imagen_jax.pipelines.export`, as
+    """The parameters of a stage directory written by `imagen_jax.training.export`, as
     `net`'s params tree in its param_dtype, placed in `shardings`; strict (every missing,
     unexpected or mis-shaped parameter is named), except for the modules a run may add to a
     trained stage (`GROWN_MODULES`), which take their values from `fresh` (the new run's
     initial parameters; zeros without it)."""
-    from imagen_jax.pipelines import stages  # lazy: the pipelines import training
-
     if net.family != "imagen":
         raise ValueError(f"train.init_from reads pixel-stage directories; this is {net.family!r}")
     file = os.path.join(path, "params.safetensors")
     if not os.path.isfile(file):
         raise FileNotFoundError(
-            f"train.init_from={path!r} is not a stage directory (imagen_jax.pipelines.export "
+            f"train.init_from={path!r} is not a stage directory (imagen_jax.training.export "
             f"writes one): {file} is missing"
         )
     expected = stages.flatten(net.abstract_params)

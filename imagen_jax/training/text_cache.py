@@ -21,8 +21,8 @@ from ml_collections import config_flags
 from imagen_jax import parallel
 from imagen_jax.data import CorruptRecordError
 from imagen_jax.text.cache import build_cache
+from imagen_jax.text.config import make_text_encoder
 from imagen_jax.training import input as input_lib
-from imagen_jax.training import text as text_lib
 
 
 def source_captions(source, limit: int = 0) -> list[str]:
@@ -48,7 +48,7 @@ def build_text_cache(
     """Encodes the captions of `config.data`'s source with `config.text`'s encoder into a
     cache in `out` (see `imagen_jax.text.build_cache`); returns the unique captions."""
     captions = source_captions(input_lib.make_source(config.data), limit)
-    encoder = text_lib.make_text_encoder(
+    encoder = make_text_encoder(
         config.text, batch_size=config.data.batch_size // jax.process_count()
     )
     logging.info("Encoding %d captions into %s", len(captions), out)

@@ -2,10 +2,10 @@
 it as a diffusers `vae/` directory that latent stages (`latent.vae`) and diffusers read.
 
     state, metrics = train_vae(config, workdir)   # or train_and_evaluate: it dispatches here
-    python -m imagen_jax.training.vae_trainer --config=configs/shapes_vae.py \
+    python -m imagen_jax.training.export --config=configs/shapes_vae.py \
         --workdir=runs/shapes_vae --outdir=models/shapes_vae/vae [--step=N] [--noema]
 
-The run is the diffusion trainer's loop (`trainer.train_loop`: mesh, data pipeline, sharded
+The run is the shared loop (`loop.train_loop`: mesh, data pipeline, sharded
 state with EMA, Orbax checkpoints with resume, metrics.jsonl and TensorBoard, the NaN stop)
 with the autoencoder's step (`vae_step.py`) and, every `train.sample_every` steps, a
 reconstruction grid `workdir/samples/step_<step>.png` (top row: the first batch's first
@@ -13,7 +13,7 @@ reconstruction grid `workdir/samples/step_<step>.png` (top row: the first batch'
 weights).
 
 When the run reaches `train.steps`, process 0 writes `workdir/vae/` from the EMA weights
-(`export_vae` writes one from any checkpoint). The exported `scaling_factor` is measured, as
+(`export.export_vae` writes one from any checkpoint). The exported `scaling_factor` is measured, as
 Rombach et al. chose Stable Diffusion's 0.18215: 1 / the standard deviation of the posterior
 means of one batch of the training data, so that latent stages see latents of about unit
 variance.
@@ -27,21 +27,18 @@ import os
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 from PIL import Image
 
 from imagen_jax import parallel
+from imagen_jax.images import image_rows, to_float_image, to_uint8
 from imagen_jax.models import vae as vae_lib
 from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
-from imagen_jax.training import sampling as sampling_lib
+from imagen_jax.training import loop, vae_step
 from imagen_jax.training import state as state_lib
-from imagen_jax.training import step as step_lib
-from imagen_jax.training import trainer as trainer_lib
-from imagen_jax.training import vae_step
 
 EXPORT_DIR = "vae"
 
@@ -58,16 +55,16 @@ class ReconstructionGrid:
         self._images = jax.jit(lambda b: b["image"][:n], out_shardings=rep)(first_batch)
 
         def reconstruct(params, rest, images):
-            return net.merge(params, rest)(step_lib.to_float_image(images))
+            return net.merge(params, rest)(to_float_image(images))
 
         self._reconstruct = jax.jit(reconstruct, out_shardings=rep)
 
     def __call__(self, step: int, ema_params, rest) -> np.ndarray:
-        images = sampling_lib.to_uint8(self._reconstruct(ema_params, rest, self._images))
+        images = to_uint8(self._reconstruct(ema_params, rest, self._images))
         if jax.process_index() == 0:
             folder = os.path.join(self.workdir, "samples")
             os.makedirs(folder, exist_ok=True)
-            grid = sampling_lib._grid_image([np.asarray(self._images), images])
+            grid = image_rows([np.asarray(self._images), images])
             Image.fromarray(grid).save(os.path.join(folder, f"step_{step:08d}.png"))
         return images
 
@@ -75,9 +72,9 @@ class ReconstructionGrid:
 def train_vae(config: ml_collections.ConfigDict, workdir: str):
     """Trains the autoencoder of `config` in `workdir` (resuming from its checkpoints), then
     exports `workdir/vae/`. Returns (final TrainState, metrics of the last logged step)."""
-    mesh = trainer_lib.make_mesh(config)
+    mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
-        net = trainer_lib.make_stage_network(config, mesh)
+        net = loop.make_stage_network(config, mesh)
         tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
         checkpointer = ckpt_lib.Checkpointer(
             workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
@@ -85,13 +82,11 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str):
         data = None
         try:
             data = input_lib.make_input(config)
-            state, shardings, rest = trainer_lib.make_state(
-                config, net, tx, mesh, checkpointer, data
-            )
+            state, shardings, rest = loop.make_state(config, net, tx, mesh, checkpointer, data)
             train_step = vae_step.make_vae_train_step(
                 config, net, tx, lr_schedule, mesh, shardings, rest
             )
-            state, metrics = trainer_lib.train_loop(
+            state, metrics = loop.train_loop(
                 config,
                 workdir,
                 mesh,
@@ -122,7 +117,7 @@ def measure_scaling_factor(config, net, params) -> float:
     finally:
         data.close()
     model = net.merge(params, net.abstract_rest)  # the VAE has no non-parameter state
-    means = nnx.jit(lambda m, x: m.encode(step_lib.to_float_image(x)).mean)(model, images)
+    means = nnx.jit(lambda m, x: m.encode(to_float_image(x)).mean)(model, images)
     std = float(np.std(np.asarray(means, np.float64)))
     return 1.0 / std if std > 0 else 1.0
 
@@ -135,33 +130,3 @@ def write_vae(outdir: str, config, net, params) -> str:
     vae_lib.save_vae(outdir, params, cfg)
     logging.info("Wrote the VAE to %s (scaling_factor %.5g)", outdir, scale)
     return outdir
-
-
-def export_vae(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    outdir: str,
-    *,
-    step: int | None = None,
-    ema: bool = True,
-) -> str:
-    """Writes the autoencoder of a run's checkpoint (default: the latest; EMA weights unless
-    `ema` is False) as a diffusers directory; returns outdir."""
-    params, net, _ = ckpt_lib.restore_params(config, workdir, step, ema=ema)
-    return write_vae(outdir, config, net, params)
-
-
-def main(argv):
-    del argv
-    f = flags.FLAGS
-    print(export_vae(f.config, f.workdir, f.outdir, step=f.step, ema=f.ema))
-
-
-if __name__ == "__main__":  # flags only here: train.py imports this module and has its own
-    config_flags.DEFINE_config_file("config", None, "The VAE run's config file.")
-    flags.DEFINE_string("workdir", None, "The training workdir.")
-    flags.DEFINE_string("outdir", None, "The diffusers vae/ directory to write.")
-    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-    flags.DEFINE_bool("ema", True, "Export the EMA weights (--noema: the raw weights).")
-    flags.mark_flags_as_required(["config", "workdir", "outdir"])
-    app.run(main)

@@ -339,7 +339,7 @@ def test_convert_to_safetensors_and_load(fid_reference, ours, tmp_path):
     parameters as the .pth."""
     _, path = fid_reference
     out = tmp_path / "fid_inception.safetensors"
-    inception.main(["--convert", str(path), "--out", str(out)])
+    inception.convert(str(path), str(out))
     state = torch.load(path, weights_only=True)
     converted = inception.read_weights(out)
     assert sorted(converted) == sorted(state)

@@ -8,7 +8,8 @@ from flax import nnx
 
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
-from imagen_jax.models import imagen_unet, layers
+from imagen_jax.models import imagen_unet
+from imagen_jax.models import unet_layers as layers
 
 
 def _model(variant="runlocal", **overrides):

@@ -8,8 +8,10 @@ import pytest
 from flax import nnx
 from test_imagen_unet import _model as jittered_model  # every parameter jittered
 
-from imagen_jax.models import imagen_unet, layers
-from imagen_jax.training import layout_fit
+from imagen_jax.models import imagen_unet
+from imagen_jax.models import layout_head as layers
+from imagen_jax.proj.shapes import layout_fit
+from imagen_jax.proj.shapes import losses as shapes_losses
 from imagen_jax.training import step as step_lib
 
 
@@ -80,7 +82,7 @@ def test_layout_loss_trains_only_the_head_and_the_denoiser_never_does():
     denoise = grads(lambda m: jnp.mean(jnp.square(m(z, t, cond))))
     assert norms(denoise, "layout") == 0.0
     assert norms(denoise, "layout_in") > 0.0 and norms(denoise, "conv_in") > 0.0
-    layout = grads(lambda m: step_lib.layout_loss(m, batch))
+    layout = grads(lambda m: shapes_losses.layout_loss(m, step_lib.stage_x0(batch), batch))
     assert norms(layout, "layout") > 0.0
     others = {k: v for k, v in layout.items() if k not in ("layout", "layout_in")}
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(others)) == 0.0

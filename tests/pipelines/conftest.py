@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from imagen_jax import stages
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.models import imagen_unet
-from imagen_jax.pipelines import stages
 
 TEXT = dict(
     kind="hash", path="", dim=16, max_length=8, dtype="float32", batch_bucket=0, empty="null"

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from imagen_jax.pipelines import jobs, sampling, stages
+from imagen_jax import stages
+from imagen_jax.pipelines import jobs, sampling
 
 
 def _job(stage_dirs, outdir, batch_size, prompts=("a red circle", "two blue squares", "")):
-    return sampling.main(
+    return sampling.run_sampling_job(
         stages=stage_dirs,
         prompts=list(prompts),
         prompts_file=None,
@@ -58,20 +59,20 @@ def test_images_do_not_depend_on_batching_and_jobs_resume(stage_dirs, tmp_path):
 
 
 def test_sample_overrides_and_bad_input(stage_dirs, tmp_path):
-    assert sampling.parse_overrides(["1.steps=7", "0.sampler=ddim"], 2) == [
+    assert jobs.parse_overrides(["1.steps=7", "0.sampler=ddim"], 2) == [
         {"sampler": "ddim"},
         {"steps": 7},
     ]
     with pytest.raises(ValueError, match="unknown sample key 'stpes'"):
-        sampling.parse_overrides(["0.stpes=3"], 2)
+        jobs.parse_overrides(["0.stpes=3"], 2)
     with pytest.raises(ValueError, match="STAGE < 2"):
-        sampling.parse_overrides(["2.steps=3"], 2)
-    assert sampling.parse_overrides(["1.aug_level=0.25"], 2, sampling.STAGE_KEYS) == [
+        jobs.parse_overrides(["2.steps=3"], 2)
+    assert jobs.parse_overrides(["1.aug_level=0.25"], 2, sampling.STAGE_KEYS) == [
         {},
         {"aug_level": 0.25},
     ]
     with pytest.raises(ValueError, match="unknown sample key 'aug_level'"):
-        sampling.parse_overrides(["1.aug_level=0.25"], 2)  # public pipelines have none
+        jobs.parse_overrides(["1.aug_level=0.25"], 2)  # public pipelines have none
     assert stages.load_stage(stage_dirs[1], aug_level=0.3).settings()["aug_level"] == 0.3
     with pytest.raises(ValueError, match="is a base stage"):
         sampling.load_cascade(stage_dirs, ["0.aug_level=0.2"])

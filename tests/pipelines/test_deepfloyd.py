@@ -362,7 +362,7 @@ def test_sample_py_runs_the_if_cascade(pipelines, ours, tmp_path, monkeypatch):
         pipeline_sr=str(dir_2),
         noise_level=100,
     )
-    assert sampling.main(**flags)["made"] == 2
+    assert sampling.run_sampling_job(**flags)["made"] == 2
     ((args, kwargs),) = calls
     assert args == (str(dir_1), str(dir_2)) and kwargs["noise_level"] == 100
     assert kwargs["overrides"] == [{"steps": 3}, {"guidance_scale": 5.0}]
@@ -370,6 +370,6 @@ def test_sample_py_runs_the_if_cascade(pipelines, ours, tmp_path, monkeypatch):
     assert [s["stage"] for s in meta["stages"]] == ["I", "II"]
     assert meta["stages"][1]["noise_level"] == 250 and meta["stages"][1]["height"] == 16
     with pytest.raises(ValueError, match="--pipeline_sr needs --pipeline"):
-        sampling.main(**dict(flags, pipeline=None))
+        sampling.run_sampling_job(**dict(flags, pipeline=None))
     with pytest.raises(ValueError, match="--noise_level needs --pipeline_sr"):
-        sampling.main(**dict(flags, pipeline_sr=None))
+        sampling.run_sampling_job(**dict(flags, pipeline_sr=None))

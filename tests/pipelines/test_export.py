@@ -6,8 +6,9 @@ import os
 import pytest
 
 from configs import shapes_base
-from imagen_jax import training
-from imagen_jax.pipelines import export, sampling, stages
+from imagen_jax import stages, training
+from imagen_jax.pipelines import sampling
+from imagen_jax.training import export
 
 
 def test_exported_run_samples(tmp_path):
@@ -20,7 +21,7 @@ def test_exported_run_samples(tmp_path):
     stage = stages.load_stage(stage_dir)
     assert stage.identity == {"workdir": workdir, "step": 2}
     assert stage.resolution == config.model.resolution
-    summary = sampling.main(
+    summary = sampling.run_sampling_job(
         stages=[stage_dir],
         prompts=["a red circle"],
         prompts_file=None,

@@ -18,7 +18,7 @@ import transformers
 from tokenizers import pre_tokenizers
 
 from imagen_jax.pipelines import diffusers_format
-from imagen_jax.pipelines.latent import load_latent_pipeline
+from imagen_jax.pipelines.public import load_latent_pipeline
 from imagen_jax.weights import CheckpointError
 
 TOL = 1e-3

@@ -6,16 +6,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from imagen_jax.models import layers
-from imagen_jax.shapes import parse_prompt, score
-from imagen_jax.shapes.relation_probe import (
+from imagen_jax.images import to_float_image
+from imagen_jax.models import layout_head as layers
+from imagen_jax.proj.shapes.relation_probe import (
     layout_probe,
     layout_side_accuracy,
     probe_scenes,
     relation_probe,
 )
+from imagen_jax.shapes import parse_prompt, score
 from imagen_jax.shapes.spec import INVERSE_RELATION
-from imagen_jax.training.step import to_float_image
 
 
 @pytest.mark.parametrize("task", ["position", "color_attr"])

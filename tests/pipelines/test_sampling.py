@@ -1,6 +1,6 @@
-"""sample.py's job (`sampling.main`, `jobs.run_job`): output checks before any model loads,
-one compilation per stage for a whole job, non-square sizes, prompts cut to the encoder's
-token limit."""
+"""sample.py's job (`sampling.run_sampling_job`, `jobs.run_job`): output checks before any
+model loads, one compilation per stage for a whole job, non-square sizes, prompts cut to the
+encoder's token limit."""
 
 import logging
 import os
@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagen_jax import stages
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import jobs, sampling, stages
+from imagen_jax.pipelines import jobs, sampling
 
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"  # jax records one per traced jit call
 
@@ -31,7 +32,7 @@ def _main(stage_dirs, outdir, **kw):
         overrides=[],
         grid=False,
     )
-    return sampling.main(**{**args, **kw})
+    return sampling.run_sampling_job(**{**args, **kw})
 
 
 def _refuse_to_load(*args, **kwargs):

@@ -16,7 +16,7 @@ from test_deepfloyd import t5_tokenizer, tiny_t5
 from test_latent_pipelines import assert_images_close, clip_text, tiny_vae, to_nchw
 
 from imagen_jax.pipelines import sd3
-from imagen_jax.pipelines.latent import load_latent_pipeline
+from imagen_jax.pipelines.public import load_latent_pipeline
 from imagen_jax.weights import CheckpointError
 
 PROMPTS = ["a red circle above a blue square", "two green stars"]

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from imagen_jax.pipelines import jobs, sampling, stages
+from imagen_jax import stages
+from imagen_jax.pipelines import jobs, sampling
 
 MAX_SHIPPED_BYTES = 30 * 2**20
 
@@ -28,13 +29,14 @@ def test_shipped_model_is_small_and_declares_its_domain():
 
 def test_out_of_domain_prompts_are_named():
     loaded = [stages.load_stage(sampling.shipped_stages()[1])]
-    entries = [jobs.PromptEntry("a red circle above a blue square"), jobs.PromptEntry("a cat")]
-    assert sampling.out_of_domain(loaded, entries) == ["a cat"]
+    note = sampling.domain_note(loaded, ["a red circle above a blue square", "a cat"])
+    assert note.startswith("note: 1 of 2 prompts are outside the shapes domain (e.g. 'a cat')")
+    assert sampling.domain_note(loaded, ["a red circle above a blue square"]) is None
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_sample_with_no_stage_uses_the_shipped_cascade(tmp_path, capsys):
-    summary = sampling.main(
+    summary = sampling.run_sampling_job(
         stages=[],
         prompts=["a photo of a cat", "a red star"],
         prompts_file=None,

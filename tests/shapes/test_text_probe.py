@@ -4,13 +4,13 @@ colour is plain even for pairs no training prompt has."""
 
 import numpy as np
 
-from imagen_jax.shapes import parse_prompt
-from imagen_jax.shapes.text_probe import (
+from imagen_jax.proj.shapes.text_probe import (
     binding_probe,
     linear_probe,
     position_prompts,
     text_probe,
 )
+from imagen_jax.shapes import parse_prompt
 
 
 def test_linear_probe_reads_a_linear_fact_and_not_noise():

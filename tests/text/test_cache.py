@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from imagen_jax import text
 from imagen_jax.text.cache import INDEX, CacheError, EmbeddingCache, build_cache, shard_name
-from imagen_jax.training.text import HashTextEncoder
+from imagen_jax.text.hash import HashTextEncoder
 
 CAPTIONS = [
     "a red circle above a blue square",

@@ -21,11 +21,11 @@ import jax.numpy as jnp  # noqa: E402
 from conftest import tiny  # noqa: E402  (sets the shared compilation cache)
 
 from imagen_jax import parallel  # noqa: E402
-from imagen_jax.training import train_and_evaluate, trainer  # noqa: E402
+from imagen_jax.training import loop, train_and_evaluate  # noqa: E402
 
 
 def sigterm_on_first_batch():
-    original = trainer.device_batch
+    original = loop.device_batch
 
     def device_batch(*args):
         if not getattr(device_batch, "sent", False):
@@ -33,7 +33,7 @@ def sigterm_on_first_batch():
             os.kill(os.getpid(), signal.SIGTERM)
         return original(*args)
 
-    trainer.device_batch = device_batch
+    loop.device_batch = device_batch
 
 
 def main(port: str, process_id: str, workdir: str, mode: str = ""):

@@ -11,13 +11,14 @@ import pytest
 from conftest import tiny
 from safetensors.numpy import load_file, save_file
 
-from imagen_jax.pipelines import export, stages
+from imagen_jax import stages
 from imagen_jax.training import (
     CheckpointMismatchError,
     NonFiniteLossError,
     checkpoint,
+    export,
+    loop,
     train_and_evaluate,
-    trainer,
 )
 from imagen_jax.training import state as state_lib
 
@@ -40,7 +41,7 @@ def _checkpoints(workdir):
 
 def _patch_batches(monkeypatch, on_call: int, action):
     """Applies `action(batch)` to the step's global batch from the `on_call`-th on."""
-    original = trainer.device_batch
+    original = loop.device_batch
     calls = []
 
     def device_batch(*args):
@@ -48,7 +49,7 @@ def _patch_batches(monkeypatch, on_call: int, action):
         batch = original(*args)
         return action(batch) if len(calls) >= on_call else batch
 
-    monkeypatch.setattr(trainer, "device_batch", device_batch)
+    monkeypatch.setattr(loop, "device_batch", device_batch)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import ml_collections
 import pytest
 from conftest import ROOT, STAGES, stage_config, tiny
 
+from imagen_jax import text as text_lib
 from imagen_jax import training
-from imagen_jax.training import text as text_lib
 
 GROUPS = {"model", "diffusion", "text", "data", "optim", "train", "sample", "evals", "mesh"}
 
@@ -126,9 +126,11 @@ def test_hash_text_encoder_is_deterministic_with_a_real_mask():
 
 
 def test_text_groups_build_their_encoders():
-    assert isinstance(training.make_text_encoder(training.text_config()), training.HashTextEncoder)
+    assert isinstance(text_lib.make_text_encoder(text_lib.text_config()), text_lib.HashTextEncoder)
     with pytest.raises(ValueError, match="text.path is empty"):
-        training.make_text_encoder(training.text_config(kind="t5", path=""))
+        text_lib.make_text_encoder(text_lib.text_config(kind="t5", path=""))
+    with pytest.raises(ValueError, match="text.kind must be one of"):
+        text_lib.make_text_encoder(text_lib.text_config(kind="t3"))
 
 
 def test_evals_group_is_a_config_dict():

@@ -1,5 +1,6 @@
-"""The counterfactual loss term (`train.counterfactual`): its captions state what the scene
-is not, its value rewards a network for the words that differ, and the trainer runs it."""
+"""The shapes research's counterfactual loss term (`imagen_jax/proj/shapes/losses.py`,
+`train.aux_losses.counterfactual`): its captions state what the scene is not, its value
+rewards a network for the words that differ, and the trainer runs it as a named term."""
 
 import dataclasses
 
@@ -11,11 +12,10 @@ from conftest import stage_config
 
 from imagen_jax.data import ShapesSource
 from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.proj.shapes import losses as shapes_losses
 from imagen_jax.shapes import parse_prompt, score
 from imagen_jax.shapes.tasks import counterfactual
-from imagen_jax.training import config as config_lib
 from imagen_jax.training import input as input_lib
-from imagen_jax.training import step as step_lib
 from imagen_jax.training import train_and_evaluate
 
 
@@ -87,7 +87,7 @@ def test_counterfactual_loss_rewards_reading_the_caption(prediction):
     def blind(z, t, cond):  # the same output whatever the caption
         return 0.3 * z
 
-    loss, m = step_lib.counterfactual_loss(blind, x0, _batch([True] * 4), key, **kwargs)
+    loss, m = shapes_losses.counterfactual_loss(blind, x0, _batch([True] * 4), key, **kwargs)
     np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # softplus(0)
     assert float(m["counterfactual_true_lower"]) == 0.0
 
@@ -95,11 +95,11 @@ def test_counterfactual_loss_rewards_reading_the_caption(prediction):
         sign = cond["text"][:, 0, 0][:, None, None, None]
         return jnp.where(sign > 0, 0.0, 5.0) + 0.0 * z
 
-    loss, m = step_lib.counterfactual_loss(
+    loss, m = shapes_losses.counterfactual_loss(
         reader, x0, _batch([True, True, False, True]), key, **kwargs
     )
     assert float(loss) < 0.01 and float(m["counterfactual_true_lower"]) == 1.0
-    loss, _ = step_lib.counterfactual_loss(reader, x0, _batch([False] * 4), key, **kwargs)
+    loss, _ = shapes_losses.counterfactual_loss(reader, x0, _batch([False] * 4), key, **kwargs)
     assert float(loss) == 0.0  # no scene has a counterfactual
 
 
@@ -108,7 +108,7 @@ def test_counterfactual_hinge_stops_at_the_margin():
     x0 = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3), minval=-1, maxval=1)
     kwargs = dict(schedule=schedule, prediction="v", beta=5.0, min_time=0.4, margin=0.1)
     key = jax.random.key(1)
-    loss, _ = step_lib.counterfactual_loss(
+    loss, _ = shapes_losses.counterfactual_loss(
         lambda z, t, c: 0.3 * z, x0, _batch([True] * 4), key, **kwargs
     )
     np.testing.assert_allclose(loss, 0.1, rtol=1e-6)  # caption-blind: relu(0 + margin)
@@ -120,9 +120,9 @@ def test_counterfactual_hinge_stops_at_the_margin():
 
         return fn
 
-    far, _ = step_lib.counterfactual_loss(reader(5.0), x0, _batch([True] * 4), key, **kwargs)
+    far, _ = shapes_losses.counterfactual_loss(reader(5.0), x0, _batch([True] * 4), key, **kwargs)
     assert float(far) == 0.0  # past the margin: nothing left to push
-    near, _ = step_lib.counterfactual_loss(reader(0.05), x0, _batch([True] * 4), key, **kwargs)
+    near, _ = shapes_losses.counterfactual_loss(reader(0.05), x0, _batch([True] * 4), key, **kwargs)
     assert 0.0 < float(near) < 0.1  # the true caption wins, by less than the margin
 
 
@@ -139,10 +139,12 @@ def test_counterfactual_rows_denoises_only_rows_that_have_one():
         return 0.0 * z
 
     kwargs = dict(schedule=schedule, prediction="v", beta=5.0, min_time=0.4)
-    loss, m = step_lib.counterfactual_loss(recorder, x0, batch, jax.random.key(0), rows=2, **kwargs)
+    loss, m = shapes_losses.counterfactual_loss(
+        recorder, x0, batch, jax.random.key(0), rows=2, **kwargs
+    )
     np.testing.assert_array_equal(seen[-1], [2.0, 4.0, -2.0, -4.0])  # rows 1 and 3, twice
     np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)  # caption-blind: softplus(0)
-    step_lib.counterfactual_loss(recorder, x0, batch, jax.random.key(0), rows=4, **kwargs)
+    shapes_losses.counterfactual_loss(recorder, x0, batch, jax.random.key(0), rows=4, **kwargs)
     # Three rows have one; the fourth row taken (row 0) has none and weighs nothing.
     np.testing.assert_array_equal(seen[-1][:4], [2.0, 4.0, 5.0, 1.0])
 
@@ -151,19 +153,19 @@ def test_trainer_runs_the_counterfactual_term(tmp_path):
     config = stage_config(steps=2, log_every=1, checkpoint_every=2, sample_every=0)
     config.data.source, config.data.size = "shapes", 64
     config.data.task_weights = "position:1,color_attr:1"
-    config.train.counterfactual.weight = 0.5
-    config.train.counterfactual.rows = 4
+    config.train.aux_losses.counterfactual = shapes_losses.counterfactual_config(weight=0.5, rows=4)
+    config.data.counterfactuals = "relation,colors"
     _, metrics = train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(metrics["counterfactual_loss"]) and metrics["counterfactual_loss"] > 0
     assert 0.0 <= metrics["counterfactual_true_lower"] <= 1.0
 
-    config.train.counterfactual.kinds = "colors"
-    source = input_lib.make_source(
-        config.data,
-        counterfactuals=True,
-        counterfactual_kinds=config_lib.counterfactual_kinds(config),
-    )
-    assert source.counterfactual_kinds == ("colors",)
+    config.data.counterfactuals = "colors"
+    assert input_lib.make_source(config.data).counterfactual_kinds == ("colors",)
+
+    config.data.counterfactuals = ""  # the term is on, the data has no counterfactuals
+    with pytest.raises(ValueError, match=r"data.counterfactuals set"):
+        train_and_evaluate(config, str(tmp_path / "none"))
+    config.data.counterfactuals = "colors"
 
     config.data.source = "synthetic"
     with pytest.raises(ValueError, match="only data.source='shapes'"):

@@ -10,9 +10,10 @@ from conftest import tiny
 from PIL import Image
 from test_smoke import read_scalars
 
-from imagen_jax.pipelines import export, jobs, sampling
+from imagen_jax.pipelines import jobs, sampling
 from imagen_jax.shapes.spec import TASKS
-from imagen_jax.training import evaluation, train_and_evaluate
+from imagen_jax.training import export, train_and_evaluate
+from imagen_jax.training import periodic_eval as evaluation
 
 
 def eval_config(**evals):

@@ -23,10 +23,11 @@ from test_learning import _probe_losses
 
 from imagen_jax import training
 from imagen_jax.diffusion import schedules
+from imagen_jax.diffusion.adapter import model_fn
 from imagen_jax.models import latent_mmdit, latent_unet, vae
-from imagen_jax.training import latent as latent_lib
-from imagen_jax.training import step as step_lib
-from imagen_jax.training import trainer
+from imagen_jax.text.config import make_text_encoder
+from imagen_jax.training import latent_space as latent_lib
+from imagen_jax.training import loop
 from imagen_jax.training.vae_trainer import EXPORT_DIR
 
 STAGES = ("shapes_vae", "shapes_latent", "shapes_mmdit")
@@ -145,10 +146,10 @@ def test_latent_unet_is_told_diffusers_timesteps():
             return z_t
 
     discrete = schedules.DiscreteSchedule.from_config("scaled_linear", num_train_timesteps=1000)
-    step_lib.model_fn(Recorder(), schedule=discrete)(jnp.zeros((2, 1)), jnp.array([0, 999]), {})
+    model_fn(Recorder(), schedule=discrete)(jnp.zeros((2, 1)), jnp.array([0, 999]), {})
     np.testing.assert_array_equal(seen["t"], [0, 999])  # not 999 / 1000
     cosine = schedules.LogSNRSchedule("cosine")
-    step_lib.model_fn(Recorder(), schedule=cosine)(jnp.zeros((1, 1)), jnp.array([0.25]), {})
+    model_fn(Recorder(), schedule=cosine)(jnp.zeros((1, 1)), jnp.array([0.25]), {})
     np.testing.assert_allclose(seen["t"], [250.0])
     assert latent_unet.LatentUNet.time_input == "timesteps"
 
@@ -157,15 +158,15 @@ def test_mmdit_learns_a_fixed_batch_with_rectified_flow():
     """On one fixed batch of latents, the flow-matching loss of the MMDiT stage falls far
     below where it starts (the same probe as test_learning.py's for the pixel UNet)."""
     config = tiny("shapes_mmdit", steps=100)
-    mesh = trainer.make_mesh(config)
+    mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net = training.make_network(config.model)
         assert isinstance(net.build(nnx.Rngs(0)), latent_mmdit.LatentMMDiT)
         latent = latent_lib.LatentSpace.from_config(config, net, mesh)
         tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)
         state, shardings, rest = training.create_train_state(config, net, tx, mesh)
-        encoder = training.make_text_encoder(config.text)
-        batch = trainer.device_batch(next(training.make_input(config)), encoder, mesh)
+        encoder = make_text_encoder(config.text)
+        batch = loop.device_batch(next(training.make_input(config)), encoder, mesh)
         batch = latent.encode_batch(batch, 0)
         train_step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
         before = _probe_losses(train_step, state, rest, batch)
@@ -192,7 +193,7 @@ def test_mmdit_is_told_sigma_times_1000_and_pools_real_tokens():
     mask = jnp.array([[True, True, False, False]] * 2)
     cond = {"text": text, "text_mask": mask, "drop_text": jnp.array([False, True])}
     t = jnp.array([250.0, 999.0])
-    step_lib.model_fn(model, schedule=flow)(jnp.zeros((2, 4, 4, 4)), t, cond)
+    model_fn(model, schedule=flow)(jnp.zeros((2, 4, 4, 4)), t, cond)
     np.testing.assert_array_equal(seen["t"], [250.0, 999.0])  # as SD3's transformer is told
     np.testing.assert_array_equal(seen["text"][0, 2:], 0.0)  # padding zeroed
     np.testing.assert_allclose(seen["pooled"][0], 1.0)  # the mean of the real tokens

@@ -1,4 +1,4 @@
-"""`python -m imagen_jax.training.layout_fit`: a stage grows a layout head, fitted on its data,
+"""`python -m imagen_jax.proj.shapes.layout_fit`: a stage grows a layout head, fitted on its data,
 keeps sampling what it sampled, and the train loop goes on from it with the head's loss."""
 
 import jax
@@ -8,8 +8,9 @@ import pytest
 from conftest import tiny
 from safetensors.numpy import load_file
 
-from imagen_jax.pipelines import export, stages
-from imagen_jax.training import layout_fit, train_and_evaluate
+from imagen_jax import stages
+from imagen_jax.proj.shapes import layout_fit
+from imagen_jax.training import export, train_and_evaluate
 
 
 def test_layout_fit_grows_a_stage_that_samples_as_before_and_trains_on(tmp_path):

@@ -7,7 +7,8 @@ import pytest
 from conftest import tiny
 
 from imagen_jax import training
-from imagen_jax.training import trainer
+from imagen_jax.text.config import make_text_encoder
+from imagen_jax.training import loop
 
 PROBES = 8
 
@@ -36,13 +37,13 @@ def test_loss_falls_on_a_fixed_batch(dtype):
     say nothing of bfloat16 rounding.)"""
     config = tiny(steps=100)
     config.model.dtype = dtype
-    mesh = trainer.make_mesh(config)
+    mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net = training.make_network(config.model)
         tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)
         state, shardings, rest = training.create_train_state(config, net, tx, mesh)
-        encoder = training.make_text_encoder(config.text)
-        batch = trainer.device_batch(next(training.make_input(config)), encoder, mesh)
+        encoder = make_text_encoder(config.text)
+        batch = loop.device_batch(next(training.make_input(config)), encoder, mesh)
         train_step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
         before = _probe_losses(train_step, state, rest, batch)
         for _ in range(config.train.steps):

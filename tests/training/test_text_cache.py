@@ -9,11 +9,10 @@ from conftest import tiny
 from imagen_jax.text.cache import CacheError, EmbeddingCache
 from imagen_jax.training import (
     SyntheticSource,
+    loop,
     make_input,
-    text,
     text_cache,
     train_and_evaluate,
-    trainer,
 )
 
 
@@ -26,14 +25,14 @@ def test_synthetic_captions_without_images():
 def _record_text(monkeypatch) -> list[dict]:
     """Records the text of every global batch the train loop makes."""
     seen = []
-    original = trainer.device_batch
+    original = loop.device_batch
 
     def device_batch(*args):
         batch = original(*args)
         seen.append({k: np.asarray(jax.device_get(batch[k])) for k in ("text", "text_mask")})
         return batch
 
-    monkeypatch.setattr(trainer, "device_batch", device_batch)
+    monkeypatch.setattr(loop, "device_batch", device_batch)
     return seen
 
 
@@ -47,8 +46,8 @@ def test_cached_run_equals_encoded_run(tmp_path, monkeypatch):
     text_cache.build_text_cache(config, str(tmp_path / "cache"), dtype="float32")
     config.text.cache = str(tmp_path / "cache")
     calls = []
-    original = text.encode_captions
-    monkeypatch.setattr(text, "encode_captions", lambda *a: calls.append(1) or original(*a))
+    original = loop.encode_captions
+    monkeypatch.setattr(loop, "encode_captions", lambda *a: calls.append(1) or original(*a))
     cached, cached_metrics = train_and_evaluate(config, str(tmp_path / "cached"))
 
     assert not calls  # the batches brought their text; nothing was encoded

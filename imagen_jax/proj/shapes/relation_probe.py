@@ -11,9 +11,9 @@ true caption with its loss given a counterfactual caption, on the same image, ti
 A stage that reads what differs has a lower loss with the true caption wherever the image is
 still undecided; where the two losses agree, the difference carries nothing the stage uses.
 
-    python -m imagen_jax.shapes.relation_probe --stage=checkpoints/shapes/base
-    python -m imagen_jax.shapes.relation_probe --stage=runs/export/base --scenes=128
-    python -m imagen_jax.shapes.relation_probe --task=color_attr --split=heldout
+    python -m imagen_jax.proj.shapes.relation_probe --stage=checkpoints/shapes/base
+    python -m imagen_jax.proj.shapes.relation_probe --stage=runs/export/base --scenes=128
+    python -m imagen_jax.proj.shapes.relation_probe --task=color_attr --split=heldout
 
 Prints, per unit time t (1 = pure noise), the mean v-prediction loss with each caption, and
 the fraction of scenes whose true caption has the lower loss (0.5 = the difference is
@@ -26,23 +26,23 @@ how often the head, from the caption alone, puts the two objects on the right si
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from absl import app, flags
 
+from imagen_jax import stages
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses
 from imagen_jax.diffusion import parameterization as param_lib
-from imagen_jax.models import layers
-from imagen_jax.pipelines import stages
+from imagen_jax.diffusion.adapter import model_fn
+from imagen_jax.images import to_float_image
+from imagen_jax.models.layout_head import layout_target
 from imagen_jax.shapes import grammar, parse_prompt, tasks
 from imagen_jax.shapes.render import render
-from imagen_jax.training.step import model_fn, to_float_image
-from imagen_jax.training.text import encode_captions, make_text_encoder
+from imagen_jax.text.config import encode_captions, make_text_encoder, text_config
 
 TIMES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 TASKS = ("position", "color_attr")
@@ -72,7 +72,7 @@ def relation_probe(
     stage = stages.load_stage(stage_dir)
     if stage.low_resolution:
         raise ValueError(f"{stage_dir} is a super-resolution stage; the probe takes a base")
-    encoder = make_text_encoder(ml_collections.ConfigDict(stage.text))
+    encoder = make_text_encoder(text_config(**stage.text))
     schedule = diffusion_config.make_schedule(stage.diffusion)
     prediction = stage.diffusion.prediction
     images, true, other = probe_scenes(scenes, seed, split, stage.resolution, task)
@@ -132,24 +132,29 @@ def layout_probe(stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str 
     stage = stages.load_stage(stage_dir)
     if not stage.unet.layout_grid:
         return None
-    encoder = make_text_encoder(ml_collections.ConfigDict(stage.text))
+    encoder = make_text_encoder(text_config(**stage.text))
     images, true, _ = probe_scenes(scenes, seed, split, stage.resolution, "position")
     batch = encode_captions(encoder, true)
     pred = stage.model.layout(jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"]))
-    target = layers.layout_target(to_float_image(images), stage.unet.layout_grid)
+    target = layout_target(to_float_image(images), stage.unet.layout_grid)
     horizontal = [parse_prompt(c).relation in ("left of", "right of") for c in true]
     return layout_side_accuracy(pred, target, horizontal)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stage", default="checkpoints/shapes/base", help="a base stage dir")
-    parser.add_argument("--scenes", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train", choices=("train", "heldout"))
-    parser.add_argument("--task", default="position", choices=TASKS)
-    parser.add_argument("--json", default="", help="also write the rows to this file")
-    args = parser.parse_args(argv)
+def _define_flags() -> None:
+    """The command line's flags (defined only when run as a program, not on import)."""
+    flags.DEFINE_string("stage", "checkpoints/shapes/base", "A base stage directory.")
+    flags.DEFINE_integer("scenes", 32, "Scenes to probe.")
+    flags.DEFINE_integer("seed", 0, "Seed of the scenes, times and noise.")
+    flags.DEFINE_enum("split", "train", ["train", "heldout"], "The shapes split.")
+    flags.DEFINE_enum("task", "position", list(TASKS), "The counterfactual's kind.")
+    flags.DEFINE_string("json", "", "Also write the rows to this file.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
     rows = relation_probe(
         args.stage, scenes=args.scenes, seed=args.seed, split=args.split, task=args.task
     )
@@ -173,4 +178,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()
+    app.run(main)

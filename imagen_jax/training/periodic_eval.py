@@ -31,9 +31,9 @@ from imagen_jax import parallel
 from imagen_jax.evaluation import evaluators as evaluators_lib
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs
-from imagen_jax.pipelines.stages import Stage
 from imagen_jax.shapes import prompt_sets
 from imagen_jax.shapes.spec import TASKS
+from imagen_jax.stages import Stage
 
 SHAPES_PREFIX = "shapes:"
 
@@ -43,6 +43,11 @@ def eval_prompts(evals: ml_collections.ConfigDict) -> tuple[list[jobs.PromptEntr
     ("shapes:heldout", "shapes:train"; the first `evals.prompts_per_task` of each task) or
     a prompt file."""
     source = evals.prompts
+    if not source:
+        raise ValueError(
+            "evals.every > 0 but evals.prompts is empty: give a prompt file (.txt or .jsonl) "
+            "or a shapes split ('shapes:heldout', 'shapes:train')"
+        )
     if source.startswith(SHAPES_PREFIX):
         split = source[len(SHAPES_PREFIX) :]
         if split not in ("train", "heldout"):

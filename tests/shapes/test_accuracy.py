@@ -1,4 +1,4 @@
-"""Tests for imagen_jax.shapes.evaluate and eval/compositional.py: a folder of samples."""
+"""Tests for imagen_jax.shapes.accuracy and eval/compositional.py: a folder of samples."""
 
 import json
 import pathlib
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagen_jax.shapes import evaluate, prompt_sets, tasks
+from imagen_jax.shapes import accuracy, prompt_sets, tasks
 from imagen_jax.shapes.render import render
 from imagen_jax.shapes.spec import TASKS
 
@@ -42,40 +42,40 @@ def write_folder(folder: pathlib.Path, *, noise: bool, per_task: int = 8, res: i
 
 def test_scores_rendered_samples_perfectly(tmp_path):
     n = write_folder(tmp_path, noise=False)
-    table = evaluate.evaluate_folder(tmp_path, results_path=tmp_path / "results.jsonl")
+    table = accuracy.evaluate_folder(tmp_path, results_path=tmp_path / "results.jsonl")
     assert table["num_images"] == n
     for split in ("train", "heldout"):
         block = table["splits"][split]
         assert set(block["tasks"]) == set(TASKS) and not block["missing_tasks"]
         assert all(row["total"] == 8 for row in block["tasks"].values())
-        assert block["overall"] == 1.0, evaluate.format_table(table)
+        assert block["overall"] == 1.0, accuracy.format_table(table)
     lines = (tmp_path / "results.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
     assert len(lines) == n and first["passed"] and first["seed"] == 0 and first["objects"]
-    text = evaluate.format_table(table)
+    text = accuracy.format_table(table)
     assert "heldout  color_attr" in text and "mean of the six task accuracies" in text
     assert all(not row["failures"] for row in block["tasks"].values())
 
 
 def test_scores_noise_as_nothing(tmp_path):
     write_folder(tmp_path, noise=True, per_task=3)
-    table = evaluate.evaluate_folder(tmp_path)
+    table = accuracy.evaluate_folder(tmp_path)
     assert all(block["overall"] == 0.0 for block in table["splits"].values())
     for block in table["splits"].values():  # noise has no plain background to read
         assert all(row["failures"] == {"unreadable": 3} for row in block["tasks"].values())
-    assert "unreadable 3" in evaluate.format_table(table)
+    assert "unreadable 3" in accuracy.format_table(table)
 
 
 def test_infer_task():
-    parse = evaluate.grammar.parse_prompt
-    assert evaluate.infer_task(parse("a circle")) == "single_object"
-    assert evaluate.infer_task(parse("a red circle")) == "colors"
-    assert evaluate.infer_task(parse("three circles")) == "counting"
-    assert evaluate.infer_task(parse("a circle and a star")) == "two_object"
-    assert evaluate.infer_task(parse("a red circle and a blue star")) == "color_attr"
-    assert evaluate.infer_task(parse("a circle above a star")) == "position"
+    parse = accuracy.grammar.parse_prompt
+    assert accuracy.infer_task(parse("a circle")) == "single_object"
+    assert accuracy.infer_task(parse("a red circle")) == "colors"
+    assert accuracy.infer_task(parse("three circles")) == "counting"
+    assert accuracy.infer_task(parse("a circle and a star")) == "two_object"
+    assert accuracy.infer_task(parse("a red circle and a blue star")) == "color_attr"
+    assert accuracy.infer_task(parse("a circle above a star")) == "position"
     with pytest.raises(ValueError, match="no GenEval task"):
-        evaluate.infer_task(parse("a circle and a star and a heart"))
+        accuracy.infer_task(parse("a circle and a star and a heart"))
 
 
 def _manifest(folder, *entries):
@@ -86,7 +86,7 @@ def test_clear_errors(tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "a.png")
     good = json.dumps({"file": "a.png", "prompt": "a red circle"})
     with pytest.raises(FileNotFoundError, match="no manifest.jsonl"):
-        evaluate.read_manifest(tmp_path)
+        accuracy.read_manifest(tmp_path)
     cases = [
         (json.dumps({"file": "b.png", "prompt": "a red circle"}), FileNotFoundError, "b.png"),
         ("{oops", ValueError, "Expecting property name"),
@@ -106,7 +106,7 @@ def test_clear_errors(tmp_path):
     for line, error, message in cases:
         _manifest(tmp_path, good, line)
         with pytest.raises(error, match=message) as info:
-            evaluate.read_manifest(tmp_path)
+            accuracy.read_manifest(tmp_path)
         assert "manifest.jsonl:2:" in str(info.value)
 
 

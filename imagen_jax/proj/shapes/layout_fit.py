@@ -1,10 +1,10 @@
 """Fit the layout head of a stage (`model.layout_grid`) on its data, the UNet frozen.
 
-    python -m imagen_jax.training.layout_fit \
+    python -m imagen_jax.proj.shapes.layout_fit \
         --config=configs/shapes_base.py:layout_grid=4 --stage=checkpoints/shapes/base \
         --outdir=runs/base_layout [--examples=40000] [--steps=3000] [--batch=128]
 
-The head (`imagen_jax.models.layers.LayoutHead`) reads the frozen text tokens and predicts
+The head (`imagen_jax.models.layout_head.LayoutHead`) reads the frozen text tokens and predicts
 the image pooled to a grid; it learns from the caption alone, so it trains on encoded
 captions and pooled images without running the UNet, at thousands of examples a second
 where a train step of the whole network manages tens. It is what makes a head worth
@@ -16,7 +16,7 @@ that feeds its prediction to the UNet grown when the stage has none: that convol
 starts at zero, so the written stage samples as the input stage did). The head is fitted
 with AdamW on `examples` records of `config.data` (the last tenth held out), and the stage
 is written to `outdir` with the head in it, ready for `train.init_from`, where the train
-loop goes on fitting the head (`train.layout_weight`) while the UNet learns to read it.
+loop goes on fitting the head (`train.aux_losses.layout`) while the UNet learns to read it.
 """
 
 from __future__ import annotations
@@ -33,18 +33,18 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from imagen_jax.models import layers
-from imagen_jax.pipelines import stages
+from imagen_jax import stages
+from imagen_jax.images import to_float_image
+from imagen_jax.models.layout_head import layout_target
+from imagen_jax.text.config import encode_captions, make_text_encoder
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import state as state_lib
-from imagen_jax.training.step import to_float_image
-from imagen_jax.training.text import encode_captions, make_text_encoder
 
 
 def layout_examples(config: ml_collections.ConfigDict, count: int, *, chunk: int = 512):
     """(text [N, L, D], mask [N, L], target [N, g, g, C]) of the first `count` records of
     `config.data`: the captions encoded by `config.text`'s encoder, the images pooled to the
-    layout grid (`layers.layout_target`)."""
+    layout grid (`layout_head.layout_target`)."""
     source = input_lib.make_source(config.data)
     if count > len(source):
         raise ValueError(f"--examples={count} but config.data has only {len(source)} records")
@@ -57,7 +57,7 @@ def layout_examples(config: ml_collections.ConfigDict, count: int, *, chunk: int
         images = to_float_image(np.stack([r["image"] for r in records]))
         texts.append(enc["text"])
         masks.append(enc["text_mask"])
-        targets.append(np.asarray(layers.layout_target(images, grid)))
+        targets.append(np.asarray(layout_target(images, grid)))
         logging.info("layout_fit: %d / %d examples", start + len(records), count)
     return np.concatenate(texts), np.concatenate(masks), np.concatenate(targets)
 

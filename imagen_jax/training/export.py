@@ -1,7 +1,11 @@
-"""Export a training run's EMA weights as a stage directory that sample.py reads.
+"""Export a training run: a pixel stage's EMA weights as a stage directory that sample.py
+reads (`imagen_jax.stages`), or an autoencoder run (`model.family = "vae"`) as a diffusers
+`vae/` directory that latent stages (`latent.vae`) and diffusers read.
 
-    python -m imagen_jax.pipelines.export --config=configs/shapes_base.py \
+    python -m imagen_jax.training.export --config=configs/shapes_base.py \
         --workdir=runs/shapes_base --outdir=models/shapes_base [--step=N] [--dtype=float16]
+    python -m imagen_jax.training.export --config=configs/shapes_vae.py \
+        --workdir=runs/shapes_vae --outdir=models/shapes_vae/vae [--step=N] [--noema]
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from imagen_jax.pipelines import stages
+from imagen_jax import stages
 from imagen_jax.training import checkpoint as ckpt_lib
+from imagen_jax.training import vae_trainer
 
 
 def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -47,17 +52,36 @@ def export_stage(
     return outdir
 
 
+def export_vae(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str,
+    *,
+    step: int | None = None,
+    ema: bool = True,
+) -> str:
+    """Writes the autoencoder of a run's checkpoint (default: the latest; EMA weights unless
+    `ema` is False) as a diffusers directory; returns outdir."""
+    params, net, _ = ckpt_lib.restore_params(config, workdir, step, ema=ema)
+    return vae_trainer.write_vae(outdir, config, net, params)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
 flags.DEFINE_string("workdir", None, "The training workdir.")
-flags.DEFINE_string("outdir", None, "The stage directory to write.")
+flags.DEFINE_string("outdir", None, "The stage (or diffusers vae/) directory to write.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_enum("dtype", "float16", list(stages.STORAGE_DTYPES), "Storage dtype.")
+flags.DEFINE_enum("dtype", "float16", list(stages.STORAGE_DTYPES), "Stage storage dtype.")
+flags.DEFINE_bool("ema", True, "VAE runs: export the EMA weights (--noema: the raw weights).")
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
-    print(export_stage(_CONFIG.value, f.workdir, f.outdir, step=f.step, storage_dtype=f.dtype))
+    config = _CONFIG.value
+    if config.model.get("family", "imagen") == "vae":
+        print(export_vae(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
+    else:
+        print(export_stage(config, f.workdir, f.outdir, step=f.step, storage_dtype=f.dtype))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from absl import logging
 from flax import nnx
 
 from imagen_jax import parallel
+from imagen_jax.images import to_float_image
 from imagen_jax.models import vae as vae_lib
-from imagen_jax.training import step as step_lib
 
 RANDOM = "random"
 RANDOM_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
@@ -97,7 +97,7 @@ class LatentSpace:
         def encode(state, images, step):
             vae = nnx.merge(self._graphdef, state)
             key = jax.random.fold_in(self._key, step) if sample_posterior else None
-            latents = vae.latents_from_images(step_lib.to_float_image(images), key)
+            latents = vae.latents_from_images(to_float_image(images), key)
             return jax.lax.stop_gradient(latents.astype(jnp.float32))
 
         self._encode = jax.jit(encode, out_shardings=sharding)

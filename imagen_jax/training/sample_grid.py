@@ -6,7 +6,7 @@ augmented at `train.noise_aug.sample_level`, and show the inputs in the grid's t
 The noise is fixed for the whole run (from `train.seed`), so grids of successive steps
 differ only by the weights. Sampling uses the `diffusion` and `sample` config groups
 through the diffusion core's compiled sampler, with classifier-free guidance. Latent stages
-(`latent`, a `training.latent.LatentSpace`) sample latents and decode them with the frozen
+(`latent`, a `training.latent_space.LatentSpace`) sample latents and decode them with the frozen
 VAE inside the same compiled call.
 """
 
@@ -23,24 +23,9 @@ from PIL import Image
 from imagen_jax import parallel
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
-from imagen_jax.training import step as step_lib
-from imagen_jax.training import text as text_lib
-
-
-def _grid_image(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    """Rows of uint8 [N, H, W, 3] (same H, W) -> one uint8 image with `pad` px gaps."""
-    n, h, w, _ = rows[0].shape
-    out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
-    for r, images in enumerate(rows):
-        for i, image in enumerate(images):
-            y, x = pad + r * (h + pad), pad + i * (w + pad)
-            out[y : y + h, x : x + w] = image
-    return out
-
-
-def to_uint8(x) -> np.ndarray:
-    """[-1, 1] floats -> uint8 [0, 255]."""
-    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+from imagen_jax.diffusion.adapter import augment_low_res, model_fn
+from imagen_jax.images import image_rows, to_float_image, to_uint8
+from imagen_jax.text.config import encode_captions
 
 
 class SampleGrid:
@@ -64,9 +49,9 @@ class SampleGrid:
             level = float(config.train.noise_aug.sample_level)
 
             def prepare(batch):
-                low = step_lib.to_float_image(batch["low_res"][:n])  # [N, r, r, 3]
+                low = to_float_image(batch["low_res"][:n])  # [N, r, r, 3]
                 aug_t = jnp.full((n,), level, jnp.float32)
-                noised = step_lib.augment_low_res(low, aug_t, key_aug, schedule=schedule)
+                noised = augment_low_res(low, aug_t, key_aug, schedule=schedule)
                 cond = dict(text=batch["text"][:n], text_mask=batch["text_mask"][:n])
                 return dict(cond, low_res=noised, aug_t=aug_t), low
 
@@ -76,7 +61,7 @@ class SampleGrid:
             self._inputs = to_uint8(np.repeat(np.repeat(np.asarray(low), up, 1), up, 2))
         else:
             self.prompts = list(itertools.islice(itertools.cycle(config.train.sample_prompts), n))
-            cond = parallel.replicate(text_lib.encode_captions(encoder, self.prompts), mesh)
+            cond = parallel.replicate(encode_captions(encoder, self.prompts), mesh)
             self._inputs = None
         flags = parallel.replicate({"cond": np.zeros(n, bool), "uncond": np.ones(n, bool)}, mesh)
         self._cond = dict(cond, drop_text=flags["cond"])
@@ -89,7 +74,7 @@ class SampleGrid:
 
         def apply_fn(params_rest, z_t, t, cond):
             params, rest = params_rest
-            return step_lib.model_fn(net.merge(params, rest), schedule=schedule)(z_t, t, cond)
+            return model_fn(net.merge(params, rest), schedule=schedule)(z_t, t, cond)
 
         run = samplers.compile_sampler(
             apply_fn,
@@ -122,7 +107,7 @@ class SampleGrid:
             folder = os.path.join(self.workdir, "samples")
             os.makedirs(folder, exist_ok=True)
             rows = [images] if self._inputs is None else [self._inputs, images]
-            Image.fromarray(_grid_image(rows)).save(os.path.join(folder, f"step_{step:08d}.png"))
+            Image.fromarray(image_rows(rows)).save(os.path.join(folder, f"step_{step:08d}.png"))
             if self.prompts is not None:
                 with open(os.path.join(folder, "prompts.txt"), "w") as f:
                     f.write("\n".join(self.prompts) + "\n")

@@ -22,23 +22,22 @@ among everything else the token carries. A fact with high accuracy but a separat
 few percent sits in directions of tiny variance, which a linear layer trained by gradient
 descent is slow to pick out.
 
-    python -m imagen_jax.shapes.text_probe                 # all-MiniLM-L6-v2, 3000 prompts
-    python -m imagen_jax.shapes.text_probe --prompts=600 --json=runs/text_probe.json
-    python -m imagen_jax.shapes.text_probe --task=color_attr   # the binding question
+    python -m imagen_jax.proj.shapes.text_probe                 # all-MiniLM-L6-v2, 3000 prompts
+    python -m imagen_jax.proj.shapes.text_probe --prompts=600 --json=runs/text_probe.json
+    python -m imagen_jax.proj.shapes.text_probe --task=color_attr   # the binding question
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 
 import numpy as np
+from absl import app, flags
 
-from imagen_jax import training
 from imagen_jax.shapes import grammar, splits, tasks
 from imagen_jax.shapes.spec import COLORS, PromptSpec
-from imagen_jax.training.text import encode_captions, make_text_encoder
+from imagen_jax.text.config import encode_captions, make_text_encoder, text_config
 
 FIRST_SIDE = ("left of", "above")  # relations whose subject is the left / upper object
 QUESTIONS = ("subject", "relation", "side")
@@ -103,7 +102,7 @@ def _word_id(encoder, word: str) -> int:
 
 def _encoder(text_cfg):
     if text_cfg is None:
-        text_cfg = training.text_config(kind="minilm", path="", max_length=32)
+        text_cfg = text_config(kind="minilm", path="", max_length=32)
     return make_text_encoder(text_cfg)
 
 
@@ -185,13 +184,18 @@ def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e
     )
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=3000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="", help="also write the result to this file")
-    parser.add_argument("--task", default="position", choices=("position", "color_attr"))
-    args = parser.parse_args(argv)
+def _define_flags() -> None:
+    """The command line's flags (defined only when run as a program, not on import)."""
+    flags.DEFINE_integer("prompts", 3000, "Prompts to encode.")
+    flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
+    flags.DEFINE_string("json", "", "Also write the result to this file.")
+    flags.DEFINE_enum("task", "position", ["position", "color_attr"], "What to probe.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    args = flags.FLAGS
     if args.task == "color_attr":
         result = binding_probe(prompts=args.prompts, seed=args.seed)
         print(f"all-MiniLM-L6-v2, the colour of {result['tokens']} shape nouns of held-out")
@@ -214,4 +218,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _define_flags()
+    app.run(main)

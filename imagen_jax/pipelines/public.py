@@ -1,0 +1,68 @@
+"""Public checkpoints in diffusers layout, whatever their family: the one place that reads
+a directory's model_index.json and hands it to its pipeline.
+
+    pipe = load_latent_pipeline("models/sd-3-medium")   # SD 1.x / 2.x, SDXL or SD 3
+    job, settings = public_job("models/IF-I-XL", [], pipeline_sr="models/IF-II-L")
+
+`public_job` is what `sample.py --pipeline=DIR` runs: a DeepFloyd IF cascade
+(`pipelines.deepfloyd`), or a latent pipeline (`pipelines.latent`, `pipelines.sd3`) with an
+optional SDXL refiner, as a job of `jobs.run_job`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from imagen_jax.pipelines import deepfloyd, diffusers_format, jobs, latent, sd3
+
+
+def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> latent.LatentPipeline:
+    """An SD 1.x / 2.x, SDXL (base or refiner) or SD 3 pipeline from a diffusers directory,
+    by its model_index.json's family; every component is checked before weights load."""
+    path = os.fspath(path)
+    family = diffusers_format.family_of(diffusers_format.read_model_index(path), path)
+    if family.name == "stable_diffusion_3":
+        return sd3.load_sd3_pipeline(path, dtype=dtype)
+    return latent.load_sd_pipeline(path, dtype=dtype)
+
+
+def public_job(
+    pipeline,
+    overrides,
+    *,
+    refiner=None,
+    refiner_start=0.8,
+    pipeline_sr=None,
+    noise_level=None,
+    height=None,
+    width=None,
+    batch_size=1,
+):
+    """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
+    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3."""
+    if deepfloyd.is_if_pipeline(pipeline):
+        if refiner:
+            raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
+        cascade, loaded = deepfloyd.load_if_cascade(
+            pipeline,
+            pipeline_sr,
+            overrides=jobs.parse_overrides(overrides, 2 if pipeline_sr else 1),
+            noise_level=deepfloyd.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level,
+            mesh=jobs.local_mesh(batch_size),
+            size=(height, width),
+        )
+        return cascade, jobs.stage_settings(loaded, cascade)
+    if pipeline_sr:
+        raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
+    per_stage = jobs.parse_overrides(overrides, 2 if refiner else 1) + [{}]
+    job = latent.LatentJob(
+        load_latent_pipeline(pipeline),
+        load_latent_pipeline(refiner) if refiner else None,
+        refiner_start=refiner_start,
+        height=height,
+        width=width,
+        overrides=per_stage[:2],
+    )
+    return job, job.settings()

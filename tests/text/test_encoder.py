@@ -95,10 +95,11 @@ def test_config_group(clip_dir):
     encoder = text.make_text_encoder(cfg)
     emb, _, _ = encoder.encode(["a red circle"])
     assert emb.dtype == np.dtype("bfloat16") and emb.shape == (1, L, 32)
-    with pytest.raises(KeyError, match="unknown config keys"):
+    with pytest.raises(KeyError, match="unknown text config keys"):
         text.text_config(max_len=3)
     with pytest.raises(ValueError, match="text.path is empty"):
-        text.make_text_encoder(text.text_config())
+        text.make_text_encoder(text.text_config(kind="clip"))
+    assert isinstance(text.make_text_encoder(text.text_config()), text.HashTextEncoder)
 
 
 def test_bad_options(clip_dir, tmp_path, make_tiny):

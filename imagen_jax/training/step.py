@@ -66,15 +66,14 @@ def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, sched
     return cond
 
 
-def make_loss_fn(config, net: state_lib.Network, schedule):
+def make_loss_fn(config, net: state_lib.Network, schedule, terms):
     """loss_fn(params, rest, batch, key) -> (loss, aux) of one (micro-)batch; aux holds the
-    metrics of the auxiliary terms (`train.aux_losses`, `aux_losses.make_terms`), {} when
+    metrics of the auxiliary `terms` (`aux_losses.make_terms` of `train.aux_losses`), {} when
     there are none."""
     dcfg = config.diffusion
     loss_kwargs = dict(config.train.loss)
     max_aug = float(config.train.noise_aug.max_level) if net.low_res else None
     use_dropout = net.dropout > 0
-    terms = aux_losses.make_terms(config, net, schedule)
 
     def loss_fn(params, rest, batch, key):
         key_cond, key_loss, key_dropout = jax.random.split(key, 3)
@@ -156,9 +155,10 @@ def make_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shard
     ema_decay, param_norm.
     """
     schedule = diffusion_config.make_schedule(config.diffusion)
-    with_aux = bool(aux_losses.make_terms(config, net, schedule))  # their metrics
+    terms = aux_losses.make_terms(config, net, schedule)
+    with_aux = bool(terms)  # their metrics
     grad_fn = make_grad_fn(
-        make_loss_fn(config, net, schedule), config.optim.accum_steps, with_aux=with_aux
+        make_loss_fn(config, net, schedule, terms), config.optim.accum_steps, with_aux=with_aux
     )
     update = make_update(config, tx, lr_schedule)
 

@@ -26,19 +26,19 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from imagen_jax.diffusion import grids, samplers, schedules
+from imagen_jax.diffusion import samplers, schedules, time_grids
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 CASES = {  # name: (diffusers scheduler, our sampler, our grid)
     "ddim": (
         lambda: diffusers.DDIMScheduler(**SD, clip_sample=False, timestep_spacing="leading"),
         "ddim",
-        lambda s, n: grids.ddim_grid(s, n, spacing="leading"),
+        lambda s, n: time_grids.ddim_grid(s, n, spacing="leading"),
     ),
     "dpmpp_2m": (
         lambda: diffusers.DPMSolverMultistepScheduler(**SD),
         "dpmpp_2m",
-        lambda s, n: grids.sigma_grid(s, n, space="vp", dpm_spacing=True),
+        lambda s, n: time_grids.sigma_grid(s, n, space="vp", dpm_spacing=True),
     ),
 }
 

@@ -4,18 +4,6 @@ Pure functions over jnp arrays; no Flax. A network reaches this package only as 
 `model_fn(z_t, t, cond) -> prediction`.
 """
 
-from imagen_jax.diffusion.grids import (
-    Grid,
-    continuous_grid,
-    ddim_grid,
-    ddpm_grid,
-    denoising_end_stop,
-    denoising_start_index,
-    flow_grid,
-    sigma_grid,
-    slice_grid,
-    strength_start,
-)
 from imagen_jax.diffusion.guidance import cfg_model, dynamic_threshold, static_clip
 from imagen_jax.diffusion.losses import diffusion_loss, sample_time
 from imagen_jax.diffusion.parameterization import target, to_x0_eps
@@ -33,12 +21,24 @@ from imagen_jax.diffusion.schedules import (
     LogSNRSchedule,
     karras_sigmas,
 )
+from imagen_jax.diffusion.time_grids import (
+    TimeGrid,
+    continuous_grid,
+    ddim_grid,
+    ddpm_grid,
+    denoising_end_stop,
+    denoising_start_index,
+    flow_grid,
+    sigma_grid,
+    slice_grid,
+    strength_start,
+)
 
 __all__ = [
     "SAMPLERS",
     "DiscreteSchedule",
     "FlowSchedule",
-    "Grid",
+    "TimeGrid",
     "LogSNRSchedule",
     "cfg_model",
     "compile_sampler",

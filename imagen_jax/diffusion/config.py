@@ -12,7 +12,7 @@ import dataclasses
 
 import ml_collections
 
-from imagen_jax.diffusion import grids, schedules
+from imagen_jax.diffusion import schedules, time_grids
 from imagen_jax.diffusion.samplers import SAMPLERS
 
 DISCRETE = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -112,14 +112,14 @@ def make_schedule(cfg: ml_collections.ConfigDict):
 class Sampling:
     """Everything `samplers.sample` / `samplers.compile_sampler` need besides the network."""
 
-    grid: grids.Grid
+    grid: time_grids.TimeGrid
     sampler: str
     sampler_options: dict
     denoiser_options: dict
     guidance_scale: float
 
 
-def make_grid(schedule, sample: ml_collections.ConfigDict) -> grids.Grid:
+def make_time_grid(schedule, sample: ml_collections.ConfigDict) -> time_grids.TimeGrid:
     """The full grid for a schedule and a sampler (before any part-way slicing)."""
     name, n = sample.sampler, sample.steps
     if name not in SAMPLERS:
@@ -130,20 +130,24 @@ def make_grid(schedule, sample: ml_collections.ConfigDict) -> grids.Grid:
                 f"sampler {name!r} cannot start from pure noise (alpha = 0) of a flow "
                 "schedule; use flow_euler, ddim, dpmpp_2m or dpmpp_3m"
             )
-        return grids.flow_grid(
+        return time_grids.flow_grid(
             n, shift=schedule.shift, num_train_timesteps=schedule.num_train_timesteps
         )
     if name == "flow_euler":
         raise ValueError("sampler 'flow_euler' needs diffusion.schedule='flow'")
     if isinstance(schedule, schedules.LogSNRSchedule):
-        return grids.continuous_grid(schedule, n, spacing="karras" if sample.karras else "uniform")
+        return time_grids.continuous_grid(
+            schedule, n, spacing="karras" if sample.karras else "uniform"
+        )
     spacing = dict(spacing=sample.spacing, steps_offset=sample.steps_offset)
     if name == "ddpm":
-        return grids.ddpm_grid(schedule, n, **spacing)
+        return time_grids.ddpm_grid(schedule, n, **spacing)
     if name == "ddim":
-        return grids.ddim_grid(schedule, n, set_alpha_to_one=sample.set_alpha_to_one, **spacing)
+        return time_grids.ddim_grid(
+            schedule, n, set_alpha_to_one=sample.set_alpha_to_one, **spacing
+        )
     dpm = name.startswith("dpmpp") or name == "unipc"  # the multistep solvers' grid
-    return grids.sigma_grid(
+    return time_grids.sigma_grid(
         schedule,
         n,
         karras=sample.karras,
@@ -154,20 +158,24 @@ def make_grid(schedule, sample: ml_collections.ConfigDict) -> grids.Grid:
     )
 
 
-def part_way(grid: grids.Grid, sample: ml_collections.ConfigDict, num_train_timesteps=1000):
+def part_way(
+    grid: time_grids.TimeGrid, sample: ml_collections.ConfigDict, num_train_timesteps=1000
+):
     """Slices a grid for img2img `strength` and SDXL's `denoising_start` / `denoising_end`."""
     start, stop = 0, grid.num_steps
     if sample.strength != 1.0:
-        start = grids.strength_start(grid.num_steps, sample.strength)
+        start = time_grids.strength_start(grid.num_steps, sample.strength)
     if sample.denoising_start:
-        start = grids.denoising_start_index(
+        start = time_grids.denoising_start_index(
             grid, sample.denoising_start, num_train_timesteps=num_train_timesteps
         )
     if sample.denoising_end != 1.0:
-        stop = grids.denoising_end_stop(
+        stop = time_grids.denoising_end_stop(
             grid, sample.denoising_end, num_train_timesteps=num_train_timesteps
         )
-    return grid if (start, stop) == (0, grid.num_steps) else grids.slice_grid(grid, start, stop)
+    return (
+        grid if (start, stop) == (0, grid.num_steps) else time_grids.slice_grid(grid, start, stop)
+    )
 
 
 def make_sampling(
@@ -175,7 +183,7 @@ def make_sampling(
 ) -> Sampling:
     schedule = make_schedule(diffusion)
     big_t = 1.0 if isinstance(schedule, schedules.LogSNRSchedule) else diffusion.num_train_timesteps
-    grid = part_way(make_grid(schedule, sample), sample, num_train_timesteps=big_t)
+    grid = part_way(make_time_grid(schedule, sample), sample, num_train_timesteps=big_t)
     sampler_options = {}
     if sample.sampler in ("ddim", "euler_ancestral"):
         sampler_options["eta"] = sample.eta

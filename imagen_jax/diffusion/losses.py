@@ -98,7 +98,7 @@ def time_from_unit(u, *, schedule):
     DiscreteSchedule: integer t = floor(u T), clipped to T - 1 (diffusers' SD3 script bins u
     the same way). LogSNRSchedule: t = u. FlowSchedule: u is shifted (SD3 eq. 23) inside
     `FlowSchedule.alpha_sigma`, sigma_t is the shifted time and the network is told
-    sigma_t * T, as `grids.flow_grid` tells it when sampling.
+    sigma_t * T, as `time_grids.flow_grid` tells it when sampling.
     """
     schedule_space(schedule)  # raises on an unknown schedule type
     u = jnp.asarray(u, jnp.float32)

@@ -1,4 +1,4 @@
-"""Samplers: each one `lax.scan` over the static steps of a `Grid`.
+"""Samplers: each one `lax.scan` over the static steps of a `TimeGrid`.
 
 Every sampler has the same contract (as in k-diffusion's `sampling.py`):
 
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import parameterization as param_lib
-from imagen_jax.diffusion.grids import Grid
+from imagen_jax.diffusion.time_grids import TimeGrid
 
 
 class Denoised(NamedTuple):
@@ -133,7 +133,7 @@ class Step(NamedTuple):
     max_order: jax.Array
 
 
-def _run(body, carry, grid: Grid, callback, trajectory: bool):
+def _run(body, carry, grid: TimeGrid, callback, trajectory: bool):
     """Scans `body(carry, step) -> carry` over the grid, the sample first in the carry.
     `callback(i)` reports progress from inside the compiled loop; with `trajectory` the
     sample after every step is returned too, as [N, *shape]."""
@@ -161,7 +161,9 @@ def _ve(alpha, sigma):
 # ----------------------------------------------------------------------------------------------
 
 
-def ddim(denoise, z, grid: Grid, *, key=None, eta: float = 0.0, callback=None, trajectory=False):
+def ddim(
+    denoise, z, grid: TimeGrid, *, key=None, eta: float = 0.0, callback=None, trajectory=False
+):
     """DDIM (Song et al. 2021, eq. 12): z_next = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s noise
     with s = eta * sqrt(sigma'^2 (1 - SNR / SNR')); eta = 0 is deterministic, eta = 1 ancestral."""
 
@@ -181,7 +183,7 @@ def ddim(denoise, z, grid: Grid, *, key=None, eta: float = 0.0, callback=None, t
 def ddpm(
     denoise,
     z,
-    grid: Grid,
+    grid: TimeGrid,
     *,
     key=None,
     variance: str = "fixed_small",
@@ -208,7 +210,7 @@ def ddpm(
     return _run(body, z, grid, callback, trajectory)
 
 
-def euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
+def euler(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
     """Euler's method on the probability-flow ODE in the VE variable x = z / alpha
     (Karras et al. 2022, alg. 1 without churn)."""
 
@@ -221,7 +223,7 @@ def euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
 
 
 def euler_ancestral(
-    denoise, z, grid: Grid, *, key=None, eta: float = 1.0, callback=None, trajectory=False
+    denoise, z, grid: TimeGrid, *, key=None, eta: float = 1.0, callback=None, trajectory=False
 ):
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): an Euler step down to
     sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma'^2."""
@@ -239,7 +241,7 @@ def euler_ancestral(
     return _run(body, z, grid, callback, trajectory)
 
 
-def heun(denoise, z, grid: Grid, *, callback=None, trajectory=False):
+def heun(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
     """Heun's second-order method (Karras et al. 2022, alg. 1 without churn): an Euler step,
     then the trapezoidal correction, except on a step that lands on sigma = 0."""
 
@@ -262,7 +264,7 @@ def heun(denoise, z, grid: Grid, *, callback=None, trajectory=False):
 def dpm_solver_pp(
     denoise,
     z,
-    grid: Grid,
+    grid: TimeGrid,
     *,
     order: int = 2,
     key=None,
@@ -326,7 +328,7 @@ def dpm_solver_pp(
 
 
 def dpmpp_2m(
-    denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+    denoise, z, grid: TimeGrid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
 ):
     """DPM-Solver++(2M): `dpm_solver_pp` of order 2."""
     del key
@@ -336,7 +338,7 @@ def dpmpp_2m(
 
 
 def dpmpp_2m_sde(
-    denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+    denoise, z, grid: TimeGrid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
 ):
     """SDE-DPM-Solver++(2M): `dpm_solver_pp` of order 2 with `sde=True`."""
     return dpm_solver_pp(
@@ -352,7 +354,7 @@ def dpmpp_2m_sde(
 
 
 def dpmpp_3m(
-    denoise, z, grid: Grid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+    denoise, z, grid: TimeGrid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
 ):
     """DPM-Solver++(3M): `dpm_solver_pp` of order 3 (diffusers' `solver_order=3`)."""
     del key
@@ -384,7 +386,7 @@ def _unipc_rhos(rks, b, p: int, *, corrector: bool):
 def unipc(
     denoise,
     z,
-    grid: Grid,
+    grid: TimeGrid,
     *,
     key=None,
     order: int = 2,
@@ -481,7 +483,7 @@ def unipc(
     return _run(body, carry, grid, callback, trajectory)
 
 
-def flow_euler(denoise, z, grid: Grid, *, callback=None, trajectory=False):
+def flow_euler(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
     """Euler on the rectified-flow ODE dz/dsigma = v = eps - x0 (SD3's sampler), for flow grids
     (alpha = 1 - sigma, where alpha reaches 0 and the VE form of `euler` is undefined)."""
 
@@ -516,7 +518,7 @@ def get_sampler(name: str) -> Callable:
 def sample(
     model_fn: Callable,
     z: jax.Array,
-    grid: Grid,
+    grid: TimeGrid,
     *,
     sampler: str = "ddim",
     cond=None,

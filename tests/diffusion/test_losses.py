@@ -15,7 +15,7 @@ import scipy.stats
 import torch
 from diffusers import training_utils
 
-from imagen_jax.diffusion import grids, losses, schedules
+from imagen_jax.diffusion import losses, schedules, time_grids
 from imagen_jax.diffusion import parameterization as param_lib
 
 B, H, W, C = 8, 4, 4, 3
@@ -154,7 +154,7 @@ def test_z_t_and_v_target_match_ddpm_scheduler(beta_schedule):
 def test_flow_network_time_matches_flow_grid():
     """The network sees the shifted time times T during training, as during sampling."""
     shift, big_t, n = 3.0, 1000, 10
-    grid = grids.flow_grid(n, shift=shift, num_train_timesteps=big_t)
+    grid = time_grids.flow_grid(n, shift=shift, num_train_timesteps=big_t)
     sigma_min = schedules.flow_time_shift(1.0 / big_t, shift=shift)
     u = np.linspace(1.0, sigma_min, n)  # the grid's levels before its shift
     schedule = schedules.FlowSchedule(shift=shift, num_train_timesteps=big_t)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagen_jax.diffusion import grids, samplers, schedules
+from imagen_jax.diffusion import samplers, schedules, time_grids
 
 B, H, W, C = 2, 4, 4, 3
 GUIDANCE = 4.0
@@ -161,7 +161,7 @@ def test_ddim(num_steps, spacing, prediction):
         **SD, clip_sample=False, timestep_spacing=spacing, prediction_type=pt
     )
     ref.set_timesteps(num_steps)
-    grid = grids.ddim_grid(discrete(**SD), num_steps, spacing=spacing)
+    grid = time_grids.ddim_grid(discrete(**SD), num_steps, spacing=spacing)
     assert np.array_equal(grid.t, ref.timesteps.numpy())
     x = x_init()
     assert_trajectories_close(
@@ -189,7 +189,7 @@ def test_ddim_eta_and_thresholding(num_steps, spacing):
             out, t, x, eta=1.0, use_clipped_model_output=True, variance_noise=noise
         ).prev_sample
         ref_zs.append(to_numpy(x))
-    grid = grids.ddim_grid(discrete(), num_steps, spacing=spacing)
+    grid = time_grids.ddim_grid(discrete(), num_steps, spacing=spacing)
     got = ours(
         grid,
         x_init(),
@@ -224,7 +224,7 @@ def test_ddpm(num_steps, spacing, variance, monkeypatch):
         sample_max_value=1.5,
     )
     ref.set_timesteps(num_steps)
-    grid = grids.ddpm_grid(
+    grid = time_grids.ddpm_grid(
         schedules.DiscreteSchedule.from_config("squaredcos_cap_v2"), num_steps, spacing=spacing
     )
     x = x_init()
@@ -255,7 +255,7 @@ def _sigma_sampler_case(
     pt = {"eps": "epsilon", "v": "v_prediction"}[prediction]
     ref = cls(**SD, timestep_spacing=spacing, prediction_type=pt, **extra)
     ref.set_timesteps(num_steps)
-    grid = grids.sigma_grid(discrete(**SD), num_steps, spacing=spacing, karras=karras)
+    grid = time_grids.sigma_grid(discrete(**SD), num_steps, spacing=spacing, karras=karras)
     np.testing.assert_allclose(
         grid.t, ref.timesteps.numpy()[:: 2 if heun else 1][:num_steps], rtol=1e-5, atol=1e-3
     )
@@ -307,7 +307,7 @@ def multistep_grid(ref, num_steps, spacing, karras, final_sigma="zero"):
     """Our grid of diffusers' multistep solvers (DPM-Solver, UniPC) on SD's schedule; its
     timesteps must be the scheduler's, which this sets."""
     ref.set_timesteps(num_steps)
-    grid = grids.sigma_grid(
+    grid = time_grids.sigma_grid(
         discrete(**SD),
         num_steps,
         spacing=spacing,
@@ -407,7 +407,7 @@ def test_flow_euler(num_steps, shift):
     p = stand_in_params(C)
     ref = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     ref.set_timesteps(num_steps)
-    grid = grids.flow_grid(num_steps, shift=shift)
+    grid = time_grids.flow_grid(num_steps, shift=shift)
     np.testing.assert_allclose(grid.t, ref.timesteps.numpy(), rtol=1e-6)
     x = x_init()
     got = ours(grid, x, p, "flow_euler", prediction="flow", model_space="flow")

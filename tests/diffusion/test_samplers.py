@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagen_jax.diffusion import grids, guidance, samplers, schedules
+from imagen_jax.diffusion import guidance, samplers, schedules, time_grids
 
 SHAPE = (2, 4, 4, 3)
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -42,11 +42,11 @@ def _linear_model(z, t, cond):
 @pytest.mark.parametrize(
     "sampler,make_grid",
     [
-        ("ddim", lambda n: grids.ddim_grid(SCHED, n, spacing="trailing")),
-        ("ddpm", lambda n: grids.ddpm_grid(SCHED, n)),
-        ("dpmpp_2m", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
-        ("dpmpp_3m", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
-        ("unipc", lambda n: grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
+        ("ddim", lambda n: time_grids.ddim_grid(SCHED, n, spacing="trailing")),
+        ("ddpm", lambda n: time_grids.ddpm_grid(SCHED, n)),
+        ("dpmpp_2m", lambda n: time_grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
+        ("dpmpp_3m", lambda n: time_grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
+        ("unipc", lambda n: time_grids.sigma_grid(SCHED, n, space="vp", dpm_spacing=True)),
     ],
 )
 def test_true_noise_recovers_x0(sampler, make_grid):
@@ -64,7 +64,7 @@ def test_true_noise_recovers_x0(sampler, make_grid):
 def test_x0_oracle_ends_on_x0(sampler):
     """A network that predicts the true x0 ends on it, whatever the state space."""
     x0 = _x0()
-    grid = grids.sigma_grid(SCHED, 7, karras=True)
+    grid = time_grids.sigma_grid(SCHED, 7, karras=True)
     z = grid.init_sigma * _eps()
     out = samplers.sample(
         lambda z, t, c: jnp.broadcast_to(x0, z.shape),
@@ -78,7 +78,7 @@ def test_x0_oracle_ends_on_x0(sampler):
 
 
 def test_ddim_eta0_is_deterministic():
-    grid = grids.ddim_grid(SCHED, 10)
+    grid = time_grids.ddim_grid(SCHED, 10)
     z = _eps()
     cond = jnp.ones((2, 3))
     run = functools.partial(samplers.sample, _linear_model, z, grid, sampler="ddim", cond=cond)
@@ -132,7 +132,7 @@ def test_compiles_once_whatever_the_prompts():
         return params["a"] * z + cond[:, None, None, :]
 
     run = samplers.compile_sampler(apply_fn, sampler="dpmpp_2m")
-    grid = grids.sigma_grid(SCHED, 8, space="vp", dpm_spacing=True)
+    grid = time_grids.sigma_grid(SCHED, 8, space="vp", dpm_spacing=True)
     params = {"a": jnp.float32(0.5)}
     z = _eps()
     for seed in range(3):
@@ -143,7 +143,7 @@ def test_compiles_once_whatever_the_prompts():
     run(
         params,
         z,
-        grids.sigma_grid(SCHED, 9, space="vp", dpm_spacing=True),
+        time_grids.sigma_grid(SCHED, 9, space="vp", dpm_spacing=True),
         cond,
         -cond,
         jnp.float32(2.0),
@@ -154,7 +154,7 @@ def test_compiles_once_whatever_the_prompts():
 
 def test_progress_callback_reports_every_step():
     seen = []
-    grid = grids.ddim_grid(SCHED, 6)
+    grid = time_grids.ddim_grid(SCHED, 6)
     out = samplers.sample(
         _linear_model, _eps(), grid, cond=jnp.ones((2, 3)), callback=lambda i: seen.append(int(i))
     )
@@ -165,7 +165,7 @@ def test_progress_callback_reports_every_step():
 
 def test_per_row_keys_make_rows_independent_of_batch():
     """With one key per row, a row's sample does not depend on its neighbours."""
-    grid = grids.ddpm_grid(SCHED, 5)
+    grid = time_grids.ddpm_grid(SCHED, 5)
     keys = jax.random.split(jax.random.key(4), 2)
     z = _eps()
     cond = jnp.ones((2, 3))
@@ -175,7 +175,7 @@ def test_per_row_keys_make_rows_independent_of_batch():
 
 
 def test_per_step_guidance_schedule():
-    grid = grids.ddim_grid(SCHED, 4)
+    grid = time_grids.ddim_grid(SCHED, 4)
     z, cond = _eps(), jnp.ones((2, 3))
     run = functools.partial(
         samplers.sample, _linear_model, z, grid, cond=cond, uncond=jnp.zeros((2, 3))
@@ -197,9 +197,9 @@ def test_img2img_start_matches_diffusers(strength):
     ref.set_timesteps(n)
     init_timestep = min(int(n * strength), n)
     t_start = max(n - init_timestep, 0)
-    start = grids.strength_start(n, strength)
+    start = time_grids.strength_start(n, strength)
     assert start == t_start
-    grid = grids.slice_grid(grids.ddim_grid(SCHED, n, steps_offset=1), start)
+    grid = time_grids.slice_grid(time_grids.ddim_grid(SCHED, n, steps_offset=1), start)
     np.testing.assert_array_equal(grid.t, ref.timesteps[t_start:].numpy())
     x0, eps = _x0(), _eps()
     noised = ref.add_noise(
@@ -214,10 +214,12 @@ def test_denoising_end_and_start_match_sdxl():
     n, frac = 25, 0.8
     ref = diffusers.EulerDiscreteScheduler(**SD, timestep_spacing="leading", steps_offset=1)
     ref.set_timesteps(n)
-    grid = grids.sigma_grid(SCHED, n, spacing="leading", steps_offset=1)
+    grid = time_grids.sigma_grid(SCHED, n, spacing="leading", steps_offset=1)
     cutoff = int(round(1000 - frac * 1000))
-    assert grids.denoising_end_stop(grid, frac) == len([t for t in ref.timesteps if t >= cutoff])
-    assert grids.denoising_start_index(grid, frac) == n - int((ref.timesteps < cutoff).sum())
+    assert time_grids.denoising_end_stop(grid, frac) == len(
+        [t for t in ref.timesteps if t >= cutoff]
+    )
+    assert time_grids.denoising_start_index(grid, frac) == n - int((ref.timesteps < cutoff).sum())
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m"])
@@ -226,12 +228,12 @@ def test_handoff_equals_one_run(sampler):
     multistep solver restarts at first order, so for it only the first half is exact)."""
     space = "vp" if sampler == "dpmpp_2m" else "ve"
     grid = (
-        grids.ddim_grid(SCHED, 12)
+        time_grids.ddim_grid(SCHED, 12)
         if sampler == "ddim"
-        else grids.sigma_grid(SCHED, 12, space=space, dpm_spacing=sampler == "dpmpp_2m")
+        else time_grids.sigma_grid(SCHED, 12, space=space, dpm_spacing=sampler == "dpmpp_2m")
     )
-    stop = grids.denoising_end_stop(grid, 0.6)
-    assert stop == grids.denoising_start_index(grid, 0.6)
+    stop = time_grids.denoising_end_stop(grid, 0.6)
+    assert stop == time_grids.denoising_start_index(grid, 0.6)
     z, cond = grid.init_sigma * _eps(), jnp.ones((2, 3))
     run = functools.partial(
         samplers.sample,
@@ -241,9 +243,9 @@ def test_handoff_equals_one_run(sampler):
         sampler_options=dict(trajectory=True),
     )
     _, whole = run(z, grid)
-    mid, first = run(z, grids.slice_grid(grid, 0, stop))
+    mid, first = run(z, time_grids.slice_grid(grid, 0, stop))
     np.testing.assert_allclose(first, whole[:stop], atol=1e-5)
-    final, _ = run(mid, grids.slice_grid(grid, stop))
+    final, _ = run(mid, time_grids.slice_grid(grid, stop))
     if sampler != "dpmpp_2m":
         np.testing.assert_allclose(final, whole[-1], atol=1e-5)
 
@@ -261,9 +263,9 @@ def test_unknown_names_raise():
     with pytest.raises(ValueError, match="'nope'"):
         schedules.LogSNRSchedule("nope")
     with pytest.raises(ValueError, match="'nope'"):
-        grids.spaced_timesteps(10, "nope")
+        time_grids.spaced_timesteps(10, "nope")
     with pytest.raises(ValueError, match="'nope'"):
-        samplers.sample(_linear_model, _eps(), grids.ddim_grid(SCHED, 2), sampler="nope")
+        samplers.sample(_linear_model, _eps(), time_grids.ddim_grid(SCHED, 2), sampler="nope")
     with pytest.raises(ValueError, match="'nope'"):
         samplers.make_denoiser(_linear_model, cond=None, prediction="nope")
 
@@ -271,35 +273,35 @@ def test_unknown_names_raise():
 @pytest.mark.parametrize("steps", [0, -3, 2.5])
 def test_bad_step_counts_raise(steps):
     for build in (
-        lambda: grids.ddim_grid(SCHED, steps),
-        lambda: grids.sigma_grid(SCHED, steps),
-        lambda: grids.flow_grid(steps),
-        lambda: grids.continuous_grid(schedules.LogSNRSchedule(), steps),
+        lambda: time_grids.ddim_grid(SCHED, steps),
+        lambda: time_grids.sigma_grid(SCHED, steps),
+        lambda: time_grids.flow_grid(steps),
+        lambda: time_grids.continuous_grid(schedules.LogSNRSchedule(), steps),
     ):
         with pytest.raises(ValueError, match=f"num_steps must be an integer >= 1, got {steps}"):
             build()
     with pytest.raises(ValueError, match="exceeds"):
-        grids.ddpm_grid(SCHED, 1001)
+        time_grids.ddpm_grid(SCHED, 1001)
 
 
 @pytest.mark.parametrize("strength", [0.0, -0.1, 1.5])
 def test_bad_strength_raises(strength):
     with pytest.raises(ValueError, match=f"strength must be in \\(0, 1\\], got {strength}"):
-        grids.strength_start(10, strength)
+        time_grids.strength_start(10, strength)
 
 
 def test_bad_denoising_fraction_raises():
-    grid = grids.ddim_grid(SCHED, 10)
+    grid = time_grids.ddim_grid(SCHED, 10)
     with pytest.raises(ValueError, match="denoising_end must be in \\(0, 1\\), got 1.2"):
-        grids.denoising_end_stop(grid, 1.2)
+        time_grids.denoising_end_stop(grid, 1.2)
     with pytest.raises(ValueError, match="denoising_start must be in \\(0, 1\\), got 0.0"):
-        grids.denoising_start_index(grid, 0.0)
+        time_grids.denoising_start_index(grid, 0.0)
     with pytest.raises(ValueError, match="cannot slice steps \\[5, 3\\)"):
-        grids.slice_grid(grid, 5, 3)
+        time_grids.slice_grid(grid, 5, 3)
 
 
 def test_wrong_length_guidance_schedule_raises():
-    grid = grids.ddim_grid(SCHED, 4)
+    grid = time_grids.ddim_grid(SCHED, 4)
     with pytest.raises(ValueError, match="one value per step \\(4\\), got shape \\(3,\\)"):
         samplers.sample(
             _linear_model,
@@ -314,7 +316,11 @@ def test_wrong_length_guidance_schedule_raises():
 def test_stochastic_sampler_without_key_raises():
     with pytest.raises(ValueError, match="stochastic"):
         samplers.sample(
-            _linear_model, _eps(), grids.ddpm_grid(SCHED, 3), sampler="ddpm", cond=jnp.ones((2, 3))
+            _linear_model,
+            _eps(),
+            time_grids.ddpm_grid(SCHED, 3),
+            sampler="ddpm",
+            cond=jnp.ones((2, 3)),
         )
 
 
@@ -336,7 +342,7 @@ def test_sharded_batch_gives_the_same_images():
         return params * z + jnp.cos(t / 300.0)[:, None, None, None] + cond[:, None, None, :]
 
     run = samplers.compile_sampler(apply_fn, sampler="dpmpp_2m_sde")
-    grid = grids.sigma_grid(SCHED, 6, space="vp", dpm_spacing=True)
+    grid = time_grids.sigma_grid(SCHED, 6, space="vp", dpm_spacing=True)
     z = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
     cond = jax.random.normal(jax.random.key(1), (8, 3))
     keys = jax.random.split(jax.random.key(2), 8)
@@ -355,9 +361,9 @@ def test_sharded_batch_gives_the_same_images():
 @pytest.mark.parametrize(
     "grid",
     [
-        grids.flow_grid(12, shift=3.0),
-        grids.continuous_grid(schedules.LogSNRSchedule("cosine"), 12),
-        grids.sigma_grid(SCHED, 20, space="vp", dpm_spacing=True, lower_order_final=False),
+        time_grids.flow_grid(12, shift=3.0),
+        time_grids.continuous_grid(schedules.LogSNRSchedule("cosine"), 12),
+        time_grids.sigma_grid(SCHED, 20, space="vp", dpm_spacing=True, lower_order_final=False),
     ],
     ids=["flow", "continuous", "sigma"],
 )

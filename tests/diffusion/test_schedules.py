@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from imagen_jax.diffusion import grids, schedules
+from imagen_jax.diffusion import schedules, time_grids
 
 
 @pytest.mark.parametrize(
@@ -89,7 +89,7 @@ def test_dynamic_flow_shift_matches_diffusers():
     assert mu == pytest.approx(calculate_shift(1024))
     ref = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
     ref.set_timesteps(20, mu=mu)
-    grid = grids.flow_grid(20, shift=math.exp(mu), dynamic=True)
+    grid = time_grids.flow_grid(20, shift=math.exp(mu), dynamic=True)
     np.testing.assert_allclose(grid.sigma, ref.sigmas.numpy()[:-1], rtol=1e-5)
     np.testing.assert_allclose(grid.t, ref.timesteps.numpy(), rtol=1e-5)
 
@@ -97,7 +97,7 @@ def test_dynamic_flow_shift_matches_diffusers():
 @pytest.mark.parametrize("spacing", ["uniform", "karras"])
 def test_continuous_grid_runs_from_noise_to_clean(spacing):
     sched = schedules.LogSNRSchedule("cosine")
-    grid = grids.continuous_grid(sched, 16, spacing=spacing)
+    grid = time_grids.continuous_grid(sched, 16, spacing=spacing)
     assert grid.sigma_next[-1] == 0.0 and grid.alpha_next[-1] == 1.0
     np.testing.assert_array_equal(grid.alpha[1:], grid.alpha_next[:-1])
     assert np.all(np.diff(grid.sigma) < 0)

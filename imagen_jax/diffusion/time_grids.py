@@ -1,6 +1,6 @@
-"""Sampling grids: the static sequence of noise levels a sampler walks.
+"""Time grids: the static sequence of noise levels a sampler walks.
 
-A `Grid` is a pytree of per-step arrays built on the host. Step i evaluates the network at
+A `TimeGrid` is a pytree of per-step arrays built on the host. Step i evaluates the network at
 time `t[i]` on a state z = alpha[i] x0 + sigma[i] eps and lands at (alpha_next[i],
 sigma_next[i]). Samplers are written against (alpha, sigma) only, so one sampler serves a
 variance-preserving state (alpha^2 + sigma^2 = 1), a variance-exploding one (alpha = 1, the
@@ -25,7 +25,7 @@ from imagen_jax.diffusion import schedules as sched_lib
 SPACINGS = ("leading", "trailing", "linspace")
 
 
-class Grid(NamedTuple):
+class TimeGrid(NamedTuple):
     t: np.ndarray  # [N] network time of step i
     alpha: np.ndarray  # [N] state of step i: z = alpha x0 + sigma eps
     sigma: np.ndarray  # [N]
@@ -40,9 +40,9 @@ class Grid(NamedTuple):
         return int(np.shape(self.t)[0])
 
 
-def _make_grid(t, alpha, sigma, alpha_next, sigma_next, t_next, max_order, init_sigma) -> Grid:
+def _time_grid(t, alpha, sigma, alpha_next, sigma_next, t_next, max_order, init_sigma) -> TimeGrid:
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
-    return Grid(
+    return TimeGrid(
         f32(t),
         f32(alpha),
         f32(sigma),
@@ -88,7 +88,7 @@ def _vp_from_alphas_cumprod(ac):
 
 def ddpm_grid(
     schedule: sched_lib.DiscreteSchedule, num_steps: int, *, spacing="leading", steps_offset=0
-) -> Grid:
+) -> TimeGrid:
     """DDPMScheduler's grid: integer timesteps, each step lands on the next one, the last on
     alpha = 1."""
     t = np.round(
@@ -104,7 +104,7 @@ def ddpm_grid(
     alpha, sigma = _vp_from_alphas_cumprod(ac[t])
     alpha_next, sigma_next = _vp_from_alphas_cumprod(ac_next)
     t_next = np.concatenate([t[1:], [0]])
-    return _make_grid(t, alpha, sigma, alpha_next, sigma_next, t_next, np.ones_like(t), 1.0)
+    return _time_grid(t, alpha, sigma, alpha_next, sigma_next, t_next, np.ones_like(t), 1.0)
 
 
 def ddim_grid(
@@ -114,7 +114,7 @@ def ddim_grid(
     spacing="leading",
     steps_offset=0,
     set_alpha_to_one=True,
-) -> Grid:
+) -> TimeGrid:
     """DDIMScheduler's grid: step i lands on t_i - T // N (alpha = 1 past zero, or
     alphas_cumprod[0] when `set_alpha_to_one` is False)."""
     big_t = schedule.num_train_timesteps
@@ -127,7 +127,7 @@ def ddim_grid(
     ac_next = np.where(prev >= 0, ac[np.maximum(prev, 0)], final)
     alpha, sigma = _vp_from_alphas_cumprod(ac[t])
     alpha_next, sigma_next = _vp_from_alphas_cumprod(ac_next)
-    return _make_grid(
+    return _time_grid(
         t, alpha, sigma, alpha_next, sigma_next, np.maximum(prev, 0), np.ones_like(t), 1.0
     )
 
@@ -156,7 +156,7 @@ def sigma_grid(
     round_timesteps: bool = False,
     lower_order_final: bool = True,
     euler_at_final: bool = False,
-) -> Grid:
+) -> TimeGrid:
     """The grid of the sigma-based diffusers schedulers.
 
     Euler / Euler ancestral / Heun: `space='ve'`, timesteps spaced as DDIM's but not rounded
@@ -197,12 +197,12 @@ def sigma_grid(
     else:
         init = 1.0
     t_next = np.concatenate([t[1:], [0.0]])
-    return _make_grid(t, alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], t_next, max_order, init)
+    return _time_grid(t, alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], t_next, max_order, init)
 
 
 def flow_grid(
     num_steps: int, *, shift: float = 1.0, num_train_timesteps: int = 1000, dynamic: bool = False
-) -> Grid:
+) -> TimeGrid:
     """FlowMatchEulerDiscreteScheduler's grid: sigmas from 1 to the shifted 1/T, shifted
     (SD3 eq. 23), then 0; the network is told sigma * T. `dynamic=True` is the
     resolution-dependent shifting, with `shift = exp(mu)` (see `flow_dynamic_shift`)."""
@@ -214,7 +214,7 @@ def flow_grid(
     sigmas = shift_fn(sigmas).astype(np.float32)
     sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
     t = sigmas * big_t
-    return _make_grid(
+    return _time_grid(
         t[:-1],
         1.0 - sigmas[:-1],
         sigmas[:-1],
@@ -234,7 +234,7 @@ def continuous_grid(
     sigma_min: float = 0.002,  # karras only: the EDM range of VE sigmas, clipped to the
     sigma_max: float = 80.0,  # schedule's own range
     rho: float = 7.0,
-) -> Grid:
+) -> TimeGrid:
     """A VP grid on a continuous logSNR schedule, from t = 1 (or the Karras sigma_max) to a
     clean last point (alpha = 1, sigma = 0). The network is told t."""
     n = check_num_steps(num_steps)
@@ -257,7 +257,7 @@ def continuous_grid(
     t_next = np.concatenate([t[1:], [0.0]])
     max_order = np.full(n, 3)
     max_order[-1] = 1
-    return _make_grid(t, alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], t_next, max_order, 1.0)
+    return _time_grid(t, alpha[:-1], sigma[:-1], alpha[1:], sigma[1:], t_next, max_order, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,14 +265,14 @@ def continuous_grid(
 # ----------------------------------------------------------------------------------------------
 
 
-def slice_grid(grid: Grid, start: int = 0, stop: int | None = None) -> Grid:
+def slice_grid(grid: TimeGrid, start: int = 0, stop: int | None = None) -> TimeGrid:
     """Steps [start, stop) of a grid; each slice compiles to its own static step count."""
     n = grid.num_steps
     stop = n if stop is None else stop
     if not 0 <= start < stop <= n:
         raise ValueError(f"cannot slice steps [{start}, {stop}) from a grid of {n} steps")
     per_step = {k: v[start:stop] for k, v in grid._asdict().items() if k != "init_sigma"}
-    return Grid(**per_step, init_sigma=grid.init_sigma)
+    return TimeGrid(**per_step, init_sigma=grid.init_sigma)
 
 
 def strength_start(num_steps: int, strength: float) -> int:
@@ -292,13 +292,15 @@ def _cutoff(fraction: float, name: str, num_train_timesteps: float) -> float:
     return round(cutoff) if isinstance(num_train_timesteps, int) else cutoff
 
 
-def denoising_end_stop(grid: Grid, denoising_end: float, *, num_train_timesteps=1000) -> int:
+def denoising_end_stop(grid: TimeGrid, denoising_end: float, *, num_train_timesteps=1000) -> int:
     """Stop index for SDXL's `denoising_end`: keep the steps at t >= round(T (1 - f))."""
     cutoff = _cutoff(denoising_end, "denoising_end", num_train_timesteps)
     return int(np.sum(np.asarray(grid.t) >= cutoff))
 
 
-def denoising_start_index(grid: Grid, denoising_start: float, *, num_train_timesteps=1000) -> int:
+def denoising_start_index(
+    grid: TimeGrid, denoising_start: float, *, num_train_timesteps=1000
+) -> int:
     """Start index for SDXL's `denoising_start` (the refiner's half of a handoff): run the
     steps at t < round(T (1 - f))."""
     cutoff = _cutoff(denoising_start, "denoising_start", num_train_timesteps)

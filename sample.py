@@ -6,7 +6,9 @@
 Prompts come from --prompt (repeatable) or --prompts=FILE (.txt, one per line; or .jsonl
 with per-prompt "seed", "negative_prompt", "guidance_scale"). A stage is a directory written
 by `imagen_jax.stages.save_stage` (or exported from a training workdir). A
-restarted job makes only the images that are missing. --set=STAGE.KEY=VALUE (repeatable)
+restarted job makes only the images that are missing; a rerun into a folder that holds
+another job's images (other prompts, seed, settings or weights) stops and says what
+differs, unless --overwrite. --set=STAGE.KEY=VALUE (repeatable)
 overrides a stage's sample settings, e.g. --set=0.steps=25 --set=1.sampler=ddim, and a
 super-resolution stage's augmentation level of its low-res input (--set=1.aug_level=0.2).
 
@@ -41,11 +43,21 @@ from imagen_jax.pipelines import sampling
 flags.DEFINE_multi_string("stage", [], "Stage directories, base first.")
 flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
 flags.DEFINE_string("prompts", None, "A prompt file (.txt or .jsonl).")
-flags.DEFINE_string("negative_prompt", "", "Negative prompt for --prompt prompts.")
+flags.DEFINE_string(
+    "negative_prompt",
+    "",
+    "Negative prompt of every prompt (of a prompt file: of each entry without its own).",
+)
 flags.DEFINE_integer("images_per_prompt", 1, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Job seed.")
 flags.DEFINE_integer("batch_size", 4, "Images per compiled call (per process).")
 flags.DEFINE_string("outdir", "samples", "Output directory.")
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace the images of another job in --outdir (a rerun of the same job resumes; "
+    "one of another job, without this flag, stops and says what differs).",
+)
 flags.DEFINE_multi_string("set", [], "STAGE.KEY=VALUE sample-setting overrides.")
 flags.DEFINE_bool("grid", True, "Also write grid.png of the final images (process 0's).")
 flags.DEFINE_integer(
@@ -95,6 +107,7 @@ def main(argv):
         refiner_start=f.refiner_start,
         pipeline_sr=f.pipeline_sr,
         noise_level=f.noise_level,
+        overwrite=f.overwrite,
     )
 
 

@@ -24,10 +24,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from imagen_jax import files
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.models import imagen_unet
+from imagen_jax.weights import CheckpointError
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -66,16 +69,19 @@ class Stage:
     text: dict
     identity: dict
     domain: str = ""
+    weights_sha256: str = ""  # of params.safetensors: what identifies the weights
 
     def settings(self) -> dict:
-        """What the metadata of an image records about this stage."""
+        """What the metadata of an image records about this stage: its settings and the
+        SHA-256 of its weights (the identity in stage.json, with the training workdir it
+        came from, stays there)."""
         return dict(
             path=self.path,
             resolution=self.resolution,
             aug_level=self.aug_level,
             sample=self.sample.to_dict(),
             diffusion=self.diffusion.to_dict(),
-            identity=self.identity,
+            weights_sha256=self.weights_sha256,
         )
 
 
@@ -150,7 +156,13 @@ def _model_with_params(unet: imagen_unet.UNetConfig, weights_path: str, dtype):
     # tiny UNet).
     graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
     rest = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2])()
-    loaded = load_file(weights_path)
+    try:
+        loaded = load_file(weights_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{weights_path} is not a readable safetensors file ({e}): the stage's weights "
+            "are corrupt or partly copied; export or copy the stage again"
+        ) from None
     check_params(weights_path, loaded, flatten(nnx.to_pure_dict(params)))
     nnx.replace_by_pure_dict(
         params, unflatten({k: jnp.asarray(v, jnp.float32) for k, v in loaded.items()})
@@ -171,8 +183,14 @@ def load_stage(
     for p in (meta_path, weights_path):
         if not os.path.isfile(p):
             raise FileNotFoundError(f"{path} is not a stage directory: {p} is missing")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{meta_path} is not valid JSON ({e})") from None
+    missing = sorted({"unet", "diffusion", "sample", "resolution", "low_resolution"} - set(meta))
+    if missing:
+        raise CheckpointError(f"{meta_path} lacks the keys {missing}: not a stage record")
     unet = imagen_unet.UNetConfig(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()}
     )
@@ -201,4 +219,5 @@ def load_stage(
         text=meta["text"],
         identity=meta["identity"],
         domain=meta.get("domain", ""),
+        weights_sha256=files.file_sha256(weights_path),
     )

@@ -9,6 +9,7 @@ that the trainer, sample.py and the evaluators read them the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 
@@ -70,7 +71,43 @@ def sample_config(**overrides) -> ml_collections.ConfigDict:
         )
     )
     _update(cfg, overrides)
+    check_sample(cfg)
     return cfg
+
+
+_SAMPLE_RANGES = {  # key: (lowest, highest, whether the lowest itself is allowed)
+    "guidance_scale": (0.0, math.inf, True),
+    "guidance_rescale": (0.0, 1.0, True),
+    "eta": (0.0, math.inf, True),
+    "dynamic_threshold": (0.0, 1.0, True),
+    "threshold_max": (0.0, math.inf, False),
+    "clip_x0": (0.0, math.inf, True),
+    "strength": (0.0, 1.0, False),
+    "denoising_start": (0.0, 1.0, True),
+    "denoising_end": (0.0, 1.0, False),
+    "layout_scale": (0.0, math.inf, True),
+}
+
+
+def check_sample(sample) -> None:
+    """Raises ValueError naming the key and value of a `sample` group setting out of its
+    range (a negative guidance scale, zero steps, an unknown sampler, ...)."""
+    steps = sample.steps
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"sample.steps must be an integer >= 1, got {steps!r}")
+    if sample.sampler not in SAMPLERS:
+        raise ValueError(
+            f"unknown sample.sampler {sample.sampler!r}; expected one of {tuple(SAMPLERS)}"
+        )
+    for key, (low, high, closed) in _SAMPLE_RANGES.items():
+        value = sample[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = ok and (low <= value if closed else low < value) and value <= high
+        if not ok:
+            bracket = "[" if closed else "("
+            raise ValueError(
+                f"sample.{key}={value!r}: expected a number in {bracket}{low}, {high}]"
+            )
 
 
 def _update(cfg, overrides):
@@ -181,6 +218,7 @@ def part_way(
 def make_sampling(
     diffusion: ml_collections.ConfigDict, sample: ml_collections.ConfigDict
 ) -> Sampling:
+    check_sample(sample)
     schedule = make_schedule(diffusion)
     big_t = 1.0 if isinstance(schedule, schedules.LogSNRSchedule) else diffusion.num_train_timesteps
     grid = part_way(make_time_grid(schedule, sample), sample, num_train_timesteps=big_t)

@@ -50,6 +50,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from imagen_jax import files
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses
 from imagen_jax.models import sd_unet
@@ -182,6 +183,7 @@ class IFStage:
             sample=self.sample.to_dict(),
             diffusion=self.diffusion.to_dict(),
             own_text_encoder=self.encoder is not None,
+            weights_sha256=files.folder_sha256(self.path),
         )
         if self.super_resolution:
             out.update(noise_level=self.noise_level, low_resolution=self.low_resolution)

@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from imagen_jax import files
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
 from imagen_jax.models import sd_unet, vae
@@ -265,6 +266,7 @@ class LatentPipeline:
             family=self.family,
             diffusion=self.diffusion.to_dict(),
             sample=self.sample.to_dict(),
+            weights_sha256=files.folder_sha256(self.path),
         )
 
     def _init_latents(self, image, image_latents, seed):

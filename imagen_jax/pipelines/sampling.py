@@ -8,6 +8,7 @@ that model's default prompts (`checkpoints/shapes/prompts.txt`).
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 from imagen_jax import stages
@@ -75,6 +76,7 @@ def run_sampling_job(
     refiner_start: float = 0.8,
     pipeline_sr: str | None = None,
     noise_level: int | None = None,
+    overwrite: bool = False,
 ):
     """The job of sample.py's flags (one keyword argument per flag); returns
     `jobs.run_job`'s summary. height, width: the final images' size (None: the last
@@ -82,7 +84,12 @@ def run_sampling_job(
     SD / SDXL directory instead of stages (refiner: an SDXL refiner taking over at
     `refiner_start` of the steps), or a DeepFloyd IF stage I directory (pipeline_sr: an IF
     stage II directory after it, whose input is noised at `noise_level`, None: diffusers'
-    250)."""
+    250). overwrite: replace the images of another job in outdir (else a rerun into a
+    folder of another job refuses; see `jobs.prepare_outdir`)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+    if images_per_prompt < 1:
+        raise ValueError(f"--images_per_prompt must be >= 1, got {images_per_prompt}")
     if pipeline and stages:
         raise ValueError("give --stage directories or a --pipeline directory, not both")
     if refiner and not pipeline:
@@ -97,11 +104,13 @@ def run_sampling_job(
         if stages:
             raise ValueError("no prompts: give --prompt (repeatable) or --prompts=FILE")
         prompts_file = str(SHIPPED_MODEL / "prompts.txt")  # the shipped model's defaults
-    entries = (
-        jobs.read_prompts(prompts_file)
-        if prompts_file
-        else [jobs.PromptEntry(p, negative_prompt) for p in prompts]
-    )
+    if prompts_file:  # --negative_prompt is the default of entries without their own
+        entries = [
+            e if e.negative_prompt else dataclasses.replace(e, negative_prompt=negative_prompt)
+            for e in jobs.read_prompts(prompts_file)
+        ]
+    else:
+        entries = [jobs.PromptEntry(p, negative_prompt) for p in prompts]
     print(f"{len(entries)} prompts read from {prompts_file or '--prompt'}")
     jobs.check_outdir(outdir)  # before any model is loaded or compiled
     if pipeline:
@@ -116,7 +125,9 @@ def run_sampling_job(
             width=width,
             batch_size=batch_size,
         )
-        return _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
+        return _run(
+            job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid, overwrite
+        )
     cascade, loaded = load_cascade(stages, overrides, mesh=jobs.local_mesh(batch_size))
     if height is not None or width is not None:
         cascade.set_size(height, width)
@@ -124,10 +135,12 @@ def run_sampling_job(
     note = domain_note(loaded, [e.prompt for e in entries])
     if note:
         print(note)
-    return _run(cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid)
+    return _run(
+        cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid, overwrite
+    )
 
 
-def _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid):
+def _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid, overwrite):
     summary = jobs.run_job(
         job,
         entries,
@@ -137,11 +150,12 @@ def _run(job, entries, outdir, images_per_prompt, seed, batch_size, settings, gr
         batch_size=batch_size,
         settings=settings,
         grid=grid,
+        overwrite=overwrite,
     )
     print(
         f"{summary['made']} images written to {outdir} ({summary['skipped']} already there; "
-        f"this process's share: {summary['images']} images; the job: {summary['prompts']} "
-        f"prompts x {images_per_prompt}) "
+        f"this process's share: {summary['images']} images; the job {summary['job']}: "
+        f"{summary['prompts']} prompts x {images_per_prompt}) "
         f"in {summary['seconds']:.1f} s, {summary['images_per_s']:.2f} images/s"
     )
     return summary

@@ -76,12 +76,20 @@ def test_bad_values_raise():
     with pytest.raises(ValueError, match="unknown diffusion.schedule 'cosin'"):
         config.make_schedule(config.diffusion_config(schedule="cosin"))
     with pytest.raises(ValueError, match="unknown sample.sampler 'dpm'"):
-        config.make_sampling(config.diffusion_config(), config.sample_config(sampler="dpm"))
+        config.sample_config(sampler="dpm")
     with pytest.raises(ValueError, match="needs diffusion.schedule='flow'"):
         config.make_sampling(config.diffusion_config(), config.sample_config(sampler="flow_euler"))
     with pytest.raises(ValueError, match="cannot start from pure noise"):
         config.make_sampling(
             config.diffusion_config(schedule="flow"), config.sample_config(sampler="heun")
         )
-    with pytest.raises(ValueError, match="num_steps must be an integer >= 1, got 0"):
-        config.make_sampling(config.diffusion_config(), config.sample_config(steps=0))
+    with pytest.raises(ValueError, match="sample.steps must be an integer >= 1, got 0"):
+        config.sample_config(steps=0)
+    sample = config.sample_config()
+    sample.steps = 0  # changed after the group was made: make_sampling checks again
+    with pytest.raises(ValueError, match="sample.steps must be an integer >= 1, got 0"):
+        config.make_sampling(config.diffusion_config(), sample)
+    with pytest.raises(ValueError, match=r"sample.guidance_scale=-1.0: expected a number in \[0"):
+        config.sample_config(guidance_scale=-1.0)
+    with pytest.raises(ValueError, match=r"sample.strength=0.0: expected a number in \(0"):
+        config.sample_config(strength=0.0)

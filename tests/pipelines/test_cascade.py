@@ -10,6 +10,7 @@ import pytest
 
 from imagen_jax import stages
 from imagen_jax.pipelines import jobs, sampling
+from imagen_jax.weights import CheckpointError
 
 
 def _job(stage_dirs, outdir, batch_size, prompts=("a red circle", "two blue squares", "")):
@@ -93,6 +94,23 @@ def test_sample_overrides_and_bad_input(stage_dirs, tmp_path):
     os.symlink(os.path.join(stage_dirs[0], "params.safetensors"), bad / "params.safetensors")
     with pytest.raises(ValueError, match="do not fit its UNet config"):
         stages.load_stage(str(bad))
+    # A truncated weights file and a corrupt stage.json name the file.
+    meta["unet"]["channels"] = stages.load_stage(stage_dirs[0]).unet.channels
+    (bad / "stage.json").write_text(json.dumps(meta))
+    os.remove(bad / "params.safetensors")
+    with open(os.path.join(stage_dirs[0], "params.safetensors"), "rb") as f:
+        (bad / "params.safetensors").write_bytes(f.read()[:1000])
+    with pytest.raises(CheckpointError, match=r"bad/params.safetensors is not a readable"):
+        stages.load_stage(str(bad))
+    (bad / "stage.json").write_text('{"unet": ')
+    with pytest.raises(CheckpointError, match=r"bad/stage.json is not valid JSON"):
+        stages.load_stage(str(bad))
+    with pytest.raises(ValueError, match=r"--set='0.steps=abc': steps takes int values"):
+        jobs.parse_overrides(["0.steps=abc"], 2)
+    with pytest.raises(ValueError, match=r"--set='0.karras=maybe': karras takes true/false"):
+        jobs.parse_overrides(["0.karras=maybe"], 2)
+    with pytest.raises(ValueError, match=r"sample.guidance_scale=-2.0: expected a number in"):
+        sampling.load_cascade(stage_dirs, ["0.guidance_scale=-2"])
 
 
 def test_eight_devices_make_the_images_of_one(stage_dirs):

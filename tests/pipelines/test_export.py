@@ -6,7 +6,7 @@ import os
 import pytest
 
 from configs import shapes_base
-from imagen_jax import stages, training
+from imagen_jax import files, stages, training
 from imagen_jax.pipelines import sampling
 from imagen_jax.training import export
 
@@ -36,7 +36,10 @@ def test_exported_run_samples(tmp_path):
     assert summary["made"] == 1
     with open(tmp_path / "out" / "manifest.jsonl") as f:
         record = json.loads(f.readline())
-    assert record["stages"][0]["identity"]["step"] == 2
+    # The images record the weights' hash, not the workdir they were exported from.
+    weights = os.path.join(stage_dir, "params.safetensors")
+    assert record["stages"][0]["weights_sha256"] == files.file_sha256(weights)
+    assert workdir not in json.dumps(record)
 
 
 def test_export_of_an_empty_workdir_raises(tmp_path):

@@ -2,6 +2,7 @@
 model loads, one compilation per stage for a whole job, non-square sizes, prompts cut to the
 encoder's token limit."""
 
+import json
 import logging
 import os
 import re
@@ -125,3 +126,31 @@ def test_non_square_images_and_long_prompts(stage_dirs, tmp_path, caplog):
     assert [(s["height"], s["width"]) for s in meta["stages"]] == [(8, 16), (16, 32)]
     with pytest.raises(ValueError, match=r"stage .*base would sample 8x7, not a multiple of"):
         _main(stage_dirs, tmp_path / "bad", height=16, width=14)
+
+
+def test_negative_prompt_applies_to_a_prompt_file(stage_dirs, tmp_path):
+    """--negative_prompt is the negative prompt of every entry of a prompt file without its
+    own, and what the manifest records is what was sampled."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"prompt": "a red circle"}\n'
+        '{"prompt": "a blue star", "negative_prompt": "green", "guidance_scale": 2}\n'
+    )
+    summary = _main(
+        stage_dirs,
+        tmp_path / "out",
+        prompts=[],
+        prompts_file=str(prompts),
+        negative_prompt="blurry",
+        overrides=["0.steps=2", "1.steps=2"],
+    )
+    assert summary["made"] == 2
+    with open(tmp_path / "out" / "manifest.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["negative_prompt"] for r in records] == ["blurry", "green"]
+    assert [[s["sample"]["guidance_scale"] for s in r["stages"]] for r in records] == [
+        [stages.load_stage(d).sample.guidance_scale for d in stage_dirs],
+        [2.0, 2.0],
+    ]
+    with pytest.raises(ValueError, match="--batch_size must be >= 1, got 0"):
+        _main(stage_dirs, tmp_path / "out2", batch_size=0)

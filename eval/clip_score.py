@@ -15,6 +15,7 @@ import json
 
 from absl import app, flags
 
+from imagen_jax import logs
 from imagen_jax.evaluation import clip_score
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Folder with manifest.jsonl and its images.")
@@ -30,6 +31,7 @@ flags.mark_flags_as_required(["samples", "clip"])
 
 def main(argv):
     del argv
+    logs.quiet_logs()
     result = clip_score.evaluate_folder(
         _SAMPLES.value,
         clip_path=_CLIP.value,

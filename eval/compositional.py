@@ -12,6 +12,7 @@ import json
 
 from absl import app, flags
 
+from imagen_jax import logs
 from imagen_jax.shapes import accuracy
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Folder with images and manifest.jsonl.")
@@ -22,6 +23,7 @@ flags.mark_flag_as_required("samples")
 
 def main(argv):
     del argv
+    logs.quiet_logs()
     table = accuracy.evaluate_folder(_SAMPLES.value, results_path=_RESULTS.value)
     print(accuracy.format_table(table))
     if _JSON.value:

@@ -17,6 +17,7 @@ import json
 
 from absl import app, flags
 
+from imagen_jax import logs
 from imagen_jax.evaluation import evaluators, inception
 from imagen_jax.pipelines import jobs, sampling
 from imagen_jax.training import config as config_lib
@@ -25,12 +26,16 @@ from imagen_jax.training import periodic_eval as evaluation
 _SAMPLES = flags.DEFINE_string("samples", None, "Folder of samples with manifest.jsonl.")
 _STAGE = flags.DEFINE_multi_string("stage", [], "Sample these stage directories (base first).")
 _OUTDIR = flags.DEFINE_string("outdir", None, "With --stage: where the samples are written.")
-_PROMPTS = flags.DEFINE_string("prompts", "shapes:heldout", "With --stage: the prompts.")
+_PROMPTS = flags.DEFINE_string(
+    "prompts", "shapes:heldout", "With --stage: shapes:heldout, shapes:train or a prompt file."
+)
 _PER_TASK = flags.DEFINE_integer("prompts_per_task", 60, "shapes:<split>: prompts per task.")
 _PER_PROMPT = flags.DEFINE_integer("images_per_prompt", 1, "With --stage: images per prompt.")
 _SEED = flags.DEFINE_integer("seed", 0, "With --stage: the job's seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 16, "With --stage: images per compiled call.")
-_METRICS = flags.DEFINE_list("metrics", ["compositional"], "Evaluators to run.")
+_METRICS = flags.DEFINE_list(
+    "metrics", ["compositional"], f"Evaluators to run: {', '.join(evaluators.EVALUATORS)}."
+)
 _FID_INCEPTION = flags.DEFINE_string("fid_inception", "", "FID Inception weights file.")
 _FID_REFERENCE = flags.DEFINE_string("fid_reference", "", "Reference statistics .npz.")
 _KID_REFERENCE = flags.DEFINE_string("kid_reference", "", "Reference features .npz (KID).")
@@ -57,6 +62,7 @@ def evals_from_flags():
 
 def main(argv):
     del argv
+    logs.quiet_logs()
     if bool(_SAMPLES.value) == bool(_STAGE.value):
         raise app.UsageError("give either --samples=DIR or --stage=DIR (and --outdir)")
     evals = evals_from_flags()

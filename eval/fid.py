@@ -18,6 +18,7 @@ import json
 
 from absl import app, flags
 
+from imagen_jax import logs
 from imagen_jax.evaluation import fid, folder, inception
 
 _SAMPLES = flags.DEFINE_string("samples", None, "Folder of images (manifest.jsonl or PNG/JPEG).")
@@ -41,6 +42,7 @@ flags.mark_flags_as_required(["samples", "inception"])
 
 def main(argv):
     del argv
+    logs.quiet_logs()
     if not (_REF_STATS.value or _KID_REF.value or _SAVE_STATS.value or _SAVE_FEATURES.value):
         raise app.UsageError(
             "nothing to do: give --ref_stats, --kid_ref_features, --save_stats or --save_features"

@@ -23,10 +23,14 @@ import tempfile
 import jax
 from absl import app, flags
 
+from imagen_jax import logs
+from imagen_jax.diffusion.config import sample_config
 from imagen_jax.pipelines import jobs, sampling
 from imagen_jax.shapes import accuracy, prompt_sets
 
-flags.DEFINE_multi_string("stage", [], "Stage directories, base first (default: shipped).")
+flags.DEFINE_multi_string(
+    "stage", [], "Stage directories, base first (none: the shipped model, checkpoints/shapes/)."
+)
 flags.DEFINE_bool("base_only", False, "Sample the first stage only.")
 flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "Evaluation prompts.")
 flags.DEFINE_integer("prompts_per_task", 60, "The first N prompts of each task.")
@@ -34,7 +38,12 @@ flags.DEFINE_list("tasks", [], "Only these tasks' prompts (default: all six).")
 flags.DEFINE_integer("images_per_prompt", 4, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Job seed.")
 flags.DEFINE_integer("batch_size", 16, "Images per compiled call.")
-flags.DEFINE_multi_string("set", [], "STAGE.KEY=VALUE sample-setting overrides.")
+flags.DEFINE_multi_string(
+    "set",
+    [],
+    "STAGE.KEY=VALUE: a stage's sample setting (STAGE 0 is the base), KEY one of "
+    f"{', '.join([*sample_config().keys(), *sampling.STAGE_KEYS])}.",
+)
 flags.DEFINE_string("outdir", None, "Where the images and manifest go.")
 flags.DEFINE_string("results", None, "Also append the JSON line to this file.")
 flags.DEFINE_string("name", "", "A label for the JSON line (e.g. the sweep point).")
@@ -52,6 +61,7 @@ def prompt_entries(split: str, per_task: int, tasks=()) -> list[jobs.PromptEntry
 
 def main(argv):
     del argv
+    logs.quiet_logs()
     f = flags.FLAGS
     stage_dirs = list(f.stage) or sampling.shipped_stages()
     if f.base_only:

@@ -185,11 +185,28 @@ def replicate(tree, mesh: Mesh):
 
 def define_distributed_flags() -> None:
     """Defines the multi-host flags every main shares (call it at a main's import):
-    --coordinator_address, --num_processes, --process_id, --jax_distributed."""
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
-    flags.DEFINE_integer("num_processes", None, "Processes in the job (multi-host).")
-    flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
-    flags.DEFINE_bool("jax_distributed", False, "Join a multi-host job found by jax itself.")
+    --coordinator_address, --num_processes, --process_id, --jax_distributed. They are the
+    calling main's own (key) flags, so its --help lists them."""
+    # Flags defined from here on belong to the module that calls this one (absl's way for
+    # modules that define flags on behalf of others), not to imagen_jax.parallel.
+    flags.disclaim_key_flags()
+    flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "Multi-host: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS; none: one "
+        "process).",
+    )
+    flags.DEFINE_integer(
+        "num_processes", None, "Multi-host: processes in the job (default: $JAX_NUM_PROCESSES)."
+    )
+    flags.DEFINE_integer(
+        "process_id", None, "Multi-host: this process's index (default: $JAX_PROCESS_ID)."
+    )
+    flags.DEFINE_bool(
+        "jax_distributed",
+        False,
+        "Multi-host: join the job jax finds itself (Slurm, TPU pods; no --coordinator_address).",
+    )
 
 
 def initialize_from_flags(values=None) -> None:

@@ -14,7 +14,8 @@ name.
 
 Evaluators (`evals.metrics` names):
 * `compositional`: GenEval-style accuracy with the shapes scorer, per split and task, and
-  the overall mean of the task accuracies (`imagen_jax.shapes.accuracy`).
+  the overall mean of the task accuracies (`imagen_jax.shapes.accuracy`); samples whose
+  prompts are outside the shapes domain are skipped, counted in `compositional/skipped`.
 * `fid`: FID against reference statistics (`evals.fid.reference`, an `.npz` of mu and
   sigma as pytorch-fid and clean-fid write them), and KID when reference features are given
   (`evals.fid.kid_reference`), with the FID Inception of `evals.fid.inception`.
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from imagen_jax.evaluation import fid as fid_lib
 from imagen_jax.evaluation import folder as folder_lib
@@ -74,24 +76,41 @@ class Evaluator(Protocol):
 
 class Compositional:
     """Compositional accuracy with the shapes scorer: `compositional/<split>/<task>` and
-    `compositional/<split>/overall` (the mean of the task accuracies, as GenEval reports)."""
+    `compositional/<split>/overall` (the mean of the task accuracies, as GenEval reports);
+    `compositional/skipped` counts the samples whose prompts are outside the shapes domain
+    (only when there are some: they are not scored, and a warning says why)."""
 
     name = "compositional"
 
     def __call__(self, samples: Samples) -> dict[str, float]:
-        results = []
+        results, skipped = [], []
         for i, (image, record) in enumerate(zip(samples.images, samples.records, strict=True)):
-            spec, split = shapes_accuracy.record_spec(record)
+            try:
+                spec, split = shapes_accuracy.record_spec(record)
+            except shapes_accuracy.OutOfDomain as e:
+                skipped.append(str(e))
+                continue
             entry = shapes_accuracy.ManifestEntry(
                 pathlib.Path(f"sample_{i}"), record["prompt"], spec, split, {}
             )
             results.append((entry, scorer.score(np.asarray(image), spec)))
+        if skipped and not results:
+            raise ValueError(f"no sample has a prompt of the shapes domain ({skipped[0]})")
         table = shapes_accuracy.summarize(results)
         metrics = {}
         for split, block in table["splits"].items():
             for task, row in block["tasks"].items():
                 metrics[f"{self.name}/{split}/{task}"] = row["accuracy"]
             metrics[f"{self.name}/{split}/overall"] = block["overall"]
+        if skipped:
+            logging.warning(
+                "compositional: skipped %d of %d samples, %s (first: %s)",
+                len(skipped),
+                len(samples),
+                shapes_accuracy.SKIPPED_WHY,
+                skipped[0],
+            )
+            metrics[f"{self.name}/skipped"] = float(len(skipped))
         return metrics
 
     def describe(self) -> dict[str, Any]:

@@ -15,11 +15,14 @@ The folder holds the images and `manifest.jsonl`, one JSON object per line per i
 * `split` (optional): "train" or "heldout"; the table then has a block per split.
 * Anything else (seed, sampler settings, ...) is kept in the per-image results.
 
-Each image is scored by `scorer.score` (see its docstring for the semantics of each
-task). The table gives, per split, each task's accuracy and count, its failures by kind
-(`scorer.failure_kind`: an object missing, a colour swapped between objects, ...) and the
-overall score: the mean of the six task accuracies, as GenEval reports it (over the tasks
-present, when some are missing, which the table says).
+Each image is scored by `scorer.score` (see its docstring for the semantics of each task).
+An image whose prompt is outside the shapes domain (the grammar cannot read it, or its
+constraints fit no GenEval task) is skipped, not scored: the table counts the skipped
+images and says why (`OutOfDomain`), so that one foreign prompt does not stop the scoring
+of a folder. The table gives, per split, each task's accuracy and count, its failures by
+kind (`scorer.failure_kind`: an object missing, a colour swapped between objects, ...) and
+the overall score: the mean of the six task accuracies, as GenEval reports it (over the
+tasks present, when some are missing, which the table says).
 """
 
 from __future__ import annotations
@@ -39,6 +42,22 @@ from imagen_jax.shapes.spec import TASKS, PromptSpec, check_task
 
 MANIFEST = "manifest.jsonl"
 NO_SPLIT = "all"
+SKIPPED_WHY = "their prompts are outside the shapes domain"
+SKIPPED_EXAMPLES = 3  # skipped images the table names
+
+
+class OutOfDomain(ValueError):
+    """A prompt the shapes domain has no constraints for: its image is skipped, not scored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A manifest line whose prompt is outside the shapes domain."""
+
+    line: int
+    file: str
+    prompt: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,16 +84,20 @@ def infer_task(spec: PromptSpec) -> str:
         return "colors" if groups[0].color else "single_object"
     if len(groups) == 2 and all(g.count == 1 for g in groups):
         return "color_attr" if all(g.color for g in groups) else "two_object"
-    raise ValueError(f"no GenEval task fits {spec}; give the entry a 'task'")
+    raise OutOfDomain(f"no GenEval task fits {spec}; give the entry a 'task'")
 
 
 def record_spec(data: dict[str, Any]) -> tuple[PromptSpec, str]:
     """(spec with its task, split) of a manifest or prompt-file record: `spec` if given, else
-    parsed from `prompt`; `task` if given (it must agree with the spec's), else inferred."""
+    parsed from `prompt`; `task` if given (it must agree with the spec's), else inferred.
+    OutOfDomain when the prompt cannot be parsed or its constraints fit no task."""
     if data.get("spec") is not None:
         spec = PromptSpec.from_dict(data["spec"])
     else:
-        spec = grammar.parse_prompt(data["prompt"])
+        try:
+            spec = grammar.parse_prompt(data["prompt"])
+        except ValueError as e:
+            raise OutOfDomain(str(e)) from None
     task = data.get("task")
     if task is not None:
         check_task(task)
@@ -101,25 +124,34 @@ def _entry(data: Any, folder: pathlib.Path) -> ManifestEntry:
     return ManifestEntry(path, data["prompt"], spec, split, extra)
 
 
-def read_manifest(folder: str | pathlib.Path) -> list[ManifestEntry]:
-    """The entries of `folder/manifest.jsonl`; errors name the file and line."""
+def read_manifest(folder: str | pathlib.Path) -> tuple[list[ManifestEntry], list[Skipped]]:
+    """The entries of `folder/manifest.jsonl` to score, and the lines skipped because their
+    prompt is outside the shapes domain; errors name the file and line."""
     folder = pathlib.Path(folder)
     manifest = folder / MANIFEST
     if not manifest.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {str(folder)!r}")
-    entries = []
+    entries, skipped = [], []
     for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
-            entries.append(_entry(json.loads(line), folder))
+            data = json.loads(line)
+            entries.append(_entry(data, folder))
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{manifest}:{i}: {e}") from None
+        except OutOfDomain as e:
+            skipped.append(Skipped(i, data["file"], data["prompt"], str(e)))
         except ValueError as e:  # json.JSONDecodeError included
             raise ValueError(f"{manifest}:{i}: {e}") from None
+    if not entries and skipped:
+        raise ValueError(
+            f"{manifest}: none of its {len(skipped)} images has a prompt of the shapes domain "
+            f"(line {skipped[0].line}: {skipped[0].reason})"
+        )
     if not entries:
         raise ValueError(f"{manifest} lists no images")
-    return entries
+    return entries, skipped
 
 
 def load_image(path: str | pathlib.Path) -> np.ndarray:
@@ -160,7 +192,7 @@ def summarize(results: list[tuple[ManifestEntry, scorer.Result]]) -> dict[str, A
 
 def format_table(table: dict[str, Any]) -> str:
     """The table as text: one row per (split, task) with its failures by kind, then each
-    split's overall score."""
+    split's overall score, then how many images were skipped, and why."""
     lines = [f"{'split':<8} {'task':<14} {'accuracy':>8}  {'correct':>7} / total  failures"]
     for split, block in table["splits"].items():
         for task, row in block["tasks"].items():
@@ -174,15 +206,26 @@ def format_table(table: dict[str, Any]) -> str:
             else "mean of the six task accuracies"
         )
         lines.append(f"{split:<8} {'overall':<14} {block['overall']:>8.4f}  ({note})")
+    skipped = table.get("skipped")
+    if skipped and skipped["images"]:
+        n, total = skipped["images"], skipped["images"] + table["num_images"]
+        first = skipped["examples"][0]
+        lines.append(
+            f"skipped {n} of {total} images, not scored: {skipped['why']} "
+            f"(first: {first['file']}: {first['reason']})"
+        )
     return "\n".join(lines)
 
 
 def evaluate_folder(
     folder: str | pathlib.Path, *, results_path: str | pathlib.Path | None = None
 ) -> dict[str, Any]:
-    """Scores every image the folder's manifest lists; returns the table (`summarize`).
-    `results_path`: also write one JSON line per image (entry, verdict, what was read)."""
-    results = list(score_entries(read_manifest(folder)))
+    """Scores every image the folder's manifest lists whose prompt is in the shapes domain;
+    returns the table (`summarize`) with "skipped": the number of the other images, why,
+    and the first few. `results_path`: also write one JSON line per image (entry, verdict,
+    what was read; or "skipped" and the reason)."""
+    entries, skipped = read_manifest(folder)
+    results = list(score_entries(entries))
     if results_path is not None:
         with open(results_path, "w", encoding="utf-8") as f:
             for entry, result in results:
@@ -194,4 +237,13 @@ def evaluate_folder(
                     **result.to_dict(),
                 }
                 f.write(json.dumps(record) + "\n")
-    return summarize(results)
+            for s in skipped:
+                f.write(json.dumps({"file": s.file, "prompt": s.prompt, "skipped": s.reason}))
+                f.write("\n")
+    table = summarize(results)
+    table["skipped"] = {
+        "images": len(skipped),
+        "why": SKIPPED_WHY,
+        "examples": [dataclasses.asdict(s) for s in skipped[:SKIPPED_EXAMPLES]],
+    }
+    return table

@@ -90,7 +90,6 @@ def test_clear_errors(tmp_path):
     cases = [
         (json.dumps({"file": "b.png", "prompt": "a red circle"}), FileNotFoundError, "b.png"),
         ("{oops", ValueError, "Expecting property name"),
-        (json.dumps({"file": "a.png", "prompt": "a red hexagon"}), ValueError, "'a red hexagon'"),
         (json.dumps({"file": "a.png"}), ValueError, "needs a string 'prompt'"),
         (
             json.dumps({"file": "a.png", "prompt": "a red circle", "task": "x"}),

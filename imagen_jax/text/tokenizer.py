@@ -4,7 +4,8 @@ The `tokenizers` library reads the `tokenizer.json` that transformers saves besi
 fast tokenizer; here it is set up the way transformers' `tokenizer(prompts,
 padding="max_length", truncation=True, max_length=N)` sets it up (longest-first truncation,
 special tokens kept, the pad token and sides of `tokenizer_config.json`), so the ids are
-the same. A prompt that does not fit loses its tail and a warning says how many tokens.
+the same. A prompt that does not fit loses its tail and a warning says how many tokens
+(counting each prompt once, however many rows of the batch repeat it).
 """
 
 from __future__ import annotations
@@ -101,14 +102,24 @@ class Tokenizer:
 
 def warn_truncated(prompts: Sequence[str], lost: np.ndarray, max_length: int) -> None:
     """Logs how many prompts lost tokens to truncation to `max_length`, how many tokens in
-    all, and the prompt that lost the most; lost [B] counts each prompt's dropped tokens."""
-    worst = int(np.argmax(lost))
+    all, and the prompt that lost the most; lost [B] counts each row's dropped tokens.
+
+    Prompts are counted once however many rows repeat them: callers pad a batch to its
+    compiled size with copies of its last row (`pipelines.jobs.batches`) and give a prompt
+    one row per image, so rows are not prompts ("1 of 1", not "4 of 4", for one prompt
+    padded to a batch of 4)."""
+    first_row = {}
+    for row, prompt in enumerate(prompts):
+        first_row.setdefault(prompt, row)
+    rows = np.fromiter(first_row.values(), np.int64, len(first_row))  # one row per prompt
+    per_prompt = np.asarray(lost)[rows]
+    worst = int(rows[np.argmax(per_prompt)])
     logging.warning(
         "Truncated %d of %d prompts to %d tokens: %d tokens lost in all, %d from %r",
-        int((lost > 0).sum()),
-        len(prompts),
+        int((per_prompt > 0).sum()),
+        len(rows),
         max_length,
-        int(lost.sum()),
+        int(per_prompt.sum()),
         int(lost[worst]),
         prompts[worst][:80] + ("..." if len(prompts[worst]) > 80 else ""),
     )

@@ -15,18 +15,23 @@ Multi-host: every process runs the same command, with --coordinator_address=host
 --num_processes and --process_id (or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID variables; on Slurm and TPU pods jax finds them itself when
 --jax_distributed is set). The run resumes from the workdir's last checkpoint.
+
+Exit status: 0 once the run has reached train.steps; 143 (128 + SIGTERM,
+`training.PREEMPTED_EXIT_CODE`) when SIGTERM stopped it earlier, after it checkpointed the
+step it stopped at: rerun the same command to resume (a scheduler requeues on 143); 1 on
+an unknown config key or an invalid config value (one line on stderr) or any other error.
 """
 
+import sys
+
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from imagen_jax import parallel
-from imagen_jax.training import train_and_evaluate
+from imagen_jax.config_utils import ConfigError, define_config_file
+from imagen_jax.training import PREEMPTED_EXIT_CODE, Preempted, check_config, train_and_evaluate
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "configs/<stage>.py[:arg]: the experiment.", lock_config=True
-)
+define_config_file("config", None, "configs/<stage>.py[:arg]: the experiment.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
 parallel.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
@@ -35,9 +40,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:
+        check_config(FLAGS.config)
+    except ConfigError as e:
+        sys.exit(f"FATAL config error: {e}")  # one line on stderr, exit status 1
     parallel.initialize_from_flags()
     logging.info("Config:\n%s", FLAGS.config)
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except Preempted:
+        return PREEMPTED_EXIT_CODE  # the loop has logged where the checkpoint is
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,13 +1,22 @@
-"""Parsing of the single string argument that every `configs/*.py:get_config(arg)` takes.
+"""Parsing of the single string argument that every `configs/*.py:get_config(arg)` takes,
+and the `--config` flag of the command lines.
 
-Modelled on big_vision's `configs/common.py:parse_arg`, but strict: every key must be
-declared, every value must parse as the type of its default, and no key may repeat.
+`parse_arg` is modelled on big_vision's `configs/common.py:parse_arg`, but strict: every key
+must be declared, every value must parse as the type of its default, and no key may repeat.
+`define_config_file` is ml_collections' config file flag whose unknown override keys
+(`--config.train.stepss=4`) stop the command with one line that names the closest key.
 """
 
+import difflib
+import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags import config_path
 
 _TRUE = frozenset({"true", "1", "yes"})
 _FALSE = frozenset({"false", "0", "no"})
@@ -148,3 +157,93 @@ def _describe(default: Any) -> str:
     if t is bool:
         return "bool: true/false, 1/0 or yes/no"
     return t.__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: config flags whose mistakes read as one line
+# ----------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config key or value that cannot work; the message is one line naming the key."""
+
+
+def define_config_file(
+    name: str,
+    default: str | None,
+    help_string: str,
+    *,
+    flag_values: flags.FlagValues = flags.FLAGS,
+    lock_config: bool = True,
+    sys_argv: list[str] | None = None,
+):
+    """`config_flags.DEFINE_config_file`, whose overrides of keys the config does not have
+    (`--config.train.stepss=4`) stop flag parsing with one line,
+    `unknown config key train.stepss; did you mean train.steps?`, and exit status 1, where
+    ml_collections raises a chain of tracebacks ending in `AttributeError: "'stepss'"`.
+
+    The keys are checked as soon as the config file is loaded, before ml_collections defines
+    a flag per override. `sys_argv` as in DEFINE_config_file (default: sys.argv)."""
+    holder = config_flags.DEFINE_config_file(
+        name,
+        default,
+        help_string,
+        flag_values=flag_values,
+        lock_config=lock_config,
+        sys_argv=sys_argv,
+    )
+    flag = flag_values[name]
+    flag.parser = _OverrideKeyCheck(flag.parser, name, sys_argv)
+    return holder
+
+
+class _OverrideKeyCheck(flags.ArgumentParser):
+    """Wraps a config file flag's parser: the loaded config must hold every key that the
+    command line overrides."""
+
+    def __init__(self, parser: flags.ArgumentParser, name: str, sys_argv: list[str] | None):
+        self._parser = parser
+        self._name = name
+        self._sys_argv = sys_argv
+
+    def parse(self, argument):
+        config = self._parser.parse(argument)
+        argv = sys.argv if self._sys_argv is None else self._sys_argv
+        argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile
+        for path in override_paths(argv, self._name):
+            message = unknown_key_message(config, path)
+            if message:
+                raise flags.IllegalFlagValueError(message)
+        return config
+
+    def flag_type(self):
+        return self._parser.flag_type()
+
+
+def override_paths(argv: list[str], name: str = "config") -> list[str]:
+    """The config paths that `--name.PATH=...` (or `--noname.PATH`) arguments override."""
+    pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
+    return [m.group(1) for m in map(pattern.match, argv) if m]
+
+
+def unknown_key_message(config: ml_collections.ConfigDict, path: str) -> str | None:
+    """None if `config` holds the dotted `path`; else one line naming the first unknown key
+    and the closest keys beside it (difflib), or all of them when none is close."""
+    node, walked = config, []
+    parts = config_path.split(path)
+    for i, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or not isinstance(part, str):
+            return None  # a sequence, dataclass or index: ml_collections checks it
+        if part not in node:
+            keys = sorted(node.keys())
+            prefix = ".".join(walked + [""])
+            close = difflib.get_close_matches(part, keys, n=3)
+            rest = "".join(f".{p}" for p in parts[i + 1 :])
+            if close:
+                hint = "did you mean " + " or ".join(f"{prefix}{k}{rest}" for k in close) + "?"
+            else:
+                hint = f"{'.'.join(walked) or 'the config'} has keys: {', '.join(keys)}"
+            return f"unknown config key {path}; {hint}"
+        node = node[part]
+        walked.append(part)
+    return None

@@ -1,9 +1,11 @@
-"""Tests for imagen_jax.config_utils.parse_arg."""
+"""Tests for imagen_jax.config_utils: parse_arg, and the config file flag whose unknown
+override keys stop flag parsing with one line naming the closest key."""
 
 import ml_collections
 import pytest
+from absl import flags
 
-from imagen_jax.config_utils import parse_arg
+from imagen_jax.config_utils import define_config_file, override_paths, parse_arg
 
 SPEC = dict(
     runlocal=False,
@@ -164,3 +166,47 @@ def test_result_is_type_safe():
     arg = parse_arg("res=32", res=64)
     with pytest.raises(TypeError):
         arg.res = "large"
+
+
+CONFIG_FILE = """
+import ml_collections
+
+
+def get_config():
+    return ml_collections.ConfigDict(dict(train=dict(steps=1, batch=2), optim=dict(lr=0.1)))
+"""
+
+
+def _parse_config_flag(tmp_path, *overrides):
+    """The config of `--config=FILE *overrides`, parsed into a fresh FlagValues."""
+    path = tmp_path / "config.py"
+    path.write_text(CONFIG_FILE)
+    argv = ["prog", f"--config={path}", *overrides]
+    values = flags.FlagValues()
+    define_config_file("config", None, "the config", flag_values=values, sys_argv=argv)
+    values(argv)
+    return values.config
+
+
+def test_config_flag_applies_known_overrides(tmp_path):
+    config = _parse_config_flag(tmp_path, "--config.train.steps=3", "--config.optim.lr=0.5")
+    assert (config.train.steps, config.train.batch, config.optim.lr) == (3, 2, 0.5)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.batchh=4", "unknown config key train.batchh; did you mean train.batch?"),
+        ("--config.trainn.steps=4", "unknown config key trainn.steps; did you mean train.steps?"),
+        ("--config.train.xyz=4", "unknown config key train.xyz; train has keys: batch, steps"),
+    ],
+)
+def test_config_flag_names_the_closest_key_of_an_unknown_override(tmp_path, override, message):
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+        _parse_config_flag(tmp_path, override)
+    assert str(error.value) == message  # absl prints it as one line and exits 1
+
+
+def test_override_paths():
+    argv = ["prog", "--config=c.py", "--config.a.b=1", "-config.c", "--noconfig.d.e", "--other.x=2"]
+    assert override_paths(argv) == ["a.b", "c", "d.e"]

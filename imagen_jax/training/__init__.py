@@ -4,8 +4,8 @@
     state, metrics = train_and_evaluate(config, workdir)  # config: configs/*.py
 
 `train.py` is the command line. The modules, in the order the loop uses them:
-  config.py         the trainer's config groups (model, data, optim, train, evals, mesh);
-                    the text group is `imagen_jax.text.config.text_config`
+  config.py         the trainer's config groups (model, data, optim, train, evals, mesh)
+                    and `check_config`; the text group is `imagen_jax.text.config.text_config`
   input.py          data sources and the per-process pipeline; stage/data consistency checks
   text_cache.py     builds a config's text-embedding cache (`python -m ...training.text_cache`)
   state.py          TrainState (created sharded), optimizer and schedule, EMA
@@ -25,6 +25,7 @@
 
 from imagen_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
 from imagen_jax.training.config import (
+    check_config,
     data_config,
     default_mesh,
     evals_config,
@@ -37,7 +38,7 @@ from imagen_jax.training.config import (
     vae_loss_config,
 )
 from imagen_jax.training.input import SyntheticSource, make_input, make_source
-from imagen_jax.training.loop import make_mesh
+from imagen_jax.training.loop import PREEMPTED_EXIT_CODE, Preempted, make_mesh
 from imagen_jax.training.metrics import NonFiniteLossError
 from imagen_jax.training.state import (
     Network,
@@ -52,12 +53,15 @@ from imagen_jax.training.step import make_train_step
 from imagen_jax.training.trainer import train_and_evaluate
 
 __all__ = [
+    "PREEMPTED_EXIT_CODE",
     "CheckpointMismatchError",
     "Checkpointer",
     "Network",
     "NonFiniteLossError",
+    "Preempted",
     "SyntheticSource",
     "TrainState",
+    "check_config",
     "create_train_state",
     "data_config",
     "default_mesh",

@@ -6,6 +6,10 @@ group from `imagen_jax.text.config`. Each function
 returns the group's defaults with `overrides` applied; an unknown key raises, as does an
 unknown key given later on the command line (configs are locked by `train.py`).
 
+`check_config(config)` rejects the values of the `train`, `optim` and `data` groups that
+cannot work (`train.steps=-5`, `optim.lr=nan`, ...) with one line naming the key and value;
+the trainers call it first, and so does `train.py`.
+
 `model.family` picks the network: "imagen" (ImagenUNet, pixel stages; the default),
 "sd_unet" (`models.latent_unet.LatentUNet`, our SDUNet, on a frozen VAE's latents), "mmdit"
 (`models.latent_mmdit.LatentMMDiT`, our SD3 MMDiT, on a frozen VAE's latents) or "vae"
@@ -15,9 +19,12 @@ unknown key given later on the command line (configs are locked by `train.py`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import ml_collections
 
+from imagen_jax.config_utils import ConfigError
 from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
 
 FAMILIES = ("imagen", "sd_unet", "mmdit", "vae")
@@ -284,3 +291,67 @@ def evals_config(**overrides) -> ml_collections.ConfigDict:
 
 def default_mesh() -> list[tuple[str, int]]:
     return [("data", -1)]  # add ("fsdp", n) to shard parameters and optimizer state
+
+
+# (key, lowest, highest, kind) of the numbers `check_config` checks; a bound of None is open,
+# a tuple (bound,) excludes the bound. kind "int": a whole number; "real": a finite number.
+_NUMBER_RULES = (
+    ("train.steps", 1, None, "int"),
+    ("train.log_every", 1, None, "int"),
+    ("train.checkpoint_every", 1, None, "int"),
+    ("train.keep_checkpoints", 1, None, "int"),
+    ("train.sample_every", 0, None, "int"),
+    ("train.num_samples", 1, None, "int"),
+    ("train.fsdp_min_size", 0, None, "int"),
+    ("train.cond_drop_prob", 0, 1, "real"),
+    ("train.ema_decay", 0, 1, "real"),
+    ("train.ema_warmup_power", 0, None, "real"),
+    ("train.noise_aug.max_level", 0, 1, "real"),
+    ("train.noise_aug.sample_level", 0, 1, "real"),
+    ("optim.lr", (0,), None, "real"),
+    ("optim.warmup_steps", 0, None, "int"),
+    ("optim.end_lr_factor", 0, None, "real"),
+    ("optim.b1", 0, (1,), "real"),
+    ("optim.b2", 0, (1,), "real"),
+    ("optim.eps", 0, None, "real"),
+    ("optim.weight_decay", 0, None, "real"),
+    ("optim.grad_clip_norm", 0, None, "real"),
+    ("optim.accum_steps", 1, None, "int"),
+    ("data.batch_size", 1, None, "int"),
+)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError, one line naming the key and its value, on the first number of the
+    `train`, `optim` and `data` groups that cannot work: a run of `train.steps <= 0` (which
+    would end at once, successfully, having trained nothing), a batch of no images, a
+    learning rate that is not positive and finite, a probability outside [0, 1], ...
+    Keys a config does not have are skipped."""
+    for key, low, high, kind in _NUMBER_RULES:
+        group, *path = key.split(".")
+        value = config.get(group)
+        for part in path:
+            value = value.get(part) if isinstance(value, ml_collections.ConfigDict) else None
+        if value is not None:
+            problem = _number_problem(value, low, high, kind)
+            if problem:
+                raise ConfigError(f"invalid config value {key}={value!r}: {problem}")
+
+
+def _number_problem(value, low, high, kind: str) -> str | None:
+    """Why `value` is not a number of `kind` in the range [low, high] (None if it is)."""
+    if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+        return "must be a whole number"
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return "must be a number"
+    if not math.isfinite(value):
+        return "must be finite"
+    if low is not None:
+        bound, strict = (low[0], True) if isinstance(low, tuple) else (low, False)
+        if value < bound or (strict and value == bound):
+            return f"must be {'>' if strict else '>='} {bound}"
+    if high is not None:
+        bound, strict = (high[0], True) if isinstance(high, tuple) else (high, False)
+        if value > bound or (strict and value == bound):
+            return f"must be {'<' if strict else '<='} {bound}"
+    return None

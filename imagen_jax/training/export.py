@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
 
 from imagen_jax import stages
+from imagen_jax.config_utils import define_config_file
 from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import vae_trainer
 
@@ -66,7 +66,7 @@ def export_vae(
     return vae_trainer.write_vae(outdir, config, net, params)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file.")
+_CONFIG = define_config_file("config", None, "The run's config file.")
 flags.DEFINE_string("workdir", None, "The training workdir.")
 flags.DEFINE_string("outdir", None, "The stage (or diffusers vae/) directory to write.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")

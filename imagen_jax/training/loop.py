@@ -8,7 +8,9 @@ copies metrics to the host every `train.log_every` steps and before every checkp
 sample grid or evaluation; a non-finite loss or gradient norm among them stops the run with
 `NonFiniteLossError` before anything is saved, leaving the last good checkpoint. SIGTERM (a
 scheduler's preemption, `timeout`) ends the run at the next step boundary with a checkpoint
-of that step (`StopSignal`), so it resumes exactly where it stopped.
+of that step (`StopSignal`), so it resumes exactly where it stopped, and raises `Preempted`:
+`train.py` then exits with `PREEMPTED_EXIT_CODE`, so that a scheduler can tell a stopped run
+(to requeue) from a finished one.
 
 The diffusion trainer (`trainer.py`) and the autoencoder's (`vae_trainer.py`) each build
 their step and sample grid and hand them to `train_loop`.
@@ -35,6 +37,29 @@ from imagen_jax.training import state as state_lib
 # not; the shapes source writes them with `data.counterfactuals`), encoded by `device_batch`.
 COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
 
+# train.py's exit status when a signal stopped the run before `train.steps`: 128 + SIGTERM,
+# what a shell reports for a process that SIGTERM killed (a finished run exits 0).
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(Exception):
+    """A signal stopped the run at a step boundary before `train.steps`, after the checkpoint
+    of that step was saved: rerunning the same command resumes from it.
+
+    `step`, `state` and `metrics` are the stopped step and what `train_loop` would have
+    returned there; `signum` is the signal's number."""
+
+    def __init__(self, *, step: int, signum: int | None, directory: str, state, metrics: dict):
+        by = f"signal {signum}" if signum is not None else "a signal to another process"
+        super().__init__(
+            f"stopped by {by} after step {step}; its checkpoint is in {directory}: rerun the "
+            "same command to resume"
+        )
+        self.step = step
+        self.signum = signum
+        self.state = state
+        self.metrics = metrics
+
 
 def make_mesh(config: ml_collections.ConfigDict):
     """The config's mesh. A mesh smaller than the job (all sizes given, no -1) takes the
@@ -52,10 +77,10 @@ def make_mesh(config: ml_collections.ConfigDict):
 class StopSignal:
     """Turns SIGTERM into a request to stop at the next step boundary.
 
-    `train_loop` saves a checkpoint of the step it has just taken and returns; rerunning
-    the same command resumes from exactly there. Every process must stop at the same step
-    (the checkpoint is collective), so with several processes the request is shared by a
-    small all-gather of the flag every `train.log_every` steps.
+    `train_loop` saves a checkpoint of the step it has just taken and raises `Preempted`;
+    rerunning the same command resumes from exactly there. Every process must stop at the
+    same step (the checkpoint is collective), so with several processes the request is
+    shared by a small all-gather of the flag every `train.log_every` steps.
     `install` sets the handler (from the main thread only; elsewhere it does nothing),
     `restore` puts the previous one back.
     """
@@ -172,7 +197,8 @@ def train_loop(
       stages: images -> latents). make_grid: `make_grid(first batch) -> grid` builds the
       sample grid (used when `train.sample_every` > 0), called as
       `grid(step, ema_params, rest)`.
-    SIGTERM (`StopSignal`) makes the loop checkpoint the step it has just taken and return.
+    SIGTERM (`StopSignal`) makes the loop checkpoint the step it has just taken and raise
+    `Preempted` (unless that step was the last: then the run has finished and returns).
     """
     tcfg = config.train
     start = int(jax.device_get(state.step))
@@ -187,6 +213,7 @@ def train_loop(
     pending: list[tuple[int, dict]] = []
     last = {}
     last_saved = checkpointer.latest_step()
+    stopped_at = None
 
     def flush():
         nonlocal last
@@ -235,17 +262,21 @@ def train_loop(
                 scores = evaluation(step, state.ema_params, rest)
                 writer.write_eval(step, scores)
                 last = {**last, **scores}
-            if stopping:
-                logging.warning(
-                    "Stopped by signal %s after step %d; its checkpoint is in %s: rerun the "
-                    "same command to resume",
-                    stop.received,
-                    step,
-                    checkpointer.directory,
-                )
+            if stopping and step < tcfg.steps:
+                stopped_at = step
                 break
         flush()
     finally:
         stop.restore()
         writer.close()
+    if stopped_at is not None:
+        preempted = Preempted(
+            step=stopped_at,
+            signum=stop.received,
+            directory=checkpointer.directory,
+            state=state,
+            metrics=last,
+        )
+        logging.warning("%s", preempted)
+        raise preempted
     return state, last

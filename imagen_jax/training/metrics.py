@@ -1,6 +1,11 @@
 """Where metrics go: `workdir/metrics.jsonl`, TensorBoard event files in
 `workdir/tensorboard/` (`tensorboard --logdir=WORKDIR`), the absl log and a tqdm progress
-bar. Only process 0 writes."""
+bar. Only process 0 writes.
+
+A run resumed from the checkpoint of step s repeats the steps after s that it had logged
+before it was killed: `MetricWriter` first drops the lines of metrics.jsonl after s (and a
+line cut short by the kill), and tells TensorBoard to drop its events after s (`purge_step`).
+"""
 
 from __future__ import annotations
 
@@ -34,8 +39,35 @@ def check_finite(step: int, metrics: dict, last_checkpoint: int | None, director
         )
 
 
+def truncate_metrics(path: str, last_step: int) -> int:
+    """Rewrites the JSON lines file `path` without its records of steps after `last_step`
+    and without lines that do not parse (one cut short by a kill); returns how many lines
+    it dropped. A missing file is left missing."""
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        text = f.read()
+    lines = text.splitlines()
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= last_step:
+            keep.append(line)
+    if not text or (len(keep) == len(lines) and text.endswith("\n")):
+        return 0
+    with open(path + ".tmp", "w") as f:
+        f.writelines(line + "\n" for line in keep)
+    os.replace(path + ".tmp", path)  # a kill now leaves the old file or the new, whole
+    return len(lines) - len(keep)
+
+
 class MetricWriter:
-    """Writes scalar metrics per step; counts images/s between writes."""
+    """Writes scalar metrics per step; counts images/s between writes. Records of steps
+    after `start_step` already in the workdir (a run killed after its last checkpoint) are
+    dropped first."""
 
     def __init__(
         self, workdir: str, *, total_steps: int, start_step: int, batch_size: int, progress: bool
@@ -49,13 +81,19 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
+        path = os.path.join(workdir, "metrics.jsonl")
+        dropped = truncate_metrics(path, start_step)
+        if dropped:
+            logging.info("Dropped %d lines after step %d from %s", dropped, start_step, path)
+        self._jsonl = open(path, "a")  # noqa: SIM115
         try:
             import tensorboardX
         except ImportError:
             logging.info("tensorboardX is not installed: no TensorBoard events are written")
         else:
-            self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = tensorboardX.SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=start_step + 1
+            )
         if progress:
             self._bar = tqdm(
                 total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True

@@ -16,9 +16,9 @@ from __future__ import annotations
 import jax
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from imagen_jax import parallel
+from imagen_jax.config_utils import define_config_file
 from imagen_jax.data import CorruptRecordError
 from imagen_jax.text.cache import build_cache
 from imagen_jax.text.config import make_text_encoder
@@ -57,7 +57,7 @@ def build_text_cache(
 
 def _define_flags() -> None:
     """The command line's flags (defined only when run as a program, not on import)."""
-    config_flags.DEFINE_config_file(
+    define_config_file(
         "config", None, "configs/<stage>.py[:arg]: the experiment.", lock_config=True
     )
     flags.DEFINE_string("out", None, "The cache directory.")

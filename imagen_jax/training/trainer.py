@@ -29,7 +29,7 @@ from imagen_jax.training import input as input_lib
 from imagen_jax.training import latent_space, loop, periodic_eval, sample_grid, vae_trainer
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
-from imagen_jax.training.config import LATENT_FAMILIES
+from imagen_jax.training.config import LATENT_FAMILIES, check_config
 
 
 def stage_text_encoder(config, net):
@@ -66,10 +66,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """Trains the stage of `config` in `workdir` (resuming from its checkpoints).
 
     Returns (final TrainState, metrics of the last logged step, as floats; the same on
-    every process).
+    every process) once the run reaches `train.steps`. Raises `loop.Preempted` when SIGTERM
+    stopped it earlier (after checkpointing the step it stopped at), and
+    `config_utils.ConfigError` on a value of the config that cannot work (`check_config`).
     """
     if config.model.get("family", "imagen") == "vae":
         return vae_trainer.train_vae(config, workdir)
+    check_config(config)
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net = loop.make_stage_network(config, mesh)

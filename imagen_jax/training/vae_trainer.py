@@ -39,6 +39,7 @@ from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import loop, vae_step
 from imagen_jax.training import state as state_lib
+from imagen_jax.training.config import check_config
 
 EXPORT_DIR = "vae"
 
@@ -71,7 +72,9 @@ class ReconstructionGrid:
 
 def train_vae(config: ml_collections.ConfigDict, workdir: str):
     """Trains the autoencoder of `config` in `workdir` (resuming from its checkpoints), then
-    exports `workdir/vae/`. Returns (final TrainState, metrics of the last logged step)."""
+    exports `workdir/vae/`. Returns (final TrainState, metrics of the last logged step).
+    A run that SIGTERM stops early raises `loop.Preempted` and exports nothing."""
+    check_config(config)
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net = loop.make_stage_network(config, mesh)

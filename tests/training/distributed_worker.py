@@ -5,7 +5,8 @@
 Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains
 the runlocal base stage for 2 steps in WORKDIR (with a periodic evaluation at step 2), and
 prints one JSON line with its view of the result. With `sigterm`, the run is 4 steps long
-(stop requests shared every 2) and process 1 sends itself SIGTERM while preparing step 1.
+(stop requests shared every 2) and process 1 sends itself SIGTERM while preparing step 1:
+both processes raise `Preempted` at the same step, and the result is its state.
 """
 
 import json
@@ -21,7 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 from conftest import tiny  # noqa: E402  (sets the shared compilation cache)
 
 from imagen_jax import parallel  # noqa: E402
-from imagen_jax.training import loop, train_and_evaluate  # noqa: E402
+from imagen_jax.training import Preempted, loop, train_and_evaluate  # noqa: E402
 
 
 def sigterm_on_first_batch():
@@ -50,13 +51,18 @@ def main(port: str, process_id: str, workdir: str, mode: str = ""):
         config.evals.prompts_per_task = 1
         config.evals.batch_size = 8
         config.sample.steps = 2
-    state, metrics = train_and_evaluate(config, workdir)
+    try:
+        state, metrics = train_and_evaluate(config, workdir)
+        preempted = False
+    except Preempted as stopped:
+        state, metrics, preempted = stopped.state, stopped.metrics, True
     checksum = jax.jit(lambda p: sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(p)))
     result = dict(
         process=jax.process_index(),
         processes=jax.process_count(),
         devices=jax.device_count(),
         step=int(jax.device_get(state.step)),
+        preempted=preempted,
         loss=metrics["loss"],
         param_checksum=float(checksum(state.params)),
         evals={k: v for k, v in metrics.items() if k.startswith("eval/")},

@@ -1,20 +1,28 @@
-"""Checkpoints: an interrupted run resumes to the same weights, a checkpoint restores onto
-another device count, and runs stop loudly on another model's checkpoint or a NaN loss."""
+"""Checkpoints: an interrupted run resumes to the same weights (and metrics.jsonl holds each
+step once), a run stopped by SIGTERM checkpoints its step and train.py exits 143, a
+checkpoint restores onto another device count, and runs stop loudly on another model's
+checkpoint or a NaN loss."""
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import tiny
+from conftest import ROOT, tiny
 from safetensors.numpy import load_file, save_file
 
 from imagen_jax import stages
 from imagen_jax.training import (
+    PREEMPTED_EXIT_CODE,
     CheckpointMismatchError,
     NonFiniteLossError,
+    Preempted,
     checkpoint,
     export,
     loop,
@@ -23,7 +31,7 @@ from imagen_jax.training import (
 from imagen_jax.training import state as state_lib
 
 
-class Preempted(Exception):
+class Crash(Exception):
     pass
 
 
@@ -37,6 +45,11 @@ def _assert_same(a, b):
 
 def _checkpoints(workdir):
     return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _logged_steps(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
 
 
 def _patch_batches(monkeypatch, on_call: int, action):
@@ -63,16 +76,22 @@ def reference(tmp_path_factory):
 def test_resumed_run_matches_uninterrupted_run(reference, tmp_path, monkeypatch):
     config = tiny(steps=3, checkpoint_every=2)
 
-    def preempt(batch):
-        raise Preempted
+    def crash(batch):
+        raise Crash
 
     with monkeypatch.context() as m:
-        _patch_batches(m, 3, preempt)  # dies while fetching step 3's batch
-        with pytest.raises(Preempted):
+        _patch_batches(m, 3, crash)  # dies while fetching step 3's batch
+        with pytest.raises(Crash):
             train_and_evaluate(config, str(tmp_path))
     assert _checkpoints(tmp_path) == [2]
-    state, _ = train_and_evaluate(config, str(tmp_path))
+    # As if killed (kill -9) after logging steps past the checkpoint, in the middle of a line:
+    # the resumed run logs those steps again, each once.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
+    state, metrics = train_and_evaluate(config, str(tmp_path))
     _assert_same(state, reference[1])  # params, EMA, optimizer state, step, key: bitwise
+    assert _logged_steps(tmp_path) == [1, 2, 3]
+    assert metrics["loss"] != 9.0
 
     # The reference run's checkpoint 2 was saved asynchronously just before step 3
     # donated the state's buffers: it resumes to the same weights too.
@@ -94,12 +113,89 @@ def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(
     previous = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as m:
         _patch_batches(m, 1, sigterm)  # arrives while step 1's batch is prepared
-        state, metrics = train_and_evaluate(config, str(tmp_path))
+        with pytest.raises(Preempted, match="after step 1") as stopped:
+            train_and_evaluate(config, str(tmp_path))
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
-    assert int(state.step) == 1 and np.isfinite(metrics["loss"])
+    assert stopped.value.step == 1 and stopped.value.signum == signal.SIGTERM
+    assert int(stopped.value.state.step) == 1 and np.isfinite(stopped.value.metrics["loss"])
     assert _checkpoints(tmp_path) == [1]  # saved off the checkpoint_every grid
     state, _ = train_and_evaluate(config, str(tmp_path))
     _assert_same(state, reference[1])
+
+
+def test_sigterm_on_the_last_step_finishes_the_run(tmp_path, monkeypatch):
+    """A signal that arrives with the last step taken stops nothing: the run is complete."""
+
+    def sigterm(batch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return batch
+
+    _patch_batches(monkeypatch, 2, sigterm)  # arrives while step 2 (the last) is prepared
+    state, _ = train_and_evaluate(tiny(steps=2), str(tmp_path))
+    assert int(state.step) == 2 and _checkpoints(tmp_path) == [2]
+
+
+def _train_py(workdir, *overrides) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--config=configs/shapes_base.py:runlocal",
+        f"--workdir={workdir}",
+        "--config.train.log_every=1",
+        "--config.train.sample_every=0",
+        "--config.train.progress=False",
+        *overrides,
+    ]
+
+
+def _subprocess_env() -> dict:
+    """The test's environment (8 CPU devices), with its compilation cache."""
+    env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(jax.config.jax_compilation_cache_max_size)
+    return env
+
+
+def test_train_py_exits_143_when_sigterm_stops_it_and_0_once_resumed_to_the_end(tmp_path):
+    """A scheduler's SIGTERM after the first step: train.py checkpoints the step it stopped
+    at and exits 143 (a preemption, to requeue); the same command resumes, and a run that
+    reaches train.steps exits 0."""
+    workdir, log = tmp_path / "run", tmp_path / "log.txt"
+    env = _subprocess_env()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            _train_py(workdir, "--config.train.steps=1000", "--config.train.checkpoint_every=1000"),
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            metrics = workdir / "metrics.jsonl"
+            while not metrics.exists() or "\n" not in metrics.read_text():  # a whole line
+                assert proc.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "no step logged in 300 s"
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    assert code == PREEMPTED_EXIT_CODE == 143, log.read_text()[-4000:]
+    stopped = _logged_steps(workdir)[-1]
+    assert 1 <= stopped < 1000 and _checkpoints(workdir) == [stopped]
+    assert f"after step {stopped}" in log.read_text()
+
+    steps = f"--config.train.steps={stopped + 1}"  # resume for one more step, to the end
+    rerun = subprocess.run(
+        _train_py(workdir, steps), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    assert f"Resumed from {workdir / 'checkpoints'}/{stopped}" in rerun.stderr
+    assert _checkpoints(workdir)[-1] == stopped + 1
+    assert _logged_steps(workdir) == list(range(1, stopped + 2))
 
 
 @pytest.mark.parametrize("mesh", [[("data", 1)], [("data", 4), ("fsdp", 2)]])

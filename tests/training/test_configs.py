@@ -1,5 +1,6 @@
-"""Stage configs: every group present, strict arguments and keys, and the checks that stop
-a run whose stage and data disagree before anything is compiled."""
+"""Stage configs: every group present, strict arguments and keys (a mistyped command-line
+key is one line naming the closest key), values that cannot work rejected by name, and the
+checks that stop a run whose stage and data disagree before anything is compiled."""
 
 import pathlib
 import subprocess
@@ -11,6 +12,7 @@ from conftest import ROOT, STAGES, stage_config, tiny
 
 from imagen_jax import text as text_lib
 from imagen_jax import training
+from imagen_jax.config_utils import ConfigError
 
 GROUPS = {"model", "diffusion", "text", "data", "optim", "train", "sample", "evals", "mesh"}
 
@@ -65,23 +67,90 @@ def test_locked_config_rejects_unknown_keys():
         training.unet_config(model)
 
 
-def test_train_py_rejects_unknown_flag_key(tmp_path):
-    result = subprocess.run(
+def _train_py(workdir, *overrides):
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "train.py"),
             "--config=configs/shapes_base.py:runlocal",
-            "--config.train.bogus=1",
-            f"--workdir={tmp_path}",
+            f"--workdir={workdir}",
+            *overrides,
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert result.returncode != 0
-    assert "AttributeError" in result.stderr and "'bogus'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.stepss=4", "unknown config key train.stepss; did you mean train.steps?"),
+        (
+            "--config.trian.loss.weighting=edm",
+            "unknown config key trian.loss.weighting; did you mean train.loss.weighting?",
+        ),
+        (
+            "--config.train.batchh=4",  # nothing close: the group's keys
+            "unknown config key train.batchh; train has keys: aux_losses, checkpoint_every,",
+        ),
+    ],
+)
+def test_train_py_rejects_unknown_flag_key_in_one_line(override, message, tmp_path):
+    result = _train_py(tmp_path, override)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "unknown config key" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr
     assert not pathlib.Path(tmp_path, "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.train.steps=-5", "invalid config value train.steps=-5: must be >= 1"),
+        ("--config.optim.lr=nan", "invalid config value optim.lr=nan: must be finite"),
+    ],
+)
+def test_train_py_rejects_invalid_values_in_one_line(override, message, tmp_path):
+    result = _train_py(tmp_path, override)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "invalid config value" in line]
+    assert errors == [f"FATAL config error: {message}"], result.stderr
+    assert not pathlib.Path(tmp_path, "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "group, key, value, message",
+    [
+        ("train", "steps", 0, "train.steps=0: must be >= 1"),
+        ("train", "log_every", 0, "train.log_every=0: must be >= 1"),
+        ("train", "cond_drop_prob", 1.5, "train.cond_drop_prob=1.5: must be <= 1"),
+        ("data", "batch_size", 0, "data.batch_size=0: must be >= 1"),
+        ("optim", "lr", 0.0, "optim.lr=0.0: must be > 0"),
+        ("optim", "lr", -1e-4, "optim.lr=-0.0001: must be > 0"),
+        ("optim", "lr", float("inf"), "optim.lr=inf: must be finite"),
+        ("optim", "b2", 1.0, "optim.b2=1.0: must be < 1"),
+        ("optim", "warmup_steps", -1, "optim.warmup_steps=-1: must be >= 0"),
+        ("optim", "accum_steps", 0, "optim.accum_steps=0: must be >= 1"),
+    ],
+)
+def test_values_that_cannot_work_stop_the_run_by_name(group, key, value, message, tmp_path):
+    config = tiny()
+    config[group][key] = value
+    with pytest.raises(ConfigError, match=f"^invalid config value {message}$"):
+        training.check_config(config)
+    with pytest.raises(ConfigError, match="invalid config value"):
+        training.train_and_evaluate(config, str(tmp_path))  # before anything is built
+    assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("stage", [*STAGES, "shapes_vae", "shapes_latent", "shapes_mmdit"])
+@pytest.mark.parametrize("arg", ["", "runlocal"])
+def test_every_stage_config_passes_the_value_checks(stage, arg):
+    training.check_config(stage_config(stage, arg))
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,7 @@ def _run_two_processes(workdir, *mode) -> list[dict]:
 def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     results = _run_two_processes(tmp_path, "sigterm")  # process 1 is signalled before step 1
     assert [r["step"] for r in results] == [2, 2]  # stopped where the request was shared
+    assert all(r["preempted"] for r in results)  # both report the stop (train.py: exit 143)
     assert results[0]["param_checksum"] == results[1]["param_checksum"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
 
@@ -63,6 +64,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
 def test_two_processes_train_together(tmp_path):
     results = _run_two_processes(tmp_path)
     assert all(r["processes"] == 2 and r["devices"] == 8 and r["step"] == 2 for r in results)
+    assert not any(r["preempted"] for r in results)
     assert results[0]["loss"] == results[1]["loss"]
     assert results[0]["param_checksum"] == results[1]["param_checksum"]
     data = sorted(p.name for p in (tmp_path / "checkpoints" / "2" / "data").glob("*.json"))

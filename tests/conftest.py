@@ -26,6 +26,9 @@ _xla_flags = [
 os.environ["XLA_FLAGS"] = " ".join([*_xla_flags, f"{_DEVICE_COUNT_FLAG}=8"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+# Helpers shared by several test folders (tiny_stages.py) import by their module name.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 
 def _import_torchvision() -> None:
     """Imports torchvision (a dependency of the FID references) without its operators.

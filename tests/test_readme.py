@@ -44,8 +44,8 @@ class Command:
     def program(self) -> tuple[str, ...] | None:
         """How to run the program whose flags the arguments are: ("sample.py",) or
         ("-m", "imagen_jax.training.export"); None when none is checked."""
-        if self.argv[0] == "bash" and self.argv[1:2] == ("sample.sh",):
-            return ("sample.py",)  # sample.sh passes its arguments on to sample.py
+        if self.argv[0] == "bash" and self.argv[1:2] in (("sample.sh",), ("demo.sh",)):
+            return (self.argv[1][:-3] + ".py",)  # the script passes its arguments on
         if self.argv[0] == PYTHON and len(self.argv) > 1:
             return self.argv[1:3] if self.argv[1] == "-m" else self.argv[1:2]
         return None

@@ -68,7 +68,7 @@ def _imagen_low_res(low_res, aug_keys, size, *, aug_level, schedule):
 
 
 class _CompiledStage:
-    def __init__(self, stage: Stage):
+    def __init__(self, stage: Stage, on_step=None):
         self.stage = stage
         stage.model.eval()  # no dropout at sampling time
         self.schedule = diffusion_config.make_schedule(stage.diffusion)
@@ -79,6 +79,7 @@ class _CompiledStage:
         self.run = samplers.compile_sampler(
             apply_fn,
             sampler=self.sampling.sampler,
+            callback=on_step,
             sampler_options=self.sampling.sampler_options,
             **self.sampling.denoiser_options,
         )
@@ -219,13 +220,22 @@ class Cascade:
     gives the same images as floats in [-1, 1]."""
 
     def __init__(
-        self, stages: Sequence[Stage], encoder, *, mesh=None, size=None, conditioning=None
+        self,
+        stages: Sequence[Stage],
+        encoder,
+        *,
+        mesh=None,
+        size=None,
+        conditioning=None,
+        on_step=None,
     ):
         """mesh: a device mesh whose first axis splits the batch (None: one device).
         size: (height, width) of the final images (None: each stage's trained resolution).
         conditioning: `conditioning(encoder, items) -> (cond, uncond)` (None:
         `imagen_conditioning`); it runs once per distinct text encoder (a stage's own
-        `encoder`, else `encoder`)."""
+        `encoder`, else `encoder`). on_step: `on_step(stage_index, step_index)`, called on
+        the host from inside each stage's compiled loop after every step (progress
+        reports; None: none compiled in)."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for prev, nxt in zip(stages, stages[1:], strict=False):
@@ -237,7 +247,10 @@ class Cascade:
         if _super_resolution(stages[0]):
             raise ValueError(f"the first stage {stages[0].path} is a super-resolution stage")
         self.sizes = stage_sizes(stages, *(size or (None, None)))
-        self.stages = [_CompiledStage(s) for s in stages]
+        self.stages = [
+            _CompiledStage(s, None if on_step is None else functools.partial(on_step, k))
+            for k, s in enumerate(stages)
+        ]
         self.encoder = encoder
         self.conditioning = conditioning or imagen_conditioning
         self.mesh = mesh
@@ -275,9 +288,10 @@ class Cascade:
             out.append(by_encoder[id(encoder)])
         return out
 
-    def sample(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
+    def sample(self, items: Sequence[jobs.WorkItem], seed: int, on_stage=None) -> list[np.ndarray]:
         """Every stage's images of a batch, float32 [B, H_s, W_s, C] in [-1, 1] on the host
-        (each stage's output is clipped to [-1, 1], and so conditions the next stage)."""
+        (each stage's output is clipped to [-1, 1], and so conditions the next stage).
+        on_stage: `on_stage(stage_index, images)` as each stage's images are done."""
         if self.mesh is not None and len(items) % self.mesh.devices.shape[0]:
             raise ValueError(
                 f"a batch of {len(items)} does not split over {self.mesh.devices.shape[0]} devices"
@@ -292,6 +306,8 @@ class Cascade:
             x = stage(keys, cond, uncond, scale, size, low_res=low)
             low = jnp.clip(x, -1.0, 1.0)
             outputs.append(_to_host(low))
+            if on_stage is not None:
+                on_stage(index, outputs[-1])
         return outputs
 
     def __call__(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:

@@ -372,6 +372,7 @@ def prepare_outdir(outdir: str, record: dict, *, overwrite: bool = False) -> str
     (`JobMismatchError`, naming what differs), or removed if `overwrite`. Temporary files
     of killed writers go; job.json and the manifest are (re)written. Returns "new",
     "resume" or "overwrite"."""
+    os.makedirs(os.path.join(outdir, "images"), exist_ok=True)
     try:
         old = read_job(outdir)
     except JobMismatchError:

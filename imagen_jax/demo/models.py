@@ -1,0 +1,312 @@
+"""What the demo serves: models loaded once, generating through `sample.py`'s own job.
+
+A `DemoModel` is a cascade of stage directories (the shipped model, an exported one). A
+request names its sample settings as `sample.py`'s `--set=STAGE.KEY=VALUE` strings, so the
+page, the command line and the metadata speak one language; each request runs
+`jobs.run_job` into a folder of its own, so its PNGs (pixels and text-chunk metadata) are
+byte for byte those that `sample.py` writes for the same prompt, seed and settings.
+
+One device lock per process: a request never runs beside another's compiled program, and a
+cancelled request frees the lock at its next stage or batch boundary. The cascade of each
+(settings, size) is built once and kept, so its compiled programs are reused.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+
+from imagen_jax import stages as stages_lib
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.diffusion.samplers import SAMPLERS
+from imagen_jax.images import to_uint8
+from imagen_jax.pipelines import cascade as cascade_lib
+from imagen_jax.pipelines import jobs, sampling
+from imagen_jax.text.config import make_text_encoder, text_config
+
+MAX_IMAGES = 8  # per request
+MAX_PROMPT_CHARS = 1000
+MAX_STEPS = 250
+MAX_GUIDANCE = 30.0
+
+
+class RequestError(ValueError):
+    """A request the model cannot run; the message is shown on the page as it is."""
+
+
+class Cancelled(Exception):
+    """A request stopped by its user."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation: a prompt, `num_images` images from `seed`, at height x width (None:
+    the model's trained size), with `sample.py`'s `--set` overrides."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    overrides: tuple[str, ...] = ()
+
+    def command(self, model: DemoModel) -> str:
+        """The `sample.py` command line that writes the same PNGs."""
+        parts = ["python sample.py"]
+        parts += [f"--stage={d}" for d in model.stage_dirs if not model.shipped]
+        parts.append(f"--prompt={_quote(self.prompt)}")
+        if self.negative_prompt:
+            parts.append(f"--negative_prompt={_quote(self.negative_prompt)}")
+        parts += [f"--seed={self.seed}", f"--images_per_prompt={self.num_images}"]
+        parts.append(f"--batch_size={model.batch_size}")
+        parts += [f"--{k}={v}" for k, v in (("height", self.height), ("width", self.width)) if v]
+        parts += [f"--set={o}" for o in self.overrides]
+        return " ".join(parts)
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+@dataclasses.dataclass
+class Progress:
+    """What a running request reports: `on_step(stage, step, steps)` from inside each
+    stage's compiled loop, `on_stage(stage, images uint8)` as each stage finishes, and
+    `cancelled()`, polled at each stage boundary."""
+
+    on_step: Callable[[int, int, int], None] = lambda stage, step, steps: None
+    on_stage: Callable[[int, object], None] = lambda stage, images: None
+    cancelled: Callable[[], bool] = lambda: False
+
+
+class _Job:
+    """A cascade as `jobs.run_job` calls it, reporting each stage to a `Progress`."""
+
+    def __init__(self, cascade, progress: Progress):
+        self.cascade, self.progress = cascade, progress
+
+    def __call__(self, items, seed):
+        def on_stage(index, images):
+            self.progress.on_stage(index, to_uint8(images))
+            if self.progress.cancelled():
+                raise Cancelled()
+
+        if self.progress.cancelled():
+            raise Cancelled()
+        return [to_uint8(x) for x in self.cascade.sample(items, seed, on_stage=on_stage)]
+
+
+def sampler_choices(stage) -> list[str]:
+    """The samplers a stage's schedule can run."""
+    out = []
+    for name in SAMPLERS:
+        try:
+            sample = diffusion_config.sample_config(**dict(stage.sample.to_dict(), sampler=name))
+            diffusion_config.make_sampling(stage.diffusion, sample)
+        except ValueError:
+            continue
+        out.append(name)
+    return out
+
+
+class DemoModel:
+    """A cascade of stage directories (base first) loaded once, generating requests."""
+
+    def __init__(
+        self,
+        name: str,
+        stage_dirs: Sequence[str],
+        *,
+        batch_size: int = 4,
+        shipped: bool = False,
+        lock: threading.Lock | None = None,
+        cache_size: int = 8,
+    ):
+        self.name, self.stage_dirs, self.shipped = name, list(stage_dirs), shipped
+        self.batch_size = batch_size
+        self.loaded = [stages_lib.load_stage(d) for d in self.stage_dirs]
+        self.encoder = make_text_encoder(text_config(**self.loaded[0].text))
+        cascade_lib.Cascade(self.loaded, self.encoder)  # checks the chain before serving
+        self.lock = lock or threading.Lock()
+        self._cascades: collections.OrderedDict = collections.OrderedDict()
+        self._cache_size = cache_size
+        self._progress = Progress()
+        self._steps: list[int] = []
+        self.compilations = 0  # cascades built (each compiles its stages on first use)
+
+    # What the page offers ---------------------------------------------------------------
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.loaded)
+
+    def defaults(self) -> list[dict]:
+        """Each stage's stored sample settings (and augmentation level)."""
+        return [
+            dict(s.sample.to_dict(), aug_level=s.aug_level, resolution=s.resolution)
+            for s in self.loaded
+        ]
+
+    def samplers(self) -> list[str]:
+        return sampler_choices(self.loaded[0])
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """Final sizes the page offers: the trained square first, then halves, doubles and
+        2:1 / 1:2 shapes that every stage can sample."""
+        r = self.loaded[-1].resolution
+        candidates = [(r, r), (r // 2, r), (r, r // 2), (r, 2 * r), (2 * r, r), (2 * r, 2 * r)]
+        out = []
+        for h, w in candidates:
+            try:
+                cascade_lib.stage_sizes(self.loaded, h, w)
+            except ValueError:
+                continue
+            out.append((h, w))
+        return out
+
+    # Requests ---------------------------------------------------------------------------
+
+    def check(self, request: Request) -> None:
+        """Raises RequestError naming what is wrong with a request, before it queues for the
+        device."""
+        if not request.prompt.strip():
+            raise RequestError("enter a prompt")
+        if len(request.prompt) > MAX_PROMPT_CHARS:
+            raise RequestError(
+                f"the prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}"
+            )
+        if not 1 <= request.num_images <= MAX_IMAGES:
+            raise RequestError(f"images: {request.num_images}, expected 1 to {MAX_IMAGES}")
+        if not 0 <= request.seed < 2**31:
+            raise RequestError(f"seed: {request.seed}, expected 0 to {2**31 - 1}")
+        try:
+            variants = self._variants(request.overrides)
+            cascade_lib.stage_sizes(variants, request.height, request.width)
+        except (ValueError, KeyError) as e:
+            raise RequestError(str(e).strip("'\"")) from None
+        for k, stage in enumerate(variants):
+            sample = stage.sample
+            if sample.steps > MAX_STEPS:
+                raise RequestError(f"stage {k}: {sample.steps} steps; at most {MAX_STEPS}")
+            if sample.guidance_scale > MAX_GUIDANCE:
+                raise RequestError(
+                    f"stage {k}: guidance {sample.guidance_scale}; at most {MAX_GUIDANCE}"
+                )
+            try:
+                diffusion_config.make_sampling(stage.diffusion, sample)
+            except ValueError as e:
+                raise RequestError(f"stage {k}: {e}") from None
+
+    def _variants(self, overrides: Sequence[str]) -> list:
+        per_stage = jobs.parse_overrides(overrides, self.num_stages, sampling.STAGE_KEYS)
+        return [
+            s.with_settings(o, o.pop("aug_level", None))
+            for s, o in zip(self.loaded, per_stage, strict=True)
+        ]
+
+    def _cascade(self, request: Request):
+        key = (tuple(request.overrides), request.height, request.width)
+        if key in self._cascades:
+            self._cascades.move_to_end(key)
+            return self._cascades[key]
+        variants = self._variants(request.overrides)
+        cascade = cascade_lib.Cascade(
+            variants,
+            self.encoder,
+            mesh=jobs.local_mesh(self.batch_size),
+            size=(request.height, request.width),
+            on_step=self._on_step,
+        )
+        self.compilations += 1
+        self._cascades[key] = (cascade, variants)
+        if len(self._cascades) > self._cache_size:
+            self._cascades.popitem(last=False)
+        return cascade, variants
+
+    def _on_step(self, stage: int, step) -> None:
+        steps = self._steps[stage] if stage < len(self._steps) else 0
+        self._progress.on_step(stage, int(step) + 1, steps)
+
+    def notes(self, request: Request) -> list[str]:
+        """What the page says about a prompt beside its images (a domain's reading of it)."""
+        note = sampling.domain_note(self.loaded, [request.prompt])
+        return [note] if note else []
+
+    def generate(self, request: Request, outdir: str, progress: Progress | None = None) -> dict:
+        """Runs a request as `sample.py` would (`jobs.run_job` into `outdir`), holding the
+        device lock; returns the job's summary with the PNG paths ("files") in order."""
+        self.check(request)
+        with self.lock:
+            cascade, variants = self._cascade(request)
+            self._progress = progress or Progress()
+            self._steps = [s.sampling.grid.num_steps for s in cascade.stages]
+            try:
+                entries = [jobs.PromptEntry(request.prompt, request.negative_prompt)]
+                summary = jobs.run_job(
+                    _Job(cascade, self._progress),
+                    entries,
+                    outdir,
+                    images_per_prompt=request.num_images,
+                    seed=request.seed,
+                    batch_size=self.batch_size,
+                    settings=jobs.stage_settings(variants, cascade),
+                    progress=False,
+                )
+            finally:
+                self._progress = Progress()
+        items = jobs.plan(entries, request.num_images)
+        return dict(summary, files=[os.path.join(outdir, it.file) for it in items])
+
+
+def find_stage_dirs(path: str) -> list[str]:
+    """The stage directories of `path`: a comma-separated list of stage directories (base
+    first), one stage directory, or a folder of stage directories (ordered by resolution)."""
+    if "," in path:
+        return [p.strip() for p in path.split(",") if p.strip()]
+    if os.path.isfile(os.path.join(path, "stage.json")):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a directory")
+    found = sorted(
+        os.path.join(path, n)
+        for n in os.listdir(path)
+        if os.path.isfile(os.path.join(path, n, "stage.json"))
+    )
+    if not found:
+        raise FileNotFoundError(
+            f"{path} holds no stage directory (a folder with stage.json); public diffusers "
+            "pipelines are not served by the demo yet"
+        )
+    return sorted(found, key=lambda d: stages_lib.read_stage_resolution(d))
+
+
+def load_models(paths: Sequence[str], *, batch_size: int = 4, shipped: bool = True) -> dict:
+    """{name: DemoModel}: the shipped model (if `shipped`) and one per path. A path that
+    fails to load is logged with its error and left out; the others are served."""
+    lock = threading.Lock()  # one device: one program at a time, across models
+    models: dict = {}
+    wanted = [("shipped (shapes cascade)", sampling.shipped_stages(), True)] if shipped else []
+    for path in paths:
+        try:
+            dirs = find_stage_dirs(path)
+            name = "+".join(os.path.basename(os.path.normpath(d)) for d in dirs)
+            if os.path.isdir(path) and "," not in path and len(dirs) > 1:
+                name = os.path.basename(os.path.normpath(path))
+            wanted.append((name, dirs, False))
+        except (OSError, ValueError) as e:
+            logging.error("demo: %s is left out: %s", path, e)
+    for name, dirs, is_shipped in wanted:
+        try:
+            model = DemoModel(name, dirs, batch_size=batch_size, shipped=is_shipped, lock=lock)
+        except Exception as e:  # noqa: BLE001 - any load failure: named, the rest served
+            logging.error("demo: %s is left out: %s: %s", name, type(e).__name__, e)
+            continue
+        while name in models:
+            name += "'"
+        models[name] = model
+    return models

@@ -1,0 +1,186 @@
+"""The web demo, served on 127.0.0.1 inside the test and driven with gradio_client: a
+generation whose PNGs are byte for byte sample.py's, progress, cancel, bad input answered
+on the page, and a crowd of clients against a short queue."""
+
+import concurrent.futures
+import socket
+import time
+
+import pytest
+from gradio_client import Client
+from tiny_stages import save_tiny_stage
+
+from imagen_jax.demo import app as demo_app
+from imagen_jax.demo import models as demo_models
+from imagen_jax.pipelines import jobs, sampling
+
+NAME = "base+sr"
+# model, prompt, negative, seed, random seed, images, size, sampler, steps, guidance, then
+# (steps, guidance, augmentation) of two super-resolution stages.
+DEFAULT = dict(
+    model=NAME,
+    prompt="a red circle",
+    negative="",
+    seed=5,
+    random_seed=False,
+    images=2,
+    size="16x16 (trained)",
+    sampler="ddim",
+    steps=3,
+    guidance=2.0,
+    sr=(2, 1.5, 0.2, 4, 3.0, 0.1),
+)
+SET = ["0.sampler=ddim", "0.steps=3", "0.guidance_scale=2.0", "1.steps=2"]
+SET += ["1.guidance_scale=1.5", "1.aug_level=0.2"]
+
+
+def _args(**over):
+    a = {**DEFAULT, **over}
+    head = [a[k] for k in ("model", "prompt", "negative", "seed", "random_seed", "images")]
+    return [*head, a["size"], a["sampler"], a["steps"], a["guidance"], *a["sr"]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stage_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    return [
+        save_tiny_stage(root / "base", low_res=False, resolution=8),
+        save_tiny_stage(root / "sr", low_res=True, resolution=16, low_resolution=8, seed=2),
+    ]
+
+
+@pytest.fixture(scope="module")
+def server(stage_dirs, tmp_path_factory, caplog_module=None):
+    paths = [",".join(stage_dirs), str(tmp_path_factory.mktemp("empty"))]
+    models = demo_models.load_models(paths, batch_size=2, shipped=False)
+    assert list(models) == [NAME]  # the folder without stages is logged and left out
+    port = _free_port()
+    workdir = str(tmp_path_factory.mktemp("demo"))
+    app = demo_app.launch(models, port=port, max_queue=2, workdir=workdir, warm=False, block=False)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield models[NAME], client, port
+    app.close()
+
+
+def _generate(client, **over):
+    job = client.submit(*_args(**over), api_name="/generate")
+    updates = list(job)
+    return job, updates
+
+
+def test_generation_is_byte_for_byte_sample_py(server, stage_dirs, tmp_path):
+    model, client, _ = server
+    job, updates = _generate(client)
+    assert len(updates) == 3  # base stage preview, super-resolution preview, final
+    preview, gallery, files, info, seed, history = updates[-1]  # (the State is not sent)
+    assert seed == 5 and len(files) == 2 and len(history) == 1
+    assert "python sample.py" in info and "--seed=5" in info
+    summary = sampling.run_sampling_job(
+        stages=stage_dirs,
+        prompts=["a red circle"],
+        prompts_file=None,
+        negative_prompt="",
+        images_per_prompt=2,
+        seed=5,
+        batch_size=2,
+        outdir=str(tmp_path),
+        overrides=SET,
+        grid=False,
+        height=16,
+        width=16,
+    )
+    assert summary["made"] == 2
+    for k, path in enumerate(files):
+        with open(path, "rb") as f, open(tmp_path / f"images/000000_00{k}.png", "rb") as g:
+            assert f.read() == g.read(), f"image {k} differs from sample.py's"
+    meta = jobs.read_metadata(files[0])
+    assert meta["stages"][1]["aug_level"] == 0.2 and meta["job"] == summary["job"]
+    # Progress by step reached the client while the job ran.
+    assert job.status().code.name == "FINISHED"
+
+
+def test_a_random_seed_is_shown_and_reproduces(server):
+    _, client, _ = server
+    _, updates = _generate(client, random_seed=True, images=1)
+    _, _, files, info, seed, _ = updates[-1]
+    assert f"**Seed** {seed}" in info
+    _, again = _generate(client, seed=seed, images=1)
+    with open(files[0], "rb") as f, open(again[-1][2][0], "rb") as g:
+        assert f.read() == g.read()
+
+
+BAD = [
+    (dict(prompt="   "), "enter a prompt"),
+    (dict(prompt="x" * 1001), "at most 1000"),
+    (dict(size="16x14"), "not a multiple"),
+    (dict(size="banana"), "expected HEIGHTxWIDTH"),
+    (dict(steps=0), "less than minimum value 1"),  # the sliders' own bounds
+    (dict(guidance=-1.0), "less than minimum value 0"),
+    (dict(steps=251), "greater than maximum value 250"),
+    (dict(sampler="flow_euler"), "flow_euler"),
+    (dict(model="nope"), "nope"),
+]
+
+
+def test_bad_input_is_answered_and_the_server_goes_on(server):
+    _, client, _ = server
+    for over, message in BAD:
+        with pytest.raises(Exception, match=message):
+            client.predict(*_args(**over), api_name="/generate")
+    out = client.predict(*_args(images=1), api_name="/generate")
+    assert len(out[2]) == 1
+
+
+def test_a_cut_prompt_is_shown(server):
+    _, client, _ = server
+    long = "a red circle and a blue square above a green star"  # 11 words, 8 tokens kept
+    out = client.predict(*_args(prompt=long, images=1), api_name="/generate")
+    assert "tokens lost" in out[3]
+
+
+def test_cancel_frees_the_worker(server):
+    model, client, _ = server
+    job = client.submit(*_args(steps=200, images=2), api_name="/generate")
+    deadline = time.time() + 120
+    while not job.status().progress_data and time.time() < deadline:
+        time.sleep(0.05)
+    assert job.status().progress_data, "no progress reported while the job ran"
+    job.cancel()
+    out = client.predict(*_args(images=1), api_name="/generate")  # the worker is free
+    assert len(out[2]) == 1
+    assert not model.lock.locked()
+
+
+def test_a_crowd_is_served_or_told_busy_and_never_mixed(server):
+    """8 clients at once against a queue of 2: each is served its own images or told the
+    queue is full; no request of a compiled setting compiles again."""
+    model, client, port = server
+    client.predict(*_args(images=1), api_name="/generate")  # the setting is compiled
+    compiled = model.compilations
+
+    def one(k):
+        c = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        prompt = f"a red circle number {k}"
+        try:
+            out = c.predict(*_args(prompt=prompt, images=1, seed=k), api_name="/generate")
+        except Exception as e:  # noqa: BLE001
+            return k, None, str(e)
+        return k, jobs.read_metadata(out[2][0]), None
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    served = [(k, meta) for k, meta, error in results if meta is not None]
+    refused = [error for _, meta, error in results if meta is None]
+    assert served, results
+    for k, meta in served:
+        assert meta["prompt"] == f"a red circle number {k}" and meta["seed"] == k
+    for error in refused:
+        assert "full" in error.lower() or "busy" in error.lower(), error
+    assert len(served) + len(refused) == 8
+    assert model.compilations == compiled

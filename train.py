@@ -55,8 +55,13 @@ def main(argv):
     logging.info("Config:\n%s", FLAGS.config)
     try:
         train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except Preempted:
-        return PREEMPTED_EXIT_CODE  # the loop has logged where the checkpoint is
+    except Preempted as e:  # the loop has logged where the checkpoint is
+        print(
+            f"train.py: stopped by signal {e.signum} at step {e.step}, checkpointed in "
+            f"{FLAGS.workdir}; rerun the same command to resume (exit {PREEMPTED_EXIT_CODE})"
+        )
+        return PREEMPTED_EXIT_CODE
+    print(f"train.py: {FLAGS.workdir} reached step {FLAGS.config.train.steps}")
     return 0
 
 

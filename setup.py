@@ -51,6 +51,8 @@ setup(
             # The web demo and the client its tests drive it with.
             "gradio==6.31.0",
             "gradio_client==2.7.2",
+            # The demo's browser test (Debian's chromium and chromedriver, from apt).
+            "selenium==4.51.0",
             # FID / KID references (tests/evaluation); torchvision pinned to torch 2.13's.
             "pytorch-fid==0.3.0",
             "torch-fidelity==0.4.0",

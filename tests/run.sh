@@ -38,6 +38,28 @@ PYEOF
 fi
 
 quiet_pip install --quiet -e '.[test]'
+
+# The demo's browser test (tests/demo/test_browser.py) drives Debian's chromium through its
+# chromedriver; install them with apt where they are missing (as root, or through sudo).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  apt=()
+  if [[ $(id -u) == 0 ]]; then
+    apt=(apt-get)
+  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    apt=(sudo -n apt-get)
+  fi
+  if [[ ${#apt[@]} -gt 0 ]]; then
+    echo "tests/run.sh: installing chromium and chromium-driver (apt) for the browser test" >&2
+    if ! log=$( (DEBIAN_FRONTEND=noninteractive "${apt[@]}" update -qq &&
+                 DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq chromium \
+                   chromium-driver) 2>&1); then
+      echo "$log" >&2
+      echo "tests/run.sh: apt could not install chromium; the browser test will fail" >&2
+    fi
+  else
+    echo "tests/run.sh: chromium is missing and apt needs root: the browser test will fail" >&2
+  fi
+fi
 "$PY" -m ruff format --check .
 "$PY" -m ruff check .
 "$PY" -m pytest -n 2 tests "$@"

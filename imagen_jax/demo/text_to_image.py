@@ -118,7 +118,10 @@ def build(models: dict, workdir: str):
         with gr.Column(scale=2):
             model_box = gr.Dropdown(names, value=names[0], label="Model")
             prompt = gr.Textbox(
-                label="Prompt", lines=2, placeholder="a red circle above a blue square"
+                elem_id="prompt",
+                label="Prompt",
+                lines=2,
+                placeholder="a red circle above a blue square",
             )
             negative = gr.Textbox(label="Negative prompt", lines=1)
             with gr.Row():
@@ -159,13 +162,17 @@ def build(models: dict, workdir: str):
                 sr_boxes.append(box)
                 sr_controls.append(controls)
             with gr.Row():
-                go = gr.Button("Generate", variant="primary")
-                stop = gr.Button("Cancel")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                stop = gr.Button("Cancel", elem_id="cancel")
         with gr.Column(scale=3):
             preview = gr.Image(label="Progress", format="png", buttons=[], interactive=False)
-            gallery = gr.Gallery(label="Images", columns=4, format="png", interactive=False)
-            files = gr.Files(label="PNG files (with their metadata)", interactive=False)
-            info = gr.Markdown()
+            gallery = gr.Gallery(
+                elem_id="gallery", label="Images", columns=4, format="png", interactive=False
+            )
+            files = gr.Files(
+                label="PNG files (with their metadata)", interactive=False, elem_id="files"
+            )
+            info = gr.Markdown(elem_id="info")
     history_state = gr.State([])
     history = gr.Gallery(label="History (click to restore its settings)", columns=8, height=160)
 

@@ -3,18 +3,14 @@ generation whose PNGs are byte for byte sample.py's, progress, cancel, bad input
 on the page, and a crowd of clients against a short queue."""
 
 import concurrent.futures
-import socket
 import time
 
 import pytest
 from gradio_client import Client
-from tiny_stages import save_tiny_stage
 
-from imagen_jax.demo import app as demo_app
-from imagen_jax.demo import models as demo_models
 from imagen_jax.pipelines import jobs, sampling
 
-NAME = "base+sr"
+NAME = "base+sr"  # the model the server fixture (conftest.py) serves
 # model, prompt, negative, seed, random seed, images, size, sampler, steps, guidance, then
 # (steps, guidance, augmentation) of two super-resolution stages.
 DEFAULT = dict(
@@ -38,34 +34,6 @@ def _args(**over):
     a = {**DEFAULT, **over}
     head = [a[k] for k in ("model", "prompt", "negative", "seed", "random_seed", "images")]
     return [*head, a["size"], a["sampler"], a["steps"], a["guidance"], *a["sr"]]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def stage_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    return [
-        save_tiny_stage(root / "base", low_res=False, resolution=8),
-        save_tiny_stage(root / "sr", low_res=True, resolution=16, low_resolution=8, seed=2),
-    ]
-
-
-@pytest.fixture(scope="module")
-def server(stage_dirs, tmp_path_factory, caplog_module=None):
-    paths = [",".join(stage_dirs), str(tmp_path_factory.mktemp("empty"))]
-    models = demo_models.load_models(paths, batch_size=2, shipped=False)
-    assert list(models) == [NAME]  # the folder without stages is logged and left out
-    port = _free_port()
-    workdir = str(tmp_path_factory.mktemp("demo"))
-    app = demo_app.launch(models, port=port, max_queue=2, workdir=workdir, warm=False, block=False)
-    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-    yield models[NAME], client, port
-    app.close()
 
 
 def _generate(client, **over):

@@ -35,6 +35,8 @@ samples a contiguous range of the prompts; --outdir must be one shared file syst
 process 0 writes the manifest once every process is done.
 """
 
+import sys
+
 from absl import app, flags
 
 from imagen_jax import logs, parallel
@@ -116,6 +118,13 @@ def main(argv):
     logs.quiet_logs()
     f = flags.FLAGS
     parallel.initialize_from_flags()
+    try:
+        _run(f)
+    except (ValueError, OSError) as e:  # bad input: named in one line, no traceback
+        sys.exit(f"sample.py: {type(e).__name__}: {e}")
+
+
+def _run(f):
     sampling.run_sampling_job(
         stages=f.stage,
         prompts=f.prompt,

@@ -46,6 +46,9 @@ def test_relative_paths_are_the_callers(tmp_path):
     out = sample_sh("--prompts=bad.jsonl", cwd=tmp_path)
     assert out.returncode != 0
     assert "bad.jsonl:1: not valid JSON" in out.stderr, out.stderr
+    # Bad input is one line that names it, not a traceback.
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("sample.py: ValueError: bad.jsonl:1")
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     outdir = "sample_sh_test_outdir"
     out = sample_sh("--prompts=prompts.txt", f"--outdir={outdir}", "--stage=no_stage", cwd=tmp_path)

@@ -210,16 +210,19 @@ class DemoModel:
         ]
 
     def _cascade(self, request: Request):
-        key = (tuple(request.overrides), request.height, request.width)
+        variants = self._variants(request.overrides)
+        # Keyed by the sizes the stages sample, so the trained size asked for by number
+        # (the page) or left unset (the warm-up) is one setting.
+        sizes = cascade_lib.stage_sizes(variants, request.height, request.width)
+        key = (tuple(request.overrides), tuple(sizes))
         if key in self._cascades:
             self._cascades.move_to_end(key)
             return self._cascades[key]
-        variants = self._variants(request.overrides)
         cascade = cascade_lib.Cascade(
             variants,
             self.encoder,
             mesh=jobs.local_mesh(self.batch_size),
-            size=(request.height, request.width),
+            size=sizes[-1],
             on_step=self._on_step,
         )
         self.compilations += 1

@@ -8,6 +8,7 @@ import time
 import pytest
 from gradio_client import Client
 
+from imagen_jax.demo import models as demo_models
 from imagen_jax.pipelines import jobs, sampling
 
 NAME = "base+sr"  # the model the server fixture (conftest.py) serves
@@ -152,3 +153,13 @@ def test_a_crowd_is_served_or_told_busy_and_never_mixed(server):
         assert "full" in error.lower() or "busy" in error.lower(), error
     assert len(served) + len(refused) == 8
     assert model.compilations == compiled
+
+
+def test_the_trained_size_by_number_or_unset_is_one_setting(server, tmp_path):
+    """The warm-up asks for no size, the page for the trained one by number: one cascade."""
+    model, _, _ = server
+    model.generate(demo_models.Request(prompt="a star", num_images=1), str(tmp_path / "a"))
+    built = model.compilations
+    request = demo_models.Request(prompt="a star", num_images=1, height=16, width=16)
+    model.generate(request, str(tmp_path / "b"))
+    assert model.compilations == built

@@ -15,17 +15,17 @@ resize the shortest side to `size` with PIL's bicubic filter (the long side to
 `int(size * long / short)`), center crop to `crop_size` (top-left corner at
 `((H - h) // 2, (W - w) // 2)`), multiply by `rescale_factor` (1/255), normalize with
 `image_mean` / `image_std`. The resize (`resize_bicubic`) is Pillow's 8-bit algorithm
-written out in numpy, and it gives Pillow 13.0.0's (the pinned version's) uint8 images
-bit for bit. Where it can differ:
+written out in numpy, and it gives the installed Pillow's uint8 images bit for bit (12.3.0
+is pinned, for Gradio; 13 is tested too). Where it can differ:
 
-* From other Pillow versions: Pillow resizes in two separable passes, each rounded to
-  uint8. The Resample.c of earlier releases always runs the horizontal pass first; Pillow
-  13 runs the vertical pass first when H - h > max(0, 2 (W - w)) (a rule found by
+* Between Pillow versions: Pillow resizes in two separable passes, each rounded to uint8.
+  The Resample.c of releases before 13 always runs the horizontal pass first; Pillow 13
+  runs the vertical pass first when H - h > max(0, 2 (W - w)) (a rule found by
   measurement: it matched every one of ~1,500 random size pairs, boundaries included).
-  Where the two orders differ, so does the intermediate rounding: measured, up to 2
-  levels (of 255) on smooth images and up to 27 on pixel noise. A square image resized
-  to a square never takes the vertical-first order, so CLIP's usual inputs do not depend
-  on the Pillow version.
+  `resize_bicubic` takes the order of the Pillow it finds installed. Where the two orders
+  differ, so does the intermediate rounding: measured, up to 2 levels (of 255) on smooth
+  images and up to 27 on pixel noise. A square image resized to a square never takes the
+  vertical-first order, so CLIP's usual inputs do not depend on the Pillow version.
 * From transformers' `CLIPImageProcessorPil` (its PIL backend): none, the pixel values
   are equal (tests/evaluation/test_clip_score.py).
 * From transformers' `CLIPImageProcessor` (its torchvision backend, v5's default when
@@ -47,6 +47,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL
 from flax import nnx
 
 from imagen_jax.text.clip import CLIPLayer, layer_key_map
@@ -310,10 +311,13 @@ def _resample_axis(x: np.ndarray, size: int, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
+_PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13  # its pass order (module docstring)
+
+
 def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """uint8 [H, W, C] -> uint8 [height, width, C], as Pillow 13's
+    """uint8 [H, W, C] -> uint8 [height, width, C], as the installed Pillow's
     `Image.fromarray(image).resize((width, height), Image.BICUBIC)` (see the module
-    docstring for the pass order and where other versions differ)."""
+    docstring for the pass order, which Pillow 13 changed)."""
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3:
         raise ValueError(f"expected a uint8 [H, W, C] image, got {image.dtype} {image.shape}")
@@ -322,7 +326,7 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h_in, w_in = image.shape[:2]
     x = image
     passes = [(width, 1), (height, 0)]  # horizontal first
-    if h_in - height > max(0, 2 * (w_in - width)):  # Pillow 13's choice
+    if _PILLOW_13 and h_in - height > max(0, 2 * (w_in - width)):  # Pillow 13's choice
         passes.reverse()
     for size, axis in passes:
         if size != x.shape[axis]:

@@ -258,9 +258,10 @@ def test_strict_loading(tiny_clip, tmp_path):
 
 
 def test_resize_is_pils_bicubic():
-    """resize_bicubic gives PIL's uint8 image exactly, shrinking and enlarging, in both of
-    Pillow 13's pass orders (H - h > 2 (W - w) is vertical first), on smooth images and
-    noise; sizes include 1 pixel and large factors."""
+    """resize_bicubic gives the installed PIL's uint8 image exactly, shrinking and enlarging,
+    on both sides of Pillow 13's pass-order rule (H - h > 2 (W - w): vertical first; earlier
+    releases always horizontal first), on smooth images and noise; sizes include 1 pixel and
+    large factors."""
     rng = np.random.default_rng(0)
     cases = [(32, 32, 224, 224), (1, 7, 3, 1), (181, 50, 23, 47), (60, 200, 40, 130)]
     cases += [tuple(map(int, rng.integers(1, 160, 4))) for _ in range(40)]

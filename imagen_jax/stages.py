@@ -226,11 +226,10 @@ def load_stage(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()}
     )
     model = _model_with_params(unet, weights_path, dtype)
-    sample = diffusion_config.sample_config(**meta["sample"])
-    if sample_overrides:
-        sample = diffusion_config.sample_config(**{**sample.to_dict(), **sample_overrides})
-    if sample.layout_scale < 0:
-        raise ValueError(f"{path}: sample.layout_scale={sample.layout_scale} must be >= 0")
+    try:
+        sample = diffusion_config.sample_config(**{**meta["sample"], **(sample_overrides or {})})
+    except ValueError as e:  # a setting out of its range: name the stage too
+        raise ValueError(f"{path}: {e}") from None
     if unet.layout_grid:
         model.layout_scale = float(sample.layout_scale)
     if aug_level is not None:

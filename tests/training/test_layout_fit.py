@@ -48,7 +48,9 @@ def test_layout_fit_grows_a_stage_that_samples_as_before_and_trains_on(tmp_path)
     assert new.model.layout_scale == 1.0
     gained = stages.load_stage(str(tmp_path / "fitted"), sample_overrides=dict(layout_scale=3.0))
     assert gained.model.layout_scale == 3.0
-    with pytest.raises(ValueError, match="sample.layout_scale=-1.0 must be >= 0"):
+    with pytest.raises(
+        ValueError, match=r"fitted: sample.layout_scale=-1.0: expected a number in \[0"
+    ):
         stages.load_stage(str(tmp_path / "fitted"), sample_overrides=dict(layout_scale=-1.0))
 
     config.train.init_from = str(tmp_path / "fitted")

@@ -167,7 +167,11 @@ def build(models: dict, workdir: str):
         with gr.Column(scale=3):
             preview = gr.Image(label="Progress", format="png", buttons=[], interactive=False)
             gallery = gr.Gallery(
-                elem_id="gallery", label="Images", columns=4, format="png", interactive=False
+                elem_id="gallery",
+                label="Images",
+                columns=4,
+                format="png",
+                interactive=False,
             )
             files = gr.Files(
                 label="PNG files (with their metadata)", interactive=False, elem_id="files"
@@ -208,6 +212,7 @@ def build(models: dict, workdir: str):
         model_box,
         [size, sampler, steps, guidance, *flat_sr, *sr_boxes],
         queue=False,
+        api_visibility="undocumented",  # the page's own wiring, not part of the API
     )
 
     def generate(name, text, neg, seed_value, use_random, n, size_value, smp, st, gs, *rest):
@@ -305,5 +310,5 @@ def build(models: dict, workdir: str):
     def restore(past, evt: gr.SelectData):
         return past[evt.index]["controls"]
 
-    history.select(restore, history_state, inputs, queue=False)
+    history.select(restore, history_state, inputs, queue=False, api_visibility="undocumented")
     return dict(generate=event)

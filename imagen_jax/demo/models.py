@@ -26,7 +26,6 @@ from imagen_jax.diffusion.samplers import SAMPLERS
 from imagen_jax.images import to_uint8
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs, sampling
-from imagen_jax.text.config import make_text_encoder, text_config
 
 MAX_IMAGES = 8  # per request
 MAX_PROMPT_CHARS = 1000
@@ -129,9 +128,9 @@ class DemoModel:
     ):
         self.name, self.stage_dirs, self.shipped = name, list(stage_dirs), shipped
         self.batch_size = batch_size
-        self.loaded = [stages_lib.load_stage(d) for d in self.stage_dirs]
-        self.encoder = make_text_encoder(text_config(**self.loaded[0].text))
-        cascade_lib.Cascade(self.loaded, self.encoder)  # checks the chain before serving
+        # As sample.py loads them (the stages, their text encoder, the chain checked).
+        cascade, self.loaded = sampling.load_cascade(self.stage_dirs)
+        self.encoder = cascade.encoder
         self.lock = lock or threading.Lock()
         self._cascades: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size

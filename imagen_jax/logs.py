@@ -17,7 +17,7 @@ import os
 from absl import flags
 
 # Loggers of the standard logging module set to WARNING.
-QUIET_LOGGERS = ("jax._src.xla_bridge", "orbax")
+QUIET_LOGGERS = ("jax._src.xla_bridge", "orbax", "httpx")  # httpx: Gradio's start-up probes
 # Packages whose absl.logging lines below WARNING are dropped.
 QUIET_PACKAGES = ("orbax",)
 

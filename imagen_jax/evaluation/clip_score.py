@@ -46,8 +46,8 @@ import numpy as np
 from flax import nnx
 
 from imagen_jax import parallel
-from imagen_jax.evaluation import clip_vision
 from imagen_jax.evaluation.folder import load_image, read_manifest
+from imagen_jax.models import vit as clip_vision
 from imagen_jax.text import clip
 from imagen_jax.text.tokenizer import TOKENIZER_FILE, Tokenizer
 from imagen_jax.weights import (

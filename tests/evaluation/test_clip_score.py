@@ -22,7 +22,8 @@ import transformers
 from PIL import Image
 from tokenizers import pre_tokenizers
 
-from imagen_jax.evaluation import clip_score, clip_vision
+from imagen_jax.evaluation import clip_score
+from imagen_jax.models import vit as clip_vision
 from imagen_jax.weights import CheckpointError
 
 TOL = 1e-4  # embeddings: max |ours - transformers|, float32

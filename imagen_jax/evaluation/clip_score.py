@@ -21,7 +21,7 @@ Captions are tokenized from `tokenizer.json` to the text tower's 77 positions. A
 caption loses its tail but keeps its end-of-text token (as OpenAI's
 `clip.tokenize(truncate=True)`) and a warning counts such captions; torchmetrics cuts the
 ids after 77, end-of-text token included, and so pools another token: for those captions
-the two differ. Images are uint8 RGB, preprocessed by `clip_vision.ImageProcessor` (the
+the two differ. Images are uint8 RGB, preprocessed by `imagen_jax.images.ImageProcessor` (the
 same pixel values as transformers' PIL backend).
 
 The model is a local directory of a full CLIPModel in Hugging Face layout: config.json,
@@ -47,7 +47,8 @@ from flax import nnx
 
 from imagen_jax import parallel
 from imagen_jax.evaluation.folder import load_image, read_manifest
-from imagen_jax.models import vit as clip_vision
+from imagen_jax.images import PREPROCESSOR_FILE, ImageProcessor
+from imagen_jax.models import vit
 from imagen_jax.text import clip
 from imagen_jax.text.tokenizer import TOKENIZER_FILE, Tokenizer
 from imagen_jax.weights import (
@@ -67,7 +68,7 @@ UNUSED = (r"logit_scale", r"(text|vision)_model\.embeddings\.position_ids")
 _DOWNLOAD_HINT = (
     f"CLIP score needs a full CLIPModel in a local directory: {CONFIG_NAME}, {WEIGHTS_NAME}, "
     f"{TOKENIZER_FILE}, tokenizer_config.json, special_tokens_map.json and "
-    f"{clip_vision.PREPROCESSOR_FILE}, as published on the Hugging Face hub, e.g. "
+    f"{PREPROCESSOR_FILE}, as published on the Hugging Face hub, e.g. "
     f"{DEFAULT_BACKBONE} (torchmetrics' default); download them there yourself, e.g. "
     f"`hf download {DEFAULT_BACKBONE} --local-dir DIR` where the hub can be reached"
 )
@@ -85,7 +86,7 @@ class CLIPModel(nnx.Module):
     def __init__(
         self,
         text_config: clip.CLIPTextConfig,
-        vision_config: clip_vision.CLIPVisionConfig,
+        vision_config: vit.CLIPVisionConfig,
         *,
         rngs: nnx.Rngs,
         dtype=jnp.float32,
@@ -95,7 +96,7 @@ class CLIPModel(nnx.Module):
             raise ValueError("a CLIPModel has a projection_dim on both towers")
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.text_model = clip.CLIPTextEncoder(text_config, **kw)
-        self.vision_model = clip_vision.CLIPVisionEncoder(vision_config, **kw)
+        self.vision_model = vit.CLIPVisionEncoder(vision_config, **kw)
 
     def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values [B, S, S, 3] (preprocessed, NHWC) -> [B, projection_dim]."""
@@ -108,7 +109,7 @@ class CLIPModel(nnx.Module):
         return self.text_model(input_ids, attention_mask).pooled
 
 
-def configs_from_hf(hf: dict) -> tuple[clip.CLIPTextConfig, clip_vision.CLIPVisionConfig]:
+def configs_from_hf(hf: dict) -> tuple[clip.CLIPTextConfig, vit.CLIPVisionConfig]:
     """The two towers' configs from a CLIPModel config.json (model_type "clip")."""
     architectures = list(hf.get("architectures") or ["CLIPModel"])
     if hf.get("model_type") != "clip" or "CLIPModel" not in architectures:
@@ -117,16 +118,16 @@ def configs_from_hf(hf: dict) -> tuple[clip.CLIPTextConfig, clip_vision.CLIPVisi
             "CLIPModel (model_type 'clip', both towers and their projections)"
         )
     hf = {**hf, "architectures": ["CLIPModel"]}
-    return clip.CLIPTextConfig.from_hf(hf), clip_vision.CLIPVisionConfig.from_hf(hf)
+    return clip.CLIPTextConfig.from_hf(hf), vit.CLIPVisionConfig.from_hf(hf)
 
 
 def hf_key_map(
-    text_config: clip.CLIPTextConfig, vision_config: clip_vision.CLIPVisionConfig
+    text_config: clip.CLIPTextConfig, vision_config: vit.CLIPVisionConfig
 ) -> dict[tuple, Source]:
     """Our state paths -> the tensor names of transformers' CLIPModel."""
     towers = (
         ("text_model", clip.hf_key_map(text_config, "text_model.")),
-        ("vision_model", clip_vision.hf_key_map(vision_config, "vision_model.")),
+        ("vision_model", vit.hf_key_map(vision_config, "vision_model.")),
     )
     return {(name, *path): src for name, m in towers for path, src in m.items()}
 
@@ -139,7 +140,7 @@ def check_model_dir(path: str | os.PathLike) -> None:
         raise FileNotFoundError(f"CLIP model directory {path!r} does not exist. {_DOWNLOAD_HINT}")
     missing = [
         name
-        for name in (CONFIG_NAME, TOKENIZER_FILE, clip_vision.PREPROCESSOR_FILE)
+        for name in (CONFIG_NAME, TOKENIZER_FILE, PREPROCESSOR_FILE)
         if not os.path.isfile(os.path.join(path, name))
     ]
     if not any(os.path.isfile(os.path.join(path, f)) for f in (WEIGHTS_NAME, INDEX_NAME)):
@@ -234,7 +235,7 @@ class CLIPScorer:
         self,
         model: CLIPModel,
         tokenizer: Tokenizer,
-        processor: clip_vision.ImageProcessor,
+        processor: ImageProcessor,
         *,
         backbone: str,
         batch_size: int = 32,
@@ -364,7 +365,7 @@ def load_clip_scorer(
     return CLIPScorer(
         model,
         Tokenizer.from_dir(path, max_length),
-        clip_vision.ImageProcessor.from_dir(path),
+        ImageProcessor.from_dir(path),
         backbone=backbone or backbone_name(path, read_config(path)),
         batch_size=batch_size,
         devices=devices,

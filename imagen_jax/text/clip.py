@@ -68,7 +68,7 @@ class CLIPTextConfig:
 
 class LayerConfig(Protocol):
     """What CLIPAttention and CLIPLayer read from a config: a CLIPTextConfig here, or the
-    image tower's CLIPVisionConfig (imagen_jax/evaluation/clip_vision.py), whose layers are
+    image tower's CLIPVisionConfig (imagen_jax/models/vit.py), whose layers are
     the same apart from the mask."""
 
     hidden_size: int

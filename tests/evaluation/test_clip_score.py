@@ -23,7 +23,8 @@ from PIL import Image
 from tokenizers import pre_tokenizers
 
 from imagen_jax.evaluation import clip_score
-from imagen_jax.models import vit as clip_vision
+from imagen_jax.images import ImageProcessor, resize_bicubic
+from imagen_jax.models import vit
 from imagen_jax.weights import CheckpointError
 
 TOL = 1e-4  # embeddings: max |ours - transformers|, float32
@@ -209,7 +210,7 @@ def test_vision_tower_matches_transformers(cls, tmp_path):
     ref = getattr(transformers, cls)(config).eval()
     _redraw(ref, seed=3)
     ref.save_pretrained(tmp_path, safe_serialization=True)
-    ours = clip_vision.load_vision_model(tmp_path)
+    ours = vit.load_vision_model(tmp_path)
     assert (ours.visual_projection is None) == (cls == "CLIPVisionModel")
     pixels = np.random.default_rng(1).normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3))
     out = ours(jax.numpy.asarray(pixels, jax.numpy.float32))
@@ -270,7 +271,7 @@ def test_resize_is_pils_bicubic():
         noise = i % 2
         img = rng.integers(0, 256, (h_in, w_in, 3), np.uint8) if noise else smooth_image(h_in, w_in)
         want = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
-        np.testing.assert_array_equal(clip_vision.resize_bicubic(img, h, w), want, str(cases[i]))
+        np.testing.assert_array_equal(resize_bicubic(img, h, w), want, str(cases[i]))
     assert any(h_in - h > max(0, 2 * (w_in - w)) for h_in, w_in, h, w in cases)
 
 
@@ -281,7 +282,7 @@ def test_preprocessing_matches_transformers(crop):
     antialiased bicubic is torch's, not PIL's (measured: at most 2)."""
     kw = dict(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
     pil = transformers.CLIPImageProcessorPil(**kw)
-    ours = clip_vision.ImageProcessor.from_hf(pil.to_dict())
+    ours = ImageProcessor.from_hf(pil.to_dict())
     images = sample_images(8, seed=3)
     want = pil(images=images, return_tensors="np")["pixel_values"].transpose(0, 2, 3, 1)
     got = np.stack([ours(im) for im in images])
@@ -295,18 +296,18 @@ def test_preprocessing_matches_transformers(crop):
 
 
 def test_preprocessor_config_variants():
-    old = clip_vision.ImageProcessor.from_hf({"size": 224, "crop_size": 224})  # older files
-    assert old == clip_vision.ImageProcessor()
-    exact = clip_vision.ImageProcessor.from_hf(
+    old = ImageProcessor.from_hf({"size": 224, "crop_size": 224})  # older files
+    assert old == ImageProcessor()
+    exact = ImageProcessor.from_hf(
         {"size": {"height": 20, "width": 30}, "do_center_crop": False, "do_normalize": False}
     )
     out = exact(np.full((7, 9, 3), 255, np.uint8))
     assert out.shape == (20, 30, 3) and np.allclose(out, 1.0)
-    assert clip_vision.ImageProcessor().output_size(100, 300) == (224, 224)
+    assert ImageProcessor().output_size(100, 300) == (224, 224)
     with pytest.raises(ValueError, match="only bicubic"):
-        clip_vision.ImageProcessor.from_hf({"resample": 2})
+        ImageProcessor.from_hf({"resample": 2})
     with pytest.raises(ValueError, match="smaller than the 224x224 center crop"):
-        clip_vision.ImageProcessor(shortest_edge=None)(np.zeros((100, 300, 3), np.uint8))
+        ImageProcessor(shortest_edge=None)(np.zeros((100, 300, 3), np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------

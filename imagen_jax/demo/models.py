@@ -20,6 +20,8 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from imagen_jax import stages as stages_lib
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion.samplers import SAMPLERS
@@ -31,6 +33,7 @@ MAX_IMAGES = 8  # per request
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 250
 MAX_GUIDANCE = 30.0
+PREVIEWS = 4  # predicted-image previews per stage while it samples
 
 
 class RequestError(ValueError):
@@ -75,10 +78,12 @@ def _quote(text: str) -> str:
 @dataclasses.dataclass
 class Progress:
     """What a running request reports: `on_step(stage, step, steps)` from inside each
-    stage's compiled loop, `on_stage(stage, images uint8)` as each stage finishes, and
-    `cancelled()`, polled at each stage boundary."""
+    stage's compiled loop, `on_preview(stage, step, image uint8)` with the first image's
+    predicted clean image (x0) every few steps, `on_stage(stage, images uint8)` as each
+    stage finishes, and `cancelled()`, polled at each stage boundary."""
 
     on_step: Callable[[int, int, int], None] = lambda stage, step, steps: None
+    on_preview: Callable[[int, int, object], None] = lambda stage, step, image: None
     on_stage: Callable[[int, object], None] = lambda stage, images: None
     cancelled: Callable[[], bool] = lambda: False
 
@@ -223,6 +228,8 @@ class DemoModel:
             mesh=jobs.local_mesh(self.batch_size),
             size=sizes[-1],
             on_step=self._on_step,
+            on_preview=self._on_preview,
+            preview_every=[max(1, s.sample.steps // PREVIEWS) for s in variants],
         )
         self.compilations += 1
         self._cascades[key] = (cascade, variants)
@@ -233,6 +240,9 @@ class DemoModel:
     def _on_step(self, stage: int, step) -> None:
         steps = self._steps[stage] if stage < len(self._steps) else 0
         self._progress.on_step(stage, int(step) + 1, steps)
+
+    def _on_preview(self, stage: int, step, x0) -> None:
+        self._progress.on_preview(stage, int(step) + 1, to_uint8(np.asarray(x0[:1]))[0])
 
     def notes(self, request: Request) -> list[str]:
         """What the page says about a prompt beside its images (a domain's reading of it)."""

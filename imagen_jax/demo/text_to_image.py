@@ -70,13 +70,15 @@ class _Capture(logging.Handler):
 
 def run_request(model, request: Request, workdir: str):
     """Runs `model.generate` in a thread; yields ("step", stage, step, steps),
-    ("stage", stage, images), then ("done", summary, warnings) or ("error", message).
+    ("preview", stage, step, image), ("stage", stage, images), then ("done", summary,
+    warnings) or ("error", message).
     Closing the generator cancels the request at its next stage boundary."""
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
     outdir = os.path.join(workdir, f"{next(_counter):05d}")
     progress = Progress(
         on_step=lambda k, i, n: events.put(("step", k, i, n)),
+        on_preview=lambda k, i, image: events.put(("preview", k, i, image)),
         on_stage=lambda k, images: events.put(("stage", k, images)),
         cancelled=cancel.is_set,
     )
@@ -242,10 +244,10 @@ def build(models: dict, workdir: str):
             if kind == "step":
                 _, k, i, total = event
                 progress((i, total), desc=f"stage {k + 1} of {stages}", unit="steps")
-            elif kind == "stage":
-                _, k, images = event
+            elif kind in ("preview", "stage"):
+                image = event[3] if kind == "preview" else event[2][0]
                 yield (
-                    gr.update(value=images[0]),
+                    gr.update(value=image),
                     gr.skip(),
                     gr.skip(),
                     gr.skip(),

@@ -509,6 +509,28 @@ SAMPLERS = {
 STOCHASTIC = ("ddpm", "euler_ancestral", "dpmpp_2m_sde")
 
 
+def with_preview(denoise, preview: Callable, grid: TimeGrid, every: int = 1):
+    """`denoise` that also sends its x0 of every `every`-th step of `grid` to `preview(i, x0)`
+    on the host (a progress preview: the predicted clean sample, [B, ...] as the sampler sees
+    it). Only the evaluation at the step's own time reports (not a second-order corrector's
+    at the next time). The samples are unchanged."""
+    if every < 1:
+        raise ValueError(f"preview_every must be at least 1, got {every}")
+    times = jnp.asarray(grid.t)
+
+    def denoise_and_report(z, step, t, alpha, sigma):
+        d = denoise(z, step, t, alpha, sigma)
+        jax.lax.cond(
+            (step % every == 0) & (t == times[step]),
+            lambda x0: jax.debug.callback(preview, step, x0),
+            lambda x0: None,
+            d.x0,
+        )
+        return d
+
+    return denoise_and_report
+
+
 def get_sampler(name: str) -> Callable:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; expected one of {tuple(SAMPLERS)}")
@@ -524,11 +546,15 @@ def sample(
     cond=None,
     key=None,
     callback=None,
+    preview=None,
+    preview_every: int = 1,
     sampler_options: dict | None = None,
     **denoiser_options,
 ) -> jax.Array:
     """Runs `sampler` with the network `model_fn(z_t, t, cond)`; `denoiser_options` go to
-    `make_denoiser` (prediction, model_space, uncond, guidance_scale, ...)."""
+    `make_denoiser` (prediction, model_space, uncond, guidance_scale, ...). `preview(i, x0)`
+    receives on the host the predicted clean sample of every `preview_every`-th step
+    (see `with_preview`)."""
     fn = get_sampler(sampler)
     scale = denoiser_options.get("guidance_scale")
     if scale is not None:
@@ -536,6 +562,8 @@ def sample(
             scale, grid.num_steps
         )
     denoise = make_denoiser(model_fn, cond=cond, **denoiser_options)
+    if preview is not None:
+        denoise = with_preview(denoise, preview, grid, preview_every)
     options = dict(sampler_options or {})
     if sampler in STOCHASTIC or options.get("eta"):
         options["key"] = key
@@ -547,6 +575,8 @@ def compile_sampler(
     *,
     sampler: str = "ddim",
     callback=None,
+    preview=None,
+    preview_every: int = 1,
     sampler_options: dict | None = None,
     **denoiser_options,
 ) -> Callable:
@@ -565,6 +595,8 @@ def compile_sampler(
             cond=cond,
             key=key,
             callback=callback,
+            preview=preview,
+            preview_every=preview_every,
             sampler_options=sampler_options,
             uncond=uncond,
             guidance_scale=guidance_scale,

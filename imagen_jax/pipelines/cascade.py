@@ -68,7 +68,7 @@ def _imagen_low_res(low_res, aug_keys, size, *, aug_level, schedule):
 
 
 class _CompiledStage:
-    def __init__(self, stage: Stage, on_step=None):
+    def __init__(self, stage: Stage, on_step=None, on_preview=None, preview_every: int = 1):
         self.stage = stage
         stage.model.eval()  # no dropout at sampling time
         self.schedule = diffusion_config.make_schedule(stage.diffusion)
@@ -80,6 +80,8 @@ class _CompiledStage:
             apply_fn,
             sampler=self.sampling.sampler,
             callback=on_step,
+            preview=on_preview,
+            preview_every=preview_every,
             sampler_options=self.sampling.sampler_options,
             **self.sampling.denoiser_options,
         )
@@ -228,6 +230,8 @@ class Cascade:
         size=None,
         conditioning=None,
         on_step=None,
+        on_preview=None,
+        preview_every: int | Sequence[int] = 1,
     ):
         """mesh: a device mesh whose first axis splits the batch (None: one device).
         size: (height, width) of the final images (None: each stage's trained resolution).
@@ -235,7 +239,9 @@ class Cascade:
         `imagen_conditioning`); it runs once per distinct text encoder (a stage's own
         `encoder`, else `encoder`). on_step: `on_step(stage_index, step_index)`, called on
         the host from inside each stage's compiled loop after every step (progress
-        reports; None: none compiled in)."""
+        reports; None: none compiled in). on_preview: `on_preview(stage_index, step_index,
+        x0)`, the same for the predicted clean images [B, H, W, C] of every
+        `preview_every`-th step (one number, or one per stage; `samplers.with_preview`)."""
         if not stages:
             raise ValueError("a cascade needs at least one stage")
         for prev, nxt in zip(stages, stages[1:], strict=False):
@@ -247,9 +253,16 @@ class Cascade:
         if _super_resolution(stages[0]):
             raise ValueError(f"the first stage {stages[0].path} is a super-resolution stage")
         self.sizes = stage_sizes(stages, *(size or (None, None)))
+        if isinstance(preview_every, int):
+            preview_every = [preview_every] * len(stages)
         self.stages = [
-            _CompiledStage(s, None if on_step is None else functools.partial(on_step, k))
-            for k, s in enumerate(stages)
+            _CompiledStage(
+                s,
+                None if on_step is None else functools.partial(on_step, k),
+                None if on_preview is None else functools.partial(on_preview, k),
+                every,
+            )
+            for k, (s, every) in enumerate(zip(stages, preview_every, strict=True))
         ]
         self.encoder = encoder
         self.conditioning = conditioning or imagen_conditioning

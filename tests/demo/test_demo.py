@@ -7,6 +7,7 @@ import time
 
 import pytest
 from gradio_client import Client
+from PIL import Image
 
 from imagen_jax.demo import models as demo_models
 from imagen_jax.pipelines import jobs, sampling
@@ -46,7 +47,10 @@ def _generate(client, **over):
 def test_generation_is_byte_for_byte_sample_py(server, stage_dirs, tmp_path):
     model, client, _ = server
     job, updates = _generate(client)
-    assert len(updates) == 3  # base stage preview, super-resolution preview, final
+    # The predicted image at each of the base's 3 steps (a preview every step below 4
+    # steps), its output, the same for the SR stage's 2 steps, then the final update.
+    sizes = [Image.open(u[0] if isinstance(u[0], str) else u[0]["value"]).size for u in updates]
+    assert sizes == [(8, 8)] * (3 + 1) + [(16, 16)] * (2 + 1) + [(16, 16)]
     preview, gallery, files, info, seed, history = updates[-1]  # (the State is not sent)
     assert seed == 5 and len(files) == 2 and len(history) == 1
     assert "python sample.py" in info and "--seed=5" in info

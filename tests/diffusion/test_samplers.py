@@ -1,5 +1,6 @@
 """Closed-form properties of the samplers, compilation, and bad input."""
 
+import collections
 import functools
 
 import diffusers
@@ -161,6 +162,41 @@ def test_progress_callback_reports_every_step():
     jax.block_until_ready(out)
     jax.effects_barrier()
     assert sorted(seen) == list(range(6))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "heun"])
+def test_preview_sends_each_steps_x0_and_leaves_the_samples(sampler):
+    """Every 2nd step's predicted x0 reaches the host once: the x0 the denoiser gives on the
+    state entering that step (from the trajectory); the samples are those without previews."""
+    make = (
+        time_grids.ddim_grid
+        if sampler == "ddim"
+        else functools.partial(time_grids.sigma_grid, space="vp")
+    )
+    grid = make(SCHED, 6)
+    cond = jnp.ones((2, 3))
+    z = grid.init_sigma * _eps()
+    seen = collections.defaultdict(list)
+    run = functools.partial(samplers.sample, _linear_model, z, grid, sampler=sampler, cond=cond)
+    plain, states = samplers.get_sampler(sampler)(
+        samplers.make_denoiser(_linear_model, cond=cond), z, grid, trajectory=True
+    )
+    out = run(preview=lambda i, x0: seen[int(i)].append(np.asarray(x0)), preview_every=2)
+    jax.effects_barrier()
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
+    assert sorted(seen) == [0, 2, 4]
+    assert all(len(v) == 1 for v in seen.values())  # heun's corrector does not report
+    denoise = samplers.make_denoiser(_linear_model, cond=cond)
+    for i in seen:
+        z_i = z if i == 0 else states[i - 1]
+        t, alpha, sigma = grid.t[i], grid.alpha[i], grid.sigma[i]
+        x0 = denoise(z_i, i, t, alpha, sigma).x0
+        np.testing.assert_allclose(seen[i][0], x0, rtol=1e-5, atol=1e-5)
+
+
+def test_preview_every_must_be_positive():
+    with pytest.raises(ValueError, match="preview_every must be at least 1, got 0"):
+        samplers.with_preview(lambda *a: None, print, time_grids.ddim_grid(SCHED, 2), 0)
 
 
 def test_per_row_keys_make_rows_independent_of_batch():

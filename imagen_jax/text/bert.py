@@ -87,11 +87,23 @@ class BertLayer(nnx.Module):
         self.act = activation(config.hidden_act)
 
     def __call__(self, x, mask):  # x [B, L, D]
+        return self.with_kv(x, mask)[0]
+
+    def with_kv(self, x, mask, past_kv=None):
+        """The layer on x [B, L, D], also returning x's own keys and values [B, L, H, Dh].
+
+        past_kv: keys and values [B, Lp, H, Dh] of earlier tokens (a decoding cache), which
+        x's queries see before x's own keys; the mask then covers Lp + L keys.
+        """
         heads = (*x.shape[:2], self.num_heads, -1)
         q, k, v = (f(x).reshape(heads) for f in (self.query, self.key, self.value))
-        a = attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=mask)  # [B, L, H, Dh]
+        keys, values = k, v
+        if past_kv is not None:
+            keys = jnp.concatenate([past_kv[0], k], axis=1)  # [B, Lp + L, H, Dh]
+            values = jnp.concatenate([past_kv[1], v], axis=1)
+        a = attention(q, keys, values, scale=q.shape[-1] ** -0.5, mask=mask)  # [B, L, H, Dh]
         x = self.attention_norm(x + self.attention_out(a.reshape(x.shape)))
-        return self.output_norm(x + self.output(self.act(self.intermediate(x))))
+        return self.output_norm(x + self.output(self.act(self.intermediate(x)))), (k, v)
 
 
 class BertEncoder(nnx.Module):
@@ -151,22 +163,29 @@ def hf_key_map(config: BertConfig, prefix: str = "") -> dict[tuple, Source]:
         m[("pooler", "kernel")] = Source.of(f"{prefix}pooler.dense.weight", transpose=True)
         m[("pooler", "bias")] = Source.of(f"{prefix}pooler.dense.bias")
     for i in range(config.num_hidden_layers):
-        hf, ours = f"{prefix}encoder.layer.{i}", ("layers", i)
-        linears = {
-            "query": "attention.self.query",
-            "key": "attention.self.key",
-            "value": "attention.self.value",
-            "attention_out": "attention.output.dense",
-            "intermediate": "intermediate.dense",
-            "output": "output.dense",
-        }
-        for n, h in linears.items():
-            m[(*ours, n, "kernel")] = Source.of(f"{hf}.{h}.weight", transpose=True)
-            m[(*ours, n, "bias")] = Source.of(f"{hf}.{h}.bias")
-        for n, h in (
-            ("attention_norm", "attention.output.LayerNorm"),
-            ("output_norm", "output.LayerNorm"),
-        ):
-            m[(*ours, n, "scale")] = Source.of(f"{hf}.{h}.weight")
-            m[(*ours, n, "bias")] = Source.of(f"{hf}.{h}.bias")
+        m.update(layer_key_map(f"{prefix}encoder.layer.{i}", ("layers", i)))
+    return m
+
+
+def layer_key_map(hf: str, ours: tuple) -> dict[tuple, Source]:
+    """One BertLayer's state paths (under `ours`) -> the tensors of transformers' BertLayer
+    named `hf` (GIT's decoder layers have the same names)."""
+    m = {}
+    linears = {
+        "query": "attention.self.query",
+        "key": "attention.self.key",
+        "value": "attention.self.value",
+        "attention_out": "attention.output.dense",
+        "intermediate": "intermediate.dense",
+        "output": "output.dense",
+    }
+    for n, h in linears.items():
+        m[(*ours, n, "kernel")] = Source.of(f"{hf}.{h}.weight", transpose=True)
+        m[(*ours, n, "bias")] = Source.of(f"{hf}.{h}.bias")
+    for n, h in (
+        ("attention_norm", "attention.output.LayerNorm"),
+        ("output_norm", "output.LayerNorm"),
+    ):
+        m[(*ours, n, "scale")] = Source.of(f"{hf}.{h}.weight")
+        m[(*ours, n, "bias")] = Source.of(f"{hf}.{h}.bias")
     return m

@@ -99,6 +99,11 @@ class Tokenizer:
             warn_truncated(prompts, lost, self.max_length)
         return Tokens(ids, mask, lost)
 
+    def decode(self, rows: Sequence[Sequence[int]]) -> list[str]:
+        """Token ids -> text, special tokens skipped (the tokenizer's own decoder, as
+        transformers' fast tokenizers' `batch_decode(ids, skip_special_tokens=True)`)."""
+        return self._full.decode_batch([list(map(int, r)) for r in rows], skip_special_tokens=True)
+
 
 def warn_truncated(prompts: Sequence[str], lost: np.ndarray, max_length: int) -> None:
     """Logs how many prompts lost tokens to truncation to `max_length`, how many tokens in

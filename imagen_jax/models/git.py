@@ -1,0 +1,375 @@
+"""GIT, the Generative Image-to-text Transformer (Wang et al. 2022, "GIT: A Generative
+Image-to-text Transformer for Vision and Language"), as transformers' `GitForCausalLM`.
+
+A CLIP ViT encodes the image; its whole last hidden state after `post_layernorm` (class
+token and patches, [B, N, Dv], N = (image_size / patch_size)^2 + 1) is projected by a
+Linear + LayerNorm (`GitProjection`) to the decoder's width and put before the text
+tokens. The text tokens are BERT's embeddings without token types (word + absolute
+position, LayerNorm); the decoder is BERT's post-norm layers over [image tokens | text
+tokens] with one mask (sec. 2.1 and Fig. 3 of the paper): image tokens attend to each other
+both ways and not to text; a text token attends to every image token and causally to the
+text before it (a padding mask removes padded text keys); the LM head `output` maps every
+position to the vocabulary.
+
+The pieces are the project's: `models.vit.CLIPVisionEncoder` for the image tower and
+`text.bert.BertLayer` for the decoder layers, whose `with_kv` gives the key/value cache of
+`prefill` / `decode_step`. The image tokens' keys and values are computed once per image
+(they never see text) and shared by all beams of that image; text keys and values are
+written into a fixed-size cache one token per step. Generation (greedy, beam search) lives
+in `imagen_jax.pipelines.captioning`.
+
+Not supported (refused when the config asks for them): several frames per sample
+(`num_image_with_embedding`, GIT's video models), tied input/output embeddings, position
+embeddings other than absolute, interpolated image positions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imagen_jax.models.vit import CLIPVisionConfig, CLIPVisionEncoder
+from imagen_jax.models.vit import hf_key_map as vision_key_map
+from imagen_jax.text.bert import BertConfig, BertLayer, layer_key_map
+from imagen_jax.text.layers import activation
+from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
+
+MODEL_TYPE = "git"
+ARCHITECTURES = ("GitForCausalLM",)
+# Buffers that older checkpoints hold.
+UNUSED = (r"git\.embeddings\.position_ids", r"git\.image_encoder\..*\.position_ids")
+_VISION_PREFIX = "git.image_encoder.vision_model."
+
+
+@dataclasses.dataclass(frozen=True)
+class GitConfig:
+    # Defaults: transformers' GitConfig (microsoft/git-base); vision: its GitVisionConfig.
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 1024
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 101  # [CLS]: generation starts from it
+    eos_token_id: tuple[int, ...] = (102,)  # [SEP]
+    vision: CLIPVisionConfig = CLIPVisionConfig(patch_size=16)
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> GitConfig:
+        """From a GitForCausalLM config.json; ValueError names a setting this code lacks."""
+        refused = {
+            "num_image_with_embedding": (None,),  # video: several frames per sample
+            "tie_word_embeddings": (False, None),
+            "position_embedding_type": ("absolute", None),
+        }
+        for key, allowed in refused.items():
+            if hf.get(key) not in allowed:
+                raise ValueError(f"{key}={hf[key]!r} is not supported (supported: {allowed[0]!r})")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"vision", "eos_token_id"}
+        values = {k: v for k, v in hf.items() if k in fields}
+        eos = hf.get("eos_token_id", 102)
+        values["eos_token_id"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+        if None in values["eos_token_id"]:
+            values["eos_token_id"] = ()
+        config = cls(**values, vision=_vision_config(hf.get("vision_config") or {}))
+        _check_activation("hidden_act", config.hidden_act)
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={config.hidden_size} is not a multiple of "
+                f"num_attention_heads={config.num_attention_heads}"
+            )
+        return config
+
+    @property
+    def decoder(self) -> BertConfig:
+        """The decoder layers' settings, in the BERT layer's terms."""
+        return BertConfig(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            intermediate_size=self.intermediate_size,
+            hidden_act=self.hidden_act,
+            max_position_embeddings=self.max_position_embeddings,
+            layer_norm_eps=self.layer_norm_eps,
+            add_pooling_layer=False,
+        )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches + 1
+
+
+def _check_activation(key: str, name: str) -> None:
+    try:
+        activation(name)
+    except ValueError as e:
+        raise ValueError(f"{key}={name!r}: {e}") from None
+
+
+def _vision_config(hf: dict) -> CLIPVisionConfig:
+    fields = {f.name for f in dataclasses.fields(CLIPVisionConfig)} - {"projection_dim"}
+    values = {k: v for k, v in hf.items() if k in fields}
+    values.setdefault("patch_size", 16)  # GitVisionConfig's default (CLIP's is 32)
+    for key in ("image_size", "patch_size"):
+        if not isinstance(values.get(key, 0), int):
+            raise ValueError(f"vision_config.{key}={values[key]!r}: only square sizes (an int)")
+    config = CLIPVisionConfig(**values, projection_dim=None)
+    _check_activation("vision_config.hidden_act", config.hidden_act)
+    if config.image_size % config.patch_size:
+        raise ValueError(
+            f"vision_config.image_size={config.image_size} is not a multiple of "
+            f"vision_config.patch_size={config.patch_size}"
+        )
+    return config
+
+
+class KVCache(NamedTuple):
+    """Keys and values of the decoder layers, stacked over layers.
+
+    image_k, image_v: [layers, B, N, H, Dh], once per image (shared by its beams);
+    text_k, text_v: [layers, B * beams, T, H, Dh], text slot s holding the s-th text token
+      (prompt tokens first) once it has been through the decoder;
+    text_valid: bool [B * beams, T], False for padded prompt slots.
+    """
+
+    image_k: jax.Array
+    image_v: jax.Array
+    text_k: jax.Array
+    text_v: jax.Array
+    text_valid: jax.Array
+
+    @property
+    def beams(self) -> int:
+        return self.text_k.shape[1] // self.image_k.shape[1]
+
+    def reorder(self, rows: jax.Array) -> KVCache:
+        """The text rows `rows` [B * beams] (beam search keeps the continued beams)."""
+        return self._replace(
+            text_k=self.text_k[:, rows],
+            text_v=self.text_v[:, rows],
+            text_valid=self.text_valid[rows],
+        )
+
+
+class GitForCausalLM(nnx.Module):
+    """transformers' GitForCausalLM (inference: no dropout)."""
+
+    def __init__(
+        self, config: GitConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
+        self.config = config
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        d = config.hidden_size
+        self.image_encoder = CLIPVisionEncoder(config.vision, **kw)
+        self.visual_projection = nnx.Linear(config.vision.hidden_size, d, **kw)
+        self.visual_projection_norm = nnx.LayerNorm(
+            d, epsilon=config.vision.layer_norm_eps, use_fast_variance=False, **kw
+        )
+        self.word_embeddings = nnx.Embed(config.vocab_size, d, **kw)
+        self.position_embeddings = nnx.Embed(config.max_position_embeddings, d, **kw)
+        self.embeddings_norm = nnx.LayerNorm(
+            d, epsilon=config.layer_norm_eps, use_fast_variance=False, **kw
+        )
+        decoder = config.decoder
+        self.layers = nnx.List([BertLayer(decoder, **kw) for _ in range(config.num_hidden_layers)])
+        self.output = nnx.Linear(d, config.vocab_size, **kw)
+
+    def encode_image(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values [B, S, S, 3] (preprocessed, NHWC) -> image tokens [B, N, D]."""
+        x = self.image_encoder(pixel_values).last_hidden_state  # [B, N, Dv]
+        x = self.image_encoder.post_layernorm(x)  # GIT norms every token, not only the class
+        return self.visual_projection_norm(self.visual_projection(x))
+
+    def embed_text(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
+        """input_ids, position_ids [B, L] -> [B, L, D]."""
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        return self.embeddings_norm(x)
+
+    def __call__(
+        self,
+        pixel_values: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [B, N + L, V] over [image tokens | text tokens], as transformers' forward.
+
+        input_ids [B, L]; attention_mask [B, L] (1 = token, 0 = padding) or None;
+        position_ids [B, L] or None (0..L-1).
+        """
+        return self.output(self._decoder(pixel_values, input_ids, attention_mask, position_ids)[0])
+
+    def _decoder(self, pixel_values, input_ids, attention_mask, position_ids):
+        b, length = input_ids.shape
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(length), (b, length))
+        image = self.encode_image(pixel_values)  # [B, N, D]
+        x = jnp.concatenate([image, self.embed_text(input_ids, position_ids)], axis=1)
+        mask = git_mask(image.shape[1], length, attention_mask)  # [B|1, 1, N + L, N + L]
+        kv = []
+        for layer in self.layers:
+            x, (k, v) = layer.with_kv(x, mask)
+            kv.append((k, v))
+        return x, kv  # [B, N + L, D]; per layer ([B, N + L, H, Dh],) * 2
+
+    # ------------------------------------------------------------------------------------------
+    # Decoding with a key/value cache
+    # ------------------------------------------------------------------------------------------
+
+    def prefill(
+        self,
+        pixel_values: jax.Array,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        *,
+        max_length: int,
+        beams: int = 1,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs the images and the prompts (input_ids [B, P], left-padded as transformers'
+        `generate` takes them, attention_mask [B, P]) through the decoder.
+
+        Returns the logits at the last prompt position [B * beams, V] and the cache, with
+        text slots for max_length tokens, each image's rows repeated for its beams.
+        """
+        b, p = input_ids.shape
+        if max_length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"max_length {max_length} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        position_ids = prompt_positions(attention_mask)
+        x, kv = self._decoder(pixel_values, input_ids, attention_mask, position_ids)
+        n = self.config.num_image_tokens
+        k, v = (jnp.stack([layer_kv[i] for layer_kv in kv]) for i in (0, 1))  # [layers, B, ...]
+        pad = ((0, 0), (0, 0), (0, max_length - p), (0, 0), (0, 0))
+        text_k, text_v = (jnp.repeat(jnp.pad(t[:, :, n:], pad), beams, axis=1) for t in (k, v))
+        valid = jnp.pad(
+            attention_mask.astype(bool), ((0, 0), (0, max_length - p)), constant_values=True
+        )
+        cache = KVCache(k[:, :, :n], v[:, :, :n], text_k, text_v, jnp.repeat(valid, beams, 0))
+        logits = self.output(x[:, -1])  # [B, V]
+        return jnp.repeat(logits, beams, axis=0), cache
+
+    def decode_step(
+        self, token: jax.Array, position: jax.Array, slot: jax.Array, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
+        """One text token per row: token, position [R] (R = B * beams) at text slot `slot`
+        (a scalar, the same for every row) -> logits [R, V] and the cache holding it."""
+        x = self.embed_text(token[:, None], position[:, None])  # [R, 1, D]
+        t = cache.text_k.shape[2]
+        earlier = (jnp.arange(t) < slot)[None] & cache.text_valid  # [R, T]
+        r, n = x.shape[0], cache.image_k.shape[2]
+        keys = jnp.concatenate(
+            [jnp.ones((r, n), bool), earlier, jnp.ones((r, 1), bool)], axis=1
+        )  # [R, N + T + 1]: image, earlier text, this token
+        mask = keys[:, None, None, :]
+        text_k, text_v = cache.text_k, cache.text_v
+        for i, layer in enumerate(self.layers):
+            past = tuple(
+                jnp.concatenate([jnp.repeat(image[i], cache.beams, 0), text[i]], axis=1)
+                for image, text in ((cache.image_k, text_k), (cache.image_v, text_v))
+            )  # [R, N + T, H, Dh] each
+            x, (k, v) = layer.with_kv(x, mask, past)
+            text_k = text_k.at[i].set(jax.lax.dynamic_update_slice_in_dim(text_k[i], k, slot, 1))
+            text_v = text_v.at[i].set(jax.lax.dynamic_update_slice_in_dim(text_v[i], v, slot, 1))
+        return self.output(x[:, 0]), cache._replace(text_k=text_k, text_v=text_v)
+
+
+def git_mask(num_image: int, num_text: int, attention_mask: jax.Array | None) -> jax.Array:
+    """bool [B|1, 1, N + L, N + L] for `attention`: image tokens see image tokens; a text
+    token sees every image token and the unpadded text up to itself."""
+    total = num_image + num_text
+    q = jnp.arange(total)[:, None]
+    k = jnp.arange(total)[None, :]
+    mask = (k <= q) | ((q < num_image) & (k < num_image))  # causal, images both ways
+    mask = mask[None, None]
+    if attention_mask is not None:
+        keys = jnp.concatenate(
+            [jnp.ones((attention_mask.shape[0], num_image), bool), attention_mask.astype(bool)],
+            axis=1,
+        )
+        mask = mask & keys[:, None, None, :]
+    return mask
+
+
+def prompt_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position ids of (left-)padded prompts [B, P], as transformers' `generate` makes them:
+    the count of tokens so far minus one, 0 on padding."""
+    m = attention_mask.astype(jnp.int32)
+    return jnp.where(m == 0, 0, jnp.cumsum(m, axis=-1) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+# ----------------------------------------------------------------------------------------------
+
+
+def hf_key_map(config: GitConfig) -> dict[tuple, Source]:
+    """Our state paths -> transformers' GitForCausalLM tensor names."""
+    m = {("image_encoder", *k): s for k, s in vision_key_map(config.vision, _VISION_PREFIX).items()}
+    e = "git.embeddings"
+    p = "git.visual_projection.visual_projection"  # an nn.Sequential(Linear, LayerNorm)
+    m.update(
+        {
+            ("word_embeddings", "embedding"): Source.of(f"{e}.word_embeddings.weight"),
+            ("position_embeddings", "embedding"): Source.of(f"{e}.position_embeddings.weight"),
+            ("embeddings_norm", "scale"): Source.of(f"{e}.LayerNorm.weight"),
+            ("embeddings_norm", "bias"): Source.of(f"{e}.LayerNorm.bias"),
+            ("visual_projection", "kernel"): Source.of(f"{p}.0.weight", transpose=True),
+            ("visual_projection", "bias"): Source.of(f"{p}.0.bias"),
+            ("visual_projection_norm", "scale"): Source.of(f"{p}.1.weight"),
+            ("visual_projection_norm", "bias"): Source.of(f"{p}.1.bias"),
+            ("output", "kernel"): Source.of("output.weight", transpose=True),
+            ("output", "bias"): Source.of("output.bias"),
+        }
+    )
+    for i in range(config.num_hidden_layers):
+        m.update(layer_key_map(f"git.encoder.layer.{i}", ("layers", i)))
+    return m
+
+
+def read_git_config(path: str | os.PathLike) -> GitConfig:
+    """The GitConfig of a model directory; CheckpointError if its config.json is not a
+    GitForCausalLM's or asks for something this code does not support."""
+    path = os.fspath(path)
+    hf = read_config(path)
+    architectures = list(hf.get("architectures") or [])
+    if hf.get("model_type") != MODEL_TYPE or (
+        architectures and not any(a in ARCHITECTURES for a in architectures)
+    ):
+        raise CheckpointError(
+            f"{os.path.join(path, 'config.json')} is model_type {hf.get('model_type')!r}, "
+            f"architectures {architectures}: not a GIT captioning model "
+            f"(model_type {MODEL_TYPE!r}, {', '.join(ARCHITECTURES)})"
+        )
+    try:
+        return GitConfig.from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{os.path.join(path, 'config.json')}: {e}") from None
+
+
+def load_git(path: str | os.PathLike, *, dtype=jnp.float32) -> GitForCausalLM:
+    """A GitForCausalLM from a Hugging Face-layout directory (config.json and
+    model.safetensors, or its sharded index), loaded strictly (`weights.load_into`): the
+    config and every tensor name and shape are checked before anything is computed."""
+    config = read_git_config(path)
+    checkpoint = Checkpoint(path)
+    build = functools.partial(GitForCausalLM, config, dtype=dtype, param_dtype=dtype)
+    return load_into(
+        nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))),
+        hf_key_map(config),
+        checkpoint,
+        dtype=dtype,
+        unused=UNUSED,
+        what="GitForCausalLM",
+    )

@@ -149,7 +149,7 @@ def _beam_search(
     n_eos = len(d.eos_token_id)
     keep = max(2, 1 + n_eos) * k  # beams_to_keep
     eos = jnp.asarray(d.eos_token_id or (-1,), jnp.int32)
-    fill = d.pad_token_id or (d.eos_token_id[0] if d.eos_token_id else -1)
+    fill = (d.pad_token_id or d.eos_token_id[0]) if d.eos_token_id else -1  # as transformers
     # Python's n ** length_penalty in float64 for every length, then float32, as transformers
     # divides a float32 tensor by that Python float.
     penalty = jnp.asarray([float(max(n, 1)) ** d.length_penalty for n in range(t + 1)], jnp.float32)

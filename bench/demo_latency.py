@@ -25,7 +25,7 @@ import time
 from gradio_client import Client
 
 from imagen_jax.demo import app as demo_app
-from imagen_jax.demo import models as demo_models
+from imagen_jax.demo import loading as demo_loading
 
 NAME = "shipped (shapes cascade)"
 
@@ -70,7 +70,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     t0 = time.perf_counter()
-    models = demo_models.load_models([])
+    models = demo_loading.load_models([])
     loaded = time.perf_counter() - t0
     workdir = tempfile.mkdtemp(prefix="demo_latency_")
     compiled = demo_app.warm_up(models, workdir)

@@ -11,7 +11,7 @@ from absl import app, flags
 
 from imagen_jax import logs
 from imagen_jax.demo import app as demo_app
-from imagen_jax.demo import models as demo_models
+from imagen_jax.demo import loading as demo_loading
 
 flags.DEFINE_string("out", "docs/demo.png", "Where the screenshot goes.")
 flags.DEFINE_string("prompt", "a red circle above a blue square", "The prompt typed.")
@@ -30,7 +30,7 @@ def main(argv):
     from selenium.webdriver.support.ui import WebDriverWait
 
     f = flags.FLAGS
-    models = demo_models.load_models([])
+    models = demo_loading.load_models([])
     server = demo_app.launch(models, port=f.port, warm=False, block=False)
     options = webdriver.ChromeOptions()
     options.binary_location = f.chromium

@@ -1,6 +1,7 @@
 """What the demo serves: models loaded once, generating through `sample.py`'s own job.
 
-A `DemoModel` is a cascade of stage directories (the shipped model, an exported one). A
+A `DemoModel` is a cascade: of stage directories (the shipped model, an exported one), or
+DeepFloyd IF's stages I and II in diffusers layout (as `sample.py --pipeline` loads them). A
 request names its sample settings as `sample.py`'s `--set=STAGE.KEY=VALUE` strings, so the
 page, the command line and the metadata speak one language; each request runs
 `jobs.run_job` into a folder of its own, so its PNGs (pixels and text-chunk metadata) are
@@ -15,19 +16,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from imagen_jax import stages as stages_lib
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion.samplers import SAMPLERS
 from imagen_jax.images import to_uint8
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import jobs, sampling
+from imagen_jax.pipelines import deepfloyd, jobs, sampling
 
 MAX_IMAGES = 8  # per request
 MAX_PROMPT_CHARS = 1000
@@ -59,8 +58,7 @@ class Request:
 
     def command(self, model: DemoModel) -> str:
         """The `sample.py` command line that writes the same PNGs."""
-        parts = ["python sample.py"]
-        parts += [f"--stage={d}" for d in model.stage_dirs if not model.shipped]
+        parts = ["python sample.py", *model.command_args()]
         parts.append(f"--prompt={_quote(self.prompt)}")
         if self.negative_prompt:
             parts.append(f"--negative_prompt={_quote(self.negative_prompt)}")
@@ -105,6 +103,21 @@ class _Job:
         return [to_uint8(x) for x in self.cascade.sample(items, seed, on_stage=on_stage)]
 
 
+def check_request_text(request: Request) -> None:
+    """The checks every model makes: a prompt of 1 to MAX_PROMPT_CHARS characters, 1 to
+    MAX_IMAGES images, a seed in [0, 2**31)."""
+    if not request.prompt.strip():
+        raise RequestError("enter a prompt")
+    if len(request.prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(
+            f"the prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}"
+        )
+    if not 1 <= request.num_images <= MAX_IMAGES:
+        raise RequestError(f"images: {request.num_images}, expected 1 to {MAX_IMAGES}")
+    if not 0 <= request.seed < 2**31:
+        raise RequestError(f"seed: {request.seed}, expected 0 to {2**31 - 1}")
+
+
 def sampler_choices(stage) -> list[str]:
     """The samplers a stage's schedule can run."""
     out = []
@@ -128,14 +141,20 @@ class DemoModel:
         *,
         batch_size: int = 4,
         shipped: bool = False,
+        deepfloyd_if: bool = False,
         lock: threading.Lock | None = None,
         cache_size: int = 8,
     ):
         self.name, self.stage_dirs, self.shipped = name, list(stage_dirs), shipped
         self.batch_size = batch_size
         # As sample.py loads them (the stages, their text encoder, the chain checked).
-        cascade, self.loaded = sampling.load_cascade(self.stage_dirs)
-        self.encoder = cascade.encoder
+        self.deepfloyd_if = deepfloyd_if
+        if deepfloyd_if:  # stage I (and II), as sample.py --pipeline [--pipeline_sr] loads it
+            self.loaded = deepfloyd.load_if_stages(*self.stage_dirs)
+            self.encoder, self.conditioning = self.loaded[0].encoder, deepfloyd.if_conditioning
+        else:
+            cascade, self.loaded = sampling.load_cascade(self.stage_dirs)
+            self.encoder, self.conditioning = cascade.encoder, None
         self.lock = lock or threading.Lock()
         self._cascades: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size
@@ -149,10 +168,35 @@ class DemoModel:
     def num_stages(self) -> int:
         return len(self.loaded)
 
+    @property
+    def resolution(self) -> int:
+        """The last stage's trained resolution."""
+        return self.loaded[-1].resolution
+
+    @property
+    def has_aug_level(self) -> bool:
+        """Whether super-resolution stages take an augmentation level (IF's stage II has
+        its noise level, sample.py's default here)."""
+        return not self.deepfloyd_if
+
+    def stage_names(self) -> list[str]:
+        if self.deepfloyd_if:
+            return ["Stage I", "Stage II"][: self.num_stages]
+        return ["Base stage"] + [f"Super-resolution stage {k}" for k in range(1, self.num_stages)]
+
+    def command_args(self) -> list[str]:
+        """`sample.py`'s flags that name this model (none for the shipped one)."""
+        if self.deepfloyd_if:
+            flags = ("--pipeline", "--pipeline_sr")
+            return [f"{flag}={d}" for flag, d in zip(flags, self.stage_dirs, strict=False)]
+        return [] if self.shipped else [f"--stage={d}" for d in self.stage_dirs]
+
     def defaults(self) -> list[dict]:
         """Each stage's stored sample settings (and augmentation level)."""
         return [
-            dict(s.sample.to_dict(), aug_level=s.aug_level, resolution=s.resolution)
+            dict(
+                s.sample.to_dict(), aug_level=getattr(s, "aug_level", 0.0), resolution=s.resolution
+            )
             for s in self.loaded
         ]
 
@@ -178,16 +222,7 @@ class DemoModel:
     def check(self, request: Request) -> None:
         """Raises RequestError naming what is wrong with a request, before it queues for the
         device."""
-        if not request.prompt.strip():
-            raise RequestError("enter a prompt")
-        if len(request.prompt) > MAX_PROMPT_CHARS:
-            raise RequestError(
-                f"the prompt is {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}"
-            )
-        if not 1 <= request.num_images <= MAX_IMAGES:
-            raise RequestError(f"images: {request.num_images}, expected 1 to {MAX_IMAGES}")
-        if not 0 <= request.seed < 2**31:
-            raise RequestError(f"seed: {request.seed}, expected 0 to {2**31 - 1}")
+        check_request_text(request)
         try:
             variants = self._variants(request.overrides)
             cascade_lib.stage_sizes(variants, request.height, request.width)
@@ -207,6 +242,9 @@ class DemoModel:
                 raise RequestError(f"stage {k}: {e}") from None
 
     def _variants(self, overrides: Sequence[str]) -> list:
+        if self.deepfloyd_if:  # (its noise level is sample.py's default)
+            per_stage = jobs.parse_overrides(overrides, self.num_stages)
+            return [s.with_settings(o) for s, o in zip(self.loaded, per_stage, strict=True)]
         per_stage = jobs.parse_overrides(overrides, self.num_stages, sampling.STAGE_KEYS)
         return [
             s.with_settings(o, o.pop("aug_level", None))
@@ -225,6 +263,7 @@ class DemoModel:
         cascade = cascade_lib.Cascade(
             variants,
             self.encoder,
+            conditioning=self.conditioning,
             mesh=jobs.local_mesh(self.batch_size),
             size=sizes[-1],
             on_step=self._on_step,
@@ -232,10 +271,11 @@ class DemoModel:
             preview_every=[max(1, s.sample.steps // PREVIEWS) for s in variants],
         )
         self.compilations += 1
-        self._cascades[key] = (cascade, variants)
+        # What the images' metadata records (read once: it hashes the weights).
+        self._cascades[key] = (cascade, variants, jobs.stage_settings(variants, cascade))
         if len(self._cascades) > self._cache_size:
             self._cascades.popitem(last=False)
-        return cascade, variants
+        return self._cascades[key]
 
     def _on_step(self, stage: int, step) -> None:
         steps = self._steps[stage] if stage < len(self._steps) else 0
@@ -254,7 +294,7 @@ class DemoModel:
         device lock; returns the job's summary with the PNG paths ("files") in order."""
         self.check(request)
         with self.lock:
-            cascade, variants = self._cascade(request)
+            cascade, variants, settings = self._cascade(request)
             self._progress = progress or Progress()
             self._steps = [s.sampling.grid.num_steps for s in cascade.stages]
             try:
@@ -266,59 +306,10 @@ class DemoModel:
                     images_per_prompt=request.num_images,
                     seed=request.seed,
                     batch_size=self.batch_size,
-                    settings=jobs.stage_settings(variants, cascade),
+                    settings=settings,
                     progress=False,
                 )
             finally:
                 self._progress = Progress()
         items = jobs.plan(entries, request.num_images)
         return dict(summary, files=[os.path.join(outdir, it.file) for it in items])
-
-
-def find_stage_dirs(path: str) -> list[str]:
-    """The stage directories of `path`: a comma-separated list of stage directories (base
-    first), one stage directory, or a folder of stage directories (ordered by resolution)."""
-    if "," in path:
-        return [p.strip() for p in path.split(",") if p.strip()]
-    if os.path.isfile(os.path.join(path, "stage.json")):
-        return [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path} is not a directory")
-    found = sorted(
-        os.path.join(path, n)
-        for n in os.listdir(path)
-        if os.path.isfile(os.path.join(path, n, "stage.json"))
-    )
-    if not found:
-        raise FileNotFoundError(
-            f"{path} holds no stage directory (a folder with stage.json); public diffusers "
-            "pipelines are not served by the demo yet"
-        )
-    return sorted(found, key=lambda d: stages_lib.read_stage_resolution(d))
-
-
-def load_models(paths: Sequence[str], *, batch_size: int = 4, shipped: bool = True) -> dict:
-    """{name: DemoModel}: the shipped model (if `shipped`) and one per path. A path that
-    fails to load is logged with its error and left out; the others are served."""
-    lock = threading.Lock()  # one device: one program at a time, across models
-    models: dict = {}
-    wanted = [("shipped (shapes cascade)", sampling.shipped_stages(), True)] if shipped else []
-    for path in paths:
-        try:
-            dirs = find_stage_dirs(path)
-            name = "+".join(os.path.basename(os.path.normpath(d)) for d in dirs)
-            if os.path.isdir(path) and "," not in path and len(dirs) > 1:
-                name = os.path.basename(os.path.normpath(path))
-            wanted.append((name, dirs, False))
-        except (OSError, ValueError) as e:
-            logging.error("demo: %s is left out: %s", path, e)
-    for name, dirs, is_shipped in wanted:
-        try:
-            model = DemoModel(name, dirs, batch_size=batch_size, shipped=is_shipped, lock=lock)
-        except Exception as e:  # noqa: BLE001 - any load failure: named, the rest served
-            logging.error("demo: %s is left out: %s: %s", name, type(e).__name__, e)
-            continue
-        while name in models:
-            name += "'"
-        models[name] = model
-    return models

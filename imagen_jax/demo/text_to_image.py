@@ -114,7 +114,7 @@ def build(models: dict, workdir: str):
     names = list(models)
     first = models[names[0]]
     d0 = first.defaults()
-    trained = first.loaded[-1].resolution
+    trained = first.resolution
 
     with gr.Row():
         with gr.Column(scale=2):
@@ -145,8 +145,11 @@ def build(models: dict, workdir: str):
             sr_boxes, sr_controls = [], []
             for k in range(1, MAX_SR_STAGES + 1):
                 d = d0[k] if k < len(d0) else d0[0]
+                names0 = first.stage_names()
                 with gr.Accordion(
-                    f"Super-resolution stage {k}", open=False, visible=k < len(d0)
+                    names0[k] if k < len(d0) else f"Stage {k + 1}",
+                    open=False,
+                    visible=k < len(d0),
                 ) as box:
                     controls = (
                         gr.Slider(1, MAX_STEPS, value=d["steps"], step=1, label="Steps"),
@@ -159,6 +162,7 @@ def build(models: dict, workdir: str):
                             value=d.get("aug_level", 0.0),
                             step=0.05,
                             label="Augmentation level",
+                            visible=first.has_aug_level,
                         ),
                     )
                 sr_boxes.append(box)
@@ -189,7 +193,7 @@ def build(models: dict, workdir: str):
     def on_model(name):
         model = models[name]
         d = model.defaults()
-        r = model.loaded[-1].resolution
+        r = model.resolution
         updates = [
             gr.update(
                 choices=[size_label(h, w, r) for h, w in model.sizes()],
@@ -204,9 +208,13 @@ def build(models: dict, workdir: str):
             updates += [
                 gr.update(value=dk["steps"]),
                 gr.update(value=dk["guidance_scale"]),
-                gr.update(value=dk.get("aug_level", 0.0)),
+                gr.update(value=dk.get("aug_level", 0.0), visible=model.has_aug_level),
             ]
-        updates += [gr.update(visible=k < len(d)) for k in range(1, MAX_SR_STAGES + 1)]
+        names = model.stage_names()
+        updates += [
+            gr.update(visible=k < len(d), label=names[k] if k < len(d) else f"Stage {k + 1}")
+            for k in range(1, MAX_SR_STAGES + 1)
+        ]
         return updates
 
     model_box.change(

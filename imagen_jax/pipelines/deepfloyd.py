@@ -173,6 +173,14 @@ class IFStage:
         noised = losses.add_noise(x0=upscaled, eps=eps, alpha_t=alpha, sigma_t=sigma)
         return {"low_res": noised, "noise_level": level.astype(jnp.float32)}
 
+    def with_settings(self, sample_overrides: dict | None = None) -> IFStage:
+        """This stage with keys of its sample group replaced, as `load_if_stage` would read
+        it with those overrides; the network is shared, not copied."""
+        if not sample_overrides:
+            return self
+        sample = diffusion_config.sample_config(**{**self.sample.to_dict(), **sample_overrides})
+        return dataclasses.replace(self, sample=sample)
+
     def settings(self) -> dict:
         """What the metadata of an image records about this stage."""
         out = dict(
@@ -387,6 +395,30 @@ def check_stage_pair(base: IFDirectory, sr: IFDirectory) -> None:
         )
 
 
+def load_if_stages(
+    stage_1: str | os.PathLike,
+    stage_2: str | os.PathLike | None = None,
+    *,
+    dtype=jnp.float32,
+    overrides: Sequence[dict] = ({}, {}),
+    noise_level: int = DEFAULT_NOISE_LEVEL,
+) -> list[IFStage]:
+    """IF stage I and optionally stage II, both directories checked, alone and together,
+    before any weights are read (the stages of `load_if_cascade`)."""
+    directories = [inspect_if_pipeline(stage_1, "I")]
+    if stage_2 is not None:
+        directories.append(inspect_if_pipeline(stage_2, "II"))
+        check_stage_pair(*directories)
+    overrides = list(overrides) + [{}] * (len(directories) - len(overrides))
+    stages = [
+        load_if_stage(d, dtype=dtype, sample_overrides=o, noise_level=noise_level)
+        for d, o in zip(directories, overrides, strict=False)
+    ]
+    for prev, nxt in zip(stages, stages[1:], strict=False):
+        nxt.low_resolution = prev.resolution
+    return stages
+
+
 def load_if_cascade(
     stage_1: str | os.PathLike,
     stage_2: str | os.PathLike | None = None,
@@ -401,17 +433,9 @@ def load_if_cascade(
     checked, alone and together, before any weights are read. overrides: per stage, `sample`
     group keys (steps, guidance_scale, sampler, ...); noise_level: stage II's; mesh and size:
     as `Cascade`'s."""
-    directories = [inspect_if_pipeline(stage_1, "I")]
-    if stage_2 is not None:
-        directories.append(inspect_if_pipeline(stage_2, "II"))
-        check_stage_pair(*directories)
-    overrides = list(overrides) + [{}] * (len(directories) - len(overrides))
-    stages = [
-        load_if_stage(d, dtype=dtype, sample_overrides=o, noise_level=noise_level)
-        for d, o in zip(directories, overrides, strict=False)
-    ]
-    for prev, nxt in zip(stages, stages[1:], strict=False):
-        nxt.low_resolution = prev.resolution
+    stages = load_if_stages(
+        stage_1, stage_2, dtype=dtype, overrides=overrides, noise_level=noise_level
+    )
     cascade = cascade_lib.Cascade(
         stages, stages[0].encoder, mesh=mesh, size=size, conditioning=if_conditioning
     )

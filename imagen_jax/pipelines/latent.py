@@ -70,6 +70,9 @@ class LatentPipeline:
         self._unet_graph, self._unet_state = nnx.split(self.unet)
         self._vae_graph, self._vae_state = nnx.split(self.vae)
         self._samplers: dict = {}
+        # on_step(step_index): progress from inside the compiled loop, for samplers
+        # compiled while it is set (None: none compiled in).
+        self.on_step = None
 
     @property
     def xl(self) -> bool:
@@ -133,6 +136,7 @@ class LatentPipeline:
 
     def _sampler(self, sampling: diffusion_config.Sampling):
         key = (
+            self.on_step is not None,
             sampling.sampler,
             tuple(sorted(sampling.sampler_options.items())),
             tuple(sorted((k, str(v)) for k, v in sampling.denoiser_options.items())),
@@ -141,10 +145,15 @@ class LatentPipeline:
             self._samplers[key] = samplers.compile_sampler(
                 self._network(),
                 sampler=sampling.sampler,
+                callback=None if self.on_step is None else self._report_step,
                 sampler_options=sampling.sampler_options,
                 **sampling.denoiser_options,
             )
         return self._samplers[key]
+
+    def _report_step(self, step) -> None:
+        if self.on_step is not None:
+            self.on_step(int(step))
 
     def _network(self):
         """apply_fn(state, z, t, cond) of the denoising network, as the samplers call it."""
@@ -266,8 +275,13 @@ class LatentPipeline:
             family=self.family,
             diffusion=self.diffusion.to_dict(),
             sample=self.sample.to_dict(),
-            weights_sha256=files.folder_sha256(self.path),
+            weights_sha256=self.weights_sha256,
         )
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """The directory's SHA-256 (read once: the weights do not change while loaded)."""
+        return files.folder_sha256(self.path)
 
     def _init_latents(self, image, image_latents, seed):
         if image_latents is not None:

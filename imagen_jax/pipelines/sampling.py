@@ -39,7 +39,7 @@ STAGE_KEYS = {"aug_level": 0.0}  # what --set may change of a stage beyond its s
 def domain_note(loaded, prompts) -> str | None:
     """What a stage's training domain says about prompts it cannot read (a stage directory's
     "domain"; only "shapes" has a reader, `shapes.grammar.out_of_domain_note`)."""
-    if any(stage.domain == "shapes" for stage in loaded):
+    if any(getattr(stage, "domain", None) == "shapes" for stage in loaded):
         return out_of_domain_note(prompts)
     return None
 

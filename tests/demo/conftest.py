@@ -8,7 +8,7 @@ from gradio_client import Client
 from tiny_stages import save_tiny_stage
 
 from imagen_jax.demo import app as demo_app
-from imagen_jax.demo import models as demo_models
+from imagen_jax.demo import loading as demo_loading
 
 
 def _free_port() -> int:
@@ -30,7 +30,7 @@ def stage_dirs(tmp_path_factory):
 def server(stage_dirs, tmp_path_factory):
     """(the served DemoModel "base+sr", a gradio_client Client, the port)."""
     paths = [",".join(stage_dirs), str(tmp_path_factory.mktemp("empty"))]
-    models = demo_models.load_models(paths, batch_size=2, shipped=False)
+    models = demo_loading.load_models(paths, batch_size=2, shipped=False)
     assert list(models) == ["base+sr"]  # the folder without stages is logged and left out
     port = _free_port()
     workdir = str(tmp_path_factory.mktemp("demo"))

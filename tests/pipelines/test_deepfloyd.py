@@ -11,14 +11,16 @@ must agree within 1e-3 (float32, values in [0, 1]), and are checked to vary.
 
 import json
 import shutil
-import string
 
-import diffusers
 import jax
 import numpy as np
 import pytest
 import torch
-import transformers
+from tiny_diffusers import (
+    stage_1_pipeline,
+    stage_2_pipeline,
+    tiny_t5,
+)
 
 from imagen_jax.diffusion import samplers
 from imagen_jax.pipelines import cascade as cascade_lib
@@ -37,123 +39,11 @@ ITEMS = [
 ]
 
 
-def t5_tokenizer():
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    pieces += [(w, -3.0) for w in ["▁a", "▁red", "▁circle", "▁blue", "▁square", "▁two"]]
-    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(2, -1, -1)]
-    return transformers.T5Tokenizer(vocab=pieces, extra_ids=3)
-
-
-def tiny_t5(seed, vocab_size, width=32):
-    config = transformers.T5Config(
-        vocab_size=vocab_size,
-        d_model=width,
-        d_kv=8,
-        d_ff=48,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=12,
-        dropout_rate=0.0,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as IF's T5-XXL
-    )
-    torch.manual_seed(seed)
-    return transformers.T5EncoderModel(config).eval()
-
-
-def if_unet(seed, stage, text_width=32):
-    """A tiny UNet with the block types and switches of IF-I-XL's (stage "I") or IF-II-L's
-    (stage "II") config.json (as tests/models/test_sd_unet.py), every parameter perturbed."""
-    common = dict(
-        norm_num_groups=8,
-        block_out_channels=(32, 64),
-        act_fn="gelu",
-        addition_embed_type="text",
-        addition_embed_type_num_heads=2,
-        attention_head_dim=8,
-        cross_attention_dim=32,
-        cross_attention_norm="group_norm",
-        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
-        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        encoder_hid_dim=text_width,
-        encoder_hid_dim_type="text_proj",
-        out_channels=6,
-        resnet_time_scale_shift="scale_shift",
-    )
-    if stage == "I":
-        config = dict(common, in_channels=3, layers_per_block=1, sample_size=8)
-    else:
-        config = dict(
-            common,
-            in_channels=6,
-            sample_size=16,
-            class_embed_type="timestep",
-            layers_per_block=(1, 2),
-            mid_block_scale_factor=1 / 0.7071,
-            only_cross_attention=True,
-            resnet_out_scale_factor=1 / 0.7071,
-            resnet_skip_time_act=True,
-            time_embedding_act_fn="gelu",
-            time_embedding_dim=48,
-        )
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(**config).eval()
-    with torch.no_grad():
-        for p in unet.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        # The variance outputs mostly in [-1, 1] (the learned range), as IF's are.
-        unet.conv_out.weight[3:].mul_(0.25)
-        unet.conv_out.bias[3:].mul_(0.25)
-    return unet
-
-
-def if_scheduler(sample_max_value):
-    """IF's sampling scheduler: DDPM, squaredcos_cap_v2, learned-range variance, dynamic
-    thresholding at the 95th percentile."""
-    return diffusers.DDPMScheduler(
-        beta_schedule="squaredcos_cap_v2",
-        variance_type="learned_range",
-        thresholding=True,
-        dynamic_thresholding_ratio=0.95,
-        sample_max_value=sample_max_value,
-    )
-
-
-def stage_2_pipeline(path, *, text_encoder=None, tokenizer=None, seed=3):
-    pipe = diffusers.IFSuperResolutionPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        unet=if_unet(seed, "II"),
-        scheduler=if_scheduler(1.0),
-        image_noising_scheduler=diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2"),
-        safety_checker=None,
-        feature_extractor=None,
-        watermarker=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return pipe
-
-
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     """(stage I pipeline, its dir, stage II pipeline without a text encoder, its dir)."""
-    tokenizer = t5_tokenizer()
     dir_1, dir_2 = tmp_path_factory.mktemp("if_1"), tmp_path_factory.mktemp("if_2")
-    stage_1 = diffusers.IFPipeline(
-        tokenizer=tokenizer,
-        text_encoder=tiny_t5(1, len(tokenizer)),
-        unet=if_unet(2, "I"),
-        scheduler=if_scheduler(1.5),
-        safety_checker=None,
-        feature_extractor=None,
-        watermarker=None,
-        requires_safety_checker=False,
-    )
-    stage_1.save_pretrained(dir_1)
-    return stage_1, dir_1, stage_2_pipeline(dir_2), dir_2
+    return stage_1_pipeline(dir_1), dir_1, stage_2_pipeline(dir_2), dir_2
 
 
 @pytest.fixture(scope="module")

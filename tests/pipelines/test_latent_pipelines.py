@@ -14,8 +14,12 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-import transformers
-from tokenizers import pre_tokenizers
+from tiny_diffusers import (
+    refiner_pipeline,
+    sd2_pipeline,
+    sd_pipeline,
+    sdxl_pipeline,
+)
 
 from imagen_jax.pipelines import diffusers_format
 from imagen_jax.pipelines.public import load_latent_pipeline
@@ -24,175 +28,6 @@ from imagen_jax.weights import CheckpointError
 TOL = 1e-3
 PROMPTS = ["a red circle above a blue square", "two green stars"]
 NEGATIVE = ["blurry", ""]
-
-
-def clip_tokenizer(**kwargs):
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab.update({c + "</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-    merges = [("r", "e"), ("re", "d</w>"), ("c", "i"), ("ci", "r"), ("a", "b"), ("b", "l")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab[special] = len(vocab)
-    return transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, **kwargs)
-
-
-def clip_text(seed, *, hidden=32, projection=None):
-    tok = clip_tokenizer()
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        hidden_act="gelu" if projection else "quick_gelu",
-        **({"projection_dim": projection} if projection else {}),
-    )
-    torch.manual_seed(seed)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return cls(config).eval(), tok
-
-
-def tiny_vae(seed, **kw):
-    torch.manual_seed(seed)
-    return diffusers.AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-        **kw,
-    ).eval()
-
-
-def tiny_unet(seed, **kw):
-    torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-        **kw,
-    ).eval()
-    with torch.no_grad():  # diffusers zero-initializes nothing here, but scale up the output
-        unet.conv_out.weight.mul_(4.0)
-    return unet
-
-
-def sd_pipeline(path, scheduler):
-    text_encoder, tokenizer = clip_text(1)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(2),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_unet(3, cross_attention_dim=32, attention_head_dim=4),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return pipe
-
-
-def sd2_pipeline(path):
-    """SD 2.x: linear projections, upcast attention, v-prediction, "!" padding."""
-    text_encoder, _ = clip_text(1)
-    tokenizer = clip_tokenizer(pad_token="!")
-    scheduler = diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(2),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_unet(
-            3,
-            cross_attention_dim=32,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            upcast_attention=True,
-        ),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return pipe
-
-
-def xl_unet(seed, *, time_ids, cross, pooled):
-    return tiny_unet(
-        seed,
-        cross_attention_dim=cross,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        transformer_layers_per_block=(2, 1),
-        addition_embed_type="text_time",
-        addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=8 * time_ids + pooled,
-    )
-
-
-def euler():
-    return diffusers.EulerDiscreteScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
-
-
-def sdxl_pipeline(path):
-    enc1, tok1 = clip_text(1, hidden=32)
-    enc2, tok2 = clip_text(4, hidden=32, projection=16)
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(2),
-        text_encoder=enc1,
-        text_encoder_2=enc2,
-        tokenizer=tok1,
-        tokenizer_2=tok2,
-        unet=xl_unet(3, time_ids=6, cross=64, pooled=16),
-        scheduler=euler(),
-    )
-    pipe.save_pretrained(path)
-    return pipe
-
-
-def refiner_pipeline(path, base):
-    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
-        vae=base.vae,
-        text_encoder=None,
-        text_encoder_2=base.text_encoder_2,
-        tokenizer=None,
-        tokenizer_2=base.tokenizer_2,
-        unet=xl_unet(5, time_ids=5, cross=32, pooled=16),
-        scheduler=euler(),
-        requires_aesthetics_score=True,
-    )
-    pipe.save_pretrained(path)
-    return pipe
 
 
 def noise_for(pipe, batch=2, seed=0):

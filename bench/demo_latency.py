@@ -1,6 +1,7 @@
 """The web demo's latency on the shipped model: start-up (loading, compiling the default
 setting), then for 1 and for N concurrent users the time from submitting a request to its
-first preview (the base stage's images) and to its final images. Prints JSON lines.
+first preview (the predicted image after the base stage's first step) and to its final
+images. Prints JSON lines.
 
     .venv/bin/python bench/demo_latency.py --users 1 4 --repeats 2
 
@@ -42,7 +43,7 @@ def _args(model, seed: int) -> list:
     for k in (1, 2):
         dk = d[k] if k < len(d) else d[0]
         sr += [dk["steps"], dk["guidance_scale"], dk.get("aug_level", 0.0)]
-    r = model.loaded[-1].resolution
+    r = model.resolution
     head = [NAME, "a red circle above a blue square", "", seed, False, 1]
     return [
         *head,

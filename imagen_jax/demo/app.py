@@ -3,9 +3,11 @@
     app = build_app(models, workdir)
     app.queue(max_size=...); app.launch(server_name="127.0.0.1", server_port=7860)
 
-One worker for the device (every generating event shares the concurrency id "device", limit
-1); past `max_queue` waiting requests Gradio answers "queue is full" at once. A new tab is a
-module with a `build(models, workdir)` that lays out its components inside the Blocks.
+One device, one program at a time (each model's lock, shared across models); Gradio admits
+a few generations at once (concurrency id "device") so that waiting requests of one setting
+share a batch (`DemoModel.generate`); past `max_queue` waiting requests Gradio answers
+"queue is full" at once. A new tab is a module with a `build(models, workdir)` that lays out
+its components inside the Blocks.
 """
 
 from __future__ import annotations

@@ -75,32 +75,48 @@ def _quote(text: str) -> str:
 
 @dataclasses.dataclass
 class Progress:
-    """What a running request reports: `on_step(stage, step, steps)` from inside each
+    """What a running request reports: `on_wait(ahead)` when it waits for the device
+    behind `ahead` other requests, `on_step(stage, step, steps)` from inside each
     stage's compiled loop, `on_preview(stage, step, image uint8)` with the first image's
     predicted clean image (x0) every few steps, `on_stage(stage, images uint8)` as each
     stage finishes, and `cancelled()`, polled at each stage boundary."""
 
+    on_wait: Callable[[int], None] = lambda ahead: None
     on_step: Callable[[int, int, int], None] = lambda stage, step, steps: None
     on_preview: Callable[[int, int, object], None] = lambda stage, step, image: None
     on_stage: Callable[[int, object], None] = lambda stage, images: None
     cancelled: Callable[[], bool] = lambda: False
 
 
-class _Job:
-    """A cascade as `jobs.run_job` calls it, reporting each stage to a `Progress`."""
+@dataclasses.dataclass(eq=False)
+class _Ticket:
+    """One request waiting for, or in, a combined run of its setting."""
 
-    def __init__(self, cascade, progress: Progress):
-        self.cascade, self.progress = cascade, progress
+    request: Request
+    progress: Progress
+    images: dict = dataclasses.field(default_factory=dict)  # image index -> final uint8
+    settings: dict | None = None  # what its images' metadata records
+    error: BaseException | None = None
+    done: bool = False
+
+    def items(self) -> list[jobs.WorkItem]:
+        """The request's images as work items that carry its seed: `jobs.image_key` gives
+        them the keys they have in the request's own job, whatever batch they share."""
+        entry = jobs.PromptEntry(
+            self.request.prompt, self.request.negative_prompt, seed=self.request.seed
+        )
+        return [jobs.WorkItem(0, i, entry) for i in range(self.request.num_images)]
+
+
+class _Precomputed:
+    """A job for `jobs.run_job` whose images were sampled already (by a combined run)."""
+
+    def __init__(self, images: dict):
+        self.images = images
 
     def __call__(self, items, seed):
-        def on_stage(index, images):
-            self.progress.on_stage(index, to_uint8(images))
-            if self.progress.cancelled():
-                raise Cancelled()
-
-        if self.progress.cancelled():
-            raise Cancelled()
-        return [to_uint8(x) for x in self.cascade.sample(items, seed, on_stage=on_stage)]
+        del seed
+        return [np.stack([self.images[it.image_index] for it in items])]
 
 
 def check_request_text(request: Request) -> None:
@@ -158,9 +174,13 @@ class DemoModel:
         self.lock = lock or threading.Lock()
         self._cascades: collections.OrderedDict = collections.OrderedDict()
         self._cache_size = cache_size
-        self._progress = Progress()
         self._steps: list[int] = []
+        self._rows: list[_Ticket] = []  # the running batch's request per row
+        self._waiting: dict = {}  # setting -> requests waiting for the device
+        self._waiting_lock = threading.Lock()
+        self._in_line = 0  # requests holding or waiting for the device lock
         self.compilations = 0  # cascades built (each compiles its stages on first use)
+        self.batched_requests = 0  # requests sampled in another request's run
 
     # What the page offers ---------------------------------------------------------------
 
@@ -251,21 +271,26 @@ class DemoModel:
             for s, o in zip(self.loaded, per_stage, strict=True)
         ]
 
-    def _cascade(self, request: Request):
+    def _setting(self, request: Request) -> tuple:
+        """What one compiled cascade serves: the overrides and the sizes the stages sample
+        (so the trained size asked for by number, as the page does, or left unset, as the
+        warm-up does, is one setting)."""
         variants = self._variants(request.overrides)
-        # Keyed by the sizes the stages sample, so the trained size asked for by number
-        # (the page) or left unset (the warm-up) is one setting.
         sizes = cascade_lib.stage_sizes(variants, request.height, request.width)
-        key = (tuple(request.overrides), tuple(sizes))
+        return (tuple(request.overrides), tuple(sizes))
+
+    def _cascade(self, request: Request):
+        key = self._setting(request)
         if key in self._cascades:
             self._cascades.move_to_end(key)
             return self._cascades[key]
+        variants = self._variants(request.overrides)
         cascade = cascade_lib.Cascade(
             variants,
             self.encoder,
             conditioning=self.conditioning,
             mesh=jobs.local_mesh(self.batch_size),
-            size=sizes[-1],
+            size=key[1][-1],
             on_step=self._on_step,
             on_preview=self._on_preview,
             preview_every=[max(1, s.sample.steps // PREVIEWS) for s in variants],
@@ -277,39 +302,120 @@ class DemoModel:
             self._cascades.popitem(last=False)
         return self._cascades[key]
 
+    def _owners(self) -> list[_Ticket]:
+        """The requests of the running batch, each once, in row order."""
+        return list(dict.fromkeys(self._rows))
+
     def _on_step(self, stage: int, step) -> None:
         steps = self._steps[stage] if stage < len(self._steps) else 0
-        self._progress.on_step(stage, int(step) + 1, steps)
+        for ticket in self._owners():
+            ticket.progress.on_step(stage, int(step) + 1, steps)
+
+    def _first_rows(self, images) -> list[tuple[_Ticket, np.ndarray]]:
+        """Each request of the running batch with its first image's row of `images`."""
+        return [(t, images[self._rows.index(t)]) for t in self._owners()]
 
     def _on_preview(self, stage: int, step, x0) -> None:
-        self._progress.on_preview(stage, int(step) + 1, to_uint8(np.asarray(x0[:1]))[0])
+        for ticket, row in self._first_rows(np.asarray(x0)):
+            ticket.progress.on_preview(stage, int(step) + 1, to_uint8(row))
+
+    def _on_stage(self, stage: int, images) -> None:
+        for ticket, row in self._first_rows(images):
+            ticket.progress.on_stage(stage, to_uint8(row[None]))
+        if all(t.progress.cancelled() for t in self._owners()):
+            raise Cancelled()
+
+    def _sample_together(self, tickets: list[_Ticket]) -> None:
+        """Samples the images of requests of one setting in shared batches of
+        `batch_size` (the compiled shape), each image with its own request's keys; fills
+        each ticket's images, or its error."""
+        cascade, _, settings = self._cascade(tickets[0].request)
+        for t in tickets:
+            t.settings = settings
+        self._steps = [s.sampling.grid.num_steps for s in cascade.stages]
+        rows = [(t, it) for t in tickets for it in t.items()]
+        self.batched_requests += len(tickets) - 1
+        for chunk, real in jobs.batches(rows, self.batch_size):
+            owners = [t for t, _ in chunk]
+            live = [t for t in dict.fromkeys(owners[:real]) if t.error is None]
+            for t in live:
+                if t.progress.cancelled():
+                    t.error = Cancelled()
+            if not any(t.error is None for t in live):
+                continue
+            self._rows = owners
+            try:
+                final = cascade.sample([it for _, it in chunk], 0, on_stage=self._on_stage)[-1]
+            except Cancelled:
+                for t in live:
+                    t.error = t.error or Cancelled()
+                continue
+            except Exception as e:  # noqa: BLE001 - each request of the batch is told
+                for t in live:
+                    t.error = t.error or e
+                continue
+            finally:
+                self._rows = []
+            for (t, it), image in list(zip(chunk, to_uint8(final), strict=True))[:real]:
+                t.images[it.image_index] = image
 
     def notes(self, request: Request) -> list[str]:
         """What the page says about a prompt beside its images (a domain's reading of it)."""
         note = sampling.domain_note(self.loaded, [request.prompt])
         return [note] if note else []
 
-    def generate(self, request: Request, outdir: str, progress: Progress | None = None) -> dict:
-        """Runs a request as `sample.py` would (`jobs.run_job` into `outdir`), holding the
-        device lock; returns the job's summary with the PNG paths ("files") in order."""
-        self.check(request)
+    def _run_waiting(self, ticket: _Ticket, setting: tuple) -> None:
+        """Takes the device lock; unless another request's run served this one meanwhile,
+        samples every request of `setting` waiting by then."""
         with self.lock:
-            cascade, variants, settings = self._cascade(request)
-            self._progress = progress or Progress()
-            self._steps = [s.sampling.grid.num_steps for s in cascade.stages]
+            if ticket.done:
+                return
+            with self._waiting_lock:
+                tickets = self._waiting.pop(setting, [])
             try:
-                entries = [jobs.PromptEntry(request.prompt, request.negative_prompt)]
-                summary = jobs.run_job(
-                    _Job(cascade, self._progress),
-                    entries,
-                    outdir,
-                    images_per_prompt=request.num_images,
-                    seed=request.seed,
-                    batch_size=self.batch_size,
-                    settings=settings,
-                    progress=False,
-                )
+                self._sample_together(tickets)
+            except Exception as e:  # noqa: BLE001 - told to every request of the run
+                for t in tickets:
+                    t.error = t.error or e
             finally:
-                self._progress = Progress()
+                for t in tickets:
+                    t.done = True
+
+    def generate(self, request: Request, outdir: str, progress: Progress | None = None) -> dict:
+        """Runs a request as `sample.py` would and writes its job into `outdir` (PNGs,
+        manifest, job.json: `jobs.run_job`); returns the job's summary with the PNG paths
+        ("files") in order.
+
+        Requests of one setting that wait for the device together are sampled together:
+        whoever takes the device lock first samples every waiting request of its setting
+        in shared batches (each image from its own request's keys, so the same as alone);
+        the others find their images ready."""
+        self.check(request)
+        ticket = _Ticket(request, progress or Progress())
+        setting = self._setting(request)
+        with self._waiting_lock:
+            self._waiting.setdefault(setting, []).append(ticket)
+            ahead = self._in_line
+            self._in_line += 1
+        try:
+            if ahead:
+                ticket.progress.on_wait(ahead)
+            self._run_waiting(ticket, setting)
+        finally:
+            with self._waiting_lock:
+                self._in_line -= 1
+        if ticket.error is not None:
+            raise ticket.error
+        entries = [jobs.PromptEntry(request.prompt, request.negative_prompt)]
+        summary = jobs.run_job(
+            _Precomputed(ticket.images),
+            entries,
+            outdir,
+            images_per_prompt=request.num_images,
+            seed=request.seed,
+            batch_size=self.batch_size,
+            settings=ticket.settings,
+            progress=False,
+        )
         items = jobs.plan(entries, request.num_images)
         return dict(summary, files=[os.path.join(outdir, it.file) for it in items])

@@ -29,6 +29,9 @@ from imagen_jax.demo.models import (
 )
 
 MAX_SR_STAGES = 2  # controls for up to two super-resolution stages
+# Requests admitted at once: one samples on the device (the model's lock), the others wait
+# there and join the next run of their setting (DemoModel.generate batches them).
+ADMITTED = 4
 _counter = itertools.count()
 
 
@@ -69,14 +72,15 @@ class _Capture(logging.Handler):
 
 
 def run_request(model, request: Request, workdir: str):
-    """Runs `model.generate` in a thread; yields ("step", stage, step, steps),
-    ("preview", stage, step, image), ("stage", stage, images), then ("done", summary,
-    warnings) or ("error", message).
-    Closing the generator cancels the request at its next stage boundary."""
+    """Runs `model.generate` in a thread; yields ("wait", requests ahead), ("step", stage,
+    step, steps), ("preview", stage, step, image), ("stage", stage, images), then ("done",
+    summary, warnings) or ("error", message). Closing the generator cancels the request at
+    its next stage boundary."""
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()
     outdir = os.path.join(workdir, f"{next(_counter):05d}")
     progress = Progress(
+        on_wait=lambda ahead: events.put(("wait", ahead)),
         on_step=lambda k, i, n: events.put(("step", k, i, n)),
         on_preview=lambda k, i, image: events.put(("preview", k, i, image)),
         on_stage=lambda k, images: events.put(("stage", k, images)),
@@ -249,7 +253,9 @@ def build(models: dict, workdir: str):
         stages = model.num_stages  # a bad request comes back as an "error" event
         for event in run_request(model, request, workdir):
             kind = event[0]
-            if kind == "step":
+            if kind == "wait":
+                progress(0.0, desc=f"waiting for the device: {event[1]} ahead")
+            elif kind == "step":
                 _, k, i, total = event
                 progress((i, total), desc=f"stage {k + 1} of {stages}", unit="steps")
             elif kind in ("preview", "stage"):
@@ -308,7 +314,7 @@ def build(models: dict, workdir: str):
         generate,
         [*inputs, history_state],
         [preview, gallery, files, info, seed, history_state, history],
-        concurrency_limit=1,
+        concurrency_limit=ADMITTED,
         concurrency_id="device",
     )
     stop.click(None, None, None, cancels=[event], queue=False)

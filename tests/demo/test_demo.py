@@ -3,6 +3,7 @@ generation whose PNGs are byte for byte sample.py's, progress, cancel, bad input
 on the page, and a crowd of clients against a short queue."""
 
 import concurrent.futures
+import threading
 import time
 
 import pytest
@@ -167,3 +168,36 @@ def test_the_trained_size_by_number_or_unset_is_one_setting(server, tmp_path):
     request = demo_models.Request(prompt="a star", num_images=1, height=16, width=16)
     model.generate(request, str(tmp_path / "b"))
     assert model.compilations == built
+
+
+def test_waiting_requests_of_one_setting_share_a_run(server, tmp_path):
+    """Two requests that wait while the device is busy are sampled in one batch, each image
+    from its own request's keys: the PNGs are those each request makes alone."""
+    model, _, _ = server
+    requests = [
+        demo_models.Request(prompt="a red circle", seed=11, num_images=1, height=16, width=16),
+        demo_models.Request(prompt="two blue stars", seed=12, num_images=1, height=16, width=16),
+    ]
+    model.generate(requests[0], str(tmp_path / "warm"))  # compiled before the lock is held
+    shared = model.batched_requests
+    out = {}
+    with model.lock:  # the device is busy: both wait
+        threads = [
+            threading.Thread(
+                target=lambda k, r: out.__setitem__(k, model.generate(r, str(tmp_path / f"w{k}"))),
+                args=(k, r),
+            )
+            for k, r in enumerate(requests)
+        ]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 30
+        while sum(map(len, model._waiting.values())) < 2 and time.time() < deadline:
+            time.sleep(0.01)
+    for t in threads:
+        t.join(120)
+    assert model.batched_requests == shared + 1  # the second rode in the first's run
+    for k, r in enumerate(requests):
+        alone = model.generate(r, str(tmp_path / f"alone{k}"))
+        with open(out[k]["files"][0], "rb") as f, open(alone["files"][0], "rb") as g:
+            assert f.read() == g.read(), f"request {k}: a shared batch changed its image"

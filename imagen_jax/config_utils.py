@@ -180,7 +180,8 @@ def define_config_file(
     """`config_flags.DEFINE_config_file`, whose overrides of keys the config does not have
     (`--config.train.stepss=4`) stop flag parsing with one line,
     `unknown config key train.stepss; did you mean train.steps?`, and exit status 1, where
-    ml_collections raises a chain of tracebacks ending in `AttributeError: "'stepss'"`.
+    ml_collections raises a chain of tracebacks ending in `AttributeError: "'stepss'"`; a
+    bad config argument (`configs/x.py:bogus=1`) is reported by its error's one line too.
 
     The keys are checked as soon as the config file is loaded, before ml_collections defines
     a flag per override. `sys_argv` as in DEFINE_config_file (default: sys.argv). The flag
@@ -209,7 +210,13 @@ class _OverrideKeyCheck(flags.ArgumentParser):
         self._sys_argv = sys_argv
 
     def parse(self, argument):
-        config = self._parser.parse(argument)
+        try:
+            config = self._parser.parse(argument)
+        except (TypeError, ValueError) as e:
+            # ml_collections wraps get_config's error in its traceback; its last line (say
+            # "ValueError: Unknown config arg 'bogus' in 'runlocal,bogus=1'; ...") is it.
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            raise flags.IllegalFlagValueError(lines[-1].strip() if lines else repr(e)) from None
         argv = sys.argv if self._sys_argv is None else self._sys_argv
         argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile
         for path in override_paths(argv, self._name):

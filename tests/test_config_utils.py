@@ -207,6 +207,23 @@ def test_config_flag_names_the_closest_key_of_an_unknown_override(tmp_path, over
     assert str(error.value) == message  # absl prints it as one line and exits 1
 
 
+def test_config_flag_names_a_bad_config_argument_in_one_line(tmp_path):
+    path = tmp_path / "config.py"
+    path.write_text(
+        "from imagen_jax.config_utils import parse_arg\n"
+        "def get_config(arg=None):\n"
+        "    return parse_arg(arg, runlocal=False)\n"
+    )
+    values = flags.FlagValues()
+    argv = ["prog", f"--config={path}:runlocal,bogus=1"]
+    define_config_file("config", None, "the config", flag_values=values, sys_argv=argv)
+    with pytest.raises(flags.IllegalFlagValueError) as error:
+        values(argv)
+    message = str(error.value)
+    assert "Traceback" not in message and "\n" not in message.strip()
+    assert "Unknown config arg 'bogus' in 'runlocal,bogus=1'" in message
+
+
 def test_override_paths():
     argv = ["prog", "--config=c.py", "--config.a.b=1", "-config.c", "--noconfig.d.e", "--other.x=2"]
     assert override_paths(argv) == ["a.b", "c", "d.e"]

@@ -37,6 +37,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import PIL
+import PIL.Image
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 # OpenAI CLIP's normalization (transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD).
@@ -64,6 +65,26 @@ def image_rows(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
             y, x = pad + r * (h + pad), pad + i * (w + pad)
             out[y : y + h, x : x + w] = image
     return out
+
+
+def to_rgb(image: PIL.Image.Image) -> np.ndarray:
+    """A PIL image of any mode -> uint8 RGB [H, W, 3], as transformers' `convert_to_rgb`
+    (the CLIP processors' do_convert_rgb step): an image with an alpha band, or a palette
+    with a transparent entry, is composited onto white; any other mode (grayscale, CMYK,
+    palette) goes through Pillow's `convert("RGB")`."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
+    return np.asarray(image.convert("RGB"))
+
+
+def load_rgb(path: str | os.PathLike) -> np.ndarray:
+    """An image file, decoded whole, as `to_rgb` converts it. OSError (PIL's
+    UnidentifiedImageError included) or SyntaxError when the file is not a readable image
+    (not an image, truncated), PIL's DecompressionBombError beyond its pixel limit."""
+    with PIL.Image.open(path) as im:
+        im.load()  # a truncated file fails here, not later
+        return to_rgb(im)
 
 
 _PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point coefficients for 8-bit images

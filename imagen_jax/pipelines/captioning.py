@@ -382,24 +382,18 @@ def _generation_settings(path: str) -> dict:
     return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
 
 
-def load_captioner(
+def read_decoding(
     path: str | os.PathLike,
     *,
     max_length: int = 20,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
-    batch_size: int = 32,
-    dtype=jnp.float32,
-    devices: Sequence[jax.Device] | None = None,
-) -> Captioner:
-    """A Captioner from a GIT directory: config.json, model.safetensors (or sharded),
-    preprocessor_config.json, tokenizer.json (the BERT WordPiece tokenizer GIT uses) and,
-    if present, generation_config.json for the special token ids."""
+) -> tuple[Decoding, int | None]:
+    """(Decoding, bos_token_id) of a GIT directory's special tokens (config.json, overridden
+    by generation_config.json as in transformers) and the given settings; reads no weights."""
     path = os.fspath(path)
     config = read_git_config(path)  # refuses another model's directory before reading more
-    tokenizer = Tokenizer.from_dir(path, max_length)
-    processor = ImageProcessor.from_dir(path)
     tokens = {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
@@ -416,12 +410,39 @@ def load_captioner(
         eos_token_id=eos,
         pad_token_id=tokens["pad_token_id"],
     )
+    return decoding, tokens["bos_token_id"]
+
+
+def load_captioner(
+    path: str | os.PathLike,
+    *,
+    max_length: int = 20,
+    num_beams: int = 1,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    batch_size: int = 32,
+    dtype=jnp.float32,
+    devices: Sequence[jax.Device] | None = None,
+) -> Captioner:
+    """A Captioner from a GIT directory: config.json, model.safetensors (or sharded),
+    preprocessor_config.json, tokenizer.json (the BERT WordPiece tokenizer GIT uses) and,
+    if present, generation_config.json for the special token ids (`read_decoding`)."""
+    path = os.fspath(path)
+    decoding, bos_token_id = read_decoding(
+        path,
+        max_length=max_length,
+        num_beams=num_beams,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+    )
+    tokenizer = Tokenizer.from_dir(path, max_length)
+    processor = ImageProcessor.from_dir(path)
     return Captioner(
         load_git(path, dtype=dtype),
         processor,
         tokenizer,
         decoding,
-        bos_token_id=tokens["bos_token_id"],
+        bos_token_id=bos_token_id,
         batch_size=batch_size,
         devices=devices,
     )

@@ -142,9 +142,15 @@ def plan(
     """This process's share of the job: a contiguous range of prompts."""
     if images_per_prompt < 1:
         raise ValueError(f"images_per_prompt must be >= 1, got {images_per_prompt}")
-    bounds = np.linspace(0, len(entries), process_count + 1).round().astype(int)
-    lo, hi = bounds[process_index], bounds[process_index + 1]
+    lo, hi = share(len(entries), process_index, process_count)
     return [WorkItem(p, i, entries[p]) for p in range(lo, hi) for i in range(images_per_prompt)]
+
+
+def share(n: int, process_index: int, process_count: int) -> tuple[int, int]:
+    """The contiguous range [lo, hi) of n work units that process `process_index` of
+    `process_count` takes (as even as rounding allows)."""
+    bounds = np.linspace(0, n, process_count + 1).round().astype(int)
+    return int(bounds[process_index]), int(bounds[process_index + 1])
 
 
 def read_metadata(path: str) -> dict | None:
@@ -189,17 +195,17 @@ def image_key(seed: int, item: WorkItem, stage: int):
     return jax.random.fold_in(jax.random.fold_in(key, item.image_index), stage)
 
 
-def check_outdir(outdir: str) -> None:
+def check_outdir(outdir: str, subfolder: str | None = "images") -> None:
     """Fails fast (before any model is loaded) unless `outdir` can hold the job's files: it
     must be a directory, or creatable as one, where this process can write (checked by
     writing a file, which also catches read-only file systems and the root user's
-    permissions)."""
+    permissions), as must its `subfolder` (the images; None: none)."""
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise NotADirectoryError(f"output directory {outdir!r} exists and is not a directory")
-    folder = os.path.join(outdir, "images")
+    folder = os.path.join(outdir, subfolder) if subfolder else outdir
     try:
         os.makedirs(folder, exist_ok=True)
-        for where in (outdir, folder):  # the manifest, the images
+        for where in dict.fromkeys((outdir, folder)):  # the manifest, the images
             fd, probe = tempfile.mkstemp(dir=where, suffix=".tmp")
             os.close(fd)
             os.remove(probe)
@@ -277,12 +283,18 @@ def job_record(
 ) -> dict:
     """Everything that determines a job's images, with its fingerprint (a SHA-256 of the
     rest, in canonical JSON)."""
-    record = dict(
-        seed=seed,
-        images_per_prompt=images_per_prompt,
-        settings=_without_paths(settings),
-        prompts=[e.record() for e in entries],
+    return fingerprinted(
+        dict(
+            seed=seed,
+            images_per_prompt=images_per_prompt,
+            settings=_without_paths(settings),
+            prompts=[e.record() for e in entries],
+        )
     )
+
+
+def fingerprinted(record: dict) -> dict:
+    """A job record with its fingerprint: a SHA-256 of the record in canonical JSON."""
     canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
     return dict(record, fingerprint=hashlib.sha256(canonical.encode()).hexdigest()[:16])
 
@@ -373,42 +385,57 @@ def prepare_outdir(outdir: str, record: dict, *, overwrite: bool = False) -> str
     of killed writers go; job.json and the manifest are (re)written. Returns "new",
     "resume" or "overwrite"."""
     os.makedirs(os.path.join(outdir, "images"), exist_ok=True)
+    images = _our_pngs(os.path.join(outdir, "images"))
+    state = resume_state(outdir, record, outputs=len(images), overwrite=overwrite)
+    if state == "overwrite":
+        removed = clear_outputs(outdir)
+        logging.info("%s: removed %d images of the previous job (overwrite)", outdir, removed)
+    for folder in (outdir, os.path.join(outdir, "images")):
+        files.remove_temporaries(folder)
+    write_job(outdir, record)
+    write_manifest(outdir, job=record["fingerprint"])
+    return state
+
+
+def resume_state(
+    outdir: str, record: dict, *, outputs: int, overwrite: bool, noun: str = "images"
+) -> str:
+    """What a job of `record` does with outdir, which holds `outputs` output files (its
+    `noun`): "resume" the same job, start a "new" one in an empty folder, or "overwrite"
+    another job's outputs (the caller removes them); without `overwrite`, another job's
+    folder raises `JobMismatchError` naming what differs. Writes nothing."""
     try:
         old = read_job(outdir)
     except JobMismatchError:
         if not overwrite:
             raise
         old = {"fingerprint": None}  # an unreadable record: another job's, to replace
-    images = _our_pngs(os.path.join(outdir, "images"))
     if old is not None and old["fingerprint"] == record["fingerprint"]:
-        state = "resume"
-    elif old is None and not images:
-        state = "new"
-    elif overwrite:
-        removed = clear_outputs(outdir)
-        logging.info("%s: removed %d images of the previous job (overwrite)", outdir, removed)
-        state = "overwrite"
+        return "resume"
+    if old is None and not outputs:
+        return "new"
+    if overwrite:
+        return "overwrite"
+    if old is None:
+        what = f"{outputs} {noun} and no {JOB_FILE} (written by another job)"
     else:
-        if old is None:
-            what = f"{len(images)} images and no {JOB_FILE} (written by another job)"
-        else:
-            what = "the images of another job; it differs in " + "; ".join(
-                differences(
-                    {k: v for k, v in old.items() if k != "fingerprint"},
-                    {k: v for k, v in record.items() if k != "fingerprint"},
-                )
+        what = f"the {noun} of another job; it differs in " + "; ".join(
+            differences(
+                {k: v for k, v in old.items() if k != "fingerprint"},
+                {k: v for k, v in record.items() if k != "fingerprint"},
             )
-        raise JobMismatchError(
-            f"output directory {outdir!r} holds {what}. Give a new output directory, or "
-            "--overwrite to replace its images"
         )
-    for folder in (outdir, os.path.join(outdir, "images")):
-        files.remove_temporaries(folder)
+    raise JobMismatchError(
+        f"output directory {outdir!r} holds {what}. Give a new output directory, or "
+        f"--overwrite to replace its {noun}"
+    )
+
+
+def write_job(outdir: str, record: dict) -> None:
+    """outdir/job.json, atomically."""
     with files.atomic_write(os.path.join(outdir, JOB_FILE), "w") as f:
         json.dump(record, f, indent=1, sort_keys=True)
         f.write("\n")
-    write_manifest(outdir, job=record["fingerprint"])
-    return state
 
 
 def write_manifest(outdir: str, job: str | None = None) -> str:

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 from safetensors.numpy import load_file, save_file
+from tiny_git import save_tiny_git
 
 from imagen_jax.images import ImageProcessor
 from imagen_jax.models import git
@@ -20,57 +20,14 @@ from imagen_jax.pipelines import captioning
 from imagen_jax.weights import CheckpointError
 
 TOL = 1e-4  # logits: max |ours - transformers|, float32
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # ids 0..4: pad, -, bos, eos
-WORDS = [a + b for a in "abcdefghijklmnopqrs" for b in "aeiou"]  # 95 whole-word tokens
 IMAGES = 6
 MAX_LENGTH = 12
 
 
-def _hf_config(**overrides) -> transformers.GitConfig:
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=8,
-        hidden_act="quick_gelu",
-    )
-    text = dict(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        hidden_act="gelu",
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        initializer_range=0.2,  # wide logits: the argmax and the beams differ between images
-    )
-    return transformers.GitConfig(vision_config=vision, **{**text, **overrides})
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    hf = transformers.GitForCausalLM(_hf_config()).eval()
-    with torch.no_grad():  # LayerNorms and biases random too, so that their loading shows
-        for name, p in hf.named_parameters():
-            if "LayerNorm" in name or "layer_norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-        hf.output.bias[3] += 1.5  # eos often enough that some captions end early
     path = tmp_path_factory.mktemp("git")
-    hf.save_pretrained(path)
-    vocab = path / "vocab.txt"
-    vocab.write_text("\n".join(SPECIAL + WORDS) + "\n")
-    tok = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    tok.save_pretrained(path)
-    processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    processor.save_pretrained(path)
+    hf, tok = save_tiny_git(path)
     return path, hf, tok
 
 

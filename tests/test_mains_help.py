@@ -1,4 +1,4 @@
-"""`--help` of train.py and sample.py lists their own flags, the multi-host ones of
+"""`--help` of train.py, sample.py and caption.py lists their own flags, the multi-host ones of
 `parallel.define_distributed_flags` included, and not those of the libraries they import
 (grain, orbax, absl: `--helpfull`)."""
 
@@ -12,7 +12,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DISTRIBUTED = ("--coordinator_address", "--num_processes", "--process_id", "--[no]jax_distributed")
 
 
-@pytest.mark.parametrize(("main", "own"), [("sample.py", "--stage"), ("train.py", "--workdir")])
+@pytest.mark.parametrize(
+    ("main", "own"),
+    [("sample.py", "--stage"), ("train.py", "--workdir"), ("caption.py", "--model")],
+)
 def test_help_lists_the_mains_flags(main, own):
     out = subprocess.run(
         [sys.executable, main, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300

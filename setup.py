@@ -60,6 +60,8 @@ setup(
             "torchvision==0.28.0",
             # CLIP score reference (tests/evaluation/test_clip_score.py).
             "torchmetrics==1.9.0",
+            # CIDEr-D reference (tests/evaluation/test_captioning_eval.py).
+            "pycocoevalcap==1.2",
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",
             "ruff==0.17.6",

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from imagen_jax.models.vit import CLIPVisionConfig, CLIPVisionEncoder
 from imagen_jax.models.vit import hf_key_map as vision_key_map
@@ -209,6 +212,15 @@ class GitForCausalLM(nnx.Module):
         """
         return self.output(self._decoder(pixel_values, input_ids, attention_mask, position_ids)[0])
 
+    def text_hidden(
+        self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None
+    ) -> jax.Array:
+        """The decoder's last hidden states of the text positions [B, L, D]: `output` maps
+        them to the last L positions of `__call__`'s logits (teacher forcing needs those
+        only, or some of their columns)."""
+        x, _ = self._decoder(pixel_values, input_ids, attention_mask, None)
+        return x[:, self.config.num_image_tokens :]
+
     def _decoder(self, pixel_values, input_ids, attention_mask, position_ids):
         b, length = input_ids.shape
         if position_ids is None:
@@ -336,6 +348,113 @@ def hf_key_map(config: GitConfig) -> dict[tuple, Source]:
     for i in range(config.num_hidden_layers):
         m.update(layer_key_map(f"git.encoder.layer.{i}", ("layers", i)))
     return m
+
+
+def hf_config(config: GitConfig) -> dict:
+    """The config.json of a transformers GitForCausalLM with `config` (float32 weights:
+    transformers' `dtype="auto"` then builds a float32 model whatever the stored dtype)."""
+    text = dataclasses.asdict(config)
+    vision = text.pop("vision")
+    vision.pop("projection_dim")
+    eos = list(config.eos_token_id)
+    text["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": list(ARCHITECTURES),
+        **text,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": False,
+        "dtype": "float32",
+        "vision_config": {"model_type": "git_vision_model", **vision},
+    }
+
+
+def hf_tensors(params, config: GitConfig, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Our parameters (a model, or the nested dict of `nnx.to_pure_dict`) as transformers'
+    tensors, by name, in `dtype`: the inverse of `hf_key_map`."""
+    if isinstance(params, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+    flat = flatten_dict(params)
+    key_map = hf_key_map(config)
+    missing, unexpected = (
+        sorted(set(key_map) - set(flat), key=str),
+        sorted(set(flat) - set(key_map), key=str),
+    )
+    if missing or unexpected:
+        raise ValueError(
+            f"the parameters do not fit the GIT config: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all)"
+        )
+    tensors = {}
+    for path, source in key_map.items():
+        array = np.asarray(flat[path], np.float32)
+        if source.transpose:
+            array = array.T
+        elif source.permute is not None:
+            array = np.transpose(array, np.argsort(source.permute))
+        tensors[source.names[0]] = np.ascontiguousarray(array.astype(dtype))
+    return tensors
+
+
+def save_git(path: str | os.PathLike, params, config: GitConfig, *, dtype=np.float32) -> str:
+    """Writes config.json and model.safetensors (tensors in `dtype`) of a GitForCausalLM
+    that `load_git` and transformers' `GitForCausalLM.from_pretrained` read; returns path."""
+    from safetensors.numpy import save_file  # lazy: only writers need it
+
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config(config), f, indent=2)
+    tensors = hf_tensors(params, config, dtype)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+# Sizes of the networks the project trains (`training.caption_trainer`); a config group's
+# keys override them (`make_config`). "shapes": configs/shapes_captioner.py's captioner.
+VARIANTS = {
+    "runlocal": dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            patch_size=4,
+        ),
+    ),
+    "shapes": dict(
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=64,
+        vision=dict(
+            hidden_size=96,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            patch_size=8,
+        ),
+    ),
+}
+
+
+def make_config(variant: str, *, image_size: int, **overrides) -> GitConfig:
+    """The GitConfig of a `VARIANTS` entry at `image_size`, with GitConfig fields (and
+    `vision`, a dict of CLIPVisionConfig fields) overridden."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown GIT variant {variant!r}; expected one of {tuple(VARIANTS)}")
+    values = {**VARIANTS[variant], **overrides}
+    vision = {**VARIANTS[variant]["vision"], **dict(overrides.get("vision") or {})}
+    values["vision"] = CLIPVisionConfig(**vision, image_size=image_size, projection_dim=None)
+    if "eos_token_id" in values:
+        values["eos_token_id"] = tuple(np.atleast_1d(values["eos_token_id"]).tolist())
+    return GitConfig(**values)
 
 
 def read_git_config(path: str | os.PathLike) -> GitConfig:

@@ -20,7 +20,10 @@
   trainer.py        train_and_evaluate
   vae_step.py       the autoencoder's step (model.family "vae"): reconstruction + KL
   vae_trainer.py    train_vae (train_and_evaluate dispatches to it)
-  export.py         a run's weights as a stage directory or a diffusers vae/ directory
+  caption_step.py   the captioner's step (model.family "git"): next-token cross-entropy
+  caption_trainer.py  train_captioner (train_and_evaluate dispatches to it), its export
+  export.py         a run's weights as a stage directory, a diffusers vae/ directory or a
+                    Hugging Face GIT directory
 """
 
 from imagen_jax.training.checkpoint import Checkpointer, CheckpointMismatchError

@@ -38,7 +38,7 @@ def model_signature(net) -> dict:
         shapes[parallel.path_str(path)] = list(x.shape)
     unet = json.loads(json.dumps(dataclasses.asdict(net.cfg)))
     defaults = {
-        f.name: f.default
+        f.name: dataclasses.asdict(f.default) if dataclasses.is_dataclass(f.default) else f.default
         for f in dataclasses.fields(net.cfg)
         if f.default is not dataclasses.MISSING
     }

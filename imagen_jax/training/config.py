@@ -13,7 +13,8 @@ the trainers call it first, and so does `train.py`.
 `model.family` picks the network: "imagen" (ImagenUNet, pixel stages; the default),
 "sd_unet" (`models.latent_unet.LatentUNet`, our SDUNet, on a frozen VAE's latents), "mmdit"
 (`models.latent_mmdit.LatentMMDiT`, our SD3 MMDiT, on a frozen VAE's latents) or "vae"
-(`models.vae.AutoencoderKL`, trained by `training.vae_trainer`).
+(`models.vae.AutoencoderKL`, trained by `training.vae_trainer`) or "git"
+(`models.git.GitForCausalLM`, a captioner, trained by `training.caption_trainer`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ import numbers
 import ml_collections
 
 from imagen_jax.config_utils import ConfigError
-from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import git, imagen_unet, latent_mmdit, latent_unet, vae
 
-FAMILIES = ("imagen", "sd_unet", "mmdit", "vae")
+FAMILIES = ("imagen", "sd_unet", "mmdit", "vae", "git")
 LATENT_FAMILIES = ("sd_unet", "mmdit")  # diffusion on a frozen VAE's latents
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
 _VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
+_GIT_FIELDS = tuple(f.name for f in dataclasses.fields(git.GitConfig))
 
 
 def _group(defaults: dict, overrides: dict, name: str, extra=()) -> ml_collections.ConfigDict:
@@ -60,6 +62,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         return latent_mmdit_model_config(**overrides)
     if family == "vae":
         return vae_model_config(**overrides)
+    if family == "git":
+        return git_model_config(**overrides)
     if family != "imagen":
         raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
     defaults = dict(
@@ -123,11 +127,44 @@ def vae_model_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "model", extra=_VAE_FIELDS)
 
 
+def git_model_config(**overrides) -> ml_collections.ConfigDict:
+    """A captioner to train (family "git"): a `git.VARIANTS` entry at `resolution` (the
+    image tower's image_size); any other key is a `git.GitConfig` field (`vision`: a dict of
+    `vit.CLIPVisionConfig` fields), overriding the variant. `image_mean` / `image_std`
+    normalise the uint8 images as the exported preprocessor_config.json says."""
+    defaults = dict(
+        family="git",
+        variant="runlocal",  # git.VARIANTS: runlocal | shapes
+        resolution=64,  # the side of the training images (vision.image_size)
+        image_mean=(0.5, 0.5, 0.5),  # pixels: (x / 255 - mean) / std
+        image_std=(0.5, 0.5, 0.5),
+        dtype="float32",
+        param_dtype="float32",
+    )
+    return _group(defaults, overrides, "model", extra=_GIT_FIELDS)
+
+
+def caption_loss_config(**overrides) -> ml_collections.ConfigDict:
+    """The captioner's objective (`training/caption_step.py`)."""
+    defaults = dict(
+        max_length=32,  # caption tokens with [CLS] and [SEP]; longer captions are cut
+        vocab="shapes",  # the softmax's tokens: shapes (the shapes grammar's) | "" (all)
+        label_smoothing=0.0,  # of the next-token targets; 0 = plain cross-entropy
+        sample_max_length=32,  # greedy captions of the periodic samples, [CLS] included
+    )
+    return _group(defaults, overrides, "caption_loss")
+
+
+_GIT_MODEL_KEYS = ("image_mean", "image_std")
+
+
 def _overrides(model: ml_collections.ConfigDict) -> dict:
-    overrides = {k: v for k, v in model.items() if k not in _MODEL_KEYS}
+    overrides = {k: v for k, v in model.items() if k not in _MODEL_KEYS + _GIT_MODEL_KEYS}
     for key, value in overrides.items():
         if isinstance(value, list):
             overrides[key] = tuple(value)
+        elif isinstance(value, ml_collections.ConfigDict):
+            overrides[key] = value.to_dict()
     return overrides
 
 
@@ -146,6 +183,8 @@ def network_config(model: ml_collections.ConfigDict):
         return latent_mmdit.make_config(model.variant, **_overrides(model))
     if family == "vae":
         return vae.make_config(model.variant, **_overrides(model))
+    if family == "git":
+        return git.make_config(model.variant, image_size=model.resolution, **_overrides(model))
     if family != "imagen":
         raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
     return unet_config(model)

@@ -1,11 +1,15 @@
 """Export a training run: a pixel stage's EMA weights as a stage directory that sample.py
-reads (`imagen_jax.stages`), or an autoencoder run (`model.family = "vae"`) as a diffusers
-`vae/` directory that latent stages (`latent.vae`) and diffusers read.
+reads (`imagen_jax.stages`), an autoencoder run (`model.family = "vae"`) as a diffusers
+`vae/` directory that latent stages (`latent.vae`) and diffusers read, or a captioner run
+(`model.family = "git"`) as a Hugging Face GIT directory that
+`pipelines.captioning.load_captioner` and transformers' `GitForCausalLM` read.
 
     python -m imagen_jax.training.export --config=configs/shapes_base.py \
         --workdir=runs/shapes_base --outdir=models/shapes_base [--step=N] [--dtype=float16]
     python -m imagen_jax.training.export --config=configs/shapes_vae.py \
         --workdir=runs/shapes_vae --outdir=models/shapes_vae/vae [--step=N] [--noema]
+    python -m imagen_jax.training.export --config=configs/shapes_captioner.py \
+        --workdir=runs/shapes_captioner --outdir=checkpoints/shapes/captioner [--step=N]
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from absl import app, flags
 
 from imagen_jax import stages
 from imagen_jax.config_utils import define_config_file
+from imagen_jax.training import caption_trainer, vae_trainer
 from imagen_jax.training import checkpoint as ckpt_lib
-from imagen_jax.training import vae_trainer
 
 
 def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -66,20 +70,40 @@ def export_vae(
     return vae_trainer.write_vae(outdir, config, net, params)
 
 
+def export_captioner(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str,
+    *,
+    step: int | None = None,
+    ema: bool = True,
+) -> str:
+    """Writes the captioner of a run's checkpoint (default: the latest; EMA weights unless
+    `ema` is False) as a Hugging Face GIT directory (`caption_trainer.write_captioner`:
+    float16 weights, the MiniLM tokenizer, preprocessing and generation settings)."""
+    params, net, _ = ckpt_lib.restore_params(config, workdir, step, ema=ema)
+    return caption_trainer.write_captioner(outdir, config, net, params)
+
+
 _CONFIG = define_config_file("config", None, "The run's config file.")
 flags.DEFINE_string("workdir", None, "The training workdir.")
 flags.DEFINE_string("outdir", None, "The stage (or diffusers vae/) directory to write.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_enum("dtype", "float16", list(stages.STORAGE_DTYPES), "Stage storage dtype.")
-flags.DEFINE_bool("ema", True, "VAE runs: export the EMA weights (--noema: the raw weights).")
+flags.DEFINE_bool(
+    "ema", True, "VAE and captioner runs: the EMA weights (--noema: the raw weights)."
+)
 
 
 def main(argv):
     del argv
     f = flags.FLAGS
     config = _CONFIG.value
-    if config.model.get("family", "imagen") == "vae":
+    family = config.model.get("family", "imagen")
+    if family == "vae":
         print(export_vae(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
+    elif family == "git":
+        print(export_captioner(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
     else:
         print(export_stage(config, f.workdir, f.outdir, step=f.step, storage_dtype=f.dtype))
 

@@ -35,7 +35,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from imagen_jax import parallel, stages
-from imagen_jax.models import imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import git, imagen_unet, latent_mmdit, latent_unet, vae
 from imagen_jax.training.config import LATENT_FAMILIES, network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -54,13 +54,13 @@ class Network:
     """The static half of the network: its graph and config; `rest` is the non-parameter
     state (replicated arrays), created by `init_rest`."""
 
-    cfg: Any  # UNetConfig | LatentUNetConfig | LatentMMDiTConfig | VAEConfig (by family)
+    cfg: Any  # UNetConfig | LatentUNetConfig | LatentMMDiTConfig | VAEConfig | GitConfig
     graphdef: Any
     abstract_params: Any  # nested dict of ShapeDtypeStruct
     abstract_rest: Any  # nnx.State of ShapeDtypeStruct
     dtype: Any
     param_dtype: Any
-    family: str = "imagen"  # imagen | sd_unet | mmdit | vae (config.model.family)
+    family: str = "imagen"  # imagen | sd_unet | mmdit | vae | git (config.model.family)
 
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -70,6 +70,8 @@ class Network:
             return latent_mmdit.LatentMMDiT(self.cfg, **kw)
         if self.family == "vae":
             return vae.AutoencoderKL(self.cfg, **kw)
+        if self.family == "git":
+            return git.GitForCausalLM(self.cfg, **kw)
         return imagen_unet.ImagenUNet(self.cfg, **kw)
 
     def merge(self, params, rest) -> nnx.Module:
@@ -86,8 +88,8 @@ class Network:
 
     @property
     def text_dim(self) -> int | None:
-        """The width of the text tokens it attends to (None for the VAE)."""
-        return None if self.family == "vae" else self.cfg.text_dim
+        """The width of the text tokens it attends to (None for the VAE and the captioner)."""
+        return None if self.family in ("vae", "git") else self.cfg.text_dim
 
     @property
     def text_dim_key(self) -> str:
@@ -102,6 +104,8 @@ class Network:
             return len(self.cfg.channel_mult)
         if self.family in LATENT_FAMILIES:
             return self.cfg.num_levels
+        if self.family == "git":
+            return 1  # any size the patches tile (GitConfig checks it)
         return len(self.cfg.block_out_channels)
 
 

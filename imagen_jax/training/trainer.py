@@ -13,7 +13,8 @@ them).
 stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE of
 `latent.vae` before the step, `latent_space.py`, and the sample grid decodes its latents
 with it) or "vae" (the autoencoder itself: `vae_trainer.train_vae`, the same loop with its
-own step).
+own step) or "git" (a GIT captioner: `caption_trainer.train_captioner`, the same loop with
+the captioning step).
 """
 
 from __future__ import annotations
@@ -24,9 +25,16 @@ from absl import logging
 
 from imagen_jax.text.cache import EmbeddingCache
 from imagen_jax.text.config import make_text_encoder, text_width
+from imagen_jax.training import (
+    caption_trainer,
+    latent_space,
+    loop,
+    periodic_eval,
+    sample_grid,
+    vae_trainer,
+)
 from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
-from imagen_jax.training import latent_space, loop, periodic_eval, sample_grid, vae_trainer
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
 from imagen_jax.training.config import LATENT_FAMILIES, check_config
@@ -72,6 +80,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     """
     if config.model.get("family", "imagen") == "vae":
         return vae_trainer.train_vae(config, workdir)
+    if config.model.get("family", "imagen") == "git":
+        return caption_trainer.train_captioner(config, workdir)
     check_config(config)
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):

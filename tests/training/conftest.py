@@ -11,12 +11,14 @@ keeps a worker from reading an entry the other is still writing.
 """
 
 import importlib
+import json
 import os
 import pathlib
 import sys
 import tempfile
 
 import jax
+import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -56,3 +58,46 @@ def tiny(stage: str = "shapes_base", *, steps: int = 2, mesh=None, **train):
     if mesh is not None:
         config.mesh = mesh
     return config
+
+
+# Resume tests: a run killed mid-way resumes to the uninterrupted run's state, bit for bit.
+
+
+class Crash(Exception):
+    """Raised into a run to kill it (`patch_batches`)."""
+
+
+def host_tree(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def assert_same_tree(a, b):
+    jax.tree.map(np.testing.assert_array_equal, host_tree(a), host_tree(b))
+
+
+def checkpoint_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def logged_steps(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def patch_batches(monkeypatch, on_call: int, action):
+    """Applies `action(batch)` to the step's global batch from the `on_call`-th on."""
+    from imagen_jax.training import loop
+
+    original = loop.device_batch
+    calls = []
+
+    def device_batch(*args):
+        calls.append(1)
+        batch = original(*args)
+        return action(batch) if len(calls) >= on_call else batch
+
+    monkeypatch.setattr(loop, "device_batch", device_batch)
+
+
+def crash(batch):
+    raise Crash

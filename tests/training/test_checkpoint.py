@@ -3,7 +3,6 @@ step once), a run stopped by SIGTERM checkpoints its step and train.py exits 143
 checkpoint restores onto another device count, and runs stop loudly on another model's
 checkpoint or a NaN loss."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,16 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, tiny
+from conftest import (
+    ROOT,
+    Crash,
+    assert_same_tree,
+    checkpoint_steps,
+    host_tree,
+    logged_steps,
+    patch_batches,
+    tiny,
+)
 from safetensors.numpy import load_file, save_file
 
 from imagen_jax import stages
@@ -25,44 +33,9 @@ from imagen_jax.training import (
     Preempted,
     checkpoint,
     export,
-    loop,
     train_and_evaluate,
 )
 from imagen_jax.training import state as state_lib
-
-
-class Crash(Exception):
-    pass
-
-
-def _host(tree):
-    return jax.tree.map(np.asarray, jax.device_get(tree))
-
-
-def _assert_same(a, b):
-    jax.tree.map(np.testing.assert_array_equal, _host(a), _host(b))
-
-
-def _checkpoints(workdir):
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def _logged_steps(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["step"] for line in lines]
-
-
-def _patch_batches(monkeypatch, on_call: int, action):
-    """Applies `action(batch)` to the step's global batch from the `on_call`-th on."""
-    original = loop.device_batch
-    calls = []
-
-    def device_batch(*args):
-        calls.append(1)
-        batch = original(*args)
-        return action(batch) if len(calls) >= on_call else batch
-
-    monkeypatch.setattr(loop, "device_batch", device_batch)
 
 
 @pytest.fixture(scope="module")
@@ -80,17 +53,17 @@ def test_resumed_run_matches_uninterrupted_run(reference, tmp_path, monkeypatch)
         raise Crash
 
     with monkeypatch.context() as m:
-        _patch_batches(m, 3, crash)  # dies while fetching step 3's batch
+        patch_batches(m, 3, crash)  # dies while fetching step 3's batch
         with pytest.raises(Crash):
             train_and_evaluate(config, str(tmp_path))
-    assert _checkpoints(tmp_path) == [2]
+    assert checkpoint_steps(tmp_path) == [2]
     # As if killed (kill -9) after logging steps past the checkpoint, in the middle of a line:
     # the resumed run logs those steps again, each once.
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 9.0}\n{"step": 4, "loss": 9.0}\n{"step": 5, "lo')
     state, metrics = train_and_evaluate(config, str(tmp_path))
-    _assert_same(state, reference[1])  # params, EMA, optimizer state, step, key: bitwise
-    assert _logged_steps(tmp_path) == [1, 2, 3]
+    assert_same_tree(state, reference[1])  # params, EMA, optimizer state, step, key: bitwise
+    assert logged_steps(tmp_path) == [1, 2, 3]
     assert metrics["loss"] != 9.0
 
     # The reference run's checkpoint 2 was saved asynchronously just before step 3
@@ -98,7 +71,7 @@ def test_resumed_run_matches_uninterrupted_run(reference, tmp_path, monkeypatch)
     resumed = tmp_path / "from_reference"
     shutil.copytree(reference[0] / "checkpoints" / "2", resumed / "checkpoints" / "2")
     state, _ = train_and_evaluate(config, str(resumed))
-    _assert_same(state, reference[1])
+    assert_same_tree(state, reference[1])
 
 
 def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(
@@ -112,15 +85,15 @@ def test_sigterm_checkpoints_the_step_and_resumes_to_the_same_weights(
 
     previous = signal.getsignal(signal.SIGTERM)
     with monkeypatch.context() as m:
-        _patch_batches(m, 1, sigterm)  # arrives while step 1's batch is prepared
+        patch_batches(m, 1, sigterm)  # arrives while step 1's batch is prepared
         with pytest.raises(Preempted, match="after step 1") as stopped:
             train_and_evaluate(config, str(tmp_path))
     assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
     assert stopped.value.step == 1 and stopped.value.signum == signal.SIGTERM
     assert int(stopped.value.state.step) == 1 and np.isfinite(stopped.value.metrics["loss"])
-    assert _checkpoints(tmp_path) == [1]  # saved off the checkpoint_every grid
+    assert checkpoint_steps(tmp_path) == [1]  # saved off the checkpoint_every grid
     state, _ = train_and_evaluate(config, str(tmp_path))
-    _assert_same(state, reference[1])
+    assert_same_tree(state, reference[1])
 
 
 def test_sigterm_on_the_last_step_finishes_the_run(tmp_path, monkeypatch):
@@ -130,9 +103,9 @@ def test_sigterm_on_the_last_step_finishes_the_run(tmp_path, monkeypatch):
         os.kill(os.getpid(), signal.SIGTERM)
         return batch
 
-    _patch_batches(monkeypatch, 2, sigterm)  # arrives while step 2 (the last) is prepared
+    patch_batches(monkeypatch, 2, sigterm)  # arrives while step 2 (the last) is prepared
     state, _ = train_and_evaluate(tiny(steps=2), str(tmp_path))
-    assert int(state.step) == 2 and _checkpoints(tmp_path) == [2]
+    assert int(state.step) == 2 and checkpoint_steps(tmp_path) == [2]
 
 
 def _train_py(workdir, *overrides) -> list[str]:
@@ -184,8 +157,8 @@ def test_train_py_exits_143_when_sigterm_stops_it_and_0_once_resumed_to_the_end(
         finally:
             proc.kill()
     assert code == PREEMPTED_EXIT_CODE == 143, log.read_text()[-4000:]
-    stopped = _logged_steps(workdir)[-1]
-    assert 1 <= stopped < 1000 and _checkpoints(workdir) == [stopped]
+    stopped = logged_steps(workdir)[-1]
+    assert 1 <= stopped < 1000 and checkpoint_steps(workdir) == [stopped]
     assert f"after step {stopped}" in log.read_text()
 
     steps = f"--config.train.steps={stopped + 1}"  # resume for one more step, to the end
@@ -194,8 +167,8 @@ def test_train_py_exits_143_when_sigterm_stops_it_and_0_once_resumed_to_the_end(
     )
     assert rerun.returncode == 0, rerun.stderr[-4000:]
     assert f"Resumed from {workdir / 'checkpoints'}/{stopped}" in rerun.stderr
-    assert _checkpoints(workdir)[-1] == stopped + 1
-    assert _logged_steps(workdir) == list(range(1, stopped + 2))
+    assert checkpoint_steps(workdir)[-1] == stopped + 1
+    assert logged_steps(workdir) == list(range(1, stopped + 2))
 
 
 @pytest.mark.parametrize("mesh", [[("data", 1)], [("data", 4), ("fsdp", 2)]])
@@ -208,7 +181,7 @@ def test_checkpoint_restores_onto_another_mesh(reference, mesh, tmp_path):
         assert kernel.sharding.device_set == {jax.devices()[0]}
     else:
         assert "fsdp" in tuple(kernel.sharding.spec)
-    _assert_same(state, saved)
+    assert_same_tree(state, saved)
 
 
 def test_new_run_starts_from_an_exported_stage(reference, tmp_path):
@@ -224,7 +197,7 @@ def test_new_run_starts_from_an_exported_stage(reference, tmp_path):
     state, _ = train_and_evaluate(config, str(tmp_path / "run"))
 
     def largest_gap(tree):
-        got = stages.flatten(_host(tree))
+        got = stages.flatten(host_tree(tree))
         assert got.keys() == weights.keys()
         return max(float(np.abs(got[k] - weights[k]).max()) for k in weights)
 
@@ -262,10 +235,10 @@ def test_another_models_checkpoint_stops_the_run(reference, tmp_path):
 
 def test_nan_loss_stops_before_saving(tmp_path, monkeypatch):
     nan_text = lambda batch: dict(batch, text=batch["text"] * np.nan)  # noqa: E731
-    _patch_batches(monkeypatch, 3, nan_text)
+    patch_batches(monkeypatch, 3, nan_text)
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan.*checkpoint is step 2"):
         train_and_evaluate(tiny(steps=3, checkpoint_every=2), str(tmp_path))
-    assert _checkpoints(tmp_path) == [2]
+    assert checkpoint_steps(tmp_path) == [2]
 
 
 def test_init_from_grows_zero_positional_embeddings(reference, tmp_path):
@@ -279,7 +252,7 @@ def test_init_from_grows_zero_positional_embeddings(reference, tmp_path):
     config.model.pos_emb = True
     config.train.init_from = stage
     state, _ = train_and_evaluate(config, str(tmp_path / "run"))
-    got = stages.flatten(_host(state.params))
+    got = stages.flatten(host_tree(state.params))
     grown = sorted(set(got) - set(weights))
     assert grown and all(key.split("/")[-2] == "pos" for key in grown)
     lr = config.optim.lr
@@ -299,7 +272,7 @@ def test_init_from_grows_a_fresh_text_refiner(reference, tmp_path):
     config.model.text_refiner = 1
     config.train.init_from = stage
     state, _ = train_and_evaluate(config, str(tmp_path / "run"))
-    got = stages.flatten(_host(state.params))
+    got = stages.flatten(host_tree(state.params))
     grown = sorted(set(got) - set(weights))
     assert grown and all(key.startswith("text_refiner/") for key in grown)
     lr = config.optim.lr

@@ -147,7 +147,9 @@ def test_values_that_cannot_work_stop_the_run_by_name(group, key, value, message
     assert not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("stage", [*STAGES, "shapes_vae", "shapes_latent", "shapes_mmdit"])
+@pytest.mark.parametrize(
+    "stage", [*STAGES, "shapes_vae", "shapes_latent", "shapes_mmdit", "shapes_captioner"]
+)
 @pytest.mark.parametrize("arg", ["", "runlocal"])
 def test_every_stage_config_passes_the_value_checks(stage, arg):
     training.check_config(stage_config(stage, arg))

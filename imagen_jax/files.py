@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -74,3 +75,23 @@ def folder_sha256(folder: str, suffixes=WEIGHT_SUFFIXES) -> str:
     for rel, digest in sorted(entries):
         h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
+
+
+def read_jsonl(path: str | os.PathLike, *, key: str | None = "file") -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL file (a manifest, a captions
+    file), each a JSON object with a string under `key` (None: any object). An error names
+    the file and the line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict) or (key is not None and not isinstance(obj.get(key), str)):
+                wanted = f" with a string {key!r}" if key else ""
+                raise ValueError(f"{path}:{n}: expected a JSON object{wanted}")
+            out.append((n, obj))
+    return out

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import math
 import os
 import re
@@ -64,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from imagen_jax import files
 from imagen_jax.evaluation.evaluators import Samples
 from imagen_jax.shapes import accuracy as shapes_accuracy
 from imagen_jax.shapes import geometry, grammar, scorer
@@ -353,20 +353,8 @@ class CaptionParseAccuracy:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of a JSONL file, one per non-blank line; errors name the line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("file"), str):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a string 'file'")
-            out.append(obj)
-    return out
+    """The JSON objects of a JSONL file with a string 'file' each; errors name the line."""
+    return [obj for _, obj in files.read_jsonl(path)]
 
 
 def caption_records(captions: str, references: str | None = None) -> list[dict]:

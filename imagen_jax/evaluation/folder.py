@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from imagen_jax import files as files_lib
 from imagen_jax.evaluation import fid, inception
 
 MANIFEST = "manifest.jsonl"
@@ -36,15 +37,7 @@ def list_images(folder: str | os.PathLike) -> list[pathlib.Path]:
     manifest = folder / MANIFEST
     if manifest.is_file():
         files = []
-        for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{manifest}:{i}: not JSON ({e})") from None
-            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
-                raise ValueError(f"{manifest}:{i}: expected an object with a string 'file'")
+        for i, entry in files_lib.read_jsonl(manifest):
             path = folder / entry["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"{manifest}:{i}: image {str(path)!r} is missing")

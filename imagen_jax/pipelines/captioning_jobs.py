@@ -93,21 +93,12 @@ def list_images(folder: str, *, outdir: str | None = None) -> list[ImageItem]:
 
 def _from_manifest(manifest: str) -> list[ImageItem]:
     items, seen = [], {}
-    with open(manifest, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{manifest}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("file"), str):
-                raise ValueError(f"{manifest}:{n}: expected a JSON object with a string 'file'")
-            file = record["file"].replace(os.sep, "/")
-            if file in seen:
-                raise ValueError(f"{manifest}:{n}: {file!r} is listed again (line {seen[file]})")
-            seen[file] = n
-            items.append(ImageItem(file, record))
+    for n, record in files.read_jsonl(manifest):
+        file = record["file"].replace(os.sep, "/")
+        if file in seen:
+            raise ValueError(f"{manifest}:{n}: {file!r} is listed again (line {seen[file]})")
+        seen[file] = n
+        items.append(ImageItem(file, record))
     return items
 
 

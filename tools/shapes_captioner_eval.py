@@ -1,0 +1,99 @@
+"""Parse accuracy of a shapes captioner, per kind of scene, on both splits of the shapes domain.
+
+    python tools/shapes_captioner_eval.py                                # the shipped one
+    python tools/shapes_captioner_eval.py --captioner=runs/shapes_captioner/captioner \
+        --per_task=200 --out=/tmp/captioner_eval.json
+
+For each split (`train`; `heldout`: every scene shows a colour-shape pair or a layout that
+training never showed, `imagen_jax/shapes/splits.py`) and each of the six kinds of scene
+(`shapes.TASKS`), `--per_task` scenes are drawn as the shapes data source draws them (scene
+i from the generator seeded by (seed, i); `--seed` differs from the training data's 0),
+rendered at the captioner's input size and captioned greedily. A caption is judged by
+`imagen_jax.evaluation.captioning.judge` against the renderer's exact scene: parsed by
+`shapes.grammar.parse_prompt`, every object, colour, size, count, relation and background it
+states must hold, and its counts of each named shape must be exact; unparseable = wrong.
+
+Prints one table (accuracy per kind of scene and overall, per split), a few wrong captions
+with why, and writes the numbers as JSON with `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import app, flags
+
+from imagen_jax.evaluation import captioning as caption_eval
+from imagen_jax.pipelines import captioning
+from imagen_jax.shapes import TASKS
+from imagen_jax.shapes.render import render
+from imagen_jax.shapes.tasks import sample_example
+
+flags.DEFINE_string("captioner", "checkpoints/shapes/captioner", "A GIT directory.")
+flags.DEFINE_integer("per_task", 100, "Scenes per kind of scene and split.")
+flags.DEFINE_list("splits", ["heldout", "train"], "Splits to measure.")
+flags.DEFINE_integer("seed", 1, "Scene i is drawn from (seed, i); training drew from seed 0.")
+flags.DEFINE_integer("max_length", 24, "Greedy decoding: tokens, [CLS] included.")
+flags.DEFINE_integer("batch_size", 64, "Images per compiled batch.")
+flags.DEFINE_integer("show", 3, "Wrong captions shown per split.")
+flags.DEFINE_string("out", "", "Write the results as JSON here.")
+
+
+def scenes(split: str, task: str, n: int, seed: int, resolution: int):
+    """(image, record) of scenes 0..n-1 of a task: as `data.ShapesSource(task=...)` draws
+    them, with the scene that `evaluation.captioning.judge` checks captions against."""
+    for i in range(n):
+        example = sample_example(np.random.default_rng([seed, i]), task=task, split=split)
+        record = {"scene": example.scene.to_dict(), "task": task, "true": example.caption}
+        yield render(example.scene, resolution), record
+
+
+def measure(captioner, split: str, per_task: int, seed: int) -> tuple[dict, list]:
+    """(summary of `evaluation.captioning.summarize`, [(caption, record, verdict)])."""
+    resolution = captioner.processor.output_size(1, 1)[0]
+    images, records = [], []
+    for task in TASKS:
+        for image, record in scenes(split, task, per_task, seed, resolution):
+            images.append(image)
+            records.append(record)
+    captions = captioner(images)
+    verdicts = [caption_eval.judge(c, r) for c, r in zip(captions, records, strict=True)]
+    return caption_eval.summarize(verdicts), list(zip(captions, records, verdicts, strict=True))
+
+
+def format_table(results: dict) -> str:
+    header = "| split | " + " | ".join(TASKS) + " | overall | captions |"
+    lines = [header, "|" + " --- |" * (len(TASKS) + 3)]
+    for split, summary in results.items():
+        cells = [f"{summary['tasks'][t]['accuracy']:.3f}" for t in TASKS]
+        lines.append(
+            f"| {split} | " + " | ".join(cells) + f" | **{summary['overall']:.3f}** | "
+            f"{summary['judged']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    f = flags.FLAGS
+    captioner = captioning.load_captioner(
+        f.captioner, max_length=f.max_length, batch_size=f.batch_size
+    )
+    results = {}
+    for split in f.splits:
+        summary, rows = measure(captioner, split, f.per_task, f.seed)
+        results[split] = summary
+        wrong = [row for row in rows if row[2].status == "wrong"][: f.show]
+        for caption, record, verdict in wrong:
+            print(f"[{split}/{record['task']}] {caption!r} (drawn as {record['true']!r}): "
+                  f"{'; '.join(verdict.reasons)}")  # fmt: skip
+    print(format_table(results))
+    if f.out:
+        with open(f.out, "w") as out:
+            json.dump({"captioner": f.captioner, "per_task": f.per_task, "seed": f.seed,
+                       "results": results}, out, indent=2)  # fmt: skip
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imagen_jax.text.config import _minilm_path
+from imagen_jax.text.tokenizer import Tokenizer
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
 
@@ -52,12 +54,20 @@ def output_vocab(config) -> np.ndarray | None:
     return shapes_vocab()
 
 
+def tokenizer_dir() -> str:
+    """The directory of the tokenizer the captioner is trained with: the frozen MiniLM's."""
+    return _minilm_path()
+
+
+def make_tokenizer_of(max_length: int) -> Tokenizer:
+    return Tokenizer.from_dir(tokenizer_dir(), max_length)
+
+
 @functools.cache
 def shapes_vocab(max_length: int = 64) -> np.ndarray:
     """The MiniLM WordPiece ids of every word the shapes grammar writes, and [SEP]: the
     tokens of its vocabulary lists and of 4,000 captions drawn from both splits."""
     from imagen_jax.shapes import grammar, spec, tasks
-    from imagen_jax.training.caption_trainer import make_tokenizer_of
 
     words = [
         *spec.COLORS, *spec.SHAPES, *spec.PLURALS.values(), *spec.BACKGROUNDS,

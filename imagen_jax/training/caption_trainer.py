@@ -39,7 +39,6 @@ from imagen_jax.data import ShapesSource
 from imagen_jax.images import ImageProcessor
 from imagen_jax.models import git
 from imagen_jax.pipelines import captioning
-from imagen_jax.text.config import _minilm_path
 from imagen_jax.text.tokenizer import Tokenizer
 from imagen_jax.training import caption_step, loop
 from imagen_jax.training import checkpoint as ckpt_lib
@@ -57,17 +56,11 @@ TOKENIZER_FILES = (
 )
 
 
-def tokenizer_dir() -> str:
-    """The directory of the tokenizer the captioner is trained with: the frozen MiniLM's."""
-    return _minilm_path()
-
-
-def make_tokenizer_of(max_length: int) -> Tokenizer:
-    return Tokenizer.from_dir(tokenizer_dir(), max_length)
+tokenizer_dir = caption_step.tokenizer_dir
 
 
 def make_tokenizer(config) -> Tokenizer:
-    return make_tokenizer_of(config.caption_loss.max_length)
+    return caption_step.make_tokenizer_of(config.caption_loss.max_length)
 
 
 class TokenizedCaptions(grain.DatasetIterator):

@@ -12,9 +12,8 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from test_deepfloyd import t5_tokenizer, tiny_t5
 from test_latent_pipelines import assert_images_close, to_nchw
-from tiny_diffusers import clip_text, tiny_vae
+from tiny_diffusers import clip_text, t5_tokenizer, tiny_t5, tiny_vae
 
 from imagen_jax.pipelines import sd3
 from imagen_jax.pipelines.public import load_latent_pipeline

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from imagen_jax.data import ShapesSource
 from imagen_jax.images import ImageProcessor
@@ -41,9 +40,7 @@ from imagen_jax.models import git
 from imagen_jax.pipelines import captioning
 from imagen_jax.text.tokenizer import Tokenizer
 from imagen_jax.training import caption_step, loop
-from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
-from imagen_jax.training import state as state_lib
 from imagen_jax.training.config import check_config
 
 EXPORT_DIR = "captioner"
@@ -139,42 +136,17 @@ def train_captioner(config: ml_collections.ConfigDict, workdir: str):
     exports `workdir/captioner/`. Returns (final TrainState, metrics of the last logged
     step). A run that SIGTERM stops early raises `loop.Preempted` and exports nothing."""
     check_config(config)
-    mesh = loop.make_mesh(config)
     tokenizer = make_tokenizer(config)
-    with jax.set_mesh(mesh):
-        net = loop.make_stage_network(config, mesh)
-        tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-        checkpointer = ckpt_lib.Checkpointer(
-            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
-        )
-        data = None
-        try:
-            data = TokenizedCaptions(input_lib.make_input(config), tokenizer)
-            state, shardings, rest = loop.make_state(config, net, tx, mesh, checkpointer, data)
-            train_step = caption_step.make_caption_train_step(
-                config, net, tx, lr_schedule, mesh, shardings, rest
-            )
-            state, metrics = loop.train_loop(
-                config,
-                workdir,
-                mesh,
-                net,
-                None,  # the captions are tokenized, not encoded
-                data,
-                state,
-                rest,
-                train_step,
-                checkpointer,
-                make_grid=lambda batch: CaptionSamples(config, net, workdir, batch, tokenizer),
-            )
-        finally:
-            checkpointer.close()
-            if data is not None:
-                data.close()
-        params = multihost_utils.process_allgather(state.ema_params, tiled=True)
-    if jax.process_index() == 0:
-        write_captioner(os.path.join(workdir, EXPORT_DIR), config, net, params)
-    return state, metrics
+    return loop.train_and_export(
+        config,
+        workdir,
+        make_data=lambda c: TokenizedCaptions(input_lib.make_input(c), tokenizer),
+        make_step=caption_step.make_caption_train_step,
+        make_grid=lambda net, mesh, batch: CaptionSamples(config, net, workdir, batch, tokenizer),
+        export=lambda net, params: write_captioner(
+            os.path.join(workdir, EXPORT_DIR), config, net, params
+        ),
+    )
 
 
 def write_captioner(outdir: str, config, net, params, *, dtype=np.float16) -> str:

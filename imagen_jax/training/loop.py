@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 
 from imagen_jax import parallel
 from imagen_jax.text.config import encode_captions
+from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import metrics as metrics_lib
 from imagen_jax.training import state as state_lib
@@ -284,3 +285,44 @@ def train_loop(
         logging.warning("%s", preempted)
         raise preempted
     return state, last
+
+
+def train_and_export(config, workdir, *, make_data, make_step, make_grid, export):
+    """The run of an objective without a text encoder (the VAE, the captioner): mesh,
+    network, optimizer, checkpoints with resume, `train_loop`, then `export(net, params)`
+    of the gathered EMA weights on process 0. make_data(config) -> the batch iterator;
+    make_step(config, net, tx, lr_schedule, mesh, shardings, rest) -> the jitted step;
+    make_grid(net, mesh, batch) -> the periodic sample writer. Returns (state, metrics)."""
+    mesh = make_mesh(config)
+    with jax.set_mesh(mesh):
+        net = make_stage_network(config, mesh)
+        tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+        checkpointer = ckpt_lib.Checkpointer(
+            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
+        )
+        data = None
+        try:
+            data = make_data(config)
+            state, shardings, rest = make_state(config, net, tx, mesh, checkpointer, data)
+            train_step = make_step(config, net, tx, lr_schedule, mesh, shardings, rest)
+            state, metrics = train_loop(
+                config,
+                workdir,
+                mesh,
+                net,
+                None,  # no text encoder
+                data,
+                state,
+                rest,
+                train_step,
+                checkpointer,
+                make_grid=lambda batch: make_grid(net, mesh, batch),
+            )
+        finally:
+            checkpointer.close()
+            if data is not None:
+                data.close()
+        params = multihost_utils.process_allgather(state.ema_params, tiled=True)
+    if jax.process_index() == 0:
+        export(net, params)
+    return state, metrics

@@ -29,16 +29,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from PIL import Image
 
 from imagen_jax import parallel
 from imagen_jax.images import image_rows, to_float_image, to_uint8
 from imagen_jax.models import vae as vae_lib
-from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import loop, vae_step
-from imagen_jax.training import state as state_lib
 from imagen_jax.training.config import check_config
 
 EXPORT_DIR = "vae"
@@ -75,41 +72,16 @@ def train_vae(config: ml_collections.ConfigDict, workdir: str):
     exports `workdir/vae/`. Returns (final TrainState, metrics of the last logged step).
     A run that SIGTERM stops early raises `loop.Preempted` and exports nothing."""
     check_config(config)
-    mesh = loop.make_mesh(config)
-    with jax.set_mesh(mesh):
-        net = loop.make_stage_network(config, mesh)
-        tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-        checkpointer = ckpt_lib.Checkpointer(
-            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
-        )
-        data = None
-        try:
-            data = input_lib.make_input(config)
-            state, shardings, rest = loop.make_state(config, net, tx, mesh, checkpointer, data)
-            train_step = vae_step.make_vae_train_step(
-                config, net, tx, lr_schedule, mesh, shardings, rest
-            )
-            state, metrics = loop.train_loop(
-                config,
-                workdir,
-                mesh,
-                net,
-                None,  # no text
-                data,
-                state,
-                rest,
-                train_step,
-                checkpointer,
-                make_grid=lambda batch: ReconstructionGrid(config, net, mesh, workdir, batch),
-            )
-        finally:
-            checkpointer.close()
-            if data is not None:
-                data.close()
-        params = multihost_utils.process_allgather(state.ema_params, tiled=True)
-    if jax.process_index() == 0:
-        write_vae(os.path.join(workdir, EXPORT_DIR), config, net, params)
-    return state, metrics
+    return loop.train_and_export(
+        config,
+        workdir,
+        make_data=input_lib.make_input,
+        make_step=vae_step.make_vae_train_step,
+        make_grid=lambda net, mesh, batch: ReconstructionGrid(config, net, mesh, workdir, batch),
+        export=lambda net, params: write_vae(
+            os.path.join(workdir, EXPORT_DIR), config, net, params
+        ),
+    )
 
 
 def measure_scaling_factor(config, net, params) -> float:

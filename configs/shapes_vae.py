@@ -22,21 +22,33 @@ import ml_collections
 from imagen_jax import training
 from imagen_jax.config_utils import parse_arg
 
-# block_out_channels per down-sampling factor (one level per halving, plus the first).
-_CHANNELS = {4: (32, 64, 128), 8: (32, 64, 128, 128)}
+# block_out_channels per down-sampling factor (one level per halving, plus the first), and
+# the layers per block and GroupNorm groups, per width: "small" is a quarter of the compute of
+# "base" per image (the shipped latent model's VAE: flat-coloured shapes compress easily).
+_CHANNELS = {
+    "base": {4: (32, 64, 128), 8: (32, 64, 128, 128)},
+    "small": {4: (16, 32, 64), 8: (16, 32, 64, 64)},
+}
+_LAYERS = {
+    "base": dict(layers_per_block=2, norm_num_groups=32),
+    "small": dict(layers_per_block=1, norm_num_groups=8),
+}
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, res=64, factor=4, batch=32, steps=50_000)
-    if arg.factor not in _CHANNELS:
-        raise ValueError(f"factor={arg.factor}; expected one of {tuple(_CHANNELS)}")
+    arg = parse_arg(arg, runlocal=False, res=64, factor=4, width="base", batch=32, steps=50_000)
+    if arg.width not in _CHANNELS:
+        raise ValueError(f"width={arg.width!r}; expected one of {tuple(_CHANNELS)}")
+    if arg.factor not in _CHANNELS[arg.width]:
+        raise ValueError(f"factor={arg.factor}; expected one of {tuple(_CHANNELS[arg.width])}")
     config = ml_collections.ConfigDict()
     config.model = training.model_config(
         family="vae",
         variant="shapes",
         resolution=arg.res,
-        block_out_channels=_CHANNELS[arg.factor],
+        block_out_channels=_CHANNELS[arg.width][arg.factor],
         latent_channels=4,
+        **_LAYERS[arg.width],
     )
     config.vae_loss = training.vae_loss_config(
         reconstruction="l1",  # l1 | l2

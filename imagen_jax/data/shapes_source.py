@@ -22,6 +22,8 @@ class ShapesSource:
     resolution: the render resolution. Render at the stage's resolution: the pipeline's
       resize is then the identity, and a super-resolution stage's low-res input is made from
       this render like any other image.
+    wordings: the captions' wording set ("grammar" | "train"; `imagen_jax.shapes.wordings`:
+      "heldout" is refused, no training caption may use a held-out template).
     counterfactuals: records also hold "counterfactual": the caption with the relation
       inverted or the two colours exchanged, worded alike ("" where there is none). The
       scenes and captions are the same either way.
@@ -37,6 +39,7 @@ class ShapesSource:
         task: str | None = None,
         seed: int = 0,
         task_weights: dict[str, float] | None = None,
+        wordings: str = "grammar",
         counterfactuals: bool = False,
         counterfactual_kinds=None,
     ):
@@ -46,6 +49,11 @@ class ShapesSource:
             raise ValueError(f"unknown shapes task {task!r}; expected one of {TASKS}")
         if task_weights is not None:
             check_task_weights(task_weights)
+        if wordings not in ("grammar", "train"):
+            raise ValueError(
+                f"shapes wordings={wordings!r}; training captions use 'grammar' or 'train' "
+                "(the held-out templates are for evaluation only)"
+            )
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
         self.size, self.resolution, self.split, self.task, self.seed = (
@@ -56,6 +64,7 @@ class ShapesSource:
             seed,
         )
         self.task_weights = None if task_weights is None else dict(task_weights)
+        self.wordings = wordings
         self.counterfactuals = bool(counterfactuals)
         self.counterfactual_kinds = check_counterfactual_kinds(counterfactual_kinds)
 
@@ -71,6 +80,7 @@ class ShapesSource:
             task=self.task,
             split=self.split,
             task_weights=self.task_weights,
+            wordings=self.wordings,
             with_counterfactual=self.counterfactuals,
             counterfactual_kinds=self.counterfactual_kinds,
         )
@@ -87,6 +97,7 @@ class ShapesSource:
         return (
             f"ShapesSource(size={self.size}, resolution={self.resolution}, "
             f"split={self.split!r}, task={self.task!r}, seed={self.seed}, "
-            f"task_weights={self.task_weights}, counterfactuals={self.counterfactuals}, "
+            f"task_weights={self.task_weights}, wordings={self.wordings!r}, "
+            f"counterfactuals={self.counterfactuals}, "
             f"counterfactual_kinds={self.counterfactual_kinds})"
         )

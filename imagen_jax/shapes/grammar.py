@@ -23,6 +23,7 @@ import numpy as np
 from imagen_jax.shapes.spec import (
     BACKGROUNDS,
     COLORS,
+    INVERSE_RELATION,
     MAX_COUNT,
     PLURALS,
     RELATIONS,
@@ -119,6 +120,38 @@ def caption(spec: PromptSpec, rng: np.random.Generator) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Words the grammar's captions never use, which the parser reads (the wordings of
+# `imagen_jax.shapes.wordings` use them)
+# ----------------------------------------------------------------------------------------------
+
+# Nouns that name a shape: (singular, plural) -> the shape.
+SHAPE_SYNONYMS = {
+    ("disc", "discs"): "circle",
+    ("box", "boxes"): "square",
+    ("plus sign", "plus signs"): "cross",
+}
+EXTRA_RELATION_WORDS = {"above": ("on top of",), "below": ("underneath",)}
+# "A with B to its right": where B stands relative to A (the relation of B to A).
+ITS_WORDS = {
+    "left of": ("to its left", "on its left"),
+    "right of": ("to its right", "on its right"),
+    "above": ("above it", "over it", "on top of it"),
+    "below": ("below it", "under it", "beneath it", "underneath it"),
+}
+# Framings before the objects, beyond FRAMES and "there is / are".
+EXTRA_FRAMES = (
+    "a rendering of",
+    "an illustration of",
+    "a scene showing",
+    "here you can see",
+    "we see",
+)
+# Joining two object groups, beyond "and".
+JOINERS = ("as well as", "along with", "together with", "alongside", "with")
+# Verbs between an object and its relation ("a circle placed left of a star").
+LINKS = ("that is", "which is", "that sits", "placed", "positioned", "sitting", "located")
+
+# ----------------------------------------------------------------------------------------------
 # Parsing
 # ----------------------------------------------------------------------------------------------
 
@@ -130,38 +163,90 @@ _COUNT = "|".join(["a", "an", *NUMBER_WORDS.values(), r"\d+"])
 _SIZE_OF = {w: name for name, words in SIZE_WORDS.items() for w in words}
 _SINGULAR = {**{s: s for s in PLURALS}, **{p: s for s, p in PLURALS.items()}}
 _COUNT_OF = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
-_RELATION_OF = {w: rel for rel, words in RELATION_WORDS.items() for w in words}
-_SIDE_RELATION = {sides: rel for rel, sides in SIDE_WORDS.items()}
+_RELATION_OF = {
+    w: rel
+    for table in (RELATION_WORDS, EXTRA_RELATION_WORDS)
+    for rel, words in table.items()
+    for w in words
+}
+_ITS_OF = {w: rel for rel, words in ITS_WORDS.items() for w in words}
+# Side words (grammar's "A on the left and B on the right", the wordings' "on the left A, on
+# the right B" and "left: A; right: B") -> which side.
+_SIDE_OF = {
+    "on the left": "left",
+    "on the right": "right",
+    "at the top": "top",
+    "at the bottom": "bottom",
+    "left": "left",
+    "right": "right",
+    "top": "top",
+    "bottom": "bottom",
+}
+_SIDE_RELATION = {
+    ("left", "right"): "left of",
+    ("right", "left"): "right of",
+    ("top", "bottom"): "above",
+    ("bottom", "top"): "below",
+}
 
+
+def _alternatives(words) -> str:
+    return "|".join(sorted(words, key=len, reverse=True))
+
+
+def _synonym_rules():
+    rules = []
+    for (singular, plural), shape in SHAPE_SYNONYMS.items():
+        rules.append((re.compile(rf"\b{plural}\b"), PLURALS[shape]))
+        rules.append((re.compile(rf"\b{singular}\b"), shape))
+    return rules
+
+
+_SYNONYMS = _synonym_rules()
 _NP = re.compile(
     rf"^(?:exactly )?(?P<det>{_COUNT}) "
-    rf"(?:(?P<size>{_SIZE}) )?(?:(?P<color>{_COLOR}) )?(?:(?P<size2>{_SIZE}) )?"
+    rf"(?:(?P<size>{_SIZE}) )?(?:(?P<color>{_COLOR}) (?:colored )?)?(?:(?P<size2>{_SIZE}) )?"
     rf"(?P<noun>{_NOUN})"
-    rf"(?: (?:that (?:is|are)|colored|in) (?P<color2>{_COLOR}))?$"
+    rf"(?: (?:that (?:is|are)|which (?:is|are)|colored|painted|in) (?P<color2>{_COLOR}))?$"
 )
 _BG_PREFIX = re.compile(rf"^(?:a |an |the )?(?P<bg>{_BACKGROUND}) background with ")
 _BG_ANYWHERE = re.compile(
-    rf"(?: (?:on|against|with|over)(?: a| an| the)?)? (?P<bg>{_BACKGROUND}) background\b"
+    rf"(?: (?:on|against|with|over|in front of)(?: a| an| the)?)? (?P<bg>{_BACKGROUND}) "
+    r"background\b"
 )
-_FRAME = re.compile(r"^(?:(?:a|an) (?:photo|picture|drawing|image) (?:of|with)|there (?:is|are)) ")
-_SIDES = re.compile(
-    r"^(?P<a>.+?) (?P<sa>on the left|on the right|at the top|at the bottom) and "
-    r"(?P<b>.+?) (?P<sb>on the left|on the right|at the top|at the bottom)$"
+_BG_CLAUSE = re.compile(rf"(?: and)? the background is (?P<bg>{_BACKGROUND})\b")
+_FRAME = re.compile(
+    r"^(?:(?:a|an) (?:photo|picture|drawing|image) (?:of|with)|there (?:is|are)|"
+    + _alternatives(EXTRA_FRAMES)
+    + r") "
 )
+_SIDE = _alternatives(_SIDE_OF)
+_SIDES = re.compile(rf"^(?P<a>.+?) (?P<sa>{_SIDE}) and (?P<b>.+?) (?P<sb>{_SIDE})$")
+_FRONT_SIDES = re.compile(rf"^(?P<sa>{_SIDE}) (?P<a>.+?) (?:and )?(?P<sb>{_SIDE}) (?P<b>.+)$")
+_REL = _alternatives(_RELATION_OF)
+_ITS = _alternatives(_ITS_OF)
+_WITH_ITS = re.compile(rf"^(?P<a>.+?) with (?P<b>.+?) (?P<its>{_ITS})$")
+_HAS_ITS = re.compile(rf"^(?P<b>.+?) has (?P<a>.+?) (?P<its>{_ITS})$")
+_AND_IT = re.compile(rf"^(?P<b>.+?) and (?P<a>.+?) (?:(?:is|sits) )?(?P<rel>{_REL}) it$")
+_FRONT_RELATION = re.compile(rf"^(?P<rel>{_REL}) (?P<b>.+?) there (?:is|are) (?P<a>.+)$")
 _RELATION = re.compile(
-    r"^(?P<a>.+?) (?:is |are )?(?P<rel>"
-    + "|".join(sorted(_RELATION_OF, key=len, reverse=True))
-    + r") (?P<b>.+)$"
+    rf"^(?P<a>.+?) (?:(?:is|are|{_alternatives(LINKS)}) )?(?P<rel>{_REL}) (?P<b>.+)$"
 )
+_JOIN = re.compile(rf" (?:and|{_alternatives(JOINERS)}) ")
 
 
 def _normalize(text: str) -> str:
     text = text.lower().replace("grey", "gray").replace("colour", "color")
-    text = re.sub(r"[.,;:!?\"'()]", " ", text)
-    return " ".join(text.split())
+    text = re.sub(r"[.,;:!?\"'()]", " ", text).replace("-", " ").replace("backdrop", "background")
+    text = " ".join(text.split())
+    for pattern, word in _SYNONYMS:
+        text = pattern.sub(word, text)
+    return text
 
 
 def _parse_group(phrase: str, fail) -> ObjectSpec:
+    phrase = re.sub(r"^a pair of ", "two ", re.sub(r"^a group of ", "", phrase))
+    phrase = re.sub(r" in total$", "", phrase)
     m = _NP.match(phrase)
     if not m:
         fail(f"cannot read {phrase!r} as an object (e.g. 'a red circle', 'three small stars')")
@@ -184,8 +269,30 @@ def _parse_group(phrase: str, fail) -> ObjectSpec:
     )
 
 
+def _objects_and_relation(s: str, fail) -> tuple[list[str], str | None]:
+    """The object phrases of a sentence without its background and framing, and the
+    relation of the first to the second (None: a list of groups)."""
+    for pattern in (_SIDES, _FRONT_SIDES):
+        if m := pattern.match(s):
+            sides = (_SIDE_OF[m["sa"]], _SIDE_OF[m["sb"]])
+            if sides not in _SIDE_RELATION:
+                fail(f"{m['sa']!r} and {m['sb']!r} are not opposite sides")
+            return [m["a"], m["b"]], _SIDE_RELATION[sides]
+    if m := _WITH_ITS.match(s):  # B stands `its` of A
+        return [m["a"], m["b"]], INVERSE_RELATION[_ITS_OF[m["its"]]]
+    if m := _HAS_ITS.match(s):  # A stands `its` of B
+        return [m["a"], m["b"]], _ITS_OF[m["its"]]
+    for pattern in (_AND_IT, _FRONT_RELATION, _RELATION):
+        if m := pattern.match(s):
+            return [m["a"], m["b"]], _RELATION_OF[m["rel"]]
+    return _JOIN.split(re.sub(r"^both ", "", s)), None
+
+
 def parse_prompt(text: str) -> PromptSpec:
-    """The constraints a prompt states, as a PromptSpec (task None); ValueError if unreadable."""
+    """The constraints a prompt states, as a PromptSpec (task None); ValueError if unreadable.
+
+    The grammar's own captions parse to their spec exactly; other wordings (objects named
+    in another order, "A with B to its right") to a spec with the same `canonical()`."""
     if not isinstance(text, str):
         raise ValueError(f"a prompt must be a string, got {text!r}")
 
@@ -196,28 +303,19 @@ def parse_prompt(text: str) -> PromptSpec:
     background = None
     if m := _BG_PREFIX.match(s):
         background, s = m["bg"], s[m.end() :]
-    if m := _BG_ANYWHERE.search(" " + s):
-        if background is not None:
-            fail("it names the background twice")
-        background = m["bg"]
-        s = (" " + s)[: m.start()] + (" " + s)[m.end() :]
-        s = " ".join(s.split())
-    if _BG_ANYWHERE.search(" " + s):
+    for pattern in (_BG_ANYWHERE, _BG_CLAUSE):
+        if m := pattern.search(" " + s):
+            if background is not None:
+                fail("it names the background twice")
+            background = m["bg"]
+            s = (" " + s)[: m.start()] + (" " + s)[m.end() :]
+            s = " ".join(s.split())
+    if _BG_ANYWHERE.search(" " + s) or _BG_CLAUSE.search(" " + s):
         fail("it names the background twice")
     s = _FRAME.sub("", s, count=1)
     if not s:
         fail("it names no object")
-    relation = None
-    if m := _SIDES.match(s):
-        relation = _SIDE_RELATION.get((m["sa"], m["sb"]))
-        if relation is None:
-            fail(f"{m['sa']!r} and {m['sb']!r} are not opposite sides")
-        phrases = [m["a"], m["b"]]
-    elif m := _RELATION.match(s):
-        relation = _RELATION_OF[m["rel"]]
-        phrases = [m["a"], m["b"]]
-    else:
-        phrases = s.split(" and ")
+    phrases, relation = _objects_and_relation(s, fail)
     groups = tuple(_parse_group(p, fail) for p in phrases)
     if relation is not None and any(g.count != 1 for g in groups):
         fail("a relation can only relate two single objects")

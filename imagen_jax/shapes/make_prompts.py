@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from imagen_jax.shapes import prompt_sets, splits
+from imagen_jax.shapes import prompt_sets
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Where to write; default: the package's files.")
 _CHECK = flags.DEFINE_bool("check", False, "Only compare the files with a fresh generation.")
@@ -21,10 +21,10 @@ _CHECK = flags.DEFINE_bool("check", False, "Only compare the files with a fresh 
 def main(argv):
     del argv
     stale = []
-    for split in splits.SPLITS:
-        packaged = prompt_sets.packaged_path(split)
+    for name in prompt_sets.PROMPT_SETS:
+        packaged = prompt_sets.packaged_path(name)
         path = pathlib.Path(_OUT_DIR.value) / packaged.name if _OUT_DIR.value else packaged
-        fresh = "".join(r.to_json() + "\n" for r in prompt_sets.generate(split))
+        fresh = "".join(r.to_json() + "\n" for r in prompt_sets.generate(name))
         if _CHECK.value:
             if not path.exists() or path.read_text(encoding="utf-8") != fresh:
                 stale.append(str(path))

@@ -247,3 +247,12 @@ class PromptSpec:
     def constraints(self) -> PromptSpec:
         """The same constraints without the task (what a prompt's text alone states)."""
         return dataclasses.replace(self, task=None)
+
+    def canonical(self) -> PromptSpec:
+        """The same constraints with a relation stated as "left of" or "above": "a star
+        right of a circle" and "a circle left of a star" state one thing, and have one
+        canonical spec (the objects in the order the relation then reads)."""
+        if self.relation not in ("right of", "below"):
+            return self
+        a, b = self.objects
+        return dataclasses.replace(self, objects=(b, a), relation=INVERSE_RELATION[self.relation])

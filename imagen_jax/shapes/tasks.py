@@ -30,7 +30,8 @@ import dataclasses
 
 import numpy as np
 
-from imagen_jax.shapes import geometry, grammar, splits
+from imagen_jax.shapes import geometry, splits
+from imagen_jax.shapes import wordings as wordings_lib
 from imagen_jax.shapes.spec import (
     BACKGROUNDS,
     INVERSE_RELATION,
@@ -346,14 +347,16 @@ def sample_example(
     split: str = "train",
     rich: bool | None = None,
     task_weights: dict[str, float] | None = None,
+    wordings: str = "grammar",
     with_counterfactual: bool = False,
     counterfactual_kinds=COUNTERFACTUAL_KINDS,
 ) -> Example:
     """A scene, its spec (with task) and caption. task None: one of the six, uniformly, or
     with probabilities proportional to `task_weights` (task -> weight; missing tasks 0).
     rich (default: split == 'train'): training captions that also name sizes and the
-    background now and then (see module docstring). with_counterfactual: also word
-    `counterfactual(spec, counterfactual_kinds)` as the caption was worded
+    background now and then (see module docstring). wordings: the caption's wording set
+    (`imagen_jax.shapes.wordings`: grammar | train | heldout). with_counterfactual: also
+    word `counterfactual(spec, counterfactual_kinds)` as the caption was worded
     (`Example.counterfactual`)."""
     splits.check_split(split)
     if task_weights is not None:
@@ -366,18 +369,20 @@ def sample_example(
         if scene is not None:
             spec = _enrich(rng, spec, scene) if rich else spec
             wording = copy.deepcopy(rng) if with_counterfactual else None  # worded alike
-            text = grammar.caption(spec, rng)
+            text = wordings_lib.caption(spec, rng, wordings)
             other = None
             if wording is not None:
-                other = _counterfactual_caption(spec, wording, counterfactual_kinds)
+                other = _counterfactual_caption(spec, wording, counterfactual_kinds, wordings)
             return Example(scene, spec, text, other)
 
 
-def _counterfactual_caption(spec: PromptSpec, wording: np.random.Generator, kinds) -> str | None:
+def _counterfactual_caption(
+    spec: PromptSpec, wording: np.random.Generator, kinds, wordings: str
+) -> str | None:
     other = counterfactual(spec, kinds)
     if other is None:
         return None
-    return grammar.caption(other, wording)
+    return wordings_lib.caption(other, wording, wordings)
 
 
 def sample_scene(

@@ -118,6 +118,7 @@ def make_source(cfg: ml_collections.ConfigDict):
             size=cfg.size,
             seed=cfg.seed,
             task_weights=parse_task_weights(cfg.task_weights),
+            wordings=cfg.get("wordings", "grammar"),
             counterfactuals=bool(kinds),
             counterfactual_kinds=kinds or None,
         )

@@ -135,28 +135,30 @@ def test_bad_task_weights_name_the_entry(text, match):
         tasks.parse_task_weights(text)
 
 
-@pytest.mark.parametrize("split", splits.SPLITS)
-def test_prompt_files_are_checked_in_and_regenerate_identically(split, tmp_path):
-    packaged = prompt_sets.packaged_path(split)
+@pytest.mark.parametrize("name", prompt_sets.PROMPT_SETS)
+def test_prompt_files_are_checked_in_and_regenerate_identically(name, tmp_path):
+    packaged = prompt_sets.packaged_path(name)
     fresh = tmp_path / packaged.name
-    prompt_sets.write(prompt_sets.generate(split), fresh)
+    prompt_sets.write(prompt_sets.generate(name), fresh)
     assert packaged.read_bytes() == fresh.read_bytes(), (
         "rerun `python -m imagen_jax.shapes.make_prompts`"
     )
 
 
-@pytest.mark.parametrize("split", splits.SPLITS)
-def test_prompt_files_content(split):
-    records = prompt_sets.load_prompts(split)
+@pytest.mark.parametrize("name", prompt_sets.PROMPT_SETS)
+def test_prompt_files_content(name):
+    split, wording = prompt_sets.PROMPT_SETS[name]
+    records = prompt_sets.load_prompts(name)
     per_task = collections.Counter(r.task for r in records)
-    assert set(per_task) == set(TASKS) and min(per_task.values()) >= 50, per_task
+    least = prompt_sets.VALIDATION_PER_TASK if name == "validation" else 50
+    assert set(per_task) == set(TASKS) and min(per_task.values()) >= least, per_task
     for task in TASKS:
         texts = [r.prompt for r in records if r.task == task]
         assert len(set(texts)) == len(texts)
     for r in records:
-        assert r.split == split
+        assert r.split == split and r.wording == wording
         assert bool(splits.spec_heldout(r.spec)) == (split == "heldout"), r
-    assert len(prompt_sets.load_prompts(split, "counting")) == per_task["counting"]
+    assert len(prompt_sets.load_prompts(name, "counting")) == per_task["counting"]
 
 
 def test_malformed_prompt_file_lines_name_file_and_line(tmp_path):

@@ -7,9 +7,11 @@ accuracy and seconds per image, as one JSON line.
         [--results=docs/results/x.jsonl]
 
 With no --stage it evaluates the shipped default model (`checkpoints/shapes/`);
---base_only keeps the first stage (32 px images). The prompts are the package's fixed
-evaluation prompts (`imagen_jax/shapes/prompts/{train,heldout}.jsonl`, 60 per task), the
-first --prompts_per_task of each task (of each of --tasks: overall is then their mean).
+--base_only keeps the first stage (32 px images). The prompts are a prompt set of the
+package (`imagen_jax/shapes/prompts/<set>.jsonl`: train and heldout in the grammar's
+wordings, 60 per task; heldout_wording, the held-out prompts in held-out wordings; and
+validation, 20 per task, for choosing checkpoints and settings), the first
+--prompts_per_task of each task (of each of --tasks: overall is then their mean).
 Images are written like sample.py writes them (resumable: a rerun with the same --outdir
 scores what is there and makes only the rest); seconds per image are timed after a warm-up
 batch that compiles the stages.
@@ -32,7 +34,9 @@ flags.DEFINE_multi_string(
     "stage", [], "Stage directories, base first (none: the shipped model, checkpoints/shapes/)."
 )
 flags.DEFINE_bool("base_only", False, "Sample the first stage only.")
-flags.DEFINE_enum("split", "heldout", ["heldout", "train"], "Evaluation prompts.")
+flags.DEFINE_enum(
+    "split", "heldout", list(prompt_sets.PROMPT_SETS), "The prompt set (see the docstring)."
+)
 flags.DEFINE_integer("prompts_per_task", 60, "The first N prompts of each task.")
 flags.DEFINE_list("tasks", [], "Only these tasks' prompts (default: all six).")
 flags.DEFINE_integer("images_per_prompt", 4, "Images per prompt.")
@@ -75,14 +79,15 @@ def main(argv):
     summary = jobs.run_job(cascade, entries, f.outdir, **job, settings=settings)
     table = accuracy.evaluate_folder(f.outdir)
     print(accuracy.format_table(table))
+    scored = table["splits"][prompt_sets.PROMPT_SETS[f.split][0]]  # the combinations' split
     line = dict(
         name=f.name,
         split=f.split,
         prompts=len(entries),
         images=len(entries) * f.images_per_prompt,
-        overall=table["splits"][f.split]["overall"],
-        tasks={k: v["accuracy"] for k, v in table["splits"][f.split]["tasks"].items()},
-        failures={k: v["failures"] for k, v in table["splits"][f.split]["tasks"].items()},
+        overall=scored["overall"],
+        tasks={k: v["accuracy"] for k, v in scored["tasks"].items()},
+        failures={k: v["failures"] for k, v in scored["tasks"].items()},
         seconds_per_image=summary["seconds"] / summary["made"] if summary["made"] else None,
         stages=[
             dict(

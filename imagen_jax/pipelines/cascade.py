@@ -12,7 +12,11 @@ Stages are our own (`stages.Stage`) by default. A stage of another kind (DeepFlo
     to both cond and uncond from the previous stage's images (`aug_keys`: one key per row for
     its noise; `size`: this stage's (H, W)), traced under jit;
   - `super_resolution`, `channels` (of the sampled image), `downsampling_factor`;
-  - `encoder`: its own text encoder, or None for the cascade's.
+  - `encoder`: its own text encoder, or None for the cascade's;
+  - `vae` (a latent stage, `stages.LatentStage`): an AutoencoderKL; the stage then samples
+    latents of its size / the VAE's factor (`channels`: the latents') and the VAE decodes
+    them (`latent.decode_latents`) inside the stage, so what it hands on is an image;
+    `downsampling_factor` then counts in image pixels, and `downsampling_note` says why.
 The three kinds of a row's noise come from three keys folded from the row key (tags
 `_NOISE`, `_AUG`, `STEP_NOISE_TAG`; the sampler folds the step index into the last), so the
 initial noise, the augmentation noise and every step's noise are independent.
@@ -43,6 +47,7 @@ from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.adapter import augment_low_res, model_fn
 from imagen_jax.images import to_uint8
 from imagen_jax.pipelines import jobs
+from imagen_jax.pipelines.latent import decode_latents
 from imagen_jax.stages import Stage
 
 _NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation noise
@@ -93,16 +98,22 @@ class _CompiledStage:
             static_argnums=2,
         )
         self.channels = getattr(stage, "channels", None) or stage.unet.in_channels
+        vae = getattr(stage, "vae", None)
+        self.vae_factor = 1 if vae is None else vae.config.downsample_factor
+        self.vae = None if vae is None else nnx.split(vae)  # (graph, state)
 
     def __call__(self, keys, cond, uncond, guidance_scale, size, low_res=None):
-        """keys [B] -> samples [B, H, W, C] at size (H, W) (low_res: the previous stage's)."""
+        """keys [B] -> samples [B, H, W, C] at size (H, W) (low_res: the previous stage's);
+        a latent stage's are its latents decoded by its VAE."""
         if low_res is not None:
             extra = self._low_res(low_res, keys, tuple(size))
             cond, uncond = dict(cond, **extra), dict(uncond, **extra)
         grid = self.sampling.grid
-        z = grid.init_sigma * _row_normal(keys, (*size, self.channels))
+        h, w = (side // self.vae_factor for side in size)
+        z = grid.init_sigma * _row_normal(keys, (h, w, self.channels))
         step_keys = _row_noise_key(keys, STEP_NOISE_TAG)
-        return self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), step_keys)
+        x = self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), step_keys)
+        return x if self.vae is None else decode_latents(*self.vae, x)
 
 
 def _row_noise_key(keys, tag):
@@ -144,9 +155,12 @@ def downsampling_factor(unet) -> int:
     return 2 ** (len(unet.channel_mult) - 1)
 
 
-def _stage_factor(stage) -> int:
+def _stage_factor(stage) -> tuple[int, str]:
+    """(the factor a stage's sides must be multiples of, what it is)."""
     factor = getattr(stage, "downsampling_factor", None)
-    return downsampling_factor(stage.unet) if factor is None else factor
+    if factor is None:
+        return downsampling_factor(stage.unet), "its UNet's downsampling factor"
+    return factor, getattr(stage, "downsampling_note", "its UNet's downsampling factor")
 
 
 def _super_resolution(stage) -> bool:
@@ -179,11 +193,11 @@ def stage_sizes(
             )
         sizes.insert(0, (h * down // up, w * down // up))
     for stage, (h, w) in zip(stages, sizes, strict=True):
-        factor = _stage_factor(stage)
+        factor, what = _stage_factor(stage)
         if h % factor or w % factor:
             raise ValueError(
-                f"{misfit}: stage {stage.path} would sample {h}x{w}, not a multiple of its "
-                f"UNet's downsampling factor {factor} in both sides"
+                f"{misfit}: stage {stage.path} would sample {h}x{w}, not a multiple of "
+                f"{factor} ({what}) in both sides"
             )
     return sizes
 

@@ -292,12 +292,14 @@ class LatentPipeline:
 
     def decode(self, latents: jax.Array) -> np.ndarray:
         """Latents -> images float32 [B, H, W, 3] in [0, 1]."""
-        x = _decode_latents(self._vae_graph, self._vae_state, jnp.asarray(latents, jnp.float32))
+        x = decode_latents(self._vae_graph, self._vae_state, jnp.asarray(latents, jnp.float32))
         return np.asarray(jnp.clip(x / 2 + 0.5, 0.0, 1.0))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _decode_latents(graph, state, latents):
+def decode_latents(graph, state, latents):
+    """Scaled latents [B, h, w, C] -> images [B, H, W, 3] in about [-1, 1], by the VAE
+    `nnx.merge(graph, state)` (its scaling and shift undone)."""
     model = nnx.merge(graph, state)
     return model.images_from_latents(latents)
 

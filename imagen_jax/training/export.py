@@ -1,11 +1,15 @@
 """Export a training run: a pixel stage's EMA weights as a stage directory that sample.py
-reads (`imagen_jax.stages`), an autoencoder run (`model.family = "vae"`) as a diffusers
-`vae/` directory that latent stages (`latent.vae`) and diffusers read, or a captioner run
-(`model.family = "git"`) as a Hugging Face GIT directory that
-`pipelines.captioning.load_captioner` and transformers' `GitForCausalLM` read.
+reads (`imagen_jax.stages`), a latent stage's (`model.family` "mmdit" or "sd_unet") as a
+stage directory that also holds a copy of its frozen VAE (`latent.vae`), an autoencoder
+run (`model.family = "vae"`) as a diffusers `vae/` directory that latent stages
+(`latent.vae`) and diffusers read, or a captioner run (`model.family = "git"`) as a Hugging
+Face GIT directory that `pipelines.captioning.load_captioner` and transformers'
+`GitForCausalLM` read.
 
     python -m imagen_jax.training.export --config=configs/shapes_base.py \
         --workdir=runs/shapes_base --outdir=models/shapes_base [--step=N] [--dtype=float16]
+    python -m imagen_jax.training.export --config=configs/shapes_mmdit.py:vae=VAE_DIR \
+        --workdir=runs/shapes_mmdit --outdir=checkpoints/shapes/latent [--step=N]
     python -m imagen_jax.training.export --config=configs/shapes_vae.py \
         --workdir=runs/shapes_vae --outdir=models/shapes_vae/vae [--step=N] [--noema]
     python -m imagen_jax.training.export --config=configs/shapes_captioner.py \
@@ -19,7 +23,7 @@ from absl import app, flags
 
 from imagen_jax import stages
 from imagen_jax.config_utils import define_config_file
-from imagen_jax.training import caption_trainer, vae_trainer
+from imagen_jax.training import caption_trainer, latent_space, vae_trainer
 from imagen_jax.training import checkpoint as ckpt_lib
 
 
@@ -37,8 +41,29 @@ def export_stage(
     step: int | None = None,
     storage_dtype: str = "float16",
 ) -> str:
-    """Writes the stage directory of a run's (latest) checkpoint; returns outdir."""
+    """Writes the stage directory of a run's (latest) checkpoint, pixel or latent; returns
+    outdir."""
     params, net, step = restore_ema(config, workdir, step)
+    domain = "shapes" if config.data.source == "shapes" else ""
+    if net.family in stages.LATENT_FAMILIES:
+        # The VAE the run trained on: its own weights, checked to fit as training checks.
+        vae, where = latent_space.load_frozen_vae(config.latent.vae, seed=config.train.seed)
+        latent_space.check_latent_stage(config, vae.config, net, where)
+        stages.save_latent_stage(
+            outdir,
+            family=net.family,
+            network=net.cfg,
+            params=params,
+            vae=vae,
+            diffusion=config.diffusion,
+            sample=config.sample,
+            resolution=config.model.resolution,
+            text=config.text.to_dict(),
+            identity=dict(workdir=workdir, step=step, vae=where),
+            domain=domain,
+            storage_dtype=storage_dtype,
+        )
+        return outdir
     stages.save_stage(
         outdir,
         unet=net.cfg,
@@ -50,7 +75,7 @@ def export_stage(
         aug_level=float(config.train.noise_aug.sample_level) if net.cfg.low_res else 0.0,
         text=config.text.to_dict(),
         identity=dict(workdir=workdir, step=step),
-        domain="shapes" if config.data.source == "shapes" else "",
+        domain=domain,
         storage_dtype=storage_dtype,
     )
     return outdir

@@ -34,7 +34,12 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("batch_size", 32, "Images per compiled call (per process).")
 flags.DEFINE_integer("num_beams", 1, "1: greedy decoding; more: beam search.")
-flags.DEFINE_integer("max_length", 20, "Most tokens of a caption, its start token included.")
+flags.DEFINE_integer(
+    "max_length",
+    None,
+    "Most tokens of a caption, its start token included (default: the model's "
+    "generation_config.json max_length, else 20).",
+)
 flags.DEFINE_float(
     "length_penalty", 1.0, "Beam search: a hypothesis scores sum(log p) / length ** this."
 )

@@ -34,7 +34,9 @@ flags.DEFINE_string("captioner", "checkpoints/shapes/captioner", "A GIT director
 flags.DEFINE_integer("per_task", 100, "Scenes per kind of scene and split.")
 flags.DEFINE_list("splits", ["heldout", "train"], "Splits to measure.")
 flags.DEFINE_integer("seed", 1, "Scene i is drawn from (seed, i); training drew from seed 0.")
-flags.DEFINE_integer("max_length", 24, "Greedy decoding: tokens, [CLS] included.")
+flags.DEFINE_integer(
+    "max_length", None, "Greedy decoding: tokens, [CLS] included (default: the model's)."
+)
 flags.DEFINE_integer("batch_size", 64, "Images per compiled batch.")
 flags.DEFINE_integer("show", 3, "Wrong captions shown per split.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")

@@ -371,27 +371,32 @@ class Captioner:
         return captions
 
 
+DEFAULT_MAX_LENGTH = 20  # transformers' generate, when generation_config.json names none
+
+
 def _generation_settings(path: str) -> dict:
-    """bos / eos / pad token ids of generation_config.json, which transformers' generate
-    prefers to config.json's."""
+    """bos / eos / pad token ids and max_length of generation_config.json, which
+    transformers' generate prefers to config.json's."""
     file = os.path.join(path, GENERATION_CONFIG)
     if not os.path.isfile(file):
         return {}
     with open(file) as f:
         hf = json.load(f)
-    return {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in hf}
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id", "max_length")
+    return {k: hf[k] for k in keys if k in hf}
 
 
 def read_decoding(
     path: str | os.PathLike,
     *,
-    max_length: int = 20,
+    max_length: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
 ) -> tuple[Decoding, int | None]:
     """(Decoding, bos_token_id) of a GIT directory's special tokens (config.json, overridden
-    by generation_config.json as in transformers) and the given settings; reads no weights."""
+    by generation_config.json as in transformers) and the given settings; reads no weights.
+    max_length None: generation_config.json's, else transformers' default 20."""
     path = os.fspath(path)
     config = read_git_config(path)  # refuses another model's directory before reading more
     tokens = {
@@ -402,6 +407,8 @@ def read_decoding(
     }
     eos = tokens["eos_token_id"]
     eos = () if eos is None else tuple(eos) if isinstance(eos, list | tuple) else (eos,)
+    if max_length is None:
+        max_length = int(tokens.get("max_length", DEFAULT_MAX_LENGTH))
     decoding = Decoding(
         max_length=max_length,
         num_beams=num_beams,
@@ -416,7 +423,7 @@ def read_decoding(
 def load_captioner(
     path: str | os.PathLike,
     *,
-    max_length: int = 20,
+    max_length: int | None = None,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
@@ -426,7 +433,8 @@ def load_captioner(
 ) -> Captioner:
     """A Captioner from a GIT directory: config.json, model.safetensors (or sharded),
     preprocessor_config.json, tokenizer.json (the BERT WordPiece tokenizer GIT uses) and,
-    if present, generation_config.json for the special token ids (`read_decoding`)."""
+    if present, generation_config.json for the special token ids and the default max_length
+    (`read_decoding`)."""
     path = os.fspath(path)
     decoding, bos_token_id = read_decoding(
         path,
@@ -435,7 +443,7 @@ def load_captioner(
         length_penalty=length_penalty,
         early_stopping=early_stopping,
     )
-    tokenizer = Tokenizer.from_dir(path, max_length)
+    tokenizer = Tokenizer.from_dir(path, decoding.max_length)
     processor = ImageProcessor.from_dir(path)
     return Captioner(
         load_git(path, dtype=dtype),

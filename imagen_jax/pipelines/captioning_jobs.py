@@ -324,7 +324,7 @@ def run_captioning_job(
     outdir: str,
     batch_size: int = 32,
     num_beams: int = 1,
-    max_length: int = 20,
+    max_length: int | None = None,
     length_penalty: float = 1.0,
     overwrite: bool = False,
     progress: bool = True,
@@ -351,7 +351,7 @@ def run_captioning_job(
     jobs.check_outdir(outdir, subfolder=None)  # writable
     captioner = captioning.load_captioner(
         model,
-        max_length=max_length,
+        max_length=decoding.max_length,
         num_beams=num_beams,
         length_penalty=length_penalty,
         batch_size=batch_size,

@@ -280,3 +280,17 @@ def test_the_main_ends_bad_input_in_one_line(model, tmp_path):
         .splitlines()[-1]
         .startswith("caption.py: FileNotFoundError: images folder")
     )
+
+
+def test_max_length_defaults_to_the_generation_config(model, tmp_path):
+    """Without max_length, decoding stops where transformers' generate would: at
+    generation_config.json's max_length, else 20; an explicit value wins."""
+    path = tmp_path / "git"
+    shutil.copytree(model[0], path)
+    generation = path / captioning.GENERATION_CONFIG
+    settings = json.loads(generation.read_text()) if generation.exists() else {}
+    generation.write_text(json.dumps({**settings, "max_length": 7}))
+    assert captioning.read_decoding(path)[0].max_length == 7
+    assert captioning.read_decoding(path, max_length=9)[0].max_length == 9
+    generation.unlink()
+    assert captioning.read_decoding(path)[0].max_length == captioning.DEFAULT_MAX_LENGTH == 20

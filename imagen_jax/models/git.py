@@ -35,13 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from flax.traverse_util import flatten_dict
 
 from imagen_jax.models.vit import CLIPVisionConfig, CLIPVisionEncoder
 from imagen_jax.models.vit import hf_key_map as vision_key_map
 from imagen_jax.text.bert import BertConfig, BertLayer, layer_key_map
 from imagen_jax.text.layers import activation
-from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
+from imagen_jax.weights import (
+    Checkpoint,
+    CheckpointError,
+    Source,
+    checkpoint_tensors,
+    load_into,
+    read_config,
+)
 
 MODEL_TYPE = "git"
 ARCHITECTURES = ("GitForCausalLM",)
@@ -372,28 +378,7 @@ def hf_config(config: GitConfig) -> dict:
 def hf_tensors(params, config: GitConfig, dtype=np.float32) -> dict[str, np.ndarray]:
     """Our parameters (a model, or the nested dict of `nnx.to_pure_dict`) as transformers'
     tensors, by name, in `dtype`: the inverse of `hf_key_map`."""
-    if isinstance(params, nnx.Module):
-        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
-    flat = flatten_dict(params)
-    key_map = hf_key_map(config)
-    missing, unexpected = (
-        sorted(set(key_map) - set(flat), key=str),
-        sorted(set(flat) - set(key_map), key=str),
-    )
-    if missing or unexpected:
-        raise ValueError(
-            f"the parameters do not fit the GIT config: missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all)"
-        )
-    tensors = {}
-    for path, source in key_map.items():
-        array = np.asarray(flat[path], np.float32)
-        if source.transpose:
-            array = array.T
-        elif source.permute is not None:
-            array = np.transpose(array, np.argsort(source.permute))
-        tensors[source.names[0]] = np.ascontiguousarray(array.astype(dtype))
-    return tensors
+    return checkpoint_tensors(params, hf_key_map(config), dtype=dtype, what="GIT")
 
 
 def save_git(path: str | os.PathLike, params, config: GitConfig, *, dtype=np.float32) -> str:

@@ -34,12 +34,18 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from flax.nnx import traversals
 
 from imagen_jax.models.attention import dot_product_attention
 from imagen_jax.models.diffusers_loading import TORCH_CONV_TO_FLAX
 from imagen_jax.models.norm import GroupNorm
-from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
+from imagen_jax.weights import (
+    Checkpoint,
+    CheckpointError,
+    Source,
+    checkpoint_tensors,
+    load_into,
+    read_config,
+)
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
 
 CLASS_NAME = "AutoencoderKL"
@@ -785,25 +791,7 @@ def hf_tensors(params, config: VAEConfig) -> dict[str, np.ndarray]:
     """Our parameters (a model, or the nested dict of `nnx.to_pure_dict`) as diffusers'
     float32 tensors, by name: the inverse of `hf_key_map` (kernels back to PyTorch's
     layouts)."""
-    if isinstance(params, nnx.Module):
-        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
-    flat = traversals.flatten_mapping(params)
-    key_map = hf_key_map(config)
-    missing, unexpected = sorted(set(key_map) - set(flat)), sorted(set(flat) - set(key_map))
-    if missing or unexpected:
-        raise ValueError(
-            f"the parameters do not fit the VAE config: missing {missing[:4]}, unexpected "
-            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all)"
-        )
-    tensors = {}
-    for path, source in key_map.items():
-        array = np.asarray(flat[path], np.float32)
-        if source.transpose:
-            array = array.T
-        elif source.permute is not None:
-            array = np.transpose(array, np.argsort(source.permute))
-        tensors[source.names[0]] = np.ascontiguousarray(array)
-    return tensors
+    return checkpoint_tensors(params, hf_key_map(config), what="VAE")
 
 
 def save_vae(path: str | os.PathLike, params, config: VAEConfig) -> str:

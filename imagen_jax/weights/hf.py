@@ -209,6 +209,12 @@ class Source:
             return array.T
         return array if self.permute is None else np.transpose(array, self.permute)
 
+    def to_checkpoint(self, array: np.ndarray) -> np.ndarray:
+        """One of our parameters in the checkpoint's layout: the inverse of `to_ours`."""
+        if self.transpose:
+            return array.T
+        return array if self.permute is None else np.transpose(array, np.argsort(self.permute))
+
     def checkpoint_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape in the checkpoint of a parameter whose shape is ours `shape`."""
         if self.transpose:
@@ -222,6 +228,30 @@ class Source:
 
 
 KeyMap = Mapping[tuple, Source]
+
+
+def checkpoint_tensors(
+    params, key_map: KeyMap, *, dtype=np.float32, what: str = "model"
+) -> dict[str, np.ndarray]:
+    """Our parameters (a module, or the nested dict of `nnx.to_pure_dict`) as a checkpoint's
+    tensors by name (`Source.names[0]`), in `dtype`: the inverse of `load_into`, what the
+    `save_*` writers of a model store."""
+    if isinstance(params, nnx.Module):
+        params = nnx.to_pure_dict(nnx.state(params, nnx.Param))
+    flat = traversals.flatten_mapping(params)
+    missing = sorted(set(key_map) - set(flat), key=str)
+    unexpected = sorted(set(flat) - set(key_map), key=str)
+    if missing or unexpected:
+        raise ValueError(
+            f"the parameters do not fit the {what} config: missing {missing[:4]}, unexpected "
+            f"{unexpected[:4]} ({len(missing)} and {len(unexpected)} in all)"
+        )
+    return {  # np.array, not np.ascontiguousarray: that makes a scalar 1-D
+        src.names[0]: np.array(
+            src.to_checkpoint(np.asarray(flat[path], np.float32)), dtype=dtype, order="C"
+        )
+        for path, src in key_map.items()
+    }
 
 
 def load_into(

@@ -7,6 +7,10 @@ pooled output taken at the end-of-text token (projected by WithProjection). Stab
 Diffusion 1.x/2.x condition on the last hidden state; SDXL on the penultimate layer
 (`hidden_states[-2]`, without the final norm) of two encoders plus the projected pooled
 output of the second; SD3 on two such CLIPs and a T5.
+
+SigLIP's text tower (Zhai et al. 2023; transformers' `SiglipTextModel`) is the same network
+with `family="siglip"`: no causal mask (only the padding mask), the pooled state is the
+last position's (SigLIP pads to a fixed length), and its projection (`head`) has a bias.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class CLIPTextConfig:
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407  # 2 in configs from before transformers PR #24773: see pool_eos
     projection_dim: int | None = None  # set: CLIPTextModelWithProjection's text_projection
+    family: str = "clip"  # clip | siglip (see the module docstring)
 
     @classmethod
     def from_hf(cls, hf: dict) -> CLIPTextConfig:
@@ -61,9 +66,48 @@ class CLIPTextConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in hf.items() if k in fields}
         values["projection_dim"] = hf.get("projection_dim", 512) if projection else None
-        config = cls(**values)
-        activation(config.hidden_act)
-        return config
+        return cls(**values).checked()
+
+    @classmethod
+    def siglip_from_hf(cls, hf: dict) -> CLIPTextConfig:
+        """From the config.json of a SiglipTextModel or the text_config of a SiglipModel."""
+        if hf.get("model_type") == "siglip":
+            hf = hf.get("text_config") or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        fields -= {"projection_dim", "family", "eos_token_id"}
+        # transformers' SiglipTextConfig defaults (google/siglip-base-patch16-224)
+        values = dict(
+            vocab_size=32000,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            max_position_embeddings=64,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        )
+        values.update({k: v for k, v in hf.items() if k in fields})
+        projection = hf.get("projection_size") or values["hidden_size"]
+        return cls(**values, projection_dim=projection, family="siglip").checked()
+
+    def checked(self) -> CLIPTextConfig:
+        """self, or ValueError naming a setting that the tower cannot take."""
+        if self.family not in ("clip", "siglip"):
+            raise ValueError(f"family={self.family!r}; expected 'clip' or 'siglip'")
+        try:
+            activation(self.hidden_act)
+        except ValueError as e:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: {e}") from None
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        return self
+
+    @property
+    def width(self) -> int:
+        """The width of the pooled output: projection_dim, else hidden_size."""
+        return self.projection_dim or self.hidden_size
 
 
 class LayerConfig(Protocol):
@@ -130,7 +174,8 @@ class CLIPLayer(nnx.Module):
 
 
 class CLIPTextEncoder(nnx.Module):
-    """transformers' CLIPTextModel, or CLIPTextModelWithProjection if projection_dim is set."""
+    """transformers' CLIPTextModel, or CLIPTextModelWithProjection if projection_dim is set;
+    SiglipTextModel if family == "siglip"."""
 
     def __init__(
         self,
@@ -150,7 +195,7 @@ class CLIPTextEncoder(nnx.Module):
             d, epsilon=config.layer_norm_eps, use_fast_variance=False, **kw
         )
         self.text_projection = (
-            nnx.Linear(d, config.projection_dim, use_bias=False, **kw)
+            nnx.Linear(d, config.projection_dim, use_bias=config.family == "siglip", **kw)
             if config.projection_dim
             else None
         )
@@ -158,8 +203,8 @@ class CLIPTextEncoder(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None):
         """input_ids [B, L] int; attention_mask [B, L] (1 = token) or None -> EncoderOutput.
 
-        The mask is always causal; attention_mask also hides padded keys. Stable Diffusion
-        passes none (its padding is the EOS token, which later tokens do attend to).
+        The mask is causal (not in SigLIP); attention_mask also hides padded keys. Stable
+        Diffusion passes none (its padding is the EOS token, which later tokens do attend to).
         """
         length = input_ids.shape[1]
         if length > self.config.max_position_embeddings:
@@ -168,15 +213,18 @@ class CLIPTextEncoder(nnx.Module):
                 f"{self.config.max_position_embeddings}"
             )
         x = self.token_embedding(input_ids) + self.position_embedding(jnp.arange(length))
-        mask = jnp.tril(jnp.ones((length, length), bool))[None, None]  # [1, 1, L, L]
-        if attention_mask is not None:
-            mask = mask & attention_mask.astype(bool)[:, None, None, :]
+        siglip = self.config.family == "siglip"
+        mask = None if siglip else jnp.tril(jnp.ones((length, length), bool))[None, None]
+        if attention_mask is not None:  # [B, 1, 1, L] keys, with the causal [1, 1, L, L]
+            keys = attention_mask.astype(bool)[:, None, None, :]
+            mask = keys if mask is None else mask & keys
         hidden = [x]  # [B, L, D] each
         for layer in self.layers:
             x = layer(x, mask)
             hidden.append(x)
         last = self.final_layer_norm(x)
-        pooled = pool_eos(last, input_ids, self.config.eos_token_id)  # [B, D]
+        eos = self.config.eos_token_id
+        pooled = last[:, -1] if siglip else pool_eos(last, input_ids, eos)  # [B, D]
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)  # [B, projection_dim]
         return EncoderOutput(last, tuple(hidden), pooled)
@@ -197,7 +245,10 @@ def hf_key_map(config: CLIPTextConfig, prefix: str = "text_model.") -> dict[tupl
         ("final_layer_norm", "scale"): Source.of(f"{t}final_layer_norm.weight"),
         ("final_layer_norm", "bias"): Source.of(f"{t}final_layer_norm.bias"),
     }
-    if config.projection_dim:
+    if config.family == "siglip":  # the projection is the tower's own `head`, with a bias
+        m[("text_projection", "kernel")] = Source.of(f"{t}head.weight", transpose=True)
+        m[("text_projection", "bias")] = Source.of(f"{t}head.bias")
+    elif config.projection_dim:
         m[("text_projection", "kernel")] = Source.of("text_projection.weight", transpose=True)
     for i in range(config.num_hidden_layers):
         m.update(layer_key_map(f"{t}encoder.layers.{i}", ("layers", i)))

@@ -28,12 +28,11 @@ The model is a local directory of a full CLIPModel in Hugging Face layout: confi
 model.safetensors, tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) and
 preprocessor_config.json, as published on the Hugging Face hub (e.g.
 openai/clip-vit-large-patch14) and downloaded by the user. Both towers load strictly:
-every tensor is used except `logit_scale` and position_ids buffers.
+every tensor is read (`models.two_towers.load_clip`), only position_ids buffers are skipped.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import re
@@ -48,23 +47,18 @@ from flax import nnx
 from imagen_jax import parallel
 from imagen_jax.evaluation.folder import load_image, read_manifest
 from imagen_jax.images import PREPROCESSOR_FILE, ImageProcessor
-from imagen_jax.models import vit
-from imagen_jax.text import clip
+from imagen_jax.models import two_towers
+from imagen_jax.models.two_towers import CLIPModel
 from imagen_jax.text.tokenizer import TOKENIZER_FILE, Tokenizer
 from imagen_jax.weights import (
     CONFIG_NAME,
     INDEX_NAME,
     WEIGHTS_NAME,
-    Checkpoint,
-    CheckpointError,
-    Source,
-    load_into,
     read_config,
 )
 
 CLAMPS = ("mean", "pair")
 DEFAULT_BACKBONE = "openai/clip-vit-large-patch14"  # torchmetrics' default
-UNUSED = (r"logit_scale", r"(text|vision)_model\.embeddings\.position_ids")
 _DOWNLOAD_HINT = (
     f"CLIP score needs a full CLIPModel in a local directory: {CONFIG_NAME}, {WEIGHTS_NAME}, "
     f"{TOKENIZER_FILE}, tokenizer_config.json, special_tokens_map.json and "
@@ -75,61 +69,8 @@ _DOWNLOAD_HINT = (
 
 
 # ----------------------------------------------------------------------------------------------
-# The model: both towers
+# The model: both towers (`models.two_towers.CLIPModel`)
 # ----------------------------------------------------------------------------------------------
-
-
-class CLIPModel(nnx.Module):
-    """transformers' CLIPModel without its logit scale: the text tower with text_projection
-    and the image tower with visual_projection."""
-
-    def __init__(
-        self,
-        text_config: clip.CLIPTextConfig,
-        vision_config: vit.CLIPVisionConfig,
-        *,
-        rngs: nnx.Rngs,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-    ):
-        if not (text_config.projection_dim and vision_config.projection_dim):
-            raise ValueError("a CLIPModel has a projection_dim on both towers")
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.text_model = clip.CLIPTextEncoder(text_config, **kw)
-        self.vision_model = vit.CLIPVisionEncoder(vision_config, **kw)
-
-    def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
-        """pixel_values [B, S, S, 3] (preprocessed, NHWC) -> [B, projection_dim]."""
-        return self.vision_model(pixel_values).pooled
-
-    def get_text_features(
-        self, input_ids: jax.Array, attention_mask: jax.Array | None = None
-    ) -> jax.Array:
-        """input_ids [B, L] (and attention_mask [B, L]) -> [B, projection_dim]."""
-        return self.text_model(input_ids, attention_mask).pooled
-
-
-def configs_from_hf(hf: dict) -> tuple[clip.CLIPTextConfig, vit.CLIPVisionConfig]:
-    """The two towers' configs from a CLIPModel config.json (model_type "clip")."""
-    architectures = list(hf.get("architectures") or ["CLIPModel"])
-    if hf.get("model_type") != "clip" or "CLIPModel" not in architectures:
-        raise ValueError(
-            f"model_type {hf.get('model_type')!r}, architectures {architectures}: not a full "
-            "CLIPModel (model_type 'clip', both towers and their projections)"
-        )
-    hf = {**hf, "architectures": ["CLIPModel"]}
-    return clip.CLIPTextConfig.from_hf(hf), vit.CLIPVisionConfig.from_hf(hf)
-
-
-def hf_key_map(
-    text_config: clip.CLIPTextConfig, vision_config: vit.CLIPVisionConfig
-) -> dict[tuple, Source]:
-    """Our state paths -> the tensor names of transformers' CLIPModel."""
-    towers = (
-        ("text_model", clip.hf_key_map(text_config, "text_model.")),
-        ("vision_model", vit.hf_key_map(vision_config, "vision_model.")),
-    )
-    return {(name, *path): src for name, m in towers for path, src in m.items()}
 
 
 def check_model_dir(path: str | os.PathLike) -> None:
@@ -152,22 +93,8 @@ def check_model_dir(path: str | os.PathLike) -> None:
 
 
 def load_clip_model(path: str | os.PathLike, *, dtype=jnp.float32) -> CLIPModel:
-    """Both towers of a CLIPModel directory, every tensor checked (`load_into`)."""
-    path = os.fspath(path)
-    hf = read_config(path)
-    try:
-        text_config, vision_config = configs_from_hf(hf)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}/{CONFIG_NAME}: {e}") from None
-    build = functools.partial(CLIPModel, text_config, vision_config, dtype=dtype, param_dtype=dtype)
-    return load_into(
-        nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))),
-        hf_key_map(text_config, vision_config),
-        Checkpoint(path),
-        dtype=dtype,
-        unused=UNUSED,
-        what="CLIPModel",
-    )
+    """Both towers of a CLIPModel directory, every tensor checked (`two_towers.load_clip`)."""
+    return two_towers.load_clip(path, dtype=dtype)
 
 
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -212,14 +139,12 @@ def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray, *, clamp: str 
     return float(max(scores.mean(), 0.0))
 
 
-@jax.jit(static_argnames="graphdef")
 def _image_features(graphdef, state, pixel_values):
-    return nnx.merge(graphdef, state).get_image_features(pixel_values)
+    return two_towers.image_embeds(graphdef, state, pixel_values, normalize=False)
 
 
-@jax.jit(static_argnames="graphdef")
 def _text_features(graphdef, state, input_ids, attention_mask):
-    return nnx.merge(graphdef, state).get_text_features(input_ids, attention_mask)
+    return two_towers.text_embeds(graphdef, state, input_ids, attention_mask, normalize=False)
 
 
 class CLIPScorer:

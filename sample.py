@@ -2,10 +2,18 @@
 
     python sample.py --stage=STAGE_DIR [--stage=SR_STAGE_DIR ...] \
         --prompt="a red circle above a blue square" --images_per_prompt=4 --outdir=out/
+    python sample.py --model=cascade --prompt="a red star"   # a shipped model, by name
+
+With neither --stage nor --model it samples the shipped default model (--model=cascade:
+checkpoints/shapes/base and sr); --model=NAME picks a shipped model by name
+(`imagen_jax/pipelines/shipped.py`; "latent", a VAE + MMDiT latent stage in
+checkpoints/shapes/latent, is registered but not shipped yet). --model and --stage exclude
+each other.
 
 Prompts come from --prompt (repeatable) or --prompts=FILE (.txt, one per line; or .jsonl
 with per-prompt "seed", "negative_prompt", "guidance_scale"). A stage is a directory written
-by `imagen_jax.stages.save_stage` (or exported from a training workdir). A
+by `imagen_jax.stages` (exported from a training workdir): a pixel stage, or a latent
+stage (a denoiser of VAE latents with its VAE, sampled in latent space and decoded). A
 restarted job makes only the images that are missing; a rerun into a folder that holds
 another job's images (other prompts, seed, settings or weights) stops and says what
 differs, unless --overwrite. --set=STAGE.KEY=VALUE (repeatable)
@@ -16,7 +24,9 @@ super-resolution stage's augmentation level of its low-res input (--set=1.aug_le
 resolution); the networks are fully convolutional, so any size works whose every stage size
 (the final size divided by the super-resolution factors after that stage) is a multiple of
 that stage's UNet downsampling factor (2 ** (levels - 1)), e.g. 32x64 with the shapes
-cascade. Non-square sizes were never seen in training: expect the quality to vary.
+cascade; a latent stage's sides must be multiples of its VAE's factor times its MMDiT's
+patch size (or its latent UNet's downsampling factor). Non-square sizes were never seen in
+training: expect the quality to vary.
 
 Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x, SDXL or SD 3 / 3.5
 directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, text_encoder*/,
@@ -41,13 +51,19 @@ from absl import app, flags
 
 from imagen_jax import logs, parallel
 from imagen_jax.diffusion.config import sample_config
-from imagen_jax.pipelines import sampling
+from imagen_jax.pipelines import sampling, shipped
 
 flags.DEFINE_multi_string(
     "stage",
     [],
-    "Stage directories, base first (repeatable); none: the shipped model "
-    "(checkpoints/shapes/base and sr).",
+    "Stage directories (pixel or latent), base first (repeatable); none: a shipped model "
+    "(--model).",
+)
+flags.DEFINE_string(
+    "model",
+    None,
+    f"A shipped model by name, instead of --stage (default {shipped.DEFAULT}): "
+    f"{shipped.describe()}.",
 )
 flags.DEFINE_multi_string(
     "prompt",
@@ -92,7 +108,8 @@ flags.DEFINE_integer(
     "height",
     None,
     "Final image height in pixels (default: the last stage's resolution); each stage's "
-    "share of it must be a multiple of its UNet's downsampling factor.",
+    "share of it must be a multiple of its UNet's downsampling factor (a latent stage's: of "
+    "its VAE's factor times its MMDiT's patch size).",
 )
 flags.DEFINE_integer("width", None, "Final image width in pixels (as --height).")
 flags.DEFINE_string(
@@ -144,6 +161,7 @@ def _run(f):
         pipeline_sr=f.pipeline_sr,
         noise_level=f.noise_level,
         overwrite=f.overwrite,
+        model=f.model,
     )
 
 

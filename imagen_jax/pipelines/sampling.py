@@ -1,36 +1,29 @@
 """What sample.py does: load the stages and the text encoder, run the job, print a summary
 (`run_sampling_job`); public diffusers checkpoints go through `pipelines.public`.
 
-With no stage given it samples the shipped default model, the shapes cascade in
-`checkpoints/shapes/` (base 32 px -> super-resolution 64 px), and with no prompt given,
-that model's default prompts (`checkpoints/shapes/prompts.txt`).
+With no stage given it samples a shipped model (`pipelines.shipped`, `model`; default: the
+shapes cascade in `checkpoints/shapes/`, base 32 px -> super-resolution 64 px), and with no
+prompt given, the shipped models' default prompts (`checkpoints/shapes/prompts.txt`).
+A stage directory may be a latent stage (`stages.LatentStage`: a denoiser of VAE latents and
+its VAE), which the cascade samples in latent space and decodes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 from imagen_jax import stages
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import jobs, public
+from imagen_jax.pipelines import jobs, public, shipped
 from imagen_jax.shapes.grammar import out_of_domain_note
 from imagen_jax.text.config import make_text_encoder, text_config
 
-SHIPPED_MODEL = pathlib.Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
-SHIPPED_STAGES = ("base", "sr")
+SHIPPED_MODEL = shipped.ROOT
 
 
 def shipped_stages() -> list[str]:
     """The stage directories of the shipped default model (base first)."""
-    dirs = [SHIPPED_MODEL / name for name in SHIPPED_STAGES]
-    missing = [str(d) for d in dirs if not (d / "stage.json").is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"the shipped default model is missing ({', '.join(missing)}); sample.py finds it "
-            "in the repository's checkpoints/ folder: run it from a clone, or give --stage"
-        )
-    return [str(d) for d in dirs]
+    return shipped.stage_dirs(shipped.DEFAULT)
 
 
 STAGE_KEYS = {"aug_level": 0.0}  # what --set may change of a stage beyond its sample group
@@ -45,8 +38,8 @@ def domain_note(loaded, prompts) -> str | None:
 
 
 def load_cascade(stage_dirs, overrides=(), *, mesh=None):
-    """(Cascade, its loaded stages) of stage directories, base first; none: the shipped
-    default model."""
+    """(Cascade, its loaded stages) of stage directories (pixel or latent), base first;
+    none: the shipped default model."""
     stage_dirs = list(stage_dirs) or shipped_stages()
     per_stage = jobs.parse_overrides(overrides, len(stage_dirs), STAGE_KEYS)
     loaded = [
@@ -77,6 +70,7 @@ def run_sampling_job(
     pipeline_sr: str | None = None,
     noise_level: int | None = None,
     overwrite: bool = False,
+    model: str | None = None,
 ):
     """The job of sample.py's flags (one keyword argument per flag); returns
     `jobs.run_job`'s summary. height, width: the final images' size (None: the last
@@ -85,13 +79,22 @@ def run_sampling_job(
     `refiner_start` of the steps), or a DeepFloyd IF stage I directory (pipeline_sr: an IF
     stage II directory after it, whose input is noised at `noise_level`, None: diffusers'
     250). overwrite: replace the images of another job in outdir (else a rerun into a
-    folder of another job refuses; see `jobs.prepare_outdir`)."""
+    folder of another job refuses; see `jobs.prepare_outdir`). model: a shipped model's
+    name (`pipelines.shipped`) instead of stages (None, without stages: the default)."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if images_per_prompt < 1:
         raise ValueError(f"--images_per_prompt must be >= 1, got {images_per_prompt}")
     if pipeline and stages:
         raise ValueError("give --stage directories or a --pipeline directory, not both")
+    if model and (stages or pipeline):
+        raise ValueError(
+            f"--model={model} samples a shipped model: give --model, --stage directories or a "
+            "--pipeline directory, one of them"
+        )
+    given_stages = bool(stages)
+    if not (stages or pipeline):
+        stages = shipped.stage_dirs(model or shipped.DEFAULT)  # fails here if not shipped
     if refiner and not pipeline:
         raise ValueError("--refiner needs --pipeline (the SDXL base)")
     if pipeline_sr and not pipeline:
@@ -101,9 +104,9 @@ def run_sampling_job(
     if prompts and prompts_file:
         raise ValueError("give prompts with --prompt (repeatable) or --prompts=FILE, not both")
     if not (prompts or prompts_file):
-        if stages:
+        if given_stages:
             raise ValueError("no prompts: give --prompt (repeatable) or --prompts=FILE")
-        prompts_file = str(SHIPPED_MODEL / "prompts.txt")  # the shipped model's defaults
+        prompts_file = str(shipped.PROMPTS)  # the shipped models' defaults
     if prompts_file:  # --negative_prompt is the default of entries without their own
         entries = [
             e if e.negative_prompt else dataclasses.replace(e, negative_prompt=negative_prompt)

@@ -2,11 +2,16 @@
 
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
 from imagen_jax import stages
-from imagen_jax.pipelines import jobs, sampling
+from imagen_jax.pipelines import jobs, sampling, shipped
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 MAX_SHIPPED_BYTES = 30 * 2**20
 
@@ -54,3 +59,67 @@ def test_sample_with_no_stage_uses_the_shipped_cascade(tmp_path, capsys):
     assert [m["prompt"] for m in manifest] == ["a photo of a cat", "a red star"]
     assert [len(m["stages"]) for m in manifest] == [2, 2]
     assert manifest[0]["stages"][1]["resolution"] == 64
+    # --model=cascade is the default job exactly: into the same folder, it resumes.
+    again = sampling.run_sampling_job(
+        stages=[],
+        model="cascade",
+        prompts=["a photo of a cat", "a red star"],
+        prompts_file=None,
+        negative_prompt="",
+        images_per_prompt=1,
+        seed=0,
+        batch_size=2,
+        outdir=str(tmp_path),
+        overrides=["0.steps=2", "1.steps=2"],
+        grid=False,
+    )
+    assert (again["state"], again["made"], again["job"]) == ("resume", 0, summary["job"])
+
+
+def _job(**kw):
+    args = dict(
+        stages=[],
+        prompts=["a red star"],
+        prompts_file=None,
+        negative_prompt="",
+        images_per_prompt=1,
+        seed=0,
+        batch_size=1,
+        outdir="unused",
+        overrides=[],
+        grid=False,
+    )
+    return sampling.run_sampling_job(**{**args, **kw})
+
+
+def test_the_registry_names_its_models():
+    assert shipped.stage_dirs("cascade") == sampling.shipped_stages() == shipped.stage_dirs()
+    assert [os.path.basename(d) for d in shipped.stage_dirs()] == ["base", "sr"]
+    with pytest.raises(ValueError, match="--model='bogus': the shipped models are cascade, latent"):
+        _job(model="bogus")
+    with pytest.raises(ValueError, match="--model=cascade samples a shipped model: give --model, "):
+        _job(model="cascade", stages=[sampling.shipped_stages()[0]])
+    with pytest.raises(ValueError, match="--model=cascade samples a shipped model"):
+        _job(model="cascade", pipeline="models/sd")
+
+
+@pytest.mark.skipif(
+    (shipped.ROOT / "latent" / "stage.json").is_file(), reason="the latent model is shipped"
+)
+def test_a_registered_model_not_shipped_yet_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        _job(model="latent", outdir=str(tmp_path / "out"))
+    message = str(error.value)
+    assert message.startswith("--model=latent is not shipped yet: ")
+    assert str(shipped.ROOT / "latent") in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    out = subprocess.run(
+        [sys.executable, "sample.py", "--model=latent", f"--outdir={tmp_path / 'out'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == f"sample.py: FileNotFoundError: {message}"

@@ -1,0 +1,60 @@
+"""The models that ship with the repository, by name: what `sample.py --model=NAME` samples.
+
+    shipped.stage_dirs()            # the default, "cascade": [.../base, .../sr]
+    shipped.stage_dirs("latent")    # [.../latent], once it is shipped
+
+Each name maps to stage directories (`imagen_jax.stages`) under `checkpoints/shapes/`, base
+first. A registered model whose directory is absent is refused in one line that names the
+directory ("latent" is registered before it is shipped: a VAE + MMDiT latent stage, exported
+from configs/shapes_mmdit.py with `python -m imagen_jax.training.export`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2] / "checkpoints" / "shapes"
+PROMPTS = ROOT / "prompts.txt"  # the shipped models' default prompts (the shapes domain)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShippedModel:
+    stages: tuple[str, ...]  # folders under ROOT, base first
+    about: str  # one line for --help
+    released: bool = True  # False: registered, not shipped yet
+
+
+MODELS = {
+    "cascade": ShippedModel(("base", "sr"), "the shapes cascade, 32 px base then SR to 64 px"),
+    "latent": ShippedModel(
+        ("latent",), "a VAE + SD3-style MMDiT latent stage (not shipped yet)", released=False
+    ),
+}
+DEFAULT = "cascade"
+
+
+def describe() -> str:
+    """The registry in one line, for --help."""
+    return "; ".join(f"{name}: {m.about}" for name, m in MODELS.items())
+
+
+def stage_dirs(name: str = DEFAULT) -> list[str]:
+    """The stage directories of shipped model `name`, base first. An unknown name raises
+    ValueError, a model whose directories are missing FileNotFoundError (one line each)."""
+    if name not in MODELS:
+        raise ValueError(f"--model={name!r}: the shipped models are {', '.join(MODELS)}")
+    model = MODELS[name]
+    dirs = [ROOT / folder for folder in model.stages]
+    missing = [str(d) for d in dirs if not (d / "stage.json").is_file()]
+    if missing and not model.released:
+        raise FileNotFoundError(
+            f"--model={name} is not shipped yet: {', '.join(missing)} does not exist (export a "
+            "trained run there with python -m imagen_jax.training.export, or give --stage)"
+        )
+    if missing:
+        raise FileNotFoundError(
+            f"the shipped model {name!r} is missing ({', '.join(missing)}); sample.py finds it "
+            "in the repository's checkpoints/ folder: run it from a clone, or give --stage"
+        )
+    return [str(d) for d in dirs]

@@ -31,12 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen_jax.text.clip import CLIPLayer, layer_key_map
+from imagen_jax.text.clip import CLIPLayer, check_layer_config, layer_key_map
 from imagen_jax.text.layers import activation, attention
 from imagen_jax.weights import Checkpoint, CheckpointError, Source, load_into, read_config
 
 MODEL_TYPES = ("clip_vision_model", "clip")
-FAMILIES = ("clip", "siglip")
 ARCHITECTURES = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "CLIPModel")
 _WITH_PROJECTION = ("CLIPVisionModelWithProjection", "CLIPModel")
 
@@ -87,23 +86,13 @@ class CLIPVisionConfig:
 
     def checked(self) -> CLIPVisionConfig:
         """self, or ValueError naming a setting that the tower cannot take."""
-        if self.family not in FAMILIES:
-            raise ValueError(f"family={self.family!r}; expected one of {FAMILIES}")
+        check_layer_config(self)
         for key in ("image_size", "patch_size"):
             if not isinstance(getattr(self, key), int):
                 raise ValueError(f"{key}={getattr(self, key)!r}: only square sizes (an int)")
-        try:
-            activation(self.hidden_act)
-        except ValueError as e:
-            raise ValueError(f"hidden_act={self.hidden_act!r}: {e}") from None
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
             )
         return self
 

@@ -30,6 +30,7 @@ from imagen_jax.weights import Source
 MODEL_TYPES = ("clip_text_model", "clip")
 ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection", "CLIPModel")
 _WITH_PROJECTION = ("CLIPTextModelWithProjection", "CLIPModel")
+FAMILIES = ("clip", "siglip")  # the towers' two forms (see the module docstrings)
 
 # A full CLIPModel checkpoint also holds the vision tower; older ones the position_ids buffer.
 UNUSED = (
@@ -91,17 +92,7 @@ class CLIPTextConfig:
 
     def checked(self) -> CLIPTextConfig:
         """self, or ValueError naming a setting that the tower cannot take."""
-        if self.family not in ("clip", "siglip"):
-            raise ValueError(f"family={self.family!r}; expected 'clip' or 'siglip'")
-        try:
-            activation(self.hidden_act)
-        except ValueError as e:
-            raise ValueError(f"hidden_act={self.hidden_act!r}: {e}") from None
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
+        check_layer_config(self)
         return self
 
     @property
@@ -120,6 +111,22 @@ class LayerConfig(Protocol):
     num_attention_heads: int
     hidden_act: str
     layer_norm_eps: float
+    family: str
+
+
+def check_layer_config(config: LayerConfig) -> None:
+    """ValueError naming a setting of either tower that CLIPLayer cannot take."""
+    if config.family not in FAMILIES:
+        raise ValueError(f"family={config.family!r}; expected one of {FAMILIES}")
+    try:
+        activation(config.hidden_act)
+    except ValueError as e:
+        raise ValueError(f"hidden_act={config.hidden_act!r}: {e}") from None
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size={config.hidden_size} is not a multiple of "
+            f"num_attention_heads={config.num_attention_heads}"
+        )
 
 
 def pool_eos(hidden: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:

@@ -60,7 +60,7 @@ def hf_config(family: str, *, text=None, vision=None):
 
 def redraw(model: torch.nn.Module, seed: int) -> None:
     """Non-trivial values for every parameter: biases non-zero, norms not 1, the logit
-    scale and bias away from their inits."""
+    scale and bias away from their inits (also the CLIP score tests' models)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -71,7 +71,9 @@ def redraw(model: torch.nn.Module, seed: int) -> None:
                 p.fill_(LOGIT_BIAS)
             elif "norm" in name:  # weights near 1, biases near 0
                 p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-            elif name.endswith(("embedding.weight", "class_embedding")):
+            elif name.endswith(
+                ("token_embedding.weight", "position_embedding.weight", "class_embedding")
+            ):
                 p.copy_(noise)
             else:  # linear and patch-conv weights, biases, the probe: scaled by the fan-in
                 p.copy_(noise * 0.5 / np.sqrt(p[0].numel() if p.ndim > 1 else p.shape[0]))

@@ -17,6 +17,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tiny_two_towers
 import torch
 import transformers
 from PIL import Image
@@ -57,24 +58,6 @@ def clip_tokenizer():
     return transformers.CLIPTokenizer(vocab=vocab, merges=merges)
 
 
-def _redraw(model: torch.nn.Module, seed: int) -> None:
-    """Non-trivial values for every parameter (biases non-zero, norms not 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if p.ndim == 0:  # logit_scale: unused here
-                continue
-            if "norm" in name:  # weights near 1, biases near 0
-                p.copy_(1.0 + 0.2 * noise if name.endswith("weight") else 0.2 * noise)
-            elif name.endswith(
-                ("token_embedding.weight", "position_embedding.weight", "class_embedding")
-            ):
-                p.copy_(noise)
-            else:  # linear and patch-conv weights, biases: scaled by the fan-in
-                p.copy_(noise * 0.5 / np.sqrt(p[0].numel() if p.ndim > 1 else p.shape[0]))
-
-
 def tiny_configs(vocab: int) -> tuple[dict, dict]:
     text = dict(
         vocab_size=vocab,
@@ -88,16 +71,7 @@ def tiny_configs(vocab: int) -> tuple[dict, dict]:
         pad_token_id=vocab - 1,
         hidden_act="gelu",
     )
-    vision = dict(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=8,
-        hidden_act="quick_gelu",
-    )
-    return text, vision
+    return text, tiny_two_towers.vision_config("clip")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +84,7 @@ def tiny_clip(tmp_path_factory):
     config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     torch.manual_seed(0)
     model = transformers.CLIPModel(config).eval()
-    _redraw(model, seed=6)  # a seed whose sample pairs' cosines have both signs
+    tiny_two_towers.redraw(model, seed=6)  # a seed whose sample pairs' cosines have both signs
     model.save_pretrained(path, safe_serialization=True)
     tok.save_pretrained(path)
     transformers.CLIPImageProcessor(
@@ -208,7 +182,7 @@ def test_vision_tower_matches_transformers(cls, tmp_path):
     config = transformers.CLIPVisionConfig(**vision, projection_dim=12)
     torch.manual_seed(2)
     ref = getattr(transformers, cls)(config).eval()
-    _redraw(ref, seed=3)
+    tiny_two_towers.redraw(ref, seed=3)
     ref.save_pretrained(tmp_path, safe_serialization=True)
     ours = vit.load_vision_model(tmp_path)
     assert (ours.visual_projection is None) == (cls == "CLIPVisionModel")

@@ -13,8 +13,9 @@ scaling_factor) are computed without gradient before every step; the UNet's in_c
 must equal the VAE's latent_channels (4). The network is told diffusers' timesteps (0..999
 of the scaled_linear schedule, as Stable Diffusion), and classifier-free guidance dropout
 swaps the text for a learned null text (`models/latent_unet.py`), not for the encoding of
-"". The sample grid decodes the sampled latents with the VAE. Periodic evaluation
-(`evals.every`) is for pixel stages only: evaluate decoded samples offline.
+"". The sample grid decodes the sampled latents with the VAE. Periodic evaluation is
+configured as configs/shapes_base.py's (the shapes judge on held-out prompts, off until
+`evals.every` is set) and samples through the VAE as sample.py samples the exported stage.
 """
 
 from configs import common, shapes_base

@@ -6,13 +6,19 @@ VAE, conditioned on all-MiniLM-L6-v2 (384-dim tokens, the MMDiT's joint_attentio
     python train.py --config=configs/shapes_mmdit.py:vae=/tmp/shapes_vae/vae \
         --workdir=/tmp/shapes_mmdit
     python train.py --config=configs/shapes_mmdit.py:runlocal --workdir=/tmp/shapes_mmdit_local
+    python -m imagen_jax.training.export --config=configs/shapes_mmdit.py:vae=/tmp/shapes_vae/vae \
+        --workdir=/tmp/shapes_mmdit --outdir=/tmp/shapes_mmdit_stage   # sample.py --stage
 
 As SD3 (Esser et al. 2024): z_t = (1 - t) x0 + t eps, the network predicts the velocity
 eps - x0, t drawn logit-normal (mean 0, std 1) with the resolution shift `shift` (SD3 uses
 3.0 at 1024 px; 1.0 here, for 16x16 latents), the unweighted velocity loss; the network is
 told t * 1000. Sampling: flow-matching Euler, 28 steps. Classifier-free guidance dropout
 swaps the text for learned null tokens (`models/latent_mmdit.py`). Everything else (VAE,
-data, optimizer) is `configs/shapes_latent.py`'s.
+data, optimizer) is `configs/shapes_latent.py`'s. Periodic evaluation is configured as
+configs/shapes_base.py's (`shapes_config`: compositional accuracy on the held-out shapes
+prompts), off until `evals.every` is set (`--config.evals.every=2000`); it samples the
+MMDiT's latents with the stage's flow-matching Euler sampler and decodes them with the VAE,
+as sample.py samples the exported stage.
 """
 
 from configs import common, shapes_base

@@ -117,6 +117,11 @@ class LatentSpace:
             sample_posterior=config.latent.sample_posterior,
         )
 
+    @property
+    def model(self) -> vae_lib.AutoencoderKL:
+        """The frozen VAE (its replicated parameters), e.g. for the periodic evaluation."""
+        return nnx.merge(self._graphdef, self.state)
+
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
         """[h, w, C] of the latents of resolution x resolution images."""
         f = self.config.downsample_factor

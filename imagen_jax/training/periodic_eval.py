@@ -1,20 +1,24 @@
 """Periodic evaluation inside a training run: sample the evaluation prompts from the EMA
 weights, score them with the configured evaluators, and log the metrics.
 
-    evaluation = PeriodicEvaluation(config, net, mesh, encoder, workdir)
+    evaluation = PeriodicEvaluation(config, net, mesh, encoder, workdir, latent=latent)
     metrics = evaluation(step, state.ema_params, rest)  # {"eval/compositional/...": ...}
 
 Sampling goes through the same pipeline as sample.py (`pipelines.cascade.Cascade`, the
 stage's `diffusion` and `sample` settings), compiled once for the run: each evaluation only
-swaps in the current EMA weights. Image (p, i) of the prompt set always gets the noise of
+swaps in the current EMA weights. A latent stage (`model.family` "mmdit" or "sd_unet";
+`latent`, the run's `latent_space.LatentSpace`) is sampled as sample.py samples its exported
+stage directory (`stages.LatentStage`): latents, then decoded by the run's frozen VAE (two
+compiled programs, each compiled once). Image (p, i) of the prompt set always gets the noise of
 (evals.seed, p, i), so successive evaluations differ only by the weights, and a run on any
 number of devices or hosts samples the same images. Every process gets all images (gathered
 across hosts) and computes the same metrics; process 0 writes
 `workdir/evals/step_<step>.json` (metrics and what each evaluator was) and a contact sheet
 `step_<step>.png` of the images.
 
-Only base stages are evaluated this way: a super-resolution stage's score depends on the
-low-resolution images it is given, so evaluate a whole cascade with `eval/shapes_cascade.py`.
+Only base stages (pixel or latent) are evaluated this way: a super-resolution stage's score
+depends on the low-resolution images it is given, so evaluate a whole cascade with
+`eval/shapes_cascade.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs
 from imagen_jax.shapes import prompt_sets
 from imagen_jax.shapes.spec import TASKS
-from imagen_jax.stages import Stage
+from imagen_jax.stages import LATENT_FAMILIES, LatentStage, Stage
 
 SHAPES_PREFIX = "shapes:"
 
@@ -67,8 +71,21 @@ def eval_prompts(evals: ml_collections.ConfigDict) -> tuple[list[jobs.PromptEntr
     return entries, [{"prompt": e.prompt, **e.extra} for e in entries]
 
 
-def _stage(config, net, workdir) -> Stage:
+def _stage(config, net, workdir, latent=None) -> Stage | LatentStage:
     """The stage as the sampling pipeline sees it, with abstract weights (set per call)."""
+    if net.family in LATENT_FAMILIES:
+        return LatentStage(
+            path=f"{workdir} (EMA weights)",
+            family=net.family,
+            network_config=net.cfg,
+            model=net.merge(net.abstract_params, net.abstract_rest),
+            vae=latent.model,
+            diffusion=config.diffusion,
+            sample=config.sample,
+            resolution=config.model.resolution,
+            text=config.text.to_dict(),
+            identity=dict(workdir=workdir),
+        )
     return Stage(
         path=f"{workdir} (EMA weights)",
         unet=net.cfg,
@@ -86,13 +103,17 @@ def _stage(config, net, workdir) -> Stage:
 class PeriodicEvaluation:
     """`evaluation(step, ema_params, rest) -> metrics` (names prefixed by "eval/")."""
 
-    def __init__(self, config, net, mesh, encoder, workdir: str):
+    def __init__(self, config, net, mesh, encoder, workdir: str, latent=None):
+        """latent: the frozen VAE of a latent stage (`latent_space.LatentSpace`)."""
         evals = config.evals
-        if net.family != "imagen":
+        if net.family not in ("imagen", *LATENT_FAMILIES):
             raise ValueError(
                 f"evals.every is set on a model.family={net.family!r} stage: periodic "
-                "evaluation samples pixel-space (imagen) base stages only; set evals.every=0"
+                "evaluation samples diffusion base stages only (imagen, "
+                f"{', '.join(LATENT_FAMILIES)}); set evals.every=0"
             )
+        if net.family in LATENT_FAMILIES and latent is None:
+            raise ValueError(f"a {net.family} stage is evaluated through its VAE: give `latent`")
         if net.low_res:
             raise ValueError(
                 "evals.every is set on a super-resolution stage: periodic evaluation samples "
@@ -107,7 +128,8 @@ class PeriodicEvaluation:
         rows = parallel.data_parallel_size(mesh)
         batch = int(evals.batch_size or config.data.batch_size)
         self.batch_size = -(-batch // rows) * rows  # a multiple of the batch's device count
-        self.cascade = cascade_lib.Cascade([_stage(config, net, workdir)], encoder, mesh=mesh)
+        stage = _stage(config, net, workdir, latent)
+        self.cascade = cascade_lib.Cascade([stage], encoder, mesh=mesh)
         logging.info(
             "Evaluation every %d steps: %d images of %s, metrics %s",
             evals.every,

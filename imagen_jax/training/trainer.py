@@ -7,7 +7,7 @@ captions when `text.cache` is set), make data, make state (restored from
 `workdir/checkpoints` when it holds one), then the shared loop (`loop.train_loop`) with the
 diffusion step (`step.py`), the sample grid (`sample_grid.py`) and, every `evals.every`
 steps, the periodic evaluation (`periodic_eval.py`: sample the evaluation prompts and score
-them).
+them; a latent stage's through its VAE).
 
 `model.family` picks the stage: "imagen" (pixel stages), "sd_unet" or "mmdit" (a latent
 stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE of
@@ -103,7 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             )
             evaluation = None
             if config.evals.every:
-                evaluation = periodic_eval.PeriodicEvaluation(config, net, mesh, encoder, workdir)
+                evaluation = periodic_eval.PeriodicEvaluation(
+                    config, net, mesh, encoder, workdir, latent=latent
+                )
             prepare = None if latent is None else latent.encode_batch
             make_grid = lambda batch: sample_grid.SampleGrid(  # noqa: E731
                 config, net, mesh, encoder, workdir, batch, latent=latent

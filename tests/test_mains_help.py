@@ -14,7 +14,12 @@ DISTRIBUTED = ("--coordinator_address", "--num_processes", "--process_id", "--[n
 
 @pytest.mark.parametrize(
     ("main", "own"),
-    [("sample.py", "--stage"), ("train.py", "--workdir"), ("caption.py", "--model")],
+    [
+        ("sample.py", "--stage"),
+        ("sample.py", "--model"),
+        ("train.py", "--workdir"),
+        ("caption.py", "--model"),
+    ],
 )
 def test_help_lists_the_mains_flags(main, own):
     out = subprocess.run(

@@ -57,7 +57,7 @@ def _job(stage_dir, outdir, **kw):
         negative_prompt="",
         images_per_prompt=2,
         seed=3,
-        batch_size=4,
+        batch_size=3,  # 4 images: a full batch and a padded one
         outdir=str(outdir),
         overrides=[],
         grid=False,
@@ -150,6 +150,9 @@ def test_export_writes_a_self_contained_latent_stage(run):
     stage = stages.load_stage(f16)
     assert isinstance(stage, stages.LatentStage)
     assert (stage.channels, stage.vae_factor, stage.downsampling_factor) == (4, 2, 4)
+    assert stage.with_settings({"steps": 2}).sample.steps == 2 and stage.sample.steps == 4
+    with pytest.raises(ValueError, match="is a base stage"):
+        stage.with_settings(aug_level=0.1)
 
 
 def test_sample_py_images_equal_direct_sampling_of_the_ema_weights(run, tmp_path):
@@ -175,7 +178,7 @@ def test_sample_py_images_equal_direct_sampling_of_the_ema_weights(run, tmp_path
 def test_batch_size_does_not_change_the_images(run, tmp_path):
     _, _, f32, _ = run
     _job(f32, tmp_path / "b1", batch_size=1)
-    _job(f32, tmp_path / "b3", batch_size=3)
+    _job(f32, tmp_path / "b3")
     for one, three in zip(_pngs(tmp_path / "b1"), _pngs(tmp_path / "b3"), strict=True):
         assert np.abs(one.astype(int) - three).max() <= 1
 

@@ -124,7 +124,8 @@ def test_periodic_evaluation_of_a_latent_stage(run):
     sheet = np.asarray(Image.open(os.path.join(workdir, "evals", "step_00000002.png")))
     res = config.model.resolution
     assert sheet.shape == (res, len(TASKS) * res, 3)
-    # The evaluation's images are sample.py's images of the exported EMA weights.
+    # The evaluation's images are sample.py's images of the exported EMA weights, bit for
+    # bit: the run's mesh spans the 8 simulated devices (batch 4 padded to 8), this one.
     cascade, _ = sampling.load_cascade([f32])
     entries, _ = evaluation.eval_prompts(config.evals)
     (images,) = cascade(jobs.plan(entries, 1)[:4], config.evals.seed)[-1:]

@@ -34,15 +34,24 @@ def clip_loss(
     *,
     logit_scale: jax.Array,
     mesh: Mesh | None = None,
+    negatives: jax.Array | None = None,
+    negatives_valid: jax.Array | None = None,
 ) -> jax.Array:
     """The softmax contrastive loss of CLIP (Radford et al. 2021, Fig. 3; big_vision's
     `contrastive` trainer): the mean of the image->text and text->image cross-entropies,
 
         L = -1/(2B) sum_i [log softmax_j(l_ij)_i + log softmax_j(l_ji)_i],
         l_ij = exp(t') <x_i, y_j>.
+
+    negatives [B, P] (with negatives_valid bool [B]): hard-negative texts appended as extra
+    columns of every image's softmax (NegCLIP, Yuksekgonul et al. 2023, sec. 5); the
+    text->image direction is unchanged.
     """
     per_image = _pair_logits(image_embeds, text_embeds, logit_scale, None, mesh)  # [B, B]
     per_text = _pair_logits(text_embeds, image_embeds, logit_scale, None, mesh)  # [B, B]
+    if negatives is not None:
+        extra = _negative_logits(image_embeds, negatives, negatives_valid, logit_scale, None, mesh)
+        per_image = jnp.concatenate([per_image, extra], axis=-1)  # [B, 2B]
     return 0.5 * (_cross_entropy_diagonal(per_image) + _cross_entropy_diagonal(per_text))
 
 
@@ -53,31 +62,51 @@ def siglip_loss(
     logit_scale: jax.Array,
     logit_bias: jax.Array,
     mesh: Mesh | None = None,
+    negatives: jax.Array | None = None,
+    negatives_valid: jax.Array | None = None,
 ) -> jax.Array:
     """The sigmoid loss of SigLIP (Zhai et al. 2023, Algorithm 1; big_vision's
     `siglip` trainer): every pair is a binary classification, normalised per example,
 
         L = -1/B sum_i sum_j log sigmoid(z_ij (exp(t') <x_i, y_j> + b)),
         z_ij = 1 if i == j else -1.
+
+    negatives [B, P] (with negatives_valid bool [B]): hard-negative texts, each one more
+    negative pair (z = -1) for every image, in the same per-example normalisation.
     """
     logits = _pair_logits(image_embeds, text_embeds, logit_scale, logit_bias, mesh)  # [B, B]
     n = logits.shape[0]
     z = 2.0 * jnp.eye(n, dtype=logits.dtype) - 1.0
-    return -jnp.sum(jax.nn.log_sigmoid(z * logits)) / n
+    loss = -jnp.sum(jax.nn.log_sigmoid(z * logits)) / n
+    if negatives is not None:
+        extra = _negative_logits(
+            image_embeds, negatives, negatives_valid, logit_scale, logit_bias, mesh
+        )
+        loss = loss - jnp.sum(jnp.where(jnp.isfinite(extra), jax.nn.log_sigmoid(-extra), 0)) / n
+    return loss
 
 
 def contrastive_loss(
-    loss: str, image_embeds, text_embeds, *, logit_scale, logit_bias=None, mesh=None
+    loss: str,
+    image_embeds,
+    text_embeds,
+    *,
+    logit_scale,
+    logit_bias=None,
+    mesh=None,
+    negatives=None,
+    negatives_valid=None,
 ):
     """`clip_loss` (loss="softmax") or `siglip_loss` ("sigmoid"), by name (a config's)."""
+    kw = dict(
+        logit_scale=logit_scale, mesh=mesh, negatives=negatives, negatives_valid=negatives_valid
+    )
     if loss == "softmax":
-        return clip_loss(image_embeds, text_embeds, logit_scale=logit_scale, mesh=mesh)
+        return clip_loss(image_embeds, text_embeds, **kw)
     if loss == "sigmoid":
         if logit_bias is None:
             raise ValueError("the sigmoid loss needs a logit_bias")
-        return siglip_loss(
-            image_embeds, text_embeds, logit_scale=logit_scale, logit_bias=logit_bias, mesh=mesh
-        )
+        return siglip_loss(image_embeds, text_embeds, logit_bias=logit_bias, **kw)
     raise ValueError(f"loss={loss!r}; expected one of {LOSSES}")
 
 
@@ -99,6 +128,15 @@ def _pair_logits(rows, columns, logit_scale, logit_bias, mesh):
             logits, NamedSharding(mesh, P(parallel.data_axes(mesh) or None, None))
         )
     return logits
+
+
+def _negative_logits(image_embeds, negatives, valid, logit_scale, logit_bias, mesh):
+    """[B, Bn] logits of every image against every hard-negative text; -inf in the columns
+    of rows without one (`valid` False)."""
+    logits = _pair_logits(image_embeds, negatives, logit_scale, logit_bias, mesh)
+    if valid is None:
+        return logits
+    return jnp.where(jnp.asarray(valid, bool)[None, :], logits, -jnp.inf)
 
 
 def _cross_entropy_diagonal(logits: jax.Array) -> jax.Array:

@@ -116,3 +116,40 @@ def test_bad_inputs():
         contrastive.contrastive_loss("sigmoid", img, txt, logit_scale=0.0)
     with pytest.raises(ValueError, match=r"loss='hinge'; expected one of \('softmax', 'sigmoid'\)"):
         contrastive.contrastive_loss("hinge", img, txt, logit_scale=0.0)
+
+
+def reference_with_negatives(loss, img, txt, neg, valid, scale, bias):
+    """`reference` with hard-negative texts: extra columns of every image's softmax
+    (NegCLIP), or extra negative pairs of the sigmoid loss; invalid rows left out."""
+    logits = np.exp(scale) * img @ txt.T
+    extra = (np.exp(scale) * img @ neg.T)[:, valid]  # [B, valid negatives]
+    n = len(img)
+    if loss == "softmax":
+        i2t = logsumexp(np.concatenate([logits, extra], 1), axis=1) - np.diag(logits)
+        t2i = logsumexp(logits, axis=0) - np.diag(logits)
+        return 0.5 * (i2t.mean() + t2i.mean())
+    return reference(loss, img, txt, scale, bias) - log_expit(-(extra + bias)).sum() / n
+
+
+@pytest.mark.parametrize("loss", contrastive.LOSSES)
+def test_hard_negatives_on_8_devices_equal_float64(loss):
+    img, txt = embeddings()
+    neg, _ = embeddings(seed=1)
+    valid = np.arange(BATCH) % 3 != 0  # some scenes have no counterfactual
+    params = PARAMS[loss]
+    scale, bias = params["logit_scale"], params.get("logit_bias", 0.0)
+    want = reference_with_negatives(loss, img, txt, neg, valid, scale, bias)
+    assert abs(want - reference(loss, img, txt, scale, bias)) > 0.05  # the negatives count
+    values = {}
+    for n in (1, 8):
+        mesh = parallel.make_mesh(devices=jax.devices()[:n])
+        batch = parallel.batch_sharding(mesh)
+
+        def f(img, txt, neg, valid, mesh=mesh):
+            return contrastive.contrastive_loss(
+                loss, img, txt, **params, mesh=mesh, negatives=neg, negatives_valid=valid
+            )
+
+        step = jax.jit(f, in_shardings=(batch,) * 4)
+        values[n] = float(step(*(jnp.asarray(x) for x in (img, txt, neg)), jnp.asarray(valid)))
+        assert values[n] == pytest.approx(want, rel=LOSS_RTOL), n

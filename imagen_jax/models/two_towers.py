@@ -29,6 +29,7 @@ tower is refused as such), `save_clip` / `save_siglip` write what transformers'
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -160,6 +161,18 @@ class SiglipModel(TwoTowers):
 
 
 MODELS = {"clip": CLIPModel, "siglip": SiglipModel}
+
+
+@dataclasses.dataclass(frozen=True)
+class TowersConfig:
+    """A CLIPModel (family "clip") or SiglipModel ("siglip") to build: a trainer's network."""
+
+    text: clip.CLIPTextConfig
+    vision: vit.CLIPVisionConfig
+    family: str = "siglip"
+
+    def build(self, **kw) -> TwoTowers:
+        return MODELS[self.family](self.text, self.vision, **kw)
 
 
 def check_towers(family: str, text: clip.CLIPTextConfig, vision: vit.CLIPVisionConfig) -> None:

@@ -132,7 +132,7 @@ def reference_with_negatives(loss, img, txt, neg, valid, scale, bias):
 
 
 @pytest.mark.parametrize("loss", contrastive.LOSSES)
-def test_hard_negatives_on_8_devices_equal_float64(loss):
+def test_hard_negatives_and_accuracy_on_8_devices_equal_float64(loss):
     img, txt = embeddings()
     neg, _ = embeddings(seed=1)
     valid = np.arange(BATCH) % 3 != 0  # some scenes have no counterfactual
@@ -153,3 +153,11 @@ def test_hard_negatives_on_8_devices_equal_float64(loss):
         step = jax.jit(f, in_shardings=(batch,) * 4)
         values[n] = float(step(*(jnp.asarray(x) for x in (img, txt, neg)), jnp.asarray(valid)))
         assert values[n] == pytest.approx(want, rel=LOSS_RTOL), n
+        _, accuracy = jax.jit(
+            lambda i, t, mesh=mesh: contrastive.contrastive_loss(
+                loss, i, t, **params, mesh=mesh, with_accuracy=True
+            ),
+            in_shardings=(batch, batch),
+        )(jnp.asarray(img), jnp.asarray(txt))
+        own = np.argmax(img @ txt.T, axis=1) == np.arange(BATCH)
+        assert float(accuracy) == pytest.approx(own.mean()) and 0 < own.mean() < 1

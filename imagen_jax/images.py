@@ -171,6 +171,26 @@ def _pair(value, what: str) -> tuple[int, int]:
     raise ValueError(f"{what}: expected an int or {{'height', 'width'}}, got {value!r}")
 
 
+def clip_preprocessor_config(size: int, mean, std) -> dict:
+    """The preprocessor_config.json of CLIP's processor for images of side `size`: shortest
+    edge to `size` (bicubic), centre crop, x / 255, then (x - mean) / std (what our trained
+    models write beside their weights)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": PIL_BICUBIC,
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "do_convert_rgb": True,
+    }
+
+
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
     """CLIPImageProcessor's steps in numpy: uint8 [H, W, 3] -> float32 [h, w, 3].

@@ -35,7 +35,7 @@ import numpy as np
 from absl import logging
 
 from imagen_jax.data import ShapesSource
-from imagen_jax.images import ImageProcessor
+from imagen_jax.images import ImageProcessor, clip_preprocessor_config
 from imagen_jax.models import git
 from imagen_jax.pipelines import captioning
 from imagen_jax.text.tokenizer import Tokenizer
@@ -161,21 +161,9 @@ def write_captioner(outdir: str, config, net, params, *, dtype=np.float16) -> st
         src = os.path.join(tokenizer_dir(), name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(outdir, name))
-    size = config.model.resolution
-    processor = {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_resize": True,
-        "size": {"shortest_edge": size},
-        "resample": 3,  # bicubic
-        "do_center_crop": True,
-        "crop_size": {"height": size, "width": size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(config.model.image_mean),
-        "image_std": list(config.model.image_std),
-        "do_convert_rgb": True,
-    }
+    processor = clip_preprocessor_config(
+        config.model.resolution, config.model.image_mean, config.model.image_std
+    )
     cfg = net.cfg
     eos = list(cfg.eos_token_id)
     generation = {

@@ -14,7 +14,9 @@ the trainers call it first, and so does `train.py`.
 "sd_unet" (`models.latent_unet.LatentUNet`, our SDUNet, on a frozen VAE's latents), "mmdit"
 (`models.latent_mmdit.LatentMMDiT`, our SD3 MMDiT, on a frozen VAE's latents) or "vae"
 (`models.vae.AutoencoderKL`, trained by `training.vae_trainer`) or "git"
-(`models.git.GitForCausalLM`, a captioner, trained by `training.caption_trainer`).
+(`models.git.GitForCausalLM`, a captioner, trained by `training.caption_trainer`) or
+"two_towers" (an image-text embedding model, `models.frozen_text_towers` or
+`models.two_towers`, trained by `training.contrastive_trainer`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ import numbers
 import ml_collections
 
 from imagen_jax.config_utils import ConfigError
-from imagen_jax.models import git, imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import frozen_text_towers, git, imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import two_towers as two_towers_lib
+from imagen_jax.text import clip as clip_text
 
-FAMILIES = ("imagen", "sd_unet", "mmdit", "vae", "git")
+FAMILIES = ("imagen", "sd_unet", "mmdit", "vae", "git", "two_towers")
 LATENT_FAMILIES = ("sd_unet", "mmdit")  # diffusion on a frozen VAE's latents
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
@@ -64,6 +68,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         return vae_model_config(**overrides)
     if family == "git":
         return git_model_config(**overrides)
+    if family == "two_towers":
+        return two_towers_model_config(**overrides)
     if family != "imagen":
         raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
     defaults = dict(
@@ -144,6 +150,82 @@ def git_model_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "model", extra=_GIT_FIELDS)
 
 
+_TOWERS_FIELDS = tuple(
+    f.name for f in dataclasses.fields(frozen_text_towers.FrozenTextTowersConfig)
+)
+
+
+def two_towers_model_config(**overrides) -> ml_collections.ConfigDict:
+    """An image-text embedding model to train (family "two_towers",
+    `training/contrastive_trainer.py`): a `frozen_text_towers.VARIANTS` entry whose image
+    tower sees `resolution` px. text_side "frozen": the `text` group's frozen encoder (its
+    token embeddings) and a trained projection (`models.frozen_text_towers`); "tower": a
+    CLIP / SigLIP text tower trained from scratch on the MiniLM WordPiece ids
+    (`models.two_towers`; `text_tower` overrides its `clip.CLIPTextConfig` fields). Any other
+    key is a `FrozenTextTowersConfig` field (`vision`: a dict of CLIPVisionConfig fields);
+    `logit_bias` (SigLIP) must match `contrastive.loss` (sigmoid)."""
+    defaults = dict(
+        family="two_towers",
+        variant="runlocal",  # frozen_text_towers.VARIANTS: runlocal | shapes
+        text_side="frozen",  # frozen (text group's encoder + projection) | tower (trained)
+        text_tower=ml_collections.ConfigDict(),  # text_side=tower: CLIPTextConfig overrides
+        resolution=64,  # the side of the training images (vision.image_size)
+        image_mean=(0.5, 0.5, 0.5),  # pixels: (x / 255 - mean) / std
+        image_std=(0.5, 0.5, 0.5),
+        dtype="float32",
+        param_dtype="float32",
+    )
+    return _group(defaults, overrides, "model", extra=_TOWERS_FIELDS)
+
+
+def contrastive_config(**overrides) -> ml_collections.ConfigDict:
+    """The contrastive objective (`training/contrastive_step.py`)."""
+    defaults = dict(
+        loss="sigmoid",  # sigmoid (SigLIP; needs model.logit_bias) | softmax (CLIP)
+        frozen_tower="",  # LiT: "" (train both) | image | text: that tower frozen (its
+        #                  projection trains)
+        hard_negatives=False,  # the batch's counterfactual captions (data.counterfactuals)
+        #                        as extra negative texts (text_side=frozen only)
+        max_length=24,  # text_side=tower: WordPiece tokens with [CLS] and [SEP]
+    )
+    return _group(defaults, overrides, "contrastive")
+
+
+def two_towers_config(model: ml_collections.ConfigDict):
+    """`models.frozen_text_towers.FrozenTextTowersConfig` (text_side "frozen") or
+    `models.two_towers.TowersConfig` ("tower") of a two_towers model group."""
+    overrides = _overrides(model)
+    side = overrides.pop("text_side", "frozen")
+    text_tower = overrides.pop("text_tower", None) or {}
+    vision = {**dict(overrides.pop("vision", None) or {}), "image_size": model.resolution}
+    cfg = frozen_text_towers.make_config(model.variant, vision=vision, **overrides)
+    if side == "frozen":
+        return cfg
+    if side != "tower":
+        raise ValueError(f"model.text_side={side!r}; expected frozen | tower")
+    family = "siglip" if cfg.logit_bias else "clip"
+    p = cfg.projection_dim
+    vision = dataclasses.replace(
+        cfg.vision, family=family, projection_dim=p if family == "clip" else None
+    )
+    text = dict(
+        vocab_size=30522,  # the MiniLM WordPiece vocabulary (the project's tokenizer)
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        max_position_embeddings=64,
+        hidden_act=vision.hidden_act,
+        layer_norm_eps=vision.layer_norm_eps,
+        eos_token_id=102,  # [SEP]: CLIP pools the first one
+        projection_dim=p if family == "clip" else vision.hidden_size,
+        family=family,
+    )
+    text = clip_text.CLIPTextConfig(**{**text, **dict(text_tower)}).checked()
+    two_towers_lib.check_towers(family, text, vision)
+    return two_towers_lib.TowersConfig(text=text, vision=vision, family=family)
+
+
 def caption_loss_config(**overrides) -> ml_collections.ConfigDict:
     """The captioner's objective (`training/caption_step.py`)."""
     defaults = dict(
@@ -155,7 +237,7 @@ def caption_loss_config(**overrides) -> ml_collections.ConfigDict:
     return _group(defaults, overrides, "caption_loss")
 
 
-_GIT_MODEL_KEYS = ("image_mean", "image_std")
+_GIT_MODEL_KEYS = ("image_mean", "image_std")  # also two_towers models
 
 
 def _overrides(model: ml_collections.ConfigDict) -> dict:
@@ -185,6 +267,8 @@ def network_config(model: ml_collections.ConfigDict):
         return vae.make_config(model.variant, **_overrides(model))
     if family == "git":
         return git.make_config(model.variant, image_size=model.resolution, **_overrides(model))
+    if family == "two_towers":
+        return two_towers_config(model)
     if family != "imagen":
         raise ValueError(f"model.family={family!r}; expected one of {FAMILIES}")
     return unet_config(model)
@@ -326,6 +410,22 @@ def evals_config(**overrides) -> ml_collections.ConfigDict:
             )
         ),
         clip=ml_collections.ConfigDict(dict(path="")),  # a Hugging Face CLIPModel directory
+    )
+    return _group(defaults, overrides, "evals")
+
+
+def embedding_evals_config(**overrides) -> ml_collections.ConfigDict:
+    """Periodic evaluation of an embedding model (family "two_towers",
+    `training/contrastive_trainer.py`): every `every` steps (0 = never) the evaluators of
+    `metrics` (`imagen_jax.evaluation.retrieval`) on the EMA weights."""
+    defaults = dict(
+        every=0,
+        metrics=("zero_shot", "retrieval", "hard_negatives"),
+        splits=("heldout", "train"),  # the shapes scenes' splits
+        size=120,  # scenes per split (hard_negatives: per task of its three)
+        seed=0,  # the scenes: the same at every evaluation
+        wordings="grammar",  # the captions' wording set (shapes.wordings)
+        batch_size=64,  # images or texts per compiled call
     )
     return _group(defaults, overrides, "evals")
 

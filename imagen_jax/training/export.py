@@ -4,7 +4,8 @@ stage directory that also holds a copy of its frozen VAE (`latent.vae`), an auto
 run (`model.family = "vae"`) as a diffusers `vae/` directory that latent stages
 (`latent.vae`) and diffusers read, or a captioner run (`model.family = "git"`) as a Hugging
 Face GIT directory that `pipelines.captioning.load_captioner` and transformers'
-`GitForCausalLM` read.
+`GitForCausalLM` read, or an embedding model run (`model.family = "two_towers"`) as the
+directory that `pipelines.embedding.load_embedder` reads.
 
     python -m imagen_jax.training.export --config=configs/shapes_base.py \
         --workdir=runs/shapes_base --outdir=models/shapes_base [--step=N] [--dtype=float16]
@@ -23,7 +24,7 @@ from absl import app, flags
 
 from imagen_jax import stages
 from imagen_jax.config_utils import define_config_file
-from imagen_jax.training import caption_trainer, latent_space, vae_trainer
+from imagen_jax.training import caption_trainer, contrastive_trainer, latent_space, vae_trainer
 from imagen_jax.training import checkpoint as ckpt_lib
 
 
@@ -110,13 +111,29 @@ def export_captioner(
     return caption_trainer.write_captioner(outdir, config, net, params)
 
 
+def export_embedding(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str,
+    *,
+    step: int | None = None,
+    ema: bool = True,
+) -> str:
+    """Writes the embedding model (`model.family = "two_towers"`) of a run's checkpoint
+    (default: the latest; EMA weights unless `ema` is False) as the directory that
+    `pipelines.embedding.load_embedder` reads (`contrastive_trainer.write_embedding_model`)."""
+    params, net, step = ckpt_lib.restore_params(config, workdir, step, ema=ema)
+    identity = dict(workdir=workdir, step=step)
+    return contrastive_trainer.write_embedding_model(outdir, config, net, params, identity=identity)
+
+
 _CONFIG = define_config_file("config", None, "The run's config file.")
 flags.DEFINE_string("workdir", None, "The training workdir.")
 flags.DEFINE_string("outdir", None, "The stage (or diffusers vae/) directory to write.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_enum("dtype", "float16", list(stages.STORAGE_DTYPES), "Stage storage dtype.")
 flags.DEFINE_bool(
-    "ema", True, "VAE and captioner runs: the EMA weights (--noema: the raw weights)."
+    "ema", True, "VAE, captioner and embedding runs: the EMA weights (--noema: the raw weights)."
 )
 
 
@@ -129,6 +146,8 @@ def main(argv):
         print(export_vae(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
     elif family == "git":
         print(export_captioner(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
+    elif family == "two_towers":
+        print(export_embedding(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
     else:
         print(export_stage(config, f.workdir, f.outdir, step=f.step, storage_dtype=f.dtype))
 

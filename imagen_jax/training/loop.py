@@ -287,16 +287,34 @@ def train_loop(
     return state, last
 
 
-def train_and_export(config, workdir, *, make_data, make_step, make_grid, export):
-    """The run of an objective without a text encoder (the VAE, the captioner): mesh,
-    network, optimizer, checkpoints with resume, `train_loop`, then `export(net, params)`
-    of the gathered EMA weights on process 0. make_data(config) -> the batch iterator;
-    make_step(config, net, tx, lr_schedule, mesh, shardings, rest) -> the jitted step;
-    make_grid(net, mesh, batch) -> the periodic sample writer. Returns (state, metrics)."""
+def train_and_export(
+    config,
+    workdir,
+    *,
+    make_data,
+    make_step,
+    make_grid,
+    export,
+    encoder=None,
+    make_optimizer=None,
+    make_evaluation=None,
+):
+    """The run of an objective other than diffusion (the VAE, the captioner, the contrastive
+    embedding model): mesh, network, optimizer, checkpoints with resume, `train_loop`, then
+    `export(net, params)` of the gathered EMA weights on process 0. make_data(config) -> the
+    batch iterator; make_step(config, net, tx, lr_schedule, mesh, shardings, rest) -> the
+    jitted step; make_grid(net, mesh, batch) -> the periodic sample writer (None: none);
+    encoder: the frozen text encoder of the batches' captions (`device_batch`);
+    make_optimizer(config, net) -> (tx, lr_schedule) (default: `optim`'s over every
+    parameter); make_evaluation(net, mesh) -> the evaluation of every `evals.every` steps.
+    Returns (state, metrics)."""
     mesh = make_mesh(config)
     with jax.set_mesh(mesh):
         net = make_stage_network(config, mesh)
-        tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+        if make_optimizer is None:
+            tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
+        else:
+            tx, lr_schedule = make_optimizer(config, net)
         checkpointer = ckpt_lib.Checkpointer(
             workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
         )
@@ -310,13 +328,14 @@ def train_and_export(config, workdir, *, make_data, make_step, make_grid, export
                 workdir,
                 mesh,
                 net,
-                None,  # no text encoder
+                encoder,
                 data,
                 state,
                 rest,
                 train_step,
                 checkpointer,
-                make_grid=lambda batch: make_grid(net, mesh, batch),
+                evaluation=None if make_evaluation is None else make_evaluation(net, mesh),
+                make_grid=None if make_grid is None else lambda batch: make_grid(net, mesh, batch),
             )
         finally:
             checkpointer.close()

@@ -35,7 +35,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from imagen_jax import parallel, stages
-from imagen_jax.models import git, imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import frozen_text_towers, git, imagen_unet, latent_mmdit, latent_unet, vae
 from imagen_jax.training.config import LATENT_FAMILIES, network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,7 +60,7 @@ class Network:
     abstract_rest: Any  # nnx.State of ShapeDtypeStruct
     dtype: Any
     param_dtype: Any
-    family: str = "imagen"  # imagen | sd_unet | mmdit | vae | git (config.model.family)
+    family: str = "imagen"  # imagen | sd_unet | mmdit | vae | git | two_towers (model.family)
 
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -72,6 +72,10 @@ class Network:
             return vae.AutoencoderKL(self.cfg, **kw)
         if self.family == "git":
             return git.GitForCausalLM(self.cfg, **kw)
+        if self.family == "two_towers":
+            if isinstance(self.cfg, frozen_text_towers.FrozenTextTowersConfig):
+                return frozen_text_towers.FrozenTextTowers(self.cfg, **kw)
+            return self.cfg.build(**kw)  # models.two_towers.TowersConfig
         return imagen_unet.ImagenUNet(self.cfg, **kw)
 
     def merge(self, params, rest) -> nnx.Module:
@@ -88,7 +92,10 @@ class Network:
 
     @property
     def text_dim(self) -> int | None:
-        """The width of the text tokens it attends to (None for the VAE and the captioner)."""
+        """The width of the text tokens it attends to (None for the VAE and the captioner);
+        a two_towers model's frozen encoder width (None with a trained text tower)."""
+        if self.family == "two_towers":
+            return getattr(self.cfg, "text_dim", None)
         return None if self.family in ("vae", "git") else self.cfg.text_dim
 
     @property
@@ -104,8 +111,8 @@ class Network:
             return len(self.cfg.channel_mult)
         if self.family in LATENT_FAMILIES:
             return self.cfg.num_levels
-        if self.family == "git":
-            return 1  # any size the patches tile (GitConfig checks it)
+        if self.family in ("git", "two_towers"):
+            return 1  # any size the patches tile (the vision config checks it)
         return len(self.cfg.block_out_channels)
 
 

@@ -14,7 +14,8 @@ stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE o
 `latent.vae` before the step, `latent_space.py`, and the sample grid decodes its latents
 with it) or "vae" (the autoencoder itself: `vae_trainer.train_vae`, the same loop with its
 own step) or "git" (a GIT captioner: `caption_trainer.train_captioner`, the same loop with
-the captioning step).
+the captioning step) or "two_towers" (an image-text embedding model:
+`contrastive_trainer.train_contrastive`, the same loop with the contrastive step).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from imagen_jax.text.cache import EmbeddingCache
 from imagen_jax.text.config import make_text_encoder, text_width
 from imagen_jax.training import (
     caption_trainer,
+    contrastive_trainer,
     latent_space,
     loop,
     periodic_eval,
@@ -82,6 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         return vae_trainer.train_vae(config, workdir)
     if config.model.get("family", "imagen") == "git":
         return caption_trainer.train_captioner(config, workdir)
+    if config.model.get("family", "imagen") == "two_towers":
+        return contrastive_trainer.train_contrastive(config, workdir)
     check_config(config)
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):

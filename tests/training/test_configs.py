@@ -148,7 +148,15 @@ def test_values_that_cannot_work_stop_the_run_by_name(group, key, value, message
 
 
 @pytest.mark.parametrize(
-    "stage", [*STAGES, "shapes_vae", "shapes_latent", "shapes_mmdit", "shapes_captioner"]
+    "stage",
+    [
+        *STAGES,
+        "shapes_vae",
+        "shapes_latent",
+        "shapes_mmdit",
+        "shapes_captioner",
+        "shapes_embedding",
+    ],
 )
 @pytest.mark.parametrize("arg", ["", "runlocal"])
 def test_every_stage_config_passes_the_value_checks(stage, arg):

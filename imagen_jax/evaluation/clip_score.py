@@ -24,6 +24,12 @@ ids after 77, end-of-text token included, and so pools another token: for those 
 the two differ. Images are uint8 RGB, preprocessed by `imagen_jax.images.ImageProcessor` (the
 same pixel values as transformers' PIL backend).
 
+An in-domain score: `load_clip_scorer` also takes any other image-text embedding model
+directory that `pipelines.embedding` loads (the shapes embedding model that
+`configs/shapes_embedding.py` trains, a SiglipModel): the same 100 * cos of its two
+embeddings, clamped the same way, its directory named as the backbone. Such scores are
+comparable between text-to-image models, not with CLIP's.
+
 The model is a local directory of a full CLIPModel in Hugging Face layout: config.json,
 model.safetensors, tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) and
 preprocessor_config.json, as published on the Hugging Face hub (e.g.
@@ -49,6 +55,7 @@ from imagen_jax.evaluation.folder import load_image, read_manifest
 from imagen_jax.images import PREPROCESSOR_FILE, ImageProcessor
 from imagen_jax.models import two_towers
 from imagen_jax.models.two_towers import CLIPModel
+from imagen_jax.pipelines import embedding
 from imagen_jax.text.tokenizer import TOKENIZER_FILE, Tokenizer
 from imagen_jax.weights import (
     CONFIG_NAME,
@@ -264,13 +271,47 @@ class CLIPScorer:
 
     def result(self, image_embeds, text_embeds, *, clamp="mean", **extra) -> dict[str, Any]:
         """The result dict of a score from embeddings [N, P]."""
-        return dict(
-            score=clip_score(image_embeds, text_embeds, clamp=clamp),
-            n=len(image_embeds),
-            backbone=self.backbone,
-            clamp=clamp,
-            **extra,
-        )
+        return score_result(image_embeds, text_embeds, backbone=self.backbone, clamp=clamp, **extra)
+
+
+def score_result(image_embeds, text_embeds, *, backbone: str, clamp="mean", **extra) -> dict:
+    """{"score", "n", "backbone", "clamp", **extra} of embeddings [N, P]."""
+    return dict(
+        score=clip_score(image_embeds, text_embeds, clamp=clamp),
+        n=len(image_embeds),
+        backbone=backbone,
+        clamp=clamp,
+        **extra,
+    )
+
+
+class EmbedderScorer:
+    """The score of `CLIPScorer.score` from any `pipelines.embedding.Embedder` (an in-domain
+    embedding model): 100 * cos of its image and text embeddings, the same clamps."""
+
+    def __init__(self, embedder, *, backbone: str):
+        self.embedder, self.backbone = embedder, backbone
+
+    def score(self, images, prompts: Sequence[str], *, clamp: str = "mean") -> dict[str, Any]:
+        if clamp not in CLAMPS:
+            raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, not one string")
+        if len(prompts) == 0:
+            raise ValueError("no prompts to embed")
+        text = self.embedder.embed_texts(prompts)
+        image = self.embedder.embed_images(list(images))
+        if len(image) != len(text):
+            raise ValueError(f"{len(image)} images but {len(text)} prompts")
+        return score_result(image, text, backbone=self.backbone, clamp=clamp, truncated_prompts=0)
+
+
+def _embedding_model(path: str) -> bool:
+    """Whether `path` holds an embedding model other than a CLIPModel (ours, SigLIP)."""
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return False
+    kind = read_config(path).get("model_type")
+    return kind != "clip" and kind in embedding.KINDS
 
 
 def load_clip_scorer(
@@ -280,10 +321,14 @@ def load_clip_scorer(
     dtype=jnp.float32,
     backbone: str | None = None,
     devices: Sequence[jax.Device] | None = None,
-) -> CLIPScorer:
-    """A CLIPScorer from a CLIPModel directory (see the module docstring); `backbone`
+) -> CLIPScorer | EmbedderScorer:
+    """A CLIPScorer from a CLIPModel directory (see the module docstring), or an
+    EmbedderScorer from another embedding model directory (an in-domain score); `backbone`
     overrides the reported name (default: `backbone_name`)."""
     path = os.fspath(path)
+    if _embedding_model(path):
+        embedder = embedding.load_embedder(path, batch_size=batch_size)
+        return EmbedderScorer(embedder, backbone=backbone or backbone_name(path))
     check_model_dir(path)
     model = load_clip_model(path, dtype=dtype)
     max_length = model.text_model.config.max_position_embeddings
@@ -324,7 +369,8 @@ def evaluate_folder(
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
     pairs = read_pairs(samples)
-    check_model_dir(clip_path)
+    if not _embedding_model(os.fspath(clip_path)):
+        check_model_dir(clip_path)
     scorer = load_clip_scorer(
         clip_path, batch_size=batch_size, dtype=dtype, backbone=backbone, devices=devices
     )

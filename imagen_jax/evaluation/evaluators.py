@@ -20,7 +20,9 @@ Evaluators (`evals.metrics` names):
   sigma as pytorch-fid and clean-fid write them), and KID when reference features are given
   (`evals.fid.kid_reference`), with the FID Inception of `evals.fid.inception`.
 * `clip_score`: the CLIP score with the CLIPModel of `evals.clip.path`
-  (`imagen_jax.evaluation.clip_score`: torchmetrics' convention, equal to its CLIPScore).
+  (`imagen_jax.evaluation.clip_score`: torchmetrics' convention, equal to its CLIPScore), or
+  an in-domain score with another embedding model directory there (the shapes embedding
+  model: `checkpoints/shapes/embedding`).
 """
 
 from __future__ import annotations

@@ -135,3 +135,32 @@ def test_retrieve_py(setup, tmp_path):
     out = run("--text=")
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == "retrieve.py: ValueError: the query text is empty"
+
+
+def test_in_domain_clip_score_of_a_samples_folder(setup, tmp_path):
+    """eval/clip_score.py's folder evaluation and the clip_score evaluator take an
+    embedding model directory: 100 * the mean cosine of each image with its own prompt."""
+    from imagen_jax.evaluation import clip_score, evaluators
+
+    _, model, images = setup
+    names = ["00.png", "01.png", "wide.png"]
+    prompts = ["a red circle", "two blue stars", "a green square"]
+    folder = tmp_path / "samples"
+    (folder / "images").mkdir(parents=True)
+    for name in names:
+        (folder / "images" / name).write_bytes((pathlib.Path(images) / name).read_bytes())
+    rows = [{"file": f"images/{n}", "prompt": p} for n, p in zip(names, prompts, strict=True)]
+    (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    embedder = embedding.load_embedder(model)
+    pixels = [np.asarray(Image.open(pathlib.Path(images) / n).convert("RGB")) for n in names]
+    cos = (embedder.embed_images(pixels) * embedder.embed_texts(prompts)).sum(-1)
+    want = max(100.0 * float(np.mean(cos.astype(np.float64))), 0.0)
+    result = clip_score.evaluate_folder(folder, clip_path=model)
+    assert result["n"] == 3 and result["backbone"] == "model"
+    assert result["score"] == pytest.approx(want, abs=1e-3)
+    pair = clip_score.evaluate_folder(folder, clip_path=model, clamp="pair")
+    assert pair["score"] == pytest.approx(float(np.mean(np.maximum(100 * cos, 0))), abs=1e-3)
+    scorer = evaluators.CLIPScore(model)
+    got = scorer(evaluators.Samples(pixels, [{"prompt": p} for p in prompts]))
+    assert got["clip_score"] == pytest.approx(want, abs=1e-3)

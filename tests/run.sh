@@ -62,4 +62,4 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
 fi
 "$PY" -m ruff format --check .
 "$PY" -m ruff check .
-"$PY" -m pytest -n 2 tests "$@"
+"$PY" -m pytest -n 2 --durations=25 tests "$@"

@@ -9,9 +9,12 @@ from imagen_jax.diffusion.losses import diffusion_loss, sample_time
 from imagen_jax.diffusion.parameterization import target, to_x0_eps
 from imagen_jax.diffusion.samplers import (
     SAMPLERS,
+    check_editing,
     compile_sampler,
     get_sampler,
+    img2img_start,
     make_denoiser,
+    repaint_schedule,
     sample,
     step_noise,
 )
@@ -41,6 +44,7 @@ __all__ = [
     "TimeGrid",
     "LogSNRSchedule",
     "cfg_model",
+    "check_editing",
     "compile_sampler",
     "continuous_grid",
     "ddim_grid",
@@ -51,8 +55,10 @@ __all__ = [
     "dynamic_threshold",
     "flow_grid",
     "get_sampler",
+    "img2img_start",
     "karras_sigmas",
     "make_denoiser",
+    "repaint_schedule",
     "sample",
     "sample_time",
     "sigma_grid",

@@ -10,6 +10,10 @@ The update rules are written for a state z = alpha x0 + sigma eps at any scaling
 sampler runs on VP, VE and flow grids. Stochastic samplers draw step i's noise from
 `step_noise(key, i, shape)`; `key` may be one key or one key per batch row, which makes an
 image independent of the batch it is placed in.
+
+Every sampler also takes the editing options of `editable`: image-to-image (`x_init`,
+`strength`), masked sampling (`x_known`, `mask`) and RePaint's resampling (`repaint_jump`,
+`repaint_resample`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion import guidance as guidance_lib
 from imagen_jax.diffusion import parameterization as param_lib
+from imagen_jax.diffusion import time_grids
 from imagen_jax.diffusion.time_grids import TimeGrid
 
 
@@ -131,21 +137,65 @@ class Step(NamedTuple):
     sigma_next: jax.Array
     t_next: jax.Array
     max_order: jax.Array
+    draw: jax.Array  # index of this step's noise draws (i, unless RePaint repeats steps)
+    fresh: jax.Array  # steps since the (re)start: multistep solvers warm up from it
 
 
-def _run(body, carry, grid: TimeGrid, callback, trajectory: bool):
+def _run(body, carry, grid: TimeGrid, callback, trajectory: bool, masking=None):
     """Scans `body(carry, step) -> carry` over the grid, the sample first in the carry.
     `callback(i)` reports progress from inside the compiled loop; with `trajectory` the
-    sample after every step is returned too, as [N, *shape]."""
+    sample after every scan entry is returned too, as [N, *shape]. With `masking` (see
+    `editing`) the kept region is put back after every step, and RePaint's schedule is
+    scanned instead of the grid's steps when `masking.jump` is set."""
     n = grid.num_steps
-    xs = Step(jnp.arange(n), *(jnp.asarray(a) for a in grid[:-1]))
     sample_of = lambda c: c[0] if isinstance(c, tuple) else c  # noqa: E731
 
-    def scan_body(carry, step):
-        carry = body(carry, step)
+    def with_sample(c, z):
+        return (z, *c[1:]) if isinstance(c, tuple) else z
+
+    def step(carry, st):
+        carry = body(carry, st)
+        if masking is not None:
+            z = sample_of(carry)
+            carry = with_sample(carry, _keep_known(masking, z, st.alpha_next, st.sigma_next, st))
         if callback is not None:
-            jax.debug.callback(callback, step.i)
-        return carry, (sample_of(carry) if trajectory else None)
+            jax.debug.callback(callback, st.i)
+        return carry
+
+    if masking is None or not masking.jump:
+        i = jnp.arange(n)
+        xs = Step(i, *(jnp.asarray(a) for a in grid[:-1]), draw=i, fresh=i)
+
+        def scan_body(carry, st):
+            carry = step(carry, st)
+            return carry, (sample_of(carry) if trajectory else None)
+
+    else:
+        entries = repaint_schedule(n, masking.jump, masking.resample)
+        at = lambda a, idx: jnp.asarray(a)[idx]  # noqa: E731
+        st = Step(
+            jnp.asarray(entries.step),
+            *(at(a, entries.step) for a in grid[:-1]),
+            draw=jnp.arange(len(entries.step)),
+            fresh=jnp.asarray(entries.fresh),
+        )
+        # A jump starts where the block's last step landed.
+        xs = (
+            st,
+            jnp.asarray(entries.jump),
+            at(grid.alpha_next, entries.source),
+            at(grid.sigma_next, entries.source),
+        )
+
+        def scan_body(carry, x):
+            st, is_jump, alpha_from, sigma_from = x
+
+            def jump(c):
+                z = sample_of(c)
+                return with_sample(c, _forward(masking, z, alpha_from, sigma_from, st))
+
+            carry = jax.lax.cond(is_jump, jump, lambda c: step(c, st), carry)
+            return carry, (sample_of(carry) if trajectory else None)
 
     carry, zs = jax.lax.scan(scan_body, carry, xs)
     return (sample_of(carry), zs) if trajectory else sample_of(carry)
@@ -157,12 +207,250 @@ def _ve(alpha, sigma):
 
 
 # ----------------------------------------------------------------------------------------------
+# Editing: image-to-image, masked sampling (inpainting) and RePaint, as options of every sampler
+# ----------------------------------------------------------------------------------------------
+
+_KNOWN_STREAM, _JUMP_STREAM = 1 << 30, (1 << 30) + 1  # apart from the samplers' step indices
+
+
+class Masking(NamedTuple):
+    """What a masked run carries into its scan (built by `editable` from the options)."""
+
+    x_known: jax.Array  # [B, ...] the known image, in the sampler's x0 space
+    mask: jax.Array  # z's shape, or one channel: 1 = regenerate, 0 = keep
+    known_key: jax.Array  # noise of the known region, `step_noise` of step draw
+    jump_key: jax.Array  # noise of RePaint's jumps back up
+    jump: int  # RePaint's jump length in steps; 0 = off
+    resample: int  # how often each block of `jump` steps is run
+
+
+class RepaintSchedule(NamedTuple):
+    """One scan entry per step or jump, host-built (see `repaint_schedule`)."""
+
+    step: np.ndarray  # [E] grid step of a step entry; a jump's block start (its target level)
+    jump: np.ndarray  # [E] bool: a jump back up, not a step
+    source: np.ndarray  # [E] a jump leaves the level where this step landed
+    fresh: np.ndarray  # [E] steps since the start or the last jump
+
+
+def _stream(key, stream: int):
+    """A key (one, or one per batch row) of its own noise stream."""
+    key = _as_key(key)
+    if key.ndim == 0:
+        return jax.random.fold_in(key, stream)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, stream)
+
+
+def _blend(mask, z_free, z_kept):
+    # mask * a + (1 - mask) * b is exact at both ends: b where mask = 0, a where mask = 1.
+    return mask * z_free + (1.0 - mask) * z_kept
+
+
+def _keep_known(masking: Masking, z, alpha, sigma, st: Step):
+    """z with its kept region replaced by the known image at level (alpha, sigma), noised by
+    step `st.draw`'s known-region noise: alpha x_known + sigma noise."""
+    noise = step_noise(masking.known_key, st.draw, z.shape, z.dtype)
+    return _blend(masking.mask, z, alpha * masking.x_known + sigma * noise)
+
+
+def _forward(masking: Masking, z, alpha_from, sigma_from, st: Step):
+    """The forward process q(z_to | z_from) from level (alpha_from, sigma_from) up to the
+    step's own level (st.alpha, st.sigma): z_to = r z + sqrt(sigma_to^2 - r^2 sigma_from^2)
+    noise with r = alpha_to / alpha_from (VP, VE and flow states alike)."""
+    ratio = st.alpha / alpha_from
+    std = jnp.sqrt(jnp.maximum(st.sigma**2 - (ratio * sigma_from) ** 2, 0.0))
+    return ratio * z + std * step_noise(masking.jump_key, st.draw, z.shape, z.dtype)
+
+
+def repaint_schedule(num_steps: int, jump: int, resample: int) -> RepaintSchedule:
+    """RePaint's resampling schedule (Lugmayr et al. 2022, sec. 4.2 and their code's
+    `get_schedule_jump` with jump_length = `jump`, jump_n_sample = `resample`) on a grid.
+
+    The steps are cut into blocks of `jump` from the grid's end (the last block lands on the
+    grid's last level; the first may be shorter). Each block is run `resample` times: after
+    a run, the state is noised back up to the block's first level by the forward process
+    (one jump of `jump` steps, as the paper's `jump_length` single forward steps compose)
+    and the block is run again. As in the paper, no jump goes back to the first level (the
+    pure-noise start), so the first block runs once. `resample=1` is plain masked sampling.
+    """
+    ends = list(range(num_steps, 0, -jump))[::-1]
+    step, is_jump, source, fresh, since = [], [], [], [], 0
+    for end in ends:
+        start = max(end - jump, 0)
+        runs = resample if start > 0 else 1
+        for r in range(runs):
+            for k in range(start, end):
+                step.append(k), is_jump.append(False), source.append(k), fresh.append(since)
+                since += 1
+            if r < runs - 1:
+                step.append(start), is_jump.append(True), source.append(end - 1)
+                fresh.append(since)
+                since = 0
+    return RepaintSchedule(
+        np.asarray(step, np.int32),
+        np.asarray(is_jump, bool),
+        np.asarray(source, np.int32),
+        np.asarray(fresh, np.int32),
+    )
+
+
+def _shape_name(a) -> tuple:
+    return tuple(np.shape(a))
+
+
+def check_editing(
+    shape,
+    *,
+    x_init=None,
+    strength=1.0,
+    x_known=None,
+    mask=None,
+    repaint_jump=0,
+    repaint_resample=1,
+) -> None:
+    """Raises one ValueError naming the first bad editing option for samples of `shape`.
+    The mask's values are checked where they are concrete (not under jit)."""
+    shape = tuple(shape)
+    number = isinstance(strength, (int, float, np.number)) and not isinstance(strength, bool)
+    if not number or not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
+    if strength != 1.0 and x_init is None:
+        raise ValueError(f"strength={strength!r} needs x_init, the image to start from")
+    if x_init is not None and _shape_name(x_init) != shape:
+        raise ValueError(f"x_init has shape {_shape_name(x_init)}; the samples have {shape}")
+    if (x_known is None) != (mask is None):
+        given = "x_known" if mask is None else "mask"
+        raise ValueError(f"masked sampling needs both x_known and mask; got only {given}")
+    for name, value, low in (
+        ("repaint_jump", repaint_jump, 0),
+        ("repaint_resample", repaint_resample, 1),
+    ):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if repaint_resample > 1 and not repaint_jump:
+        raise ValueError(f"repaint_resample={repaint_resample} needs repaint_jump >= 1")
+    if x_known is None:
+        if repaint_jump:
+            raise ValueError(f"repaint_jump={repaint_jump} needs x_known and mask")
+        return
+    if _shape_name(x_known) != shape:
+        raise ValueError(f"x_known has shape {_shape_name(x_known)}; the samples have {shape}")
+    if _shape_name(mask) not in (shape, (*shape[:-1], 1)):
+        raise ValueError(
+            f"mask has shape {_shape_name(mask)}; expected {shape} or {(*shape[:-1], 1)}"
+        )
+    if not isinstance(mask, jax.core.Tracer):
+        values = np.asarray(mask, np.float32)
+        if not np.all((values >= 0.0) & (values <= 1.0)):  # NaN fails too
+            raise ValueError(
+                f"mask values must be in [0, 1], got min {values.min()} max {values.max()}"
+            )
+
+
+def img2img_start(grid: TimeGrid, z, x_init, strength: float):
+    """(grid, z) of an image-to-image run (SDEdit, Meng et al. 2022): the last int(N s)
+    steps of the grid (`time_grids.strength_start`, diffusers' `get_timesteps`), from x_init
+    noised to the first kept level, alpha x_init + sigma noise, where noise = z / init_sigma
+    is the noise of the pure-noise start z. Strength 1 is plain sampling from z (x_init
+    unused); a strength that keeps no step gives (None, x_init)."""
+    if x_init is None or strength == 1.0:
+        return grid, z
+    n = grid.num_steps
+    start = time_grids.strength_start(n, strength) if strength > 0 else n
+    if start == n:
+        return None, x_init
+    sliced = time_grids.slice_grid(grid, start)
+    noise = z / grid.init_sigma
+    return sliced, sliced.alpha[0] * x_init + sliced.sigma[0] * noise
+
+
+def editable(sampler: Callable) -> Callable:
+    """Gives a sampler the editing options (all keyword, all off by default):
+
+    - `x_init`, `strength` (in [0, 1]): image-to-image (`img2img_start`); `z` stays the
+      pure-noise start, and its noise noises `x_init`.
+    - `x_known`, `mask` (z's shape or one channel; 1 = regenerate, 0 = keep): masked
+      sampling (inpainting). After every step (and at Heun's intermediate point) the kept
+      region is replaced by the known image at the level reached, alpha' x_known + sigma'
+      noise, the noise drawn from `key` (one key or one per batch row, as `step_noise`, in
+      a stream of its own); on a grid that ends clean (alpha' = 1, sigma' = 0) the kept
+      region ends equal to x_known exactly. Needs `key`, also for deterministic samplers.
+    - `repaint_jump`, `repaint_resample`: RePaint's resampling (`repaint_schedule`), as one
+      `lax.scan` over the schedule's entries.
+
+    Multistep solvers (dpmpp_*, unipc) keep a history that stays consistent with the states
+    visited: every history entry is the network's output at the state after the replacement
+    (as diffusers' inpainting pipelines do; the updates are elementwise, so the kept
+    region's entries never reach the generated region), UniPC's corrector puts the known
+    region back into the state it refines, and after a RePaint jump the history restarts
+    (first order, no corrector; `Step.fresh`), as it belongs to a lower noise level.
+
+    Strength, jump and resample are static (a new value compiles a new program); the images
+    and the mask are traced. The sampler receives the sliced grid and `masking` (a
+    `Masking`, or None), which it passes to `_run`."""
+
+    @functools.wraps(sampler)
+    def run(
+        denoise,
+        z,
+        grid: TimeGrid,
+        *,
+        key=None,
+        x_init=None,
+        strength=1.0,
+        x_known=None,
+        mask=None,
+        repaint_jump: int = 0,
+        repaint_resample: int = 1,
+        **options,
+    ):
+        check_editing(
+            z.shape,
+            x_init=x_init,
+            strength=strength,
+            x_known=x_known,
+            mask=mask,
+            repaint_jump=repaint_jump,
+            repaint_resample=repaint_resample,
+        )
+        masking = None
+        if x_known is not None:
+            if key is None:
+                raise ValueError("masked sampling draws the known region's noise: pass `key`")
+            masking = Masking(
+                jnp.asarray(x_known, z.dtype),
+                jnp.asarray(mask, z.dtype),
+                _stream(key, _KNOWN_STREAM),
+                _stream(key, _JUMP_STREAM),
+                int(repaint_jump),
+                int(repaint_resample),
+            )
+        grid, z = img2img_start(grid, z, x_init, strength)
+        if grid is None:  # no step left to run
+            if masking is not None:
+                z = _blend(masking.mask, z, masking.x_known)
+            return (z, z[None][:0]) if options.get("trajectory") else z
+        return sampler(denoise, z, grid, key=key, masking=masking, **options)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------
 # Samplers
 # ----------------------------------------------------------------------------------------------
 
 
+@editable
 def ddim(
-    denoise, z, grid: TimeGrid, *, key=None, eta: float = 0.0, callback=None, trajectory=False
+    denoise,
+    z,
+    grid: TimeGrid,
+    *,
+    key=None,
+    eta: float = 0.0,
+    callback=None,
+    trajectory=False,
+    masking=None,
 ):
     """DDIM (Song et al. 2021, eq. 12): z_next = alpha' x0 + sqrt(sigma'^2 - s^2) eps + s noise
     with s = eta * sqrt(sigma'^2 (1 - SNR / SNR')); eta = 0 is deterministic, eta = 1 ancestral."""
@@ -174,12 +462,13 @@ def ddim(
         direction = jnp.sqrt(jnp.maximum(st.sigma_next**2 - std**2, 0.0))
         z_next = st.alpha_next * d.x0 + direction * d.eps
         if eta:
-            z_next = z_next + std * step_noise(key, st.i, z.shape, z.dtype)
+            z_next = z_next + std * step_noise(key, st.draw, z.shape, z.dtype)
         return z_next
 
-    return _run(body, z, grid, callback, trajectory)
+    return _run(body, z, grid, callback, trajectory, masking)
 
 
+@editable
 def ddpm(
     denoise,
     z,
@@ -189,6 +478,7 @@ def ddpm(
     variance: str = "fixed_small",
     callback=None,
     trajectory=False,
+    masking=None,
 ):
     """Ancestral sampling from the posterior q(z_next | z, x0) (Ho et al. 2020, eq. 6-7), with
     the variance fixed_small (beta-tilde), fixed_large (beta) or learned_range (Nichol &
@@ -204,13 +494,14 @@ def ddpm(
         log_var = param_lib.posterior_log_variance(
             variance, var_small=var_small, var_large=var_large, var_values=d.var_values
         )
-        noise = step_noise(key, st.i, z.shape, z.dtype)
+        noise = step_noise(key, st.draw, z.shape, z.dtype)
         return mean + jnp.where(st.t > 0, jnp.exp(0.5 * log_var), 0.0) * noise
 
-    return _run(body, z, grid, callback, trajectory)
+    return _run(body, z, grid, callback, trajectory, masking)
 
 
-def euler(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
+@editable
+def euler(denoise, z, grid: TimeGrid, *, key=None, callback=None, trajectory=False, masking=None):
     """Euler's method on the probability-flow ODE in the VE variable x = z / alpha
     (Karras et al. 2022, alg. 1 without churn)."""
 
@@ -219,11 +510,20 @@ def euler(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
         dsigma = _ve(st.alpha_next, st.sigma_next) - _ve(st.alpha, st.sigma)
         return st.alpha_next * (z / st.alpha + dsigma * d.eps)
 
-    return _run(body, z, grid, callback, trajectory)
+    return _run(body, z, grid, callback, trajectory, masking)
 
 
+@editable
 def euler_ancestral(
-    denoise, z, grid: TimeGrid, *, key=None, eta: float = 1.0, callback=None, trajectory=False
+    denoise,
+    z,
+    grid: TimeGrid,
+    *,
+    key=None,
+    eta: float = 1.0,
+    callback=None,
+    trajectory=False,
+    masking=None,
 ):
     """Euler ancestral (k-diffusion `sample_euler_ancestral`): an Euler step down to
     sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = sigma'^2."""
@@ -235,13 +535,14 @@ def euler_ancestral(
         s_up = jnp.minimum(s_up, s_to)
         s_down = jnp.sqrt(s_to**2 - s_up**2)
         x = z / st.alpha + (s_down - s_from) * d.eps
-        x = x + s_up * step_noise(key, st.i, z.shape, z.dtype)
+        x = x + s_up * step_noise(key, st.draw, z.shape, z.dtype)
         return st.alpha_next * x
 
-    return _run(body, z, grid, callback, trajectory)
+    return _run(body, z, grid, callback, trajectory, masking)
 
 
-def heun(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
+@editable
+def heun(denoise, z, grid: TimeGrid, *, key=None, callback=None, trajectory=False, masking=None):
     """Heun's second-order method (Karras et al. 2022, alg. 1 without churn): an Euler step,
     then the trapezoidal correction, except on a step that lands on sigma = 0."""
 
@@ -252,16 +553,19 @@ def heun(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
         x_euler = x + (s_to - s_from) * d.eps
 
         def correct(_):
-            d2 = denoise(st.alpha_next * x_euler, st.i, st.t_next, st.alpha_next, st.sigma_next)
+            z_euler = st.alpha_next * x_euler
+            if masking is not None:  # the network sees the known region at this level
+                z_euler = _keep_known(masking, z_euler, st.alpha_next, st.sigma_next, st)
+            d2 = denoise(z_euler, st.i, st.t_next, st.alpha_next, st.sigma_next)
             return x + (s_to - s_from) * 0.5 * (d.eps + d2.eps)
 
         x_next = jax.lax.cond(st.sigma_next > 0, correct, lambda _: x_euler, None)
         return st.alpha_next * x_next
 
-    return _run(body, z, grid, callback, trajectory)
+    return _run(body, z, grid, callback, trajectory, masking)
 
 
-def dpm_solver_pp(
+def _dpm_solver_pp(
     denoise,
     z,
     grid: TimeGrid,
@@ -272,6 +576,7 @@ def dpm_solver_pp(
     solver_type="midpoint",
     callback=None,
     trajectory=False,
+    masking=None,
 ):
     """Multistep DPM-Solver++ (Lu et al. 2022, "DPM-Solver++", alg. 2 and its third-order
     form, as diffusers' DPMSolverMultistepScheduler) in the data prediction: step i uses
@@ -293,7 +598,7 @@ def dpm_solver_pp(
         h = jnp.where(landing, -jnp.log(jnp.where(landing, exp_neg_h, 1.0)), 1.0)
         r0 = h_prev / h
         d1 = (d.x0 - x0_prev) / r0
-        step_order = jnp.minimum(jnp.minimum(st.i + 1, st.max_order), order)
+        step_order = jnp.minimum(jnp.minimum(st.fresh + 1, st.max_order), order)
         step_order = jnp.where(landing, step_order, 1)
         if sde:
             exp_neg_2h = exp_neg_h**2
@@ -303,7 +608,7 @@ def dpm_solver_pp(
                 second = 0.5 * st.alpha_next * (1.0 - exp_neg_2h) * d1
             else:
                 second = st.alpha_next * ((1.0 - exp_neg_2h) / (-2.0 * h) + 1.0) * d1
-            noise = step_noise(key, st.i, z.shape, z.dtype)
+            noise = step_noise(key, st.draw, z.shape, z.dtype)
             z_next = z_next + st.sigma_next * jnp.sqrt(1.0 - exp_neg_2h) * noise
         else:
             z_next = (st.sigma_next / st.sigma) * z - st.alpha_next * (exp_neg_h - 1.0) * d.x0
@@ -324,24 +629,51 @@ def dpm_solver_pp(
     one = jnp.ones((), z.dtype)
     zeros = jnp.zeros_like(z)
     carry = (z, zeros, zeros, one, one)  # (z, the previous two x0, the previous two h)
-    return _run(body, carry, grid, callback, trajectory)
+    return _run(body, carry, grid, callback, trajectory, masking)
 
 
+dpm_solver_pp = editable(_dpm_solver_pp)
+
+
+@editable
 def dpmpp_2m(
-    denoise, z, grid: TimeGrid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+    denoise,
+    z,
+    grid: TimeGrid,
+    *,
+    key=None,
+    solver_type="midpoint",
+    callback=None,
+    trajectory=False,
+    masking=None,
 ):
     """DPM-Solver++(2M): `dpm_solver_pp` of order 2."""
     del key
-    return dpm_solver_pp(
-        denoise, z, grid, solver_type=solver_type, callback=callback, trajectory=trajectory
+    return _dpm_solver_pp(
+        denoise,
+        z,
+        grid,
+        solver_type=solver_type,
+        callback=callback,
+        trajectory=trajectory,
+        masking=masking,
     )
 
 
+@editable
 def dpmpp_2m_sde(
-    denoise, z, grid: TimeGrid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+    denoise,
+    z,
+    grid: TimeGrid,
+    *,
+    key=None,
+    solver_type="midpoint",
+    callback=None,
+    trajectory=False,
+    masking=None,
 ):
     """SDE-DPM-Solver++(2M): `dpm_solver_pp` of order 2 with `sde=True`."""
-    return dpm_solver_pp(
+    return _dpm_solver_pp(
         denoise,
         z,
         grid,
@@ -350,15 +682,25 @@ def dpmpp_2m_sde(
         solver_type=solver_type,
         callback=callback,
         trajectory=trajectory,
+        masking=masking,
     )
 
 
+@editable
 def dpmpp_3m(
-    denoise, z, grid: TimeGrid, *, key=None, solver_type="midpoint", callback=None, trajectory=False
+    denoise,
+    z,
+    grid: TimeGrid,
+    *,
+    key=None,
+    solver_type="midpoint",
+    callback=None,
+    trajectory=False,
+    masking=None,
 ):
     """DPM-Solver++(3M): `dpm_solver_pp` of order 3 (diffusers' `solver_order=3`)."""
     del key
-    return dpm_solver_pp(
+    return _dpm_solver_pp(
         denoise,
         z,
         grid,
@@ -366,6 +708,7 @@ def dpmpp_3m(
         solver_type=solver_type,
         callback=callback,
         trajectory=trajectory,
+        masking=masking,
     )
 
 
@@ -383,6 +726,7 @@ def _unipc_rhos(rks, b, p: int, *, corrector: bool):
     return jnp.linalg.solve(matrix, b[:size])
 
 
+@editable
 def unipc(
     denoise,
     z,
@@ -395,6 +739,7 @@ def unipc(
     lower_order_final: bool = True,
     callback=None,
     trajectory=False,
+    masking=None,
 ):
     """UniPC (Zhao et al. 2023) in the data prediction, as diffusers' UniPCMultistepScheduler
     (`predict_x0=True`): the UniP-p predictor, and the UniC corrector that refines each new
@@ -462,10 +807,12 @@ def unipc(
             corrected = update(
                 last_z, st.sigma / sigma_prev, st.alpha, h, x0s, lams, prev_order, new_x0=d.x0
             )
-            z = jnp.where(st.i > 0, corrected, z)
+            if masking is not None:  # the kept region stays the known image at this level
+                corrected = _blend(masking.mask, corrected, z)
+            z = jnp.where(st.fresh > 0, corrected, z)
         x0s = jnp.concatenate([d.x0[None], x0s[:-1]])
         lams = jnp.concatenate([lam_now[None], lams[:-1]])
-        p = jnp.minimum(order, st.i + 1)
+        p = jnp.minimum(order, st.fresh + 1)
         if lower_order_final:
             p = jnp.minimum(p, n - st.i)
         landing = st.sigma_next > 0
@@ -480,10 +827,13 @@ def unipc(
     lams = -jnp.arange(1, k + 1, dtype=z.dtype) * 1e3
     one = jnp.ones((), z.dtype)
     carry = (z, z, x0s, lams, jnp.ones((), jnp.int32), one, one)
-    return _run(body, carry, grid, callback, trajectory)
+    return _run(body, carry, grid, callback, trajectory, masking)
 
 
-def flow_euler(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
+@editable
+def flow_euler(
+    denoise, z, grid: TimeGrid, *, key=None, callback=None, trajectory=False, masking=None
+):
     """Euler on the rectified-flow ODE dz/dsigma = v = eps - x0 (SD3's sampler), for flow grids
     (alpha = 1 - sigma, where alpha reaches 0 and the VE form of `euler` is undefined)."""
 
@@ -491,7 +841,7 @@ def flow_euler(denoise, z, grid: TimeGrid, *, callback=None, trajectory=False):
         d = denoise(z, st.i, st.t, st.alpha, st.sigma)
         return z + (st.sigma_next - st.sigma) * (d.eps - d.x0)
 
-    return _run(body, z, grid, callback, trajectory)
+    return _run(body, z, grid, callback, trajectory, masking)
 
 
 SAMPLERS = {
@@ -565,7 +915,7 @@ def sample(
     if preview is not None:
         denoise = with_preview(denoise, preview, grid, preview_every)
     options = dict(sampler_options or {})
-    if sampler in STOCHASTIC or options.get("eta"):
+    if sampler in STOCHASTIC or options.get("eta") or options.get("x_known") is not None:
         options["key"] = key
     return fn(denoise, z, grid, callback=callback, **options)
 
@@ -580,13 +930,28 @@ def compile_sampler(
     sampler_options: dict | None = None,
     **denoiser_options,
 ) -> Callable:
-    """One jitted program `run(params, z, grid, cond, uncond, guidance_scale, key)` for a
-    network `apply_fn(params, z_t, t, cond)`. Prompts, guidance and noise are traced
-    arguments: a new prompt never recompiles; a new shape or step count does."""
+    """One jitted program `run(params, z, grid, cond, uncond, guidance_scale, key, x_init,
+    x_known, mask)` for a network `apply_fn(params, z_t, t, cond)`. Prompts, guidance, noise
+    and the editing images are traced arguments: a new prompt or image never recompiles; a
+    new shape, step count or static editing option (strength, repaint_*) in
+    `sampler_options` does."""
     get_sampler(sampler)
 
     @jax.jit
-    def run(params, z, grid, cond, uncond=None, guidance_scale=None, key=None):
+    def run(
+        params,
+        z,
+        grid,
+        cond,
+        uncond=None,
+        guidance_scale=None,
+        key=None,
+        x_init=None,
+        x_known=None,
+        mask=None,
+    ):
+        images = dict(x_init=x_init, x_known=x_known, mask=mask)
+        options = dict(sampler_options or {}, **{k: v for k, v in images.items() if v is not None})
         return sample(
             functools.partial(apply_fn, params),
             z,
@@ -597,7 +962,7 @@ def compile_sampler(
             callback=callback,
             preview=preview,
             preview_every=preview_every,
-            sampler_options=sampler_options,
+            sampler_options=options,
             uncond=uncond,
             guidance_scale=guidance_scale,
             **denoiser_options,

@@ -25,6 +25,7 @@ CASES = [(name, "scaled_linear") for name in samplers.SAMPLERS if name != "flow_
     ("ddim", "cosine"),
     ("unipc", "cosine"),
 ]
+ON_OWN_GRID = CASES[: len(samplers.SAMPLERS)]  # every sampler once, on its usual grid
 
 
 def gaussian_denoiser(z, step, t, alpha, sigma):
@@ -68,8 +69,11 @@ def _sample(sampler, schedule, images, key=None, *, z=None, **options):
     return np.asarray(out)
 
 
-@pytest.mark.parametrize("repaint", [{}, dict(repaint_jump=3, repaint_resample=2)])
-@pytest.mark.parametrize("sampler,schedule", CASES)
+@pytest.mark.parametrize(
+    "sampler,schedule,repaint",
+    [(*case, {}) for case in CASES]
+    + [(*case, dict(repaint_jump=3, repaint_resample=2)) for case in ON_OWN_GRID],
+)
 def test_masked_sampling_keeps_the_known_region_exactly(sampler, schedule, repaint):
     x_known, mask, _ = _images()
     out = _sample(sampler, schedule, dict(x_known=x_known, mask=mask), **repaint)
@@ -83,7 +87,7 @@ def test_masked_sampling_keeps_the_known_region_exactly(sampler, schedule, repai
     )
 
 
-@pytest.mark.parametrize("sampler,schedule", CASES)
+@pytest.mark.parametrize("sampler,schedule", ON_OWN_GRID)
 def test_strength_zero_is_the_init_and_one_is_plain_sampling(sampler, schedule):
     x_init, _, _ = _images()
     np.testing.assert_array_equal(
@@ -116,7 +120,7 @@ def test_img2img_starts_from_the_init_at_the_first_kept_level(sampler, schedule)
     assert np.abs(halfway - np.asarray(x_init)).mean() > 1e-2
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp_2m_sde", "heun", "unipc"])
+@pytest.mark.parametrize("sampler", ["ddpm", "heun", "unipc"])
 def test_an_image_does_not_depend_on_its_batch_placement(sampler):
     x_known, mask, noise = _images((3, *SHAPE[1:]))
     keys, order = _keys(3, seed=5), np.array([2, 0, 1])
@@ -132,7 +136,7 @@ def test_an_image_does_not_depend_on_its_batch_placement(sampler):
     np.testing.assert_allclose(moved, out[order], atol=1e-6)
 
 
-@pytest.mark.parametrize("sampler,schedule", CASES)
+@pytest.mark.parametrize("sampler,schedule", ON_OWN_GRID)
 def test_repaint_with_one_resample_is_plain_masked_sampling(sampler, schedule):
     x_known, mask, _ = _images()
     images = dict(x_known=x_known, mask=mask)

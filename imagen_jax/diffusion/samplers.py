@@ -210,6 +210,7 @@ def _ve(alpha, sigma):
 # Editing: image-to-image, masked sampling (inpainting) and RePaint, as options of every sampler
 # ----------------------------------------------------------------------------------------------
 
+_EDIT_OPTIONS = ("x_init", "strength", "x_known", "mask", "repaint_jump", "repaint_resample")
 _KNOWN_STREAM, _JUMP_STREAM = 1 << 30, (1 << 30) + 1  # apart from the samplers' step indices
 
 
@@ -912,9 +913,12 @@ def sample(
             scale, grid.num_steps
         )
     denoise = make_denoiser(model_fn, cond=cond, **denoiser_options)
-    if preview is not None:
-        denoise = with_preview(denoise, preview, grid, preview_every)
     options = dict(sampler_options or {})
+    if preview is not None:
+        check_editing(z.shape, **{k: v for k, v in options.items() if k in _EDIT_OPTIONS})
+        # An image-to-image run walks the end of the grid, and so does its preview.
+        walked, _ = img2img_start(grid, z, options.get("x_init"), options.get("strength", 1.0))
+        denoise = with_preview(denoise, preview, walked or grid, preview_every)
     if sampler in STOCHASTIC or options.get("eta") or options.get("x_known") is not None:
         options["key"] = key
     return fn(denoise, z, grid, callback=callback, **options)

@@ -228,3 +228,18 @@ def test_bad_input_is_named(options, message):
     kwargs.update(options)
     with pytest.raises(ValueError, match=message):
         samplers.ddim(gaussian_denoiser, noise, _grid("ddim", "scaled_linear"), **kwargs)
+
+
+def test_preview_of_an_img2img_run_reports_its_steps():
+    seen = []
+    grid = _grid("ddim", "scaled_linear")
+    x_init, _, noise = _images()
+    samplers.sample(
+        lambda z, t, c: 0.1 * z,
+        noise,
+        grid,
+        sampler="ddim",
+        preview=lambda i, x0: seen.append(int(i)),
+        sampler_options=dict(x_init=x_init, strength=0.5),
+    )
+    assert seen == [0, 1, 2, 3]

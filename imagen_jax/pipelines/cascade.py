@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,52 @@ def _imagen_low_res(low_res, aug_keys, size, *, aug_level, schedule):
     return dict(low_res=augment_low_res(low_res, aug_t, aug_keys, schedule=schedule), aug_t=aug_t)
 
 
+class Edit(NamedTuple):
+    """Image-to-image and inpainting of a batch (`Cascade.sample`): each stage gets `image`
+    and `mask` resized to its size. The base stage starts from `image` with `strength`
+    (`samplers.img2img_start`); with a mask, every stage keeps the region where it is 0
+    (`samplers.editable`), with RePaint's resampling when `repaint_jump` is set."""
+
+    image: np.ndarray  # [B, H, W, 3] in [-1, 1], any size
+    mask: np.ndarray | None = None  # [B, H, W] or [B, H, W, 1] in [0, 1]: 1 = regenerate
+    strength: float = 1.0  # the base stage's: the fraction of its steps run
+    repaint_jump: int = 0  # 0: no resampling
+    repaint_resample: int = 1
+
+    def record(self) -> dict:
+        """The settings an image's metadata records (the images themselves left out)."""
+        return dict(
+            strength=self.strength,
+            masked=self.mask is not None,
+            repaint_jump=self.repaint_jump,
+            repaint_resample=self.repaint_resample,
+        )
+
+
+def _resized(x, size):
+    """[B, H, W, C] resized to size (H', W') (antialiased bilinear); unchanged at its size."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return jnp.asarray(x, jnp.float32)
+    shape = (x.shape[0], *size, x.shape[-1])
+    return jax.image.resize(jnp.asarray(x, jnp.float32), shape, "linear", antialias=True)
+
+
+def _channel(mask) -> np.ndarray:
+    """A mask [B, H, W] or [B, H, W, 1] as [B, H, W, 1] float32."""
+    mask = np.asarray(mask, np.float32)
+    return mask if mask.ndim == 4 else mask[..., None]
+
+
+def _check_edit(edit: Edit, batch: int) -> None:
+    image = np.shape(edit.image)
+    if len(image) != 4 or image[0] != batch or image[-1] != 3:
+        raise ValueError(f"edit image has shape {image}; expected ({batch}, H, W, 3)")
+    if edit.mask is not None and np.shape(edit.mask) not in (image[:-1], (*image[:-1], 1)):
+        raise ValueError(
+            f"edit mask has shape {np.shape(edit.mask)}; expected {image[:-1]} (the image's)"
+        )
+
+
 class _CompiledStage:
     def __init__(self, stage: Stage, on_step=None, on_preview=None, preview_every: int = 1):
         self.stage = stage
@@ -81,15 +128,17 @@ class _CompiledStage:
         schedule = self.schedule
         network = getattr(stage, "network", None)
         apply_fn, self.state = network() if network else _imagen_network(stage.model, schedule)
-        self.run = samplers.compile_sampler(
+        self._compile = functools.partial(
+            samplers.compile_sampler,
             apply_fn,
             sampler=self.sampling.sampler,
             callback=on_step,
             preview=on_preview,
             preview_every=preview_every,
-            sampler_options=self.sampling.sampler_options,
             **self.sampling.denoiser_options,
         )
+        self.run = self._compile(sampler_options=self.sampling.sampler_options)
+        self._edit_runs = {}  # static editing options -> its compiled program
         low_res_fn = getattr(stage, "low_res_conditioning", None) or functools.partial(
             _imagen_low_res, aug_level=getattr(stage, "aug_level", 0.0), schedule=schedule
         )
@@ -102,9 +151,18 @@ class _CompiledStage:
         self.vae_factor = 1 if vae is None else vae.config.downsample_factor
         self.vae = None if vae is None else nnx.split(vae)  # (graph, state)
 
-    def __call__(self, keys, cond, uncond, guidance_scale, size, low_res=None):
+    def _edit_run(self, options: dict):
+        """The program with these static editing options, compiled once per setting."""
+        key = tuple(sorted(options.items()))
+        if key not in self._edit_runs:
+            merged = dict(self.sampling.sampler_options, **options)
+            self._edit_runs[key] = self._compile(sampler_options=merged)
+        return self._edit_runs[key]
+
+    def __call__(self, keys, cond, uncond, guidance_scale, size, low_res=None, edit=None):
         """keys [B] -> samples [B, H, W, C] at size (H, W) (low_res: the previous stage's);
-        a latent stage's are its latents decoded by its VAE."""
+        a latent stage's are its latents decoded by its VAE. edit: (static options, traced
+        images) of `samplers.editable` for this stage, or None."""
         if low_res is not None:
             extra = self._low_res(low_res, keys, tuple(size))
             cond, uncond = dict(cond, **extra), dict(uncond, **extra)
@@ -112,7 +170,12 @@ class _CompiledStage:
         h, w = (side // self.vae_factor for side in size)
         z = grid.init_sigma * _row_normal(keys, (h, w, self.channels))
         step_keys = _row_noise_key(keys, STEP_NOISE_TAG)
-        x = self.run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), step_keys)
+        run, images = self.run, {}
+        if edit is not None:
+            options, images = edit
+            samplers.check_editing(z.shape, **options, **images)
+            run = self._edit_run(options)
+        x = run(self.state, z, grid, cond, uncond, jnp.float32(guidance_scale), step_keys, **images)
         return x if self.vae is None else decode_latents(*self.vae, x)
 
 
@@ -315,13 +378,48 @@ class Cascade:
             out.append(by_encoder[id(encoder)])
         return out
 
-    def sample(self, items: Sequence[jobs.WorkItem], seed: int, on_stage=None) -> list[np.ndarray]:
+    def _stage_edit(self, edit: Edit, index: int, size):
+        """(static options, traced images) of `edit` for stage `index` at size (H, W)."""
+        stage = self.stages[index]
+        if stage.vae is not None:
+            raise ValueError(
+                f"stage {stage.stage.path} is a latent stage: image-to-image and inpainting "
+                "run on pixel stages only"
+            )
+        options, images = {}, {}
+        image = _resized(edit.image, size)
+        if index == 0 and edit.strength != 1.0:
+            options["strength"], images["x_init"] = edit.strength, image
+        if edit.mask is not None:
+            mask = _resized(_channel(edit.mask), size)
+            images.update(x_known=image, mask=jnp.clip(mask, 0.0, 1.0))
+            if edit.repaint_jump:
+                options["repaint_jump"] = edit.repaint_jump
+                options["repaint_resample"] = edit.repaint_resample
+        if not images:
+            return None
+        return options, self._place(images)
+
+    def sample(
+        self, items: Sequence[jobs.WorkItem], seed: int, on_stage=None, edit: Edit | None = None
+    ) -> list[np.ndarray]:
         """Every stage's images of a batch, float32 [B, H_s, W_s, C] in [-1, 1] on the host
         (each stage's output is clipped to [-1, 1], and so conditions the next stage).
-        on_stage: `on_stage(stage_index, images)` as each stage's images are done."""
+        on_stage: `on_stage(stage_index, images)` as each stage's images are done.
+        edit: image-to-image / inpainting of the batch (`Edit`), or None."""
         if self.mesh is not None and len(items) % self.mesh.devices.shape[0]:
             raise ValueError(
                 f"a batch of {len(items)} does not split over {self.mesh.devices.shape[0]} devices"
+            )
+        if edit is not None:
+            _check_edit(edit, len(items))
+            samplers.check_editing(
+                np.shape(edit.image),
+                x_init=edit.image,
+                strength=edit.strength,
+                repaint_jump=edit.repaint_jump,
+                repaint_resample=edit.repaint_resample,
+                **({} if edit.mask is None else dict(x_known=edit.image, mask=_channel(edit.mask))),
             )
         conds = self._stage_conds(items)
         outputs, low = [], None
@@ -330,12 +428,15 @@ class Cascade:
             scale = items[0].entry.guidance_scale
             scale = stage.stage.sample.guidance_scale if scale is None else scale
             cond, uncond = conds[index]
-            x = stage(keys, cond, uncond, scale, size, low_res=low)
+            stage_edit = None if edit is None else self._stage_edit(edit, index, size)
+            x = stage(keys, cond, uncond, scale, size, low_res=low, edit=stage_edit)
             low = jnp.clip(x, -1.0, 1.0)
             outputs.append(_to_host(low))
             if on_stage is not None:
                 on_stage(index, outputs[-1])
         return outputs
 
-    def __call__(self, items: Sequence[jobs.WorkItem], seed: int) -> list[np.ndarray]:
-        return [to_uint8(x) for x in self.sample(items, seed)]
+    def __call__(
+        self, items: Sequence[jobs.WorkItem], seed: int, edit: Edit | None = None
+    ) -> list[np.ndarray]:
+        return [to_uint8(x) for x in self.sample(items, seed, edit=edit)]

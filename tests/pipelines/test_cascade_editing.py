@@ -47,8 +47,11 @@ def test_strength_at_the_base_stage(cascade):
     same = cascade.sample(_items(), seed=4, edit=cascade_lib.Edit(image, strength=1.0))
     for a, b in zip(plain, same, strict=True):
         np.testing.assert_array_equal(a, b)
+    small = np.asarray(cascade_lib._resized(image, (8, 8)))
     start = cascade.sample(_items(), seed=4, edit=cascade_lib.Edit(image, strength=0.0))[0]
-    np.testing.assert_array_equal(start, np.asarray(cascade_lib._resized(image, (8, 8))))
+    np.testing.assert_array_equal(start, small)
+    halfway = cascade.sample(_items(), seed=4, edit=cascade_lib.Edit(image, strength=0.5))[0]
+    assert np.abs(halfway - small).mean() > 1e-3 and np.abs(halfway - plain[0]).mean() > 1e-3
 
 
 def test_bad_edits_are_named(cascade):

@@ -144,9 +144,9 @@ class Step(NamedTuple):
 def _run(body, carry, grid: TimeGrid, callback, trajectory: bool, masking=None):
     """Scans `body(carry, step) -> carry` over the grid, the sample first in the carry.
     `callback(i)` reports progress from inside the compiled loop; with `trajectory` the
-    sample after every scan entry is returned too, as [N, *shape]. With `masking` (see
-    `editing`) the kept region is put back after every step, and RePaint's schedule is
-    scanned instead of the grid's steps when `masking.jump` is set."""
+    sample after every scan entry is returned too, as [E, *shape] (E = N steps, or RePaint's
+    entries). With `masking` (see `editable`) the kept region is put back after every step,
+    and RePaint's schedule is scanned instead of the grid's steps when `masking.jump` is set."""
     n = grid.num_steps
     sample_of = lambda c: c[0] if isinstance(c, tuple) else c  # noqa: E731
 
@@ -171,21 +171,7 @@ def _run(body, carry, grid: TimeGrid, callback, trajectory: bool, masking=None):
             return carry, (sample_of(carry) if trajectory else None)
 
     else:
-        entries = repaint_schedule(n, masking.jump, masking.resample)
-        at = lambda a, idx: jnp.asarray(a)[idx]  # noqa: E731
-        st = Step(
-            jnp.asarray(entries.step),
-            *(at(a, entries.step) for a in grid[:-1]),
-            draw=jnp.arange(len(entries.step)),
-            fresh=jnp.asarray(entries.fresh),
-        )
-        # A jump starts where the block's last step landed.
-        xs = (
-            st,
-            jnp.asarray(entries.jump),
-            at(grid.alpha_next, entries.source),
-            at(grid.sigma_next, entries.source),
-        )
+        xs = _repaint_xs(grid, masking)
 
         def scan_body(carry, x):
             st, is_jump, alpha_from, sigma_from = x
@@ -199,6 +185,21 @@ def _run(body, carry, grid: TimeGrid, callback, trajectory: bool, masking=None):
 
     carry, zs = jax.lax.scan(scan_body, carry, xs)
     return (sample_of(carry), zs) if trajectory else sample_of(carry)
+
+
+def _repaint_xs(grid: TimeGrid, masking):
+    """The scan's inputs of RePaint's schedule: (Step, is_jump, alpha_from, sigma_from) per
+    entry; a jump leaves the level where its block's last step landed."""
+    entries = repaint_schedule(grid.num_steps, masking.jump, masking.resample)
+    at = lambda a, idx: jnp.asarray(a)[idx]  # noqa: E731
+    st = Step(
+        jnp.asarray(entries.step),
+        *(at(a, entries.step) for a in grid[:-1]),
+        draw=jnp.arange(len(entries.step)),
+        fresh=jnp.asarray(entries.fresh),
+    )
+    source = entries.source
+    return st, jnp.asarray(entries.jump), at(grid.alpha_next, source), at(grid.sigma_next, source)
 
 
 def _ve(alpha, sigma):
@@ -295,7 +296,7 @@ def repaint_schedule(num_steps: int, jump: int, resample: int) -> RepaintSchedul
     )
 
 
-def _shape_name(a) -> tuple:
+def _shape(a) -> tuple:
     return tuple(np.shape(a))
 
 
@@ -317,8 +318,8 @@ def check_editing(
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
     if strength != 1.0 and x_init is None:
         raise ValueError(f"strength={strength!r} needs x_init, the image to start from")
-    if x_init is not None and _shape_name(x_init) != shape:
-        raise ValueError(f"x_init has shape {_shape_name(x_init)}; the samples have {shape}")
+    if x_init is not None and _shape(x_init) != shape:
+        raise ValueError(f"x_init has shape {_shape(x_init)}; the samples have {shape}")
     if (x_known is None) != (mask is None):
         given = "x_known" if mask is None else "mask"
         raise ValueError(f"masked sampling needs both x_known and mask; got only {given}")
@@ -334,12 +335,10 @@ def check_editing(
         if repaint_jump:
             raise ValueError(f"repaint_jump={repaint_jump} needs x_known and mask")
         return
-    if _shape_name(x_known) != shape:
-        raise ValueError(f"x_known has shape {_shape_name(x_known)}; the samples have {shape}")
-    if _shape_name(mask) not in (shape, (*shape[:-1], 1)):
-        raise ValueError(
-            f"mask has shape {_shape_name(mask)}; expected {shape} or {(*shape[:-1], 1)}"
-        )
+    if _shape(x_known) != shape:
+        raise ValueError(f"x_known has shape {_shape(x_known)}; the samples have {shape}")
+    if _shape(mask) not in (shape, (*shape[:-1], 1)):
+        raise ValueError(f"mask has shape {_shape(mask)}; expected {shape} or {(*shape[:-1], 1)}")
     if not isinstance(mask, jax.core.Tracer):
         values = np.asarray(mask, np.float32)
         if not np.all((values >= 0.0) & (values <= 1.0)):  # NaN fails too

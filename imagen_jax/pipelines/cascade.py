@@ -85,15 +85,6 @@ class Edit(NamedTuple):
     repaint_jump: int = 0  # 0: no resampling
     repaint_resample: int = 1
 
-    def record(self) -> dict:
-        """The settings an image's metadata records (the images themselves left out)."""
-        return dict(
-            strength=self.strength,
-            masked=self.mask is not None,
-            repaint_jump=self.repaint_jump,
-            repaint_resample=self.repaint_resample,
-        )
-
 
 def _resized(x, size):
     """[B, H, W, C] resized to size (H', W') (antialiased bilinear); unchanged at its size."""

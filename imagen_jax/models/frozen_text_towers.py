@@ -28,6 +28,7 @@ import dataclasses
 import json
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from imagen_jax.weights import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_
 
 MODEL_TYPE = "frozen_text_two_towers"
 POOLINGS = ("mean", "cls")
+IMAGE_TOWERS = ("vit", "conv")
 
 # Variants (our own sizes; the shapes one sized for a 2-core CPU and 64 px renders).
 VARIANTS = {
@@ -72,6 +74,23 @@ VARIANTS = {
         projection_dim=128,
         text_hidden=384,
     ),
+    # The shapes sizes with a convolutional image tower (`ConvTower`): 64 px -> 8x8x128
+    # after three stride-2 stages, flattened so that where things are is kept.
+    "shapes_conv": dict(
+        vision=dict(
+            hidden_size=256,
+            intermediate_size=256,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            image_size=64,
+            patch_size=8,
+            family="siglip",
+        ),
+        image_tower="conv",
+        conv_widths=(32, 64, 128),
+        projection_dim=128,
+        text_hidden=384,
+    ),
 }
 
 
@@ -83,8 +102,24 @@ class FrozenTextTowersConfig:
     text_pooling: str = "mean"  # mean | cls
     text_hidden: int = 0  # 0: a linear text projection; > 0: an MLP with this hidden width
     logit_bias: bool = True  # SigLIP's learnable bias (sigmoid loss); False: CLIP (softmax)
+    # "vit": `vision` is the image tower; "conv": `ConvTower` (conv_widths, one stride-2
+    # stage each), whose output width is vision.hidden_size (the rest of `vision` unused
+    # but image_size).
+    image_tower: str = "vit"
+    conv_widths: tuple[int, ...] = ()
 
     def checked(self) -> FrozenTextTowersConfig:
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"image_tower={self.image_tower!r}; expected one of {IMAGE_TOWERS}")
+        if self.image_tower == "conv":
+            stride = 2 ** len(self.conv_widths)
+            if not self.conv_widths or min(self.conv_widths) < 1:
+                raise ValueError(f"conv_widths={self.conv_widths}: positive widths, one or more")
+            if self.vision.image_size % stride:
+                raise ValueError(
+                    f"image_size {self.vision.image_size} is not divisible by {stride} "
+                    f"(2 ** len(conv_widths={self.conv_widths}))"
+                )
         if self.text_pooling not in POOLINGS:
             raise ValueError(f"text_pooling={self.text_pooling!r}; expected one of {POOLINGS}")
         if self.vision.projection_dim:
@@ -109,6 +144,38 @@ def make_config(variant: str, **overrides) -> FrozenTextTowersConfig:
     return FrozenTextTowersConfig(**values).checked()
 
 
+class Pooled(NamedTuple):
+    pooled: jax.Array
+
+
+class ConvTower(nnx.Module):
+    """A convolutional image tower: a 3x3 stem, then per width a stride-2 3x3 convolution
+    and a 3x3 one, each followed by GroupNorm and GELU; the last map [S / 2^k, S / 2^k, C]
+    flattened (where things are is kept) and projected to `width`. Returns `.pooled` [B,
+    width], as `vit.CLIPVisionEncoder` does."""
+
+    def __init__(self, config: FrozenTextTowersConfig, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        widths = config.conv_widths
+        self.stem = nnx.Conv(3, widths[0], (3, 3), **kw)
+        layers, c = [], widths[0]
+        for w in widths:
+            layers.append(nnx.Conv(c, w, (3, 3), strides=2, **kw))
+            layers.append(nnx.GroupNorm(w, num_groups=min(8, w), **kw))
+            layers.append(nnx.Conv(w, w, (3, 3), **kw))
+            layers.append(nnx.GroupNorm(w, num_groups=min(8, w), **kw))
+            c = w
+        self.layers = nnx.List(layers)
+        side = config.vision.image_size // 2 ** len(widths)
+        self.head = nnx.Linear(side * side * c, config.vision.hidden_size, **kw)
+
+    def __call__(self, pixel_values: jax.Array) -> Pooled:
+        x = jax.nn.gelu(self.stem(pixel_values))
+        for i in range(0, len(self.layers), 2):
+            x = jax.nn.gelu(self.layers[i + 1](self.layers[i](x)))
+        return Pooled(self.head(x.reshape(x.shape[0], -1)))
+
+
 class FrozenTextTowers(nnx.Module):
     """The image tower with its projection, the text projection, logit_scale (and bias)."""
 
@@ -123,7 +190,10 @@ class FrozenTextTowers(nnx.Module):
         self.config = config.checked()
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         p = config.projection_dim
-        self.vision_model = vit.CLIPVisionEncoder(config.vision, **kw)
+        if config.image_tower == "conv":
+            self.vision_model = ConvTower(config, **kw)
+        else:
+            self.vision_model = vit.CLIPVisionEncoder(config.vision, **kw)
         self.visual_projection = nnx.Linear(config.vision.width, p, use_bias=False, **kw)
         if config.text_hidden:
             self.text_hidden = nnx.Linear(config.text_dim, config.text_hidden, **kw)
@@ -200,6 +270,8 @@ def config_from_json(hf: dict, where: str) -> FrozenTextTowersConfig:
     try:
         values = {k: hf[k] for k in fields if k in hf}
         values["vision"] = vit.CLIPVisionConfig(**hf["vision"])
+        if "conv_widths" in values:
+            values["conv_widths"] = tuple(values["conv_widths"])
         return FrozenTextTowersConfig(**values).checked()
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None

@@ -203,6 +203,11 @@ def two_towers_config(model: ml_collections.ConfigDict):
         return cfg
     if side != "tower":
         raise ValueError(f"model.text_side={side!r}; expected frozen | tower")
+    if cfg.image_tower != "vit":
+        raise ValueError(
+            f"model.text_side='tower' builds a CLIP / SigLIP model, whose image tower is a "
+            f"ViT; model.variant={model.variant!r} has a {cfg.image_tower!r} image tower"
+        )
     family = "siglip" if cfg.logit_bias else "clip"
     p = cfg.projection_dim
     vision = dataclasses.replace(

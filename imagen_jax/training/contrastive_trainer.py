@@ -66,8 +66,8 @@ def check_contrastive(config, net) -> None:
         )
     if cfg.frozen_tower == "text" and frozen:
         raise ConfigError(
-            "contrastive.frozen_tower='text' with model.text_side='frozen': that text side is a frozen "
-            "encoder already (freeze 'image' or nothing)"
+            "contrastive.frozen_tower='text' with model.text_side='frozen': that text side is "
+            "a frozen encoder already (freeze 'image' or nothing)"
         )
     if cfg.hard_negatives and not (frozen and input_lib.counterfactual_kinds(config.data)):
         raise ConfigError(

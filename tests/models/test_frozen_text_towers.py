@@ -83,7 +83,28 @@ def test_loader_is_strict(tmp_path):
         ftt.load_frozen_text_towers(tmp_path)
 
 
+def test_conv_image_tower_round_trip_and_sees_where_things_are(tmp_path):
+    config, m = model(image_tower="conv", conv_widths=(4, 8))
+    assert config.conv_widths == (4, 8)
+    save(tmp_path, config, m)
+    loaded, _ = ftt.load_frozen_text_towers(tmp_path)
+    assert loaded.config == config
+    pixels, tokens, mask = inputs(2)
+    for a, b in zip(m.embed(pixels, tokens, mask), loaded.embed(pixels, tokens, mask), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Flattened, not pooled: a mirrored image embeds differently.
+    features = np.asarray(m.get_image_features(pixels))
+    mirrored = np.asarray(m.get_image_features(pixels[:, :, ::-1]))
+    assert features.shape == (3, 32) and np.abs(features - mirrored).max() > 1e-3
+
+
 def test_bad_configs():
+    with pytest.raises(ValueError, match="image_tower='cnn'"):
+        model(image_tower="cnn")
+    with pytest.raises(ValueError, match="conv_widths=\\(\\): positive widths"):
+        model(image_tower="conv")
+    with pytest.raises(ValueError, match="image_size 16 is not divisible by 32"):
+        model(image_tower="conv", conv_widths=(2, 2, 2, 2, 2))
     with pytest.raises(ValueError, match="text_pooling='max'"):
         model(text_pooling="max")
     with pytest.raises(ValueError, match="vision.projection_dim must be unset"):

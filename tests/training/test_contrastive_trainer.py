@@ -140,3 +140,9 @@ def test_settings_that_cannot_work_stop_in_one_line(tmp_path, arg, override, mes
     with pytest.raises(ConfigError, match=message) as e:
         train_and_evaluate(config, str(tmp_path))
     assert "\n" not in str(e.value)
+
+
+def test_a_trained_text_tower_needs_a_vit_image_tower():
+    config = stage_config("shapes_embedding", "text_side=tower")  # tower=conv by default
+    with pytest.raises(ValueError, match="has a 'conv' image tower"):
+        state_lib.make_network(config.model)

@@ -28,6 +28,13 @@ cascade; a latent stage's sides must be multiples of its VAE's factor times its 
 patch size (or its latent UNet's downsampling factor). Non-square sizes were never seen in
 training: expect the quality to vary.
 
+Editing (stage sets): --init_image=FILE starts every image from that image at --strength
+(1: from noise, as without it; 0: the image itself), at the base stage; --mask=FILE (the
+image's size, white where it is regenerated, black where it is kept) inpaints: every stage
+keeps the black region, with RePaint's resampling when --repaint_jump > 0 (jumps of that
+many steps, each redone --repaint_resample times). The files' SHA-256 and the settings are
+part of the job and of every image's metadata (`imagen_jax/pipelines/editing.py`).
+
 Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x, SDXL or SD 3 / 3.5
 directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, text_encoder*/,
 tokenizer*/, scheduler/),
@@ -123,6 +130,11 @@ flags.DEFINE_float("refiner_start", 0.8, "Fraction of the steps after which the 
 flags.DEFINE_string(
     "pipeline_sr", None, "A DeepFloyd IF stage II directory (after an IF stage I --pipeline)."
 )
+flags.DEFINE_string("init_image", None, "Image-to-image / inpainting: the image to start from.")
+flags.DEFINE_string("mask", None, "Inpainting: white where --init_image is regenerated.")
+flags.DEFINE_float("strength", 1.0, "With --init_image: the share of the base's steps run.")
+flags.DEFINE_integer("repaint_jump", 0, "RePaint: steps per jump back (0: no resampling).")
+flags.DEFINE_integer("repaint_resample", 1, "RePaint: how often each jump is redone.")
 flags.DEFINE_integer(
     "noise_level", None, "DeepFloyd IF stage II: the noise level of its input (default 250)."
 )
@@ -162,6 +174,11 @@ def _run(f):
         noise_level=f.noise_level,
         overwrite=f.overwrite,
         model=f.model,
+        init_image=f.init_image,
+        mask=f.mask,
+        strength=f.strength,
+        repaint_jump=f.repaint_jump,
+        repaint_resample=f.repaint_resample,
     )
 
 

@@ -14,7 +14,7 @@ import dataclasses
 
 from imagen_jax import stages
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import jobs, public, shipped
+from imagen_jax.pipelines import editing, jobs, public, shipped
 from imagen_jax.shapes.grammar import out_of_domain_note
 from imagen_jax.text.config import make_text_encoder, text_config
 
@@ -71,6 +71,11 @@ def run_sampling_job(
     noise_level: int | None = None,
     overwrite: bool = False,
     model: str | None = None,
+    init_image: str | None = None,
+    mask: str | None = None,
+    strength: float = 1.0,
+    repaint_jump: int = 0,
+    repaint_resample: int = 1,
 ):
     """The job of sample.py's flags (one keyword argument per flag); returns
     `jobs.run_job`'s summary. height, width: the final images' size (None: the last
@@ -80,7 +85,9 @@ def run_sampling_job(
     stage II directory after it, whose input is noised at `noise_level`, None: diffusers'
     250). overwrite: replace the images of another job in outdir (else a rerun into a
     folder of another job refuses; see `jobs.prepare_outdir`). model: a shipped model's
-    name (`pipelines.shipped`) instead of stages (None, without stages: the default)."""
+    name (`pipelines.shipped`) instead of stages (None, without stages: the default).
+    init_image, mask, strength, repaint_jump, repaint_resample: image-to-image and
+    inpainting of every image of a stage-set job (`pipelines.editing`)."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if images_per_prompt < 1:
@@ -116,6 +123,18 @@ def run_sampling_job(
         entries = [jobs.PromptEntry(p, negative_prompt) for p in prompts]
     print(f"{len(entries)} prompts read from {prompts_file or '--prompt'}")
     jobs.check_outdir(outdir)  # before any model is loaded or compiled
+    request = editing.load_edit_request(
+        init_image=init_image,
+        mask=mask,
+        strength=strength,
+        repaint_jump=repaint_jump,
+        repaint_resample=repaint_resample,
+    )
+    if request is not None and pipeline:
+        raise ValueError(
+            "--init_image / --mask edit the images of stage sets (--stage, --model); "
+            "a --pipeline job does not take them"
+        )
     if pipeline:
         job, settings = public.public_job(
             pipeline,
@@ -138,6 +157,12 @@ def run_sampling_job(
     note = domain_note(loaded, [e.prompt for e in entries])
     if note:
         print(note)
+    if request is not None:
+        for line in (*request.notes, request.aspect_note(cascade.sizes[-1])):
+            if line:
+                print(line)
+        settings = dict(settings, edit=request.settings())
+        cascade = editing.EditingCascade(cascade, request)
     return _run(
         cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid, overwrite
     )

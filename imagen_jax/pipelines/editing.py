@@ -1,0 +1,154 @@
+"""Image-to-image and inpainting jobs: sample.py's --init_image, --mask, --strength and
+--repaint_* flags, read and checked once, then applied to every batch of a cascade job.
+
+    request = load_edit_request(init_image="scene.png", mask="mask.png", strength=1.0)
+    for note in request.notes: print(note)    # and request.aspect_note(output size)
+    job = EditingCascade(cascade, request)      # job(items, seed) as the cascade's own call
+    settings = dict(settings, edit=request.settings())  # in the job's fingerprint and PNGs
+
+The init image is any RGB (or grayscale, converted) image file; the mask a grayscale (or
+RGB, converted) file of the same size, white (255) where the image is regenerated and black
+(0) where it is kept, grey values between. Both are resized to every stage's size by the
+cascade (`cascade.Edit`); the base stage starts from the image at `strength` (1: from
+noise, 0: the image itself), and with a mask every stage keeps the black region (RePaint's
+resampling with `repaint_jump` > 0). The job records the files' SHA-256 and the settings,
+so a rerun with another image, mask or strength is another job (never the old images).
+
+Refused, in one line each: an image with an alpha channel (say with --mask what to
+regenerate), a mask of another size than the image, strength outside [0, 1], --mask,
+--strength < 1 or --repaint_* without --init_image, --repaint_* without --mask. Noted: a
+mask that keeps everything (the output is the image) or regenerates everything (plain
+img2img), an image whose aspect ratio is not the output's (it is stretched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import numpy as np
+import PIL.Image
+
+from imagen_jax.pipelines.cascade import Edit
+
+
+@dataclasses.dataclass(frozen=True)
+class EditRequest:
+    image: np.ndarray  # float32 [H, W, 3] in [-1, 1]
+    mask: np.ndarray | None  # float32 [H, W] in [0, 1]: 1 = regenerate
+    strength: float
+    repaint_jump: int
+    repaint_resample: int
+    files: dict  # {"init_image": {"path", "sha256"}, "mask": {...} or None}
+    notes: tuple[str, ...] = ()
+
+    def settings(self) -> dict:
+        """What the job's fingerprint and every image's metadata record (paths are not part
+        of the fingerprint; the SHA-256 of the files is)."""
+        return dict(
+            self.files,
+            strength=self.strength,
+            repaint_jump=self.repaint_jump,
+            repaint_resample=self.repaint_resample,
+        )
+
+    def aspect_note(self, size: tuple[int, int]) -> str | None:
+        """A note when the image's aspect ratio is not the output's (H, W)."""
+        (h, w), (ih, iw) = size, self.image.shape[:2]
+        if abs(ih * w - iw * h) <= 0.01 * iw * h:
+            return None
+        return (
+            f"note: --init_image is {iw}x{ih}, the output {w}x{h}: it is stretched to the "
+            "output's aspect ratio"
+        )
+
+    def batch(self, n: int) -> Edit:
+        """The `cascade.Edit` of a batch of n images."""
+        image = np.broadcast_to(self.image, (n, *self.image.shape))
+        mask = None if self.mask is None else np.broadcast_to(self.mask, (n, *self.mask.shape))
+        return Edit(image, mask, self.strength, self.repaint_jump, self.repaint_resample)
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _open(path: str, what: str) -> PIL.Image.Image:
+    try:
+        with PIL.Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as e:
+        raise ValueError(f"{what} {path}: not a readable image ({e})") from None
+
+
+def load_edit_request(
+    *,
+    init_image: str | None,
+    mask: str | None = None,
+    strength: float = 1.0,
+    repaint_jump: int = 0,
+    repaint_resample: int = 1,
+) -> EditRequest | None:
+    """The request of sample.py's editing flags (None: no editing), checked."""
+    if init_image is None:
+        if mask is not None:
+            raise ValueError("--mask needs --init_image (the image whose region it marks)")
+        if strength != 1.0:
+            raise ValueError(f"--strength={strength} needs --init_image (the image to start from)")
+        if repaint_jump:
+            raise ValueError("--repaint_jump needs --init_image and --mask")
+        return None
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"--strength={strength}: expected a value in [0, 1]")
+    if (repaint_jump or repaint_resample != 1) and mask is None:
+        raise ValueError("--repaint_jump / --repaint_resample need --mask (RePaint inpaints)")
+    if repaint_jump < 0 or repaint_resample < 1:
+        raise ValueError(
+            f"--repaint_jump={repaint_jump}, --repaint_resample={repaint_resample}: expected "
+            "a jump >= 0 (0: no resampling) and a resample count >= 1"
+        )
+    notes = []
+    im = _open(init_image, "--init_image")
+    if "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info):
+        raise ValueError(
+            f"--init_image {init_image} has an alpha channel: give an RGB image (and the "
+            "region to regenerate as --mask)"
+        )
+    if im.mode in ("L", "I", "I;16", "F", "1"):
+        notes.append(f"note: --init_image {init_image} is grayscale ({im.mode}): taken as RGB")
+    pixels = np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1.0
+    files = {"init_image": {"path": init_image, "sha256": _sha256(init_image)}, "mask": None}
+    regenerate = None
+    if mask is not None:
+        m = _open(mask, "--mask")
+        if m.size != im.size:
+            raise ValueError(
+                f"--mask {mask} is {m.size[0]}x{m.size[1]}, --init_image {init_image} is "
+                f"{im.size[0]}x{im.size[1]}: give a mask of the image's size"
+            )
+        regenerate = np.asarray(m.convert("L"), np.float32) / 255.0
+        files["mask"] = {"path": mask, "sha256": _sha256(mask)}
+        if not regenerate.any():
+            notes.append(f"note: --mask {mask} is black: every pixel is kept (the image itself)")
+        elif (regenerate == 1.0).all():
+            notes.append(
+                f"note: --mask {mask} is white: every pixel is regenerated (plain img2img at "
+                f"--strength={strength})"
+            )
+    return EditRequest(
+        pixels, regenerate, float(strength), int(repaint_jump), int(repaint_resample), files,
+        tuple(notes),
+    )  # fmt: skip
+
+
+class EditingCascade:
+    """A cascade whose every batch is edited by one request: `job(items, seed)` as
+    `cascade(items, seed)` (what `jobs.run_job` calls)."""
+
+    def __init__(self, cascade, request: EditRequest):
+        self.cascade, self.request = cascade, request
+
+    def __call__(self, items, seed: int):
+        return self.cascade(items, seed, edit=self.request.batch(len(items)))

@@ -17,12 +17,13 @@ attention-pooling head): trained from scratch here it learns colour long before 
 docs/embeddings.md). The text side mean-pools MiniLM's 384-dim token embeddings through a
 trained MLP (384 hidden). Trained on the shapes `train` split (held-out colour-shape pairs
 and layouts never shown) with the `train` wording set's captions. `hard_negatives` adds
-each scene's counterfactual caption (its two colours exchanged or its relation inverted:
-`data.counterfactuals`) as an extra negative text in the loss: the binding that
-contrastive models otherwise learn late or never. `text_side=tower` trains a SigLIP (or
-CLIP) text tower from scratch instead of the frozen MiniLM (with `tower=vit` only). Every
-`evals.every` steps: zero-shot colour and shape, retrieval recall and the hard-negative
-accuracy on held-out and training scenes.
+each scene's counterfactual caption (its relation inverted, else its two colours exchanged,
+else one shape replaced: `data.counterfactuals`) as an extra negative text in the loss: the
+binding that contrastive models otherwise learn late or never, and shape, which without
+shape negatives neither image tower had learnt after 500-1,000 steps (docs/embeddings.md).
+`text_side=tower` trains a SigLIP (or CLIP) text tower from scratch instead of the frozen
+MiniLM (with `tower=vit` only). Every `evals.every` steps: zero-shot colour and shape,
+retrieval recall and the hard-negative accuracy on held-out and training scenes.
 
 The run ends by writing WORKDIR/embedding/ (`training.contrastive_trainer`), which
 `pipelines.embedding.load_embedder`, `retrieve.py` and `eval/retrieval.py` read.
@@ -78,7 +79,7 @@ def get_config(arg=None):
         resolution=arg.res,
         batch_size=arg.batch,
         wordings="train",
-        counterfactuals="relation,colors" if arg.hard_negatives else "",
+        counterfactuals="relation,colors,shape" if arg.hard_negatives else "",
     )
     config.optim = training.optim_config(
         lr=arg.lr, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.05

@@ -27,7 +27,8 @@ class ShapesSource:
     counterfactuals: records also hold "counterfactual": the caption with the relation
       inverted or the two colours exchanged, worded alike ("" where there is none). The
       scenes and captions are the same either way.
-    counterfactual_kinds: which of those ("relation", "colors"; None: both).
+    counterfactual_kinds: which of those ("relation", "colors", "shape"; None: the first
+      two, `tasks.counterfactual`).
     """
 
     def __init__(

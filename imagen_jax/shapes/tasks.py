@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import zlib
 
 import numpy as np
 
@@ -71,38 +72,49 @@ class Example:
     counterfactual: str | None = None
 
 
-COUNTERFACTUAL_KINDS = ("relation", "colors")
+COUNTERFACTUAL_KINDS = ("relation", "colors")  # the default kinds
+ALL_COUNTERFACTUAL_KINDS = (*COUNTERFACTUAL_KINDS, "shape")
 
 
 def check_counterfactual_kinds(kinds) -> tuple[str, ...]:
-    """`kinds` as a tuple (None: every kind); an unknown or empty one is an error."""
+    """`kinds` as a tuple (None: the default kinds); an unknown or empty one is an error."""
     kinds = COUNTERFACTUAL_KINDS if kinds is None else tuple(kinds)
-    unknown = sorted(set(kinds) - set(COUNTERFACTUAL_KINDS))
+    unknown = sorted(set(kinds) - set(ALL_COUNTERFACTUAL_KINDS))
     if unknown or not kinds:
         raise ValueError(
             f"counterfactual kinds {list(kinds)}: expected a non-empty subset of "
-            f"{list(COUNTERFACTUAL_KINDS)}"
+            f"{list(ALL_COUNTERFACTUAL_KINDS)}"
         )
     return kinds
 
 
 def counterfactual(spec: PromptSpec, kinds=COUNTERFACTUAL_KINDS) -> PromptSpec | None:
-    """What the scene is not, told apart only by what the position and colour-attribution
-    tasks score: the spec with its relation inverted ("left of" for "right of"; kind
-    "relation"), or with its two objects' colours exchanged (kind "colors"); None if it has
-    neither of `kinds`."""
-    if spec.relation is not None:
-        if "relation" not in kinds:
-            return None
+    """What the scene is not, told apart only by one binding: the spec with its relation
+    inverted ("left of" for "right of"; kind "relation"), else with its two objects' colours
+    exchanged (kind "colors"), else (kind "shape") with its first group's shape replaced by
+    another, picked from the spec so that it is the same every time; None if none of
+    `kinds` applies. Earlier kinds take precedence where several apply."""
+    if spec.relation is not None and "relation" in kinds:
         return dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation])
-    if "colors" not in kinds or len(spec.objects) != 2:
+    if "colors" in kinds and len(spec.objects) == 2 and spec.relation is None:
+        a, b = spec.objects
+        if a.color is not None and b.color is not None and a.color != b.color:
+            return dataclasses.replace(
+                spec,
+                objects=(
+                    dataclasses.replace(a, color=b.color),
+                    dataclasses.replace(b, color=a.color),
+                ),
+            )
+    if "shape" not in kinds:
         return None
-    a, b = spec.objects
-    if a.color is None or b.color is None or a.color == b.color:
+    first, taken = spec.objects[0], {g.shape for g in spec.objects}
+    others = [s for s in SHAPES if s not in taken]
+    if not others:
         return None
+    pick = zlib.crc32(repr(spec.canonical()).encode()) % len(others)
     return dataclasses.replace(
-        spec,
-        objects=(dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)),
+        spec, objects=(dataclasses.replace(first, shape=others[pick]), *spec.objects[1:])
     )
 
 

@@ -63,6 +63,37 @@ def test_source_counterfactual_kinds_keep_only_those(kinds):
         ShapesSource(size=4, counterfactuals=True, counterfactual_kinds=("size",))
 
 
+def test_shape_counterfactuals_change_one_shape_and_the_scorer_sees_it():
+    """Kind "shape" (what the contrastive trainer's hard negatives add): where no relation
+    or colour exchange applies, the first group's shape is another one, the same every
+    time for a spec; the scorer finds the true caption and not the counterfactual."""
+    source = ShapesSource(
+        size=400, resolution=64, seed=6, counterfactuals=True,
+        counterfactual_kinds=("relation", "colors", "shape"),
+    )  # fmt: skip
+    changed = 0
+    for i in range(80):
+        record = source[i]
+        spec = parse_prompt(record["caption"])
+        expected = counterfactual(spec, ("relation", "colors", "shape"))
+        assert expected == counterfactual(spec, ("relation", "colors", "shape"))  # stable
+        if expected is None or spec.relation is not None:
+            continue
+        if expected.objects[0].color != spec.objects[0].color:
+            continue  # a colour exchange
+        other = parse_prompt(record["counterfactual"])
+        assert other.objects[0].shape != spec.objects[0].shape
+        assert other.objects[0].shape not in {g.shape for g in spec.objects}
+        assert other.objects[1:] == spec.objects[1:]
+        spec, other = (dataclasses.replace(s, task="two_object") for s in (spec, other))
+        if len(spec.objects) == 1:
+            spec, other = (dataclasses.replace(s, task="single_object") for s in (spec, other))
+        assert score(record["image"], spec).passed, record["caption"]
+        assert not score(record["image"], other).passed, record["counterfactual"]
+        changed += 1
+    assert changed > 10
+
+
 def _batch(has):
     b, length, dim = len(has), 4, 3
     text = jnp.ones((b, length, dim))

@@ -1,6 +1,6 @@
 """Embeds a folder of images once, then finds the images closest to a text or an image.
 
-    python retrieve.py --model=checkpoints/shapes/embedding --images=samples/ --index=idx/
+    python retrieve.py --model=runs/emb/embedding --images=samples/ --index=idx/
     python retrieve.py --index=idx/ --text="a red star above a blue circle" --k=5
     python retrieve.py --index=idx/ --image=query.png --k=5
     python retrieve.py --model=DIR --images=samples/ --index=idx/ --text="two green hearts"

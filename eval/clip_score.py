@@ -8,7 +8,7 @@ and "prompt", as sample.py writes it) and the images it lists. CLIP_DIR is a loc
 Hugging Face-layout CLIPModel directory (config.json, model.safetensors, tokenizer.json,
 preprocessor_config.json), e.g. openai/clip-vit-large-patch14 downloaded from the hub, or
 another image-text embedding model directory for an in-domain score (the shapes embedding
-model, checkpoints/shapes/embedding; a SiglipModel).
+model that configs/shapes_embedding.py trains; a SiglipModel).
 All logic lives in `imagen_jax/evaluation/clip_score.py`; this prints the result as JSON
 (score, n, backbone, clamp convention) and writes it to --json if given.
 """

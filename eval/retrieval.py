@@ -1,7 +1,7 @@
 """Zero-shot, retrieval and compositional hard-negative accuracy of an embedding model on
 shapes scenes.
 
-    python eval/retrieval.py --model=checkpoints/shapes/embedding [--size=300] \
+    python eval/retrieval.py --model=runs/emb/embedding [--size=300] \
         [--metrics=zero_shot,retrieval,hard_negatives] [--splits=heldout,train] [--json=OUT]
 
 --model is an embedding model directory (ours, or a transformers CLIPModel / SiglipModel).

@@ -22,7 +22,7 @@ Evaluators (`evals.metrics` names):
 * `clip_score`: the CLIP score with the CLIPModel of `evals.clip.path`
   (`imagen_jax.evaluation.clip_score`: torchmetrics' convention, equal to its CLIPScore), or
   an in-domain score with another embedding model directory there (the shapes embedding
-  model: `checkpoints/shapes/embedding`).
+  model that `configs/shapes_embedding.py` trains).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Image and text embeddings of a two-tower model, compiled once per batch shape.
 
-    embedder = load_embedder("checkpoints/shapes/embedding")    # or a CLIP / SigLIP directory
+    embedder = load_embedder("runs/emb/embedding")    # ours, or a CLIP / SigLIP directory
     images = embedder.embed_images([uint8 [H, W, 3], ...])       # float32 [N, P], L2-normalised
     texts = embedder.embed_texts(["a red circle", ...])          # float32 [N, P]
     scores = images @ texts.T

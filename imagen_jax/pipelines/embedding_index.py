@@ -1,6 +1,6 @@
 """An embedding index of a folder of images: built once (resumably), queried by text or image.
 
-    summary = build_index(model="checkpoints/shapes/embedding", images="samples/", index="idx/")
+    summary = build_index(model="runs/emb/embedding", images="samples/", index="idx/")
     hits = query_index("idx/", text="a red star above a blue circle", k=5)  # [(file, score)]
 
 The index directory holds index.json (the model's directory and the SHA-256 of its files,

@@ -124,13 +124,16 @@ def test_periodic_evaluation_of_a_latent_stage(run):
     sheet = np.asarray(Image.open(os.path.join(workdir, "evals", "step_00000002.png")))
     res = config.model.resolution
     assert sheet.shape == (res, len(TASKS) * res, 3)
-    # The evaluation's images are sample.py's images of the exported EMA weights, bit for
-    # bit: the run's mesh spans the 8 simulated devices (batch 4 padded to 8), this one.
+    # The evaluation's images are sample.py's images of the exported EMA weights: the
+    # run's mesh spans the 8 simulated devices (batch 4 padded to 8), this one. Since the
+    # samplers' editing options, the two compiled programs round one value in about a
+    # thousand differently (a uint8 level); more than that is a real difference.
     cascade, _ = sampling.load_cascade([f32])
     entries, _ = evaluation.eval_prompts(config.evals)
     (images,) = cascade(jobs.plan(entries, 1)[:4], config.evals.seed)[-1:]
     for i, image in enumerate(images):
-        np.testing.assert_array_equal(image, sheet[:, i * res : (i + 1) * res])
+        diff = np.abs(image.astype(int) - sheet[:, i * res : (i + 1) * res].astype(int))
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
 
 
 def test_export_writes_a_self_contained_latent_stage(run):

@@ -24,11 +24,11 @@ img2img), an image whose aspect ratio is not the output's (it is stretched).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import numpy as np
 import PIL.Image
 
+from imagen_jax import files as files_lib
 from imagen_jax.pipelines.cascade import Edit
 
 
@@ -67,11 +67,6 @@ class EditRequest:
         image = np.broadcast_to(self.image, (n, *self.image.shape))
         mask = None if self.mask is None else np.broadcast_to(self.mask, (n, *self.mask.shape))
         return Edit(image, mask, self.strength, self.repaint_jump, self.repaint_resample)
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _open(path: str, what: str) -> PIL.Image.Image:
@@ -119,7 +114,8 @@ def load_edit_request(
     if im.mode in ("L", "I", "I;16", "F", "1"):
         notes.append(f"note: --init_image {init_image} is grayscale ({im.mode}): taken as RGB")
     pixels = np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1.0
-    files = {"init_image": {"path": init_image, "sha256": _sha256(init_image)}, "mask": None}
+    image_file = {"path": init_image, "sha256": files_lib.file_sha256(init_image)}
+    files = {"init_image": image_file, "mask": None}
     regenerate = None
     if mask is not None:
         m = _open(mask, "--mask")
@@ -129,7 +125,7 @@ def load_edit_request(
                 f"{im.size[0]}x{im.size[1]}: give a mask of the image's size"
             )
         regenerate = np.asarray(m.convert("L"), np.float32) / 255.0
-        files["mask"] = {"path": mask, "sha256": _sha256(mask)}
+        files["mask"] = {"path": mask, "sha256": files_lib.file_sha256(mask)}
         if not regenerate.any():
             notes.append(f"note: --mask {mask} is black: every pixel is kept (the image itself)")
         elif (regenerate == 1.0).all():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imagen_jax.files import file_sha256
 from imagen_jax.pipelines import editing, jobs, sampling
 
 
@@ -52,7 +53,7 @@ def test_inpainting_job_keeps_the_unmasked_region(stage_dirs, files, tmp_path, c
         np.testing.assert_array_equal(png[keep], image[keep])
         assert np.abs(png.astype(int) - image)[~keep].mean() > 10
         edit = record["edit"]
-        assert edit["mask"]["sha256"] == editing._sha256(str(root / "mask.png"))
+        assert edit["mask"]["sha256"] == file_sha256(str(root / "mask.png"))
         assert (edit["strength"], edit["repaint_jump"]) == (1.0, 0)
     # Another mask is another job: the folder is refused, not reused.
     with pytest.raises(jobs.JobMismatchError):

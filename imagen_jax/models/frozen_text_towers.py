@@ -74,24 +74,16 @@ VARIANTS = {
         projection_dim=128,
         text_hidden=384,
     ),
-    # The shapes sizes with a convolutional image tower (`ConvTower`): 64 px -> 8x8x128
-    # after three stride-2 stages, flattened so that where things are is kept.
-    "shapes_conv": dict(
-        vision=dict(
-            hidden_size=256,
-            intermediate_size=256,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            image_size=64,
-            patch_size=8,
-            family="siglip",
-        ),
-        image_tower="conv",
-        conv_widths=(32, 64, 128),
-        projection_dim=128,
-        text_hidden=384,
-    ),
 }
+# The shapes sizes with a convolutional image tower (`ConvTower`): 64 px -> 8x8x128 after
+# three stride-2 stages, flattened so that where things are is kept, then 256 wide (of
+# `vision`, only image_size and hidden_size are read).
+VARIANTS["shapes_conv"] = dict(
+    VARIANTS["shapes"],
+    vision=dict(VARIANTS["shapes"]["vision"], hidden_size=256),
+    image_tower="conv",
+    conv_widths=(32, 64, 128),
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,8 +17,10 @@ attention-pooling head): trained from scratch here it learns colour long before 
 docs/embeddings.md). The text side mean-pools MiniLM's 384-dim token embeddings through a
 trained MLP (384 hidden). Trained on the shapes `train` split (held-out colour-shape pairs
 and layouts never shown) with the `train` wording set's captions. `hard_negatives` adds
-each scene's counterfactual caption (its relation inverted, else its two colours exchanged,
-else one shape replaced: `data.counterfactuals`) as an extra negative text in the loss: the
+each scene's counterfactual caption (its relation inverted, its two colours exchanged or
+one shape replaced, whichever of those apply picked per scene: `data.counterfactuals`,
+`data.counterfactuals_mixed`; never one naming a held-out pair or layout) as an extra
+negative text in the loss: the
 binding that contrastive models otherwise learn late or never, and shape, which without
 shape negatives neither image tower had learnt after 500-1,000 steps (docs/embeddings.md).
 `text_side=tower` trains a SigLIP (or CLIP) text tower from scratch instead of the frozen
@@ -80,6 +82,7 @@ def get_config(arg=None):
         batch_size=arg.batch,
         wordings="train",
         counterfactuals="relation,colors,shape" if arg.hard_negatives else "",
+        counterfactuals_mixed=arg.hard_negatives,
     )
     config.optim = training.optim_config(
         lr=arg.lr, warmup_steps=200, decay="cosine", end_lr_factor=0.05, weight_decay=0.05

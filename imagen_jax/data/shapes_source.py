@@ -28,7 +28,9 @@ class ShapesSource:
       inverted or the two colours exchanged, worded alike ("" where there is none). The
       scenes and captions are the same either way.
     counterfactual_kinds: which of those ("relation", "colors", "shape"; None: the first
-      two, `tasks.counterfactual`).
+      two, `tasks.counterfactual`). In the train split none names a held-out combination.
+    counterfactual_mixed: each scene's kind picked among those that apply (from its spec),
+      rather than the first that applies (`tasks.counterfactual(mixed=True)`).
     """
 
     def __init__(
@@ -43,6 +45,7 @@ class ShapesSource:
         wordings: str = "grammar",
         counterfactuals: bool = False,
         counterfactual_kinds=None,
+        counterfactual_mixed: bool = False,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
@@ -68,6 +71,7 @@ class ShapesSource:
         self.wordings = wordings
         self.counterfactuals = bool(counterfactuals)
         self.counterfactual_kinds = check_counterfactual_kinds(counterfactual_kinds)
+        self.counterfactual_mixed = bool(counterfactual_mixed)
 
     def __len__(self) -> int:
         return self.size
@@ -84,6 +88,7 @@ class ShapesSource:
             wordings=self.wordings,
             with_counterfactual=self.counterfactuals,
             counterfactual_kinds=self.counterfactual_kinds,
+            counterfactual_mixed=self.counterfactual_mixed,
         )
         record = {
             "image": render(example.scene, self.resolution),
@@ -100,5 +105,6 @@ class ShapesSource:
             f"split={self.split!r}, task={self.task!r}, seed={self.seed}, "
             f"task_weights={self.task_weights}, wordings={self.wordings!r}, "
             f"counterfactuals={self.counterfactuals}, "
-            f"counterfactual_kinds={self.counterfactual_kinds})"
+            f"counterfactual_kinds={self.counterfactual_kinds}, "
+            f"counterfactual_mixed={self.counterfactual_mixed})"
         )

@@ -88,34 +88,60 @@ def check_counterfactual_kinds(kinds) -> tuple[str, ...]:
     return kinds
 
 
-def counterfactual(spec: PromptSpec, kinds=COUNTERFACTUAL_KINDS) -> PromptSpec | None:
+def counterfactual(
+    spec: PromptSpec, kinds=COUNTERFACTUAL_KINDS, *, training: bool = False, mixed: bool = False
+) -> PromptSpec | None:
     """What the scene is not, told apart only by one binding: the spec with its relation
     inverted ("left of" for "right of"; kind "relation"), else with its two objects' colours
     exchanged (kind "colors"), else (kind "shape") with its first group's shape replaced by
     another, picked from the spec so that it is the same every time; None if none of
-    `kinds` applies. Earlier kinds take precedence where several apply."""
+    `kinds` applies. Earlier kinds take precedence where several apply; `mixed`: one of
+    those that apply, picked from the spec (the same every time), so that scenes with a
+    relation get the other kinds too. `training`: only a spec that names no held-out
+    combination (`splits.spec_heldout`): a training scene's negative caption must not name
+    a held-out pair or layout either (the held-out split's claim is that training never
+    stated them)."""
+    options = _counterfactuals(spec, kinds, training)
+    if not options:
+        return None
+    if not mixed:
+        return options[0]
+    return options[zlib.crc32(repr(("mixed", spec.canonical())).encode()) % len(options)]
+
+
+def _counterfactuals(spec: PromptSpec, kinds, training: bool) -> list[PromptSpec]:
+    """The counterfactuals of `counterfactual`, one per kind that applies, in its order."""
+    options = []
     if spec.relation is not None and "relation" in kinds:
-        return dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation])
+        options.append(dataclasses.replace(spec, relation=INVERSE_RELATION[spec.relation]))
     if "colors" in kinds and len(spec.objects) == 2 and spec.relation is None:
         a, b = spec.objects
         if a.color is not None and b.color is not None and a.color != b.color:
-            return dataclasses.replace(
-                spec,
-                objects=(
-                    dataclasses.replace(a, color=b.color),
-                    dataclasses.replace(b, color=a.color),
-                ),
+            options.append(
+                dataclasses.replace(
+                    spec,
+                    objects=(
+                        dataclasses.replace(a, color=b.color),
+                        dataclasses.replace(b, color=a.color),
+                    ),
+                )
             )
-    if "shape" not in kinds:
-        return None
-    first, taken = spec.objects[0], {g.shape for g in spec.objects}
-    others = [s for s in SHAPES if s not in taken]
-    if not others:
-        return None
-    pick = zlib.crc32(repr(spec.canonical()).encode()) % len(others)
-    return dataclasses.replace(
-        spec, objects=(dataclasses.replace(first, shape=others[pick]), *spec.objects[1:])
-    )
+    if "shape" in kinds:
+        first, taken = spec.objects[0], {g.shape for g in spec.objects}
+        others = [
+            dataclasses.replace(
+                spec, objects=(dataclasses.replace(first, shape=s), *spec.objects[1:])
+            )
+            for s in SHAPES
+            if s not in taken
+        ]
+        if training:
+            others = [o for o in others if not splits.spec_heldout(o)]
+        if others:
+            options.append(others[zlib.crc32(repr(spec.canonical()).encode()) % len(others)])
+    if training:
+        options = [o for o in options if not splits.spec_heldout(o)]
+    return options
 
 
 def _pick(rng: np.random.Generator, options):
@@ -362,14 +388,16 @@ def sample_example(
     wordings: str = "grammar",
     with_counterfactual: bool = False,
     counterfactual_kinds=COUNTERFACTUAL_KINDS,
+    counterfactual_mixed: bool = False,
 ) -> Example:
     """A scene, its spec (with task) and caption. task None: one of the six, uniformly, or
     with probabilities proportional to `task_weights` (task -> weight; missing tasks 0).
     rich (default: split == 'train'): training captions that also name sizes and the
     background now and then (see module docstring). wordings: the caption's wording set
     (`imagen_jax.shapes.wordings`: grammar | train | heldout). with_counterfactual: also
-    word `counterfactual(spec, counterfactual_kinds)` as the caption was worded
-    (`Example.counterfactual`)."""
+    word `counterfactual(spec, counterfactual_kinds, mixed=counterfactual_mixed)` as the
+    caption was worded (`Example.counterfactual`; in the train split, one that names no
+    held-out combination)."""
     splits.check_split(split)
     if task_weights is not None:
         check_task_weights(task_weights)
@@ -384,17 +412,14 @@ def sample_example(
             text = wordings_lib.caption(spec, rng, wordings)
             other = None
             if wording is not None:
-                other = _counterfactual_caption(spec, wording, counterfactual_kinds, wordings)
+                other = counterfactual(
+                    spec,
+                    counterfactual_kinds,
+                    training=split == "train",
+                    mixed=counterfactual_mixed,
+                )
+                other = None if other is None else wordings_lib.caption(other, wording, wordings)
             return Example(scene, spec, text, other)
-
-
-def _counterfactual_caption(
-    spec: PromptSpec, wording: np.random.Generator, kinds, wordings: str
-) -> str | None:
-    other = counterfactual(spec, kinds)
-    if other is None:
-        return None
-    return wordings_lib.caption(other, wording, wordings)
 
 
 def sample_scene(

@@ -308,6 +308,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         counterfactuals="",  # shapes: records also carry a caption of what the scene is
         #                      not, of these kinds ("relation", "colors", or both:
         #                      "relation,colors"); "" = none
+        counterfactuals_mixed=False,  # shapes: each scene's kind picked among those that
+        #                               apply, not the first (`tasks.counterfactual`)
         wordings="grammar",  # shapes: the captions' wording set (`shapes.wordings`):
         #                      grammar (the first models') | train (many more templates)
         task_weights="",  # shapes: the training mixture, e.g. "position:3,color_attr:2"

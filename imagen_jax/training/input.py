@@ -121,6 +121,7 @@ def make_source(cfg: ml_collections.ConfigDict):
             wordings=cfg.get("wordings", "grammar"),
             counterfactuals=bool(kinds),
             counterfactual_kinds=kinds or None,
+            counterfactual_mixed=bool(cfg.get("counterfactuals_mixed", False)),
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 

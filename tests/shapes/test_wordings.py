@@ -55,7 +55,7 @@ def test_the_training_mixture_in_train_wordings():
         stated = grammar.parse_prompt(example.caption)
         assert stated.canonical() == example.spec.constraints().canonical(), example.caption
         if example.counterfactual:
-            other = tasks.counterfactual(example.spec)
+            other = tasks.counterfactual(example.spec, training=True)
             assert grammar.parse_prompt(example.counterfactual).canonical() == (
                 other.constraints().canonical()
             )

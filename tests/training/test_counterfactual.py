@@ -28,7 +28,7 @@ def test_source_counterfactuals_state_what_the_scene_is_not():
         assert record["caption"] == same["caption"]  # the option changes nothing else
         np.testing.assert_array_equal(record["image"], same["image"])
         spec = parse_prompt(record["caption"])
-        expected = counterfactual(spec)
+        expected = counterfactual(spec, training=True)
         if expected is None:
             assert record["counterfactual"] == ""
             continue
@@ -75,8 +75,8 @@ def test_shape_counterfactuals_change_one_shape_and_the_scorer_sees_it():
     for i in range(80):
         record = source[i]
         spec = parse_prompt(record["caption"])
-        expected = counterfactual(spec, ("relation", "colors", "shape"))
-        assert expected == counterfactual(spec, ("relation", "colors", "shape"))  # stable
+        expected = counterfactual(spec, ("relation", "colors", "shape"), training=True)
+        assert expected == counterfactual(spec, ("relation", "colors", "shape"), training=True)
         if expected is None or spec.relation is not None:
             continue
         if expected.objects[0].color != spec.objects[0].color:
@@ -201,3 +201,42 @@ def test_trainer_runs_the_counterfactual_term(tmp_path):
     config.data.source = "synthetic"
     with pytest.raises(ValueError, match="only data.source='shapes'"):
         train_and_evaluate(config, str(tmp_path / "synthetic"))
+
+
+def test_training_counterfactuals_never_name_a_heldout_combination_and_mix_kinds():
+    """In the train split no negative caption names a held-out pair or layout (the held-out
+    split's claim is that training never stated them), while the held-out split's do; with
+    `counterfactual_mixed`, scenes with a relation or two colours get shape negatives too."""
+    from imagen_jax.shapes import splits
+
+    kinds = ("relation", "colors", "shape")
+    specs = [parse_prompt(ShapesSource(size=600, seed=7)[i]["caption"]) for i in range(300)]
+    named = {
+        split: [
+            counterfactual(s, kinds, training=split == "train", mixed=mixed)
+            for s in specs
+            for mixed in (False, True)
+        ]
+        for split in ("train", "heldout")
+    }
+    assert not any(o is not None and splits.spec_heldout(o) for o in named["train"])
+    assert any(o is not None and splits.spec_heldout(o) for o in named["heldout"])
+    first = [counterfactual(s, kinds, training=True) for s in specs]
+    mixed = [counterfactual(s, kinds, training=True, mixed=True) for s in specs]
+
+    def relation_kept(others):  # relation scenes given a shape negative
+        return sum(
+            o is not None and s.relation is not None and o.relation == s.relation
+            for s, o in zip(specs, others)
+        )
+
+    # without mixing only where the inversion would name a held-out layout
+    assert relation_kept(mixed) > 3 * relation_kept(first) + 5
+    source = ShapesSource(
+        size=600, seed=7, counterfactuals=True, counterfactual_kinds=kinds,
+        counterfactual_mixed=True,
+    )  # fmt: skip
+    for i in range(40):
+        expected = counterfactual(specs[i], kinds, training=True, mixed=True)
+        record = source[i]
+        assert (record["counterfactual"] == "") == (expected is None)

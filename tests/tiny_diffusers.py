@@ -1,7 +1,8 @@
 """Tiny random diffusers pipelines of the real classes (CLIP and T5 text encoders and
 tokenizers, UNets, a VAE, the schedulers public checkpoints ship), saved with
 `save_pretrained`: the public-checkpoint directories that the pipeline and demo tests load
-(SD 1.x / 2.x, SDXL and its refiner, DeepFloyd IF stages I and II)."""
+(SD 1.x / 2.x, SDXL and its refiner, SD and SDXL inpainting, DeepFloyd IF stages I and
+II)."""
 
 import string
 
@@ -61,9 +62,9 @@ def tiny_vae(seed, **kw):
 
 def tiny_unet(seed, **kw):
     torch.manual_seed(seed)
+    kw.setdefault("in_channels", 4)  # 9: an inpainting UNet (latents, mask, masked image)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(32, 64),
@@ -126,9 +127,10 @@ def sd2_pipeline(path):
     return pipe
 
 
-def xl_unet(seed, *, time_ids, cross, pooled):
+def xl_unet(seed, *, time_ids, cross, pooled, in_channels=4):
     return tiny_unet(
         seed,
+        in_channels=in_channels,
         cross_attention_dim=cross,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
@@ -159,6 +161,52 @@ def sdxl_pipeline(path):
         tokenizer=tok1,
         tokenizer_2=tok2,
         unet=xl_unet(3, time_ids=6, cross=64, pooled=16),
+        scheduler=euler(),
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def deterministic_vae(seed):
+    """A tiny VAE whose posterior has a standard deviation of exp(-15) (logvar -30 from
+    quant_conv): its samples equal its mean to ~1e-6, so that an inpainting pipeline's image
+    encodings agree whatever noise each side draws for them."""
+    vae = tiny_vae(seed)
+    with torch.no_grad():
+        c = vae.config.latent_channels
+        vae.quant_conv.weight[c:].zero_()
+        vae.quant_conv.bias[c:].fill_(-30.0)
+    return vae
+
+
+def sd_inpaint_pipeline(path, scheduler):
+    """StableDiffusionInpaintPipeline with a 9-channel UNet (SD 1.x / 2.x inpainting)."""
+    text_encoder, tokenizer = clip_text(1)
+    pipe = diffusers.StableDiffusionInpaintPipeline(
+        vae=deterministic_vae(2),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=tiny_unet(6, in_channels=9, cross_attention_dim=32, attention_head_dim=4),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return pipe
+
+
+def sdxl_inpaint_pipeline(path):
+    """StableDiffusionXLInpaintPipeline with a 9-channel UNet (SDXL inpainting)."""
+    enc1, tok1 = clip_text(1, hidden=32)
+    enc2, tok2 = clip_text(4, hidden=32, projection=16)
+    pipe = diffusers.StableDiffusionXLInpaintPipeline(
+        vae=deterministic_vae(2),
+        text_encoder=enc1,
+        text_encoder_2=enc2,
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=xl_unet(7, time_ids=6, cross=64, pooled=16, in_channels=9),
         scheduler=euler(),
     )
     pipe.save_pretrained(path)

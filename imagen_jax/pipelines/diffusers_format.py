@@ -48,7 +48,11 @@ _CLIP_TEXT = ("CLIPTextModel",)
 FAMILIES = {
     "stable_diffusion": Family(
         "stable_diffusion",
-        ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"),
+        (
+            "StableDiffusionPipeline",
+            "StableDiffusionImg2ImgPipeline",
+            "StableDiffusionInpaintPipeline",
+        ),
         {
             "unet": ("UNet2DConditionModel",),
             "vae": ("AutoencoderKL",),
@@ -59,7 +63,11 @@ FAMILIES = {
     ),
     "stable_diffusion_xl": Family(
         "stable_diffusion_xl",
-        ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"),
+        (
+            "StableDiffusionXLPipeline",
+            "StableDiffusionXLImg2ImgPipeline",
+            "StableDiffusionXLInpaintPipeline",
+        ),
         {
             "unet": ("UNet2DConditionModel",),
             "vae": ("AutoencoderKL",),

@@ -1,5 +1,5 @@
 """Stable Diffusion 1.x / 2.x and SDXL (base and refiner) from a diffusers directory:
-text-to-image, image-to-image, and the SDXL base -> refiner handoff.
+text-to-image, image-to-image, inpainting, and the SDXL base -> refiner handoff.
 
     pipe = load_sd_pipeline("models/stable-diffusion-v1-5")
     out = pipe(["a photo of an astronaut riding a horse"], seed=0, steps=30)
@@ -17,6 +17,17 @@ concatenated, and the second's projected pooled output, with size / crop (base) 
 aesthetic-score (refiner) time ids); classifier-free guidance is batched into one network
 call; the latents are decoded by the VAE after undoing its scaling. The whole denoising
 loop is one compiled program per (shape, steps).
+
+Inpainting (`mask`, 1 = repaint, with `image`) takes diffusers' inpainting UNets (SD 1.x / 2.x
+and SDXL inpainting checkpoints: 9 input channels, the latents then the mask and the masked
+image's latents, as `StableDiffusionInpaintPipeline` and `StableDiffusionXLInpaintPipeline`
+feed them): the mask is binarized at 0.5, the masked image is the image with the masked
+region set to 0 (mid-grey) in [-1, 1], encoded by the VAE, and the mask is taken at latent
+resolution by nearest-neighbour subsampling; strength 1 (the default) starts from pure
+noise. A text-to-image UNet (4 channels) given a mask runs the samplers' masked sampling
+(`diffusion.samplers.editable`): the kept region is put back after every step at the
+level reached, noised by a fresh draw each step (diffusers' legacy inpainting of 4-channel
+UNets reuses the initial noise instead, so the two differ there).
 
 Images and latents are channels-last (NHWC). Image (row r) of a call with `seed` gets the
 noise of fold_in(key(seed), r); `noise` gives the initial noise explicitly.
@@ -77,6 +88,15 @@ class LatentPipeline:
     @property
     def xl(self) -> bool:
         return self.family == "stable_diffusion_xl"
+
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting UNet: latents, mask and masked-image latents in (2 C + 1 channels)."""
+        return self.unet_config.in_channels != self.latent_channels
 
     @property
     def vae_scale(self) -> int:
@@ -161,6 +181,8 @@ class LatentPipeline:
 
         def apply_fn(state, z, t, cond):
             unet = nnx.merge(graph, state)
+            if "inpaint" in cond:  # the mask and the masked image's latents (diffusers' order)
+                z = jnp.concatenate([z, cond["inpaint"].astype(z.dtype)], axis=-1)
             return unet(z, t, cond["text"], added_cond=cond.get("added"))
 
         return apply_fn
@@ -187,6 +209,7 @@ class LatentPipeline:
         width: int | None = None,
         image: np.ndarray | None = None,
         image_latents: jax.Array | None = None,
+        mask: np.ndarray | None = None,
         strength: float | None = None,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
@@ -197,8 +220,9 @@ class LatentPipeline:
     ) -> LatentOutput:
         """Samples a batch of images (text-to-image, or image-to-image from `image`
         [B, H, W, 3] in [0, 1] or from `image_latents`, with `strength` or
-        `denoising_start`). `sample_overrides` are further `sample` group keys (sampler,
-        eta, guidance_rescale, karras, ...). output: "image" | "latent".
+        `denoising_start`; inpainting with `mask` [B, H, W] or [B, H, W, 1] in [0, 1],
+        1 = repaint, the image's size). `sample_overrides` are further `sample` group keys
+        (sampler, eta, guidance_rescale, karras, ...). output: "image" | "latent".
 
         Randomness: row r's initial noise and sampler noise come from `keys[r]` (default
         fold_in(key(seed), r)); `noise` [B, h, w, C] replaces the initial noise."""
@@ -217,6 +241,12 @@ class LatentPipeline:
         )
         sampling = diffusion_config.make_sampling(self.diffusion, sample)
         grid = sampling.grid
+        inpaint = self._inpainting_inputs(image, mask, seed) if mask is not None else None
+        if self.inpainting and inpaint is None:
+            raise ValueError(
+                f"{self.path}: an inpainting UNet ({self.unet_config.in_channels} input "
+                f"channels: latents, mask, masked-image latents) needs `image` and `mask`"
+            )
         init = None
         if image is not None or image_latents is not None:
             init = self._init_latents(image, image_latents, seed)
@@ -238,7 +268,12 @@ class LatentPipeline:
             aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
         )
-        shape = (b, h, w, self.unet_config.in_channels)
+        shape = (b, h, w, self.latent_channels)
+        if inpaint is not None and inpaint["mask"].shape[:3] != shape[:3]:
+            raise ValueError(
+                f"mask and image give {inpaint['mask'].shape[0]} images of latent size "
+                f"{inpaint['mask'].shape[1:3]}; this call samples {shape[:3]}"
+            )
         if keys is None:
             keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(b))
         elif keys.shape != (b,):
@@ -247,13 +282,19 @@ class LatentPipeline:
             noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 0), shape[1:]))(keys)
         elif tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}; this call needs {shape}")
-        if init is None:
-            z = grid.init_sigma * noise
+        if init is None or (inpaint is not None and float(sample.strength) == 1.0):
+            z = grid.init_sigma * noise  # inpainting at strength 1 starts from noise alone
         elif denoising_start:  # the refiner continues the base's partly denoised latents
             z = init
         else:
             z = grid.alpha[0] * init + grid.sigma[0] * noise
         guided = float(sample.guidance_scale) > 1.0
+        editing = {}
+        if inpaint is not None and self.inpainting:
+            extra = inpaint["unet"]
+            cond, uncond = dict(cond, inpaint=extra), dict(uncond, inpaint=extra)
+        elif inpaint is not None:  # a text-to-image UNet: the samplers' masked sampling
+            editing = dict(x_known=init, mask=inpaint["mask"])
         run = self._sampler(sampling)
         latents = run(
             self._unet_state,
@@ -263,7 +304,11 @@ class LatentPipeline:
             uncond if guided else None,
             jnp.float32(sample.guidance_scale) if guided else None,
             keys,
+            **editing,
         )
+        if editing:  # the kept region clean at the end, also where the grid's last level is
+            # not (DDIM without set_alpha_to_one), as diffusers' last step puts it back
+            latents = editing["mask"] * latents + (1.0 - editing["mask"]) * init
         if output == "latent":
             return LatentOutput(None, latents)
         return LatentOutput(self.decode(latents), latents)
@@ -282,6 +327,33 @@ class LatentPipeline:
     def weights_sha256(self) -> str:
         """The directory's SHA-256 (read once: the weights do not change while loaded)."""
         return files.folder_sha256(self.path)
+
+    def _inpainting_inputs(self, image, mask, seed) -> dict:
+        """{"mask": the binarized mask at latent resolution [B, h, w, 1], "unet": it and the
+        masked image's latents [B, h, w, 1 + C]} of an inpainting call."""
+        if image is None:
+            raise ValueError("inpainting needs `image` (the picture the mask refers to)")
+        image = np.asarray(image, np.float32)
+        mask = np.asarray(mask, np.float32)
+        if mask.ndim == 4 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if image.ndim != 4 or image.shape[-1] != 3:
+            raise ValueError(f"image must be [B, H, W, 3] in [0, 1], got shape {image.shape}")
+        if mask.shape != image.shape[:3]:
+            raise ValueError(
+                f"mask has shape {mask.shape}; the image needs {image.shape[:3]} (or with a "
+                "trailing channel of 1)"
+            )
+        f = self.vae_scale
+        if image.shape[1] % f or image.shape[2] % f:
+            raise ValueError(f"image height and width must be multiples of {f}, got {image.shape}")
+        keep = (mask < 0.5).astype(np.float32)  # diffusers binarizes at 0.5
+        small = (1.0 - keep)[:, ::f, ::f, None]  # nearest-neighbour, as F.interpolate
+        masked = jnp.asarray((image * 2.0 - 1.0) * keep[..., None])
+        key = jax.random.fold_in(jax.random.key(seed), (1 << 20) + 1)  # apart from the others
+        latents = _encode_images(self._vae_graph, self._vae_state, masked, key)
+        small = jnp.asarray(small)
+        return {"mask": small, "unet": jnp.concatenate([small, latents], axis=-1)}
 
     def _init_latents(self, image, image_latents, seed):
         if image_latents is not None:
@@ -362,6 +434,13 @@ def load_sd_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPip
         )
     unet, unet_config = sd_unet.load_unet(os.path.join(path, "unet"), dtype)
     autoencoder, _ = vae.load_vae(os.path.join(path, "vae"), dtype)
+    c = autoencoder.config.latent_channels
+    if unet_config.in_channels not in (c, 2 * c + 1):
+        raise CheckpointError(
+            f"{path}/unet/config.json: in_channels={unet_config.in_channels} fits neither "
+            f"the VAE's {c} latent channels (text-to-image) nor {2 * c + 1} (inpainting: "
+            "latents, mask, masked-image latents)"
+        )
     diffusion, sample = diffusers_format.scheduler_settings(os.path.join(path, "scheduler"))
     sample.steps = DEFAULT_STEPS
     sample.guidance_scale = DEFAULT_GUIDANCE[family.name]

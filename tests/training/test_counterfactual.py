@@ -227,7 +227,7 @@ def test_training_counterfactuals_never_name_a_heldout_combination_and_mix_kinds
     def relation_kept(others):  # relation scenes given a shape negative
         return sum(
             o is not None and s.relation is not None and o.relation == s.relation
-            for s, o in zip(specs, others)
+            for s, o in zip(specs, others, strict=True)
         )
 
     # without mixing only where the inversion would name a held-out layout

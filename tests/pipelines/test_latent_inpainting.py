@@ -1,0 +1,126 @@
+"""Inpainting with the latent pipelines, against diffusers on tiny random components.
+
+`StableDiffusionInpaintPipeline` and `StableDiffusionXLInpaintPipeline` with 9-channel UNets
+(latents, mask, masked-image latents), saved with `save_pretrained` and loaded through
+`load_latent_pipeline`; both sides sample the same prompts from the same noise with
+classifier-free guidance, and the final images must agree within 1e-3 (float32 in [0, 1]),
+as the text-to-image parity tests. The VAEs' posteriors have a standard deviation of
+exp(-15) (`tiny_diffusers.deterministic_vae`), so the image encodings agree whatever noise
+each side draws for them. A text-to-image UNet given a mask keeps the unmasked latents.
+"""
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from test_latent_pipelines import NEGATIVE, PROMPTS, SCHEDULERS, assert_images_close, to_nchw
+from tiny_diffusers import sd_inpaint_pipeline, sd_pipeline, sdxl_inpaint_pipeline
+
+from imagen_jax.pipelines.public import load_latent_pipeline
+
+
+def inputs(size=16, batch=2, seed=0):
+    """Images [B, H, W, 3] in [0, 1] with structure, and masks [B, H, W, 1] of a box each
+    (values off 0.5 on both sides, so that the binarization is exercised)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    images = np.stack(
+        [np.stack([xx, yy, 0.5 + 0.4 * np.sin(6 * (xx + b) * yy)], -1) for b in range(batch)]
+    )
+    images = np.clip(images + 0.05 * rng.standard_normal(images.shape), 0, 1).astype(np.float32)
+    masks = np.full((batch, size, size, 1), 0.2, np.float32)
+    masks[0, 4:12, 2:10] = 0.9
+    masks[1:, 6:14, 5:15] = 0.6
+    return images, masks
+
+
+def latent_noise(pipe, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    c = pipe.vae.config.latent_channels
+    s = pipe.unet.config.sample_size
+    return rng.standard_normal((batch, s, s, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_sd_inpainting_matches_diffusers(scheduler, tmp_path):
+    ref = sd_inpaint_pipeline(tmp_path, SCHEDULERS[scheduler]())
+    images, masks = inputs()
+    noise = latent_noise(ref)
+    want = ref(
+        PROMPTS,
+        image=images,
+        mask_image=masks,
+        negative_prompt=NEGATIVE,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        latents=to_nchw(noise),
+        output_type="np",
+    ).images
+    pipe = load_latent_pipeline(tmp_path)
+    assert pipe.inpainting
+    got = pipe(
+        PROMPTS, negative_prompts=NEGATIVE, image=images, mask=masks, noise=noise, steps=4,
+        guidance_scale=7.5,
+    )  # fmt: skip
+    assert_images_close(got.images, want)
+    other = pipe(PROMPTS, negative_prompts=NEGATIVE, image=images, mask=1 - masks, noise=noise,
+                 steps=4, guidance_scale=7.5)  # fmt: skip
+    assert np.abs(other.images - got.images).max() > 0.05  # the mask reaches the network
+
+
+def test_sd_inpainting_with_strength_matches_diffusers(tmp_path):
+    """Strength 0.75: the image's latents noised to the first kept step, diffusers drawing
+    the posterior sample first, then the noise, from one generator (replayed here)."""
+    ref = sd_inpaint_pipeline(tmp_path, SCHEDULERS["ddim"]())
+    images, masks = inputs(seed=1)
+    shape = (2, 4, 8, 8)
+    generator = torch.Generator().manual_seed(5)
+    torch.randn(shape, generator=generator)  # the image's posterior sample (std ~3e-7)
+    noise = torch.randn(shape, generator=generator).permute(0, 2, 3, 1).numpy()
+    want = ref(
+        PROMPTS, image=images, mask_image=masks, num_inference_steps=8, strength=0.75,
+        guidance_scale=5.0, generator=torch.Generator().manual_seed(5), output_type="np",
+    ).images  # fmt: skip
+    got = load_latent_pipeline(tmp_path)(
+        PROMPTS, image=images, mask=masks, noise=noise, steps=8, strength=0.75, guidance_scale=5.0
+    )
+    assert_images_close(got.images, want)
+
+
+def test_sdxl_inpainting_matches_diffusers(tmp_path):
+    ref = sdxl_inpaint_pipeline(tmp_path)
+    assert isinstance(ref, diffusers.StableDiffusionXLInpaintPipeline)
+    images, masks = inputs(seed=2)
+    noise = latent_noise(ref, seed=2)
+    want = ref(
+        PROMPTS, image=images, mask_image=masks, num_inference_steps=4, strength=1.0,
+        guidance_scale=5.0, latents=to_nchw(noise), output_type="np",
+    ).images  # fmt: skip
+    pipe = load_latent_pipeline(tmp_path)
+    assert pipe.xl and pipe.inpainting
+    got = pipe(PROMPTS, image=images, mask=masks, noise=noise, steps=4, guidance_scale=5.0)
+    assert_images_close(got.images, want)
+
+
+def test_inpainting_inputs_are_checked(tmp_path):
+    inpaint_dir, plain_dir = tmp_path / "inpaint", tmp_path / "plain"
+    sd_inpaint_pipeline(inpaint_dir, SCHEDULERS["ddim"]())
+    sd_pipeline(plain_dir, SCHEDULERS["ddim"]())
+    pipe = load_latent_pipeline(inpaint_dir)
+    images, masks = inputs(batch=1)
+    with pytest.raises(ValueError, match="inpainting UNet .*needs `image` and `mask`"):
+        pipe(["a red circle"], steps=2)  # text-to-image with an inpainting UNet
+    with pytest.raises(ValueError, match="mask has shape"):
+        pipe(["a red circle"], image=images, mask=masks[:, :8, :8], steps=2)
+    with pytest.raises(ValueError, match="needs `image`"):
+        pipe(["a red circle"], mask=masks, steps=2)
+    with pytest.raises(ValueError, match="multiples of 2"):  # the tiny VAE's factor
+        pipe(["a red circle"], image=images[:, :15, :15], mask=masks[:, :15, :15], steps=2)
+
+    plain = load_latent_pipeline(plain_dir)
+    assert not plain.inpainting
+    out = plain(["a red circle"], image=images, mask=masks, steps=3, strength=1.0, output="latent")
+    kept = plain._init_latents(images, None, 0)  # the image's latents (the same key)
+    keep = (masks[:, ::2, ::2] < 0.5)[..., 0]
+    np.testing.assert_array_equal(np.asarray(out.latents)[keep], np.asarray(kept)[keep])
+    assert np.abs(np.asarray(out.latents) - np.asarray(kept))[~keep].max() > 0.1

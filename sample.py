@@ -28,12 +28,16 @@ cascade; a latent stage's sides must be multiples of its VAE's factor times its 
 patch size (or its latent UNet's downsampling factor). Non-square sizes were never seen in
 training: expect the quality to vary.
 
-Editing (stage sets): --init_image=FILE starts every image from that image at --strength
-(1: from noise, as without it; 0: the image itself), at the base stage; --mask=FILE (the
-image's size, white where it is regenerated, black where it is kept) inpaints: every stage
-keeps the black region, with RePaint's resampling when --repaint_jump > 0 (jumps of that
-many steps, each redone --repaint_resample times). The files' SHA-256 and the settings are
-part of the job and of every image's metadata (`imagen_jax/pipelines/editing.py`).
+Editing: --init_image=FILE starts every image from that image at --strength (1: from
+noise, as without it; 0: the image itself), at the base stage; --mask=FILE (the image's
+size, white where it is regenerated, black where it is kept) inpaints: every stage keeps the
+black region, with RePaint's resampling when --repaint_jump > 0 (jumps of that many steps,
+each redone --repaint_resample times). Stage sets and DeepFloyd IF take all of these; SD /
+SDXL --pipeline directories take --init_image, --mask and --strength (an inpainting
+checkpoint, whose UNet has 9 input channels, needs --mask; a text-to-image one keeps the
+black region by the samplers' masked sampling), not RePaint or --refiner; SD 3 none. The
+files' SHA-256 and the settings are part of the job and of every image's metadata
+(`imagen_jax/pipelines/editing.py`).
 
 Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x, SDXL or SD 3 / 3.5
 directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, text_encoder*/,

@@ -34,6 +34,7 @@ import json
 import math
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import PIL
@@ -161,6 +162,15 @@ def resize_bicubic(image: np.ndarray, height: int, width: int) -> np.ndarray:
         if size != x.shape[axis]:
             x = _resample_axis(x, size, axis)
     return x
+
+
+def resize_batch(x, size: tuple[int, int]) -> jax.Array:
+    """[B, H, W, C] resized to size (H', W'), antialiased bilinear (jax.image.resize), as
+    float32; unchanged at its size. What editing resizes init images and masks with."""
+    if tuple(x.shape[1:3]) == tuple(size):
+        return jnp.asarray(x, jnp.float32)
+    shape = (x.shape[0], *size, x.shape[-1])
+    return jax.image.resize(jnp.asarray(x, jnp.float32), shape, "linear", antialias=True)
 
 
 def _pair(value, what: str) -> tuple[int, int]:

@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.adapter import augment_low_res, model_fn
-from imagen_jax.images import to_uint8
+from imagen_jax.images import resize_batch, to_uint8
 from imagen_jax.pipelines import jobs
 from imagen_jax.pipelines.latent import decode_latents
 from imagen_jax.stages import Stage
@@ -84,14 +84,6 @@ class Edit(NamedTuple):
     strength: float = 1.0  # the base stage's: the fraction of its steps run
     repaint_jump: int = 0  # 0: no resampling
     repaint_resample: int = 1
-
-
-def _resized(x, size):
-    """[B, H, W, C] resized to size (H', W') (antialiased bilinear); unchanged at its size."""
-    if tuple(x.shape[1:3]) == tuple(size):
-        return jnp.asarray(x, jnp.float32)
-    shape = (x.shape[0], *size, x.shape[-1])
-    return jax.image.resize(jnp.asarray(x, jnp.float32), shape, "linear", antialias=True)
 
 
 def _channel(mask) -> np.ndarray:
@@ -378,11 +370,11 @@ class Cascade:
                 "run on pixel stages only"
             )
         options, images = {}, {}
-        image = _resized(edit.image, size)
+        image = resize_batch(edit.image, size)
         if index == 0 and edit.strength != 1.0:
             options["strength"], images["x_init"] = edit.strength, image
         if edit.mask is not None:
-            mask = _resized(_channel(edit.mask), size)
+            mask = resize_batch(_channel(edit.mask), size)
             images.update(x_known=image, mask=jnp.clip(mask, 0.0, 1.0))
             if edit.repaint_jump:
                 options["repaint_jump"] = edit.repaint_jump

@@ -4,6 +4,7 @@
     request = load_edit_request(init_image="scene.png", mask="mask.png", strength=1.0)
     for note in request.notes: print(note)    # and request.aspect_note(output size)
     job = EditingCascade(cascade, request)      # job(items, seed) as the cascade's own call
+    job = LatentJob(pipeline, edit=request)     # SD / SDXL (`pipelines.latent`)
     settings = dict(settings, edit=request.settings())  # in the job's fingerprint and PNGs
 
 The init image is any RGB (or grayscale, converted) image file; the mask a grayscale (or

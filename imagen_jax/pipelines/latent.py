@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from imagen_jax import files
+from imagen_jax import images as images_lib
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
 from imagen_jax.models import sd_unet, vae
@@ -482,15 +483,33 @@ class LatentJob:
         height=None,
         width=None,
         overrides=({}, {}),
+        edit=None,
     ):
         if refiner is not None and not 0.0 < refiner_start < 1.0:
             raise ValueError(f"refiner_start must be in (0, 1), got {refiner_start}")
+        if edit is not None and refiner is not None:
+            raise ValueError(
+                "--init_image / --mask edit with the SDXL base alone; leave out --refiner"
+            )
+        if edit is not None and edit.repaint_jump:
+            raise ValueError(
+                "--repaint_jump is for stage sets and DeepFloyd IF; SD / SDXL inpaint with "
+                "their own UNets (or the samplers' masked sampling)"
+            )
+        if base.inpainting and (edit is None or edit.mask is None):
+            raise ValueError(
+                f"{base.path} has an inpainting UNet: give --init_image and --mask (white "
+                "where the image is regenerated)"
+            )
         self.base, self.refiner = base, refiner
+        self.edit = edit  # an editing.EditRequest: every image starts from its image / mask
         self.refiner_start = refiner_start
         self.size = dict(height=height, width=width)
         self.overrides = overrides
 
     def settings(self) -> dict:
+        """What the job's fingerprint and images' metadata record (`edit`: the request's
+        files' SHA-256 and settings)."""
         stages = [dict(self.base.settings_record(), overrides=dict(self.overrides[0]))]
         if self.refiner is not None:
             stages.append(
@@ -500,7 +519,8 @@ class LatentJob:
                     denoising_start=self.refiner_start,
                 )
             )
-        return {"stages": stages, **self.size}
+        out = {"stages": stages, **self.size}
+        return out if self.edit is None else dict(out, edit=self.edit.settings())
 
     def __call__(self, items, seed: int) -> list[np.ndarray]:
         prompts = [it.entry.prompt for it in items]
@@ -515,6 +535,9 @@ class LatentJob:
             kw["keys"] = jnp.stack([jobs.image_key(seed, it, stage) for it in items])
             return kw
 
+        if self.edit is not None:
+            edit = self._edit_inputs(len(items))
+            return [_to_uint8(self.base(prompts, **edit, **kwargs(0)).images)]
         if self.refiner is None:
             return [_to_uint8(self.base(prompts, **self.size, **kwargs(0)).images)]
         handoff = self.base(
@@ -527,6 +550,19 @@ class LatentJob:
             **kwargs(1),
         )
         return [_to_uint8(out.images)]
+
+    def _edit_inputs(self, n: int) -> dict:
+        """The base call's image ([0, 1]), mask and strength for n images of the output's
+        size (the request's image and mask resized to it, antialiased bilinear)."""
+        default = self.base.unet_config.sample_size * self.base.vae_scale
+        h, w = self.size["height"] or default, self.size["width"] or default
+        edit = self.edit.batch(n)
+        image = np.asarray(images_lib.resize_batch(edit.image, (h, w)))
+        out = dict(image=np.clip(image * 0.5 + 0.5, 0.0, 1.0), strength=edit.strength)
+        if edit.mask is not None:
+            mask = np.asarray(edit.mask)[..., None]
+            out["mask"] = np.asarray(images_lib.resize_batch(mask, (h, w)))
+        return out
 
 
 def _to_uint8(images: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import os
 
 import jax.numpy as jnp
 
-from imagen_jax.pipelines import deepfloyd, diffusers_format, jobs, latent, sd3
+from imagen_jax.pipelines import deepfloyd, diffusers_format, editing, jobs, latent, sd3
 
 
 def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> latent.LatentPipeline:
@@ -39,9 +39,12 @@ def public_job(
     height=None,
     width=None,
     batch_size=1,
+    edit=None,
 ):
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
-    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3."""
+    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3.
+    edit: an `editing.EditRequest` applied to every image (IF: as a stage set's, the
+    samplers' masked sampling; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""
     if deepfloyd.is_if_pipeline(pipeline):
         if refiner:
             raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
@@ -53,16 +56,26 @@ def public_job(
             mesh=jobs.local_mesh(batch_size),
             size=(height, width),
         )
-        return cascade, jobs.stage_settings(loaded, cascade)
+        settings = jobs.stage_settings(loaded, cascade)
+        if edit is None:
+            return cascade, settings
+        return editing.EditingCascade(cascade, edit), dict(settings, edit=edit.settings())
     if pipeline_sr:
         raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
     per_stage = jobs.parse_overrides(overrides, 2 if refiner else 1) + [{}]
+    base = load_latent_pipeline(pipeline)
+    if edit is not None and not isinstance(base, latent.LatentPipeline):
+        raise ValueError(
+            f"--init_image / --mask: {pipeline} is an SD 3 pipeline, which does not edit "
+            "here yet (SD / SDXL and DeepFloyd IF do)"
+        )
     job = latent.LatentJob(
-        load_latent_pipeline(pipeline),
+        base,
         load_latent_pipeline(refiner) if refiner else None,
         refiner_start=refiner_start,
         height=height,
         width=width,
         overrides=per_stage[:2],
+        edit=edit,
     )
     return job, job.settings()

@@ -87,7 +87,8 @@ def run_sampling_job(
     folder of another job refuses; see `jobs.prepare_outdir`). model: a shipped model's
     name (`pipelines.shipped`) instead of stages (None, without stages: the default).
     init_image, mask, strength, repaint_jump, repaint_resample: image-to-image and
-    inpainting of every image of a stage-set job (`pipelines.editing`)."""
+    inpainting of every image of a job (`pipelines.editing`; a --pipeline job: SD / SDXL
+    with their own or inpainting UNets, DeepFloyd IF as a stage set; not SD 3)."""
     if batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
     if images_per_prompt < 1:
@@ -130,11 +131,6 @@ def run_sampling_job(
         repaint_jump=repaint_jump,
         repaint_resample=repaint_resample,
     )
-    if request is not None and pipeline:
-        raise ValueError(
-            "--init_image / --mask edit the images of stage sets (--stage, --model); "
-            "a --pipeline job does not take them"
-        )
     if pipeline:
         job, settings = public.public_job(
             pipeline,
@@ -146,7 +142,11 @@ def run_sampling_job(
             height=height,
             width=width,
             batch_size=batch_size,
+            edit=request,
         )
+        if request is not None:
+            for line in request.notes:
+                print(line)
         return _run(
             job, entries, outdir, images_per_prompt, seed, batch_size, settings, grid, overwrite
         )

@@ -4,6 +4,7 @@
 import numpy as np
 import pytest
 
+from imagen_jax.images import resize_batch
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs, sampling
 
@@ -32,8 +33,8 @@ def test_inpainting_keeps_the_unmasked_region_at_every_stage(cascade):
     np.testing.assert_array_equal(final[keep], image[keep])
     assert np.abs(final - image)[~keep].mean() > 0.1
     # The base stage keeps the image resized to its 8 px where the resized mask is 0.
-    small = np.asarray(cascade_lib._resized(image, (8, 8)))
-    small_mask = np.asarray(cascade_lib._resized(mask[..., None], (8, 8)))
+    small = np.asarray(resize_batch(image, (8, 8)))
+    small_mask = np.asarray(resize_batch(mask[..., None], (8, 8)))
     keep_small = np.broadcast_to(small_mask == 0, base.shape)
     assert keep_small.any() and not keep_small.all()
     np.testing.assert_array_equal(base[keep_small], small[keep_small])
@@ -47,7 +48,7 @@ def test_strength_at_the_base_stage(cascade):
     same = cascade.sample(_items(), seed=4, edit=cascade_lib.Edit(image, strength=1.0))
     for a, b in zip(plain, same, strict=True):
         np.testing.assert_array_equal(a, b)
-    small = np.asarray(cascade_lib._resized(image, (8, 8)))
+    small = np.asarray(resize_batch(image, (8, 8)))
     start = cascade.sample(_items(), seed=4, edit=cascade_lib.Edit(image, strength=0.0))[0]
     np.testing.assert_array_equal(start, small)
     halfway = cascade.sample(_items(), seed=4, edit=cascade_lib.Edit(image, strength=0.5))[0]

@@ -9,6 +9,8 @@ exp(-15) (`tiny_diffusers.deterministic_vae`), so the image encodings agree what
 each side draws for them. A text-to-image UNet given a mask keeps the unmasked latents.
 """
 
+import json
+
 import diffusers
 import numpy as np
 import pytest
@@ -124,3 +126,46 @@ def test_inpainting_inputs_are_checked(tmp_path):
     keep = (masks[:, ::2, ::2] < 0.5)[..., 0]
     np.testing.assert_array_equal(np.asarray(out.latents)[keep], np.asarray(kept)[keep])
     assert np.abs(np.asarray(out.latents) - np.asarray(kept))[~keep].max() > 0.1
+
+
+def test_sampling_job_inpaints_with_a_public_pipeline(tmp_path, capsys):
+    """sample.py --pipeline=DIR --init_image --mask: each image is the pipeline's own call
+    with the job's keys; the files' SHA-256 are part of the job and its PNGs' metadata; an
+    inpainting UNet without a mask and a refiner with an edit stop in one line."""
+    from PIL import Image
+
+    from imagen_jax.files import file_sha256
+    from imagen_jax.pipelines import jobs, sampling
+
+    sd_inpaint_pipeline(tmp_path / "sd", SCHEDULERS["ddim"]())
+    images, masks = inputs(batch=1)
+    Image.fromarray((images[0] * 255).round().astype(np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray((masks[0, ..., 0] > 0.5).astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    args = dict(
+        pipeline=str(tmp_path / "sd"), stages=[], prompts=["a red circle", "a blue star"],
+        prompts_file=None, negative_prompt="", images_per_prompt=1, seed=3, batch_size=2,
+        outdir=str(tmp_path / "out"), overrides=["0.steps=3"], grid=False,
+        init_image=str(tmp_path / "image.png"), mask=str(tmp_path / "mask.png"),
+    )  # fmt: skip
+    assert sampling.run_sampling_job(**args)["made"] == 2
+    manifest = [
+        json.loads(x) for x in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    ]
+    pipe = load_latent_pipeline(tmp_path / "sd")
+    image = np.asarray(Image.open(tmp_path / "image.png"), np.float32) / 255
+    mask = np.asarray(Image.open(tmp_path / "mask.png"), np.float32) / 255
+    for record in manifest:
+        assert record["edit"]["mask"]["sha256"] == file_sha256(str(tmp_path / "mask.png"))
+        entry = jobs.PromptEntry(record["prompt"], "")
+        item = jobs.WorkItem(record["prompt_index"], record["image_index"], entry)
+        want = pipe(
+            [record["prompt"]], image=image[None], mask=mask[None], steps=3,
+            keys=jobs.image_key(3, item, 0)[None],
+        ).images  # fmt: skip
+        png = np.asarray(Image.open(tmp_path / "out" / record["file"]))
+        assert np.abs(png.astype(int) - (want[0] * 255).round()).max() <= 1
+    with pytest.raises(jobs.JobMismatchError):  # another mask is another job
+        Image.fromarray(np.zeros((16, 16), np.uint8) + 255).save(tmp_path / "mask2.png")
+        sampling.run_sampling_job(**dict(args, mask=str(tmp_path / "mask2.png")))
+    with pytest.raises(ValueError, match="inpainting UNet: give --init_image and --mask"):
+        sampling.run_sampling_job(**dict(args, outdir=str(tmp_path / "o2"), mask=None))

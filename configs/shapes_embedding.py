@@ -10,7 +10,10 @@ mean-pooled) with a trained projection on the text side, the SigLIP sigmoid loss
 
 The image tower (`tower`) is `frozen_text_towers.VARIANTS["shapes_conv"]` by default: a
 3x3 stem and three stride-2 stages (32, 64, 128 channels, GroupNorm, GELU) whose 8x8 map is
-flattened, so that positions survive, then projected to 128 dimensions. `tower=vit` takes
+flattened, so that positions survive, then projected to 128 dimensions. Besides RGB the
+stem reads a colour-blind foreground channel (each pixel's distance from the image's median
+colour: the silhouettes), so that a shape is one pattern in every colour, held-out
+colour-shape pairs included. `tower=vit` takes
 `VARIANTS["shapes"]`, a SigLIP-family ViT (8 px patches: 64 tokens, width 128, 4 layers,
 attention-pooling head): trained from scratch here it learns colour long before shape
 (after 1,000 steps of this recipe its embeddings told shapes apart at chance; see

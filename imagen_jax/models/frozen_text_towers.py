@@ -78,11 +78,14 @@ VARIANTS = {
 # The shapes sizes with a convolutional image tower (`ConvTower`): 64 px -> 8x8x128 after
 # three stride-2 stages, flattened so that where things are is kept, then 256 wide (of
 # `vision`, only image_size and hidden_size are read).
+# It also sees a colour-blind foreground channel (`conv_foreground`), from which a shape can
+# be told in every colour alike.
 VARIANTS["shapes_conv"] = dict(
     VARIANTS["shapes"],
     vision=dict(VARIANTS["shapes"]["vision"], hidden_size=256),
     image_tower="conv",
     conv_widths=(32, 64, 128),
+    conv_foreground=True,
 )
 
 
@@ -99,6 +102,10 @@ class FrozenTextTowersConfig:
     # but image_size).
     image_tower: str = "vit"
     conv_widths: tuple[int, ...] = ()
+    # conv: a fourth input channel, each pixel's distance from the image's per-channel
+    # median colour (`foreground_channel`): on a plain background, the objects' silhouettes
+    # whatever their colours, so that a shape detector need not be learnt once per colour.
+    conv_foreground: bool = False
 
     def checked(self) -> FrozenTextTowersConfig:
         if self.image_tower not in IMAGE_TOWERS:
@@ -149,7 +156,8 @@ class ConvTower(nnx.Module):
     def __init__(self, config: FrozenTextTowersConfig, *, rngs, dtype, param_dtype):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         widths = config.conv_widths
-        self.stem = nnx.Conv(3, widths[0], (3, 3), **kw)
+        self.foreground = config.conv_foreground
+        self.stem = nnx.Conv(4 if self.foreground else 3, widths[0], (3, 3), **kw)
         layers, c = [], widths[0]
         for w in widths:
             layers.append(nnx.Conv(c, w, (3, 3), strides=2, **kw))
@@ -162,10 +170,22 @@ class ConvTower(nnx.Module):
         self.head = nnx.Linear(side * side * c, config.vision.hidden_size, **kw)
 
     def __call__(self, pixel_values: jax.Array) -> Pooled:
+        if self.foreground:
+            pixel_values = jnp.concatenate(
+                [pixel_values, foreground_channel(pixel_values)], axis=-1
+            )
         x = jax.nn.gelu(self.stem(pixel_values))
         for i in range(0, len(self.layers), 2):
             x = jax.nn.gelu(self.layers[i + 1](self.layers[i](x)))
         return Pooled(self.head(x.reshape(x.shape[0], -1)))
+
+
+def foreground_channel(pixels: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, H, W, 1]: each pixel's Euclidean distance from its image's
+    per-channel median (the background, where it covers most of the image), over sqrt(C)."""
+    background = jnp.median(pixels, axis=(1, 2), keepdims=True)
+    distance = jnp.sqrt(jnp.sum(jnp.square(pixels - background), -1, keepdims=True) + 1e-12)
+    return distance / math.sqrt(pixels.shape[-1])
 
 
 class FrozenTextTowers(nnx.Module):

@@ -109,3 +109,25 @@ def test_bad_configs():
         model(text_pooling="max")
     with pytest.raises(ValueError, match="vision.projection_dim must be unset"):
         model(vision={"projection_dim": 8})
+
+
+def test_foreground_channel_is_the_silhouette_in_any_colour():
+    """The conv tower's colour-blind channel: ~0 on the plain background, the same silhouette
+    (above a floor) for one shape drawn in different colours."""
+    import numpy as np
+
+    from imagen_jax.models.frozen_text_towers import foreground_channel
+    from imagen_jax.shapes.edits import footprint
+    from imagen_jax.shapes.render import render
+    from imagen_jax.shapes.spec import Scene, SceneObject
+
+    silhouettes = []
+    for color in ("red", "blue", "yellow", "purple"):
+        scene = Scene((SceneObject("star", color, 0.3, 0.5, 0.5),), "gray")
+        pixels = render(scene, 64).astype(np.float32) / 127.5 - 1.0
+        fg = np.asarray(foreground_channel(pixels[None]))[0, ..., 0]
+        inside = footprint(scene, 0, 64)
+        assert np.all(fg[~inside] < 1e-5)
+        silhouettes.append(fg > 0.15)
+    for other in silhouettes[1:]:
+        assert (other != silhouettes[0]).mean() < 0.01

@@ -211,7 +211,16 @@ def _ve(alpha, sigma):
 # Editing: image-to-image, masked sampling (inpainting) and RePaint, as options of every sampler
 # ----------------------------------------------------------------------------------------------
 
-_EDIT_OPTIONS = ("x_init", "strength", "x_known", "mask", "repaint_jump", "repaint_resample")
+_EDIT_OPTIONS = (
+    "x_init",
+    "strength",
+    "x_known",
+    "mask",
+    "repaint_jump",
+    "repaint_resample",
+    "known_region",
+)
+KNOWN_REGIONS = ("noised", "clean")
 _KNOWN_STREAM, _JUMP_STREAM = 1 << 30, (1 << 30) + 1  # apart from the samplers' step indices
 
 
@@ -224,6 +233,7 @@ class Masking(NamedTuple):
     jump_key: jax.Array  # noise of RePaint's jumps back up
     jump: int  # RePaint's jump length in steps; 0 = off
     resample: int  # how often each block of `jump` steps is run
+    clean: bool = False  # the kept region is x_known itself at every level (not re-noised)
 
 
 class RepaintSchedule(NamedTuple):
@@ -250,7 +260,10 @@ def _blend(mask, z_free, z_kept):
 
 def _keep_known(masking: Masking, z, alpha, sigma, st: Step):
     """z with its kept region replaced by the known image at level (alpha, sigma), noised by
-    step `st.draw`'s known-region noise: alpha x_known + sigma noise."""
+    step `st.draw`'s known-region noise: alpha x_known + sigma noise (`masking.clean`:
+    x_known itself)."""
+    if masking.clean:
+        return _blend(masking.mask, z, masking.x_known)
     noise = step_noise(masking.known_key, st.draw, z.shape, z.dtype)
     return _blend(masking.mask, z, alpha * masking.x_known + sigma * noise)
 
@@ -309,6 +322,7 @@ def check_editing(
     mask=None,
     repaint_jump=0,
     repaint_resample=1,
+    known_region="noised",
 ) -> None:
     """Raises one ValueError naming the first bad editing option for samples of `shape`.
     The mask's values are checked where they are concrete (not under jit)."""
@@ -331,7 +345,11 @@ def check_editing(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if repaint_resample > 1 and not repaint_jump:
         raise ValueError(f"repaint_resample={repaint_resample} needs repaint_jump >= 1")
+    if known_region not in KNOWN_REGIONS:
+        raise ValueError(f"known_region={known_region!r}; expected one of {KNOWN_REGIONS}")
     if x_known is None:
+        if known_region != "noised":
+            raise ValueError(f"known_region={known_region!r} needs x_known and mask")
         if repaint_jump:
             raise ValueError(f"repaint_jump={repaint_jump} needs x_known and mask")
         return
@@ -377,6 +395,9 @@ def editable(sampler: Callable) -> Callable:
       region ends equal to x_known exactly. Needs `key`, also for deterministic samplers.
     - `repaint_jump`, `repaint_resample`: RePaint's resampling (`repaint_schedule`), as one
       `lax.scan` over the schedule's entries.
+    - `known_region`: "noised" (above) or "clean": the kept region is x_known itself from
+      the start and after every step, the network seeing it clean beside the noisy rest
+      (diffusers' DeepFloyd IF inpainting pipelines do this).
 
     Multistep solvers (dpmpp_*, unipc) keep a history that stays consistent with the states
     visited: every history entry is the network's output at the state after the replacement
@@ -385,9 +406,9 @@ def editable(sampler: Callable) -> Callable:
     region back into the state it refines, and after a RePaint jump the history restarts
     (first order, no corrector; `Step.fresh`), as it belongs to a lower noise level.
 
-    Strength, jump and resample are static (a new value compiles a new program); the images
-    and the mask are traced. The sampler receives the sliced grid and `masking` (a
-    `Masking`, or None), which it passes to `_run`."""
+    Strength, jump, resample and the known region are static (a new value compiles a new
+    program); the images and the mask are traced. The sampler receives the sliced grid and
+    `masking` (a `Masking`, or None), which it passes to `_run`."""
 
     @functools.wraps(sampler)
     def run(
@@ -402,6 +423,7 @@ def editable(sampler: Callable) -> Callable:
         mask=None,
         repaint_jump: int = 0,
         repaint_resample: int = 1,
+        known_region: str = "noised",
         **options,
     ):
         check_editing(
@@ -412,6 +434,7 @@ def editable(sampler: Callable) -> Callable:
             mask=mask,
             repaint_jump=repaint_jump,
             repaint_resample=repaint_resample,
+            known_region=known_region,
         )
         masking = None
         if x_known is not None:
@@ -424,8 +447,11 @@ def editable(sampler: Callable) -> Callable:
                 _stream(key, _JUMP_STREAM),
                 int(repaint_jump),
                 int(repaint_resample),
+                known_region == "clean",
             )
         grid, z = img2img_start(grid, z, x_init, strength)
+        if masking is not None and masking.clean:
+            z = _blend(masking.mask, z, masking.x_known)
         if grid is None:  # no step left to run
             if masking is not None:
                 z = _blend(masking.mask, z, masking.x_known)

@@ -84,6 +84,7 @@ class Edit(NamedTuple):
     strength: float = 1.0  # the base stage's: the fraction of its steps run
     repaint_jump: int = 0  # 0: no resampling
     repaint_resample: int = 1
+    known_region: str = "noised"  # or "clean" (`samplers.editable`; DeepFloyd IF's way)
 
 
 def _channel(mask) -> np.ndarray:
@@ -379,6 +380,8 @@ class Cascade:
             if edit.repaint_jump:
                 options["repaint_jump"] = edit.repaint_jump
                 options["repaint_resample"] = edit.repaint_resample
+            if edit.known_region != "noised":
+                options["known_region"] = edit.known_region
         if not images:
             return None
         return options, self._place(images)
@@ -402,6 +405,7 @@ class Cascade:
                 strength=edit.strength,
                 repaint_jump=edit.repaint_jump,
                 repaint_resample=edit.repaint_resample,
+                known_region=edit.known_region,
                 **({} if edit.mask is None else dict(x_known=edit.image, mask=_channel(edit.mask))),
             )
         conds = self._stage_conds(items)

@@ -63,11 +63,13 @@ class EditRequest:
             "output's aspect ratio"
         )
 
-    def batch(self, n: int) -> Edit:
+    def batch(self, n: int, known_region: str = "noised") -> Edit:
         """The `cascade.Edit` of a batch of n images."""
         image = np.broadcast_to(self.image, (n, *self.image.shape))
         mask = None if self.mask is None else np.broadcast_to(self.mask, (n, *self.mask.shape))
-        return Edit(image, mask, self.strength, self.repaint_jump, self.repaint_resample)
+        return Edit(
+            image, mask, self.strength, self.repaint_jump, self.repaint_resample, known_region
+        )
 
 
 def _open(path: str, what: str) -> PIL.Image.Image:
@@ -142,10 +144,13 @@ def load_edit_request(
 
 class EditingCascade:
     """A cascade whose every batch is edited by one request: `job(items, seed)` as
-    `cascade(items, seed)` (what `jobs.run_job` calls)."""
+    `cascade(items, seed)` (what `jobs.run_job` calls). known_region: how the masked
+    sampling keeps the known region (`samplers.editable`; "clean" for DeepFloyd IF, as
+    diffusers' IF inpainting pipelines)."""
 
-    def __init__(self, cascade, request: EditRequest):
-        self.cascade, self.request = cascade, request
+    def __init__(self, cascade, request: EditRequest, known_region: str = "noised"):
+        self.cascade, self.request, self.known_region = cascade, request, known_region
 
     def __call__(self, items, seed: int):
-        return self.cascade(items, seed, edit=self.request.batch(len(items)))
+        edit = self.request.batch(len(items), self.known_region)
+        return self.cascade(items, seed, edit=edit)

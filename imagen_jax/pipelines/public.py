@@ -44,7 +44,8 @@ def public_job(
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
     cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3.
     edit: an `editing.EditRequest` applied to every image (IF: as a stage set's, the
-    samplers' masked sampling; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""
+    samplers' masked sampling with the known region kept clean, as diffusers' IF inpainting
+    pipelines keep it; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""
     if deepfloyd.is_if_pipeline(pipeline):
         if refiner:
             raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
@@ -59,7 +60,8 @@ def public_job(
         settings = jobs.stage_settings(loaded, cascade)
         if edit is None:
             return cascade, settings
-        return editing.EditingCascade(cascade, edit), dict(settings, edit=edit.settings())
+        job = editing.EditingCascade(cascade, edit, known_region="clean")  # as diffusers' IF
+        return job, dict(settings, edit=dict(edit.settings(), known_region="clean"))
     if pipeline_sr:
         raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
     per_stage = jobs.parse_overrides(overrides, 2 if refiner else 1) + [{}]

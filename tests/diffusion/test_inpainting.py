@@ -82,7 +82,8 @@ def _sample(sampler, schedule, images, key=None, *, z=None, **options):
 @pytest.mark.parametrize(
     "sampler,schedule,repaint",
     [(*case, {}) for case in CASES]
-    + [(*case, dict(repaint_jump=3, repaint_resample=2)) for case in SOME],
+    + [(*case, dict(repaint_jump=3, repaint_resample=2)) for case in SOME]
+    + [(*case, dict(known_region="clean")) for case in SOME],
 )
 def test_masked_sampling_keeps_the_known_region_exactly(sampler, schedule, repaint):
     x_known, mask, _ = _images()
@@ -230,6 +231,8 @@ def test_compiled_once_per_setting():
         (dict(repaint_resample=3), "repaint_resample=3 needs repaint_jump >= 1"),
         (dict(x_known=None, mask=None, repaint_jump=2), "repaint_jump=2 needs x_known and mask"),
         (dict(key=None), "masked sampling draws the known region's noise: pass `key`"),
+        (dict(known_region="blurred"), "known_region='blurred'; expected one of"),
+        (dict(x_known=None, mask=None, known_region="clean"), "'clean' needs x_known and mask"),
     ],
 )
 def test_bad_input_is_named(options, message):

@@ -74,14 +74,15 @@ class StepNoise:
         return to_torch(noise)
 
 
-def feed_noise(monkeypatch, items, stage, size, *, augmentation=False):
-    """Patches diffusers to draw stage `stage`'s noise of our cascade; returns the step feed."""
+def feed_noise(monkeypatch, items, stage, size, *, augmentation=False, module=None):
+    """Patches diffusers to draw stage `stage`'s noise of our cascade (in the pipeline
+    `module`, default IFPipeline's or IFSuperResolutionPipeline's); returns the step feed."""
     keys = jax.numpy.stack([jobs.image_key(SEED, it, stage) for it in items])
     shape = (len(items), *size, 3)
     queue = [to_torch(row_normal(keys, "initial", shape[1:]))]
     if augmentation:  # drawn after the initial noise, of the upscaled image's shape
         queue.append(to_torch(row_normal(keys, "augmentation", shape[1:])))
-    module = "pipeline_if_superresolution" if augmentation else "pipeline_if"
+    module = module or ("pipeline_if_superresolution" if augmentation else "pipeline_if")
     monkeypatch.setattr(
         f"diffusers.pipelines.deepfloyd_if.{module}.randn_tensor",
         lambda shape, **kwargs: queue.pop(0),
@@ -139,6 +140,41 @@ def test_if_cascade_matches_diffusers(pipelines, ours, monkeypatch):
     _, high_again = cascade.sample([ITEMS[0], ITEMS[2]], SEED)
     np.testing.assert_array_equal(high_again[0], high[0])
     assert np.abs(high_again[1] - high[1]).max() > 0.05  # another image of the prompt
+
+
+def test_if_inpainting_matches_diffusers(pipelines, monkeypatch):
+    """Stage I inpainting at strength 0.6 against IFInpaintingPipeline (the same weights):
+    our masked sampling with the known region kept clean, as diffusers keeps it (the image
+    itself there from the start and after every step), the start from the image noised to
+    the first kept step with our initial noise."""
+    import diffusers
+
+    stage_1, dir_1, _, _ = pipelines
+    reference_pipe = diffusers.IFInpaintingPipeline(**stage_1.components)
+    cascade, _ = load_if_cascade(dir_1, overrides=[dict(steps=5)])
+    items = ITEMS[:2]
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    mask = np.zeros((2, 8, 8), np.float32)
+    mask[0, 2:6, 1:5], mask[1, 4:8, 3:8] = 1.0, 1.0
+    edit = cascade_lib.Edit(image, mask, strength=0.6, known_region="clean")
+    (low,) = cascade.sample(items, SEED, edit=edit)
+    np.testing.assert_array_equal(low[mask == 0], image[mask == 0])
+    steps = feed_noise(monkeypatch, items, 0, (8, 8), module="pipeline_if_inpainting")
+    ref = reference_pipe(
+        prompt=[it.entry.prompt for it in items],
+        negative_prompt=[it.entry.negative_prompt for it in items],
+        image=to_torch(image),
+        mask_image=torch.from_numpy(mask[:, None]),
+        strength=0.6,
+        num_inference_steps=5,
+        guidance_scale=7.0,
+        clean_caption=False,
+        output_type="pt",
+    ).images
+    assert steps.calls == 2  # three steps kept of five, none drawn at t = 0
+    ref = (ref.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1)
+    assert_images_close(low / 2 + 0.5, ref)
 
 
 def test_stage_2_with_its_own_text_encoder(pipelines, ours, tmp_path, monkeypatch):

@@ -19,10 +19,10 @@ import time
 
 import gradio as gr
 
-from imagen_jax.demo import text_to_image
+from imagen_jax.demo import edit_tab, text_to_image
 from imagen_jax.demo.models import Request
 
-TABS = (("Text to image", text_to_image),)
+TABS = (("Text to image", text_to_image), ("Edit", edit_tab))
 TITLE = "imagen_jax"
 
 
@@ -34,8 +34,8 @@ def build_app(models: dict, workdir: str | None = None) -> gr.Blocks:
     workdir = workdir or tempfile.mkdtemp(prefix="imagen_jax_demo_")
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(
-            f"# {TITLE}\nText-to-image with the project's models: the images and their "
-            "PNG metadata are those `sample.py` writes for the same settings."
+            f"# {TITLE}\nText-to-image and editing with the project's models: the images "
+            "and their PNG metadata are those `sample.py` writes for the same settings."
         )
         for label, module in TABS:
             with gr.Tab(label):

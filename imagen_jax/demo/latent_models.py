@@ -46,6 +46,7 @@ class LatentDemoModel:
     requests as `DemoModel` does for stage directories."""
 
     shipped = False
+    edits = False  # the editing tab leaves it out
 
     def __init__(
         self,
@@ -142,6 +143,11 @@ class LatentDemoModel:
     def check(self, request: Request) -> None:
         """Raises RequestError naming what is wrong with a request."""
         check_request_text(request)
+        if request.edit is not None:
+            raise RequestError(
+                f"{self.name} does not edit images here (stage sets and DeepFloyd IF do; "
+                "`sample.py --pipeline` edits with SD / SDXL)"
+            )
         error = self._size_error(
             request.height or self.resolution, request.width or self.resolution
         )

@@ -26,7 +26,7 @@ from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion.samplers import SAMPLERS
 from imagen_jax.images import to_uint8
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import deepfloyd, jobs, sampling
+from imagen_jax.pipelines import deepfloyd, editing, jobs, sampling
 
 MAX_IMAGES = 8  # per request
 MAX_PROMPT_CHARS = 1000
@@ -44,9 +44,38 @@ class Cancelled(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
+class EditFiles:
+    """An edit of a request, as `sample.py`'s flags: the image file to start from (and the
+    mask file: white = regenerate), the strength and RePaint's jump and resample count."""
+
+    init_image: str
+    mask: str | None = None
+    strength: float = 1.0
+    repaint_jump: int = 0
+    repaint_resample: int = 1
+
+    def load(self) -> editing.EditRequest:
+        """The checked request (`editing.load_edit_request`); ValueError names a bad file
+        or value."""
+        return editing.load_edit_request(**dataclasses.asdict(self))
+
+    def flags(self) -> list[str]:
+        out = [f"--init_image={_quote(self.init_image)}"]
+        if self.mask:
+            out.append(f"--mask={_quote(self.mask)}")
+        if self.strength != 1.0:
+            out.append(f"--strength={self.strength}")
+        if self.repaint_jump:
+            out.append(f"--repaint_jump={self.repaint_jump}")
+            out.append(f"--repaint_resample={self.repaint_resample}")
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
 class Request:
     """One generation: a prompt, `num_images` images from `seed`, at height x width (None:
-    the model's trained size), with `sample.py`'s `--set` overrides."""
+    the model's trained size), with `sample.py`'s `--set` overrides; `edit`: image-to-image
+    or inpainting of every image (`EditFiles`)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -55,6 +84,7 @@ class Request:
     height: int | None = None
     width: int | None = None
     overrides: tuple[str, ...] = ()
+    edit: EditFiles | None = None
 
     def command(self, model: DemoModel) -> str:
         """The `sample.py` command line that writes the same PNGs."""
@@ -66,7 +96,21 @@ class Request:
         parts.append(f"--batch_size={model.batch_size}")
         parts += [f"--{k}={v}" for k, v in (("height", self.height), ("width", self.width)) if v]
         parts += [f"--set={o}" for o in self.overrides]
+        if self.edit is not None:
+            parts += self.edit.flags()
         return " ".join(parts)
+
+
+def _edit_key(edit: EditFiles | None) -> tuple | None:
+    """What makes two edits one setting: the same settings and file contents (by SHA-256:
+    their images run through the same program in one batch)."""
+    if edit is None:
+        return None
+    settings = edit.load().settings()
+    files = tuple(
+        None if settings[k] is None else settings[k]["sha256"] for k in ("init_image", "mask")
+    )
+    return (files, edit.strength, edit.repaint_jump, edit.repaint_resample)
 
 
 def _quote(text: str) -> str:
@@ -96,6 +140,7 @@ class _Ticket:
     progress: Progress
     images: dict = dataclasses.field(default_factory=dict)  # image index -> final uint8
     settings: dict | None = None  # what its images' metadata records
+    edit: editing.EditRequest | None = None  # the request's edit, loaded and checked
     error: BaseException | None = None
     done: bool = False
 
@@ -149,6 +194,8 @@ def sampler_choices(stage) -> list[str]:
 
 class DemoModel:
     """A cascade of stage directories (base first) loaded once, generating requests."""
+
+    edits = True  # takes `Request.edit` (the editing tab)
 
     def __init__(
         self,
@@ -243,6 +290,11 @@ class DemoModel:
         """Raises RequestError naming what is wrong with a request, before it queues for the
         device."""
         check_request_text(request)
+        if request.edit is not None:
+            try:
+                request.edit.load()
+            except ValueError as e:
+                raise RequestError(str(e)) from None
         try:
             variants = self._variants(request.overrides)
             cascade_lib.stage_sizes(variants, request.height, request.width)
@@ -277,10 +329,16 @@ class DemoModel:
         warm-up does, is one setting)."""
         variants = self._variants(request.overrides)
         sizes = cascade_lib.stage_sizes(variants, request.height, request.width)
-        return (tuple(request.overrides), tuple(sizes))
+        return (tuple(request.overrides), tuple(sizes), _edit_key(request.edit))
+
+    @property
+    def known_region(self) -> str:
+        """How masked sampling keeps the known region: clean for DeepFloyd IF (as diffusers'
+        IF inpainting pipelines and `sample.py --pipeline` do), re-noised otherwise."""
+        return "clean" if self.deepfloyd_if else "noised"
 
     def _cascade(self, request: Request):
-        key = self._setting(request)
+        key = self._setting(request)[:2]
         if key in self._cascades:
             self._cascades.move_to_end(key)
             return self._cascades[key]
@@ -330,8 +388,15 @@ class DemoModel:
         `batch_size` (the compiled shape), each image with its own request's keys; fills
         each ticket's images, or its error."""
         cascade, _, settings = self._cascade(tickets[0].request)
+        edit = tickets[0].edit  # one setting: the same files and settings (`_edit_key`)
         for t in tickets:
-            t.settings = settings
+            if edit is None:
+                t.settings = settings
+            else:
+                record = t.edit.settings()
+                if self.known_region != "noised":  # as sample.py --pipeline records it
+                    record["known_region"] = self.known_region
+                t.settings = dict(settings, edit=record)
         self._steps = [s.sampling.grid.num_steps for s in cascade.stages]
         rows = [(t, it) for t in tickets for it in t.items()]
         self.batched_requests += len(tickets) - 1
@@ -345,7 +410,9 @@ class DemoModel:
                 continue
             self._rows = owners
             try:
-                final = cascade.sample([it for _, it in chunk], 0, on_stage=self._on_stage)[-1]
+                batch = None if edit is None else edit.batch(len(chunk), self.known_region)
+                items = [it for _, it in chunk]
+                final = cascade.sample(items, 0, on_stage=self._on_stage, edit=batch)[-1]
             except Cancelled:
                 for t in live:
                     t.error = t.error or Cancelled()
@@ -392,6 +459,7 @@ class DemoModel:
         the others find their images ready."""
         self.check(request)
         ticket = _Ticket(request, progress or Progress())
+        ticket.edit = None if request.edit is None else request.edit.load()
         setting = self._setting(request)
         with self._waiting_lock:
             self._waiting.setdefault(setting, []).append(ticket)

@@ -5,7 +5,7 @@ the server goes on."""
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image
 
 from imagen_jax.pipelines import jobs, sampling

@@ -48,7 +48,7 @@ from imagen_jax.diffusion import samplers
 from imagen_jax.diffusion.adapter import augment_low_res, model_fn
 from imagen_jax.images import resize_batch, to_uint8
 from imagen_jax.pipelines import jobs
-from imagen_jax.pipelines.latent import decode_latents
+from imagen_jax.pipelines.latent import decode_latents, encode_images
 from imagen_jax.stages import Stage
 
 _NOISE, _AUG = 0, 1  # fold_in tags of a row key: initial noise, augmentation noise
@@ -77,7 +77,10 @@ class Edit(NamedTuple):
     """Image-to-image and inpainting of a batch (`Cascade.sample`): each stage gets `image`
     and `mask` resized to its size. The base stage starts from `image` with `strength`
     (`samplers.img2img_start`); with a mask, every stage keeps the region where it is 0
-    (`samplers.editable`), with RePaint's resampling when `repaint_jump` is set."""
+    (`samplers.editable`), with RePaint's resampling when `repaint_jump` is set. A latent
+    stage edits in its latent space: the image resized to its size and encoded by its VAE
+    (the posterior's mode), the mask resized to the latents' size; its kept region is then
+    the VAE's reconstruction of the image, not the image itself."""
 
     image: np.ndarray  # [B, H, W, 3] in [-1, 1], any size
     mask: np.ndarray | None = None  # [B, H, W] or [B, H, W, 1] in [0, 1]: 1 = regenerate
@@ -365,13 +368,11 @@ class Cascade:
     def _stage_edit(self, edit: Edit, index: int, size):
         """(static options, traced images) of `edit` for stage `index` at size (H, W)."""
         stage = self.stages[index]
-        if stage.vae is not None:
-            raise ValueError(
-                f"stage {stage.stage.path} is a latent stage: image-to-image and inpainting "
-                "run on pixel stages only"
-            )
         options, images = {}, {}
         image = resize_batch(edit.image, size)
+        if stage.vae is not None:  # the sampler's space: the image's latents (the VAE's mode)
+            image = encode_images(*stage.vae, image)
+            size = image.shape[1:3]
         if index == 0 and edit.strength != 1.0:
             options["strength"], images["x_init"] = edit.strength, image
         if edit.mask is not None:

@@ -383,6 +383,12 @@ def _encode_images(graph, state, x, key):
     return model.latents_from_images(x, key)
 
 
+def encode_images(graph, state, x, key=None):
+    """Images [B, H, W, 3] in [-1, 1] -> scaled latents by the VAE `nnx.merge(graph,
+    state)`: its posterior's mode, or a sample with `key`."""
+    return _encode_images(graph, state, jnp.asarray(x, jnp.float32), key)
+
+
 # ----------------------------------------------------------------------------------------------
 # Loading
 # ----------------------------------------------------------------------------------------------

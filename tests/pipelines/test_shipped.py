@@ -13,7 +13,7 @@ from imagen_jax.pipelines import jobs, sampling, shipped
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
-MAX_SHIPPED_BYTES = 30 * 2**20
+MAX_SHIPPED_BYTES = 40 * 10**6  # every shipped checkpoint together (the budget)
 
 
 def test_shipped_model_is_small_and_declares_its_domain():

@@ -18,7 +18,8 @@ every split of `evals.splits` (train | heldout: the held-out colour-shape pairs 
 captions worded by `evals.wordings`:
 * `zero_shot`: single-object scenes classified by colour and by shape against the class
   names in prompt templates (CLIP's recipe, Radford et al. 2021, sec. 3.1.4: each class's
-  text embedding the normalised mean over its templates): `zero_shot/<split>/{color,shape}`
+  text embedding the normalised mean over its templates): `zero_shot/<split>/{color,shape}`,
+  and `zero_shot/<split>/shape_given_color` (each image's classes name its true colour)
   (chance 1/6).
 * `retrieval`: `evals.size` scenes of the six tasks with their captions; image->text and
   text->image recall at 1, 5 and 10 (`retrieval/<split>/{i2t,t2i}_r{1,5,10}`). Items whose
@@ -210,7 +211,26 @@ class ZeroShot:
                 metrics[f"{self.name}/{split}/{attribute}"] = zero_shot_accuracy(
                     embedder, image_embeds, labels[attribute], names, templates
                 )
+            metrics[f"{self.name}/{split}/shape_given_color"] = self._shape_given_color(
+                embedder, np.asarray(image_embeds), labels
+            )
         return metrics
+
+    @staticmethod
+    def _shape_given_color(embedder: Embedder, image_embeds, labels) -> float:
+        """Shape zero-shot with the object's true colour in every class name ("a red star"
+        against "a red circle", ...): whether the model tells shapes apart once colour is
+        not the question (on held-out scenes, colour-shape pairs it never saw named)."""
+        colors, right = tuple(COLORS), 0.0
+        for c in sorted(set(labels["color"])):
+            rows = [i for i, label in enumerate(labels["color"]) if label == c]
+            names = [f"{colors[c]} {shape}" for shape in SHAPES]
+            shapes = [labels["shape"][i] for i in rows]
+            accuracy = zero_shot_accuracy(
+                embedder, image_embeds[rows], shapes, names, SHAPE_TEMPLATES
+            )
+            right += accuracy * len(rows)
+        return right / len(labels["color"])
 
     def describe(self) -> dict[str, Any]:
         templates = {k: list(t) for k, (_, t) in self.classes.items()}

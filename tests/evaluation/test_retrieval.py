@@ -87,6 +87,8 @@ def test_zero_shot_reads_colour_and_is_at_chance_on_shape():
     labels = evaluator.sets["train"][1]["shape"]
     assert metrics["zero_shot/train/shape"] == pytest.approx(np.mean(np.asarray(labels) == 0))
     assert metrics["zero_shot/train/shape"] < 0.5
+    # Given the colour, every class still ties on shape: circle again.
+    assert metrics["zero_shot/train/shape_given_color"] == metrics["zero_shot/train/shape"]
 
 
 def test_retrieval_recall_of_a_lookup_and_an_off_by_one_lookup():
@@ -135,7 +137,8 @@ def test_hard_negative_specs():
 def test_evaluators_by_name_and_bad_names():
     evals = embedding_evals_config(metrics=("zero_shot",), splits=("heldout",), size=6)
     (evaluator,) = retrieval.make_embedding_evaluators(evals, resolution=RES)
-    assert set(evaluator(ColorReader())) == {"zero_shot/heldout/color", "zero_shot/heldout/shape"}
+    names = {f"zero_shot/heldout/{k}" for k in ("color", "shape", "shape_given_color")}
+    assert set(evaluator(ColorReader())) == names
     with pytest.raises(ValueError, match="expected some of"):
         retrieval.make_embedding_evaluators(
             embedding_evals_config(metrics=("fid",)), resolution=RES

@@ -18,7 +18,9 @@ colour-shape pairs included. `tower=vit` takes
 attention-pooling head): trained from scratch here it learns colour long before shape
 (after 1,000 steps of this recipe its embeddings told shapes apart at chance; see
 docs/embeddings.md). The text side mean-pools MiniLM's 384-dim token embeddings through a
-trained MLP (384 hidden). Trained on the shapes `train` split (held-out colour-shape pairs
+trained linear projection (`text_mlp`: an MLP, 384 hidden, which let "red star", a held-out
+pair, fall far from red stars: a conjunction the MLP was free to learn, where a linear map
+of the pooled tokens stays a sum of its words' parts). Trained on the shapes `train` split (held-out colour-shape pairs
 and layouts never shown) with the `train` wording set's captions. `hard_negatives` adds
 each scene's counterfactual caption (its relation inverted, its two colours exchanged or
 one shape replaced, whichever of those apply picked per scene: `data.counterfactuals`,
@@ -58,6 +60,7 @@ def get_config(arg=None):
         text_side="frozen",  # frozen (MiniLM + projection) | tower (trained text tower)
         frozen_tower="",  # "" | image | text (LiT: that tower frozen)
         tower="conv",  # the image tower: conv (ConvTower) | vit (a SigLIP ViT)
+        text_mlp=False,  # the frozen text side's projection: linear, or an MLP (384 hidden)
     )
     if arg.loss not in LOSSES:
         raise ConfigError(f"loss={arg.loss!r}; expected one of {sorted(LOSSES)}")
@@ -72,6 +75,7 @@ def get_config(arg=None):
         resolution=arg.res,
         text_dim=384,  # all-MiniLM-L6-v2's width
         logit_bias=loss == "sigmoid",
+        text_hidden=384 if arg.text_mlp else 0,
     )
     config.text = text_config(kind="minilm", path="", max_length=32)
     config.contrastive = contrastive_config(

@@ -37,7 +37,8 @@ SDXL --pipeline directories take --init_image, --mask and --strength (an inpaint
 checkpoint, whose UNet has 9 input channels, needs --mask; a text-to-image one keeps the
 black region by the samplers' masked sampling), not RePaint or --refiner; SD 3 none. The
 files' SHA-256 and the settings are part of the job and of every image's metadata
-(`imagen_jax/pipelines/editing.py`).
+(`imagen_jax/pipelines/editing.py`). A JSONL prompt file's entries may carry their own
+"init_image", "mask" (relative to the file) and "strength" (stage sets and IF).
 
 Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x, SDXL or SD 3 / 3.5
 directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, text_encoder*/,

@@ -20,8 +20,9 @@ attention-pooling head): trained from scratch here it learns colour long before 
 docs/embeddings.md). The text side mean-pools MiniLM's 384-dim token embeddings through a
 trained linear projection (`text_mlp`: an MLP, 384 hidden, which let "red star", a held-out
 pair, fall far from red stars: a conjunction the MLP was free to learn, where a linear map
-of the pooled tokens stays a sum of its words' parts). Trained on the shapes `train` split (held-out colour-shape pairs
-and layouts never shown) with the `train` wording set's captions. `hard_negatives` adds
+of the pooled tokens stays a sum of its words' parts). Trained on the shapes `train` split
+(held-out colour-shape pairs and layouts never shown) with the `train` wording set's
+captions. `hard_negatives` adds
 each scene's counterfactual caption (its relation inverted, its two colours exchanged or
 one shape replaced, whichever of those apply picked per scene: `data.counterfactuals`,
 `data.counterfactuals_mixed`; never one naming a held-out pair or layout) as an extra

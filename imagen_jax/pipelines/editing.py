@@ -15,6 +15,13 @@ noise, 0: the image itself), and with a mask every stage keeps the black region 
 resampling with `repaint_jump` > 0). The job records the files' SHA-256 and the settings,
 so a rerun with another image, mask or strength is another job (never the old images).
 
+Per prompt: a JSONL prompt file's entries may carry their own "init_image", "mask" (paths
+relative to the prompt file's folder, or absolute) and "strength" (`prompt_edits`), which
+replace the flags' for that prompt; the files' SHA-256 join the entry's record, so they
+are part of the job's fingerprint and of the prompt's PNG metadata. A batch whose prompts
+edit differently runs as one compiled call per edit (`EditingCascade`), so an image is the
+same whatever its batch holds.
+
 Refused, in one line each: an image with an alpha channel (say with --mask what to
 regenerate), a mask of another size than the image, strength outside [0, 1], --mask,
 --strength < 1 or --repaint_* without --init_image, --repaint_* without --mask. Noted: a
@@ -25,12 +32,16 @@ img2img), an image whose aspect ratio is not the output's (it is stretched).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 import PIL.Image
 
 from imagen_jax import files as files_lib
 from imagen_jax.pipelines.cascade import Edit
+from imagen_jax.pipelines.jobs import PromptEntry
+
+PROMPT_EDIT_KEYS = ("init_image", "mask", "strength")  # a JSONL entry's own edit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,15 +153,88 @@ def load_edit_request(
     )  # fmt: skip
 
 
-class EditingCascade:
-    """A cascade whose every batch is edited by one request: `job(items, seed)` as
-    `cascade(items, seed)` (what `jobs.run_job` calls). known_region: how the masked
-    sampling keeps the known region (`samplers.editable`; "clean" for DeepFloyd IF, as
-    diffusers' IF inpainting pipelines)."""
+def prompt_edits(
+    entries: list[PromptEntry],
+    prompts_file: str | None,
+    *,
+    repaint_jump: int = 0,
+    repaint_resample: int = 1,
+) -> tuple[list[PromptEntry], dict[int, EditRequest]]:
+    """(entries, {prompt index: its own request}) of prompts that carry "init_image" (with
+    "mask", "strength"): each checked as the flags are (errors name the file and the
+    prompt), with the files' SHA-256 written into the entry's record."""
+    out, requests = list(entries), {}
+    root = os.path.dirname(os.path.abspath(prompts_file)) if prompts_file else os.getcwd()
+    for index, entry in enumerate(entries):
+        own = {k: entry.extra[k] for k in PROMPT_EDIT_KEYS if k in entry.extra}
+        if not own:
+            continue
+        where = f"{prompts_file}: prompt {index + 1} ({entry.prompt[:40]!r})"
+        for key in ("init_image", "mask"):
+            if key in own and not isinstance(own[key], str):
+                raise ValueError(f"{where}: {key!r} must be a path, got {own[key]!r}")
+        paths = {k: os.path.join(root, own[k]) for k in ("init_image", "mask") if own.get(k)}
+        strength = own.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
+            raise ValueError(f"{where}: 'strength' must be a number, got {strength!r}")
+        try:
+            request = load_edit_request(
+                init_image=paths.get("init_image"),
+                mask=paths.get("mask"),
+                strength=float(strength),
+                repaint_jump=repaint_jump,
+                repaint_resample=repaint_resample,
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if request is None:
+            raise ValueError(f"{where}: 'mask' / 'strength' need 'init_image'")
+        sha = {f"{k}_sha256": request.files[k]["sha256"] for k in paths}
+        out[index] = dataclasses.replace(entry, extra=dict(entry.extra, **sha))
+        requests[index] = request
+    return out, requests
 
-    def __init__(self, cascade, request: EditRequest, known_region: str = "noised"):
+
+class EditingCascade:
+    """A cascade whose batches are edited: `job(items, seed)` as `cascade(items, seed)`
+    (what `jobs.run_job` calls). `request` edits every prompt (None: none) but those of
+    `per_prompt` ({prompt index: request}, `prompt_edits`). A batch whose rows edit
+    differently runs once per edit, each call padded to the batch's size (one compiled
+    shape), the rows put back in order. known_region: how the masked sampling keeps the
+    known region (`samplers.editable`; "clean" for DeepFloyd IF, as diffusers' IF
+    inpainting pipelines)."""
+
+    def __init__(
+        self,
+        cascade,
+        request: EditRequest | None,
+        known_region: str = "noised",
+        per_prompt: dict | None = None,
+    ):
         self.cascade, self.request, self.known_region = cascade, request, known_region
+        self.per_prompt = dict(per_prompt or {})
+
+    def _request(self, item) -> EditRequest | None:
+        return self.per_prompt.get(item.prompt_index, self.request)
+
+    def _run(self, items, seed: int, request: EditRequest | None):
+        edit = None if request is None else request.batch(len(items), self.known_region)
+        return self.cascade(items, seed, edit=edit)
 
     def __call__(self, items, seed: int):
-        edit = self.request.batch(len(items), self.known_region)
-        return self.cascade(items, seed, edit=edit)
+        requests = [self._request(it) for it in items]
+        groups: dict = {}
+        for row, request in enumerate(requests):
+            groups.setdefault(id(request), (request, []))[1].append(row)
+        if len(groups) == 1:
+            return self._run(items, seed, requests[0])
+        out = None
+        for request, rows in groups.values():
+            sub = [items[r] for r in rows]
+            sub += [sub[-1]] * (len(items) - len(sub))  # the batch's compiled size
+            stages = self._run(sub, seed, request)
+            if out is None:
+                out = [np.empty((len(items), *x.shape[1:]), x.dtype) for x in stages]
+            for whole, part in zip(out, stages, strict=True):
+                whole[rows] = part[: len(rows)]
+        return out

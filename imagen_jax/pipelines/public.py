@@ -40,6 +40,7 @@ def public_job(
     width=None,
     batch_size=1,
     edit=None,
+    per_prompt=None,
 ):
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
     cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3.
@@ -58,10 +59,13 @@ def public_job(
             size=(height, width),
         )
         settings = jobs.stage_settings(loaded, cascade)
-        if edit is None:
+        if edit is None and not per_prompt:
             return cascade, settings
-        job = editing.EditingCascade(cascade, edit, known_region="clean")  # as diffusers' IF
-        return job, dict(settings, edit=dict(edit.settings(), known_region="clean"))
+        # The known region kept clean, as diffusers' IF inpainting pipelines keep it.
+        job = editing.EditingCascade(cascade, edit, known_region="clean", per_prompt=per_prompt)
+        if edit is not None:
+            settings = dict(settings, edit=dict(edit.settings(), known_region="clean"))
+        return job, settings
     if pipeline_sr:
         raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
     per_stage = jobs.parse_overrides(overrides, 2 if refiner else 1) + [{}]

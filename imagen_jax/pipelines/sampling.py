@@ -14,7 +14,7 @@ import dataclasses
 
 from imagen_jax import stages
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import editing, jobs, public, shipped
+from imagen_jax.pipelines import deepfloyd, editing, jobs, public, shipped
 from imagen_jax.shapes.grammar import out_of_domain_note
 from imagen_jax.text.config import make_text_encoder, text_config
 
@@ -131,6 +131,14 @@ def run_sampling_job(
         repaint_jump=repaint_jump,
         repaint_resample=repaint_resample,
     )
+    entries, per_prompt = editing.prompt_edits(
+        entries, prompts_file, repaint_jump=repaint_jump, repaint_resample=repaint_resample
+    )
+    if per_prompt and pipeline and not deepfloyd.is_if_pipeline(pipeline):
+        raise ValueError(
+            f"{prompts_file}: per-prompt 'init_image' edits stage sets and DeepFloyd IF; "
+            "give an SD / SDXL --pipeline its image with --init_image"
+        )
     if pipeline:
         job, settings = public.public_job(
             pipeline,
@@ -143,6 +151,7 @@ def run_sampling_job(
             width=width,
             batch_size=batch_size,
             edit=request,
+            per_prompt=per_prompt,
         )
         if request is not None:
             for line in request.notes:
@@ -157,12 +166,14 @@ def run_sampling_job(
     note = domain_note(loaded, [e.prompt for e in entries])
     if note:
         print(note)
-    if request is not None:
-        for line in (*request.notes, request.aspect_note(cascade.sizes[-1])):
+    for r in ([request] if request is not None else []) + list(per_prompt.values()):
+        for line in (*r.notes, r.aspect_note(cascade.sizes[-1])):
             if line:
                 print(line)
+    if request is not None:
         settings = dict(settings, edit=request.settings())
-        cascade = editing.EditingCascade(cascade, request)
+    if request is not None or per_prompt:
+        cascade = editing.EditingCascade(cascade, request, per_prompt=per_prompt)
     return _run(
         cascade, entries, outdir, images_per_prompt, seed, batch_size, settings, grid, overwrite
     )

@@ -94,3 +94,40 @@ def test_grayscale_image_is_noted(files):
     request = editing.load_edit_request(init_image=str(root / "gray.png"))
     assert request.image.shape == (16, 16, 3) and "grayscale" in request.notes[0]
     assert request.aspect_note((16, 32)).startswith("note: --init_image is 16x16, the output 32x16")
+
+
+def test_prompt_files_carry_their_own_edits(stage_dirs, files, tmp_path):
+    """A JSONL prompt's own "init_image" / "mask" (relative to the file) edit that prompt
+    alone: beside a plain prompt in one batch, each image is what it is alone; the files'
+    SHA-256 are in the job and the PNGs, so a changed file is another job."""
+    root, image, mask = files
+    lines = [
+        {"prompt": "a red circle", "init_image": "image.png", "mask": "mask.png"},
+        {"prompt": "a blue star"},
+    ]
+    prompts = root / "edits.jsonl"
+    prompts.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    kw = dict(prompts=None, prompts_file=str(prompts))
+    _job(stage_dirs, tmp_path / "both", **kw)
+    edited = np.asarray(Image.open(tmp_path / "both/images/000000_000.png"))
+    keep = mask == 0
+    np.testing.assert_array_equal(edited[keep], image[keep])
+    meta = jobs.read_metadata(str(tmp_path / "both/images/000000_000.png"))
+    assert meta["init_image_sha256"] == file_sha256(str(root / "image.png"))
+    # The plain prompt's image is the one a plain job makes (prompt index 1 there too).
+    _job(stage_dirs, tmp_path / "plain", prompts=["a red circle", "a blue star"])
+    plain = np.asarray(Image.open(tmp_path / "plain/images/000001_000.png"))
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "both/images/000001_000.png")), plain
+    )
+    # Another image under the same name is another job.
+    Image.fromarray(255 - image).save(root / "image.png")
+    try:
+        with pytest.raises(jobs.JobMismatchError):
+            _job(stage_dirs, tmp_path / "both", **kw)
+    finally:
+        Image.fromarray(image).save(root / "image.png")
+    bad = root / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a red circle", "mask": "mask.png"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl: prompt 1 \('a red circle'\): --mask needs"):
+        _job(stage_dirs, tmp_path / "bad", prompts=None, prompts_file=str(bad))

@@ -177,6 +177,33 @@ def test_if_inpainting_matches_diffusers(pipelines, monkeypatch):
     assert_images_close(low / 2 + 0.5, ref)
 
 
+def test_if_img2img_matches_diffusers(pipelines, monkeypatch):
+    """Stage I image-to-image at strength 0.6 against IFImg2ImgPipeline: the image noised
+    to the first kept step with our initial noise, then the last three of five steps."""
+    import diffusers
+
+    stage_1, dir_1, _, _ = pipelines
+    reference_pipe = diffusers.IFImg2ImgPipeline(**stage_1.components)
+    cascade, _ = load_if_cascade(dir_1, overrides=[dict(steps=5)])
+    items = ITEMS[:2]
+    image = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
+    (low,) = cascade.sample(items, SEED, edit=cascade_lib.Edit(image, None, strength=0.6))
+    steps = feed_noise(monkeypatch, items, 0, (8, 8), module="pipeline_if_img2img")
+    ref = reference_pipe(
+        prompt=[it.entry.prompt for it in items],
+        negative_prompt=[it.entry.negative_prompt for it in items],
+        image=to_torch(image),
+        strength=0.6,
+        num_inference_steps=5,
+        guidance_scale=7.0,
+        clean_caption=False,
+        output_type="pt",
+    ).images
+    assert steps.calls == 2
+    ref = (ref.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1)
+    assert_images_close(low / 2 + 0.5, ref)
+
+
 def test_stage_2_with_its_own_text_encoder(pipelines, ours, tmp_path, monkeypatch):
     stage_1, dir_1, _, _ = pipelines
     tokenizer = stage_1.tokenizer

@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 from test_latent_pipelines import NEGATIVE, PROMPTS, SCHEDULERS, assert_images_close, to_nchw
-from tiny_diffusers import sd_inpaint_pipeline, sd_pipeline, sdxl_inpaint_pipeline
+from tiny_diffusers import (
+    clip_text,
+    deterministic_vae,
+    sd_inpaint_pipeline,
+    sd_pipeline,
+    sdxl_inpaint_pipeline,
+    tiny_unet,
+)
 
 from imagen_jax.pipelines.public import load_latent_pipeline
 
@@ -85,6 +92,32 @@ def test_sd_inpainting_with_strength_matches_diffusers(tmp_path):
     ).images  # fmt: skip
     got = load_latent_pipeline(tmp_path)(
         PROMPTS, image=images, mask=masks, noise=noise, steps=8, strength=0.75, guidance_scale=5.0
+    )
+    assert_images_close(got.images, want)
+
+
+def test_sd_img2img_matches_diffusers(tmp_path):
+    """StableDiffusionImg2ImgPipeline at strength 0.75 (the inpainting test's components
+    but a 4-channel UNet): the image's latents noised to the first kept step, diffusers
+    drawing the posterior sample first, then the noise, from one generator (replayed)."""
+    text_encoder, tokenizer = clip_text(1)
+    ref = diffusers.StableDiffusionImg2ImgPipeline(
+        vae=deterministic_vae(2), text_encoder=text_encoder, tokenizer=tokenizer,
+        unet=tiny_unet(3, cross_attention_dim=32, attention_head_dim=4),
+        scheduler=SCHEDULERS["ddim"](), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    ref.save_pretrained(tmp_path)
+    images, _ = inputs(seed=4)
+    generator = torch.Generator().manual_seed(9)
+    torch.randn((2, 4, 8, 8), generator=generator)  # the posterior sample (std ~3e-7)
+    noise = torch.randn((2, 4, 8, 8), generator=generator).permute(0, 2, 3, 1).numpy()
+    want = ref(
+        PROMPTS, image=images, num_inference_steps=8, strength=0.75, guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(9), output_type="np",
+    ).images  # fmt: skip
+    got = load_latent_pipeline(tmp_path)(
+        PROMPTS, image=images, noise=noise, steps=8, strength=0.75, guidance_scale=5.0
     )
     assert_images_close(got.images, want)
 

@@ -337,6 +337,12 @@ class DemoModel:
         IF inpainting pipelines and `sample.py --pipeline` do), re-noised otherwise."""
         return "clean" if self.deepfloyd_if else "noised"
 
+    @property
+    def sr_strength(self) -> float:
+        """The later stages' strength when editing: IF's super-resolution editing pipelines'
+        0.8 (as `sample.py --pipeline`), else 1 (from noise)."""
+        return deepfloyd.SR_EDIT_STRENGTH if self.deepfloyd_if else 1.0
+
     def _cascade(self, request: Request):
         key = self._setting(request)[:2]
         if key in self._cascades:
@@ -394,8 +400,8 @@ class DemoModel:
                 t.settings = settings
             else:
                 record = t.edit.settings()
-                if self.known_region != "noised":  # as sample.py --pipeline records it
-                    record["known_region"] = self.known_region
+                if self.deepfloyd_if:  # as sample.py --pipeline records it
+                    record.update(known_region=self.known_region, sr_strength=self.sr_strength)
                 t.settings = dict(settings, edit=record)
         self._steps = [s.sampling.grid.num_steps for s in cascade.stages]
         rows = [(t, it) for t in tickets for it in t.items()]
@@ -410,7 +416,9 @@ class DemoModel:
                 continue
             self._rows = owners
             try:
-                batch = None if edit is None else edit.batch(len(chunk), self.known_region)
+                batch = None
+                if edit is not None:
+                    batch = edit.batch(len(chunk), self.known_region, self.sr_strength)
                 items = [it for _, it in chunk]
                 final = cascade.sample(items, 0, on_stage=self._on_stage, edit=batch)[-1]
             except Cancelled:

@@ -76,8 +76,9 @@ def _imagen_low_res(low_res, aug_keys, size, *, aug_level, schedule):
 class Edit(NamedTuple):
     """Image-to-image and inpainting of a batch (`Cascade.sample`): each stage gets `image`
     and `mask` resized to its size. The base stage starts from `image` with `strength`
-    (`samplers.img2img_start`); with a mask, every stage keeps the region where it is 0
-    (`samplers.editable`), with RePaint's resampling when `repaint_jump` is set. A latent
+    (`samplers.img2img_start`), the later stages with `sr_strength` (1: from noise); with a
+    mask, every stage keeps the region where it is 0 (`samplers.editable`), with RePaint's
+    resampling when `repaint_jump` is set. A latent
     stage edits in its latent space: the image resized to its size and encoded by its VAE
     (the posterior's mode), the mask resized to the latents' size; its kept region is then
     the VAE's reconstruction of the image, not the image itself."""
@@ -88,6 +89,7 @@ class Edit(NamedTuple):
     repaint_jump: int = 0  # 0: no resampling
     repaint_resample: int = 1
     known_region: str = "noised"  # or "clean" (`samplers.editable`; DeepFloyd IF's way)
+    sr_strength: float = 1.0  # the later stages' (DeepFloyd IF's editing pipelines: 0.8)
 
 
 def _channel(mask) -> np.ndarray:
@@ -373,8 +375,9 @@ class Cascade:
         if stage.vae is not None:  # the sampler's space: the image's latents (the VAE's mode)
             image = encode_images(*stage.vae, image)
             size = image.shape[1:3]
-        if index == 0 and edit.strength != 1.0:
-            options["strength"], images["x_init"] = edit.strength, image
+        strength = edit.strength if index == 0 else edit.sr_strength
+        if strength != 1.0:
+            options["strength"], images["x_init"] = strength, image
         if edit.mask is not None:
             mask = resize_batch(_channel(edit.mask), size)
             images.update(x_known=image, mask=jnp.clip(mask, 0.0, 1.0))
@@ -400,14 +403,23 @@ class Cascade:
             )
         if edit is not None:
             _check_edit(edit, len(items))
+            for strength in (edit.strength, edit.sr_strength):
+                samplers.check_editing(np.shape(edit.image), x_init=edit.image, strength=strength)
             samplers.check_editing(
                 np.shape(edit.image),
                 x_init=edit.image,
                 strength=edit.strength,
                 repaint_jump=edit.repaint_jump,
                 repaint_resample=edit.repaint_resample,
-                known_region=edit.known_region,
-                **({} if edit.mask is None else dict(x_known=edit.image, mask=_channel(edit.mask))),
+                **(
+                    {}
+                    if edit.mask is None
+                    else dict(
+                        x_known=edit.image,
+                        mask=_channel(edit.mask),
+                        known_region=edit.known_region,
+                    )
+                ),
             )
         conds = self._stage_conds(items)
         outputs, low = [], None

@@ -73,6 +73,11 @@ _ROLE = {
 }
 
 
+# diffusers' IFInpaintingSuperResolutionPipeline / IFImg2ImgSuperResolutionPipeline start
+# stage II from the image at this strength (their default).
+SR_EDIT_STRENGTH = 0.8
+
+
 def is_if_pipeline(path: str | os.PathLike) -> bool:
     """Whether a diffusers directory holds a DeepFloyd IF pipeline (either stage)."""
     index = diffusers_format.read_model_index(path)

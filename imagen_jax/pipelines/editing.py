@@ -74,12 +74,18 @@ class EditRequest:
             "output's aspect ratio"
         )
 
-    def batch(self, n: int, known_region: str = "noised") -> Edit:
+    def batch(self, n: int, known_region: str = "noised", sr_strength: float = 1.0) -> Edit:
         """The `cascade.Edit` of a batch of n images."""
         image = np.broadcast_to(self.image, (n, *self.image.shape))
         mask = None if self.mask is None else np.broadcast_to(self.mask, (n, *self.mask.shape))
         return Edit(
-            image, mask, self.strength, self.repaint_jump, self.repaint_resample, known_region
+            image,
+            mask,
+            self.strength,
+            self.repaint_jump,
+            self.repaint_resample,
+            known_region,
+            sr_strength,
         )
 
 
@@ -202,7 +208,8 @@ class EditingCascade:
     differently runs once per edit, each call padded to the batch's size (one compiled
     shape), the rows put back in order. known_region: how the masked sampling keeps the
     known region (`samplers.editable`; "clean" for DeepFloyd IF, as diffusers' IF
-    inpainting pipelines)."""
+    inpainting pipelines); sr_strength: the later stages' strength (`cascade.Edit`; 0.8 for
+    IF, as its super-resolution editing pipelines)."""
 
     def __init__(
         self,
@@ -210,15 +217,19 @@ class EditingCascade:
         request: EditRequest | None,
         known_region: str = "noised",
         per_prompt: dict | None = None,
+        sr_strength: float = 1.0,
     ):
         self.cascade, self.request, self.known_region = cascade, request, known_region
+        self.sr_strength = sr_strength
         self.per_prompt = dict(per_prompt or {})
 
     def _request(self, item) -> EditRequest | None:
         return self.per_prompt.get(item.prompt_index, self.request)
 
     def _run(self, items, seed: int, request: EditRequest | None):
-        edit = None if request is None else request.batch(len(items), self.known_region)
+        edit = None
+        if request is not None:
+            edit = request.batch(len(items), self.known_region, self.sr_strength)
         return self.cascade(items, seed, edit=edit)
 
     def __call__(self, items, seed: int):

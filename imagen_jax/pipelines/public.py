@@ -61,10 +61,12 @@ def public_job(
         settings = jobs.stage_settings(loaded, cascade)
         if edit is None and not per_prompt:
             return cascade, settings
-        # The known region kept clean, as diffusers' IF inpainting pipelines keep it.
-        job = editing.EditingCascade(cascade, edit, known_region="clean", per_prompt=per_prompt)
+        # As diffusers' IF editing pipelines: the known region kept clean, stage II from the
+        # image at strength 0.8.
+        how = dict(known_region="clean", sr_strength=deepfloyd.SR_EDIT_STRENGTH)
+        job = editing.EditingCascade(cascade, edit, per_prompt=per_prompt, **how)
         if edit is not None:
-            settings = dict(settings, edit=dict(edit.settings(), known_region="clean"))
+            settings = dict(settings, edit=dict(edit.settings(), **how))
         return job, settings
     if pipeline_sr:
         raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")

@@ -204,6 +204,48 @@ def test_if_img2img_matches_diffusers(pipelines, monkeypatch):
     assert_images_close(low / 2 + 0.5, ref)
 
 
+@pytest.mark.parametrize("masked", [True, False])
+def test_if_stage_2_editing_matches_diffusers(pipelines, ours, monkeypatch, masked):
+    """Stage II inpainting (image-to-image without a mask) against
+    IFInpaintingSuperResolutionPipeline (IFImg2ImgSuperResolutionPipeline) on our stage I's
+    images: the stage starts from the 16 px image at strength 0.8 with the known region kept
+    clean, as `sample.py --pipeline` edits IF (`deepfloyd.SR_EDIT_STRENGTH`)."""
+    import diffusers
+
+    stage_1, _, stage_2, _ = pipelines
+    cascade, _ = ours
+    items = ITEMS[:2]
+    rng = np.random.default_rng(2)
+    image = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    mask = np.zeros((2, 16, 16), np.float32)
+    mask[0, 4:12, 2:10], mask[1, 8:16, 6:16] = 1.0, 1.0
+    edit = cascade_lib.Edit(image, mask if masked else None, known_region="clean", sr_strength=0.8)
+    low, high = cascade.sample(items, SEED, edit=edit)
+    kind = "Inpainting" if masked else "Img2Img"
+    reference_pipe = getattr(diffusers, f"IF{kind}SuperResolutionPipeline")(**stage_2.components)
+    embeds, negative_embeds = stage_1.encode_prompt(
+        [it.entry.prompt for it in items],
+        negative_prompt=[it.entry.negative_prompt for it in items],
+        clean_caption=False,
+    )
+    module = f"pipeline_if_{kind.lower()}_superresolution"
+    feed_noise(monkeypatch, items, 1, (16, 16), augmentation=True, module=module)
+    extra = dict(mask_image=torch.from_numpy(mask[:, None])) if masked else {}
+    ref = reference_pipe(
+        image=to_torch(low),
+        original_image=to_torch(image),
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative_embeds,
+        strength=0.8,
+        noise_level=250,
+        num_inference_steps=STEPS,
+        guidance_scale=4.0,
+        output_type="np",
+        **extra,
+    ).images
+    assert_images_close(high / 2 + 0.5, ref)
+
+
 def test_stage_2_with_its_own_text_encoder(pipelines, ours, tmp_path, monkeypatch):
     stage_1, dir_1, _, _ = pipelines
     tokenizer = stage_1.tokenizer

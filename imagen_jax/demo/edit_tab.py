@@ -3,10 +3,10 @@ for image-to-image), give a prompt, and get `sample.py --init_image --mask`'s im
 
 The painted strokes (any layer's opaque pixels) become the mask, white where the image is
 regenerated; the image and the mask are written as PNG files under the demo's workdir and
-the request runs as `sample.py` runs those files (`DemoModel.generate` with
-`models.EditFiles`), so the PNGs and their metadata (the files' SHA-256, strength, RePaint
-settings) are the command line's, which the page shows. Models that do not edit (the latent
-pipelines) answer so.
+the request runs as `sample.py` runs those files (`DemoModel.generate` /
+`LatentDemoModel.generate` with `models.EditFiles`), so the PNGs and their metadata (the
+files' SHA-256, strength, RePaint settings) are the command line's, which the page shows.
+Models that do not edit (SD 3) are not offered.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def build(models: dict, workdir: str):
     """The tab's components and events, inside an open gr.Blocks."""
     names = [n for n, m in models.items() if getattr(m, "edits", False)]
     if not names:
-        gr.Markdown("None of the served models edits images (stage sets and DeepFloyd IF do).")
+        gr.Markdown("None of the served models edits images (SD 3 does not yet).")
         return {}
     with gr.Row():
         with gr.Column(scale=2):

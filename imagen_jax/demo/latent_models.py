@@ -46,7 +46,6 @@ class LatentDemoModel:
     requests as `DemoModel` does for stage directories."""
 
     shipped = False
-    edits = False  # the editing tab leaves it out
 
     def __init__(
         self,
@@ -144,10 +143,16 @@ class LatentDemoModel:
         """Raises RequestError naming what is wrong with a request."""
         check_request_text(request)
         if request.edit is not None:
-            raise RequestError(
-                f"{self.name} does not edit images here (stage sets and DeepFloyd IF do; "
-                "`sample.py --pipeline` edits with SD / SDXL)"
-            )
+            if not self.edits:
+                raise RequestError(f"{self.name} does not edit images (SD 3 does not yet)")
+            if self.refiner is not None:
+                raise RequestError(f"{self.name}: edit with the SDXL base alone, not its refiner")
+            if request.edit.repaint_jump:
+                raise RequestError(f"{self.name}: RePaint is for stage sets and DeepFloyd IF")
+            try:
+                request.edit.load()
+            except ValueError as e:
+                raise RequestError(str(e)) from None
         error = self._size_error(
             request.height or self.resolution, request.width or self.resolution
         )
@@ -174,20 +179,29 @@ class LatentDemoModel:
     def notes(self, request: Request) -> list[str]:
         return []
 
+    @property
+    def edits(self) -> bool:
+        """SD / SDXL edit (`LatentPipeline`: image-to-image, inpainting); SD 3 does not."""
+        return isinstance(self.base, latent.LatentPipeline)
+
     def generate(self, request: Request, outdir: str, progress: Progress | None = None) -> dict:
         """Runs a request as `sample.py --pipeline` would (`jobs.run_job` into `outdir`),
         holding the device lock; returns the job's summary with the PNG paths ("files")."""
         self.check(request)
         per_stage = self._per_stage(request)
         with self.lock:
-            job = latent.LatentJob(
-                self.base,
-                self.refiner,
-                refiner_start=REFINER_START,
-                height=request.height,
-                width=request.width,
-                overrides=[*per_stage, {}][:2],
-            )
+            try:
+                job = latent.LatentJob(
+                    self.base,
+                    self.refiner,
+                    refiner_start=REFINER_START,
+                    height=request.height,
+                    width=request.width,
+                    overrides=[*per_stage, {}][:2],
+                    edit=None if request.edit is None else request.edit.load(),
+                )
+            except ValueError as e:  # an inpainting checkpoint without a mask, ...
+                raise RequestError(str(e)) from None
             setting = (tuple(request.overrides), request.height, request.width)
             if setting not in self._settings:
                 self._settings.add(setting)

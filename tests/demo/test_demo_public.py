@@ -8,6 +8,7 @@ import logging
 import re
 import socket
 
+import numpy as np
 import pytest
 from gradio_client import Client
 from tiny_diffusers import (
@@ -143,3 +144,45 @@ def test_a_refiner_without_an_sdxl_base_is_left_out(dirs, caplog):
         models = demo_loading.load_models([f"{dirs['sd']},{dirs['xl-refiner']}"], shipped=False)
     assert models == {}
     assert "a refiner follows an SDXL base" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "name,flags",
+    [
+        ("sd", lambda d: dict(pipeline=d["sd"])),
+        ("I+II", lambda d: dict(pipeline=d["I"], pipeline_sr=d["II"])),
+    ],
+)
+def test_the_editing_tab_is_sample_py_for_public_pipelines(served, dirs, tmp_path, name, flags):
+    """An inpainting request on the editing tab equals `sample.py --pipeline ... --init_image
+    --mask` on the files the page wrote; an SDXL base with its refiner refuses an edit."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from imagen_jax.pipelines import jobs
+
+    _, client = served
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "image.png")
+    layer = np.zeros((16, 16, 4), np.uint8)
+    layer[4:12, 6:14] = 255
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    value = {
+        "background": handle_file(str(tmp_path / "image.png")),
+        "layers": [handle_file(str(tmp_path / "layer.png"))],
+        "composite": None,
+    }
+    args = [value, "a red circle", "", 3, False, 2, 1.0, 0, 1]
+    _, files, _, _ = client.predict(name, *args, api_name="/edit")
+    edit = jobs.read_metadata(files[0])["edit"]
+    paths = dict(init_image=edit["init_image"]["path"], mask=edit["mask"]["path"])
+    sampling.run_sampling_job(
+        stages=[], prompts=["a red circle"], prompts_file=None, negative_prompt="",
+        images_per_prompt=2, seed=3, batch_size=2, outdir=str(tmp_path / "cli"), overrides=[],
+        grid=False, **flags(dirs), **paths,
+    )  # fmt: skip
+    for k, path in enumerate(files):
+        with open(path, "rb") as f, open(tmp_path / f"cli/images/000000_00{k}.png", "rb") as g:
+            assert f.read() == g.read(), f"{name}: image {k} differs from sample.py's"
+    with pytest.raises(Exception, match="edit with the SDXL base alone"):
+        client.predict("xl+xl-refiner", *args, api_name="/edit")

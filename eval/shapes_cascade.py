@@ -89,15 +89,7 @@ def main(argv):
         tasks={k: v["accuracy"] for k, v in scored["tasks"].items()},
         failures={k: v["failures"] for k, v in scored["tasks"].items()},
         seconds_per_image=summary["seconds"] / summary["made"] if summary["made"] else None,
-        stages=[
-            dict(
-                path=s.path,
-                resolution=s.resolution,
-                identity=s.identity,
-                sample={k: s.sample[k] for k in ("sampler", "steps", "guidance_scale")},
-            )
-            for s in loaded
-        ],
+        stages=sampling.stage_summaries(loaded),
         overrides=list(f.set),
         device=jax.devices()[0].device_kind,
         cpu_count=os.cpu_count(),

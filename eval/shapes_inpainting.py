@@ -156,15 +156,7 @@ def main(argv):
         scorer_on_untouched_scenes=float(floor),
         scorer_on_targets=float(ceiling),
         settings=[{k: v for k, v in r.items() if k != "images"} for r in results],
-        stages=[
-            dict(
-                path=s.path,
-                resolution=s.resolution,
-                identity=s.identity,
-                sample={k: s.sample[k] for k in ("sampler", "steps", "guidance_scale")},
-            )
-            for s in loaded
-        ],
+        stages=sampling.stage_summaries(loaded),
         overrides=list(f.set),
         device=jax.devices()[0].device_kind,
         cpu_count=os.cpu_count(),

@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from imagen_jax.demo.models import MAX_IMAGES, EditFiles, Request
-from imagen_jax.demo.text_to_image import ADMITTED, run_request
+from imagen_jax.demo.text_to_image import ADMITTED, report_progress, run_request
 
 MAX_REPAINT_JUMP = 10
 MAX_REPAINT_RESAMPLE = 10
@@ -116,15 +116,9 @@ def build(models: dict, workdir: str):
             edit=EditFiles(image_path, mask_path, float(s), int(j), int(r) if int(j) else 1),
         )
         for event in run_request(model, request, workdir):
-            kind = event[0]
-            if kind == "wait":
-                progress(0.0, desc=f"waiting for the device: {event[1]} ahead")
-            elif kind == "step":
-                _, k, i, total = event
-                progress((i, total), desc=f"stage {k + 1} of {model.num_stages}", unit="steps")
-            elif kind == "error":
-                raise gr.Error(event[1])
-            elif kind == "done":
+            if report_progress(progress, event, model.num_stages):
+                continue
+            if event[0] == "done":
                 _, summary, warnings = event
                 notes = list(request.edit.load().notes) + warnings
                 if mask_path is None:

@@ -101,12 +101,12 @@ class Request:
         return " ".join(parts)
 
 
-def _edit_key(edit: EditFiles | None) -> tuple | None:
+def _edit_key(edit: editing.EditRequest | None) -> tuple | None:
     """What makes two edits one setting: the same settings and file contents (by SHA-256:
     their images run through the same program in one batch)."""
     if edit is None:
         return None
-    settings = edit.load().settings()
+    settings = edit.settings()
     files = tuple(
         None if settings[k] is None else settings[k]["sha256"] for k in ("init_image", "mask")
     )
@@ -323,13 +323,14 @@ class DemoModel:
             for s, o in zip(self.loaded, per_stage, strict=True)
         ]
 
-    def _setting(self, request: Request) -> tuple:
-        """What one compiled cascade serves: the overrides and the sizes the stages sample
-        (so the trained size asked for by number, as the page does, or left unset, as the
-        warm-up does, is one setting)."""
+    def _setting(self, request: Request, edit: editing.EditRequest | None = None) -> tuple:
+        """What one run serves: the overrides and the sizes the stages sample (so the
+        trained size asked for by number, as the page does, or left unset, as the warm-up
+        does, is one setting), and the request's loaded `edit` (`_edit_key`); the first two
+        are what one compiled cascade serves."""
         variants = self._variants(request.overrides)
         sizes = cascade_lib.stage_sizes(variants, request.height, request.width)
-        return (tuple(request.overrides), tuple(sizes), _edit_key(request.edit))
+        return (tuple(request.overrides), tuple(sizes), _edit_key(edit))
 
     @property
     def known_region(self) -> str:
@@ -468,7 +469,7 @@ class DemoModel:
         self.check(request)
         ticket = _Ticket(request, progress or Progress())
         ticket.edit = None if request.edit is None else request.edit.load()
-        setting = self._setting(request)
+        setting = self._setting(request, ticket.edit)
         with self._waiting_lock:
             self._waiting.setdefault(setting, []).append(ticket)
             ahead = self._in_line

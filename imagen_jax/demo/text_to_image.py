@@ -113,6 +113,22 @@ def run_request(model, request: Request, workdir: str):
         cancel.set()
 
 
+def report_progress(progress, event, stages: int) -> bool:
+    """Shows a "wait" or "step" event of `run_request` on the page's progress bar (True),
+    raises an "error" event's message as a gr.Error; False for the other events."""
+    kind = event[0]
+    if kind == "wait":
+        progress(0.0, desc=f"waiting for the device: {event[1]} ahead")
+    elif kind == "step":
+        _, k, i, total = event
+        progress((i, total), desc=f"stage {k + 1} of {stages}", unit="steps")
+    elif kind == "error":
+        raise gr.Error(event[1])
+    else:
+        return False
+    return True
+
+
 def build(models: dict, workdir: str):
     """The tab's components and events, inside an open gr.Blocks."""
     names = list(models)
@@ -253,12 +269,9 @@ def build(models: dict, workdir: str):
         stages = model.num_stages  # a bad request comes back as an "error" event
         for event in run_request(model, request, workdir):
             kind = event[0]
-            if kind == "wait":
-                progress(0.0, desc=f"waiting for the device: {event[1]} ahead")
-            elif kind == "step":
-                _, k, i, total = event
-                progress((i, total), desc=f"stage {k + 1} of {stages}", unit="steps")
-            elif kind in ("preview", "stage"):
+            if report_progress(progress, event, stages):
+                continue
+            if kind in ("preview", "stage"):
                 image = event[3] if kind == "preview" else event[2][0]
                 yield (
                     gr.update(value=image),
@@ -269,8 +282,6 @@ def build(models: dict, workdir: str):
                     gr.skip(),
                     gr.skip(),
                 )
-            elif kind == "error":
-                raise gr.Error(event[1])
             else:
                 _, summary, warnings = event
                 paths = summary["files"]

@@ -403,8 +403,9 @@ class Cascade:
             )
         if edit is not None:
             _check_edit(edit, len(items))
-            for strength in (edit.strength, edit.sr_strength):
-                samplers.check_editing(np.shape(edit.image), x_init=edit.image, strength=strength)
+            samplers.check_editing(  # the later stages' strength
+                np.shape(edit.image), x_init=edit.image, strength=edit.sr_strength
+            )
             samplers.check_editing(
                 np.shape(edit.image),
                 x_init=edit.image,

@@ -26,6 +26,20 @@ def shipped_stages() -> list[str]:
     return shipped.stage_dirs(shipped.DEFAULT)
 
 
+def stage_summaries(loaded) -> list[dict]:
+    """What a results line records of each loaded stage: its path, resolution, identity and
+    main sample settings (the eval mains' `stages` field)."""
+    return [
+        dict(
+            path=s.path,
+            resolution=s.resolution,
+            identity=s.identity,
+            sample={k: s.sample[k] for k in ("sampler", "steps", "guidance_scale")},
+        )
+        for s in loaded
+    ]
+
+
 STAGE_KEYS = {"aug_level": 0.0}  # what --set may change of a stage beyond its sample group
 
 

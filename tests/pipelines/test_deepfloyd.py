@@ -142,64 +142,49 @@ def test_if_cascade_matches_diffusers(pipelines, ours, monkeypatch):
     assert np.abs(high_again[1] - high[1]).max() > 0.05  # another image of the prompt
 
 
-def test_if_inpainting_matches_diffusers(pipelines, monkeypatch):
-    """Stage I inpainting at strength 0.6 against IFInpaintingPipeline (the same weights):
-    our masked sampling with the known region kept clean, as diffusers keeps it (the image
-    itself there from the start and after every step), the start from the image noised to
-    the first kept step with our initial noise."""
+@pytest.fixture(scope="module")
+def stage_1_in_five_steps(pipelines):
+    return load_if_cascade(pipelines[1], overrides=[dict(steps=5)])[0]
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_if_stage_1_editing_matches_diffusers(
+    pipelines, stage_1_in_five_steps, monkeypatch, masked
+):
+    """Stage I inpainting (image-to-image without a mask) at strength 0.6 against
+    IFInpaintingPipeline (IFImg2ImgPipeline) on the same weights: the start from the image
+    noised to the first kept step with our initial noise, then the last three of five steps;
+    with a mask, our masked sampling keeping the known region clean, as diffusers keeps it
+    (the image itself there from the start and after every step)."""
     import diffusers
 
-    stage_1, dir_1, _, _ = pipelines
-    reference_pipe = diffusers.IFInpaintingPipeline(**stage_1.components)
-    cascade, _ = load_if_cascade(dir_1, overrides=[dict(steps=5)])
+    stage_1 = pipelines[0]
+    kind = "Inpainting" if masked else "Img2Img"
+    reference_pipe = getattr(diffusers, f"IF{kind}Pipeline")(**stage_1.components)
     items = ITEMS[:2]
     rng = np.random.default_rng(0)
     image = rng.uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
     mask = np.zeros((2, 8, 8), np.float32)
     mask[0, 2:6, 1:5], mask[1, 4:8, 3:8] = 1.0, 1.0
-    edit = cascade_lib.Edit(image, mask, strength=0.6, known_region="clean")
-    (low,) = cascade.sample(items, SEED, edit=edit)
-    np.testing.assert_array_equal(low[mask == 0], image[mask == 0])
-    steps = feed_noise(monkeypatch, items, 0, (8, 8), module="pipeline_if_inpainting")
+    edit = cascade_lib.Edit(image, mask if masked else None, strength=0.6, known_region="clean")
+    (low,) = stage_1_in_five_steps.sample(items, SEED, edit=edit)
+    if masked:
+        np.testing.assert_array_equal(low[mask == 0], image[mask == 0])
+    module = f"pipeline_if_{kind.lower()}"
+    steps = feed_noise(monkeypatch, items, 0, (8, 8), module=module)
+    extra = dict(mask_image=torch.from_numpy(mask[:, None])) if masked else {}
     ref = reference_pipe(
         prompt=[it.entry.prompt for it in items],
         negative_prompt=[it.entry.negative_prompt for it in items],
         image=to_torch(image),
-        mask_image=torch.from_numpy(mask[:, None]),
         strength=0.6,
         num_inference_steps=5,
         guidance_scale=7.0,
         clean_caption=False,
         output_type="pt",
+        **extra,
     ).images
     assert steps.calls == 2  # three steps kept of five, none drawn at t = 0
-    ref = (ref.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1)
-    assert_images_close(low / 2 + 0.5, ref)
-
-
-def test_if_img2img_matches_diffusers(pipelines, monkeypatch):
-    """Stage I image-to-image at strength 0.6 against IFImg2ImgPipeline: the image noised
-    to the first kept step with our initial noise, then the last three of five steps."""
-    import diffusers
-
-    stage_1, dir_1, _, _ = pipelines
-    reference_pipe = diffusers.IFImg2ImgPipeline(**stage_1.components)
-    cascade, _ = load_if_cascade(dir_1, overrides=[dict(steps=5)])
-    items = ITEMS[:2]
-    image = np.random.default_rng(1).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
-    (low,) = cascade.sample(items, SEED, edit=cascade_lib.Edit(image, None, strength=0.6))
-    steps = feed_noise(monkeypatch, items, 0, (8, 8), module="pipeline_if_img2img")
-    ref = reference_pipe(
-        prompt=[it.entry.prompt for it in items],
-        negative_prompt=[it.entry.negative_prompt for it in items],
-        image=to_torch(image),
-        strength=0.6,
-        num_inference_steps=5,
-        guidance_scale=7.0,
-        clean_caption=False,
-        output_type="pt",
-    ).images
-    assert steps.calls == 2
     ref = (ref.permute(0, 2, 3, 1).numpy() / 2 + 0.5).clip(0, 1)
     assert_images_close(low / 2 + 0.5, ref)
 

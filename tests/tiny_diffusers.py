@@ -78,13 +78,20 @@ def tiny_unet(seed, **kw):
     return unet
 
 
-def sd_pipeline(path, scheduler):
+def sd_pipeline(path, scheduler, *, kind=""):
+    """SD 1.x: diffusers' StableDiffusion{kind}Pipeline, kind "" | "Img2Img" | "Inpaint"
+    (a 9-channel UNet); the editing kinds with `deterministic_vae`."""
     text_encoder, tokenizer = clip_text(1)
-    pipe = diffusers.StableDiffusionPipeline(
-        vae=tiny_vae(2),
+    pipe = getattr(diffusers, f"StableDiffusion{kind}Pipeline")(
+        vae=deterministic_vae(2) if kind else tiny_vae(2),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=tiny_unet(3, cross_attention_dim=32, attention_head_dim=4),
+        unet=tiny_unet(
+            3,
+            in_channels=9 if kind == "Inpaint" else 4,
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        ),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
@@ -151,16 +158,19 @@ def euler():
     )
 
 
-def sdxl_pipeline(path):
+def sdxl_pipeline(path, *, inpaint=False):
+    """The SDXL base, or (inpaint) StableDiffusionXLInpaintPipeline with a 9-channel UNet
+    and `deterministic_vae`."""
     enc1, tok1 = clip_text(1, hidden=32)
     enc2, tok2 = clip_text(4, hidden=32, projection=16)
-    pipe = diffusers.StableDiffusionXLPipeline(
-        vae=tiny_vae(2),
+    kind = "Inpaint" if inpaint else ""
+    pipe = getattr(diffusers, f"StableDiffusionXL{kind}Pipeline")(
+        vae=deterministic_vae(2) if inpaint else tiny_vae(2),
         text_encoder=enc1,
         text_encoder_2=enc2,
         tokenizer=tok1,
         tokenizer_2=tok2,
-        unet=xl_unet(3, time_ids=6, cross=64, pooled=16),
+        unet=xl_unet(3, time_ids=6, cross=64, pooled=16, in_channels=9 if inpaint else 4),
         scheduler=euler(),
     )
     pipe.save_pretrained(path)
@@ -177,40 +187,6 @@ def deterministic_vae(seed):
         vae.quant_conv.weight[c:].zero_()
         vae.quant_conv.bias[c:].fill_(-30.0)
     return vae
-
-
-def sd_inpaint_pipeline(path, scheduler):
-    """StableDiffusionInpaintPipeline with a 9-channel UNet (SD 1.x / 2.x inpainting)."""
-    text_encoder, tokenizer = clip_text(1)
-    pipe = diffusers.StableDiffusionInpaintPipeline(
-        vae=deterministic_vae(2),
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=tiny_unet(6, in_channels=9, cross_attention_dim=32, attention_head_dim=4),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(path)
-    return pipe
-
-
-def sdxl_inpaint_pipeline(path):
-    """StableDiffusionXLInpaintPipeline with a 9-channel UNet (SDXL inpainting)."""
-    enc1, tok1 = clip_text(1, hidden=32)
-    enc2, tok2 = clip_text(4, hidden=32, projection=16)
-    pipe = diffusers.StableDiffusionXLInpaintPipeline(
-        vae=deterministic_vae(2),
-        text_encoder=enc1,
-        text_encoder_2=enc2,
-        tokenizer=tok1,
-        tokenizer_2=tok2,
-        unet=xl_unet(7, time_ids=6, cross=64, pooled=16, in_channels=9),
-        scheduler=euler(),
-    )
-    pipe.save_pretrained(path)
-    return pipe
 
 
 def refiner_pipeline(path, base):

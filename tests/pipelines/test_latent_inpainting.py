@@ -16,14 +16,7 @@ import numpy as np
 import pytest
 import torch
 from test_latent_pipelines import NEGATIVE, PROMPTS, SCHEDULERS, assert_images_close, to_nchw
-from tiny_diffusers import (
-    clip_text,
-    deterministic_vae,
-    sd_inpaint_pipeline,
-    sd_pipeline,
-    sdxl_inpaint_pipeline,
-    tiny_unet,
-)
+from tiny_diffusers import sd_pipeline, sdxl_pipeline
 
 from imagen_jax.pipelines.public import load_latent_pipeline
 
@@ -52,7 +45,7 @@ def latent_noise(pipe, batch=2, seed=0):
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
 def test_sd_inpainting_matches_diffusers(scheduler, tmp_path):
-    ref = sd_inpaint_pipeline(tmp_path, SCHEDULERS[scheduler]())
+    ref = sd_pipeline(tmp_path, SCHEDULERS[scheduler](), kind="Inpaint")
     images, masks = inputs()
     noise = latent_noise(ref)
     want = ref(
@@ -80,7 +73,7 @@ def test_sd_inpainting_matches_diffusers(scheduler, tmp_path):
 def test_sd_inpainting_with_strength_matches_diffusers(tmp_path):
     """Strength 0.75: the image's latents noised to the first kept step, diffusers drawing
     the posterior sample first, then the noise, from one generator (replayed here)."""
-    ref = sd_inpaint_pipeline(tmp_path, SCHEDULERS["ddim"]())
+    ref = sd_pipeline(tmp_path, SCHEDULERS["ddim"](), kind="Inpaint")
     images, masks = inputs(seed=1)
     shape = (2, 4, 8, 8)
     generator = torch.Generator().manual_seed(5)
@@ -100,14 +93,7 @@ def test_sd_img2img_matches_diffusers(tmp_path):
     """StableDiffusionImg2ImgPipeline at strength 0.75 (the inpainting test's components
     but a 4-channel UNet): the image's latents noised to the first kept step, diffusers
     drawing the posterior sample first, then the noise, from one generator (replayed)."""
-    text_encoder, tokenizer = clip_text(1)
-    ref = diffusers.StableDiffusionImg2ImgPipeline(
-        vae=deterministic_vae(2), text_encoder=text_encoder, tokenizer=tokenizer,
-        unet=tiny_unet(3, cross_attention_dim=32, attention_head_dim=4),
-        scheduler=SCHEDULERS["ddim"](), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
-    ref.save_pretrained(tmp_path)
+    ref = sd_pipeline(tmp_path, SCHEDULERS["ddim"](), kind="Img2Img")
     images, _ = inputs(seed=4)
     generator = torch.Generator().manual_seed(9)
     torch.randn((2, 4, 8, 8), generator=generator)  # the posterior sample (std ~3e-7)
@@ -123,7 +109,7 @@ def test_sd_img2img_matches_diffusers(tmp_path):
 
 
 def test_sdxl_inpainting_matches_diffusers(tmp_path):
-    ref = sdxl_inpaint_pipeline(tmp_path)
+    ref = sdxl_pipeline(tmp_path, inpaint=True)
     assert isinstance(ref, diffusers.StableDiffusionXLInpaintPipeline)
     images, masks = inputs(seed=2)
     noise = latent_noise(ref, seed=2)
@@ -139,7 +125,7 @@ def test_sdxl_inpainting_matches_diffusers(tmp_path):
 
 def test_inpainting_inputs_are_checked(tmp_path):
     inpaint_dir, plain_dir = tmp_path / "inpaint", tmp_path / "plain"
-    sd_inpaint_pipeline(inpaint_dir, SCHEDULERS["ddim"]())
+    sd_pipeline(inpaint_dir, SCHEDULERS["ddim"](), kind="Inpaint")
     sd_pipeline(plain_dir, SCHEDULERS["ddim"]())
     pipe = load_latent_pipeline(inpaint_dir)
     images, masks = inputs(batch=1)
@@ -170,7 +156,7 @@ def test_sampling_job_inpaints_with_a_public_pipeline(tmp_path, capsys):
     from imagen_jax.files import file_sha256
     from imagen_jax.pipelines import jobs, sampling
 
-    sd_inpaint_pipeline(tmp_path / "sd", SCHEDULERS["ddim"]())
+    sd_pipeline(tmp_path / "sd", SCHEDULERS["ddim"](), kind="Inpaint")
     images, masks = inputs(batch=1)
     Image.fromarray((images[0] * 255).round().astype(np.uint8)).save(tmp_path / "image.png")
     Image.fromarray((masks[0, ..., 0] > 0.5).astype(np.uint8) * 255).save(tmp_path / "mask.png")

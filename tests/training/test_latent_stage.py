@@ -219,17 +219,16 @@ def test_a_corrupt_latent_stage_is_refused_by_name(run, tmp_path):
         stages.load_stage(f32, aug_level=0.2)
 
 
-def test_a_latent_unet_stage_round_trips_and_samples(tmp_path):
-    """The other latent family (configs/shapes_latent.py's SD UNet): its config, with tuple
-    fields, survives stage.json, and sample.py samples it at a non-square size."""
+def _random_latent_unet_stage(stage_dir: str, seed: int):
+    """(the network, the random VAE) of a stage of configs/shapes_latent.py's SD UNet with
+    random weights from `seed`, saved as stage_dir."""
     config = tiny("shapes_latent")
     net = state_lib.make_network(config.model)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     params = jax.tree.map(
         lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), net.abstract_params
     )
     vae, _ = latent_space.load_frozen_vae("random", seed=0)
-    stage_dir = str(tmp_path / "stage")
     stages.save_latent_stage(
         stage_dir,
         family="sd_unet",
@@ -241,6 +240,14 @@ def test_a_latent_unet_stage_round_trips_and_samples(tmp_path):
         resolution=config.model.resolution,
         text=config.text.to_dict(),
     )
+    return net, vae
+
+
+def test_a_latent_unet_stage_round_trips_and_samples(tmp_path):
+    """The other latent family (configs/shapes_latent.py's SD UNet): its config, with tuple
+    fields, survives stage.json, and sample.py samples it at a non-square size."""
+    stage_dir = str(tmp_path / "stage")
+    net, _ = _random_latent_unet_stage(stage_dir, seed=0)
     stage = stages.load_stage(stage_dir)
     assert stage.network_config == net.cfg and stage.downsampling_factor == 4
     _job(stage_dir, tmp_path / "out", images_per_prompt=1, height=8, width=24)
@@ -253,19 +260,9 @@ def test_a_latent_stage_edits_in_its_latent_space(tmp_path):
     """Image-to-image and inpainting of a latent stage (`cascade.Edit`): the image encoded
     by the stage's VAE; strength 0 and a mask that keeps everything give the VAE's
     reconstruction of the image, a mask that regenerates everything plain sampling."""
-    config = tiny("shapes_latent")
-    net = state_lib.make_network(config.model)
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(
-        lambda x: (0.05 * rng.standard_normal(x.shape)).astype(np.float32), net.abstract_params
-    )
-    vae, _ = latent_space.load_frozen_vae("random", seed=0)
     stage_dir = str(tmp_path / "stage")
-    stages.save_latent_stage(
-        stage_dir, family="sd_unet", network=net.cfg, params=params, vae=vae,
-        diffusion=config.diffusion, sample=config.sample, resolution=config.model.resolution,
-        text=config.text.to_dict(),
-    )  # fmt: skip
+    _, vae = _random_latent_unet_stage(stage_dir, seed=1)
+    rng = np.random.default_rng(1)
     cascade, _ = sampling.load_cascade([stage_dir])
     items = [jobs.WorkItem(i, 0, jobs.PromptEntry(p)) for i, p in enumerate(PROMPTS)]
     size = cascade.sizes[-1]

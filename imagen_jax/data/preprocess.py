@@ -116,12 +116,20 @@ def preprocess_record(
 
     Returns {"image": uint8 [R, R, 3], "caption": str, "key": str} and, for a
     super-resolution stage, "low_res": uint8 [r, r, 3] downsampled from that "image"; a
-    record's "counterfactual" caption (ShapesSource) is kept.
+    record's "counterfactual" caption and "cell_labels" (ShapesSource) are kept, the
+    labels only where the image is used as it is (they describe its pixels' cells).
     """
     image = resize_and_crop(record["image"], resolution=resolution, rng=rng)
     example = {"image": image, "caption": record["caption"], "key": record["key"]}
     if "counterfactual" in record:
         example["counterfactual"] = record["counterfactual"]
+    if "cell_labels" in record:
+        if record["image"].shape != image.shape:
+            raise ValueError(
+                f"record {record['key']!r}: cell_labels describe a {record['image'].shape} "
+                f"image resized to {image.shape}; render at the training resolution"
+            )
+        example["cell_labels"] = record["cell_labels"]
     if low_resolution is not None:
         example["low_res"] = downsample(image, resolution=low_resolution, method=low_res_method)
     return example

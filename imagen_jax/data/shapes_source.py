@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from imagen_jax.shapes import SPLITS, TASKS
-from imagen_jax.shapes.render import render
+from imagen_jax.shapes.render import cell_labels, render
 from imagen_jax.shapes.tasks import check_counterfactual_kinds, check_task_weights, sample_example
 
 
@@ -31,6 +31,8 @@ class ShapesSource:
       two, `tasks.counterfactual`). In the train split none names a held-out combination.
     counterfactual_mixed: each scene's kind picked among those that apply (from its spec),
       rather than the first that applies (`tasks.counterfactual(mixed=True)`).
+    cell_labels: > 0: records also hold "cell_labels", int32 [n, n] with n = cell_labels:
+      the shape each cell of an n x n grid shows (`render.cell_labels`; 0 = background).
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ShapesSource:
         counterfactuals: bool = False,
         counterfactual_kinds=None,
         counterfactual_mixed: bool = False,
+        cell_labels: int = 0,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
@@ -72,6 +75,9 @@ class ShapesSource:
         self.counterfactuals = bool(counterfactuals)
         self.counterfactual_kinds = check_counterfactual_kinds(counterfactual_kinds)
         self.counterfactual_mixed = bool(counterfactual_mixed)
+        if cell_labels and resolution % cell_labels:
+            raise ValueError(f"cell_labels={cell_labels} must divide the resolution {resolution}")
+        self.cell_labels = int(cell_labels)
 
     def __len__(self) -> int:
         return self.size
@@ -97,6 +103,8 @@ class ShapesSource:
         }
         if self.counterfactuals:
             record["counterfactual"] = example.counterfactual or ""
+        if self.cell_labels:
+            record["cell_labels"] = cell_labels(example.scene, self.cell_labels, self.resolution)
         return record
 
     def __repr__(self) -> str:
@@ -106,5 +114,6 @@ class ShapesSource:
             f"task_weights={self.task_weights}, wordings={self.wordings!r}, "
             f"counterfactuals={self.counterfactuals}, "
             f"counterfactual_kinds={self.counterfactual_kinds}, "
-            f"counterfactual_mixed={self.counterfactual_mixed})"
+            f"counterfactual_mixed={self.counterfactual_mixed}, "
+            f"cell_labels={self.cell_labels})"
         )

@@ -49,6 +49,15 @@ Records whose prompt is outside the shapes domain are skipped and counted.
 Results per kind of scene (the task the record names, or `shapes.accuracy.infer_task` of
 its prompt; "unknown" for a scene without one): accuracy and count, and the overall
 accuracy over all judged captions.
+
+Closing the loop (images sampled from shapes prompts): two readers of the same image answer
+"does it show its prompt?", the shapes scorer (`scorer.score`) and the captioner, whose
+caption agrees with the prompt when it states everything the prompt states
+(`caption_states_prompt`: each named shape in the prompt's exact count, with the prompt's
+colours and sizes, its relation between the same objects, its background); it may say more.
+`loop_table` counts the four cells and the rate at which the two verdicts agree, which
+checks both: a captioner that reads scenes right and a scorer that does agree on every
+image, drawn right or not.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ from imagen_jax import files
 from imagen_jax.evaluation.evaluators import Samples
 from imagen_jax.shapes import accuracy as shapes_accuracy
 from imagen_jax.shapes import geometry, grammar, scorer
-from imagen_jax.shapes.spec import BACKGROUNDS, Scene
+from imagen_jax.shapes.spec import BACKGROUNDS, ObjectSpec, PromptSpec, Scene
 
 CIDER_N = 4
 CIDER_SIGMA = 6.0
@@ -256,6 +265,72 @@ def judge(caption: str, record: dict, image: np.ndarray | None = None) -> Verdic
     return Verdict("correct" if ok else "wrong", task, reasons)
 
 
+def caption_states_prompt(caption: str, prompt: PromptSpec) -> tuple[bool, tuple[str, ...]]:
+    """(whether the caption states everything `prompt` states, what it misses): each shape
+    the prompt names in the same total count, with the prompt's colour and size on as many
+    of its objects as the prompt puts them; the prompt's relation between objects of the
+    same shapes and colours (either wording: "a left of b" is "b right of a"); its
+    background. What the prompt leaves open the caption may state as it likes."""
+    try:
+        said = grammar.parse_prompt(caption)
+    except ValueError as e:
+        return False, (f"{UNPARSEABLE}: {e}",)
+    missing = []
+    for shape in dict.fromkeys(g.shape for g in prompt.objects):
+        wanted = [g for g in prompt.objects if g.shape == shape]
+        have = [g for g in said.objects if g.shape == shape]
+        n_wanted, n_have = sum(g.count for g in wanted), sum(g.count for g in have)
+        if n_wanted != n_have:
+            missing.append(f"{n_wanted} {shape}(s) in the prompt, {n_have} in the caption")
+            continue
+        objects = [(g.color, g.size) for g in have for _ in range(g.count)]
+        for g in wanted:  # stated attributes first claim the caption's objects
+            for _ in range(g.count):
+                match = next(
+                    (o for o in objects if g.color in (None, o[0]) and g.size in (None, o[1])),
+                    None,
+                )
+                if match is None:
+                    missing.append(f"the prompt's {_describe(g)} is not in the caption")
+                    break
+                objects.remove(match)
+    if prompt.relation is not None:
+        want, got = prompt.canonical(), said.canonical()
+        same = got.relation == want.relation and all(
+            a.shape == b.shape and a.color in (None, b.color)
+            for a, b in zip(want.objects, got.objects, strict=True)
+        )
+        if not same:
+            missing.append(f"the prompt's relation {want.relation!r} is not the caption's")
+    if prompt.background is not None and said.background != prompt.background:
+        missing.append(f"background {prompt.background!r}, the caption's {said.background!r}")
+    return not missing, tuple(missing)
+
+
+def _describe(group: ObjectSpec) -> str:
+    return " ".join(w for w in (group.size, group.color, group.shape) if w)
+
+
+def loop_table(shown: Sequence[bool], agrees: Sequence[bool]) -> dict[str, Any]:
+    """The scorer's verdicts (the image shows its prompt) against the captions' (the caption
+    states the prompt), per image: the four cells and the agreement rate."""
+    pairs = list(zip(shown, agrees, strict=True))
+    cells = {
+        "both": sum(s and a for s, a in pairs),
+        "scorer_only": sum(s and not a for s, a in pairs),
+        "caption_only": sum(a and not s for s, a in pairs),
+        "neither": sum(not s and not a for s, a in pairs),
+    }
+    rate = float(np.mean([s == a for s, a in pairs])) if pairs else math.nan
+    return {
+        "images": len(pairs),
+        **cells,
+        "agreement": rate,
+        "scorer_accuracy": float(np.mean(shown)) if pairs else math.nan,
+        "caption_accuracy": float(np.mean(agrees)) if pairs else math.nan,
+    }
+
+
 def summarize(verdicts: Sequence[Verdict]) -> dict[str, Any]:
     """Per kind of scene {accuracy, correct, total}, the overall accuracy of the judged
     captions, and the counts of unverified and skipped ones."""
@@ -412,7 +487,8 @@ def evaluate_captions(
     """CIDEr-D of a captions.jsonl against its references, and, where the records are of
     the shapes domain, parse accuracy (`images`: the captioned folder, needed for records
     without a "scene"). Returns {"images", "cider_d", "parse": summarize(...) or None,
-    "parse_note": why parse accuracy is missing, or None}."""
+    "parse_note": why parse accuracy is missing, or None, "loop": `loop_table` of the
+    images sampled from shapes prompts, or None}."""
     from imagen_jax.images import load_rgb  # the images are read only for parse accuracy
 
     records = caption_records(captions, references)
@@ -424,6 +500,7 @@ def evaluate_captions(
         "cider_d": score,
         "parse": None,
         "parse_note": None,
+        "loop": None,
     }
     if not _shapes_records(records):
         out["parse_note"] = "no record is of the shapes domain"
@@ -431,11 +508,17 @@ def evaluate_captions(
     if images is None and any(r.get("scene") is None for r in records):
         out["parse_note"] = "give the images folder to verify the prompts' scenes (--images)"
         return out
-    verdicts = []
+    verdicts, shown, agrees = [], [], []
     for r in records:
         image = None if r.get("scene") is not None else load_rgb(os.path.join(images, r["file"]))
-        verdicts.append(judge(r["caption"], r, image))
+        verdict = judge(r["caption"], r, image)
+        verdicts.append(verdict)
+        if image is not None and verdict.status != "skipped":  # sampled from a shapes prompt
+            spec, _ = shapes_accuracy.record_spec(r)
+            shown.append(verdict.status != "unverified")
+            agrees.append(caption_states_prompt(r["caption"], spec.constraints())[0])
     out["parse"] = summarize(verdicts)
+    out["loop"] = loop_table(shown, agrees) if shown else None
     return out
 
 
@@ -455,4 +538,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"{parse['unparseable']} unparseable; {parse['unverified']} unverified: the image does "
         f"not show its prompt; {parse['skipped']} skipped: outside the shapes domain)"
     )
+    loop = report.get("loop")
+    if loop:
+        lines.append(
+            f"loop: {loop['images']} images sampled from shapes prompts; the scorer says "
+            f"{loop['scorer_accuracy']:.4f} show their prompt, the captions state their "
+            f"prompt for {loop['caption_accuracy']:.4f}; the two agree on "
+            f"{loop['agreement']:.4f} (both {loop['both']}, scorer only "
+            f"{loop['scorer_only']}, caption only {loop['caption_only']}, neither "
+            f"{loop['neither']})"
+        )
     return "\n".join(lines)

@@ -28,14 +28,13 @@ import dataclasses
 import json
 import math
 import os
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from imagen_jax.models import vit
+from imagen_jax.models import conv_tower, vit
 from imagen_jax.text.layers import l2_normalize
 from imagen_jax.weights import CONFIG_NAME, WEIGHTS_NAME, CheckpointError, read_config
 
@@ -111,14 +110,7 @@ class FrozenTextTowersConfig:
         if self.image_tower not in IMAGE_TOWERS:
             raise ValueError(f"image_tower={self.image_tower!r}; expected one of {IMAGE_TOWERS}")
         if self.image_tower == "conv":
-            stride = 2 ** len(self.conv_widths)
-            if not self.conv_widths or min(self.conv_widths) < 1:
-                raise ValueError(f"conv_widths={self.conv_widths}: positive widths, one or more")
-            if self.vision.image_size % stride:
-                raise ValueError(
-                    f"image_size {self.vision.image_size} is not divisible by {stride} "
-                    f"(2 ** len(conv_widths={self.conv_widths}))"
-                )
+            conv_tower.check_widths(self.conv_widths, self.vision.image_size)
         if self.text_pooling not in POOLINGS:
             raise ValueError(f"text_pooling={self.text_pooling!r}; expected one of {POOLINGS}")
         if self.vision.projection_dim:
@@ -143,51 +135,6 @@ def make_config(variant: str, **overrides) -> FrozenTextTowersConfig:
     return FrozenTextTowersConfig(**values).checked()
 
 
-class Pooled(NamedTuple):
-    pooled: jax.Array
-
-
-class ConvTower(nnx.Module):
-    """A convolutional image tower: a 3x3 stem, then per width a stride-2 3x3 convolution
-    and a 3x3 one, each followed by GroupNorm and GELU; the last map [S / 2^k, S / 2^k, C]
-    flattened (where things are is kept) and projected to `width`. Returns `.pooled` [B,
-    width], as `vit.CLIPVisionEncoder` does."""
-
-    def __init__(self, config: FrozenTextTowersConfig, *, rngs, dtype, param_dtype):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        widths = config.conv_widths
-        self.foreground = config.conv_foreground
-        self.stem = nnx.Conv(4 if self.foreground else 3, widths[0], (3, 3), **kw)
-        layers, c = [], widths[0]
-        for w in widths:
-            layers.append(nnx.Conv(c, w, (3, 3), strides=2, **kw))
-            layers.append(nnx.GroupNorm(w, num_groups=min(8, w), **kw))
-            layers.append(nnx.Conv(w, w, (3, 3), **kw))
-            layers.append(nnx.GroupNorm(w, num_groups=min(8, w), **kw))
-            c = w
-        self.layers = nnx.List(layers)
-        side = config.vision.image_size // 2 ** len(widths)
-        self.head = nnx.Linear(side * side * c, config.vision.hidden_size, **kw)
-
-    def __call__(self, pixel_values: jax.Array) -> Pooled:
-        if self.foreground:
-            pixel_values = jnp.concatenate(
-                [pixel_values, foreground_channel(pixel_values)], axis=-1
-            )
-        x = jax.nn.gelu(self.stem(pixel_values))
-        for i in range(0, len(self.layers), 2):
-            x = jax.nn.gelu(self.layers[i + 1](self.layers[i](x)))
-        return Pooled(self.head(x.reshape(x.shape[0], -1)))
-
-
-def foreground_channel(pixels: jax.Array) -> jax.Array:
-    """[B, H, W, C] -> [B, H, W, 1]: each pixel's Euclidean distance from its image's
-    per-channel median (the background, where it covers most of the image), over sqrt(C)."""
-    background = jnp.median(pixels, axis=(1, 2), keepdims=True)
-    distance = jnp.sqrt(jnp.sum(jnp.square(pixels - background), -1, keepdims=True) + 1e-12)
-    return distance / math.sqrt(pixels.shape[-1])
-
-
 class FrozenTextTowers(nnx.Module):
     """The image tower with its projection, the text projection, logit_scale (and bias)."""
 
@@ -203,7 +150,13 @@ class FrozenTextTowers(nnx.Module):
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         p = config.projection_dim
         if config.image_tower == "conv":
-            self.vision_model = ConvTower(config, **kw)
+            self.vision_model = conv_tower.ConvTower(
+                config.conv_widths,
+                image_size=config.vision.image_size,
+                width=config.vision.hidden_size,
+                foreground=config.conv_foreground,
+                **kw,
+            )
         else:
             self.vision_model = vit.CLIPVisionEncoder(config.vision, **kw)
         self.visual_projection = nnx.Linear(config.vision.width, p, use_bias=False, **kw)

@@ -34,8 +34,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, traverse_util
 
+from imagen_jax.models.conv_tower import ConvTokens, check_widths
 from imagen_jax.models.vit import CLIPVisionConfig, CLIPVisionEncoder
 from imagen_jax.models.vit import hf_key_map as vision_key_map
 from imagen_jax.text.bert import BertConfig, BertLayer, layer_key_map
@@ -51,9 +52,15 @@ from imagen_jax.weights import (
 
 MODEL_TYPE = "git"
 ARCHITECTURES = ("GitForCausalLM",)
+# A captioner with this project's conv image tower: a model_type transformers does not know,
+# so that it refuses the directory instead of loading a ViT around these weights.
+CONV_MODEL_TYPE = "imagen_jax_git_conv"
+CONV_ARCHITECTURES = ("GitConvForCausalLM",)
+IMAGE_TOWERS = ("vit", "conv")
 # Buffers that older checkpoints hold.
 UNUSED = (r"git\.embeddings\.position_ids", r"git\.image_encoder\..*\.position_ids")
 _VISION_PREFIX = "git.image_encoder.vision_model."
+_CONV_PREFIX = "git.image_encoder.conv."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +78,40 @@ class GitConfig:
     bos_token_id: int | None = 101  # [CLS]: generation starts from it
     eos_token_id: tuple[int, ...] = (102,)  # [SEP]
     vision: CLIPVisionConfig = CLIPVisionConfig(patch_size=16)
+    # The image tower: "vit" (transformers' GIT: `vision` is a CLIP ViT) or "conv" (this
+    # project's own, not transformers': `conv_tower.ConvTokens` with conv_widths and
+    # conv_foreground; of `vision` only image_size, hidden_size and layer_norm_eps are read,
+    # and patch_size is the tower's stride, 2 ** len(conv_widths), one token per cell).
+    image_tower: str = "vit"
+    conv_widths: tuple[int, ...] = ()
+    conv_foreground: bool = False
+    conv_cell_classes: int = 0  # > 0: the tower's per-cell classifier (`ConvTokens`)
+
+    def __post_init__(self):
+        if self.image_tower not in IMAGE_TOWERS:
+            raise ValueError(f"image_tower={self.image_tower!r}; expected one of {IMAGE_TOWERS}")
+        if self.image_tower == "conv":
+            check_widths(self.conv_widths, self.vision.image_size)
+            # Only these fields of `vision` mean anything here: the others at their
+            # defaults, so that a config equals itself read back from its config.json.
+            kept = ("image_size", "hidden_size", "layer_norm_eps", "patch_size")
+            vision = CLIPVisionConfig(**{k: getattr(self.vision, k) for k in kept})
+            object.__setattr__(self, "vision", vision)
+            if self.vision.patch_size != 2 ** len(self.conv_widths):
+                raise ValueError(
+                    f"vision.patch_size={self.vision.patch_size}: a conv tower's tokens are "
+                    f"cells of its stride, 2 ** len(conv_widths={self.conv_widths})"
+                )
+        elif self.conv_widths or self.conv_foreground or self.conv_cell_classes:
+            raise ValueError(
+                "conv_widths, conv_foreground and conv_cell_classes are settings of "
+                "image_tower='conv'"
+            )
 
     @classmethod
     def from_hf(cls, hf: dict) -> GitConfig:
-        """From a GitForCausalLM config.json; ValueError names a setting this code lacks."""
+        """From a GitForCausalLM config.json (or a conv-tower captioner's, model_type
+        `CONV_MODEL_TYPE`); ValueError names a setting this code lacks."""
         refused = {
             "num_image_with_embedding": (None,),  # video: several frames per sample
             "tie_word_embeddings": (False, None),
@@ -84,12 +121,21 @@ class GitConfig:
             if hf.get(key) not in allowed:
                 raise ValueError(f"{key}={hf[key]!r} is not supported (supported: {allowed[0]!r})")
         fields = {f.name for f in dataclasses.fields(cls)} - {"vision", "eos_token_id"}
+        fields -= {"image_tower", "conv_widths", "conv_foreground", "conv_cell_classes"}
         values = {k: v for k, v in hf.items() if k in fields}
         eos = hf.get("eos_token_id", 102)
         values["eos_token_id"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
         if None in values["eos_token_id"]:
             values["eos_token_id"] = ()
-        config = cls(**values, vision=_vision_config(hf.get("vision_config") or {}))
+        vision = dict(hf.get("vision_config") or {})
+        if hf.get("model_type") == CONV_MODEL_TYPE:
+            widths = tuple(hf.get("conv_widths") or ())
+            values.update(image_tower="conv", conv_widths=widths)
+            values["conv_foreground"] = bool(hf.get("conv_foreground", False))
+            values["conv_cell_classes"] = int(hf.get("conv_cell_classes", 0))
+            check_widths(widths, vision.get("image_size", 224))
+            vision["patch_size"] = 2 ** len(widths)
+        config = cls(**values, vision=_vision_config(vision))
         _check_activation("hidden_act", config.hidden_act)
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(
@@ -115,7 +161,7 @@ class GitConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches + 1
+        return self.vision.num_patches + (self.image_tower == "vit")  # the ViT's class token
 
 
 def _check_activation(key: str, name: str) -> None:
@@ -179,7 +225,18 @@ class GitForCausalLM(nnx.Module):
         self.config = config
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = config.hidden_size
-        self.image_encoder = CLIPVisionEncoder(config.vision, **kw)
+        if config.image_tower == "conv":
+            self.image_encoder = ConvTokens(
+                config.conv_widths,
+                image_size=config.vision.image_size,
+                width=config.vision.hidden_size,
+                foreground=config.conv_foreground,
+                layer_norm_eps=config.vision.layer_norm_eps,
+                cell_classes=config.conv_cell_classes,
+                **kw,
+            )
+        else:
+            self.image_encoder = CLIPVisionEncoder(config.vision, **kw)
         self.visual_projection = nnx.Linear(config.vision.hidden_size, d, **kw)
         self.visual_projection_norm = nnx.LayerNorm(
             d, epsilon=config.vision.layer_norm_eps, use_fast_variance=False, **kw
@@ -195,8 +252,11 @@ class GitForCausalLM(nnx.Module):
 
     def encode_image(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values [B, S, S, 3] (preprocessed, NHWC) -> image tokens [B, N, D]."""
-        x = self.image_encoder(pixel_values).last_hidden_state  # [B, N, Dv]
-        x = self.image_encoder.post_layernorm(x)  # GIT norms every token, not only the class
+        return self.project_image(self.image_encoder(pixel_values).last_hidden_state)
+
+    def project_image(self, tower_tokens: jax.Array) -> jax.Array:
+        """The tower's last hidden state [B, N, Dv] -> the decoder's image tokens [B, N, D]."""
+        x = self.image_encoder.post_layernorm(tower_tokens)  # GIT norms every token
         return self.visual_projection_norm(self.visual_projection(x))
 
     def embed_text(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
@@ -219,19 +279,26 @@ class GitForCausalLM(nnx.Module):
         return self.output(self._decoder(pixel_values, input_ids, attention_mask, position_ids)[0])
 
     def text_hidden(
-        self, pixel_values: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None = None
+        self,
+        pixel_values: jax.Array | None,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        *,
+        image: jax.Array | None = None,
     ) -> jax.Array:
         """The decoder's last hidden states of the text positions [B, L, D]: `output` maps
         them to the last L positions of `__call__`'s logits (teacher forcing needs those
-        only, or some of their columns)."""
-        x, _ = self._decoder(pixel_values, input_ids, attention_mask, None)
+        only, or some of their columns). `image`: the image tokens [B, N, D] already
+        encoded (`encode_image` / `project_image`), in place of pixel_values."""
+        x, _ = self._decoder(pixel_values, input_ids, attention_mask, None, image=image)
         return x[:, self.config.num_image_tokens :]
 
-    def _decoder(self, pixel_values, input_ids, attention_mask, position_ids):
+    def _decoder(self, pixel_values, input_ids, attention_mask, position_ids, *, image=None):
         b, length = input_ids.shape
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), (b, length))
-        image = self.encode_image(pixel_values)  # [B, N, D]
+        if image is None:
+            image = self.encode_image(pixel_values)  # [B, N, D]
         x = jnp.concatenate([image, self.embed_text(input_ids, position_ids)], axis=1)
         mask = git_mask(image.shape[1], length, attention_mask)  # [B|1, 1, N + L, N + L]
         kv = []
@@ -334,7 +401,12 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
 
 def hf_key_map(config: GitConfig) -> dict[tuple, Source]:
     """Our state paths -> transformers' GitForCausalLM tensor names."""
-    m = {("image_encoder", *k): s for k, s in vision_key_map(config.vision, _VISION_PREFIX).items()}
+    if config.image_tower == "conv":
+        m = {("image_encoder", *k): Source.of(_CONV_PREFIX + ".".join(map(str, k))) for k in
+             _conv_paths(config)}  # fmt: skip
+    else:
+        vision = vision_key_map(config.vision, _VISION_PREFIX)
+        m = {("image_encoder", *k): s for k, s in vision.items()}
     e = "git.embeddings"
     p = "git.visual_projection.visual_projection"  # an nn.Sequential(Linear, LayerNorm)
     m.update(
@@ -356,6 +428,14 @@ def hf_key_map(config: GitConfig) -> dict[tuple, Source]:
     return m
 
 
+def _conv_paths(config: GitConfig) -> list[tuple]:
+    """The conv tower's parameter paths (its tensors are stored under `_CONV_PREFIX` and
+    the "."-joined path, in our layout: kernels HWIO, no transposes)."""
+    model = nnx.eval_shape(lambda: GitForCausalLM(config, rngs=nnx.Rngs(0)))
+    state = nnx.to_pure_dict(nnx.state(model.image_encoder, nnx.Param))
+    return [tuple(k) for k in traverse_util.flatten_dict(state)]
+
+
 def hf_config(config: GitConfig) -> dict:
     """The config.json of a transformers GitForCausalLM with `config` (float32 weights:
     transformers' `dtype="auto"` then builds a float32 model whatever the stored dtype)."""
@@ -364,13 +444,31 @@ def hf_config(config: GitConfig) -> dict:
     vision.pop("projection_dim")
     eos = list(config.eos_token_id)
     text["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-    return {
-        "model_type": MODEL_TYPE,
-        "architectures": list(ARCHITECTURES),
+    tower = {
+        k: text.pop(k)
+        for k in ("image_tower", "conv_widths", "conv_foreground", "conv_cell_classes")
+    }
+    common = {
         **text,
         "position_embedding_type": "absolute",
         "tie_word_embeddings": False,
         "dtype": "float32",
+    }
+    if config.image_tower == "conv":
+        kept = ("image_size", "hidden_size", "layer_norm_eps")
+        return {
+            "model_type": CONV_MODEL_TYPE,
+            "architectures": list(CONV_ARCHITECTURES),
+            **common,
+            "conv_widths": list(tower["conv_widths"]),
+            "conv_foreground": tower["conv_foreground"],
+            "conv_cell_classes": tower["conv_cell_classes"],
+            "vision_config": {"model_type": "conv_tokens", **{k: vision[k] for k in kept}},
+        }
+    return {
+        "model_type": MODEL_TYPE,
+        "architectures": list(ARCHITECTURES),
+        **common,
         "vision_config": {"model_type": "git_vision_model", **vision},
     }
 
@@ -427,6 +525,22 @@ VARIANTS = {
         ),
     ),
 }
+# The shapes captioner with the conv image tower: 64 px -> 8x8 cells of 128 channels (three
+# stride-2 stages), each a token of width 96, and a colour-blind foreground channel.
+VARIANTS["shapes_conv"] = dict(
+    VARIANTS["shapes"],
+    image_tower="conv",
+    conv_widths=(32, 64, 128),
+    conv_foreground=True,
+    vision=dict(hidden_size=96),
+)
+VARIANTS["runlocal_conv"] = dict(
+    VARIANTS["runlocal"],
+    image_tower="conv",
+    conv_widths=(8, 16),
+    conv_foreground=True,
+    vision=dict(hidden_size=32),
+)
 
 
 def make_config(variant: str, *, image_size: int, **overrides) -> GitConfig:
@@ -436,6 +550,9 @@ def make_config(variant: str, *, image_size: int, **overrides) -> GitConfig:
         raise ValueError(f"unknown GIT variant {variant!r}; expected one of {tuple(VARIANTS)}")
     values = {**VARIANTS[variant], **overrides}
     vision = {**VARIANTS[variant]["vision"], **dict(overrides.get("vision") or {})}
+    if values.get("image_tower") == "conv":
+        values["conv_widths"] = tuple(values.get("conv_widths") or ())
+        vision["patch_size"] = 2 ** len(values["conv_widths"])
     values["vision"] = CLIPVisionConfig(**vision, image_size=image_size, projection_dim=None)
     if "eos_token_id" in values:
         values["eos_token_id"] = tuple(np.atleast_1d(values["eos_token_id"]).tolist())
@@ -448,13 +565,14 @@ def read_git_config(path: str | os.PathLike) -> GitConfig:
     path = os.fspath(path)
     hf = read_config(path)
     architectures = list(hf.get("architectures") or [])
-    if hf.get("model_type") != MODEL_TYPE or (
-        architectures and not any(a in ARCHITECTURES for a in architectures)
-    ):
+    known = {MODEL_TYPE: ARCHITECTURES, CONV_MODEL_TYPE: CONV_ARCHITECTURES}
+    allowed = known.get(hf.get("model_type"))
+    if allowed is None or (architectures and not any(a in allowed for a in architectures)):
         raise CheckpointError(
             f"{os.path.join(path, 'config.json')} is model_type {hf.get('model_type')!r}, "
             f"architectures {architectures}: not a GIT captioning model "
-            f"(model_type {MODEL_TYPE!r}, {', '.join(ARCHITECTURES)})"
+            f"(model_type {MODEL_TYPE!r}, {', '.join(ARCHITECTURES)}; or "
+            f"{CONV_MODEL_TYPE!r}, {', '.join(CONV_ARCHITECTURES)})"
         )
     try:
         return GitConfig.from_hf(hf)

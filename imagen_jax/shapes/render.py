@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from imagen_jax.shapes import geometry
-from imagen_jax.shapes.spec import BACKGROUNDS, COLORS, Scene, SceneObject
+from imagen_jax.shapes.spec import BACKGROUNDS, COLORS, SHAPES, Scene, SceneObject
 
 MIN_RESOLUTION = 8
 
@@ -53,3 +53,28 @@ def render(scene: Scene, resolution: int) -> np.ndarray:
             color = np.asarray(COLORS[obj.color], np.float32)
             canvas[window] += alpha[..., None] * (color - canvas[window])
     return np.rint(canvas).astype(np.uint8)
+
+
+def cell_labels(scene: Scene, grid: int, resolution: int) -> np.ndarray:
+    """What each cell of a grid x grid partition of the canvas shows: int32 [grid, grid],
+    0 for the background, else 1 + the index in `SHAPES` of the shape covering most of the
+    cell, where it covers at least 1/8 of it (objects drawn later hide earlier ones, as in
+    `render`). The per-cell targets of a captioner's auxiliary shape loss."""
+    resolution = _check_resolution(resolution)
+    if grid < 1 or resolution % grid:
+        raise ValueError(f"grid {grid} must divide the resolution {resolution}")
+    owner = np.full((resolution, resolution), -1, np.int32)  # object index per pixel
+    for i, obj in enumerate(scene.objects):
+        window, alpha = coverage(obj, resolution)
+        if alpha.size:
+            owner[window] = np.where(alpha >= 0.5, i, owner[window])
+    side = resolution // grid
+    cells = owner.reshape(grid, side, grid, side).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    labels = np.zeros((grid, grid), np.int32)
+    shape_ids = {name: k + 1 for k, name in enumerate(SHAPES)}
+    for r in range(grid):
+        for c in range(grid):
+            counts = np.bincount(cells[r, c] + 1, minlength=len(scene.objects) + 1)[1:]
+            if counts.size and counts.max() * 8 >= side * side:
+                labels[r, c] = shape_ids[scene.objects[int(counts.argmax())].shape]
+    return labels

@@ -23,6 +23,12 @@ The images are normalised as the exported preprocessor_config.json says: (x / 25
 std with `model.image_mean` / `model.image_std`. Gradient accumulation, the optimizer,
 clipping and the EMA are the diffusion step's (`step.make_grad_fn`, `step.make_update`).
 Metrics: those of `step.make_train_step`, and token_acc (argmax = target, over the targets).
+
+With `caption_loss.cell_weight` > 0 (a conv image tower with `conv_cell_classes`, data with
+"cell_labels": the shapes source's `data.cell_labels`), the loss adds that weight times
+`cell_loss`: the tower's per-cell classifier against what each cell shows, the mean of the
+cross-entropy over the cells with an object and over the background cells (so that the few
+object cells are not drowned). Metrics cell_loss and cell_acc (over the object cells).
 """
 
 from __future__ import annotations
@@ -101,13 +107,14 @@ def pixel_values(images, *, mean, std):
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def caption_loss(model, pixels, ids, mask, *, vocab=None, label_smoothing: float = 0.0):
+def caption_loss(model, pixels, ids, mask, *, vocab=None, label_smoothing: float = 0.0, image=None):
     """(loss, {"token_acc", "oov_tokens"}) of `model` (a GitForCausalLM) on preprocessed
     pixels and captions (ids, mask [B, L], [CLS] first).
 
     vocab: None, or the sorted token ids [K] the softmax runs over (the LM head's columns of
-    the domain's tokens; targets outside it are not trained on and counted as oov_tokens)."""
-    h = model.text_hidden(pixels, ids, mask)[:, :-1]  # [B, L-1, D]
+    the domain's tokens; targets outside it are not trained on and counted as oov_tokens).
+    image: the image tokens [B, N, D] already encoded, in place of pixels."""
+    h = model.text_hidden(pixels, ids, mask, image=image)[:, :-1]  # [B, L-1, D]
     targets = ids[:, 1:]
     weights = mask[:, 1:].astype(jnp.float32)
     kernel, bias = model.output.kernel[...], model.output.bias[...]
@@ -132,18 +139,68 @@ def caption_loss(model, pixels, ids, mask, *, vocab=None, label_smoothing: float
     return (nll * weights).sum() / total, metrics
 
 
+def cell_loss(logits, labels):
+    """(loss, {"cell_loss", "cell_acc"}) of per-cell logits [B, N, K] against int labels
+    [B, n, n] (N = n * n, row-major; 0 = background): the mean of the mean cross-entropy
+    over object cells and over background cells; cell_acc over the object cells."""
+    labels = labels.reshape(labels.shape[0], -1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    objects = (labels > 0).astype(jnp.float32)
+    background = 1.0 - objects
+
+    def mean(x, w):
+        return (x * w).sum() / jnp.maximum(w.sum(), 1.0)
+
+    loss = 0.5 * (mean(nll, objects) + mean(nll, background))
+    acc = mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), objects)
+    return loss, {"cell_loss": loss, "cell_acc": acc}
+
+
+def check_cell_loss(config, net: state_lib.Network) -> float:
+    """caption_loss.cell_weight, or ValueError when the model or the data cannot give it."""
+    weight = float(config.caption_loss.get("cell_weight", 0.0))
+    if not weight:
+        return 0.0
+    if not getattr(net.cfg, "conv_cell_classes", 0):
+        raise ValueError(
+            f"caption_loss.cell_weight={weight} needs a conv image tower with a per-cell "
+            "classifier (model.image_tower='conv', model.conv_cell_classes > 0)"
+        )
+    if not config.data.get("cell_labels", 0):
+        raise ValueError(
+            f"caption_loss.cell_weight={weight} needs per-cell labels in the data "
+            "(data.source='shapes' with data.cell_labels > 0)"
+        )
+    side = net.cfg.vision.image_size // net.cfg.vision.patch_size
+    if config.data.cell_labels != side:
+        raise ValueError(
+            f"data.cell_labels={config.data.cell_labels}: the tower has {side} x {side} cells"
+        )
+    return weight
+
+
 def make_caption_train_step(config, net: state_lib.Network, tx, lr_schedule, mesh, shardings, rest):
     """The jitted `train_step(state, rest, batch) -> (state, metrics)`; state donated."""
     smoothing = float(config.caption_loss.label_smoothing)
     vocab = output_vocab(config)
     norm = dict(mean=tuple(config.model.image_mean), std=tuple(config.model.image_std))
+    cell_weight = check_cell_loss(config, net)
 
     def loss_fn(params, rest, batch, key):
         del key  # the objective draws nothing
         model = net.merge(params, rest)
         pixels = pixel_values(batch["image"], **norm)
         ids, mask = batch["caption_ids"], batch["caption_mask"]
-        return caption_loss(model, pixels, ids, mask, vocab=vocab, label_smoothing=smoothing)
+        if not cell_weight:
+            return caption_loss(model, pixels, ids, mask, vocab=vocab, label_smoothing=smoothing)
+        tokens = model.image_encoder(pixels).last_hidden_state
+        image = model.project_image(tokens)
+        loss, metrics = caption_loss(
+            model, None, ids, mask, vocab=vocab, label_smoothing=smoothing, image=image
+        )
+        aux, aux_metrics = cell_loss(model.image_encoder.cell_head(tokens), batch["cell_labels"])
+        return loss + cell_weight * aux, {**metrics, **aux_metrics, "caption_loss": loss}
 
     grad_fn = step_lib.make_grad_fn(loss_fn, config.optim.accum_steps, with_aux=True)
     update = step_lib.make_update(config, tx, lr_schedule)

@@ -140,7 +140,7 @@ def git_model_config(**overrides) -> ml_collections.ConfigDict:
     normalise the uint8 images as the exported preprocessor_config.json says."""
     defaults = dict(
         family="git",
-        variant="runlocal",  # git.VARIANTS: runlocal | shapes
+        variant="runlocal",  # git.VARIANTS: runlocal | runlocal_conv | shapes | shapes_conv
         resolution=64,  # the side of the training images (vision.image_size)
         image_mean=(0.5, 0.5, 0.5),  # pixels: (x / 255 - mean) / std
         image_std=(0.5, 0.5, 0.5),
@@ -238,6 +238,8 @@ def caption_loss_config(**overrides) -> ml_collections.ConfigDict:
         vocab="shapes",  # the softmax's tokens: shapes (the shapes grammar's) | "" (all)
         label_smoothing=0.0,  # of the next-token targets; 0 = plain cross-entropy
         sample_max_length=32,  # greedy captions of the periodic samples, [CLS] included
+        cell_weight=0.0,  # > 0: plus this times the conv tower's per-cell classification
+        #                   loss against the data's "cell_labels" (caption_step.cell_loss)
     )
     return _group(defaults, overrides, "caption_loss")
 
@@ -310,6 +312,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         #                      "relation,colors"); "" = none
         counterfactuals_mixed=False,  # shapes: each scene's kind picked among those that
         #                               apply, not the first (`tasks.counterfactual`)
+        cell_labels=0,  # shapes: > 0, records carry "cell_labels" [n, n], the shape of each
+        #                 cell of an n x n grid (a captioner's caption_loss.cell_weight)
         wordings="grammar",  # shapes: the captions' wording set (`shapes.wordings`):
         #                      grammar (the first models') | train (many more templates)
         task_weights="",  # shapes: the training mixture, e.g. "position:3,color_attr:2"

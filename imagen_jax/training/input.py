@@ -122,6 +122,7 @@ def make_source(cfg: ml_collections.ConfigDict):
             counterfactuals=bool(kinds),
             counterfactual_kinds=kinds or None,
             counterfactual_mixed=bool(cfg.get("counterfactuals_mixed", False)),
+            cell_labels=int(cfg.get("cell_labels", 0)),
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 

@@ -39,8 +39,9 @@ from imagen_jax.training import state as state_lib
 COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
 
 # The batch entries of a captioner's run: its captions' token ids and mask (int32 [B, L]),
-# made on the host (`caption_trainer.TokenizedCaptions`).
-CAPTION_TOKEN_KEYS = ("caption_ids", "caption_mask")
+# made on the host (`caption_trainer.TokenizedCaptions`), and the shapes source's per-cell
+# labels (int32 [B, n, n], `data.cell_labels`).
+CAPTION_TOKEN_KEYS = ("caption_ids", "caption_mask", "cell_labels")
 
 # train.py's exit status when a signal stopped the run before `train.steps`: 128 + SIGTERM,
 # what a shell reports for a process that SIGTERM killed (a finished run exits 0).

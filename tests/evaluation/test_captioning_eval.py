@@ -16,7 +16,7 @@ from pycocoevalcap.cider.cider import Cider
 
 from imagen_jax.evaluation import captioning
 from imagen_jax.evaluation.evaluators import Samples
-from imagen_jax.shapes import render
+from imagen_jax.shapes import grammar, render
 from imagen_jax.shapes.spec import Scene, SceneObject
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -161,6 +161,38 @@ def test_sampled_images_are_judged_on_what_the_scorer_verified():
     assert out.status == "skipped"
 
 
+@pytest.mark.parametrize(
+    "caption, prompt, ok",
+    [
+        ("a red circle left of a blue square", "a blue square right of a red circle", True),
+        ("a red circle left of a blue square on a white background", "a red circle", True),
+        ("a red circle left of a blue square", "a circle to the left of a square", True),
+        ("a blue circle left of a blue square", "a red circle left of a blue square", False),
+        ("a red circle above a blue square", "a red circle left of a blue square", False),
+        ("a red circle and a blue square", "a red circle left of a blue square", False),
+        ("two green stars", "three green stars", False),
+        ("two green stars and a red star", "three stars", True),
+        ("two green stars and a red star", "three green stars", False),
+        ("a small red heart", "a large red heart", False),
+        ("a red heart on a black background", "a red heart on a white background", False),
+        ("nothing here", "a red heart", False),
+    ],
+)
+def test_a_caption_states_its_prompt(caption, prompt, ok):
+    got, why = captioning.caption_states_prompt(caption, grammar.parse_prompt(prompt))
+    assert got == ok, why
+    assert bool(why) != ok
+
+
+def test_loop_table_counts_the_cells():
+    shown, agrees = [True, True, False, False, True], [True, False, True, False, True]
+    table = captioning.loop_table(shown, agrees)
+    assert (table["both"], table["scorer_only"], table["caption_only"], table["neither"]) == (
+        2, 1, 1, 1,
+    )  # fmt: skip
+    assert table["agreement"] == 0.6 and table["scorer_accuracy"] == 0.6
+
+
 def test_the_evaluators_report_per_task():
     scenes = [SCENE, SCENE, STARS, STARS]
     records = [
@@ -220,3 +252,10 @@ def test_eval_main_scores_a_captions_file(tmp_path):
     )
     assert abs(report["cider_d"] - want) <= 1e-6
     assert "parse position" in out.stdout
+    # image 0 shows its prompt and its caption states it; image 1 shows three stars, not
+    # two as captioned: the scorer and the caption disagree there
+    assert report["loop"] == {
+        "images": 2, "both": 1, "scorer_only": 1, "caption_only": 0, "neither": 0,
+        "agreement": 0.5, "scorer_accuracy": 1.0, "caption_accuracy": 0.5,
+    }  # fmt: skip
+    assert "the two agree on 0.5000" in out.stdout

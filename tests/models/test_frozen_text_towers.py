@@ -116,7 +116,7 @@ def test_foreground_channel_is_the_silhouette_in_any_colour():
     (above a floor) for one shape drawn in different colours."""
     import numpy as np
 
-    from imagen_jax.models.frozen_text_towers import foreground_channel
+    from imagen_jax.models.conv_tower import foreground_channel
     from imagen_jax.shapes.edits import footprint
     from imagen_jax.shapes.render import render
     from imagen_jax.shapes.spec import Scene, SceneObject

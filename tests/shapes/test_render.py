@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from imagen_jax.shapes import geometry, tasks
-from imagen_jax.shapes.render import render
+from imagen_jax.shapes.render import cell_labels, render
 from imagen_jax.shapes.spec import BACKGROUNDS, COLORS, SHAPES, Scene, SceneObject
 
 
@@ -69,3 +69,27 @@ def test_sampled_scenes_stay_inside_and_apart():
             for p in scene.objects[k + 1 :]:
                 gap = np.hypot(o.x - p.x, o.y - p.y) - geometry.circumradius(o.shape) * o.size
                 assert gap - geometry.circumradius(p.shape) * p.size >= tasks.GAP - 1e-9
+
+
+def test_cell_labels_name_the_shape_each_cell_shows():
+    """A large square in the top-left quarter, a star over its corner, a small circle far
+    right: 4 x 4 cells of a 64 px render, each the shape covering most of it (later objects
+    hide earlier ones), background 0; the labels agree with the rendered pixels."""
+    ids = {name: k + 1 for k, name in enumerate(SHAPES)}
+    scene = Scene(
+        (
+            SceneObject("square", "red", 0.45, 0.25, 0.25),
+            SceneObject("star", "blue", 0.2, 0.4, 0.4),
+            SceneObject("circle", "green", 0.1, 0.875, 0.625),
+        )
+    )
+    labels = cell_labels(scene, 4, 64)
+    assert labels.shape == (4, 4) and labels.dtype == np.int32
+    assert labels[0, 0] == ids["square"] and labels[1, 1] == ids["star"]
+    assert labels[2, 3] == ids["circle"] and labels[3, 0] == 0 and labels[0, 3] == 0
+    image = render(scene, 64).reshape(4, 16, 4, 16, 3).transpose(0, 2, 1, 3, 4)
+    background = np.rint(BACKGROUNDS[scene.background]).astype(np.uint8)
+    drawn = (image != background).any(-1).mean((-1, -2))  # fraction of each cell drawn on
+    assert ((labels > 0) == (drawn >= 1 / 8 - 0.02)).all(), drawn
+    with pytest.raises(ValueError, match="grid 5 must divide the resolution 64"):
+        cell_labels(scene, 5, 64)

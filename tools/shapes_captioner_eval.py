@@ -13,8 +13,13 @@ rendered at the captioner's input size and captioned greedily. A caption is judg
 `shapes.grammar.parse_prompt`, every object, colour, size, count, relation and background it
 states must hold, and its counts of each named shape must be exact; unparseable = wrong.
 
-Prints one table (accuracy per kind of scene and overall, per split), a few wrong captions
-with why, and writes the numbers as JSON with `--out`.
+CIDEr-D (`evaluation.captioning.cider_d`, over each split's scenes together) against
+`--references` wordings of each scene's spec in the grammar the captioner was trained on
+(`shapes.wordings.caption`, each from its own generator): the consensus measure of the
+captioning literature, in the domain's own words.
+
+Prints one table (accuracy per kind of scene and overall, and CIDEr-D, per split), a few
+wrong captions with why, and writes the numbers as JSON with `--out`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from absl import app, flags
 
 from imagen_jax.evaluation import captioning as caption_eval
 from imagen_jax.pipelines import captioning
-from imagen_jax.shapes import TASKS
+from imagen_jax.shapes import TASKS, wordings
 from imagen_jax.shapes.render import render
 from imagen_jax.shapes.tasks import sample_example
 
@@ -40,38 +45,52 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_size", 64, "Images per compiled batch.")
 flags.DEFINE_integer("show", 3, "Wrong captions shown per split.")
 flags.DEFINE_string("out", "", "Write the results as JSON here.")
+flags.DEFINE_integer("references", 5, "Reference wordings per scene for CIDEr-D.")
 
 
-def scenes(split: str, task: str, n: int, seed: int, resolution: int):
+def scenes(split: str, task: str, n: int, seed: int, resolution: int, references: int = 5):
     """(image, record) of scenes 0..n-1 of a task: as `data.ShapesSource(task=...)` draws
-    them, with the scene that `evaluation.captioning.judge` checks captions against."""
+    them, with the scene that `evaluation.captioning.judge` checks captions against and
+    `references` grammar wordings of its spec."""
     for i in range(n):
         example = sample_example(np.random.default_rng([seed, i]), task=task, split=split)
-        record = {"scene": example.scene.to_dict(), "task": task, "true": example.caption}
+        refs = [
+            wordings.caption(example.spec, np.random.default_rng([seed, i, k]), "grammar")
+            for k in range(references)
+        ]
+        record = {
+            "scene": example.scene.to_dict(), "task": task, "true": example.caption,
+            "references": refs,
+        }  # fmt: skip
         yield render(example.scene, resolution), record
 
 
-def measure(captioner, split: str, per_task: int, seed: int) -> tuple[dict, list]:
-    """(summary of `evaluation.captioning.summarize`, [(caption, record, verdict)])."""
+def measure(
+    captioner, split: str, per_task: int, seed: int, references: int = 5
+) -> tuple[dict, list]:
+    """(summary of `evaluation.captioning.summarize` with "cider_d", [(caption, record,
+    verdict)])."""
     resolution = captioner.processor.output_size(1, 1)[0]
     images, records = [], []
     for task in TASKS:
-        for image, record in scenes(split, task, per_task, seed, resolution):
+        for image, record in scenes(split, task, per_task, seed, resolution, references):
             images.append(image)
             records.append(record)
     captions = captioner(images)
     verdicts = [caption_eval.judge(c, r) for c, r in zip(captions, records, strict=True)]
-    return caption_eval.summarize(verdicts), list(zip(captions, records, verdicts, strict=True))
+    summary = caption_eval.summarize(verdicts)
+    summary["cider_d"], _ = caption_eval.cider_d(captions, [r["references"] for r in records])
+    return summary, list(zip(captions, records, verdicts, strict=True))
 
 
 def format_table(results: dict) -> str:
-    header = "| split | " + " | ".join(TASKS) + " | overall | captions |"
-    lines = [header, "|" + " --- |" * (len(TASKS) + 3)]
+    header = "| split | " + " | ".join(TASKS) + " | overall | CIDEr-D | captions |"
+    lines = [header, "|" + " --- |" * (len(TASKS) + 4)]
     for split, summary in results.items():
         cells = [f"{summary['tasks'][t]['accuracy']:.3f}" for t in TASKS]
         lines.append(
             f"| {split} | " + " | ".join(cells) + f" | **{summary['overall']:.3f}** | "
-            f"{summary['judged']} |"
+            f"{summary['cider_d']:.3f} | {summary['judged']} |"
         )
     return "\n".join(lines)
 
@@ -84,7 +103,7 @@ def main(argv):
     )
     results = {}
     for split in f.splits:
-        summary, rows = measure(captioner, split, f.per_task, f.seed)
+        summary, rows = measure(captioner, split, f.per_task, f.seed, f.references)
         results[split] = summary
         wrong = [row for row in rows if row[2].status == "wrong"][: f.show]
         for caption, record, verdict in wrong:
@@ -94,7 +113,7 @@ def main(argv):
     if f.out:
         with open(f.out, "w") as out:
             json.dump({"captioner": f.captioner, "per_task": f.per_task, "seed": f.seed,
-                       "results": results}, out, indent=2)  # fmt: skip
+                       "references": f.references, "results": results}, out, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

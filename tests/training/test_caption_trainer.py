@@ -1,4 +1,4 @@
-"""The GIT captioner's training (configs/shapes_captioner.py:runlocal through
+"""The GIT captioner's training (configs/shapes_captioner.py:runlocal,tower=vit through
 train_and_evaluate): the loss falls, a killed run resumes to the uninterrupted run's state bit
 for bit, the periodic captions are logged, and the exported directory loads in our
 `load_captioner` and in transformers' GitForCausalLM with the same greedy captions."""
@@ -34,6 +34,7 @@ MAX_LENGTH = 12  # runlocal's caption_loss.sample_max_length
 def _config():
     return stage_config(
         "shapes_captioner",
+        "runlocal,tower=vit",  # the ViT tower: transformers reads the export
         steps=STEPS,
         log_every=1,
         checkpoint_every=3,

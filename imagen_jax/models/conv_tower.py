@@ -117,7 +117,7 @@ class ConvTokens(ConvStages):
         **kw,
     ):
         super().__init__(widths, image_size=image_size, foreground=foreground, **kw)
-        n = self.num_tokens(widths, image_size)
+        n = (image_size // 2 ** len(widths)) ** 2
         self.head = nnx.Linear(widths[-1], width, **_kw(kw))
         init = nnx.initializers.normal(0.02)
         self.position_embedding = nnx.Param(
@@ -127,10 +127,6 @@ class ConvTokens(ConvStages):
             width, epsilon=layer_norm_eps, use_fast_variance=False, **_kw(kw)
         )
         self.cell_head = nnx.Linear(width, cell_classes, **_kw(kw)) if cell_classes else None
-
-    @staticmethod
-    def num_tokens(widths, image_size: int) -> int:
-        return (image_size // 2 ** len(widths)) ** 2
 
     def __call__(self, pixel_values: jax.Array) -> Tokens:
         x = self.feature_map(pixel_values)

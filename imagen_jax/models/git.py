@@ -57,6 +57,8 @@ ARCHITECTURES = ("GitForCausalLM",)
 CONV_MODEL_TYPE = "imagen_jax_git_conv"
 CONV_ARCHITECTURES = ("GitConvForCausalLM",)
 IMAGE_TOWERS = ("vit", "conv")
+# The GitConfig fields of the image tower's kind (this project's; transformers has none).
+_TOWER_FIELDS = ("image_tower", "conv_widths", "conv_foreground", "conv_cell_classes")
 # Buffers that older checkpoints hold.
 UNUSED = (r"git\.embeddings\.position_ids", r"git\.image_encoder\..*\.position_ids")
 _VISION_PREFIX = "git.image_encoder.vision_model."
@@ -121,7 +123,7 @@ class GitConfig:
             if hf.get(key) not in allowed:
                 raise ValueError(f"{key}={hf[key]!r} is not supported (supported: {allowed[0]!r})")
         fields = {f.name for f in dataclasses.fields(cls)} - {"vision", "eos_token_id"}
-        fields -= {"image_tower", "conv_widths", "conv_foreground", "conv_cell_classes"}
+        fields -= set(_TOWER_FIELDS)
         values = {k: v for k, v in hf.items() if k in fields}
         eos = hf.get("eos_token_id", 102)
         values["eos_token_id"] = tuple(eos) if isinstance(eos, list | tuple) else (eos,)
@@ -216,6 +218,22 @@ class KVCache(NamedTuple):
         )
 
 
+def image_encoder(config: GitConfig, *, rngs, dtype, param_dtype) -> nnx.Module:
+    """The image tower `config.image_tower` names: GIT's CLIP ViT, or `ConvTokens`."""
+    kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    if config.image_tower == "conv":
+        return ConvTokens(
+            config.conv_widths,
+            image_size=config.vision.image_size,
+            width=config.vision.hidden_size,
+            foreground=config.conv_foreground,
+            layer_norm_eps=config.vision.layer_norm_eps,
+            cell_classes=config.conv_cell_classes,
+            **kw,
+        )
+    return CLIPVisionEncoder(config.vision, **kw)
+
+
 class GitForCausalLM(nnx.Module):
     """transformers' GitForCausalLM (inference: no dropout)."""
 
@@ -225,18 +243,7 @@ class GitForCausalLM(nnx.Module):
         self.config = config
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         d = config.hidden_size
-        if config.image_tower == "conv":
-            self.image_encoder = ConvTokens(
-                config.conv_widths,
-                image_size=config.vision.image_size,
-                width=config.vision.hidden_size,
-                foreground=config.conv_foreground,
-                layer_norm_eps=config.vision.layer_norm_eps,
-                cell_classes=config.conv_cell_classes,
-                **kw,
-            )
-        else:
-            self.image_encoder = CLIPVisionEncoder(config.vision, **kw)
+        self.image_encoder = image_encoder(config, **kw)
         self.visual_projection = nnx.Linear(config.vision.hidden_size, d, **kw)
         self.visual_projection_norm = nnx.LayerNorm(
             d, epsilon=config.vision.layer_norm_eps, use_fast_variance=False, **kw
@@ -431,8 +438,9 @@ def hf_key_map(config: GitConfig) -> dict[tuple, Source]:
 def _conv_paths(config: GitConfig) -> list[tuple]:
     """The conv tower's parameter paths (its tensors are stored under `_CONV_PREFIX` and
     the "."-joined path, in our layout: kernels HWIO, no transposes)."""
-    model = nnx.eval_shape(lambda: GitForCausalLM(config, rngs=nnx.Rngs(0)))
-    state = nnx.to_pure_dict(nnx.state(model.image_encoder, nnx.Param))
+    kw = dict(dtype=jnp.float32, param_dtype=jnp.float32)
+    tower = nnx.eval_shape(lambda: image_encoder(config, rngs=nnx.Rngs(0), **kw))
+    state = nnx.to_pure_dict(nnx.state(tower, nnx.Param))
     return [tuple(k) for k in traverse_util.flatten_dict(state)]
 
 
@@ -444,10 +452,7 @@ def hf_config(config: GitConfig) -> dict:
     vision.pop("projection_dim")
     eos = list(config.eos_token_id)
     text["eos_token_id"] = eos[0] if len(eos) == 1 else (eos or None)
-    tower = {
-        k: text.pop(k)
-        for k in ("image_tower", "conv_widths", "conv_foreground", "conv_cell_classes")
-    }
+    tower = {k: text.pop(k) for k in _TOWER_FIELDS}
     common = {
         **text,
         "position_embedding_type": "absolute",

@@ -70,11 +70,9 @@ def cell_labels(scene: Scene, grid: int, resolution: int) -> np.ndarray:
             owner[window] = np.where(alpha >= 0.5, i, owner[window])
     side = resolution // grid
     cells = owner.reshape(grid, side, grid, side).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
-    labels = np.zeros((grid, grid), np.int32)
-    shape_ids = {name: k + 1 for k, name in enumerate(SHAPES)}
-    for r in range(grid):
-        for c in range(grid):
-            counts = np.bincount(cells[r, c] + 1, minlength=len(scene.objects) + 1)[1:]
-            if counts.size and counts.max() * 8 >= side * side:
-                labels[r, c] = shape_ids[scene.objects[int(counts.argmax())].shape]
-    return labels
+    if not scene.objects:
+        return np.zeros((grid, grid), np.int32)
+    counts = (cells[..., None] == np.arange(len(scene.objects))).sum(2)  # [g, g, objects]
+    ids = np.asarray([1 + list(SHAPES).index(obj.shape) for obj in scene.objects], np.int32)
+    covered = counts.max(-1) * 8 >= side * side
+    return np.where(covered, ids[counts.argmax(-1)], 0).astype(np.int32)

@@ -40,8 +40,8 @@ COUNTERFACTUAL_KEYS = ("counter_text", "counter_mask", "has_counterfactual")
 
 # The batch entries of a captioner's run: its captions' token ids and mask (int32 [B, L]),
 # made on the host (`caption_trainer.TokenizedCaptions`), and the shapes source's per-cell
-# labels (int32 [B, n, n], `data.cell_labels`).
-CAPTION_TOKEN_KEYS = ("caption_ids", "caption_mask", "cell_labels")
+# labels (int32 [B, n, n], `data.cell_labels`) for its tower's cell loss.
+CAPTION_KEYS = ("caption_ids", "caption_mask", "cell_labels")
 
 # train.py's exit status when a signal stopped the run before `train.steps`: 128 + SIGTERM,
 # what a shell reports for a process that SIGTERM killed (a finished run exits 0).
@@ -168,7 +168,7 @@ def device_batch(batch, encoder, mesh):
             text = jax.device_put(text, parallel.batch_sharding(mesh))
         else:
             batch, text = dict(batch, **text), {}
-    keys = ("image", "low_res", "text", "text_mask", *COUNTERFACTUAL_KEYS, *CAPTION_TOKEN_KEYS)
+    keys = ("image", "low_res", "text", "text_mask", *COUNTERFACTUAL_KEYS, *CAPTION_KEYS)
     return {**parallel.global_batch({k: batch[k] for k in keys if k in batch}, mesh), **text}
 
 

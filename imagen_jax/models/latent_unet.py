@@ -142,3 +142,62 @@ class LatentUNet(nnx.Module):
                 text, mask, cond["drop_text"].astype(bool), self.null_text[...]
             )
         return self.unet(z_t, t, text, encoder_attention_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# A public pipeline's UNet, trained further
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineUNetConfig:
+    """The UNet of a public pipeline (its unet/config.json) and the length of its text
+    encoder's token sequence (CLIP: 77)."""
+
+    unet: sd_unet.SDUNetConfig
+    text_len: int = 77
+
+    @property
+    def text_dim(self) -> int:
+        return self.unet.cross_attention_dim
+
+    @property
+    def in_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def out_channels(self) -> int:
+        return self.unet.out_channels
+
+    @property
+    def num_levels(self) -> int:
+        return self.unet.num_blocks
+
+
+class EmptyText(nnx.Variable):
+    """The text encoder's tokens of the empty prompt: set from the encoder, never trained."""
+
+
+class PipelineUNet(nnx.Module):
+    """A public Stable Diffusion UNet (`sd_unet.SDUNet`, loaded from diffusers' weights) as
+    the trainer calls a network, `model(z_t, timesteps, cond)`.
+
+    As Stable Diffusion was trained and as diffusers' train_text_to_image drops captions
+    (`--proportion_empty_prompts`), the "unconditional" text of classifier-free guidance is
+    the encoding of "" (`empty_text`, [1, L, D], set by the trainer from its encoder), and the
+    cross-attention sees every token (the public UNets take no mask)."""
+
+    time_input = "timesteps"
+
+    def __init__(
+        self, cfg: PipelineUNetConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
+        self.cfg = cfg
+        self.unet = sd_unet.SDUNet(cfg.unet, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.empty_text = EmptyText(jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32))
+
+    def __call__(self, z_t, t, cond):
+        text = cond["text"]
+        if "drop_text" in cond:
+            empty = jnp.broadcast_to(self.empty_text[...].astype(text.dtype), text.shape)
+            text = jnp.where(cond["drop_text"].astype(bool)[:, None, None], empty, text)
+        return self.unet(z_t, t, text)

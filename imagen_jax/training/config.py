@@ -28,12 +28,26 @@ import numbers
 import ml_collections
 
 from imagen_jax.config_utils import ConfigError
-from imagen_jax.models import frozen_text_towers, git, imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import (
+    frozen_text_towers,
+    git,
+    imagen_unet,
+    latent_mmdit,
+    latent_unet,
+    sd_unet,
+    vae,
+)
 from imagen_jax.models import two_towers as two_towers_lib
+from imagen_jax.pipelines import diffusers_format
 from imagen_jax.text import clip as clip_text
+from imagen_jax.weights import CheckpointError
 
-FAMILIES = ("imagen", "sd_unet", "mmdit", "vae", "git", "two_towers")
-LATENT_FAMILIES = ("sd_unet", "mmdit")  # diffusion on a frozen VAE's latents
+FAMILIES = ("imagen", "sd_unet", "mmdit", "pipeline", "vae", "git", "two_towers")
+LATENT_FAMILIES = ("sd_unet", "mmdit", "pipeline")  # diffusion on a frozen VAE's latents
+# The public pipeline families that `model.family = "pipeline"` trains further.
+PIPELINE_FAMILIES = ("stable_diffusion",)
+# diffusers' train_text_to_image_lora's layers: the attention projections.
+LORA_TARGETS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
 _VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
@@ -64,6 +78,8 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         return latent_unet_model_config(**overrides)
     if family == "mmdit":
         return latent_mmdit_model_config(**overrides)
+    if family == "pipeline":
+        return pipeline_model_config(**overrides)
     if family == "vae":
         return vae_model_config(**overrides)
     if family == "git":
@@ -118,6 +134,66 @@ def latent_mmdit_model_config(**overrides) -> ml_collections.ConfigDict:
         param_dtype="float32",
     )
     return _group(defaults, overrides, "model", extra=latent_mmdit.VARIANT_FIELDS)
+
+
+def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
+    """The UNet of a public pipeline directory in diffusers layout, trained further (family
+    "pipeline"): its architecture is the directory's unet/config.json and its first weights
+    the directory's; `expect` is the pipeline family the config is written for (the
+    directory's model_index.json must say the same). `lora.rank > 0` trains low-rank
+    adapters on the layers whose diffusers name matches `lora.targets` (`models.lora`), the
+    UNet frozen; rank 0 trains every weight."""
+    defaults = dict(
+        family="pipeline",
+        pipeline="",  # the pipeline directory (model_index.json, unet/, vae/, text_encoder/)
+        expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x)
+        resolution=512,  # the side of the training images
+        low_resolution=0,  # must be 0
+        text_len=77,  # tokens of the text encoder's output (text.max_length)
+        dtype="float32",
+        param_dtype="float32",
+        lora=ml_collections.ConfigDict(
+            dict(
+                rank=0,  # 0: full fine-tuning; r > 0: adapters of rank r, the UNet frozen
+                alpha=0.0,  # the adapters' scale is alpha / rank; 0 = rank (scale 1)
+                targets=LORA_TARGETS,  # a regex searched in each layer's diffusers name
+            )
+        ),
+    )
+    lora = dict(overrides.pop("lora", None) or {})
+    cfg = _group(defaults, overrides, "model")
+    unknown = sorted(set(lora) - set(cfg.lora))
+    if unknown:
+        raise KeyError(f"unknown model.lora config keys {unknown}; allowed: {sorted(cfg.lora)}")
+    cfg.lora.update(lora)
+    return cfg
+
+
+def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.PipelineUNetConfig:
+    """The UNet config of `model.pipeline` (family "pipeline"), after checking that the
+    directory is a pipeline of the family `model.expect` names."""
+    if model.expect not in PIPELINE_FAMILIES:
+        raise ValueError(
+            f"model.expect={model.expect!r}: training public pipelines further is implemented "
+            f"for {PIPELINE_FAMILIES}"
+        )
+    if not model.pipeline:
+        raise FileNotFoundError("model.pipeline is empty: give a diffusers pipeline directory")
+    index = diffusers_format.read_model_index(model.pipeline)
+    family = diffusers_format.family_of(index, model.pipeline).name
+    if family != model.expect:
+        raise CheckpointError(
+            f"model.pipeline={model.pipeline!r} is a {index.get('_class_name')} "
+            f"({family}), but the config is for model.expect={model.expect!r}"
+        )
+    diffusers_format.check_components(model.pipeline, index, diffusers_format.FAMILIES[family])
+    folder = f"{model.pipeline}/unet"
+    hf = diffusers_format.read_json(f"{folder}/config.json", folder)
+    try:
+        unet = sd_unet.SDUNetConfig.from_hf(hf)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder}/config.json: {e}") from e
+    return latent_unet.PipelineUNetConfig(unet, text_len=int(model.text_len))
 
 
 def vae_model_config(**overrides) -> ml_collections.ConfigDict:
@@ -270,6 +346,8 @@ def network_config(model: ml_collections.ConfigDict):
         return latent_unet.make_config(model.variant, **_overrides(model))
     if family == "mmdit":
         return latent_mmdit.make_config(model.variant, **_overrides(model))
+    if family == "pipeline":
+        return pipeline_network_config(model)
     if family == "vae":
         return vae.make_config(model.variant, **_overrides(model))
     if family == "git":

@@ -138,7 +138,7 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
         abstract, shardings = state_lib.state_shardings(config, net, tx, mesh)
         target = state_lib.abstract_with_shardings(abstract, shardings)
         state = checkpointer.restore(latest, target, data_iterator)
-        rest = state_lib.init_rest(net, mesh, config.train.seed)
+        rest = state_lib.init_rest(config, net, mesh)
         logging.info("Resumed from %s/%d", checkpointer.directory, latest)
     logging.info(
         "Mesh %s; sharded parameters:\n%s",

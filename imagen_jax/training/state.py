@@ -11,8 +11,15 @@ state (the dropout RNG streams, reseeded every step) live in `Network`.
 
 The network is the `model.family`'s: ImagenUNet ("imagen", the default), LatentUNet
 ("sd_unet", our SDUNet with a learned null text), LatentMMDiT ("mmdit", our SD3 MMDiT with
-a learned null text) or AutoencoderKL ("vae"); `Network`'s
-properties (`low_res`, `dropout`, `text_dim`, `num_levels`) answer for all three.
+a learned null text), PipelineUNet ("pipeline": a public pipeline's UNet, its weights loaded
+by `pipeline_start.py`) or AutoencoderKL ("vae"); `Network`'s properties (`low_res`,
+`dropout`, `text_dim`, `num_levels`) answer for all of them.
+
+With low-rank adapters (`model.lora.rank > 0`, `models.lora`) the trained parameters are
+the adapters only: `TrainState.params` (and the optimizer's moments, the EMA and the
+checkpoints) hold them, and the frozen network's weights travel in `rest`, as
+{"nnx": the non-parameter state, "base": the frozen parameters} (sharded as parameters
+are); `Network.merge` adds the adapters to the base weights.
 
 Creation follows the flax/big_vision recipe: shapes from `nnx.eval_shape` (nothing is
 allocated), shardings from the parameter rules (`parallel.param_shardings`), then one
@@ -35,7 +42,15 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from imagen_jax import parallel, stages
-from imagen_jax.models import frozen_text_towers, git, imagen_unet, latent_mmdit, latent_unet, vae
+from imagen_jax.models import (
+    frozen_text_towers,
+    git,
+    imagen_unet,
+    latent_mmdit,
+    latent_unet,
+    lora,
+    vae,
+)
 from imagen_jax.training.config import LATENT_FAMILIES, network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,7 +75,8 @@ class Network:
     abstract_rest: Any  # nnx.State of ShapeDtypeStruct
     dtype: Any
     param_dtype: Any
-    family: str = "imagen"  # imagen | sd_unet | mmdit | vae | git | two_towers (model.family)
+    family: str = "imagen"  # imagen | sd_unet | mmdit | pipeline | vae | git | two_towers
+    lora: lora.LoraSpec | None = None  # adapters: params are them, rest holds the base
 
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         kw = dict(rngs=rngs, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -68,6 +84,8 @@ class Network:
             return latent_unet.LatentUNet(self.cfg, **kw)
         if self.family == "mmdit":
             return latent_mmdit.LatentMMDiT(self.cfg, **kw)
+        if self.family == "pipeline":
+            return latent_unet.PipelineUNet(self.cfg, **kw)
         if self.family == "vae":
             return vae.AutoencoderKL(self.cfg, **kw)
         if self.family == "git":
@@ -79,6 +97,9 @@ class Network:
         return imagen_unet.ImagenUNet(self.cfg, **kw)
 
     def merge(self, params, rest) -> nnx.Module:
+        if self.lora is not None:
+            merged = lora.merge(rest["base"], params, self.lora)
+            return nnx.merge(self.graphdef, merged, rest["nnx"])
         return nnx.merge(self.graphdef, params, rest)
 
     @property
@@ -101,7 +122,11 @@ class Network:
     @property
     def text_dim_key(self) -> str:
         """The config key that sets `text_dim`."""
-        keys = {"sd_unet": "model.cross_attention_dim", "mmdit": "model.joint_attention_dim"}
+        keys = {
+            "sd_unet": "model.cross_attention_dim",
+            "mmdit": "model.joint_attention_dim",
+            "pipeline": "cross_attention_dim of model.pipeline's unet/config.json",
+        }
         return keys.get(self.family, "model.text_dim")
 
     @property
@@ -142,17 +167,32 @@ def make_network(model: ml_collections.ConfigDict) -> Network:
     net = Network(cfg, None, None, None, dtype, param_dtype, family)
     abstract = nnx.eval_shape(lambda: net.build(nnx.Rngs(params=0, dropout=0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    return dataclasses.replace(
-        net, graphdef=graphdef, abstract_params=nnx.to_pure_dict(params), abstract_rest=rest
-    )
+    params = nnx.to_pure_dict(params)
+    if family == "pipeline" and int(model.lora.rank) > 0:
+        spec = lora.LoraSpec.select(
+            params, rank=model.lora.rank, alpha=model.lora.alpha, targets=model.lora.targets
+        )
+        return dataclasses.replace(
+            net,
+            graphdef=graphdef,
+            abstract_params=lora.abstract_adapters(spec, params),
+            abstract_rest={"nnx": rest, "base": params},
+            lora=spec,
+        )
+    return dataclasses.replace(net, graphdef=graphdef, abstract_params=params, abstract_rest=rest)
 
 
 def init_params_and_rest(net: Network, key):
-    """Fresh parameters (nested dict) and non-parameter state of the network."""
+    """Fresh parameters (nested dict) and non-parameter state of the network; with adapters,
+    fresh adapters and {"nnx": the state, "base": fresh base weights}."""
     key_params, key_dropout = jax.random.split(key)
     model = net.build(nnx.Rngs(params=key_params, dropout=key_dropout))
     _, params, rest = nnx.split(model, nnx.Param, ...)
-    return nnx.to_pure_dict(params), rest
+    params = nnx.to_pure_dict(params)
+    if net.lora is not None:
+        adapters = lora.init_adapters(net.lora, params, jax.random.fold_in(key_params, 1))
+        return adapters, {"nnx": rest, "base": params}
+    return params, rest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,7 +347,7 @@ def create_train_state(config, net: Network, tx, mesh):
         )
         return state, rest
 
-    state, rest = jax.jit(init, out_shardings=(shardings, _replicated_like(net, mesh)))()
+    state, rest = jax.jit(init, out_shardings=(shardings, rest_shardings(config, net, mesh)))()
     return state, shardings, rest
 
 
@@ -332,11 +372,7 @@ def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = N
     stages.check_params(file, {**loaded, **zeros}, expected)
     tree = stages.unflatten({**loaded, **zeros})
 
-    def place(array, abstract, sharding):
-        array = np.asarray(array, abstract.dtype)
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-    params = jax.tree.map(place, tree, net.abstract_params, shardings)
+    params = place_params(tree, net.abstract_params, shardings)
     if not grown:
         return params
     for module in sorted({_grown_module(key) for key in grown}):
@@ -351,6 +387,17 @@ def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = N
         return params
     flat, new = stages.flatten(params), stages.flatten(fresh)
     return stages.unflatten({**flat, **{key: new[key] for key in grown}})
+
+
+def place_params(tree, abstract, shardings):
+    """Host arrays (a nested dict) as global arrays of `abstract`'s dtypes in `shardings`:
+    each device receives its shard only."""
+
+    def place(array, spec, sharding):
+        array = np.asarray(array, spec.dtype)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    return jax.tree.map(place, tree, abstract, shardings)
 
 
 # Modules a run may add to a stage trained without them: each starts as the identity (its
@@ -393,14 +440,26 @@ def copy_tree(tree):
     return jax.tree.map(jnp.copy, tree)
 
 
-def _replicated_like(net: Network, mesh):
-    return jax.tree.map(lambda _: parallel.replicated(mesh), net.abstract_rest)
+def rest_shardings(config, net: Network, mesh):
+    """The shardings of `rest`: the non-parameter state replicated; an adapted network's
+    frozen base weights sharded by the parameter rules (`train.sharding_rules`)."""
+    rep = parallel.replicated(mesh)
+    if net.lora is None:
+        return jax.tree.map(lambda _: rep, net.abstract_rest)
+    rules = [(pattern, spec) for pattern, spec in config.train.sharding_rules]
+    base = net.abstract_rest["base"]
+    return {
+        "nnx": jax.tree.map(lambda _: rep, net.abstract_rest["nnx"]),
+        "base": parallel.param_shardings(base, mesh, rules, min_size=config.train.fsdp_min_size),
+    }
 
 
-def init_rest(net: Network, mesh, seed: int):
-    """The network's non-parameter state (dropout streams) as `create_train_state` makes
-    it, replicated over the mesh (for a state restored from a checkpoint)."""
-    key = jax.random.fold_in(jax.random.key(seed), 0)
+def init_rest(config, net: Network, mesh):
+    """The network's non-parameter state (dropout streams; an adapted network's fresh base
+    weights too) as `create_train_state` makes it, in `rest_shardings` (for a state
+    restored from a checkpoint)."""
+    key = jax.random.fold_in(jax.random.key(config.train.seed), 0)
     return jax.jit(
-        lambda: init_params_and_rest(net, key)[1], out_shardings=_replicated_like(net, mesh)
+        lambda: init_params_and_rest(net, key)[1],
+        out_shardings=rest_shardings(config, net, mesh),
     )()

@@ -203,9 +203,10 @@ def make_update(config, tx, lr_schedule):
 
 
 def jit_step(train_step, mesh, shardings, rest):
-    """`train_step(state, rest, batch)` jitted with the state's shardings, the state donated."""
+    """`train_step(state, rest, batch)` jitted with the state's shardings (`rest` keeps its
+    own: replicated, or an adapted network's base weights sharded), the state donated."""
     rep = parallel.replicated(mesh)
-    rest_shardings = jax.tree.map(lambda _: rep, rest)
+    rest_shardings = jax.tree.map(lambda x: getattr(x, "sharding", rep), rest)
     return jax.jit(
         train_step,
         in_shardings=(shardings, rest_shardings, parallel.batch_sharding(mesh)),

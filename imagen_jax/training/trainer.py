@@ -12,7 +12,8 @@ them; a latent stage's through its VAE).
 `model.family` picks the stage: "imagen" (pixel stages), "sd_unet" or "mmdit" (a latent
 stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE of
 `latent.vae` before the step, `latent_space.py`, and the sample grid decodes its latents
-with it) or "vae" (the autoencoder itself: `vae_trainer.train_vae`, the same loop with its
+with it) or "pipeline" (a public pipeline's UNet trained further, fully or with low-rank
+adapters: a latent stage whose first weights are the pipeline's, `pipeline_start.py`) or "vae" (the autoencoder itself: `vae_trainer.train_vae`, the same loop with its
 own step) or "git" (a GIT captioner: `caption_trainer.train_captioner`, the same loop with
 the captioning step) or "two_towers" (an image-text embedding model:
 `contrastive_trainer.train_contrastive`, the same loop with the contrastive step).
@@ -32,6 +33,7 @@ from imagen_jax.training import (
     latent_space,
     loop,
     periodic_eval,
+    pipeline_start,
     sample_grid,
     vae_trainer,
 )
@@ -102,6 +104,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
             encoder = stage_text_encoder(config, net)  # also for the sample grid's prompts
             data = input_lib.make_input(config, open_text_cache(config, encoder, net))
             state, shardings, rest = loop.make_state(config, net, tx, mesh, checkpointer, data)
+            if net.family == "pipeline":
+                state, rest = pipeline_start.start_from_pipeline(
+                    config, net, encoder, state, rest, shardings
+                )
             train_step = step_lib.make_train_step(
                 config, net, tx, lr_schedule, mesh, shardings, rest
             )

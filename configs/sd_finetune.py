@@ -1,0 +1,106 @@
+"""Stable Diffusion 1.x / 2.x trained further from a public pipeline directory (diffusers
+layout): its UNet fully, or low-rank adapters on it (`lora=RANK`), with its own VAE and CLIP
+text encoder frozen, its scheduler's noise schedule and prediction (eps or v).
+
+    python train.py --config=configs/sd_finetune.py:pipeline=models/sd-1.5,data=photos \
+        --workdir=runs/sd_photos
+    python train.py --config=configs/sd_finetune.py:pipeline=models/sd-2.1,data=photos,lora=8 \
+        --workdir=runs/sd_photos_lora
+    python -m imagen_jax.training.export_pipeline --config=configs/sd_finetune.py:... \
+        --workdir=runs/sd_photos --outdir=models/sd-photos      # sample.py --pipeline reads it
+
+`data` is a folder of images with captions (`data.source = "folder"`), or "shapes" (the
+shapes domain). The objective is diffusers' train_text_to_image's: t ~ U{0..T-1}, the MSE of
+the UNet's eps (or v) against its target, Min-SNR-gamma weighted when `snr_gamma` > 0;
+`empty_prob` of the captions are dropped to "" (its `--proportion_empty_prompts`; 0.1 keeps
+classifier-free guidance working); AdamW with weight decay 1e-2 and gradient clipping at 1.0
+as its defaults. Learning rate: 1e-5 full, 1e-4 with adapters (`lr` overrides). Adapters are
+trained on the attention projections (`model.lora.targets`, diffusers'
+train_text_to_image_lora's layers) at scale alpha / rank (`alpha`, default rank).
+
+`runlocal` shrinks the run for a tiny pipeline (tests): 32 px synthetic images, 4 steps.
+"""
+
+import os
+
+from configs import common
+from imagen_jax import training
+from imagen_jax.config_utils import parse_arg
+from imagen_jax.pipelines import diffusers_format
+from imagen_jax.text.config import text_config
+
+
+def get_config(arg=None):
+    arg = parse_arg(
+        arg,
+        pipeline="",
+        data="",
+        res=512,
+        batch=8,
+        steps=2000,
+        lr=0.0,
+        lora=0,
+        alpha=0.0,
+        empty_prob=0.1,
+        snr_gamma=0.0,
+        fsdp=1,
+        runlocal=False,
+    )
+    config = common.base_config()
+    config.model = training.model_config(
+        family="pipeline",
+        pipeline=arg.pipeline,
+        expect="stable_diffusion",
+        resolution=arg.res,
+        lora=dict(rank=arg.lora, alpha=arg.alpha),
+    )
+    text_encoder = os.path.join(arg.pipeline, "text_encoder") if arg.pipeline else ""
+    config.text = text_config(
+        kind="clip", path=text_encoder, max_length=77, model_mask=False, empty="encode"
+    )
+    config.latent = training.latent_config(
+        vae=os.path.join(arg.pipeline, "vae") if arg.pipeline else "", sample_posterior=True
+    )
+    if arg.pipeline:  # the pipeline's schedule, prediction and sampler
+        config.diffusion, config.sample = diffusers_format.scheduler_settings(
+            os.path.join(arg.pipeline, "scheduler")
+        )
+    config.diffusion.resolution = arg.res
+    config.sample.steps = 25
+    config.sample.guidance_scale = 7.5
+    if arg.data == "shapes":
+        config.data = training.data_config(source="shapes", size=1_000_000)
+    else:
+        config.data = training.data_config(source="folder", path=arg.data)
+    config.data.resolution = arg.res
+    config.data.batch_size = arg.batch
+    config.optim = training.optim_config(
+        lr=arg.lr or (1e-4 if arg.lora else 1e-5),
+        warmup_steps=0,
+        decay="constant",
+        weight_decay=1e-2,
+        grad_clip_norm=1.0,
+    )
+    config.train.steps = arg.steps
+    config.train.cond_drop_prob = arg.empty_prob
+    config.train.ema_decay = 0.9999
+    config.train.checkpoint_every = 500
+    config.train.sample_every = 500
+    config.train.sample_prompts = ("a photo of a cat", "")
+    if arg.snr_gamma > 0:
+        config.train.loss.weighting = "min_snr"
+        config.train.loss.min_snr_gamma = arg.snr_gamma
+    if arg.fsdp > 1:
+        config.mesh = [("data", -1), ("fsdp", arg.fsdp)]
+    if arg.runlocal:
+        config.model.resolution = config.diffusion.resolution = config.data.resolution = 32
+        config.data = training.data_config(source="synthetic", size=32, resolution=32)
+        config.data.batch_size = arg.batch
+        config.train.steps = 4
+        config.train.log_every = 1
+        config.train.checkpoint_every = 2
+        config.train.sample_every = 4
+        config.train.num_samples = 2
+        config.train.progress = False
+        config.sample.steps = 2
+    return config

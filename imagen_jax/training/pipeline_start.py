@@ -1,0 +1,79 @@
+"""Training a public pipeline's UNet further (`model.family = "pipeline"`): its first weights
+and the encoding of "" that stands for dropped captions.
+
+    state, rest = start_from_pipeline(config, net, encoder, state, rest, shardings)
+
+A fresh run (step 0) starts from the weights of `model.pipeline`'s unet/ folder (read
+strictly: every missing, unexpected or mis-shaped tensor is named): the parameters and their
+EMA for full fine-tuning; with adapters (`model.lora.rank > 0`) the frozen base in `rest`
+(the adapters start as `models.lora.init_adapters` draws them, so the adapted UNet starts as
+the public one). A resumed run of adapters reads the base weights again (its checkpoints hold
+the adapters only). Every run sets the network's `empty_text` from the stage's text
+encoder, the tokens CFG dropout gives a dropped caption (as Stable Diffusion's empty
+prompt).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from imagen_jax.models import sd_unet
+from imagen_jax.text.config import encode_captions
+from imagen_jax.training import state as state_lib
+from imagen_jax.weights import CheckpointError
+
+
+def pipeline_params(net: state_lib.Network, path: str) -> dict:
+    """The UNet weights of the pipeline directory `path` as the network's (base) parameter
+    tree of numpy arrays in its param_dtype; raises CheckpointError when they do not fit."""
+    folder = os.path.join(path, "unet")
+    model, cfg = sd_unet.load_unet(folder, net.param_dtype)
+    if cfg != net.cfg.unet:
+        raise CheckpointError(f"{folder}: its config changed since the run's network was built")
+    tree = {"unet": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    return jax.tree.map(np.asarray, tree)
+
+
+def empty_text(encoder, text_len: int) -> np.ndarray:
+    """The encoder's tokens of "" [1, L, D]; L must be the network's `model.text_len`."""
+    tokens = np.asarray(encode_captions(encoder, [""], to_host=True)["text"], np.float32)
+    if tokens.shape[1] != text_len:
+        raise ValueError(
+            f"the text encoder gives {tokens.shape[1]} tokens (text.max_length) but the "
+            f"network's empty text has model.text_len={text_len}; set them equal (CLIP: 77)"
+        )
+    return tokens
+
+
+def _with_empty_text(nnx_rest, tokens: np.ndarray):
+    values = nnx.to_pure_dict(nnx_rest)
+    sharding = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, values["empty_text"]))[0]
+    values["empty_text"] = jax.device_put(tokens, sharding)
+    nnx.replace_by_pure_dict(nnx_rest, values)
+    return nnx_rest
+
+
+def start_from_pipeline(config, net: state_lib.Network, encoder, state, rest, shardings):
+    """(state, rest) with the pipeline's weights where the run starts from them, and the
+    empty text set (see the module docstring)."""
+    path = config.model.pipeline
+    fresh = int(state.step) == 0
+    if fresh or net.lora is not None:
+        params = pipeline_params(net, path)
+        if net.lora is None:
+            placed = state_lib.place_params(params, net.abstract_params, shardings.params)
+            state = state._replace(params=placed, ema_params=state_lib.copy_tree(placed))
+        else:
+            base_shardings = jax.tree.map(lambda x: x.sharding, rest["base"])
+            base = state_lib.place_params(params, net.abstract_rest["base"], base_shardings)
+            rest = dict(rest, base=base)
+        logging.info("The UNet of %s%s", path, " (frozen, with adapters)" if net.lora else "")
+    tokens = empty_text(encoder, net.cfg.text_len)
+    if net.lora is None:
+        return state, _with_empty_text(rest, tokens)
+    return state, dict(rest, nnx=_with_empty_text(rest["nnx"], tokens))

@@ -44,7 +44,8 @@ Public models: --pipeline=DIR samples a Stable Diffusion 1.x / 2.x, SDXL or SD 3
 directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, text_encoder*/,
 tokenizer*/, scheduler/),
 with its scheduler's settings (override with --set=0.steps=30 --set=0.sampler=dpmpp_2m);
---refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8).
+--refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8);
+--lora=FILE merges a diffusers LoRA file's UNet adapters into an SD / SDXL pipeline.
 DeepFloyd IF: --pipeline=IF_I_DIR samples stage I (IFPipeline), --pipeline_sr=IF_II_DIR adds
 stage II (IFSuperResolutionPipeline) on its output, with the input noised at --noise_level
 (default 250); the two run as one cascade (--set=0.steps=50 --set=1.guidance_scale=4 ...).
@@ -133,6 +134,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("refiner", None, "An SDXL refiner directory (with an SDXL --pipeline).")
 flags.DEFINE_float("refiner_start", 0.8, "Fraction of the steps after which the refiner runs.")
 flags.DEFINE_string(
+    "lora",
+    None,
+    "A diffusers LoRA file (or a directory holding pytorch_lora_weights.safetensors) merged "
+    "into the SD / SDXL --pipeline's UNet.",
+)
+flags.DEFINE_string(
     "pipeline_sr", None, "A DeepFloyd IF stage II directory (after an IF stage I --pipeline)."
 )
 flags.DEFINE_string("init_image", None, "Image-to-image / inpainting: the image to start from.")
@@ -175,6 +182,7 @@ def _run(f):
         pipeline=f.pipeline,
         refiner=f.refiner,
         refiner_start=f.refiner_start,
+        lora=f.lora,
         pipeline_sr=f.pipeline_sr,
         noise_level=f.noise_level,
         overwrite=f.overwrite,

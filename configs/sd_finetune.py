@@ -35,7 +35,7 @@ def get_config(arg=None):
         arg,
         pipeline="",
         data="",
-        res=512,
+        res=0,  # the images' side; 0 = 512 (runlocal: 32)
         batch=8,
         steps=2000,
         lr=0.0,
@@ -46,12 +46,13 @@ def get_config(arg=None):
         fsdp=1,
         runlocal=False,
     )
+    res = arg.res or (32 if arg.runlocal else 512)
     config = common.base_config()
     config.model = training.model_config(
         family="pipeline",
         pipeline=arg.pipeline,
         expect="stable_diffusion",
-        resolution=arg.res,
+        resolution=res,
         lora=dict(rank=arg.lora, alpha=arg.alpha),
     )
     text_encoder = os.path.join(arg.pipeline, "text_encoder") if arg.pipeline else ""
@@ -65,14 +66,14 @@ def get_config(arg=None):
         config.diffusion, config.sample = diffusers_format.scheduler_settings(
             os.path.join(arg.pipeline, "scheduler")
         )
-    config.diffusion.resolution = arg.res
+    config.diffusion.resolution = res
     config.sample.steps = 25
     config.sample.guidance_scale = 7.5
     if arg.data == "shapes":
         config.data = training.data_config(source="shapes", size=1_000_000)
     else:
         config.data = training.data_config(source="folder", path=arg.data)
-    config.data.resolution = arg.res
+    config.data.resolution = res
     config.data.batch_size = arg.batch
     config.optim = training.optim_config(
         lr=arg.lr or (1e-4 if arg.lora else 1e-5),
@@ -93,8 +94,7 @@ def get_config(arg=None):
     if arg.fsdp > 1:
         config.mesh = [("data", -1), ("fsdp", arg.fsdp)]
     if arg.runlocal:
-        config.model.resolution = config.diffusion.resolution = config.data.resolution = 32
-        config.data = training.data_config(source="synthetic", size=32, resolution=32)
+        config.data = training.data_config(source="synthetic", size=32, resolution=res)
         config.data.batch_size = arg.batch
         config.train.steps = 4
         config.train.log_every = 1

@@ -28,15 +28,22 @@ metadata) gets the same adapted weights.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from flax.nnx import traversals
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from imagen_jax.weights import CheckpointError
 
 DOWN, UP = "lora_down", "lora_up"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name
 
 
 def module_name(path: tuple) -> str:
@@ -197,3 +204,28 @@ def adapters_from_diffusers(
         raise ValueError(f"{file}: adapters of several ranks {sorted(ranks)}")
     rank = ranks.pop()
     return LoraSpec(rank, float(rank), tuple(paths)), traversals.unflatten_mapping(out)
+
+
+def read_diffusers_lora(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray]]:
+    """(file, tensors) of a diffusers LoRA file, or of a directory holding
+    `LORA_WEIGHTS_NAME`; raises FileNotFoundError / CheckpointError naming the file."""
+    path = os.fspath(path)
+    file = os.path.join(path, LORA_WEIGHTS_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"--lora={path}: no LoRA file {file}")
+    try:
+        return file, load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def apply_diffusers_lora(model: nnx.Module, path: str | os.PathLike, *, prefix="unet") -> str:
+    """Merges the adapters of a diffusers LoRA file (`read_diffusers_lora`) into `model`'s
+    kernels in place (W + lora_B @ lora_A as diffusers' fused weights); returns the file."""
+    file, tensors = read_diffusers_lora(path)
+    state = nnx.state(model, nnx.Param)
+    params = nnx.to_pure_dict(state)
+    spec, adapters = adapters_from_diffusers(tensors, params, prefix=prefix, file=file)
+    nnx.replace_by_pure_dict(state, merge(params, adapters, spec))
+    nnx.update(model, state)
+    return file

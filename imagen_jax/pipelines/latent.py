@@ -50,6 +50,7 @@ from imagen_jax import files
 from imagen_jax import images as images_lib
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
+from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet, vae
 from imagen_jax.pipelines import diffusers_format, jobs
 from imagen_jax.text.encoder import TextEncoder, load_text_encoder
@@ -76,6 +77,7 @@ class LatentPipeline:
     sample: ml_collections.ConfigDict  # defaults of every call (the scheduler's settings)
     requires_aesthetics_score: bool = False  # the SDXL refiner's time ids
     force_zeros_for_empty_prompt: bool = True  # SDXL: no negative prompt = zero embeddings
+    lora: str = ""  # a diffusers LoRA file merged into the UNet ("" = none)
 
     def __post_init__(self):
         self.unet.eval()
@@ -322,6 +324,11 @@ class LatentPipeline:
             diffusion=self.diffusion.to_dict(),
             sample=self.sample.to_dict(),
             weights_sha256=self.weights_sha256,
+            **(
+                {"lora": dict(file=self.lora, sha256=files.file_sha256(self.lora))}
+                if self.lora
+                else {}
+            ),
         )
 
     @functools.cached_property
@@ -398,10 +405,14 @@ DEFAULT_GUIDANCE = {"stable_diffusion": 7.5, "stable_diffusion_xl": 5.0}
 DEFAULT_STEPS = 50
 
 
-def load_sd_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPipeline:
+def load_sd_pipeline(
+    path: str | os.PathLike, *, dtype=jnp.float32, lora: str | None = None
+) -> LatentPipeline:
     """An SD 1.x / 2.x or SDXL (base or refiner) pipeline from a diffusers directory
     (`pipelines.public.load_latent_pipeline` takes any latent family). Every component is
-    checked (present, of its class, fitting the others) before weights load."""
+    checked (present, of its class, fitting the others) before weights load. lora: a
+    diffusers LoRA file (or a directory holding pytorch_lora_weights.safetensors) whose
+    UNet adapters are merged into the UNet (`models.lora.apply_diffusers_lora`)."""
     path = os.fspath(path)
     index = diffusers_format.read_model_index(path)
     family = diffusers_format.family_of(index, path)
@@ -440,6 +451,7 @@ def load_sd_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPip
             "a UNet of another model family?"
         )
     unet, unet_config = sd_unet.load_unet(os.path.join(path, "unet"), dtype)
+    lora_file = lora_lib.apply_diffusers_lora(unet, lora) if lora else ""
     autoencoder, _ = vae.load_vae(os.path.join(path, "vae"), dtype)
     c = autoencoder.config.latent_channels
     if unet_config.in_channels not in (c, 2 * c + 1):
@@ -463,6 +475,7 @@ def load_sd_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> LatentPip
         sample=sample,
         requires_aesthetics_score=bool(model_index.get("requires_aesthetics_score", False)),
         force_zeros_for_empty_prompt=bool(model_index.get("force_zeros_for_empty_prompt", True)),
+        lora=lora_file,
     )
 
 

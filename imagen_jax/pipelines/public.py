@@ -18,14 +18,19 @@ import jax.numpy as jnp
 from imagen_jax.pipelines import deepfloyd, diffusers_format, editing, jobs, latent, sd3
 
 
-def load_latent_pipeline(path: str | os.PathLike, *, dtype=jnp.float32) -> latent.LatentPipeline:
+def load_latent_pipeline(
+    path: str | os.PathLike, *, dtype=jnp.float32, lora: str | None = None
+) -> latent.LatentPipeline:
     """An SD 1.x / 2.x, SDXL (base or refiner) or SD 3 pipeline from a diffusers directory,
-    by its model_index.json's family; every component is checked before weights load."""
+    by its model_index.json's family; every component is checked before weights load.
+    lora: a diffusers LoRA file (or its directory) merged into an SD / SDXL UNet."""
     path = os.fspath(path)
     family = diffusers_format.family_of(diffusers_format.read_model_index(path), path)
     if family.name == "stable_diffusion_3":
+        if lora:
+            raise ValueError(f"--lora: {path} is an SD 3 pipeline; LoRA files load into SD / SDXL")
         return sd3.load_sd3_pipeline(path, dtype=dtype)
-    return latent.load_sd_pipeline(path, dtype=dtype)
+    return latent.load_sd_pipeline(path, dtype=dtype, lora=lora)
 
 
 def public_job(
@@ -41,13 +46,17 @@ def public_job(
     batch_size=1,
     edit=None,
     per_prompt=None,
+    lora=None,
 ):
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
-    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3.
+    cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3;
+    lora: a diffusers LoRA file (or its directory) merged into the SD / SDXL base's UNet.
     edit: an `editing.EditRequest` applied to every image (IF: as a stage set's, the
     samplers' masked sampling with the known region kept clean, as diffusers' IF inpainting
     pipelines keep it; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""
     if deepfloyd.is_if_pipeline(pipeline):
+        if lora:
+            raise ValueError(f"--lora: {pipeline} is DeepFloyd IF; LoRA files load into SD / SDXL")
         if refiner:
             raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
         cascade, loaded = deepfloyd.load_if_cascade(
@@ -71,7 +80,7 @@ def public_job(
     if pipeline_sr:
         raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
     per_stage = jobs.parse_overrides(overrides, 2 if refiner else 1) + [{}]
-    base = load_latent_pipeline(pipeline)
+    base = load_latent_pipeline(pipeline, lora=lora)
     if edit is not None and not isinstance(base, latent.LatentPipeline):
         raise ValueError(
             f"--init_image / --mask: {pipeline} is an SD 3 pipeline, which does not edit "

@@ -81,6 +81,7 @@ def run_sampling_job(
     pipeline: str | None = None,
     refiner: str | None = None,
     refiner_start: float = 0.8,
+    lora: str | None = None,
     pipeline_sr: str | None = None,
     noise_level: int | None = None,
     overwrite: bool = False,
@@ -95,7 +96,8 @@ def run_sampling_job(
     `jobs.run_job`'s summary. height, width: the final images' size (None: the last
     stage's trained resolution; see `cascade.stage_sizes`). pipeline: a diffusers-format
     SD / SDXL directory instead of stages (refiner: an SDXL refiner taking over at
-    `refiner_start` of the steps), or a DeepFloyd IF stage I directory (pipeline_sr: an IF
+    `refiner_start` of the steps; lora: a diffusers LoRA file merged into its UNet), or a
+    DeepFloyd IF stage I directory (pipeline_sr: an IF
     stage II directory after it, whose input is noised at `noise_level`, None: diffusers'
     250). overwrite: replace the images of another job in outdir (else a rerun into a
     folder of another job refuses; see `jobs.prepare_outdir`). model: a shipped model's
@@ -119,6 +121,8 @@ def run_sampling_job(
         stages = shipped.stage_dirs(model or shipped.DEFAULT)  # fails here if not shipped
     if refiner and not pipeline:
         raise ValueError("--refiner needs --pipeline (the SDXL base)")
+    if lora and not pipeline:
+        raise ValueError("--lora needs --pipeline (the SD / SDXL pipeline it adapts)")
     if pipeline_sr and not pipeline:
         raise ValueError("--pipeline_sr needs --pipeline (DeepFloyd IF stage I)")
     if noise_level is not None and not pipeline_sr:
@@ -166,6 +170,7 @@ def run_sampling_job(
             batch_size=batch_size,
             edit=request,
             per_prompt=per_prompt,
+            lora=lora,
         )
         if request is not None:
             for line in request.notes:

@@ -5,7 +5,9 @@ run (`model.family = "vae"`) as a diffusers `vae/` directory that latent stages
 (`latent.vae`) and diffusers read, or a captioner run (`model.family = "git"`) as a Hugging
 Face GIT directory that `pipelines.captioning.load_captioner` and transformers'
 `GitForCausalLM` read, or an embedding model run (`model.family = "two_towers"`) as the
-directory that `pipelines.embedding.load_embedder` reads.
+directory that `pipelines.embedding.load_embedder` reads, or a public pipeline trained
+further (`model.family = "pipeline"`) as a copy of the pipeline with its new UNet, or its
+adapters as a diffusers LoRA file (`pipeline_export.py`; float32 unless --dtype is given).
 
     python -m imagen_jax.training.export --config=configs/shapes_base.py \
         --workdir=runs/shapes_base --outdir=models/shapes_base [--step=N] [--dtype=float16]
@@ -19,12 +21,20 @@ directory that `pipelines.embedding.load_embedder` reads.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from absl import app, flags
 
 from imagen_jax import stages
 from imagen_jax.config_utils import define_config_file
-from imagen_jax.training import caption_trainer, contrastive_trainer, latent_space, vae_trainer
+from imagen_jax.training import (
+    caption_trainer,
+    contrastive_trainer,
+    latent_space,
+    pipeline_export,
+    vae_trainer,
+)
 from imagen_jax.training import checkpoint as ckpt_lib
 
 
@@ -82,6 +92,25 @@ def export_stage(
     return outdir
 
 
+def export_pipeline(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    outdir: str,
+    *,
+    step: int | None = None,
+    ema: bool = True,
+    dtype: str = "float32",
+) -> str:
+    """Writes a public pipeline trained further (`model.family = "pipeline"`) for diffusers:
+    a copy of the pipeline with the run's UNet, or its adapters as a diffusers LoRA file
+    (`pipeline_export.write_finetuned`); EMA weights unless `ema` is False."""
+    params, net, step = ckpt_lib.restore_params(config, workdir, step, ema=ema)
+    identity = dict(workdir=os.path.abspath(workdir), step=step, ema=ema)
+    return pipeline_export.write_finetuned(
+        outdir, config, net, params, identity=identity, dtype=dtype
+    )
+
+
 def export_vae(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -133,7 +162,9 @@ flags.DEFINE_string("outdir", None, "The stage (or diffusers vae/) directory to 
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_enum("dtype", "float16", list(stages.STORAGE_DTYPES), "Stage storage dtype.")
 flags.DEFINE_bool(
-    "ema", True, "VAE, captioner and embedding runs: the EMA weights (--noema: the raw weights)."
+    "ema",
+    True,
+    "VAE, captioner, embedding and pipeline runs: the EMA weights (--noema: the raw weights).",
 )
 
 
@@ -148,6 +179,9 @@ def main(argv):
         print(export_captioner(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
     elif family == "two_towers":
         print(export_embedding(config, f.workdir, f.outdir, step=f.step, ema=f.ema))
+    elif family == "pipeline":
+        dtype = f.dtype if f["dtype"].present else "float32"
+        print(export_pipeline(config, f.workdir, f.outdir, step=f.step, ema=f.ema, dtype=dtype))
     else:
         print(export_stage(config, f.workdir, f.outdir, step=f.step, storage_dtype=f.dtype))
 

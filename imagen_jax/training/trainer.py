@@ -13,9 +13,10 @@ them; a latent stage's through its VAE).
 stage, UNet or SD3 MMDiT: the batches' images become latents of the frozen VAE of
 `latent.vae` before the step, `latent_space.py`, and the sample grid decodes its latents
 with it) or "pipeline" (a public pipeline's UNet trained further, fully or with low-rank
-adapters: a latent stage whose first weights are the pipeline's, `pipeline_start.py`) or "vae" (the autoencoder itself: `vae_trainer.train_vae`, the same loop with its
-own step) or "git" (a GIT captioner: `caption_trainer.train_captioner`, the same loop with
-the captioning step) or "two_towers" (an image-text embedding model:
+adapters: a latent stage whose first weights are the pipeline's, `pipeline_start.py`) or
+"vae" (the autoencoder itself: `vae_trainer.train_vae`, the same loop with its own step)
+or "git" (a GIT captioner: `caption_trainer.train_captioner`, the same loop with the
+captioning step) or "two_towers" (an image-text embedding model:
 `contrastive_trainer.train_contrastive`, the same loop with the contrastive step).
 """
 

@@ -1,0 +1,100 @@
+"""A public pipeline trained further (`model.family = "pipeline"`), written back for diffusers
+and `sample.py --pipeline`:
+
+- full fine-tuning: a copy of the pipeline directory (`model.pipeline`) whose unet/ holds the
+  run's weights (diffusers' names and layouts, `diffusion_pytorch_model.safetensors`, the
+  same config.json); diffusers' `from_pretrained` and `sample.py --pipeline=OUTDIR` read it.
+- adapters (`model.lora.rank > 0`): OUTDIR/pytorch_lora_weights.safetensors in the format
+  diffusers' `load_lora_weights(OUTDIR)` reads (`models.lora.diffusers_tensors`: peft names,
+  the scale folded in); `sample.py --pipeline=BASE --lora=OUTDIR` samples the base pipeline
+  with them merged.
+
+Either way OUTDIR/finetune.json records where the weights came from (the base pipeline, the
+workdir, the step, EMA or not, the adapters' rank, alpha and layers). OUTDIR must not hold
+files already: an export never mixes with an older one.
+
+    python -m imagen_jax.training.export --config=configs/sd_finetune.py:pipeline=BASE,... \
+        --workdir=runs/sd_photos --outdir=models/sd-photos [--step=N] [--noema]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from imagen_jax.models import lora as lora_lib
+from imagen_jax.models import sd_unet
+from imagen_jax.weights import checkpoint_tensors
+from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
+
+RECORD = "finetune.json"
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def _unet_weight_file(name: str) -> bool:
+    """A file of a diffusers model folder that holds (or indexes) its weights."""
+    return name.startswith("diffusion_pytorch_model") and name.endswith(
+        (".safetensors", ".bin", ".index.json")
+    )
+
+
+def _check_outdir(outdir: str) -> None:
+    if os.path.isdir(outdir) and os.listdir(outdir):
+        raise FileExistsError(
+            f"--outdir={outdir} already holds files; export into a new or empty directory"
+        )
+
+
+def write_finetuned(
+    outdir: str, config, net, params, *, identity: dict, dtype: str = "float32"
+) -> str:
+    """Writes the run's weights `params` (the network's tree: the UNet, or the adapters)
+    as the module docstring says; returns the path of what diffusers loads (the pipeline
+    directory, or the LoRA file's directory)."""
+    if dtype not in STORAGE_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {tuple(STORAGE_DTYPES)}")
+    _check_outdir(outdir)
+    pipeline = config.model.pipeline
+    record = dict(pipeline=os.path.abspath(pipeline), family=config.model.expect, **identity)
+    if net.lora is not None:
+        os.makedirs(outdir, exist_ok=True)
+        tensors = lora_lib.diffusers_tensors(params["unet"], _unet_spec(net.lora), prefix="unet")
+        tensors = {k: v.astype(STORAGE_DTYPES[dtype]) for k, v in tensors.items()}
+        save_file(
+            tensors, os.path.join(outdir, lora_lib.LORA_WEIGHTS_NAME), metadata={"format": "pt"}
+        )
+        record["lora"] = dict(
+            rank=net.lora.rank,
+            alpha=net.lora.alpha,
+            targets=config.model.lora.targets,
+            layers=len(net.lora.paths),
+        )
+    else:
+        shutil.copytree(
+            pipeline,
+            outdir,
+            dirs_exist_ok=True,
+            ignore=lambda d, names: (
+                [n for n in names if _unet_weight_file(n)] if os.path.basename(d) == "unet" else []
+            ),
+        )
+        tensors = checkpoint_tensors(
+            params["unet"],
+            sd_unet.hf_key_map(net.cfg.unet),
+            dtype=STORAGE_DTYPES[dtype],
+            what="SDUNet",
+        )
+        file = os.path.join(outdir, "unet", DIFFUSERS_WEIGHTS_NAME)
+        save_file(tensors, file, metadata={"format": "pt"})
+    with open(os.path.join(outdir, RECORD), "w") as f:
+        json.dump(record, f, indent=2)
+    return outdir
+
+
+def _unet_spec(spec: lora_lib.LoraSpec) -> lora_lib.LoraSpec:
+    """The spec with its paths inside the UNet (the network's tree is {"unet": ...})."""
+    return lora_lib.LoraSpec(spec.rank, spec.alpha, tuple(p[1:] for p in spec.paths))

@@ -1,0 +1,285 @@
+"""Training public Stable Diffusion pipelines further (configs/sd_finetune.py,
+`model.family = "pipeline"`), on tiny random pipelines of diffusers' real classes saved with
+`save_pretrained`:
+
+- the loss of one batch, noise and timesteps equals the formula of diffusers'
+  train_text_to_image.py (eps with uniform weighting, v with Min-SNR-5) on the same weights
+  within 1e-5, and its gradient equals torch autograd's within 1e-4 (relative, per tensor);
+- the encoding of "" that a dropped caption gets equals the CLIP text model's;
+- a full fine-tune exported as a pipeline copy samples in diffusers as it samples here, and
+  an adapter run's LoRA file loaded by diffusers' `load_lora_weights` gives the images our
+  merged UNet gives (both moved away from the base pipeline's images);
+- adapters alone are trained and checkpointed; 8 devices (the batch over 8, the weights
+  over 2: FSDP) equal one device; a resumed adapter run equals the uninterrupted one bitwise;
+- bad input: another family's pipeline, a LoRA pattern that matches no layer, a resolution
+  the UNet cannot take, an export into a non-empty directory.
+"""
+
+import json
+import shutil
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_tree, stage_config
+from flax.nnx import traversals
+from tiny_diffusers import sd2_pipeline, sd_pipeline
+
+from imagen_jax import training
+from imagen_jax.diffusion import config as diffusion_config
+from imagen_jax.models import lora as lora_lib
+from imagen_jax.models import sd_unet
+from imagen_jax.pipelines.public import load_latent_pipeline
+from imagen_jax.text.config import encode_captions, make_text_encoder
+from imagen_jax.training import export, pipeline_start
+from imagen_jax.training import state as state_lib
+from imagen_jax.training import step as step_lib
+from imagen_jax.weights import CheckpointError
+
+PROMPTS = ["a red circle above a blue square", "two green stars"]
+IMAGE_TOL = 1e-3  # float32 images in [0, 1], as tests/pipelines/test_latent_pipelines.py
+
+
+def _ddim():
+    """SD's schedule with a deterministic sampler (the trainer reads only the schedule and the
+    prediction; diffusers' script reads the folder as a DDPMScheduler)."""
+    return diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    """{"sd": an SD 1.x pipeline (eps), "sd2": an SD 2.x one (v)} directories, both DDIM."""
+    root = tmp_path_factory.mktemp("pipelines")
+    sd_pipeline(root / "sd", _ddim())
+    sd2_pipeline(root / "sd2")
+    return {"sd": root / "sd", "sd2": root / "sd2"}
+
+
+def _config(pipe, arg="", **train):
+    config = stage_config("sd_finetune", f"runlocal,pipeline={pipe},{arg}", sample_every=0)
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective against diffusers' training script
+
+
+@pytest.mark.parametrize("kind, snr_gamma", [("sd", 0.0), ("sd2", 5.0)])
+def test_loss_and_gradient_match_diffusers_train_text_to_image(pipes, kind, snr_gamma):
+    path = pipes[kind]
+    config = _config(path, f"snr_gamma={snr_gamma},empty_prob=0")
+    net = state_lib.make_network(config.model)
+    encoder = make_text_encoder(config.text)
+    text = encode_captions(encoder, PROMPTS)
+    b = len(PROMPTS)
+    latents = np.random.default_rng(0).normal(size=(b, 16, 16, 4)).astype(np.float32)
+    batch = {"latents": latents, "text": text["text"], "text_mask": text["text_mask"]}
+    params = jax.tree.map(jnp.asarray, pipeline_start.pipeline_params(net, str(path)))
+    _, rest = state_lib.init_params_and_rest(net, jax.random.key(0))
+    schedule = diffusion_config.make_schedule(config.diffusion)
+    loss_fn = step_lib.make_loss_fn(config, net, schedule, [])
+    key = jax.random.key(7)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest, batch, key)
+
+    # The draws of the step (`step.make_loss_fn`, `diffusion.diffusion_loss`), in numpy.
+    _, key_loss, _ = jax.random.split(key, 3)
+    key_t, key_eps = jax.random.split(key_loss)
+    timesteps = np.asarray(jax.random.randint(key_t, (b,), 0, 1000))
+    noise = np.asarray(jax.random.normal(key_eps, latents.shape))
+
+    # diffusers/examples/text_to_image/train_text_to_image.py, its loss as written there.
+    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(path / "scheduler")
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    lat, eps, t = nchw(latents), nchw(noise), torch.from_numpy(timesteps).long()
+    noisy = scheduler.add_noise(lat, eps, t)
+    if scheduler.config.prediction_type == "epsilon":
+        target = eps
+    else:
+        target = scheduler.get_velocity(lat, eps, t)
+    hidden = torch.from_numpy(np.asarray(text["text"]))
+    pred = unet(noisy, t, hidden, return_dict=False)[0]
+    if not snr_gamma:
+        ref = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+    else:
+        from diffusers.training_utils import compute_snr
+
+        snr = compute_snr(scheduler, t)
+        weights = torch.stack([snr, snr_gamma * torch.ones_like(t)], dim=1).min(dim=1)[0]
+        weights = weights / (snr if scheduler.config.prediction_type == "epsilon" else snr + 1)
+        ref = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+        ref = (ref.mean(dim=list(range(1, len(ref.shape)))) * weights).mean()
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, float(ref)), (float(loss), float(ref))
+
+    ref.backward()
+    theirs = dict(unet.named_parameters())
+    key_map = sd_unet.hf_key_map(net.cfg.unet)
+    ours = traversals.flatten_mapping(_host(grads)["unet"])
+    assert set(ours) == set(key_map)
+    worst = 0.0
+    for path_, src in key_map.items():
+        want = theirs[src.names[0]].grad.numpy()
+        got = src.to_checkpoint(ours[path_])
+        scale = max(np.linalg.norm(want), 1e-3 * np.linalg.norm(ours[(*path_,)]) + 1e-12)
+        worst = max(worst, float(np.linalg.norm(got - want) / scale))
+    assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
+def test_dropped_captions_get_the_clip_encoding_of_the_empty_prompt(pipes):
+    import transformers
+
+    config = _config(pipes["sd"])
+    tokens = pipeline_start.empty_text(make_text_encoder(config.text), 77)
+    tokenizer = transformers.CLIPTokenizer.from_pretrained(pipes["sd"] / "tokenizer")
+    model = transformers.CLIPTextModel.from_pretrained(pipes["sd"] / "text_encoder")
+    ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).last_hidden_state.numpy()
+    np.testing.assert_allclose(tokens, want, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: full and adapters, on 1 and 8 devices, exported
+
+
+@pytest.fixture(scope="module")
+def runs(pipes, tmp_path_factory):
+    """Two steps of each kind of run on the SD pipeline: (state, workdir) by name."""
+    out = {}
+    kinds = {
+        "full_1": ("lr=0.001", [("data", 1)], 2**18),
+        "full_fsdp": ("lr=0.001", [("data", 4), ("fsdp", 2)], 0),
+        "lora_8": ("lora=2,alpha=4,lr=0.01", [("data", -1)], 2**18),
+    }
+    for name, (arg, mesh, min_size) in kinds.items():
+        config = _config(pipes["sd"], arg, steps=2, checkpoint_every=1, fsdp_min_size=min_size)
+        config.mesh = mesh
+        # Adam's step is about lr for any gradient far above eps: with eps at 1e-3 a
+        # gradient near 0, summed in another order on 8 devices, moves its weight alike.
+        config.optim.eps = 1e-3
+        workdir = tmp_path_factory.mktemp(name)
+        state, metrics = training.train_and_evaluate(config, str(workdir))
+        out[name] = (state, workdir, config, metrics)
+    return out
+
+
+def test_adapters_alone_are_trained_and_checkpointed(runs, pipes):
+    state, _, config, _ = runs["lora_8"]
+    names = {path[-1] for path in traversals.flatten_mapping(_host(state.params))}
+    assert names == {lora_lib.DOWN, lora_lib.UP}
+    net = state_lib.make_network(config.model)
+    # to_q, to_k, to_v and to_out.0 of attn1 and attn2 in 4 transformer blocks
+    assert len(net.lora.paths) == 4 * 2 * 4
+    assert all(p[-2] in ("to_q", "to_k", "to_v", 0) for p in net.lora.paths)
+    flat = traversals.flatten_mapping(_host(state.params))
+    ups = [x for p, x in flat.items() if p[-1] == lora_lib.UP]
+    assert max(np.abs(u).max() for u in ups) > 1e-3  # up started at zero and has moved
+
+
+def test_eight_devices_with_sharded_weights_match_one_device(runs):
+    state, _, _, metrics = runs["full_fsdp"]  # the batch over 4 x 2 devices, the weights over 2
+    ref, _, _, ref_metrics = runs["full_1"]
+    spec = state.params["unet"]["conv_in"]["kernel"].sharding.spec
+    assert "fsdp" in tuple(spec)
+    assert len(ref.params["unet"]["conv_in"]["kernel"].sharding.device_set) == 1
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        _host(state.params),
+        _host(ref.params),
+    )
+
+
+def test_resumed_adapter_run_matches_the_uninterrupted_one(runs, tmp_path):
+    state, workdir, config, _ = runs["lora_8"]
+    shutil.copytree(workdir / "checkpoints" / "1", tmp_path / "checkpoints" / "1")
+    resumed, _ = training.train_and_evaluate(config, str(tmp_path))
+    assert_same_tree(resumed, state)
+
+
+def _sample_both(ours_dir, ref, *, lora=None):
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    want = ref(
+        PROMPTS,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
+        output_type="np",
+    ).images
+    got = load_latent_pipeline(ours_dir, lora=lora)(
+        PROMPTS, noise=noise, steps=3, guidance_scale=5.0
+    ).images
+    return got, want
+
+
+def test_full_fine_tune_exports_a_pipeline_that_diffusers_samples_alike(runs, pipes, tmp_path):
+    _, workdir, config, _ = runs["full_1"]
+    out = tmp_path / "export"
+    export.export_pipeline(config, str(workdir), str(out))
+    record = json.loads((out / "finetune.json").read_text())
+    assert record["step"] == 2 and record["ema"] is True
+    base = diffusers.StableDiffusionPipeline.from_pretrained(pipes["sd"])
+    tuned = diffusers.StableDiffusionPipeline.from_pretrained(out)
+    got, want = _sample_both(out, tuned)
+    np.testing.assert_allclose(got, want, atol=IMAGE_TOL)
+    _, before = _sample_both(pipes["sd"], base)
+    assert np.abs(want - before).max() > 10 * IMAGE_TOL  # the fine-tune changed the images
+    with pytest.raises(FileExistsError, match="already holds files"):
+        export.export_pipeline(config, str(workdir), str(out))
+
+
+def test_adapters_export_to_a_file_that_load_lora_weights_reads(runs, pipes, tmp_path):
+    _, workdir, config, _ = runs["lora_8"]
+    out = tmp_path / "lora"
+    export.export_pipeline(config, str(workdir), str(out))
+    assert (out / lora_lib.LORA_WEIGHTS_NAME).is_file()
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(pipes["sd"])
+    _, before = _sample_both(pipes["sd"], ref)
+    ref.load_lora_weights(str(out))
+    got, want = _sample_both(pipes["sd"], ref, lora=str(out))
+    np.testing.assert_allclose(got, want, atol=IMAGE_TOL)
+    assert np.abs(want - before).max() > 10 * IMAGE_TOL  # the adapters changed the images
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_a_pipeline_of_another_family_is_named(pipes, tmp_path):
+    other = tmp_path / "xl"
+    shutil.copytree(pipes["sd"], other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="StableDiffusionXLPipeline.*model.expect"):
+        state_lib.make_network(_config(other).model)
+
+
+def test_a_lora_pattern_that_matches_no_layer_is_named(pipes):
+    config = _config(pipes["sd"], "lora=2")
+    config.model.lora.targets = r"to_nothing$"
+    with pytest.raises(ValueError, match=r"lora.targets='to_nothing\$' matches no layer"):
+        state_lib.make_network(config.model)
+
+
+def test_a_resolution_the_unet_cannot_take_is_named(pipes, tmp_path):
+    config = _config(pipes["sd"], "res=34")  # latents of 17 px; the UNet halves once
+    with pytest.raises(ValueError, match="model.resolution=34"):
+        training.train_and_evaluate(config, str(tmp_path))

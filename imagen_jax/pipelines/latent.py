@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from imagen_jax import files
 from imagen_jax import images as images_lib
@@ -87,6 +88,25 @@ class LatentPipeline:
         # on_step(step_index): progress from inside the compiled loop, for samplers
         # compiled while it is set (None: none compiled in).
         self.on_step = None
+        self.mesh = None  # `set_mesh`: the devices a batch is split over (None: one device)
+
+    def set_mesh(self, mesh) -> None:
+        """Split every batch whose size the mesh's first axis divides over its devices (the
+        weights replicated on each; None: one device). Row r's image depends on its key
+        only, so the images are those of one device."""
+        self.mesh = mesh
+        where = jax.devices()[0] if mesh is None else NamedSharding(mesh, PartitionSpec())
+        self._unet_state = jax.device_put(self._unet_state, where)
+        self._vae_state = jax.device_put(self._vae_state, where)
+
+    def _place(self, tree, batch: int):
+        """The call's inputs with their rows split over the mesh; a batch the mesh does not
+        divide runs whole on every device (replicated)."""
+        if self.mesh is None:
+            return tree
+        split = batch % self.mesh.devices.shape[0] == 0
+        rows = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0] if split else None))
+        return jax.device_put(tree, rows)
 
     @property
     def xl(self) -> bool:
@@ -299,6 +319,9 @@ class LatentPipeline:
         elif inpaint is not None:  # a text-to-image UNet: the samplers' masked sampling
             editing = dict(x_known=init, mask=inpaint["mask"])
         run = self._sampler(sampling)
+        z, cond, uncond, keys, editing = self._place(
+            (jnp.asarray(z, jnp.float32), cond, uncond, keys, editing), b
+        )
         latents = run(
             self._unet_state,
             jnp.asarray(z, jnp.float32),
@@ -311,7 +334,7 @@ class LatentPipeline:
         )
         if editing:  # the kept region clean at the end, also where the grid's last level is
             # not (DDIM without set_alpha_to_one), as diffusers' last step puts it back
-            latents = editing["mask"] * latents + (1.0 - editing["mask"]) * init
+            latents = editing["mask"] * latents + (1.0 - editing["mask"]) * editing["x_known"]
         if output == "latent":
             return LatentOutput(None, latents)
         return LatentOutput(self.decode(latents), latents)

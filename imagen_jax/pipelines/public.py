@@ -81,14 +81,18 @@ def public_job(
         raise ValueError(f"--pipeline_sr is for DeepFloyd IF; {pipeline} is not IF stage I")
     per_stage = jobs.parse_overrides(overrides, 2 if refiner else 1) + [{}]
     base = load_latent_pipeline(pipeline, lora=lora)
+    base.set_mesh(jobs.local_mesh(batch_size))  # a batch split over this host's devices
     if edit is not None and not isinstance(base, latent.LatentPipeline):
         raise ValueError(
             f"--init_image / --mask: {pipeline} is an SD 3 pipeline, which does not edit "
             "here yet (SD / SDXL and DeepFloyd IF do)"
         )
+    refiner_pipe = load_latent_pipeline(refiner) if refiner else None
+    if refiner_pipe is not None:
+        refiner_pipe.set_mesh(base.mesh)
     job = latent.LatentJob(
         base,
-        load_latent_pipeline(refiner) if refiner else None,
+        refiner_pipe,
         refiner_start=refiner_start,
         height=height,
         width=width,

@@ -22,7 +22,7 @@ from tiny_diffusers import (
 )
 
 from imagen_jax.pipelines import diffusers_format
-from imagen_jax.pipelines.public import load_latent_pipeline
+from imagen_jax.pipelines.public import load_latent_pipeline, public_job
 from imagen_jax.weights import CheckpointError
 
 TOL = 1e-3
@@ -210,3 +210,30 @@ def test_unipc_scheduler_config(tmp_path):
     diffusers.UniPCMultistepScheduler(**kw, solver_type="bh1").save_config(tmp_path / "b")
     with pytest.raises(CheckpointError, match="solver_type='bh1' is not supported"):
         diffusers_format.scheduler_settings(tmp_path / "b")
+
+
+def _split_over_eight_devices(path, pipe, **kwargs):
+    """Images of 8 prompts on one device, then split over 8 (`sample.py --pipeline` splits
+    a batch the host's devices divide, `public.public_job`), and 3 prompts on the 8-device
+    mesh (a batch it does not divide runs whole on each device)."""
+    prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS]
+    one = pipe(prompts, seed=3, steps=2, **kwargs).images
+    job, _ = public_job(str(path), [], batch_size=8)
+    assert job.base.mesh is not None and job.base.mesh.devices.size == 8
+    out = job.base(prompts, seed=3, steps=2, **kwargs)
+    assert len(out.latents.sharding.device_set) == 8
+    eight = out.images
+    assert one.std() > 0.01
+    np.testing.assert_allclose(eight, one, atol=1e-5)
+    three = job.base(prompts[:3], seed=3, steps=2, **kwargs).images
+    np.testing.assert_allclose(three, one[:3], atol=1e-5)
+
+
+def test_stable_diffusion_splits_a_batch_over_eight_devices(tmp_path):
+    sd_pipeline(tmp_path, SCHEDULERS["dpmpp_2m"]())
+    _split_over_eight_devices(tmp_path, load_latent_pipeline(tmp_path))
+
+
+def test_sdxl_splits_a_batch_over_eight_devices(xl):
+    _, base_dir, _, _ = xl
+    _split_over_eight_devices(base_dir, load_latent_pipeline(base_dir))

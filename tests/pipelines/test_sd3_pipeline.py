@@ -15,7 +15,7 @@ import torch
 from test_latent_pipelines import assert_images_close, to_nchw
 from tiny_diffusers import clip_text, t5_tokenizer, tiny_t5, tiny_vae
 
-from imagen_jax.pipelines import sd3
+from imagen_jax.pipelines import public, sd3
 from imagen_jax.pipelines.public import load_latent_pipeline
 from imagen_jax.weights import CheckpointError
 
@@ -105,3 +105,16 @@ def test_sd3_directory_checks(tmp_path):
     scheduler_file.write_text(json.dumps({"_class_name": "DDIMScheduler"}))
     with pytest.raises(CheckpointError, match="FlowMatchEulerDiscreteScheduler"):
         sd3.load_sd3_pipeline(tmp_path)
+
+
+def test_sd3_splits_a_batch_over_eight_devices(tmp_path):
+    sd3_pipeline(tmp_path, with_t5=False)
+    prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS]
+    one = sd3.load_sd3_pipeline(tmp_path)(prompts, seed=3, steps=2).images
+    job, _ = public.public_job(str(tmp_path), [], batch_size=8)
+    assert job.base.mesh is not None and job.base.mesh.devices.size == 8
+    out = job.base(prompts, seed=3, steps=2)
+    assert len(out.latents.sharding.device_set) == 8
+    eight = out.images
+    assert one.std() > 0.01
+    np.testing.assert_allclose(eight, one, atol=1e-5)

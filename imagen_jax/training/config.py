@@ -46,12 +46,37 @@ FAMILIES = ("imagen", "sd_unet", "mmdit", "pipeline", "vae", "git", "two_towers"
 LATENT_FAMILIES = ("sd_unet", "mmdit", "pipeline")  # diffusion on a frozen VAE's latents
 # The public pipeline families that `model.family = "pipeline"` trains further.
 PIPELINE_FAMILIES = ("stable_diffusion",)
-# diffusers' train_text_to_image_lora's layers: the attention projections.
+# The layers low-rank adapters train by default: the attention projections (for a pipeline,
+# diffusers' train_text_to_image_lora's layers).
 LORA_TARGETS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
-_MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype")
+IMAGEN_LORA_TARGETS = r"(self|cross)_attn\.(q|kv|out)$"
+_MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype", "lora")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
 _VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))
 _GIT_FIELDS = tuple(f.name for f in dataclasses.fields(git.GitConfig))
+
+
+def lora_config(targets: str) -> ml_collections.ConfigDict:
+    """`model.lora`: low-rank adapters (`models.lora`) on the layers whose name (the
+    parameter path without its leaf, dot-joined; diffusers' names for a pipeline) matches
+    `targets`, the network's own weights frozen; rank 0 trains every weight."""
+    return ml_collections.ConfigDict(
+        dict(
+            rank=0,  # 0: every weight trains; r > 0: adapters of rank r, the network frozen
+            alpha=0.0,  # the adapters' scale is alpha / rank; 0 = rank (scale 1)
+            targets=targets,  # a regex searched in each layer's name
+        )
+    )
+
+
+def _with_lora(cfg: ml_collections.ConfigDict, lora) -> ml_collections.ConfigDict:
+    """`cfg` with its `lora` group's keys replaced by those of the dict `lora`."""
+    lora = dict(lora or {})
+    unknown = sorted(set(lora) - set(cfg.lora))
+    if unknown:
+        raise KeyError(f"unknown model.lora config keys {unknown}; allowed: {sorted(cfg.lora)}")
+    cfg.lora.update(lora)
+    return cfg
 
 
 def _group(defaults: dict, overrides: dict, name: str, extra=()) -> ml_collections.ConfigDict:
@@ -96,8 +121,11 @@ def model_config(**overrides) -> ml_collections.ConfigDict:
         low_resolution=0,  # super-resolution stages: the side of their input; 0 = base stage
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay param_dtype)
         param_dtype="float32",
+        # Low-rank adapters on the frozen weights of `train.init_from` (rank 0: off).
+        lora=lora_config(IMAGEN_LORA_TARGETS),
     )
-    return _group(defaults, overrides, "model", extra=_UNET_FIELDS)
+    lora = overrides.pop("lora", None)
+    return _with_lora(_group(defaults, overrides, "model", extra=_UNET_FIELDS), lora)
 
 
 def latent_unet_model_config(**overrides) -> ml_collections.ConfigDict:
@@ -152,21 +180,10 @@ def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
         text_len=77,  # tokens of the text encoder's output (text.max_length)
         dtype="float32",
         param_dtype="float32",
-        lora=ml_collections.ConfigDict(
-            dict(
-                rank=0,  # 0: full fine-tuning; r > 0: adapters of rank r, the UNet frozen
-                alpha=0.0,  # the adapters' scale is alpha / rank; 0 = rank (scale 1)
-                targets=LORA_TARGETS,  # a regex searched in each layer's diffusers name
-            )
-        ),
+        lora=lora_config(LORA_TARGETS),  # rank 0: full fine-tuning
     )
-    lora = dict(overrides.pop("lora", None) or {})
-    cfg = _group(defaults, overrides, "model")
-    unknown = sorted(set(lora) - set(cfg.lora))
-    if unknown:
-        raise KeyError(f"unknown model.lora config keys {unknown}; allowed: {sorted(cfg.lora)}")
-    cfg.lora.update(lora)
-    return cfg
+    lora = overrides.pop("lora", None)
+    return _with_lora(_group(defaults, overrides, "model"), lora)
 
 
 def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.PipelineUNetConfig:

@@ -21,13 +21,18 @@ adapters as a diffusers LoRA file (`pipeline_export.py`; float32 unless --dtype 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
+import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
+from jax.sharding import SingleDeviceSharding
 
 from imagen_jax import stages
 from imagen_jax.config_utils import define_config_file
+from imagen_jax.models import lora
 from imagen_jax.training import (
     caption_trainer,
     contrastive_trainer,
@@ -36,6 +41,7 @@ from imagen_jax.training import (
     vae_trainer,
 )
 from imagen_jax.training import checkpoint as ckpt_lib
+from imagen_jax.training import state as state_lib
 
 
 def restore_ema(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -55,6 +61,8 @@ def export_stage(
     """Writes the stage directory of a run's (latest) checkpoint, pixel or latent; returns
     outdir."""
     params, net, step = restore_ema(config, workdir, step)
+    if net.lora is not None:  # adapters: the stage of init_from with them merged in
+        params, net = merged_adapters(config, net, params)
     domain = "shapes" if config.data.source == "shapes" else ""
     if net.family in stages.LATENT_FAMILIES:
         # The VAE the run trained on: its own weights, checked to fit as training checks.
@@ -90,6 +98,21 @@ def export_stage(
         storage_dtype=storage_dtype,
     )
     return outdir
+
+
+def merged_adapters(config: ml_collections.ConfigDict, net, adapters):
+    """(the parameters of `train.init_from` with the run's adapters merged in, as host
+    arrays; the Network of the stage without adapters)."""
+    plain = dataclasses.replace(
+        net,
+        lora=None,
+        abstract_params=net.abstract_rest["base"],
+        abstract_rest=net.abstract_rest["nnx"],
+    )
+    device = jax.devices()[0]
+    shardings = jax.tree.map(lambda _: SingleDeviceSharding(device), plain.abstract_params)
+    base = state_lib.params_from_stage(config.train.init_from, plain, shardings)
+    return jax.tree.map(np.asarray, lora.merge(base, adapters, net.lora)), plain
 
 
 def export_pipeline(

@@ -126,7 +126,7 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
     latest = checkpointer.latest_step()
     if latest is None:
         state, shardings, rest = state_lib.create_train_state(config, net, tx, mesh)
-        if config.train.init_from:
+        if config.train.init_from and net.lora is None:
             params = state_lib.params_from_stage(
                 config.train.init_from, net, shardings.params, fresh=state.params
             )
@@ -140,6 +140,7 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
         state = checkpointer.restore(latest, target, data_iterator)
         rest = state_lib.init_rest(config, net, mesh)
         logging.info("Resumed from %s/%d", checkpointer.directory, latest)
+    rest = state_lib.with_frozen_base(config, net, rest)
     logging.info(
         "Mesh %s; sharded parameters:\n%s",
         dict(mesh.shape),

@@ -54,6 +54,9 @@ from imagen_jax.models import (
 from imagen_jax.training.config import LATENT_FAMILIES, network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Families that train low-rank adapters (`model.lora.rank > 0`) on frozen weights: those of
+# `train.init_from` (a stage directory) or of the pipeline (`model.pipeline`).
+ADAPTED_FAMILIES = ("imagen", "pipeline")
 
 
 class TrainState(NamedTuple):
@@ -168,7 +171,7 @@ def make_network(model: ml_collections.ConfigDict) -> Network:
     abstract = nnx.eval_shape(lambda: net.build(nnx.Rngs(params=0, dropout=0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     params = nnx.to_pure_dict(params)
-    if family == "pipeline" and int(model.lora.rank) > 0:
+    if family in ADAPTED_FAMILIES and int(model.lora.rank) > 0:
         spec = lora.LoraSpec.select(
             params, rank=model.lora.rank, alpha=model.lora.alpha, targets=model.lora.targets
         )
@@ -351,12 +354,16 @@ def create_train_state(config, net: Network, tx, mesh):
     return state, shardings, rest
 
 
-def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = None) -> dict:
+def params_from_stage(
+    path: str, net: Network, shardings, fresh: dict | None = None, *, abstract=None
+) -> dict:
     """The parameters of a stage directory written by `imagen_jax.training.export`, as
     `net`'s params tree in its param_dtype, placed in `shardings`; strict (every missing,
     unexpected or mis-shaped parameter is named), except for the modules a run may add to a
     trained stage (`GROWN_MODULES`), which take their values from `fresh` (the new run's
-    initial parameters; zeros without it)."""
+    initial parameters; zeros without it). abstract: the tree to fill (default the network's
+    parameters; an adapted network's frozen base, `abstract_rest["base"]`)."""
+    abstract = net.abstract_params if abstract is None else abstract
     if net.family != "imagen":
         raise ValueError(f"train.init_from reads pixel-stage directories; this is {net.family!r}")
     file = os.path.join(path, "params.safetensors")
@@ -365,14 +372,14 @@ def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = N
             f"train.init_from={path!r} is not a stage directory (imagen_jax.training.export "
             f"writes one): {file} is missing"
         )
-    expected = stages.flatten(net.abstract_params)
+    expected = stages.flatten(abstract)
     loaded = load_file(file)
     grown = grown_keys(loaded, expected)
     zeros = {key: np.zeros(expected[key].shape, expected[key].dtype) for key in grown}
     stages.check_params(file, {**loaded, **zeros}, expected)
     tree = stages.unflatten({**loaded, **zeros})
 
-    params = place_params(tree, net.abstract_params, shardings)
+    params = place_params(tree, abstract, shardings)
     if not grown:
         return params
     for module in sorted({_grown_module(key) for key in grown}):
@@ -387,6 +394,25 @@ def params_from_stage(path: str, net: Network, shardings, fresh: dict | None = N
         return params
     flat, new = stages.flatten(params), stages.flatten(fresh)
     return stages.unflatten({**flat, **{key: new[key] for key in grown}})
+
+
+def with_frozen_base(config, net: Network, rest):
+    """`rest` with an adapted own stage's frozen weights read from `train.init_from` (a run
+    of adapters reads them at every start: its checkpoints hold the adapters only); `rest`
+    as it is for other networks (a pipeline's base comes from `pipeline_start`)."""
+    if net.lora is None or net.family == "pipeline":
+        return rest
+    if not config.train.init_from:
+        raise ValueError(
+            f"model.lora.rank={config.model.lora.rank} trains adapters on frozen weights: set "
+            "train.init_from to the stage directory they adapt"
+        )
+    base_shardings = jax.tree.map(lambda x: x.sharding, rest["base"])
+    base = params_from_stage(
+        config.train.init_from, net, base_shardings, abstract=net.abstract_rest["base"]
+    )
+    logging.info("Adapters on the frozen weights of %s", config.train.init_from)
+    return dict(rest, base=base)
 
 
 def place_params(tree, abstract, shardings):

@@ -230,6 +230,85 @@ def per_example_loss(loss_type: str, *, pred, target, huber_c=0.001):
 
 
 # ----------------------------------------------------------------------------------------------
+# The variational bound of a learned variance (Nichol & Dhariwal 2021)
+# ----------------------------------------------------------------------------------------------
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) per element, in nats."""
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + jnp.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * jnp.exp(-logvar2)
+    )
+
+
+def _approx_standard_normal_cdf(x):
+    """The tanh approximation of the standard normal CDF (Page 1977), as improved-diffusion
+    and DeepFloyd IF's training code use it (within 2e-4 of the exact CDF)."""
+    return 0.5 * (1.0 + jnp.tanh(jnp.sqrt(2.0 / jnp.pi) * (x + 0.044715 * x**3)))
+
+
+def discretized_gaussian_log_likelihood(x, *, mean, log_scale):
+    """log P(x) per element of 8-bit data x in [-1, 1] (bins of width 2 / 255, the edge bins
+    open) under N(mean, e^(2 log_scale)): Ho et al. 2020's decoder L_0, in nats."""
+    centered = x - mean
+    inv_std = jnp.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = jnp.log(jnp.maximum(cdf_plus, 1e-12))
+    log_one_minus_cdf_min = jnp.log(jnp.maximum(1.0 - cdf_min, 1e-12))
+    log_delta = jnp.log(jnp.maximum(cdf_plus - cdf_min, 1e-12))
+    return jnp.where(
+        x < -0.999, log_cdf_plus, jnp.where(x > 0.999, log_one_minus_cdf_min, log_delta)
+    )
+
+
+def vlb_term(*, schedule, prediction, output, var_values, x0, z_t, t):
+    """The term of the variational bound at each example's timestep t, in bits per
+    dimension [B] (Nichol & Dhariwal 2021, eq. 4-6 and 15): KL(q(z_{t-1} | z_t, x0) ||
+    p(z_{t-1} | z_t)) for t > 0 and the discretized decoder's -log p(x0 | z_0) at t = 0.
+
+    The model's mean is that of the posterior at the x0 its `output` predicts (unclipped), its
+    log variance var_values' interpolation between log beta_t and log beta-tilde_t, the
+    latter at t = 1 for t = 0 (improved-diffusion's `posterior_log_variance_clipped`, also
+    the true posterior's). A DiscreteSchedule only (integer t of T steps, VP)."""
+    if not isinstance(schedule, sched_lib.DiscreteSchedule):
+        raise ValueError(
+            f"the variational-bound term needs a discrete schedule (DDPM's T steps), got "
+            f"{type(schedule).__name__}"
+        )
+    ex = lambda a: _per_example(a, x0)  # noqa: E731
+    first = t == 0
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    alpha_s, sigma_s = schedule.alpha_sigma(jnp.maximum(t - 1, 0))
+    alpha_s, sigma_s = jnp.where(first, 1.0, alpha_s), jnp.where(first, 0.0, sigma_s)
+    coef_z, coef_x0, var_large, var_small = param_lib.posterior(
+        alpha=alpha_t, sigma=sigma_t, alpha_next=alpha_s, sigma_next=sigma_s
+    )
+    a1, s1 = schedule.alpha_sigma(jnp.ones_like(t))
+    a0, s0 = schedule.alpha_sigma(jnp.zeros_like(t))
+    var_small_1 = param_lib.posterior(alpha=a1, sigma=s1, alpha_next=a0, sigma_next=s0)[3]
+    min_log = jnp.log(jnp.where(first, var_small_1, var_small))
+    frac = (var_values.astype(jnp.float32) + 1.0) / 2.0
+    model_log_var = frac * ex(jnp.log(var_large)) + (1.0 - frac) * ex(min_log)
+    x0_pred, _ = param_lib.to_x0_eps(
+        prediction, output.astype(jnp.float32), z_t=z_t, alpha_t=ex(alpha_t), sigma_t=ex(sigma_t)
+    )
+    model_mean = ex(coef_z) * z_t + ex(coef_x0) * x0_pred
+    true_mean = ex(coef_z) * z_t + ex(coef_x0) * x0
+    axes = tuple(range(1, x0.ndim))
+    kl = jnp.mean(normal_kl(true_mean, ex(min_log), model_mean, model_log_var), axis=axes)
+    nll = -jnp.mean(
+        discretized_gaussian_log_likelihood(x0, mean=model_mean, log_scale=0.5 * model_log_var),
+        axis=axes,
+    )
+    return jnp.where(first, nll, kl) / jnp.log(2.0)
+
+
+# ----------------------------------------------------------------------------------------------
 # The training loss
 # ----------------------------------------------------------------------------------------------
 
@@ -260,11 +339,8 @@ def _check_options(*, prediction, model_space, time_sampling, weighting, loss_ty
         raise ValueError(
             f"prediction {prediction!r} needs model_space {needed!r}, got {model_space!r}"
         )
-    if vlb_weight > 0:
-        raise NotImplementedError(
-            "the variational-bound term for learned variances (L_hybrid of Nichol & Dhariwal "
-            "2021, sec. 3.1) is not implemented yet; pass vlb_weight=0"
-        )
+    if vlb_weight < 0:
+        raise ValueError(f"vlb_weight={vlb_weight}; expected >= 0")
 
 
 def diffusion_loss(
@@ -295,10 +371,11 @@ def diffusion_loss(
     from the other space is rescaled, `to_model_space`); prediction v needs vp and flow needs
     flow, and flow with a FlowSchedule is rectified-flow training (SD3).
 
-    With `learned_variance` the network emits 2C channels and the first C are regressed (the
-    variance channels get no gradient from this loss); the variational-bound term that trains
-    them (Nichol & Dhariwal 2021) is not implemented, and `vlb_weight > 0` raises
-    NotImplementedError.
+    With `learned_variance` the network emits 2C channels and the first C are regressed; the
+    variance channels are trained by `vlb_weight` times the variational-bound term of t
+    (`vlb_term`, bits per dimension, the mean's gradient stopped): Nichol & Dhariwal 2021's
+    L_hybrid with lambda = 0.001 is `vlb_weight = T / 1000` (1.0 for T = 1000: its code's
+    RESCALED_MSE). aux then holds the per-example `vlb` too.
 
     The loss is the batch mean of weight * per-example mean loss, in float32; aux holds per
     example `t`, the unweighted `loss` and the `weight`, for logging.
@@ -328,8 +405,11 @@ def diffusion_loss(
     z_t = add_noise(x0=x0, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)  # [B, H, W, C]
 
     output = denoise_fn(z_t, t, cond)
+    var_values = None
     if learned_variance:
-        output, _ = param_lib.split_variance(output, x0.shape[-1])  # [B, H, W, C]
+        output, var_values = param_lib.split_variance(output, x0.shape[-1])  # [B, H, W, C]
+    elif vlb_weight > 0:
+        raise ValueError("vlb_weight > 0 trains a learned variance: set learned_variance")
     target = param_lib.target(
         prediction,
         x0=x0,
@@ -347,4 +427,17 @@ def diffusion_loss(
         min_snr_gamma=min_snr_gamma,
         sigma_data=sigma_data,
     )
-    return jnp.mean(weight * loss), {"t": t, "loss": loss, "weight": weight}
+    aux = {"t": t, "loss": loss, "weight": weight}
+    total = jnp.mean(weight * loss)
+    if vlb_weight > 0:  # the mean gets no gradient from it (L_hybrid's stop-gradient)
+        vlb = vlb_term(
+            schedule=schedule,
+            prediction=prediction,
+            output=jax.lax.stop_gradient(output),
+            var_values=var_values,
+            x0=x0,
+            z_t=z_t,
+            t=t,
+        )
+        total, aux["vlb"] = total + vlb_weight * jnp.mean(vlb), vlb
+    return total, aux

@@ -88,6 +88,17 @@ def split_variance(output, channels: int):
     return output[..., :channels], output[..., channels:]
 
 
+def posterior(*, alpha, sigma, alpha_next, sigma_next):
+    """q(z_next | z, x0) of a VP process from (alpha, sigma) down to (alpha_next,
+    sigma_next) (Ho et al. 2020, eq. 6-7): (coef_z, coef_x0, var_large, var_small) with mean
+    coef_z * z + coef_x0 * x0, var_large = beta_t and var_small = beta-tilde_t."""
+    alpha_ts = alpha / alpha_next
+    var_large = sigma**2 - alpha_ts**2 * sigma_next**2
+    coef_z = alpha_ts * sigma_next**2 / sigma**2
+    coef_x0 = alpha_next * var_large / sigma**2
+    return coef_z, coef_x0, var_large, var_large * sigma_next**2 / sigma**2
+
+
 def posterior_log_variance(variance: str, *, var_small, var_large, var_values=None):
     """log variance of one ancestral step: fixed_small (beta-tilde, clamped at 1e-20 as
     diffusers), fixed_large (beta), or learned_range (eq. 15 of Nichol & Dhariwal 2021)."""

@@ -512,11 +512,10 @@ def ddpm(
 
     def body(z, st):
         d = denoise(z, st.i, st.t, st.alpha, st.sigma)
-        alpha_ts = st.alpha / st.alpha_next
-        var_large = st.sigma**2 - alpha_ts**2 * st.sigma_next**2  # beta_t
-        mean = (alpha_ts * st.sigma_next**2 / st.sigma**2) * z
-        mean = mean + (st.alpha_next * var_large / st.sigma**2) * d.x0
-        var_small = var_large * st.sigma_next**2 / st.sigma**2
+        coef_z, coef_x0, var_large, var_small = param_lib.posterior(
+            alpha=st.alpha, sigma=st.sigma, alpha_next=st.alpha_next, sigma_next=st.sigma_next
+        )
+        mean = coef_z * z + coef_x0 * d.x0
         log_var = param_lib.posterior_log_variance(
             variance, var_small=var_small, var_large=var_large, var_values=d.var_values
         )

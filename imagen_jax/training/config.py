@@ -480,6 +480,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 sigma_data=0.5,
                 loss_type="l2",  # l2 | l1 | huber
                 huber_c=0.001,
+                # diffusion.variance=learned_range: the weight of the variational-bound term
+                # that trains the variance (1.0: Nichol & Dhariwal's L_hybrid at T = 1000)
+                vlb_weight=0.0,
             )
         ),
         # Named auxiliary loss terms (`training/aux_losses.py`): NAME -> a group with `fn`

@@ -399,6 +399,109 @@ def test_sharded_batch_matches_single_device():
 
 
 # ----------------------------------------------------------------------------------------------
+# The variational bound of a learned variance
+# ----------------------------------------------------------------------------------------------
+
+
+def _vlb_case(beta_schedule, seed=0):
+    """8-bit x0, its z_t at timesteps that include 0 and 1, a network's eps near the true one
+    and variance values in [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    x0 = (rng.integers(0, 256, size=(B, H, W, C)) / 127.5 - 1.0).astype(np.float32)
+    eps = rng.standard_normal((B, H, W, C)).astype(np.float32)
+    t = np.array([0, 1, 2, 10, 100, 500, 900, 999], np.int32)
+    schedule = schedules.DiscreteSchedule.from_config(beta_schedule, **BETAS.get(beta_schedule, {}))
+    alpha, sigma = (np.asarray(a)[:, None, None, None] for a in schedule.alpha_sigma(t))
+    z_t = alpha * x0 + sigma * eps
+    eps_pred = eps + 0.01 * rng.standard_normal(eps.shape).astype(np.float32)
+    var_values = rng.uniform(-1, 1, size=eps.shape).astype(np.float32)
+    return schedule, x0, z_t, t, eps_pred, var_values
+
+
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+def test_vlb_term_matches_diffusers_posterior_and_torch_distributions(beta_schedule):
+    """KL(q || p) at t > 0 from diffusers' DDPMScheduler's posterior coefficients and its
+    learned_range variance (`_get_variance`), by torch.distributions; at t = 0 the exact
+    8-bit bin probability under the model's Gaussian (our CDF is the tanh approximation)."""
+    schedule, x0, z_t, t, eps_pred, var_values = _vlb_case(beta_schedule)
+    ours = np.asarray(
+        losses.vlb_term(
+            schedule=schedule,
+            prediction="eps",
+            output=jnp.asarray(eps_pred),
+            var_values=jnp.asarray(var_values),
+            x0=jnp.asarray(x0),
+            z_t=jnp.asarray(z_t),
+            t=jnp.asarray(t),
+        )
+    )
+    ref = diffusers.DDPMScheduler(
+        beta_schedule=beta_schedule, variance_type="learned_range", **BETAS.get(beta_schedule, {})
+    )
+    normal = torch.distributions.Normal
+    to_t = lambda a: torch.from_numpy(np.asarray(a, np.float64))  # noqa: E731
+    for i, step in enumerate(t):
+        ac = ref.alphas_cumprod.double()
+        a_t, beta = ac[step], ref.betas.double()[step]
+        a_prev = ac[step - 1] if step > 0 else torch.tensor(1.0, dtype=torch.float64)
+        x0_pred = (to_t(z_t[i]) - (1 - a_t) ** 0.5 * to_t(eps_pred[i])) / a_t**0.5
+        c_x0 = a_prev**0.5 * beta / (1 - a_t)
+        c_z = (1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)
+        model_mean = c_x0 * x0_pred + c_z * to_t(z_t[i])
+        if step == 0:  # the decoder: exact bins of width 2 / 255, the edge bins open
+            dist = normal(model_mean, torch.exp(0.5 * _ref_log_var(ref, 1, var_values[i], 0)))
+            x = to_t(x0[i])
+            upper = torch.where(x > 0.999, torch.ones_like(x), dist.cdf(x + 1 / 255))
+            lower = torch.where(x < -0.999, torch.zeros_like(x), dist.cdf(x - 1 / 255))
+            want = -torch.log(upper - lower).mean() / np.log(2)
+            assert abs(ours[i] - float(want)) < 2e-2 * max(1.0, float(want)), (ours[i], want)
+            continue
+        true_mean = c_x0 * to_t(x0[i]) + c_z * to_t(z_t[i])
+        fixed = ref._get_variance(int(step), variance_type="fixed_small").double()
+        true_std = torch.exp(0.5 * torch.log(fixed))
+        model_std = torch.exp(0.5 * _ref_log_var(ref, step, var_values[i]))
+        kl = torch.distributions.kl_divergence(
+            normal(true_mean, true_std), normal(model_mean, model_std)
+        )
+        want = float(kl.mean() / np.log(2))
+        assert abs(ours[i] - want) < 1e-4 * max(1.0, want), (step, ours[i], want)
+
+
+def _ref_log_var(ref, step, var_values, at=None):
+    """diffusers' learned_range log variance at `step` (its min from beta-tilde at `step`,
+    the max log beta at `at`, default `step`)."""
+    v = torch.from_numpy(np.asarray(var_values, np.float64))
+    log_var = ref._get_variance(int(step), predicted_variance=v, variance_type="learned_range")
+    if at is None:
+        return log_var.double()
+    frac = (v + 1) / 2  # the same mix with log beta of `at` (improved-diffusion at t = 0)
+    min_log = torch.log(ref._get_variance(int(step), variance_type="fixed_small").double())
+    return frac * torch.log(ref.betas.double()[at]) + (1 - frac) * min_log
+
+
+def test_vlb_trains_the_variance_alone():
+    """With vlb_weight the variance channels get a gradient and the prediction's gradient is
+    the plain loss's (the variational term sees the prediction through a stop-gradient)."""
+    schedule = schedules.DiscreteSchedule.from_config("linear", **BETAS["linear"])
+    x0 = make_x0()
+
+    def loss(params, vlb_weight):
+        def network(z_t, t, cond):
+            var = jnp.full_like(z_t, jnp.tanh(params["var"]))
+            return jnp.concatenate([params["pred"] * z_t, var], -1)
+
+        kw = dict(schedule=schedule, learned_variance=True, vlb_weight=vlb_weight)
+        return losses.diffusion_loss(network, x0, None, jax.random.key(3), **kw)[0]
+
+    params = {"pred": jnp.float32(0.3), "var": jnp.float32(0.5)}
+    with_vlb = jax.grad(loss)(params, 1.0)
+    without = jax.grad(loss)(params, 0.0)
+    np.testing.assert_allclose(with_vlb["pred"], without["pred"], rtol=1e-6)
+    # (small: beta and beta-tilde differ little but at small t)
+    assert float(without["var"]) == 0.0 and abs(float(with_vlb["var"])) > 1e-7
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------
 
@@ -434,9 +537,19 @@ def test_prediction_outside_its_space_raises():
         call_loss(prediction="flow")
 
 
-def test_vlb_term_is_not_implemented():
-    with pytest.raises(NotImplementedError, match="variational-bound"):
-        call_loss(learned_variance=True, vlb_weight=0.001)
+def test_vlb_term_needs_a_learned_variance_and_a_discrete_schedule():
+    with pytest.raises(ValueError, match="set learned_variance"):
+        call_loss(vlb_weight=1.0)
+    with pytest.raises(ValueError, match="needs a discrete schedule"):
+        losses.diffusion_loss(
+            lambda z_t, t, cond: jnp.concatenate([z_t, z_t], axis=-1),
+            make_x0(),
+            None,
+            jax.random.key(0),
+            schedule=SCHEDULES["logsnr"],
+            learned_variance=True,
+            vlb_weight=1.0,
+        )
 
 
 def test_learned_variance_needs_twice_the_channels():

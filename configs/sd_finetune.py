@@ -19,6 +19,7 @@ trained on the attention projections (`model.lora.targets`, diffusers'
 train_text_to_image_lora's layers) at scale alpha / rank (`alpha`, default rank).
 
 `runlocal` shrinks the run for a tiny pipeline (tests): 32 px synthetic images, 4 steps.
+`finetune_config` is shared with configs/if_finetune.py (DeepFloyd IF stage I).
 """
 
 import os
@@ -29,39 +30,48 @@ from imagen_jax.config_utils import parse_arg
 from imagen_jax.pipelines import diffusers_format
 from imagen_jax.text.config import text_config
 
+ARGS = dict(
+    pipeline="",
+    data="",
+    res=0,  # the images' side; 0 = the family's (SD 512, IF 64; runlocal: 32 | 8)
+    batch=8,
+    steps=2000,
+    lr=0.0,
+    lora=0,
+    alpha=0.0,
+    empty_prob=0.1,
+    snr_gamma=0.0,
+    fsdp=1,
+    runlocal=False,
+)
+RESOLUTION = {"stable_diffusion": (512, 32), "deepfloyd_if": (64, 8)}  # (full, runlocal)
+
 
 def get_config(arg=None):
-    arg = parse_arg(
-        arg,
-        pipeline="",
-        data="",
-        res=0,  # the images' side; 0 = 512 (runlocal: 32)
-        batch=8,
-        steps=2000,
-        lr=0.0,
-        lora=0,
-        alpha=0.0,
-        empty_prob=0.1,
-        snr_gamma=0.0,
-        fsdp=1,
-        runlocal=False,
-    )
-    res = arg.res or (32 if arg.runlocal else 512)
+    return finetune_config(parse_arg(arg, **ARGS), "stable_diffusion")
+
+
+def finetune_config(arg, expect: str):
+    """The config of a public pipeline of family `expect` trained further (`ARGS`)."""
+    res = arg.res or RESOLUTION[expect][1 if arg.runlocal else 0]
     config = common.base_config()
     config.model = training.model_config(
         family="pipeline",
         pipeline=arg.pipeline,
-        expect="stable_diffusion",
+        expect=expect,
         resolution=res,
         lora=dict(rank=arg.lora, alpha=arg.alpha),
     )
     text_encoder = os.path.join(arg.pipeline, "text_encoder") if arg.pipeline else ""
-    config.text = text_config(
-        kind="clip", path=text_encoder, max_length=77, model_mask=False, empty="encode"
-    )
-    config.latent = training.latent_config(
-        vae=os.path.join(arg.pipeline, "vae") if arg.pipeline else "", sample_posterior=True
-    )
+    if expect == "deepfloyd_if":  # T5, its mask seen, as IFPipeline encodes
+        config.text = text_config(kind="t5", path=text_encoder, max_length=77, empty="encode")
+    else:
+        config.text = text_config(
+            kind="clip", path=text_encoder, max_length=77, model_mask=False, empty="encode"
+        )
+        config.latent = training.latent_config(
+            vae=os.path.join(arg.pipeline, "vae") if arg.pipeline else "", sample_posterior=True
+        )
     if arg.pipeline:  # the pipeline's schedule, prediction and sampler
         config.diffusion, config.sample = diffusers_format.scheduler_settings(
             os.path.join(arg.pipeline, "scheduler")
@@ -88,6 +98,8 @@ def get_config(arg=None):
     config.train.checkpoint_every = 500
     config.train.sample_every = 500
     config.train.sample_prompts = ("a photo of a cat", "")
+    if expect == "deepfloyd_if":  # its learned variance: the variational-bound term too
+        config.train.loss.vlb_weight = 1.0
     if arg.snr_gamma > 0:
         config.train.loss.weighting = "min_snr"
         config.train.loss.min_snr_gamma = arg.snr_gamma

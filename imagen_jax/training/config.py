@@ -44,8 +44,10 @@ from imagen_jax.weights import CheckpointError
 
 FAMILIES = ("imagen", "sd_unet", "mmdit", "pipeline", "vae", "git", "two_towers")
 LATENT_FAMILIES = ("sd_unet", "mmdit", "pipeline")  # diffusion on a frozen VAE's latents
-# The public pipeline families that `model.family = "pipeline"` trains further.
-PIPELINE_FAMILIES = ("stable_diffusion",)
+# The public pipeline families that `model.family = "pipeline"` trains further (DeepFloyd IF:
+# stage I, in pixel space).
+PIPELINE_FAMILIES = ("stable_diffusion", "deepfloyd_if")
+PIXEL_PIPELINES = ("deepfloyd_if",)
 # The layers low-rank adapters train by default: the attention projections (for a pipeline,
 # diffusers' train_text_to_image_lora's layers).
 LORA_TARGETS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
@@ -174,7 +176,7 @@ def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
     defaults = dict(
         family="pipeline",
         pipeline="",  # the pipeline directory (model_index.json, unet/, vae/, text_encoder/)
-        expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x)
+        expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x) | deepfloyd_if
         resolution=512,  # the side of the training images
         low_resolution=0,  # must be 0
         text_len=77,  # tokens of the text encoder's output (text.max_length)
@@ -184,6 +186,15 @@ def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
     )
     lora = overrides.pop("lora", None)
     return _with_lora(_group(defaults, overrides, "model"), lora)
+
+
+def is_latent_stage(model: ml_collections.ConfigDict) -> bool:
+    """Whether the stage denoises a frozen VAE's latents (the latent families, and a
+    pipeline of a latent family) rather than pixels."""
+    family = model.get("family", "imagen")
+    if family == "pipeline":
+        return model.expect not in PIXEL_PIPELINES
+    return family in LATENT_FAMILIES
 
 
 def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.PipelineUNetConfig:
@@ -204,6 +215,11 @@ def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.Pip
             f"({family}), but the config is for model.expect={model.expect!r}"
         )
     diffusers_format.check_components(model.pipeline, index, diffusers_format.FAMILIES[family])
+    if family == "deepfloyd_if" and index.get("_class_name") != "IFPipeline":
+        raise CheckpointError(
+            f"model.pipeline={model.pipeline!r} is a {index.get('_class_name')}: IF stage II "
+            "(super-resolution) is not trained here yet; give an IFPipeline (stage I)"
+        )
     folder = f"{model.pipeline}/unet"
     hf = diffusers_format.read_json(f"{folder}/config.json", folder)
     try:

@@ -42,7 +42,7 @@ from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
-from imagen_jax.training.config import LATENT_FAMILIES, check_config
+from imagen_jax.training.config import check_config, is_latent_stage
 
 
 def stage_text_encoder(config, net):
@@ -94,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     with jax.set_mesh(mesh):
         net = loop.make_stage_network(config, mesh)
         latent = None
-        if net.family in LATENT_FAMILIES:
+        if is_latent_stage(config.model):
             latent = latent_space.LatentSpace.from_config(config, net, mesh)
         tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
         checkpointer = ckpt_lib.Checkpointer(

@@ -58,7 +58,8 @@ class LatentDemoModel:
         if not 1 <= len(dirs) <= 2:
             raise ValueError(f"a latent pipeline is one directory and an optional refiner: {dirs}")
         self.name, self.stage_dirs, self.batch_size = name, list(dirs), batch_size
-        self.base = public.load_latent_pipeline(dirs[0])
+        base_dir, lora = public.resolve_lora_export(dirs[0])  # a LoRA export: its base
+        self.base = public.load_latent_pipeline(base_dir, lora=lora)
         self.refiner = public.load_latent_pipeline(dirs[1]) if len(dirs) > 1 else None
         if self.refiner is not None and not (self.base.xl and self.refiner.xl):
             raise ValueError(f"{dirs[1]}: a refiner follows an SDXL base ({dirs[0]})")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from imagen_jax import stages as stages_lib
 from imagen_jax.demo.latent_models import LatentDemoModel
 from imagen_jax.demo.models import DemoModel
-from imagen_jax.pipelines import deepfloyd, sampling
+from imagen_jax.pipelines import deepfloyd, public, sampling
 
 
 def _is_diffusers(path: str) -> bool:
@@ -31,6 +31,8 @@ def find_model_dirs(path: str) -> tuple[str, list[str]]:
     latent pipeline and an optional refiner)."""
     if "," in path:
         dirs = [p.strip() for p in path.split(",") if p.strip()]
+    elif public.resolve_lora_export(path)[1] is not None:  # a LoRA export: SD / SDXL
+        return "latent", [path]
     elif os.path.isfile(os.path.join(path, "stage.json")) or _is_diffusers(path):
         dirs = [path]
     elif not os.path.isdir(path):

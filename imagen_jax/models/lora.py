@@ -44,6 +44,8 @@ from imagen_jax.weights import CheckpointError
 
 DOWN, UP = "lora_down", "lora_up"
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default weight_name
+# Beside an export's weights: where they came from ({"pipeline": the base directory, ...}).
+EXPORT_RECORD = "finetune.json"
 
 
 def module_name(path: tuple) -> str:

@@ -15,7 +15,28 @@ import os
 
 import jax.numpy as jnp
 
+from imagen_jax.models import lora as lora_lib
 from imagen_jax.pipelines import deepfloyd, diffusers_format, editing, jobs, latent, sd3
+
+
+def resolve_lora_export(path: str | os.PathLike) -> tuple[str, str | None]:
+    """(pipeline directory, LoRA directory or None) of a `--pipeline` path: a LoRA export
+    (`training.pipeline_export`: the LoRA file and finetune.json, which names its base
+    pipeline) stands for its base pipeline with the adapters merged; any other path is
+    itself."""
+    path = os.fspath(path)
+    record = os.path.join(path, lora_lib.EXPORT_RECORD)
+    if not (
+        os.path.isfile(os.path.join(path, lora_lib.LORA_WEIGHTS_NAME)) and os.path.isfile(record)
+    ):
+        return path, None
+    base = diffusers_format.read_json(record, path).get("pipeline", "")
+    if not os.path.isdir(base):
+        raise FileNotFoundError(
+            f"{record} names the base pipeline {base!r}, which is not a directory here; give "
+            f"--pipeline=BASE --lora={path}"
+        )
+    return base, path
 
 
 def load_latent_pipeline(
@@ -54,6 +75,8 @@ def public_job(
     edit: an `editing.EditRequest` applied to every image (IF: as a stage set's, the
     samplers' masked sampling with the known region kept clean, as diffusers' IF inpainting
     pipelines keep it; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""
+    if lora is None:  # a LoRA export: its base pipeline with its adapters
+        pipeline, lora = resolve_lora_export(pipeline)
     if deepfloyd.is_if_pipeline(pipeline):
         if lora:
             raise ValueError(f"--lora: {pipeline} is DeepFloyd IF; LoRA files load into SD / SDXL")

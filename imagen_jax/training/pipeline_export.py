@@ -31,7 +31,7 @@ from imagen_jax.models import sd_unet
 from imagen_jax.weights import checkpoint_tensors
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
 
-RECORD = "finetune.json"
+RECORD = lora_lib.EXPORT_RECORD
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 

@@ -29,10 +29,11 @@ from flax.nnx import traversals
 from tiny_diffusers import sd2_pipeline, sd_pipeline, stage_1_pipeline
 
 from imagen_jax import training
+from imagen_jax.demo.loading import find_model_dirs
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet
-from imagen_jax.pipelines.public import load_latent_pipeline
+from imagen_jax.pipelines.public import load_latent_pipeline, public_job
 from imagen_jax.text.config import encode_captions, make_text_encoder
 from imagen_jax.training import export, pipeline_start
 from imagen_jax.training import state as state_lib
@@ -328,6 +329,11 @@ def test_adapters_export_to_a_file_that_load_lora_weights_reads(runs, pipes, tmp
     got, want = _sample_both(pipes["sd"], ref, lora=str(out))
     np.testing.assert_allclose(got, want, atol=IMAGE_TOL)
     assert np.abs(want - before).max() > 10 * IMAGE_TOL  # the adapters changed the images
+    # The export stands for its base pipeline with the adapters, in sample.py and the demo.
+    job, settings = public_job(str(out), [], batch_size=2)
+    assert job.base.path == str(pipes["sd"]) and job.base.lora.endswith(lora_lib.LORA_WEIGHTS_NAME)
+    assert settings["stages"][0]["lora"]["sha256"]
+    assert find_model_dirs(str(out)) == ("latent", [str(out)])
 
 
 # ----------------------------------------------------------------------------------------------

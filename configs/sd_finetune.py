@@ -29,6 +29,7 @@ from imagen_jax import training
 from imagen_jax.config_utils import parse_arg
 from imagen_jax.pipelines import diffusers_format
 from imagen_jax.text.config import text_config
+from imagen_jax.training import config as training_config
 
 ARGS = dict(
     pipeline="",
@@ -100,6 +101,7 @@ def finetune_config(arg, expect: str):
     config.train.sample_prompts = ("a photo of a cat", "")
     if expect == "deepfloyd_if":  # its learned variance: the variational-bound term too
         config.train.loss.vlb_weight = 1.0
+        config.model.lora.targets = training_config.IF_LORA_TARGETS
     if arg.snr_gamma > 0:
         config.train.loss.weighting = "min_snr"
         config.train.loss.min_snr_gamma = arg.snr_gamma

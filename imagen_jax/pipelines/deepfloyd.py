@@ -53,6 +53,7 @@ from flax import nnx
 from imagen_jax import files
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import losses
+from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import diffusers_format
@@ -144,6 +145,7 @@ class IFStage:
     noising: ml_collections.ConfigDict | None = None  # stage II: image_noising_scheduler's
     noise_level: int = DEFAULT_NOISE_LEVEL  # stage II: the input's noise level (timestep)
     low_resolution: int = 0  # stage II: stage I's resolution, set when a cascade is made
+    lora: str = ""  # a diffusers LoRA file merged into the UNet ("" = none)
 
     @property
     def super_resolution(self) -> bool:
@@ -200,6 +202,8 @@ class IFStage:
         )
         if self.super_resolution:
             out.update(noise_level=self.noise_level, low_resolution=self.low_resolution)
+        if self.lora:
+            out.update(lora=dict(file=self.lora, sha256=files.file_sha256(self.lora)))
         return out
 
 
@@ -346,10 +350,12 @@ def load_if_stage(
     dtype=jnp.float32,
     sample_overrides: dict | None = None,
     noise_level: int = DEFAULT_NOISE_LEVEL,
+    lora: str | None = None,
 ) -> IFStage:
     """One IF stage (a checked `IFDirectory`, or a path and its stage "I" | "II"): the UNet,
     its own T5 encoder if it has one, and its scheduler's settings with diffusers' default
-    steps and guidance (replaced by `sample_overrides`)."""
+    steps and guidance (replaced by `sample_overrides`); lora: a diffusers LoRA file (or
+    its directory) merged into the UNet (`models.lora.apply_diffusers_lora`)."""
     if not isinstance(directory, IFDirectory):
         if stage is None:
             raise ValueError("give the stage ('I' or 'II') of a directory path")
@@ -371,6 +377,7 @@ def load_if_stage(
             os.path.join(path, "text_encoder"), "t5", max_length=MAX_LENGTH, dtype=dtype
         )
     model, unet = sd_unet.load_unet(os.path.join(path, "unet"), dtype)
+    lora_file = lora_lib.apply_diffusers_lora(model, lora) if lora else ""
     return IFStage(
         path=path,
         stage=directory.stage,
@@ -383,6 +390,7 @@ def load_if_stage(
         encoder=encoder,
         noising=noising,
         noise_level=int(noise_level),
+        lora=lora_file,
     )
 
 
@@ -407,17 +415,25 @@ def load_if_stages(
     dtype=jnp.float32,
     overrides: Sequence[dict] = ({}, {}),
     noise_level: int = DEFAULT_NOISE_LEVEL,
+    lora: str | None = None,
 ) -> list[IFStage]:
     """IF stage I and optionally stage II, both directories checked, alone and together,
-    before any weights are read (the stages of `load_if_cascade`)."""
+    before any weights are read (the stages of `load_if_cascade`); lora: a diffusers LoRA
+    file merged into stage I's UNet."""
     directories = [inspect_if_pipeline(stage_1, "I")]
     if stage_2 is not None:
         directories.append(inspect_if_pipeline(stage_2, "II"))
         check_stage_pair(*directories)
     overrides = list(overrides) + [{}] * (len(directories) - len(overrides))
     stages = [
-        load_if_stage(d, dtype=dtype, sample_overrides=o, noise_level=noise_level)
-        for d, o in zip(directories, overrides, strict=False)
+        load_if_stage(
+            d,
+            dtype=dtype,
+            sample_overrides=o,
+            noise_level=noise_level,
+            lora=lora if i == 0 else None,
+        )
+        for i, (d, o) in enumerate(zip(directories, overrides, strict=False))
     ]
     for prev, nxt in zip(stages, stages[1:], strict=False):
         nxt.low_resolution = prev.resolution
@@ -433,13 +449,14 @@ def load_if_cascade(
     noise_level: int = DEFAULT_NOISE_LEVEL,
     mesh=None,
     size: tuple[int, int] | None = None,
+    lora: str | None = None,
 ) -> tuple[cascade_lib.Cascade, list[IFStage]]:
     """(Cascade, its stages) of IF stage I and optionally stage II. Both directories are
     checked, alone and together, before any weights are read. overrides: per stage, `sample`
     group keys (steps, guidance_scale, sampler, ...); noise_level: stage II's; mesh and size:
     as `Cascade`'s."""
     stages = load_if_stages(
-        stage_1, stage_2, dtype=dtype, overrides=overrides, noise_level=noise_level
+        stage_1, stage_2, dtype=dtype, overrides=overrides, noise_level=noise_level, lora=lora
     )
     cascade = cascade_lib.Cascade(
         stages, stages[0].encoder, mesh=mesh, size=size, conditioning=if_conditioning

@@ -78,8 +78,6 @@ def public_job(
     if lora is None:  # a LoRA export: its base pipeline with its adapters
         pipeline, lora = resolve_lora_export(pipeline)
     if deepfloyd.is_if_pipeline(pipeline):
-        if lora:
-            raise ValueError(f"--lora: {pipeline} is DeepFloyd IF; LoRA files load into SD / SDXL")
         if refiner:
             raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
         cascade, loaded = deepfloyd.load_if_cascade(
@@ -89,6 +87,7 @@ def public_job(
             noise_level=deepfloyd.DEFAULT_NOISE_LEVEL if noise_level is None else noise_level,
             mesh=jobs.local_mesh(batch_size),
             size=(height, width),
+            lora=lora,
         )
         settings = jobs.stage_settings(loaded, cascade)
         if edit is None and not per_prompt:

@@ -52,6 +52,9 @@ PIXEL_PIPELINES = ("deepfloyd_if",)
 # diffusers' train_text_to_image_lora's layers).
 LORA_TARGETS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 IMAGEN_LORA_TARGETS = r"(self|cross)_attn\.(q|kv|out)$"
+# DeepFloyd IF's attention (added key / value projections of the text too), as diffusers'
+# train_dreambooth_lora.py adapts it.
+IF_LORA_TARGETS = r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)$"
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype", "lora")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
 _VAE_FIELDS = tuple(f.name for f in dataclasses.fields(vae.VAEConfig))

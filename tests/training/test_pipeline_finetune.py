@@ -33,6 +33,7 @@ from imagen_jax.demo.loading import find_model_dirs
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet
+from imagen_jax.pipelines import deepfloyd
 from imagen_jax.pipelines.public import load_latent_pipeline, public_job
 from imagen_jax.text.config import encode_captions, make_text_encoder
 from imagen_jax.training import export, pipeline_start
@@ -212,6 +213,38 @@ def _gradient_error(grads, unet, cfg) -> float:
         want, got = theirs[src.names[0]], src.to_checkpoint(ours[path])
         worst = max(worst, float(np.linalg.norm(got - want) / max(np.linalg.norm(want), floor)))
     return worst
+
+
+def test_if_adapters_export_to_a_file_that_load_lora_weights_reads(pipes, tmp_path):
+    """IF's adapters (its attention's projections, the text's added key and value too) in a
+    diffusers LoRA file: IFPipeline.load_lora_weights gives the UNet output of ours merged."""
+    config = _config(
+        pipes["if"], "lora=2,alpha=4,lr=0.01", family="if_finetune", steps=1, checkpoint_every=1
+    )
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+    out = tmp_path / "lora"
+    export.export_pipeline(config, str(tmp_path / "run"), str(out))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    t = np.array([10, 700])
+
+    def ours(lora):
+        stage = deepfloyd.load_if_stage(pipes["if"], "I", lora=lora)
+        return np.asarray(stage.model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text)))
+
+    pipe = diffusers.IFPipeline.from_pretrained(pipes["if"])
+    pipe.load_lora_weights(str(out))
+    with torch.no_grad():
+        theirs = pipe.unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            torch.from_numpy(t),
+            torch.from_numpy(text),
+            return_dict=False,
+        )[0].numpy()
+    got = ours(str(out))
+    np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
+    assert np.abs(got - ours(None)).max() > 1e-2  # the adapters changed the UNet
 
 
 def test_dropped_captions_get_the_clip_encoding_of_the_empty_prompt(pipes):

@@ -362,6 +362,7 @@ def diffusion_loss(
     huber_c=0.001,
     learned_variance=False,
     vlb_weight=0.0,
+    example_weight=None,
 ):
     """The weighted denoising loss of one batch: (scalar loss, aux).
 
@@ -377,8 +378,10 @@ def diffusion_loss(
     L_hybrid with lambda = 0.001 is `vlb_weight = T / 1000` (1.0 for T = 1000: its code's
     RESCALED_MSE). aux then holds the per-example `vlb` too.
 
-    The loss is the batch mean of weight * per-example mean loss, in float32; aux holds per
-    example `t`, the unweighted `loss` and the `weight`, for logging.
+    The loss is the batch mean of weight * per-example mean loss, in float32 (times
+    `example_weight` [B] where given: e.g. DreamBooth's prior examples weighted against the
+    instance ones); aux holds per example `t`, the unweighted `loss` and the `weight`, for
+    logging.
     """
     _check_options(
         prediction=prediction,
@@ -428,6 +431,8 @@ def diffusion_loss(
         sigma_data=sigma_data,
     )
     aux = {"t": t, "loss": loss, "weight": weight}
+    if example_weight is not None:
+        weight = weight * jnp.asarray(example_weight, jnp.float32)
     total = jnp.mean(weight * loss)
     if vlb_weight > 0:  # the mean gets no gradient from it (L_hybrid's stop-gradient)
         vlb = vlb_term(

@@ -441,6 +441,14 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         shuffle=True,
         random_crop=False,
         worker_count=0,  # grain worker processes; 0 = threads in this process
+        # DreamBooth's prior preservation (Ruiz et al. 2023): this fraction of every batch
+        # from a second source (`prior_source`: folder | tar | shapes | synthetic, at
+        # `prior_path`), its loss weighted `prior_weight` (diffusers' --prior_loss_weight);
+        # 0 = off
+        prior_fraction=0.0,
+        prior_source="folder",
+        prior_path="",
+        prior_weight=1.0,
     )
     return _group(defaults, overrides, "data")
 

@@ -169,20 +169,69 @@ def make_input(
     config: ml_collections.ConfigDict, text_cache: EmbeddingCache | None = None
 ) -> grain.DatasetIterator:
     """This process's DataIterator over the configured source; with `text_cache`, its
-    batches also carry their captions' "text" and "text_mask" (`CachedText`)."""
+    batches also carry their captions' "text" and "text_mask" (`CachedText`); with
+    `data.prior_fraction`, part of every batch comes from the prior source (`PriorMix`)."""
     cfg = config.data
-    data = data_lib.make_pipeline(
-        make_source(cfg),
-        batch_size=cfg.batch_size // jax.process_count(),
-        resolution=cfg.resolution,
-        low_resolution=cfg.low_resolution or None,
-        low_res_method=cfg.low_res_method,
-        seed=cfg.seed,
-        shuffle=cfg.shuffle,
-        random_crop=cfg.random_crop,
-        worker_count=cfg.worker_count,
-    )
+    local = cfg.batch_size // jax.process_count()
+    fraction = float(cfg.get("prior_fraction", 0.0))
+    n_prior = int(round(local * fraction))
+    if fraction and not 0 < n_prior < local:
+        raise ValueError(
+            f"data.prior_fraction={fraction} of this process's {local} examples a batch gives "
+            f"{n_prior} prior examples; it must give at least one and leave one"
+        )
+
+    def pipeline(group, batch_size: int, seed: int):
+        return data_lib.make_pipeline(
+            make_source(group),
+            batch_size=batch_size,
+            resolution=cfg.resolution,
+            low_resolution=cfg.low_resolution or None,
+            low_res_method=cfg.low_res_method,
+            seed=seed,
+            shuffle=cfg.shuffle,
+            random_crop=cfg.random_crop,
+            worker_count=cfg.worker_count,
+        )
+
+    data = pipeline(cfg, local - n_prior, cfg.seed)
+    if n_prior:
+        prior = ml_collections.ConfigDict(cfg.to_dict())
+        prior.source, prior.path = cfg.prior_source, cfg.prior_path
+        prior.counterfactuals = ""
+        data = PriorMix(data, pipeline(prior, n_prior, cfg.seed + 1), weight=cfg.prior_weight)
     return data if text_cache is None else CachedText(data, text_cache)
+
+
+class PriorMix(grain.DatasetIterator):
+    """Batches of `data` followed by those of `prior` (DreamBooth's instance and class
+    images, in that order), with "example_weight" float32 [B]: the train step's loss is
+    the mean over `data`'s examples plus `weight` times the mean over `prior`'s, as
+    diffusers' train_dreambooth.py adds its prior loss (each example's weight is B / n of
+    its part, times `weight` for the prior's; the parts have the same size on every
+    process). Its state holds both iterators'."""
+
+    def __init__(self, data, prior, *, weight: float):
+        super().__init__([data, prior])  # closing it closes both
+        self.data, self.prior, self.weight = data, prior, float(weight)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._assert_not_closed()
+        a, b = next(self.data), next(self.prior)
+        n_a, n_b = len(a["caption"]), len(b["caption"])
+        batch = {k: np.concatenate([a[k], b[k]]) for k in a.keys() & b.keys()}
+        total = n_a + n_b
+        batch["example_weight"] = np.concatenate(
+            [np.full(n_a, total / n_a), np.full(n_b, self.weight * total / n_b)]
+        ).astype(np.float32)
+        return batch
+
+    def get_state(self) -> dict:
+        return {"data": self.data.get_state(), "prior": self.prior.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.data.set_state(state["data"])
+        self.prior.set_state(state["prior"])
 
 
 class CachedText(grain.DatasetIterator):

@@ -169,7 +169,15 @@ def device_batch(batch, encoder, mesh):
             text = jax.device_put(text, parallel.batch_sharding(mesh))
         else:
             batch, text = dict(batch, **text), {}
-    keys = ("image", "low_res", "text", "text_mask", *COUNTERFACTUAL_KEYS, *CAPTION_KEYS)
+    keys = (
+        "image",
+        "low_res",
+        "text",
+        "text_mask",
+        "example_weight",
+        *COUNTERFACTUAL_KEYS,
+        *CAPTION_KEYS,
+    )
     return {**parallel.global_batch({k: batch[k] for k in keys if k in batch}, mesh), **text}
 
 

@@ -97,6 +97,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule, terms):
             prediction=dcfg.prediction,
             model_space=dcfg.model_space,
             learned_variance=dcfg.variance == "learned_range",
+            example_weight=batch.get("example_weight"),
             **loss_kwargs,
         )
         if not terms:

@@ -39,6 +39,7 @@ from imagen_jax.text.config import encode_captions, make_text_encoder
 from imagen_jax.training import export, pipeline_start
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
+from imagen_jax.training.input import make_input
 from imagen_jax.weights import CheckpointError
 
 PROMPTS = ["a red circle above a blue square", "two green stars"]
@@ -245,6 +246,66 @@ def test_if_adapters_export_to_a_file_that_load_lora_weights_reads(pipes, tmp_pa
     got = ours(str(out))
     np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
     assert np.abs(got - ours(None)).max() > 1e-2  # the adapters changed the UNet
+
+
+def _prior_config(pipe, **train):
+    config = _config(pipe, "empty_prob=0", **train)
+    config.data.prior_fraction = 0.5
+    config.data.prior_source = "synthetic"
+    config.data.prior_weight = 0.7
+    return config
+
+
+def test_prior_preservation_matches_diffusers_train_dreambooth(pipes):
+    """Half of every batch from the prior source, after the instance half: the loss is
+    train_dreambooth.py's, the instance MSE plus prior_loss_weight times the prior MSE."""
+    config = _prior_config(pipes["sd"])
+    data = make_input(config)
+    batch = next(data)
+    data.close()
+    b = len(batch["caption"])
+    np.testing.assert_allclose(batch["example_weight"], [2.0] * (b // 2) + [1.4] * (b // 2))
+    net = state_lib.make_network(config.model)
+    text = encode_captions(make_text_encoder(config.text), list(batch["caption"]))
+    latents = np.random.default_rng(2).normal(size=(b, 16, 16, 4)).astype(np.float32)
+    ours_batch = dict(text, latents=latents, example_weight=batch["example_weight"])
+    params = jax.tree.map(jnp.asarray, pipeline_start.pipeline_params(net, str(pipes["sd"])))
+    _, rest = state_lib.init_params_and_rest(net, jax.random.key(0))
+    schedule = diffusion_config.make_schedule(config.diffusion)
+    key = jax.random.key(11)
+    loss, _ = jax.jit(step_lib.make_loss_fn(config, net, schedule, []))(
+        params, rest, ours_batch, key
+    )
+
+    _, key_loss, _ = jax.random.split(key, 3)
+    key_t, key_eps = jax.random.split(key_loss)
+    t = torch.from_numpy(np.asarray(jax.random.randint(key_t, (b,), 0, 1000))).long()
+    noise = np.asarray(jax.random.normal(key_eps, latents.shape))
+    unet = diffusers.UNet2DConditionModel.from_pretrained(pipes["sd"] / "unet")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(pipes["sd"] / "scheduler")
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    noisy = scheduler.add_noise(nchw(latents), nchw(noise), t)
+    with torch.no_grad():
+        pred = unet(noisy, t, torch.from_numpy(np.asarray(text["text"])), return_dict=False)[0]
+    pred, pred_prior = torch.chunk(pred, 2, dim=0)
+    target, target_prior = torch.chunk(nchw(noise), 2, dim=0)
+    ref = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="mean")
+    prior = torch.nn.functional.mse_loss(pred_prior.float(), target_prior.float(), reduction="mean")
+    ref = ref + 0.7 * prior
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, float(ref)), (float(loss), float(ref))
+
+
+def test_prior_preservation_run_resumes_bitwise(pipes, tmp_path):
+    config = _prior_config(pipes["sd"], steps=2, checkpoint_every=1)
+    state, _ = training.train_and_evaluate(config, str(tmp_path / "run"))
+    shutil.copytree(
+        tmp_path / "run" / "checkpoints" / "1", tmp_path / "resumed" / "checkpoints" / "1"
+    )
+    resumed, _ = training.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert_same_tree(resumed, state)
+    config.data.prior_fraction = 0.01  # no prior example in a batch of 8
+    with pytest.raises(ValueError, match="data.prior_fraction=0.01"):
+        training.train_and_evaluate(config, str(tmp_path / "bad"))
 
 
 def test_dropped_captions_get_the_clip_encoding_of_the_empty_prompt(pipes):

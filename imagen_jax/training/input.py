@@ -196,6 +196,11 @@ def make_input(
 
     data = pipeline(cfg, local - n_prior, cfg.seed)
     if n_prior:
+        if cfg.prior_source in ("folder", "tar") and not cfg.prior_path:
+            raise ValueError(
+                f"data.prior_fraction={fraction} with data.prior_source={cfg.prior_source!r} "
+                "needs data.prior_path (the class images)"
+            )
         prior = ml_collections.ConfigDict(cfg.to_dict())
         prior.source, prior.path = cfg.prior_source, cfg.prior_path
         prior.counterfactuals = ""

@@ -7,7 +7,7 @@ learned variance.
         --workdir=runs/if_photos
     python -m imagen_jax.training.export \
         --config=configs/if_finetune.py:pipeline=models/IF-I-M,data=photos \
-        --workdir=runs/if_photos --outdir=models/if-photos   # sample.py --pipeline reads it
+        --workdir=runs/if_photos --outdir=runs/if-photos     # sample.py --pipeline reads it
 
 The same arguments and optimizer as configs/sd_finetune.py (`finetune_config`), at IF stage
 I's 64 px. The loss is the MSE of the eps channels (diffusers' train_dreambooth.py for IF

@@ -7,7 +7,7 @@ text encoder frozen, its scheduler's noise schedule and prediction (eps or v).
     python train.py --config=configs/sd_finetune.py:pipeline=models/sd-2.1,data=photos,lora=8 \
         --workdir=runs/sd_photos_lora
     python -m imagen_jax.training.export_pipeline --config=configs/sd_finetune.py:... \
-        --workdir=runs/sd_photos --outdir=models/sd-photos      # sample.py --pipeline reads it
+        --workdir=runs/sd_photos --outdir=runs/sd-photos        # sample.py --pipeline reads it
 
 `data` is a folder of images with captions (`data.source = "folder"`), or "shapes" (the
 shapes domain). The objective is diffusers' train_text_to_image's: t ~ U{0..T-1}, the MSE of
@@ -73,10 +73,11 @@ def finetune_config(arg, expect: str):
         config.latent = training.latent_config(
             vae=os.path.join(arg.pipeline, "vae") if arg.pipeline else "", sample_posterior=True
         )
-    if arg.pipeline:  # the pipeline's schedule, prediction and sampler
-        config.diffusion, config.sample = diffusers_format.scheduler_settings(
-            os.path.join(arg.pipeline, "scheduler")
-        )
+    scheduler = os.path.join(arg.pipeline, "scheduler")
+    if arg.pipeline and os.path.isdir(scheduler):  # its schedule, prediction and sampler
+        # (a config built before the directory exists keeps the defaults; a run checks the
+        # whole directory when it builds the network, and stops there without it)
+        config.diffusion, config.sample = diffusers_format.scheduler_settings(scheduler)
     config.diffusion.resolution = res
     config.sample.steps = 25
     config.sample.guidance_scale = 7.5

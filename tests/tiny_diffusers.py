@@ -304,13 +304,14 @@ def stage_2_pipeline(path, *, text_encoder=None, tokenizer=None, seed=3):
     return pipe
 
 
-def stage_1_pipeline(path, seed=2):
-    """IF stage I with its own tiny T5 (as IF-I-XL)."""
+def stage_1_pipeline(path, seed=2, text_width=32):
+    """IF stage I with its own tiny T5 (as IF-I-XL; a `text_width` other than the UNet's 32
+    cross-attention channels is projected, as IF's 4096-wide T5 states are)."""
     tokenizer = t5_tokenizer()
     pipe = diffusers.IFPipeline(
         tokenizer=tokenizer,
-        text_encoder=tiny_t5(seed - 1, len(tokenizer)),
-        unet=if_unet(seed, "I"),
+        text_encoder=tiny_t5(seed - 1, len(tokenizer), width=text_width),
+        unet=if_unet(seed, "I", text_width=text_width),
         scheduler=if_scheduler(1.5),
         safety_checker=None,
         feature_extractor=None,

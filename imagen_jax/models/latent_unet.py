@@ -158,7 +158,9 @@ class PipelineUNetConfig:
 
     @property
     def text_dim(self) -> int:
-        return self.unet.cross_attention_dim
+        """The width of the text tokens it reads: the encoder's (IF projects its T5 states,
+        `encoder_hid_dim`, to the cross-attention's width)."""
+        return self.unet.encoder_hid_dim or self.unet.cross_attention_dim
 
     @property
     def in_channels(self) -> int:

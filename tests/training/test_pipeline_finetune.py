@@ -35,8 +35,8 @@ from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet
 from imagen_jax.pipelines import deepfloyd
 from imagen_jax.pipelines.public import load_latent_pipeline, public_job
-from imagen_jax.text.config import encode_captions, make_text_encoder
-from imagen_jax.training import export, pipeline_start
+from imagen_jax.text.config import encode_captions, make_text_encoder, text_width
+from imagen_jax.training import export, pipeline_start, trainer
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
 from imagen_jax.training.input import make_input
@@ -178,6 +178,16 @@ def test_if_loss_and_gradient_match_diffusers_train_dreambooth(pipes):
     ref.backward()
     worst = _gradient_error(grads, unet, net.cfg.unet)
     assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
+def test_if_text_width_is_the_t5_s_not_the_cross_attention_s(tmp_path):
+    """IF projects its T5 states (encoder_hid_dim) to the cross-attention's width: the
+    trainer's encoder check and the empty text use the T5 width."""
+    stage_1_pipeline(tmp_path / "if48", text_width=48)
+    config = _config(tmp_path / "if48", family="if_finetune")
+    net = state_lib.make_network(config.model)
+    assert (net.text_dim, net.cfg.unet.cross_attention_dim) == (48, 32)
+    assert text_width(trainer.stage_text_encoder(config, net)) == 48
 
 
 def test_if_fine_tune_exports_the_unet_diffusers_loads(pipes, tmp_path):

@@ -1,12 +1,14 @@
 """One process of the two-process test (test_distributed.py); not a test itself.
 
-    python distributed_worker.py PORT PROCESS_ID WORKDIR [sigterm]
+    python distributed_worker.py PORT PROCESS_ID WORKDIR [sigterm | lora PIPELINE_DIR]
 
 Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains
 the runlocal base stage for 2 steps in WORKDIR (with a periodic evaluation at step 2), and
 prints one JSON line with its view of the result. With `sigterm`, the run is 4 steps long
 (stop requests shared every 2) and process 1 sends itself SIGTERM while preparing step 1:
-both processes raise `Preempted` at the same step, and the result is its state.
+both processes raise `Preempted` at the same step, and the result is its state. With
+`lora PIPELINE_DIR`, two steps of rank-2 adapters on a tiny SD pipeline
+(configs/sd_finetune.py:runlocal).
 """
 
 import json
@@ -19,7 +21,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from conftest import tiny  # noqa: E402  (sets the shared compilation cache)
+from conftest import stage_config, tiny  # noqa: E402  (sets the shared compilation cache)
 
 from imagen_jax import parallel  # noqa: E402
 from imagen_jax.training import Preempted, loop, train_and_evaluate  # noqa: E402
@@ -37,7 +39,13 @@ def sigterm_on_first_batch():
     loop.device_batch = device_batch
 
 
-def main(port: str, process_id: str, workdir: str, mode: str = ""):
+def lora_config(pipeline: str):
+    """Two steps of rank-2 adapters on the tiny SD pipeline at `pipeline`."""
+    arg = f"runlocal,pipeline={pipeline},lora=2,lr=0.01"
+    return stage_config("sd_finetune", arg, steps=2, checkpoint_every=2, sample_every=0)
+
+
+def main(port: str, process_id: str, workdir: str, mode: str = "", pipeline: str = ""):
     parallel.initialize_distributed(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id)
     )
@@ -45,6 +53,8 @@ def main(port: str, process_id: str, workdir: str, mode: str = ""):
         config = tiny(steps=4, log_every=2)
         if jax.process_index() == 1:
             sigterm_on_first_batch()
+    elif mode == "lora":
+        config = lora_config(pipeline)
     else:
         config = tiny(steps=2)
         config.evals.every = 2  # periodic evaluation: over both hosts' devices, gathered

@@ -78,6 +78,19 @@ def tiny_unet(seed, **kw):
     return unet
 
 
+def sd_ddim(**kw):
+    """Stable Diffusion's schedule with DDIM, as SD 2.1 ships it (eps unless `kw` says)."""
+    return diffusers.DDIMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        **kw,
+    )
+
+
 def sd_pipeline(path, scheduler, *, kind=""):
     """SD 1.x: diffusers' StableDiffusion{kind}Pipeline, kind "" | "Img2Img" | "Inpaint"
     (a 9-channel UNet); the editing kinds with `deterministic_vae`."""
@@ -105,15 +118,7 @@ def sd2_pipeline(path):
     """SD 2.x: linear projections, upcast attention, v-prediction, "!" padding."""
     text_encoder, _ = clip_text(1)
     tokenizer = clip_tokenizer(pad_token="!")
-    scheduler = diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="v_prediction",
-    )
+    scheduler = sd_ddim(prediction_type="v_prediction")
     pipe = diffusers.StableDiffusionPipeline(
         vae=tiny_vae(2),
         text_encoder=text_encoder,

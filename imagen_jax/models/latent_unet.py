@@ -32,13 +32,16 @@ _SD_FIELDS = frozenset(f.name for f in dataclasses.fields(sd_unet.SDUNetConfig))
 
 
 @dataclasses.dataclass(frozen=True)
-class LatentUNetConfig:
+class UNetWrapperConfig:
+    """What the trainer asks of a network around an `SDUNet`: its text width (the
+    encoder's: `encoder_hid_dim` where the UNet projects it, as IF does, else the
+    cross-attention's), channels and levels."""
+
     unet: sd_unet.SDUNetConfig
-    null_text_len: int = 8  # learned null tokens standing in for dropped text
 
     @property
     def text_dim(self) -> int:
-        return self.unet.cross_attention_dim
+        return self.unet.encoder_hid_dim or self.unet.cross_attention_dim
 
     @property
     def in_channels(self) -> int:
@@ -51,6 +54,11 @@ class LatentUNetConfig:
     @property
     def num_levels(self) -> int:
         return self.unet.num_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentUNetConfig(UNetWrapperConfig):
+    null_text_len: int = 8  # learned null tokens standing in for dropped text
 
 
 # SDUNetConfig fields per variant: SD 1.x's block layout (cross-attention in all but the
@@ -149,30 +157,11 @@ class LatentUNet(nnx.Module):
 
 
 @dataclasses.dataclass(frozen=True)
-class PipelineUNetConfig:
+class PipelineUNetConfig(UNetWrapperConfig):
     """The UNet of a public pipeline (its unet/config.json) and the length of its text
     encoder's token sequence (CLIP: 77)."""
 
-    unet: sd_unet.SDUNetConfig
     text_len: int = 77
-
-    @property
-    def text_dim(self) -> int:
-        """The width of the text tokens it reads: the encoder's (IF projects its T5 states,
-        `encoder_hid_dim`, to the cross-attention's width)."""
-        return self.unet.encoder_hid_dim or self.unet.cross_attention_dim
-
-    @property
-    def in_channels(self) -> int:
-        return self.unet.in_channels
-
-    @property
-    def out_channels(self) -> int:
-        return self.unet.out_channels
-
-    @property
-    def num_levels(self) -> int:
-        return self.unet.num_blocks
 
 
 class EmptyText(nnx.Variable):

@@ -40,6 +40,7 @@ from flax.nnx import traversals
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
+from imagen_jax import files
 from imagen_jax.weights import CheckpointError
 
 DOWN, UP = "lora_down", "lora_up"
@@ -219,6 +220,11 @@ def read_diffusers_lora(path: str | os.PathLike) -> tuple[str, dict[str, np.ndar
         return file, load_file(file)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def file_record(file: str) -> dict:
+    """What an image's metadata records of a LoRA file merged into its network."""
+    return {"lora": dict(file=file, sha256=files.file_sha256(file))}
 
 
 def apply_diffusers_lora(model: nnx.Module, path: str | os.PathLike, *, prefix="unet") -> str:

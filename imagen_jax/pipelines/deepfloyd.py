@@ -203,7 +203,7 @@ class IFStage:
         if self.super_resolution:
             out.update(noise_level=self.noise_level, low_resolution=self.low_resolution)
         if self.lora:
-            out.update(lora=dict(file=self.lora, sha256=files.file_sha256(self.lora)))
+            out.update(lora_lib.file_record(self.lora))
         return out
 
 

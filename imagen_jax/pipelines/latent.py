@@ -324,7 +324,7 @@ class LatentPipeline:
         )
         latents = run(
             self._unet_state,
-            jnp.asarray(z, jnp.float32),
+            z,
             grid,
             cond,
             uncond if guided else None,
@@ -347,11 +347,7 @@ class LatentPipeline:
             diffusion=self.diffusion.to_dict(),
             sample=self.sample.to_dict(),
             weights_sha256=self.weights_sha256,
-            **(
-                {"lora": dict(file=self.lora, sha256=files.file_sha256(self.lora))}
-                if self.lora
-                else {}
-            ),
+            **(lora_lib.file_record(self.lora) if self.lora else {}),
         )
 
     @functools.cached_property

@@ -128,7 +128,8 @@ class Network:
         keys = {
             "sd_unet": "model.cross_attention_dim",
             "mmdit": "model.joint_attention_dim",
-            "pipeline": "cross_attention_dim of model.pipeline's unet/config.json",
+            "pipeline": "encoder_hid_dim or cross_attention_dim of model.pipeline's "
+            "unet/config.json",
         }
         return keys.get(self.family, "model.text_dim")
 

@@ -17,6 +17,7 @@ import torch
 from tiny_diffusers import (
     refiner_pipeline,
     sd2_pipeline,
+    sd_ddim,
     sd_pipeline,
     sdxl_pipeline,
 )
@@ -50,14 +51,7 @@ def assert_images_close(ours, ref):
 
 SCHEDULERS = {
     # SD 2.1's DDIM settings with epsilon prediction, and SD 1.5's PNDM replaced by DPM++ 2M.
-    "ddim": lambda: diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    ),
+    "ddim": sd_ddim,
     "dpmpp_2m": lambda: diffusers.DPMSolverMultistepScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
     ),

@@ -87,13 +87,9 @@ def test_two_processes_train_adapters_on_a_public_pipeline(tmp_path):
     4 devices each: both hold the same adapters and loss, and the checkpoint holds both
     processes' data state. (A one-process run sees the same examples in another row order,
     so other timesteps and noise per example: its numbers differ.)"""
-    import diffusers
-    from tiny_diffusers import sd_pipeline
+    from tiny_diffusers import sd_ddim, sd_pipeline
 
-    scheduler = diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
-    )
-    sd_pipeline(tmp_path / "sd", scheduler)
+    sd_pipeline(tmp_path / "sd", sd_ddim())
     results = _run_two_processes(tmp_path / "run", "lora", str(tmp_path / "sd"))
     assert all(r["processes"] == 2 and r["devices"] == 8 and r["step"] == 2 for r in results)
     assert results[0]["loss"] == results[1]["loss"]

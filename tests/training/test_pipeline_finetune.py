@@ -26,7 +26,7 @@ import pytest
 import torch
 from conftest import assert_same_tree, stage_config
 from flax.nnx import traversals
-from tiny_diffusers import sd2_pipeline, sd_pipeline, stage_1_pipeline
+from tiny_diffusers import sd2_pipeline, sd_ddim, sd_pipeline, stage_1_pipeline
 
 from imagen_jax import training
 from imagen_jax.demo.loading import find_model_dirs
@@ -46,24 +46,13 @@ PROMPTS = ["a red circle above a blue square", "two green stars"]
 IMAGE_TOL = 1e-3  # float32 images in [0, 1], as tests/pipelines/test_latent_pipelines.py
 
 
-def _ddim():
-    """SD's schedule with a deterministic sampler (the trainer reads only the schedule and the
-    prediction; diffusers' script reads the folder as a DDPMScheduler)."""
-    return diffusers.DDIMScheduler(
-        beta_schedule="scaled_linear",
-        beta_start=0.00085,
-        beta_end=0.012,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
-
-
 @pytest.fixture(scope="module")
 def pipes(tmp_path_factory):
-    """{"sd": an SD 1.x pipeline (eps), "sd2": an SD 2.x one (v)} directories, both DDIM."""
+    """{"sd": an SD 1.x pipeline (eps), "sd2": an SD 2.x one (v), both DDIM (a deterministic
+    sampler; the trainer reads only the schedule and the prediction, and diffusers' scripts
+    read the folder as a DDPMScheduler), "if": IF stage I} directories."""
     root = tmp_path_factory.mktemp("pipelines")
-    sd_pipeline(root / "sd", _ddim())
+    sd_pipeline(root / "sd", sd_ddim())
     sd2_pipeline(root / "sd2")
     stage_1_pipeline(root / "if")
     return {"sd": root / "sd", "sd2": root / "sd2", "if": root / "if"}

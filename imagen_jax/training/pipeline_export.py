@@ -14,7 +14,7 @@ workdir, the step, EMA or not, the adapters' rank, alpha and layers). OUTDIR mus
 files already: an export never mixes with an older one.
 
     python -m imagen_jax.training.export --config=configs/sd_finetune.py:pipeline=BASE,... \
-        --workdir=runs/sd_photos --outdir=models/sd-photos [--step=N] [--noema]
+        --workdir=runs/sd_photos --outdir=runs/sd-photos [--step=N] [--noema]
 """
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ import json
 import os
 import shutil
 
-import numpy as np
 from safetensors.numpy import save_file
 
+from imagen_jax import stages
 from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet
 from imagen_jax.weights import checkpoint_tensors
 from imagen_jax.weights.hf import DIFFUSERS_WEIGHTS_NAME
 
 RECORD = lora_lib.EXPORT_RECORD
-STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+STORAGE_DTYPES = stages.STORAGE_DTYPES
 
 
 def _unet_weight_file(name: str) -> bool:

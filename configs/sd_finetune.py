@@ -45,7 +45,11 @@ ARGS = dict(
     fsdp=1,
     runlocal=False,
 )
-RESOLUTION = {"stable_diffusion": (512, 32), "deepfloyd_if": (64, 8)}  # (full, runlocal)
+RESOLUTION = {  # (full, runlocal)
+    "stable_diffusion": (512, 32),
+    "stable_diffusion_xl": (1024, 32),
+    "deepfloyd_if": (64, 8),
+}
 
 
 def get_config(arg=None):
@@ -66,10 +70,13 @@ def finetune_config(arg, expect: str):
     text_encoder = os.path.join(arg.pipeline, "text_encoder") if arg.pipeline else ""
     if expect == "deepfloyd_if":  # T5, its mask seen, as IFPipeline encodes
         config.text = text_config(kind="t5", path=text_encoder, max_length=77, empty="encode")
+    elif expect == "stable_diffusion_xl":  # both CLIPs' penultimate layers, the pooled text
+        config.text = text_config(kind="sdxl", path=arg.pipeline, max_length=77, empty="encode")
     else:
         config.text = text_config(
             kind="clip", path=text_encoder, max_length=77, model_mask=False, empty="encode"
         )
+    if expect != "deepfloyd_if":
         config.latent = training.latent_config(
             vae=os.path.join(arg.pipeline, "vae") if arg.pipeline else "", sample_posterior=True
         )
@@ -87,6 +94,7 @@ def finetune_config(arg, expect: str):
         config.data = training.data_config(source="folder", path=arg.data)
     config.data.resolution = res
     config.data.batch_size = arg.batch
+    config.data.size_crop = expect == "stable_diffusion_xl"  # its size / crop ids
     config.optim = training.optim_config(
         lr=arg.lr or (1e-4 if arg.lora else 1e-5),
         warmup_steps=0,
@@ -109,7 +117,9 @@ def finetune_config(arg, expect: str):
     if arg.fsdp > 1:
         config.mesh = [("data", -1), ("fsdp", arg.fsdp)]
     if arg.runlocal:
-        config.data = training.data_config(source="synthetic", size=32, resolution=res)
+        config.data = training.data_config(
+            source="synthetic", size=32, resolution=res, size_crop=config.data.size_crop
+        )
         config.data.batch_size = arg.batch
         config.train.steps = 4
         config.train.log_every = 1

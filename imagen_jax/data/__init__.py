@@ -9,6 +9,7 @@ A source is anything with `__len__` and `__getitem__(i) -> {"image", "caption", 
 (sharding per process, determinism, resumable state, corrupt-record skipping).
 """
 
+from imagen_jax.data.buckets import BucketPlan, parse_buckets
 from imagen_jax.data.pipeline import (
     DataIterator,
     SkippedRecord,
@@ -33,6 +34,7 @@ from imagen_jax.data.sources import (
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "BucketPlan",
     "CorruptRecordError",
     "DataIterator",
     "ImageFolderSource",
@@ -44,6 +46,7 @@ __all__ = [
     "downsample",
     "example_stream",
     "make_pipeline",
+    "parse_buckets",
     "preprocess_record",
     "resize_and_crop",
     "stack_examples",

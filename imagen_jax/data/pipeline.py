@@ -49,6 +49,9 @@ trainers should run a fixed number of steps on the default endless stream.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -56,6 +59,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
+from imagen_jax.data.buckets import BucketPlan, format_buckets, record_shapes
 from imagen_jax.data.preprocess import LOW_RES_METHODS, CorruptRecordError, preprocess_record
 
 
@@ -70,10 +74,15 @@ class SkippedRecord:
 class _LoadExample(grain.transforms.RandomMap):
     """Source index -> preprocessed example, or SkippedRecord if its image is corrupt."""
 
-    def __init__(self, source, *, resolution, low_resolution, low_res_method, random_crop):
+    def __init__(
+        self, source, *, resolution, low_resolution, low_res_method, random_crop, size_crop
+    ):
         self._source = source
         self._kwargs = dict(
-            resolution=resolution, low_resolution=low_resolution, low_res_method=low_res_method
+            resolution=resolution,
+            low_resolution=low_resolution,
+            low_res_method=low_res_method,
+            size_crop=size_crop,
         )
         self._random_crop = random_crop
 
@@ -97,6 +106,7 @@ def example_stream(
     process_index: int = 0,
     process_count: int = 1,
     random_crop: bool = False,
+    size_crop: bool = False,
 ) -> grain.MapDataset:
     """This process's stream of examples (or SkippedRecords), before batching.
 
@@ -115,6 +125,7 @@ def example_stream(
         low_resolution=low_resolution,
         low_res_method=low_res_method,
         random_crop=random_crop,
+        size_crop=size_crop,
     )
     ds = grain.MapDataset.range(len(source)).random_map(load, seed=crop_seed)
     if shuffle:
@@ -122,6 +133,65 @@ def example_stream(
     ds = ds.repeat(num_epochs)
     stop = None if num_epochs is None else len(ds) - len(ds) % process_count
     return ds[process_index:stop:process_count]
+
+
+class _LoadBucketed(grain.transforms.Map):
+    """This process's stream position -> the example of its bucket plan (or SkippedRecord):
+    the record resized and cropped to its bucket's shape; a random crop seeded by the
+    global stream position, so that it does not depend on the number of processes."""
+
+    def __init__(self, source, plan: BucketPlan, *, local, process_index, crop_seed, **kwargs):
+        self._source, self._plan, self._kwargs = source, plan, kwargs
+        self._local, self._process_index, self._crop_seed = local, process_index, crop_seed
+
+    def map(self, position: int):
+        batch, row = divmod(int(position), self._local)
+        global_position = batch * self._plan.global_batch + self._process_index * self._local + row
+        index, bucket = self._plan.lookup(global_position)
+        try:
+            record = self._source[index]
+        except CorruptRecordError as e:
+            return SkippedRecord(index=index, reason=str(e))
+        rng = None
+        if self._kwargs["random_crop"]:
+            rng = np.random.default_rng([self._crop_seed, global_position])
+        kwargs = {k: v for k, v in self._kwargs.items() if k != "random_crop"}
+        return preprocess_record(record, resolution=self._plan.buckets[bucket], rng=rng, **kwargs)
+
+
+def bucket_stream(
+    source,
+    plan: BucketPlan,
+    *,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    random_crop: bool = False,
+    size_crop: bool = False,
+) -> grain.MapDataset:
+    """This process's stream of examples of an aspect-ratio bucket plan (`buckets.py`):
+    every run of `plan.global_batch / process_count` consecutive positions is this
+    process's part of one global batch, all of one bucket's shape."""
+    if plan.global_batch % process_count:
+        raise ValueError(
+            f"a global batch of {plan.global_batch} does not split among {process_count} processes"
+        )
+    local = plan.global_batch // process_count
+    per_epoch = plan.batches_per_epoch * local
+    length = sys.maxsize if num_epochs is None else per_epoch * num_epochs
+    _, crop_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+    load = _LoadBucketed(
+        source,
+        plan,
+        local=local,
+        process_index=process_index,
+        crop_seed=crop_seed,
+        random_crop=random_crop,
+        size_crop=size_crop,
+        low_resolution=None,
+    )
+    return grain.MapDataset.range(length).map(load)
 
 
 def stack_examples(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -157,6 +227,7 @@ class DataIterator(grain.DatasetIterator):
         seed: int = 0,
         process_index: int = 0,
         process_count: int = 1,
+        buckets: str = "",
     ):
         self._upstream: grain.DatasetIterator | None = None  # Built on first use.
         super().__init__()
@@ -174,6 +245,8 @@ class DataIterator(grain.DatasetIterator):
         self._settings = dict(
             seed=int(seed), process_index=int(process_index), process_count=int(process_count)
         )
+        if buckets:  # batches are runs of batch_size positions, each of one bucket
+            self._settings["buckets"] = buckets
         self._next_index = 0
         self._num_skipped = 0
 
@@ -199,6 +272,8 @@ class DataIterator(grain.DatasetIterator):
         self._assert_not_closed()
         if self._upstream is None:
             self._upstream = self._make_upstream()
+        if "buckets" in self._settings:
+            return self._next_bucketed()
         examples = []
         while len(examples) < self._batch_size:
             try:
@@ -209,27 +284,47 @@ class DataIterator(grain.DatasetIterator):
                 raise
             self._next_index += 1
             if isinstance(example, SkippedRecord):
-                self._num_skipped += 1
-                if self._num_skipped <= 100 or self._num_skipped % 1000 == 0:  # no log flood
-                    logging.warning(
-                        "Skipping corrupt record %d (%d skipped so far on this process): %s",
-                        example.index,
-                        self._num_skipped,
-                        example.reason,
-                    )
+                self._skip(example)
                 continue
             examples.append(example)
         return stack_examples(examples)
+
+    def _next_bucketed(self) -> dict[str, np.ndarray]:
+        """The next run of batch_size positions (one bucket's shape); a corrupt record's
+        place goes to a copy of another example of the run, so the batch keeps its shape
+        and the next batch its bucket (a run of corrupt records only is passed over)."""
+        while True:
+            run = []
+            for _ in range(self._batch_size):
+                run.append(next(self._upstream))
+                self._next_index += 1
+            good = [e for e in run if not isinstance(e, SkippedRecord)]
+            for example in run:
+                if isinstance(example, SkippedRecord):
+                    self._skip(example)
+            if good:
+                return stack_examples(list(itertools.islice(itertools.cycle(good), len(run))))
+
+    def _skip(self, example: SkippedRecord) -> None:
+        self._num_skipped += 1
+        if self._num_skipped <= 100 or self._num_skipped % 1000 == 0:  # no log flood
+            logging.warning(
+                "Skipping corrupt record %d (%d skipped so far on this process): %s",
+                example.index,
+                self._num_skipped,
+                example.reason,
+            )
 
     def get_state(self) -> dict[str, int]:
         return dict(next_index=self._next_index, num_skipped=self._num_skipped, **self._settings)
 
     def set_state(self, state: dict[str, int]) -> None:
-        for name, value in self._settings.items():
-            if state[name] != value:
+        for name in {*self._settings, "buckets"}:
+            saved, value = state.get(name, ""), self._settings.get(name, "")
+            if saved != value:
                 raise ValueError(
-                    f"Iterator state was saved with {name}={state[name]}, this pipeline "
-                    f"has {name}={value}; it would not resume the same stream"
+                    f"Iterator state was saved with {name}={saved!r}, this pipeline "
+                    f"has {name}={value!r}; it would not resume the same stream"
                 )
         self._close_upstream()
         self._next_index = int(state["next_index"])
@@ -269,6 +364,8 @@ def make_pipeline(
     drop_remainder: bool = True,
     low_res_method: str = "bicubic",  # bicubic | box
     read_threads: int = 8,
+    size_crop: bool = False,
+    buckets: Sequence[tuple[int, int]] = (),
 ) -> DataIterator:
     """An iterator of this process's batches of one stage.
 
@@ -292,6 +389,11 @@ def make_pipeline(
       drop_remainder: drop the last, short batch of a finite stream.
       low_res_method: the downsampling filter of "low_res" (preprocess.py).
       read_threads: threads per process reading and preprocessing records.
+      size_crop: examples also carry "size_crop" int32 [6], each image's original size,
+        crop corner and target size (SDXL's micro-conditioning, `preprocess.size_crop_ids`).
+      buckets: aspect-ratio buckets ((height, width), ...): every image is cropped to the
+        bucket nearest its aspect ratio and every global batch is of one bucket
+        (`buckets.py`; then `resolution` is not used). Base stages only.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -301,6 +403,42 @@ def make_pipeline(
         raise ValueError(f"low_resolution={low_resolution}; expected 0 < it < {resolution}")
     if low_res_method not in LOW_RES_METHODS:
         raise ValueError(f"low_res_method={low_res_method!r}; one of {sorted(LOW_RES_METHODS)}")
+    if buckets:
+        if low_resolution is not None:
+            raise ValueError("aspect-ratio buckets are for base stages; low_resolution is set")
+        plan = BucketPlan(
+            buckets,
+            record_shapes(source, threads=read_threads),
+            global_batch=batch_size * process_count,
+            seed=seed,
+            shuffle=shuffle,
+        )
+        logging.info(
+            "Aspect-ratio buckets (images each): %s; %d global batches an epoch%s",
+            plan.describe(),
+            plan.batches_per_epoch,
+            f"; {plan.num_unreadable} unreadable images left out" if plan.num_unreadable else "",
+        )
+        examples = bucket_stream(
+            source,
+            plan,
+            seed=seed,
+            num_epochs=num_epochs,
+            process_index=process_index,
+            process_count=process_count,
+            random_crop=random_crop,
+            size_crop=size_crop,
+        )
+        return DataIterator(
+            examples,
+            batch_size=batch_size,
+            worker_count=worker_count,
+            read_threads=read_threads,
+            seed=seed,
+            process_index=process_index,
+            process_count=process_count,
+            buckets=format_buckets(buckets),
+        )
     examples = example_stream(
         source,
         resolution=resolution,
@@ -312,6 +450,7 @@ def make_pipeline(
         process_index=process_index,
         process_count=process_count,
         random_crop=random_crop,
+        size_crop=size_crop,
     )
     return DataIterator(
         examples,

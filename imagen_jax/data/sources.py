@@ -26,7 +26,11 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from imagen_jax.data.preprocess import CorruptRecordError, decode_image
+from imagen_jax.data.preprocess import (
+    CorruptRecordError,
+    decode_image_and_size,
+    image_header_size,
+)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 MISSING_CAPTION = ("error", "skip", "empty")  # what to do with an image that has no .txt
@@ -101,10 +105,15 @@ class ImageFolderSource:
         caption = (
             "" if caption_path is None else _read_caption((self.root / caption_path).read_bytes())
         )
-        image = decode_image(
+        image, size = decode_image_and_size(
             image_path.read_bytes(), name=str(image_path), min_size=self.min_decode_size
         )
-        return {"image": image, "caption": caption, "key": key}
+        return {"image": image, "caption": caption, "key": key, "size": size}
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width) of record `index`'s image, from its file's header."""
+        path = self.root / self._images[index]
+        return image_header_size(path, name=str(path))
 
     def __repr__(self) -> str:
         return f"ImageFolderSource({str(self.root)!r}, {len(self)} records)"
@@ -190,8 +199,15 @@ class TarShardSource:
             caption = ""
             if caption_offset >= 0:
                 caption = _read_caption(_read_member(f, caption_offset, caption_size, name=name))
-        image = decode_image(image_bytes, name=name, min_size=self.min_decode_size)
-        return {"image": image, "caption": caption, "key": key}
+        image, size = decode_image_and_size(image_bytes, name=name, min_size=self.min_decode_size)
+        return {"image": image, "caption": caption, "key": key, "size": size}
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width) of record `index`'s image, from its member's header."""
+        shard, key = self.shards[self._shard[index]], self._key[index]
+        name = f"{shard}:{key}"
+        with open(shard, "rb") as f:
+            return image_header_size(_read_member(f, *self._image[index], name=name), name=name)
 
     def __repr__(self) -> str:
         return f"TarShardSource({len(self.shards)} shards, {len(self)} records)"

@@ -158,10 +158,28 @@ class LatentUNet(nnx.Module):
 
 @dataclasses.dataclass(frozen=True)
 class PipelineUNetConfig(UNetWrapperConfig):
-    """The UNet of a public pipeline (its unet/config.json) and the length of its text
-    encoder's token sequence (CLIP: 77)."""
+    """The UNet of a public pipeline (its unet/config.json), the length of its text
+    encoder's token sequence (CLIP: 77) and the side of the training images (SDXL's
+    default size / crop ids)."""
 
     text_len: int = 77
+    resolution: int = 0
+
+    @property
+    def size_crop(self) -> bool:
+        """SDXL's micro-conditioning: the pooled text and 6 size / crop ids."""
+        return self.unet.addition_embed_type == "text_time"
+
+    @property
+    def pooled_dim(self) -> int:
+        """The width of the pooled text (SDXL: text_encoder_2's projection); 0 = none."""
+        if not self.size_crop:
+            return 0
+        u = self.unet
+        return u.projection_class_embeddings_input_dim - SIZE_CROP_IDS * u.addition_time_embed_dim
+
+
+SIZE_CROP_IDS = 6  # original (h, w), crop (top, left), target (h, w)
 
 
 class EmptyText(nnx.Variable):
@@ -174,8 +192,11 @@ class PipelineUNet(nnx.Module):
 
     As Stable Diffusion was trained and as diffusers' train_text_to_image drops captions
     (`--proportion_empty_prompts`), the "unconditional" text of classifier-free guidance is
-    the encoding of "" (`empty_text`, [1, L, D], set by the trainer from its encoder), and the
-    cross-attention sees every token (the public UNets take no mask)."""
+    the encoding of "" (`empty_text`, [1, L, D], and for SDXL `empty_pooled` [1, P], set by
+    the trainer from its encoder), and the cross-attention sees every token (the public
+    UNets take no mask). SDXL's UNet also takes cond["text_pooled"] [B, P] and cond["size_crop"]
+    [B, 6] (original size, crop corner, target size; without it, an uncropped image of
+    `resolution`), as `added_cond` (text_embeds, time_ids)."""
 
     time_input = "timesteps"
 
@@ -185,10 +206,23 @@ class PipelineUNet(nnx.Module):
         self.cfg = cfg
         self.unet = sd_unet.SDUNet(cfg.unet, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.empty_text = EmptyText(jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32))
+        if cfg.pooled_dim:
+            self.empty_pooled = EmptyText(jnp.zeros((1, cfg.pooled_dim), jnp.float32))
 
     def __call__(self, z_t, t, cond):
         text = cond["text"]
-        if "drop_text" in cond:
+        drop = cond["drop_text"].astype(bool) if "drop_text" in cond else None
+        if drop is not None:
             empty = jnp.broadcast_to(self.empty_text[...].astype(text.dtype), text.shape)
-            text = jnp.where(cond["drop_text"].astype(bool)[:, None, None], empty, text)
-        return self.unet(z_t, t, text)
+            text = jnp.where(drop[:, None, None], empty, text)
+        if not self.cfg.size_crop:
+            return self.unet(z_t, t, text)
+        pooled = cond["text_pooled"]
+        if drop is not None:
+            empty = jnp.broadcast_to(self.empty_pooled[...].astype(pooled.dtype), pooled.shape)
+            pooled = jnp.where(drop[:, None], empty, pooled)
+        ids = cond.get("size_crop")
+        if ids is None:
+            r = self.cfg.resolution
+            ids = jnp.broadcast_to(jnp.asarray([r, r, 0, 0, r, r], jnp.float32), (len(text), 6))
+        return self.unet(z_t, t, text, added_cond=dict(text_embeds=pooled, time_ids=ids))

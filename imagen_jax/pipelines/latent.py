@@ -55,6 +55,7 @@ from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet, vae
 from imagen_jax.pipelines import diffusers_format, jobs
 from imagen_jax.text.encoder import TextEncoder, load_text_encoder
+from imagen_jax.text.joint import JointTextEncoder
 from imagen_jax.weights import CheckpointError
 
 
@@ -132,9 +133,8 @@ class LatentPipeline:
         if not self.xl:
             out = self.encoders[0].encode(prompts)
             return out.embeddings, None
-        outs = [e.encode(prompts) for e in self.encoders]
-        tokens = jnp.concatenate([o.embeddings for o in outs], axis=-1)
-        return tokens, outs[-1].pooled
+        out = JointTextEncoder(self.encoders).encode(prompts)  # the refiner: encoder 2 alone
+        return out.embeddings, out.pooled
 
     def _time_ids(self, height, width, aesthetic_score):
         if self.requires_aesthetics_score:

@@ -36,6 +36,7 @@ from imagen_jax.models import sd3_transformer, vae
 from imagen_jax.pipelines import diffusers_format
 from imagen_jax.pipelines.latent import LatentPipeline, text_width_of
 from imagen_jax.text.encoder import load_text_encoder
+from imagen_jax.text.joint import JointTextEncoder
 from imagen_jax.weights import CheckpointError
 
 FAMILY = "stable_diffusion_3"
@@ -53,16 +54,15 @@ class SD3Pipeline(LatentPipeline):
 
     def _encode(self, prompts: Sequence[str]):
         clip_l, clip_g, t5 = self.encoders
-        outs = [clip_l.encode(prompts), clip_g.encode(prompts)]
-        clip = jnp.concatenate([o.embeddings for o in outs], axis=-1)  # [B, 77, Dl + Dg]
-        pooled = jnp.concatenate([o.pooled for o in outs], axis=-1)
-        joint = self.unet_config.joint_attention_dim
-        if t5 is None:
-            t5_tokens = jnp.zeros((len(prompts), self.max_sequence_length, joint), clip.dtype)
-        else:
-            t5_tokens = t5.encode(prompts).embeddings.astype(clip.dtype)
-        clip = jnp.pad(clip, ((0, 0), (0, 0), (0, joint - clip.shape[-1])))
-        return jnp.concatenate([clip, t5_tokens], axis=1), pooled
+        joint = JointTextEncoder(
+            [clip_l, clip_g],
+            pooled="concat",
+            sequence=t5,
+            width=self.unet_config.joint_attention_dim,
+            sequence_length=self.max_sequence_length,
+        )
+        out = joint.encode(prompts)
+        return out.embeddings, out.pooled
 
     def conditioning(self, prompts, negative_prompts=None, **unused):
         """(cond, uncond) trees {"text": [B, 77 + L, D], "pooled": [B, P]}."""

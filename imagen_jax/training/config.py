@@ -46,7 +46,7 @@ FAMILIES = ("imagen", "sd_unet", "mmdit", "pipeline", "vae", "git", "two_towers"
 LATENT_FAMILIES = ("sd_unet", "mmdit", "pipeline")  # diffusion on a frozen VAE's latents
 # The public pipeline families that `model.family = "pipeline"` trains further (DeepFloyd IF:
 # stage I, in pixel space).
-PIPELINE_FAMILIES = ("stable_diffusion", "deepfloyd_if")
+PIPELINE_FAMILIES = ("stable_diffusion", "stable_diffusion_xl", "deepfloyd_if")
 PIXEL_PIPELINES = ("deepfloyd_if",)
 # The layers low-rank adapters train by default: the attention projections (for a pipeline,
 # diffusers' train_text_to_image_lora's layers).
@@ -179,7 +179,8 @@ def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
     defaults = dict(
         family="pipeline",
         pipeline="",  # the pipeline directory (model_index.json, unet/, vae/, text_encoder/)
-        expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x) | deepfloyd_if
+        expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x) |
+        #                             stable_diffusion_xl (the base) | deepfloyd_if
         resolution=512,  # the side of the training images
         low_resolution=0,  # must be 0
         text_len=77,  # tokens of the text encoder's output (text.max_length)
@@ -229,7 +230,18 @@ def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.Pip
         unet = sd_unet.SDUNetConfig.from_hf(hf)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: {e}") from e
-    return latent_unet.PipelineUNetConfig(unet, text_len=int(model.text_len))
+    cfg = latent_unet.PipelineUNetConfig(
+        unet, text_len=int(model.text_len), resolution=int(model.resolution)
+    )
+    settings = diffusers_format.read_json(f"{model.pipeline}/model_index.json", model.pipeline)
+    if family == "stable_diffusion_xl" and (
+        settings.get("requires_aesthetics_score") or cfg.pooled_dim <= 0
+    ):
+        raise CheckpointError(
+            f"model.pipeline={model.pipeline!r}: its UNet takes no pooled text with 6 size / "
+            "crop ids (the SDXL refiner's aesthetic-score ids?); the SDXL base is trained here"
+        )
+    return cfg
 
 
 def vae_model_config(**overrides) -> ml_collections.ConfigDict:
@@ -440,6 +452,11 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         seed=0,
         shuffle=True,
         random_crop=False,
+        buckets="",  # aspect-ratio buckets "HxW,HxW,...": every image cropped to the one
+        #              nearest its aspect ratio, every batch of one bucket (data/buckets.py);
+        #              "" = resolution x resolution squares
+        size_crop=False,  # batches carry "size_crop" [B, 6]: each image's original size,
+        #                   crop corner and target size (SDXL's micro-conditioning)
         worker_count=0,  # grain worker processes; 0 = threads in this process
         # DreamBooth's prior preservation (Ruiz et al. 2023): this fraction of every batch
         # from a second source (`prior_source`: folder | tar | shapes | synthetic, at

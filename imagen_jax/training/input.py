@@ -107,10 +107,12 @@ def make_source(cfg: ml_collections.ConfigDict):
         return SyntheticSource(cfg.size, cfg.resolution, cfg.seed)
     if cfg.source in ("folder", "tar") and not cfg.path:
         raise ValueError(f"data.source={cfg.source!r} needs data.path")
+    # reduced-scale JPEG decoding keeps the shorter side >= 2x the largest side trained at
+    decode = max(max(shape) for shape in training_shapes(cfg))
     if cfg.source == "folder":
-        return data_lib.ImageFolderSource(cfg.path, min_decode_size=cfg.resolution)
+        return data_lib.ImageFolderSource(cfg.path, min_decode_size=decode)
     if cfg.source == "tar":
-        return data_lib.TarShardSource(cfg.path, min_decode_size=cfg.resolution)
+        return data_lib.TarShardSource(cfg.path, min_decode_size=decode)
     if cfg.source == "shapes":
         return data_lib.ShapesSource(
             split=cfg.split,
@@ -152,6 +154,16 @@ def check_stage(config: ml_collections.ConfigDict, num_levels: int, data_paralle
             f"model.resolution={model.resolution} is not divisible by {factor}, which the "
             f"UNet's {num_levels} levels need"
         )
+    for h, w in training_shapes(data):
+        if h % factor or w % factor:
+            raise ValueError(
+                f"data.buckets: {h}x{w} is not divisible by {factor}, which the UNet's "
+                f"{num_levels} levels need"
+            )
+    if data.get("buckets") and low_resolution:
+        raise ValueError(
+            "data.buckets: aspect-ratio buckets are for base stages, not super-resolution"
+        )
     if data.batch_size % jax.process_count() or data.batch_size % data_parallel:
         raise ValueError(
             f"data.batch_size={data.batch_size} must divide evenly among "
@@ -192,8 +204,15 @@ def make_input(
             shuffle=cfg.shuffle,
             random_crop=cfg.random_crop,
             worker_count=cfg.worker_count,
+            size_crop=cfg.get("size_crop", False),
+            buckets=data_lib.parse_buckets(cfg.get("buckets", "")),
         )
 
+    if n_prior and cfg.get("buckets"):
+        raise ValueError(
+            f"data.prior_fraction={fraction} with data.buckets={cfg.buckets!r}: a batch mixes "
+            "the two sources, so it cannot be of one bucket; use one of them"
+        )
     data = pipeline(cfg, local - n_prior, cfg.seed)
     if n_prior:
         if cfg.prior_source in ("folder", "tar") and not cfg.prior_path:
@@ -260,21 +279,32 @@ class CachedText(grain.DatasetIterator):
 
 
 def with_cached_text(batch: dict, cache: EmbeddingCache) -> dict:
-    """The batch plus its captions' "text" float32 [B, L, D] and "text_mask" bool [B, L],
+    """The batch plus its captions' "text" float32 [B, L, D] and "text_mask" bool [B, L]
+    (and "text_pooled" [B, P] where the encoder's pooled text conditions the network),
     looked up in a text cache."""
-    emb, mask, _ = cache.lookup(batch["caption"])
+    emb, mask, pooled = cache.lookup(batch["caption"])
+    if cache.pooled_conditions:
+        return dict(batch, text=emb, text_mask=mask, text_pooled=pooled)
     return dict(batch, text=emb, text_mask=mask)
 
 
 def check_batch(batch: dict, config: ml_collections.ConfigDict) -> None:
     """The first batch has the stage's shapes (a source that ignores the resolution stops
     here, with its shapes named)."""
-    r, low = config.data.resolution, config.data.low_resolution
+    low = config.data.low_resolution
     local = config.data.batch_size // jax.process_count()
-    expected = {"image": (local, r, r, 3)}
+    expected = {"image": [(local, h, w, 3) for h, w in training_shapes(config.data)]}
     if low:
-        expected["low_res"] = (local, low, low, 3)
-    for name, shape in expected.items():
+        expected["low_res"] = [(local, low, low, 3)]
+    for name, shapes in expected.items():
         got = np.shape(batch.get(name)) if name in batch else None
-        if got != shape:
-            raise ValueError(f"the data gives {name} of shape {got}; the stage needs {shape}")
+        if got not in shapes:
+            want = " or ".join(str(s) for s in shapes)
+            raise ValueError(f"the data gives {name} of shape {got}; the stage needs {want}")
+
+
+def training_shapes(data: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
+    """The (height, width) of the training images: `data.buckets`, else the square of
+    `data.resolution`."""
+    buckets = data_lib.parse_buckets(data.get("buckets", ""))
+    return buckets or ((data.resolution, data.resolution),)

@@ -31,6 +31,7 @@ from flax import nnx
 from imagen_jax import parallel
 from imagen_jax.images import to_float_image
 from imagen_jax.models import vae as vae_lib
+from imagen_jax.training import input as input_lib
 
 RANDOM = "random"
 RANDOM_VAE = dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8)
@@ -82,6 +83,13 @@ def check_latent_stage(config: ml_collections.ConfigDict, vae_cfg: vae_lib.VAECo
             f"model.resolution={res}: the VAE ({where}) makes latents of side resolution / {f} "
             f"and the UNet's {net.num_levels} levels need that side divisible by {factor}"
         )
+    for h, w in input_lib.training_shapes(config.data):
+        if any(side % f or (side // f) % factor for side in (h, w)):
+            raise ValueError(
+                f"data.buckets: {h}x{w} images make latents of {h / f:g}x{w / f:g} (the VAE "
+                f"({where}) downsamples {f}x); the UNet's {net.num_levels} levels need sides "
+                f"divisible by {factor}"
+            )
 
 
 class LatentSpace:

@@ -174,6 +174,8 @@ def device_batch(batch, encoder, mesh):
         "low_res",
         "text",
         "text_mask",
+        "text_pooled",
+        "size_crop",
         "example_weight",
         *COUNTERFACTUAL_KEYS,
         *CAPTION_KEYS,

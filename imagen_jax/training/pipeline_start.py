@@ -39,21 +39,36 @@ def pipeline_params(net: state_lib.Network, path: str) -> dict:
     return jax.tree.map(np.asarray, tree)
 
 
-def empty_text(encoder, text_len: int) -> np.ndarray:
-    """The encoder's tokens of "" [1, L, D]; L must be the network's `model.text_len`."""
-    tokens = np.asarray(encode_captions(encoder, [""], to_host=True)["text"], np.float32)
+def empty_text(encoder, text_len: int) -> dict[str, np.ndarray]:
+    """The encoder's encoding of "": {"empty_text": tokens [1, L, D]} and, where the
+    network is conditioned on the pooled text (SDXL), "empty_pooled" [1, P]. L must be the
+    network's `model.text_len`."""
+    out = encode_captions(encoder, [""], to_host=True)
+    tokens = np.asarray(out["text"], np.float32)
     if tokens.shape[1] != text_len:
         raise ValueError(
             f"the text encoder gives {tokens.shape[1]} tokens (text.max_length) but the "
             f"network's empty text has model.text_len={text_len}; set them equal (CLIP: 77)"
         )
-    return tokens
+    if "text_pooled" in out:
+        return {"empty_text": tokens, "empty_pooled": np.asarray(out["text_pooled"], np.float32)}
+    return {"empty_text": tokens}
 
 
-def _with_empty_text(nnx_rest, tokens: np.ndarray):
+def _with_empty_text(nnx_rest, empty: dict[str, np.ndarray]):
     values = nnx.to_pure_dict(nnx_rest)
-    sharding = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, values["empty_text"]))[0]
-    values["empty_text"] = jax.device_put(tokens, sharding)
+    for name, value in empty.items():
+        if name not in values:
+            raise ValueError(
+                f"the text encoder gives a pooled text ({name}) that the network does not take"
+            )
+        if np.shape(values[name]) != value.shape:
+            raise ValueError(
+                f"the text encoder's {name} has shape {value.shape}; the network takes "
+                f"{np.shape(values[name])}"
+            )
+        sharding = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, values[name]))[0]
+        values[name] = jax.device_put(value, sharding)
     nnx.replace_by_pure_dict(nnx_rest, values)
     return nnx_rest
 
@@ -73,7 +88,12 @@ def start_from_pipeline(config, net: state_lib.Network, encoder, state, rest, sh
             base = state_lib.place_params(params, net.abstract_rest["base"], base_shardings)
             rest = dict(rest, base=base)
         logging.info("The UNet of %s%s", path, " (frozen, with adapters)" if net.lora else "")
-    tokens = empty_text(encoder, net.cfg.text_len)
+    empty = empty_text(encoder, net.cfg.text_len)
+    if net.cfg.pooled_dim and "empty_pooled" not in empty:
+        raise ValueError(
+            "the network takes a pooled text (SDXL) that the text encoder does not give: "
+            "text.kind must be 'sdxl'"
+        )
     if net.lora is None:
-        return state, _with_empty_text(rest, tokens)
-    return state, dict(rest, nnx=_with_empty_text(rest["nnx"], tokens))
+        return state, _with_empty_text(rest, empty)
+    return state, dict(rest, nnx=_with_empty_text(rest["nnx"], empty))

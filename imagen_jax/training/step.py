@@ -52,12 +52,17 @@ def stage_x0(batch):
 
 
 def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, schedule):
-    """The network's cond dict of a batch: text, mask, CFG dropout, SR augmentation."""
+    """The network's cond dict of a batch: text, mask, CFG dropout, SR augmentation, and
+    where the batch has them the pooled text and SDXL's size / crop ids."""
     key_drop, key_level, key_noise = jax.random.split(key, 3)
     text, mask = batch["text"], batch["text_mask"].astype(bool)  # [B, L, D], [B, L]
     b = text.shape[0]
     drop = jax.random.bernoulli(key_drop, cond_drop_prob, (b,)) | ~mask.any(axis=-1)
     cond = {"text": text, "text_mask": mask, "drop_text": drop}
+    if "text_pooled" in batch:
+        cond["text_pooled"] = jnp.asarray(batch["text_pooled"], jnp.float32)  # [B, P]
+    if "size_crop" in batch:
+        cond["size_crop"] = jnp.asarray(batch["size_crop"], jnp.float32)  # [B, 6]
     if max_aug is not None:
         aug_t = jax.random.uniform(key_level, (b,), maxval=max_aug)
         low = to_float_image(batch["low_res"])

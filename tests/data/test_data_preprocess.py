@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from imagen_jax.data import CorruptRecordError, decode_image, downsample, resize_and_crop
-from imagen_jax.data.preprocess import preprocess_record
+from imagen_jax.data.preprocess import decode_image_and_size, image_header_size, preprocess_record
 
 
 def bands(height, width):
@@ -94,3 +94,20 @@ def test_reduced_scale_jpeg_decode_stays_close_to_the_full_decode():
     buf = io.BytesIO()
     Image.fromarray(full).save(buf, format="PNG")
     assert decode_image(buf.getvalue(), name="a.png", min_size=32).shape == full.shape
+
+
+def test_the_shown_size_survives_a_reduced_scale_decode_and_exif_rotation():
+    """SDXL's size conditioning needs the image's size as shown: the header's, rotated by
+    its EXIF orientation (6: 90 degrees), not the pixels of a reduced-scale decode."""
+    stored = np.random.default_rng(0).integers(0, 256, (200, 320, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored).save(buf, format="JPEG", exif=exif.tobytes())
+    data = buf.getvalue()
+    image, size = decode_image_and_size(data, name="a.jpg", min_size=24)
+    assert size == (320, 200) and image.shape == (80, 50, 3)  # shown 320 x 200, read at 1/4
+    assert image_header_size(data, name="a.jpg") == (320, 200)
+    record = {"image": image, "caption": "", "key": "a", "size": size}
+    ids = preprocess_record(record, resolution=(24, 16), size_crop=True)["size_crop"]
+    assert tuple(ids) == (320, 200, 1, 0, 24, 16)  # 75 of 80 rows kept: 2 above, 1 at 24 px

@@ -26,7 +26,7 @@ import pytest
 import torch
 from conftest import assert_same_tree, stage_config
 from flax.nnx import traversals
-from tiny_diffusers import sd2_pipeline, sd_ddim, sd_pipeline, stage_1_pipeline
+from tiny_diffusers import sd2_pipeline, sd_ddim, sd_pipeline, sdxl_pipeline, stage_1_pipeline
 
 from imagen_jax import training
 from imagen_jax.demo.loading import find_model_dirs
@@ -50,12 +50,14 @@ IMAGE_TOL = 1e-3  # float32 images in [0, 1], as tests/pipelines/test_latent_pip
 def pipes(tmp_path_factory):
     """{"sd": an SD 1.x pipeline (eps), "sd2": an SD 2.x one (v), both DDIM (a deterministic
     sampler; the trainer reads only the schedule and the prediction, and diffusers' scripts
-    read the folder as a DDPMScheduler), "if": IF stage I} directories."""
+    read the folder as a DDPMScheduler), "xl": the SDXL base, "if": IF stage I}
+    directories."""
     root = tmp_path_factory.mktemp("pipelines")
     sd_pipeline(root / "sd", sd_ddim())
     sd2_pipeline(root / "sd2")
+    sdxl_pipeline(root / "xl")
     stage_1_pipeline(root / "if")
-    return {"sd": root / "sd", "sd2": root / "sd2", "if": root / "if"}
+    return {name: root / name for name in ("sd", "sd2", "xl", "if")}
 
 
 def _config(pipe, arg="", *, family="sd_finetune", **train):
@@ -311,7 +313,7 @@ def test_dropped_captions_get_the_clip_encoding_of_the_empty_prompt(pipes):
     import transformers
 
     config = _config(pipes["sd"])
-    tokens = pipeline_start.empty_text(make_text_encoder(config.text), 77)
+    tokens = pipeline_start.empty_text(make_text_encoder(config.text), 77)["empty_text"]
     tokenizer = transformers.CLIPTokenizer.from_pretrained(pipes["sd"] / "tokenizer")
     model = transformers.CLIPTextModel.from_pretrained(pipes["sd"] / "text_encoder")
     ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -430,7 +432,184 @@ def test_adapters_export_to_a_file_that_load_lora_weights_reads(runs, pipes, tmp
 
 
 # ----------------------------------------------------------------------------------------------
+# SDXL: two text encoders, the pooled text, size / crop ids
+
+
+def _sdxl_reference_text(path, captions):
+    """diffusers' train_text_to_image_sdxl.py's encode_prompt: both encoders' penultimate
+    hidden states concatenated, the last encoder's first output as the pooled text."""
+    import transformers
+
+    embeds = []
+    for i, cls in (
+        ("", transformers.CLIPTextModel),
+        ("_2", transformers.CLIPTextModelWithProjection),
+    ):
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(path / f"tokenizer{i}")
+        model = cls.from_pretrained(path / f"text_encoder{i}")
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True, return_dict=False)
+        pooled = out[0]
+        embeds.append(out[-1][-2])
+    return torch.concat(embeds, dim=-1), pooled.view(len(captions), -1)
+
+
+def test_sdxl_loss_and_gradient_match_diffusers_train_text_to_image_sdxl(pipes):
+    path = pipes["xl"]
+    config = _config(path, "empty_prob=0", family="sdxl_finetune")
+    assert config.text.kind == "sdxl" and config.data.size_crop
+    net = state_lib.make_network(config.model)
+    text = encode_captions(make_text_encoder(config.text), PROMPTS)
+    ref_text, ref_pooled = _sdxl_reference_text(path, PROMPTS)
+    np.testing.assert_allclose(text["text"], ref_text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(text["text_pooled"], ref_pooled.numpy(), atol=1e-5)
+    b = len(PROMPTS)
+    latents = np.random.default_rng(0).normal(size=(b, 16, 16, 4)).astype(np.float32)
+    # (original height, width, crop top, left, target height, width) per image
+    size_crop = np.array([[40, 56, 0, 6, 32, 32], [96, 32, 21, 0, 32, 32]], np.int32)
+    batch = {"latents": latents, **text, "size_crop": size_crop}
+    params = jax.tree.map(jnp.asarray, pipeline_start.pipeline_params(net, str(path)))
+    _, rest = state_lib.init_params_and_rest(net, jax.random.key(0))
+    schedule = diffusion_config.make_schedule(config.diffusion)
+    loss_fn = step_lib.make_loss_fn(config, net, schedule, [])
+    key = jax.random.key(3)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest, batch, key)
+    plain = dict(batch, size_crop=np.tile([[32, 32, 0, 0, 32, 32]], (b, 1)))
+    assert abs(float(loss_fn(params, rest, plain, key)[0]) - float(loss)) > 1e-6  # ids are seen
+
+    _, key_loss, _ = jax.random.split(key, 3)
+    key_t, key_eps = jax.random.split(key_loss)
+    timesteps = np.asarray(jax.random.randint(key_t, (b,), 0, 1000))
+    noise = np.asarray(jax.random.normal(key_eps, latents.shape))
+    # diffusers/examples/text_to_image/train_text_to_image_sdxl.py, its loss as written there.
+    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(path / "scheduler")
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    t = torch.from_numpy(timesteps).long()
+    noisy = scheduler.add_noise(nchw(latents), nchw(noise), t)
+
+    def compute_time_ids(original_size, crops_coords_top_left):
+        return torch.tensor([list(original_size + crops_coords_top_left + (32, 32))])
+
+    add_time_ids = torch.cat(
+        [compute_time_ids(tuple(r[:2]), tuple(r[2:4])) for r in size_crop.tolist()]
+    )
+    added = {"time_ids": add_time_ids, "text_embeds": ref_pooled}
+    pred = unet(noisy, t, ref_text, added_cond_kwargs=added, return_dict=False)[0]
+    ref = torch.nn.functional.mse_loss(pred.float(), nchw(noise).float(), reduction="mean")
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, float(ref)), (float(loss), float(ref))
+    ref.backward()
+    worst = _gradient_error(grads, unet, net.cfg.unet)
+    assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
+def test_sdxl_dropped_captions_get_both_encodings_of_the_empty_prompt(pipes):
+    config = _config(pipes["xl"], family="sdxl_finetune")
+    empty = pipeline_start.empty_text(make_text_encoder(config.text), 77)
+    want_text, want_pooled = _sdxl_reference_text(pipes["xl"], [""])
+    np.testing.assert_allclose(empty["empty_text"], want_text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(empty["empty_pooled"], want_pooled.numpy(), atol=1e-5)
+
+
+def _sample_xl(ours_dir, ref, *, lora=None):
+    noise = np.random.default_rng(0).standard_normal((2, 16, 16, 4)).astype(np.float32)
+    want = ref(
+        PROMPTS,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        height=32,
+        width=32,
+        latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
+        output_type="np",
+    ).images
+    got = load_latent_pipeline(ours_dir, lora=lora)(
+        PROMPTS, noise=noise, steps=3, guidance_scale=5.0, height=32, width=32
+    ).images
+    return got, want
+
+
+@pytest.mark.parametrize("arg", ["lr=0.001", "lora=2,alpha=4,lr=0.01"])
+def test_sdxl_fine_tune_exports_what_diffusers_samples_alike(pipes, tmp_path, arg):
+    """A full fine-tune (a pipeline copy; on photos in aspect-ratio buckets) and adapters
+    (load_lora_weights) of the SDXL base, each trained 2 steps on images with size / crop
+    ids, sample in diffusers as ours do."""
+    config = _config(pipes["xl"], arg, family="sdxl_finetune", steps=2, checkpoint_every=2)
+    config.optim.eps = 1e-3
+    if "lora" not in arg:  # photos of three shapes in aspect-ratio buckets
+        from PIL import Image
+
+        rng = np.random.default_rng(0)
+        for i, (h, w) in enumerate([(48, 80), (80, 48), (64, 64)] * 2):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+            (tmp_path / f"{i}.txt").write_text(PROMPTS[i % 2])
+        config.data.update(source="folder", path=str(tmp_path), buckets="24x40,40x24,32x32")
+        config.data.batch_size = 2
+        data = make_input(config)
+        assert len({next(data)["image"].shape for _ in range(3)}) == 3  # a batch a bucket
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+    out = tmp_path / "export"
+    export.export_pipeline(config, str(tmp_path / "run"), str(out))
+    base = diffusers.StableDiffusionXLPipeline.from_pretrained(pipes["xl"])
+    _, before = _sample_xl(pipes["xl"], base)
+    if "lora" in arg:
+        base.load_lora_weights(str(out))
+        got, want = _sample_xl(pipes["xl"], base, lora=str(out))
+    else:
+        got, want = _sample_xl(out, diffusers.StableDiffusionXLPipeline.from_pretrained(out))
+    np.testing.assert_allclose(got, want, atol=IMAGE_TOL)
+    assert np.abs(want - before).max() > 10 * IMAGE_TOL  # the fine-tune changed the images
+
+
+def test_sdxl_data_records_original_size_and_crop_as_train_text_to_image_sdxl(tmp_path):
+    """Centre crops of non-square images: the original size exactly, the crop corner in the
+    resized image as the script's Resize + CenterCrop computes it (within a pixel: it
+    resizes first, we crop first and resize once)."""
+    from PIL import Image
+
+    from imagen_jax import data as data_lib
+
+    sizes = [(40, 56), (96, 32), (33, 70), (32, 32)]
+    for i, (h, w) in enumerate(sizes):
+        Image.new("RGB", (w, h), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    it = data_lib.make_pipeline(
+        data_lib.ImageFolderSource(str(tmp_path)),
+        batch_size=4,
+        resolution=32,
+        seed=0,
+        shuffle=False,
+        size_crop=True,
+    )
+    batch = next(it)
+    for key, ids in zip(batch["key"], batch["size_crop"], strict=True):
+        h, w = sizes[int(key.rsplit("/", 1)[-1].split(".")[0])]
+        scale = 32 / min(h, w)
+        rh, rw = int(h * scale), int(w * scale)  # torchvision's Resize(32) of the shorter side
+        top, left = max(0, round((rh - 32) / 2)), max(0, round((rw - 32) / 2))
+        assert tuple(ids[:2]) == (h, w) and tuple(ids[4:]) == (32, 32)
+        assert abs(ids[2] - top) <= 1 and abs(ids[3] - left) <= 1, (key, ids, top, left)
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input
+
+
+def test_the_sdxl_refiner_is_refused_by_name(pipes, tmp_path):
+    refiner = tmp_path / "refiner"
+    shutil.copytree(pipes["xl"], refiner)
+    index = json.loads((refiner / "model_index.json").read_text())
+    index["requires_aesthetics_score"] = True
+    (refiner / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="refiner"):
+        state_lib.make_network(_config(refiner, family="sdxl_finetune").model)
 
 
 def test_a_pipeline_of_another_family_is_named(pipes, tmp_path):

@@ -45,7 +45,7 @@ directory in diffusers layout (model_index.json, unet/ or transformer/, vae/, te
 tokenizer*/, scheduler/),
 with its scheduler's settings (override with --set=0.steps=30 --set=0.sampler=dpmpp_2m);
 --refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8);
---lora=FILE merges a diffusers LoRA file's UNet adapters into an SD / SDXL pipeline or IF
+--lora=FILE merges a diffusers LoRA file's adapters into an SD / SDXL / SD 3 pipeline or IF
 stage I (a LoRA export directory also works as --pipeline on its own).
 DeepFloyd IF: --pipeline=IF_I_DIR samples stage I (IFPipeline), --pipeline_sr=IF_II_DIR adds
 stage II (IFSuperResolutionPipeline) on its output, with the input noised at --noise_level
@@ -138,7 +138,7 @@ flags.DEFINE_string(
     "lora",
     None,
     "A diffusers LoRA file (or a directory holding pytorch_lora_weights.safetensors) merged "
-    "into the SD / SDXL --pipeline's UNet (IF: stage I's).",
+    "into the SD / SDXL --pipeline's UNet (SD 3: its transformer; IF: stage I's).",
 )
 flags.DEFINE_string(
     "pipeline_sr", None, "A DeepFloyd IF stage II directory (after an IF stage I --pipeline)."

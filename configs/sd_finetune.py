@@ -43,11 +43,13 @@ ARGS = dict(
     empty_prob=0.1,
     snr_gamma=0.0,
     fsdp=1,
+    t5_len=77,  # SD 3: the T5's tokens (train_dreambooth_sd3.py's --max_sequence_length)
     runlocal=False,
 )
 RESOLUTION = {  # (full, runlocal)
     "stable_diffusion": (512, 32),
     "stable_diffusion_xl": (1024, 32),
+    "stable_diffusion_3": (1024, 32),
     "deepfloyd_if": (64, 8),
 }
 
@@ -72,6 +74,11 @@ def finetune_config(arg, expect: str):
         config.text = text_config(kind="t5", path=text_encoder, max_length=77, empty="encode")
     elif expect == "stable_diffusion_xl":  # both CLIPs' penultimate layers, the pooled text
         config.text = text_config(kind="sdxl", path=arg.pipeline, max_length=77, empty="encode")
+    elif expect == "stable_diffusion_3":  # both CLIPs, then the T5's tokens
+        config.text = text_config(
+            kind="sd3", path=arg.pipeline, max_length=arg.t5_len, empty="encode"
+        )
+        config.model.text_len = 77 + arg.t5_len
     else:
         config.text = text_config(
             kind="clip", path=text_encoder, max_length=77, model_mask=False, empty="encode"
@@ -111,6 +118,10 @@ def finetune_config(arg, expect: str):
     if expect == "deepfloyd_if":  # its learned variance: the variational-bound term too
         config.train.loss.vlb_weight = 1.0
         config.model.lora.targets = training_config.IF_LORA_TARGETS
+    if expect == "stable_diffusion_3":  # rectified flow, logit-normal times, SD3's LoRA layers
+        config.train.loss.time_sampling = "logit_normal"
+        config.sample.guidance_scale = 7.0
+        config.model.lora.targets = training_config.SD3_LORA_TARGETS
     if arg.snr_gamma > 0:
         config.train.loss.weighting = "min_snr"
         config.train.loss.min_snr_gamma = arg.snr_gamma

@@ -325,3 +325,45 @@ def stage_1_pipeline(path, seed=2, text_width=32):
     )
     pipe.save_pretrained(path)
     return pipe
+
+
+def tiny_transformer(seed):
+    torch.manual_seed(seed)
+    model = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # >= the CLIPs' 32 + 32 channels; the T5's width
+        caption_projection_dim=16,
+        pooled_projection_dim=32,  # the two CLIPs' projections, 16 + 16
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing we rely on; make all count
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+def sd3_pipeline(path, *, with_t5=True):
+    """SD 3: a tiny MMDiT (position table of 16), two CLIPs with projections, a T5 of the
+    joint width 64 (or none), a VAE with scaling and shift factors, flow shift 3."""
+    enc1, tok1 = clip_text(1, hidden=32, projection=16)
+    enc2, tok2 = clip_text(4, hidden=32, projection=16)
+    t5_tok = t5_tokenizer() if with_t5 else None
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=tiny_transformer(3),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(2, scaling_factor=1.5, shift_factor=0.1),
+        text_encoder=enc1,
+        tokenizer=tok1,
+        text_encoder_2=enc2,
+        tokenizer_2=tok2,
+        text_encoder_3=tiny_t5(5, len(t5_tok), width=64) if with_t5 else None,
+        tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(path)
+    return pipe

@@ -27,15 +27,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imagen_jax.models import sd3_transformer
-from imagen_jax.models.latent_unet import variant_values, with_null_text
+from imagen_jax.models.latent_unet import EmptyText, variant_values, with_null_text
 
 _SD3_FIELDS = frozenset(f.name for f in dataclasses.fields(sd3_transformer.SD3TransformerConfig))
 
 
 @dataclasses.dataclass(frozen=True)
-class LatentMMDiTConfig:
+class MMDiTWrapperConfig:
+    """What the trainer asks of a network around an `SD3Transformer`: its text width,
+    channels and levels."""
+
     transformer: sd3_transformer.SD3TransformerConfig
-    null_text_len: int = 8  # learned null tokens standing in for dropped text
 
     @property
     def text_dim(self) -> int:
@@ -53,6 +55,11 @@ class LatentMMDiTConfig:
     def num_levels(self) -> int:
         """As for a UNet: the latent side must divide by 2 ** (num_levels - 1), the patch."""
         return self.transformer.patch_size.bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentMMDiTConfig(MMDiTWrapperConfig):
+    null_text_len: int = 8  # learned null tokens standing in for dropped text
 
 
 # SD3TransformerConfig fields per variant (SD 3.5's RMS query-key norm; the position table
@@ -144,4 +151,50 @@ class LatentMMDiT(nnx.Module):
         keep = mask[..., None].astype(text.dtype)
         text = text * keep
         pooled = text.sum(axis=1) / jnp.maximum(keep.sum(axis=1), 1.0)
+        return self.transformer(z_t, t, text, pooled)
+
+
+# ----------------------------------------------------------------------------------------------
+# A public SD 3 pipeline's transformer, trained further
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineMMDiTConfig(MMDiTWrapperConfig):
+    """The transformer of a public SD 3 pipeline (its transformer/config.json) and the length
+    of its joint text sequence (77 CLIP tokens + the T5's)."""
+
+    text_len: int = 77 + 77
+
+    @property
+    def pooled_dim(self) -> int:
+        return self.transformer.pooled_projection_dim
+
+
+class PipelineMMDiT(nnx.Module):
+    """A public SD 3 transformer (`sd3_transformer.SD3Transformer`, loaded from diffusers'
+    weights) as the trainer calls a network, `model(z_t, timesteps, cond)`: cond["text"]
+    [B, L, D] joint tokens and cond["text_pooled"] [B, P]; where cond["drop_text"] is set,
+    the encodings of "" (`empty_text` [1, L, D], `empty_pooled` [1, P], set by the trainer
+    from its encoder), as diffusers' SD 3 scripts drop captions and the pipeline guides."""
+
+    time_input = "timesteps"
+
+    def __init__(
+        self, cfg: PipelineMMDiTConfig, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32
+    ):
+        self.cfg = cfg
+        self.transformer = sd3_transformer.SD3Transformer(
+            cfg.transformer, rngs=rngs, dtype=dtype, param_dtype=param_dtype
+        )
+        self.empty_text = EmptyText(jnp.zeros((1, cfg.text_len, cfg.text_dim), jnp.float32))
+        self.empty_pooled = EmptyText(jnp.zeros((1, cfg.pooled_dim), jnp.float32))
+
+    def __call__(self, z_t, t, cond):
+        text, pooled = cond["text"], cond["text_pooled"]
+        if "drop_text" in cond:
+            drop = cond["drop_text"].astype(bool)
+            empty = jnp.broadcast_to(self.empty_text[...].astype(text.dtype), text.shape)
+            text = jnp.where(drop[:, None, None], empty, text)
+            empty = jnp.broadcast_to(self.empty_pooled[...].astype(pooled.dtype), pooled.shape)
+            pooled = jnp.where(drop[:, None], empty, pooled)
         return self.transformer(z_t, t, text, pooled)

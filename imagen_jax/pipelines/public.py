@@ -44,13 +44,12 @@ def load_latent_pipeline(
 ) -> latent.LatentPipeline:
     """An SD 1.x / 2.x, SDXL (base or refiner) or SD 3 pipeline from a diffusers directory,
     by its model_index.json's family; every component is checked before weights load.
-    lora: a diffusers LoRA file (or its directory) merged into an SD / SDXL UNet."""
+    lora: a diffusers LoRA file (or its directory) merged into the UNet (SD 3: the
+    transformer)."""
     path = os.fspath(path)
     family = diffusers_format.family_of(diffusers_format.read_model_index(path), path)
     if family.name == "stable_diffusion_3":
-        if lora:
-            raise ValueError(f"--lora: {path} is an SD 3 pipeline; LoRA files load into SD / SDXL")
-        return sd3.load_sd3_pipeline(path, dtype=dtype)
+        return sd3.load_sd3_pipeline(path, dtype=dtype, lora=lora)
     return latent.load_sd_pipeline(path, dtype=dtype, lora=lora)
 
 
@@ -71,7 +70,7 @@ def public_job(
 ):
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
     cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3;
-    lora: a diffusers LoRA file (or its directory) merged into the SD / SDXL base's UNet.
+    lora: a diffusers LoRA file (or its directory) merged into the base's UNet (SD 3: transformer).
     edit: an `editing.EditRequest` applied to every image (IF: as a stage set's, the
     samplers' masked sampling with the known region kept clean, as diffusers' IF inpainting
     pipelines keep it; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import nnx
 
+from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd3_transformer, vae
 from imagen_jax.pipelines import diffusers_format
 from imagen_jax.pipelines.latent import LatentPipeline, text_width_of
@@ -97,10 +98,16 @@ class SD3Pipeline(LatentPipeline):
 
 
 def load_sd3_pipeline(
-    path: str | os.PathLike, *, dtype=jnp.float32, max_sequence_length: int = MAX_SEQUENCE_LENGTH
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    lora: str | None = None,
 ) -> SD3Pipeline:
     """An SD 3 / 3.5 pipeline from a diffusers directory. Every component is checked
-    (present, of its class, fitting the transformer's widths) before weights load."""
+    (present, of its class, fitting the transformer's widths) before weights load. lora: a
+    diffusers LoRA file (or a directory holding pytorch_lora_weights.safetensors) whose
+    transformer adapters are merged into the transformer."""
     path = os.fspath(path)
     index = diffusers_format.read_model_index(path)
     family = diffusers_format.family_of(index, path)
@@ -155,6 +162,9 @@ def load_sd3_pipeline(
     transformer, config = sd3_transformer.load_sd3_transformer(
         os.path.join(path, "transformer"), dtype=dtype
     )
+    lora_file = ""
+    if lora:
+        lora_file = lora_lib.apply_diffusers_lora(transformer, lora, prefix="transformer")
     autoencoder, _ = vae.load_vae(os.path.join(path, "vae"), dtype)
     if autoencoder.config.latent_channels != config.in_channels:
         raise CheckpointError(
@@ -174,6 +184,7 @@ def load_sd3_pipeline(
         diffusion=diffusion,
         sample=sample,
         max_sequence_length=max_sequence_length,
+        lora=lora_file,
     )
 
 

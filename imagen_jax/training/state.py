@@ -88,6 +88,8 @@ class Network:
         if self.family == "mmdit":
             return latent_mmdit.LatentMMDiT(self.cfg, **kw)
         if self.family == "pipeline":
+            if isinstance(self.cfg, latent_mmdit.PipelineMMDiTConfig):  # SD 3
+                return latent_mmdit.PipelineMMDiT(self.cfg, **kw)
             return latent_unet.PipelineUNet(self.cfg, **kw)
         if self.family == "vae":
             return vae.AutoencoderKL(self.cfg, **kw)
@@ -129,7 +131,7 @@ class Network:
             "sd_unet": "model.cross_attention_dim",
             "mmdit": "model.joint_attention_dim",
             "pipeline": "encoder_hid_dim or cross_attention_dim of model.pipeline's "
-            "unet/config.json",
+            "unet/config.json (SD 3: transformer/config.json's joint_attention_dim)",
         }
         return keys.get(self.family, "model.text_dim")
 

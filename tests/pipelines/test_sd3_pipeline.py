@@ -8,12 +8,11 @@ directory checks."""
 
 import json
 
-import diffusers
 import numpy as np
 import pytest
 import torch
 from test_latent_pipelines import assert_images_close, to_nchw
-from tiny_diffusers import clip_text, t5_tokenizer, tiny_t5, tiny_vae
+from tiny_diffusers import sd3_pipeline
 
 from imagen_jax.pipelines import public, sd3
 from imagen_jax.pipelines.public import load_latent_pipeline
@@ -22,47 +21,6 @@ from imagen_jax.weights import CheckpointError
 PROMPTS = ["a red circle above a blue square", "two green stars"]
 NEGATIVE = ["blurry", ""]
 STEPS, GUIDANCE, MAX_SEQ = 4, 5.0, 16
-JOINT = 64  # >= the CLIPs' 32 + 32 channels; the T5's width
-
-
-def tiny_transformer(seed):
-    torch.manual_seed(seed)
-    model = diffusers.SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=JOINT,
-        caption_projection_dim=16,
-        pooled_projection_dim=32,  # the two CLIPs' projections, 16 + 16
-        out_channels=4,
-        pos_embed_max_size=16,
-    ).eval()
-    with torch.no_grad():  # diffusers zero-initialises nothing we rely on; make all count
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
-
-
-def sd3_pipeline(path, *, with_t5=True):
-    enc1, tok1 = clip_text(1, hidden=32, projection=16)
-    enc2, tok2 = clip_text(4, hidden=32, projection=16)
-    t5_tok = t5_tokenizer() if with_t5 else None
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=tiny_transformer(3),
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=tiny_vae(2, scaling_factor=1.5, shift_factor=0.1),
-        text_encoder=enc1,
-        tokenizer=tok1,
-        text_encoder_2=enc2,
-        tokenizer_2=tok2,
-        text_encoder_3=tiny_t5(5, len(t5_tok), width=JOINT) if with_t5 else None,
-        tokenizer_3=t5_tok,
-    )
-    pipe.save_pretrained(path)
-    return pipe
 
 
 def reference(pipe, noise):

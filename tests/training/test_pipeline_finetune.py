@@ -26,20 +26,28 @@ import pytest
 import torch
 from conftest import assert_same_tree, stage_config
 from flax.nnx import traversals
-from tiny_diffusers import sd2_pipeline, sd_ddim, sd_pipeline, sdxl_pipeline, stage_1_pipeline
+from tiny_diffusers import (
+    sd2_pipeline,
+    sd3_pipeline,
+    sd_ddim,
+    sd_pipeline,
+    sdxl_pipeline,
+    stage_1_pipeline,
+)
 
 from imagen_jax import training
 from imagen_jax.demo.loading import find_model_dirs
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.models import lora as lora_lib
-from imagen_jax.models import sd_unet
-from imagen_jax.pipelines import deepfloyd
+from imagen_jax.models import sd3_transformer, sd_unet
+from imagen_jax.pipelines import deepfloyd, sd3
 from imagen_jax.pipelines.public import load_latent_pipeline, public_job
 from imagen_jax.text.config import encode_captions, make_text_encoder, text_width
 from imagen_jax.training import export, pipeline_start, trainer
 from imagen_jax.training import state as state_lib
 from imagen_jax.training import step as step_lib
 from imagen_jax.training.input import make_input
+from imagen_jax.training.text_cache import build_text_cache
 from imagen_jax.weights import CheckpointError
 
 PROMPTS = ["a red circle above a blue square", "two green stars"]
@@ -50,14 +58,15 @@ IMAGE_TOL = 1e-3  # float32 images in [0, 1], as tests/pipelines/test_latent_pip
 def pipes(tmp_path_factory):
     """{"sd": an SD 1.x pipeline (eps), "sd2": an SD 2.x one (v), both DDIM (a deterministic
     sampler; the trainer reads only the schedule and the prediction, and diffusers' scripts
-    read the folder as a DDPMScheduler), "xl": the SDXL base, "if": IF stage I}
-    directories."""
+    read the folder as a DDPMScheduler), "xl": the SDXL base, "sd3": SD 3 (with a T5),
+    "if": IF stage I} directories."""
     root = tmp_path_factory.mktemp("pipelines")
     sd_pipeline(root / "sd", sd_ddim())
     sd2_pipeline(root / "sd2")
     sdxl_pipeline(root / "xl")
+    sd3_pipeline(root / "sd3")
     stage_1_pipeline(root / "if")
-    return {name: root / name for name in ("sd", "sd2", "xl", "if")}
+    return {name: root / name for name in ("sd", "sd2", "xl", "sd3", "if")}
 
 
 def _config(pipe, arg="", *, family="sd_finetune", **train):
@@ -198,7 +207,7 @@ def test_if_fine_tune_exports_the_unet_diffusers_loads(pipes, tmp_path):
     assert moved > len(ema) // 2
 
 
-def _gradient_error(grads, unet, cfg) -> float:
+def _gradient_error(grads, unet, cfg, *, name="unet", key_map=None) -> float:
     """The largest |ours - torch's| of a tensor's gradient over max(|torch's|, 1e-4 |torch's
     whole gradient|): a gradient that is 0 in exact arithmetic (a key bias before a softmax)
     is float noise on both sides."""
@@ -207,8 +216,8 @@ def _gradient_error(grads, unet, cfg) -> float:
         for name, p in unet.named_parameters()
     }
     floor = 1e-4 * np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in theirs.values()))
-    ours = traversals.flatten_mapping(_host(grads)["unet"])
-    key_map = sd_unet.hf_key_map(cfg)
+    ours = traversals.flatten_mapping(_host(grads)[name])
+    key_map = {k: v for k, v in (key_map or sd_unet.hf_key_map(cfg)).items() if k in ours}
     assert set(ours) == set(key_map)
     worst = 0.0
     for path, src in key_map.items():
@@ -596,6 +605,154 @@ def test_sdxl_data_records_original_size_and_crop_as_train_text_to_image_sdxl(tm
         top, left = max(0, round((rh - 32) / 2)), max(0, round((rw - 32) / 2))
         assert tuple(ids[:2]) == (h, w) and tuple(ids[4:]) == (32, 32)
         assert abs(ids[2] - top) <= 1 and abs(ids[3] - left) <= 1, (key, ids, top, left)
+
+
+# ----------------------------------------------------------------------------------------------
+# SD 3: the MMDiT, rectified flow, three text encoders
+
+
+def _sd3_reference_text(path, captions, t5_len):
+    """diffusers' train_dreambooth_sd3.py's encode_prompt: both CLIPs' penultimate hidden
+    states concatenated (pooled: their projections), zero-padded to the T5's width, then the
+    T5's last hidden state on the sequence axis."""
+    import transformers
+
+    clip_embeds, pooled = [], []
+    for i in ("", "_2"):
+        tokenizer = transformers.CLIPTokenizer.from_pretrained(path / f"tokenizer{i}")
+        model = transformers.CLIPTextModelWithProjection.from_pretrained(path / f"text_encoder{i}")
+        ids = tokenizer(
+            captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            out = model(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        clip_embeds.append(out.hidden_states[-2])
+    tokenizer = transformers.T5TokenizerFast.from_pretrained(path / "tokenizer_3")
+    t5 = transformers.T5EncoderModel.from_pretrained(path / "text_encoder_3")
+    ids = tokenizer(
+        captions,
+        padding="max_length",
+        max_length=t5_len,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    ).input_ids
+    with torch.no_grad():
+        t5_embeds = t5(ids)[0]
+    clip = torch.cat(clip_embeds, dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5_embeds.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5_embeds], dim=-2), torch.cat(pooled, dim=-1)
+
+
+def test_sd3_loss_and_gradient_match_diffusers_train_dreambooth_sd3(pipes):
+    path = pipes["sd3"]
+    config = _config(path, "empty_prob=0,t5_len=16", family="sd3_finetune")
+    assert config.text.kind == "sd3" and config.train.loss.time_sampling == "logit_normal"
+    net = state_lib.make_network(config.model)
+    encoder = make_text_encoder(config.text)
+    text = encode_captions(encoder, PROMPTS)
+    ref_text, ref_pooled = _sd3_reference_text(path, PROMPTS, 16)
+    np.testing.assert_allclose(text["text"], ref_text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(text["text_pooled"], ref_pooled.numpy(), atol=1e-5)
+    empty = pipeline_start.empty_text(encoder, 77 + 16)
+    want_text, want_pooled = _sd3_reference_text(path, [""], 16)
+    np.testing.assert_allclose(empty["empty_text"], want_text.numpy(), atol=1e-5)
+    np.testing.assert_allclose(empty["empty_pooled"], want_pooled.numpy(), atol=1e-5)
+    b = len(PROMPTS)
+    latents = np.random.default_rng(0).normal(size=(b, 16, 16, 4)).astype(np.float32)
+    batch = {"latents": latents, **text}
+    params = jax.tree.map(jnp.asarray, pipeline_start.pipeline_params(net, str(path)))
+    _, rest = state_lib.init_params_and_rest(net, jax.random.key(0))
+    schedule = diffusion_config.make_schedule(config.diffusion)
+    loss_fn = step_lib.make_loss_fn(config, net, schedule, [])
+    key = jax.random.key(11)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest, batch, key)
+
+    # The step's draws: a logit-normal time u, the scheduler's shift (3) applied to it.
+    _, key_loss, _ = jax.random.split(key, 3)
+    key_t, key_eps = jax.random.split(key_loss)
+    u = np.asarray(jax.nn.sigmoid(jax.random.normal(key_t, (b,))), np.float64)
+    shift = config.diffusion.flow_shift
+    assert shift == 3.0
+    sigma = torch.from_numpy((shift * u / (1 + (shift - 1) * u)).astype(np.float32))
+    noise = np.asarray(jax.random.normal(key_eps, latents.shape))
+    # diffusers/examples/dreambooth/train_dreambooth_sd3.py, its loss as written there.
+    transformer = diffusers.SD3Transformer2DModel.from_pretrained(path / "transformer")
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    model_input, eps = nchw(latents), nchw(noise)
+    sigmas = sigma.view(b, 1, 1, 1)
+    noisy = (1.0 - sigmas) * model_input + sigmas * eps
+    pred = transformer(
+        hidden_states=noisy,
+        timestep=sigma * 1000,
+        encoder_hidden_states=ref_text,
+        pooled_projections=ref_pooled,
+        return_dict=False,
+    )[0]
+    weighting = torch.ones_like(sigmas)  # compute_loss_weighting_for_sd3("logit_normal")
+    target = eps - model_input
+    ref = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(b, -1), 1)
+    ref = ref.mean()
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, float(ref)), (float(loss), float(ref))
+    ref.backward()
+    key_map = sd3_transformer.hf_key_map(net.cfg.transformer)
+    worst = _gradient_error(grads, transformer, None, name="transformer", key_map=key_map)
+    assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
+def _sample_sd3(ours_dir, ref, *, lora=None):
+    noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    want = ref(
+        PROMPTS,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        max_sequence_length=16,
+        latents=torch.from_numpy(np.ascontiguousarray(noise.transpose(0, 3, 1, 2))),
+        output_type="np",
+    ).images
+    got = sd3.load_sd3_pipeline(ours_dir, max_sequence_length=16, lora=lora)(
+        PROMPTS, noise=noise, steps=3, guidance_scale=5.0
+    ).images
+    return got, want
+
+
+@pytest.mark.parametrize("arg", ["lr=0.001", "lora=2,alpha=4,lr=0.05"])
+def test_sd3_fine_tune_exports_what_diffusers_samples_alike(pipes, tmp_path, arg):
+    """A full fine-tune (a pipeline copy whose transformer/ diffusers loads) and adapters on
+    the joint attention (load_lora_weights) of SD 3, each trained 2 steps, sample in
+    diffusers' StableDiffusion3Pipeline as ours do, and differ from the base."""
+    config = _config(
+        pipes["sd3"], f"{arg},t5_len=16", family="sd3_finetune", steps=2, checkpoint_every=2
+    )
+    config.optim.eps = 1e-3
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+    out = tmp_path / "export"
+    export.export_pipeline(config, str(tmp_path / "run"), str(out))
+    base = diffusers.StableDiffusion3Pipeline.from_pretrained(pipes["sd3"])
+    _, before = _sample_sd3(pipes["sd3"], base)
+    if "lora" in arg:
+        net = state_lib.make_network(config.model)
+        assert {p[-2] for p in net.lora.paths} >= {"add_q_proj", "to_add_out", "to_q"}
+        base.load_lora_weights(str(out))
+        got, want = _sample_sd3(pipes["sd3"], base, lora=str(out))
+    else:
+        got, want = _sample_sd3(out, diffusers.StableDiffusion3Pipeline.from_pretrained(out))
+    np.testing.assert_allclose(got, want, atol=IMAGE_TOL)
+    assert np.abs(want - before).max() > 10 * IMAGE_TOL  # the fine-tune changed the images
+
+
+def test_sd3_trains_from_a_text_cache_as_from_its_encoders(pipes, tmp_path, caplog):
+    """The T5 need not run every step: a cache of the data's captions (CLIPs and T5 joint
+    tokens and the pooled text) gives the run of the live encoders."""
+    config = _config(pipes["sd3"], "t5_len=16", family="sd3_finetune", steps=1, log_every=1)
+    _, live = training.train_and_evaluate(config, str(tmp_path / "live"))
+    build_text_cache(config, str(tmp_path / "cache"), dtype="float32")
+    config.text.cache = str(tmp_path / "cache")
+    with caplog.at_level("INFO"):
+        _, cached = training.train_and_evaluate(config, str(tmp_path / "cached"))
+    assert "Text from the cache" in caplog.text
+    np.testing.assert_allclose(cached["loss"], live["loss"], rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,10 +5,8 @@ the root conftest, before any test module imports JAX. Nothing else is changed g
 (in particular x64 stays off, as in real runs).
 """
 
-import importlib.util
 import os
 import sys
-import types
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -30,27 +28,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _import_torchvision() -> None:
-    """Imports torchvision (a dependency of the FID references) without its operators.
+# transformers imports torchvision when installed; the CUDA wheel's operators do not load
+# against the CPU torch (imagen_jax.weights.reference_libs says how it is imported anyway).
+from imagen_jax.weights.reference_libs import import_torchvision  # noqa: E402
 
-    PyPI's torchvision wheels are CUDA builds whose compiled operators (nms, roi_align, ...)
-    do not load against the CPU torch used here, and `import torchvision` then fails while
-    registering fake kernels for them (`torchvision._meta_registrations`); transformers
-    imports torchvision when it is installed, so every transformers import would fail too.
-    Nothing here uses those operators (the Inception modules are pure Python): only in that
-    case, that one module is replaced by an empty one before importing torchvision again.
-    """
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as e:
-        if "torchvision::" not in str(e):
-            raise
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        stub = "torchvision._meta_registrations"
-        sys.modules[stub] = types.ModuleType(stub)
-        import torchvision  # noqa: F401
-
-
-if importlib.util.find_spec("torchvision") is not None:
-    _import_torchvision()
+import_torchvision()

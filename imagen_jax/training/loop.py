@@ -242,6 +242,7 @@ def train_loop(
             last = writer.write(pending[-1][0], last)
         pending.clear()
 
+    compiled = {}  # the batch's shapes -> the compiled step
     stop = StopSignal().install()
     try:
         for step in range(start + 1, tcfg.steps + 1):
@@ -251,15 +252,16 @@ def train_loop(
             batch = device_batch(local, encoder, mesh)
             if prepare is not None:
                 batch = prepare(batch, step)
-            if step == start + 1:
+            shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
+            if shapes not in compiled:  # once, and once per aspect-ratio bucket
                 # Compile ahead, then wait for every process: the step's first collective
                 # (gloo on CPU) gives up when processes reach it more than 30 s apart, as a
                 # slower compile on a loaded host would make them.
-                train_step = train_step.lower(state, rest, batch).compile()
-                parallel.barrier("imagen_jax train step compiled")
+                compiled[shapes] = train_step.lower(state, rest, batch).compile()
+                parallel.barrier(f"imagen_jax train step compiled ({len(compiled)})")
             if grid is None and tcfg.sample_every:
                 grid = make_grid(batch)
-            state, metrics = train_step(state, rest, batch)
+            state, metrics = compiled[shapes](state, rest, batch)
             if pending:  # at most two steps in flight: the host never runs far ahead
                 jax.block_until_ready(pending[-1][1])
             pending.append((step, metrics))

@@ -561,6 +561,7 @@ def test_sdxl_fine_tune_exports_what_diffusers_samples_alike(pipes, tmp_path, ar
             (tmp_path / f"{i}.txt").write_text(PROMPTS[i % 2])
         config.data.update(source="folder", path=str(tmp_path), buckets="24x40,40x24,32x32")
         config.data.batch_size = 2
+        config.mesh = [("data", 2)]  # of the 8 test devices
         data = make_input(config)
         assert len({next(data)["image"].shape for _ in range(3)}) == 3  # a batch a bucket
     training.train_and_evaluate(config, str(tmp_path / "run"))

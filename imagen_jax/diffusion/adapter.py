@@ -7,7 +7,9 @@ trainer and the samplers.
   (Imagen, sec. 2.4; Ho et al. 2022, "Cascaded Diffusion Models", sec. 4.1): the
   low-resolution input is noised with the stage's own schedule at unit time aug_t, and the
   network is told aug_t. The trainer draws aug_t at random, the cascade sampler uses the
-  stage's fixed level.
+  stage's fixed level. DeepFloyd IF stage II noises its input after upscaling it to the
+  output size (`resize_bilinear_aligned`, `low_res_condition(size=...)`) and is told the
+  integer timestep of the level.
 
 Plain functions over jnp arrays; a network is anything callable as `model(z, t, cond)`.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from imagen_jax.diffusion import losses, schedules
 
@@ -61,3 +64,40 @@ def augment_low_res(low_res, aug_t, key, *, schedule):
     else:
         eps = jax.vmap(lambda k: jax.random.normal(k, low_res.shape[1:]))(key)
     return losses.add_noise(x0=low_res, eps=eps, alpha_t=alpha_t, sigma_t=sigma_t)
+
+
+def low_res_condition(low_res, aug_t, key, *, schedule, size=None) -> dict:
+    """The super-resolution stage's conditioning entries: {"low_res": the input noised to
+    aug_t (`augment_low_res`), "aug_t": aug_t, "aug_timestep": the schedule's timestep of
+    aug_t (a discrete schedule's floor(aug_t T): IF stage II's class label)}. With `size`
+    (H, W), low_res is first upscaled to it (`resize_bilinear_aligned`), as IF stage II's
+    input is; without it, it is noised at its own size (the Imagen SR stages)."""
+    if size is not None:
+        low_res = resize_bilinear_aligned(jnp.asarray(low_res, jnp.float32), size)
+    noised = augment_low_res(low_res, aug_t, key, schedule=schedule)
+    timestep, _, _ = losses.time_from_unit(aug_t, schedule=schedule)
+    return {"low_res": noised, "aug_t": aug_t, "aug_timestep": jnp.asarray(timestep, jnp.float32)}
+
+
+def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of 1-D linear interpolation with the corner pixels aligned."""
+    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    src = np.arange(n_out, dtype=np.float32) * np.float32(scale)
+    low = np.minimum(np.floor(src).astype(int), n_in - 1)
+    high = np.minimum(low + 1, n_in - 1)
+    frac = src - low
+    weights = np.zeros((n_out, n_in), np.float32)
+    np.add.at(weights, (np.arange(n_out), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(n_out), high), frac)
+    return weights
+
+
+def resize_bilinear_aligned(x: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """[B, h, w, C] -> [B, H, W, C] bilinearly with the corners aligned, as PyTorch's
+    `F.interpolate(mode="bilinear", align_corners=True)`, which diffusers' IF stage II uses
+    (`jax.image.resize` samples at pixel centres instead)."""
+    rows = _interpolation_matrix(x.shape[1], size[0])
+    cols = _interpolation_matrix(x.shape[2], size[1])
+    return jnp.einsum(
+        "Hh,bhwc,Ww->bHWc", rows, x, cols, precision=jax.lax.Precision.HIGHEST
+    ).astype(x.dtype)

@@ -164,6 +164,7 @@ class PipelineUNetConfig(UNetWrapperConfig):
 
     text_len: int = 77
     resolution: int = 0
+    low_res: bool = False  # IF stage II: the upscaled, noised input in the UNet's channels
 
     @property
     def size_crop(self) -> bool:
@@ -196,7 +197,9 @@ class PipelineUNet(nnx.Module):
     the trainer from its encoder), and the cross-attention sees every token (the public
     UNets take no mask). SDXL's UNet also takes cond["text_pooled"] [B, P] and cond["size_crop"]
     [B, 6] (original size, crop corner, target size; without it, an uncropped image of
-    `resolution`), as `added_cond` (text_embeds, time_ids)."""
+    `resolution`), as `added_cond` (text_embeds, time_ids). IF stage II's UNet (`low_res`)
+    takes cond["low_res"] (the upscaled, noised input, concatenated to its channels) and
+    cond["aug_timestep"] (its noise level, the class label)."""
 
     time_input = "timesteps"
 
@@ -215,6 +218,9 @@ class PipelineUNet(nnx.Module):
         if drop is not None:
             empty = jnp.broadcast_to(self.empty_text[...].astype(text.dtype), text.shape)
             text = jnp.where(drop[:, None, None], empty, text)
+        if self.cfg.low_res:  # IF stage II: told the input's noise level as its class label
+            x = jnp.concatenate([z_t, cond["low_res"].astype(z_t.dtype)], axis=-1)
+            return self.unet(x, t, text, class_labels=cond["aug_timestep"])
         if not self.cfg.size_crop:
             return self.unet(z_t, t, text)
         pooled = cond["text_pooled"]

@@ -47,12 +47,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from imagen_jax import files
+from imagen_jax.diffusion import adapter, losses
 from imagen_jax.diffusion import config as diffusion_config
-from imagen_jax.diffusion import losses
 from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd_unet
 from imagen_jax.pipelines import cascade as cascade_lib
@@ -98,30 +97,6 @@ def if_conditioning(encoder: TextEncoder, items) -> tuple[dict, dict]:
     states = encoder.encode(prompts + negatives).embeddings  # one call: [2B, L, D]
     b = len(items)
     return {"text": states[:b]}, {"text": states[b:]}
-
-
-def _interpolation_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of 1-D linear interpolation with the corner pixels aligned."""
-    scale = (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
-    src = np.arange(n_out, dtype=np.float32) * np.float32(scale)
-    low = np.minimum(np.floor(src).astype(int), n_in - 1)
-    high = np.minimum(low + 1, n_in - 1)
-    frac = src - low
-    weights = np.zeros((n_out, n_in), np.float32)
-    np.add.at(weights, (np.arange(n_out), low), 1.0 - frac)
-    np.add.at(weights, (np.arange(n_out), high), frac)
-    return weights
-
-
-def resize_bilinear_aligned(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """[B, h, w, C] -> [B, H, W, C] bilinearly with the corners aligned, as PyTorch's
-    `F.interpolate(mode="bilinear", align_corners=True)`, which diffusers' IF stage II uses
-    (`jax.image.resize` samples at pixel centres instead)."""
-    rows = _interpolation_matrix(x.shape[1], size[0])
-    cols = _interpolation_matrix(x.shape[2], size[1])
-    return jnp.einsum(
-        "Hh,bhwc,Ww->bHWc", rows, x, cols, precision=jax.lax.Precision.HIGHEST
-    ).astype(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,7 +148,7 @@ class IFStage:
         """Stage I's images [B, h, w, C] -> the upscaled, noised input of this stage and its
         noise level, as IFSuperResolutionPipeline prepares them."""
         schedule = diffusion_config.make_schedule(self.noising)
-        upscaled = resize_bilinear_aligned(jnp.asarray(low_res, jnp.float32), size)
+        upscaled = adapter.resize_bilinear_aligned(jnp.asarray(low_res, jnp.float32), size)
         eps = jax.vmap(lambda k: jax.random.normal(k, upscaled.shape[1:]))(aug_keys)
         level = jnp.full((upscaled.shape[0],), self.noise_level, jnp.int32)
         alpha, sigma = schedule.alpha_sigma(level)

@@ -190,7 +190,7 @@ def pipeline_model_config(**overrides) -> ml_collections.ConfigDict:
         expect="stable_diffusion",  # its family: stable_diffusion (SD 1.x / 2.x) |
         #             stable_diffusion_xl (the base) | stable_diffusion_3 | deepfloyd_if
         resolution=512,  # the side of the training images
-        low_resolution=0,  # must be 0
+        low_resolution=0,  # IF stage II: the input's side (64); else 0
         text_len=77,  # tokens of the text encoder's output (SD 3: 77 CLIP + the T5's)
         dtype="float32",
         param_dtype="float32",
@@ -228,11 +228,16 @@ def pipeline_network_config(model: ml_collections.ConfigDict):
             f"({family}), but the config is for model.expect={model.expect!r}"
         )
     diffusers_format.check_components(model.pipeline, index, diffusers_format.FAMILIES[family])
-    if family == "deepfloyd_if" and index.get("_class_name") != "IFPipeline":
+    stage_2 = index.get("_class_name") == "IFSuperResolutionPipeline"
+    if family == "deepfloyd_if" and stage_2 != bool(model.low_resolution):
         raise CheckpointError(
-            f"model.pipeline={model.pipeline!r} is a {index.get('_class_name')}: IF stage II "
-            "(super-resolution) is not trained here yet; give an IFPipeline (stage I)"
+            f"model.pipeline={model.pipeline!r} is a {index.get('_class_name')} (IF stage "
+            f"{'II' if stage_2 else 'I'}), but model.low_resolution={model.low_resolution} "
+            f"{'' if model.low_resolution else 'does not '}makes it a super-resolution stage: "
+            "use configs/if_sr_finetune.py for stage II, configs/if_finetune.py for stage I"
         )
+    if stage_2:
+        _check_if_noising(model.pipeline)
     if family == "stable_diffusion_3":
         folder = f"{model.pipeline}/transformer"
         hf = diffusers_format.read_json(f"{folder}/config.json", folder)
@@ -248,8 +253,13 @@ def pipeline_network_config(model: ml_collections.ConfigDict):
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder}/config.json: {e}") from e
     cfg = latent_unet.PipelineUNetConfig(
-        unet, text_len=int(model.text_len), resolution=int(model.resolution)
+        unet, text_len=int(model.text_len), resolution=int(model.resolution), low_res=stage_2
     )
+    if stage_2 and (unet.class_embed_type != "timestep" or unet.in_channels != 6):
+        raise CheckpointError(
+            f"{folder}/config.json: class_embed_type={unet.class_embed_type!r}, "
+            f"in_channels={unet.in_channels}; IF stage II's UNet takes 'timestep' and 6"
+        )
     settings = diffusers_format.read_json(f"{model.pipeline}/model_index.json", model.pipeline)
     if family == "stable_diffusion_xl" and (
         settings.get("requires_aesthetics_score") or cfg.pooled_dim <= 0
@@ -442,6 +452,21 @@ def vae_loss_config(**overrides) -> ml_collections.ConfigDict:
         sample_posterior=True,  # decode a sample of q(z | x); False: its mode
     )
     return _group(defaults, overrides, "vae_loss")
+
+
+def _check_if_noising(path: str) -> None:
+    """The trainer noises IF stage II's input with the stage's own schedule: the pipeline's
+    image_noising_scheduler must have the same (DDPM squaredcos_cap_v2, 1000 steps, as IF's
+    have)."""
+    main, _ = diffusers_format.scheduler_settings(f"{path}/scheduler")
+    noising, _ = diffusers_format.scheduler_settings(f"{path}/image_noising_scheduler")
+    keys = ("schedule", "num_train_timesteps", "beta_start", "beta_end")
+    if any(main.get(k) != noising.get(k) for k in keys):
+        raise CheckpointError(
+            f"{path}/image_noising_scheduler: {[noising.get(k) for k in keys]} differs from "
+            f"{path}/scheduler's {[main.get(k) for k in keys]} ({', '.join(keys)}); the trainer "
+            "noises the input with the stage's own schedule"
+        )
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:

@@ -23,7 +23,7 @@ from PIL import Image
 from imagen_jax import parallel
 from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion import samplers
-from imagen_jax.diffusion.adapter import augment_low_res, model_fn
+from imagen_jax.diffusion.adapter import low_res_condition, model_fn
 from imagen_jax.images import image_rows, to_float_image, to_uint8
 from imagen_jax.text.config import encode_captions
 
@@ -51,9 +51,10 @@ class SampleGrid:
             def prepare(batch):
                 low = to_float_image(batch["low_res"][:n])  # [N, r, r, 3]
                 aug_t = jnp.full((n,), level, jnp.float32)
-                noised = augment_low_res(low, aug_t, key_aug, schedule=schedule)
+                size = (res, res) if net.upscales_low_res else None
                 cond = dict(text=batch["text"][:n], text_mask=batch["text_mask"][:n])
-                return dict(cond, low_res=noised, aug_t=aug_t), low
+                cond.update(low_res_condition(low, aug_t, key_aug, schedule=schedule, size=size))
+                return cond, low
 
             cond, low = jax.jit(prepare, out_shardings=rep)(first_batch)
             self.prompts = None

@@ -51,7 +51,7 @@ from imagen_jax.models import (
     lora,
     vae,
 )
-from imagen_jax.training.config import LATENT_FAMILIES, network_config
+from imagen_jax.training.config import LATENT_FAMILIES, is_latent_stage, network_config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Families that train low-rank adapters (`model.lora.rank > 0`) on frozen weights: those of
@@ -110,7 +110,13 @@ class Network:
     @property
     def low_res(self) -> bool:
         """Whether it is a super-resolution stage (told a low-resolution image)."""
-        return self.family == "imagen" and self.cfg.low_res
+        return self.family in ("imagen", "pipeline") and bool(getattr(self.cfg, "low_res", 0))
+
+    @property
+    def upscales_low_res(self) -> bool:
+        """Whether its low-resolution input is upscaled to the output size before it is
+        noised (DeepFloyd IF stage II) rather than noised at its own size (Imagen's)."""
+        return self.family == "pipeline" and self.low_res
 
     @property
     def dropout(self) -> float:
@@ -163,7 +169,7 @@ def make_network(model: ml_collections.ConfigDict) -> Network:
             f"model.variant={model.variant!r} is {kind} UNet but model.low_resolution="
             f"{model.low_resolution}"
         )
-    if family in LATENT_FAMILIES and model.low_resolution:
+    if is_latent_stage(model) and model.low_resolution:
         raise ValueError(
             f"model.low_resolution={model.low_resolution}: latent ({family}) stages take no "
             "low-resolution input; latent super-resolution is not implemented"

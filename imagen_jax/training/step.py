@@ -38,7 +38,7 @@ from flax import nnx
 
 from imagen_jax import diffusion, parallel
 from imagen_jax.diffusion import config as diffusion_config
-from imagen_jax.diffusion.adapter import augment_low_res, model_fn
+from imagen_jax.diffusion.adapter import low_res_condition, model_fn
 from imagen_jax.images import to_float_image
 from imagen_jax.training import aux_losses
 from imagen_jax.training import state as state_lib
@@ -51,9 +51,10 @@ def stage_x0(batch):
     return to_float_image(batch["image"])
 
 
-def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, schedule):
-    """The network's cond dict of a batch: text, mask, CFG dropout, SR augmentation, and
-    where the batch has them the pooled text and SDXL's size / crop ids."""
+def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, schedule, upscale=False):
+    """The network's cond dict of a batch: text, mask, CFG dropout, SR augmentation (of the
+    low-resolution input upscaled to the image's size first with `upscale`: IF stage II),
+    and where the batch has them the pooled text and SDXL's size / crop ids."""
     key_drop, key_level, key_noise = jax.random.split(key, 3)
     text, mask = batch["text"], batch["text_mask"].astype(bool)  # [B, L, D], [B, L]
     b = text.shape[0]
@@ -66,8 +67,8 @@ def make_cond(batch, key, *, cond_drop_prob: float, max_aug: float | None, sched
     if max_aug is not None:
         aug_t = jax.random.uniform(key_level, (b,), maxval=max_aug)
         low = to_float_image(batch["low_res"])
-        cond["low_res"] = augment_low_res(low, aug_t, key_noise, schedule=schedule)
-        cond["aug_t"] = aug_t
+        size = batch["image"].shape[1:3] if upscale else None
+        cond.update(low_res_condition(low, aug_t, key_noise, schedule=schedule, size=size))
     return cond
 
 
@@ -91,6 +92,7 @@ def make_loss_fn(config, net: state_lib.Network, schedule, terms):
             cond_drop_prob=config.train.cond_drop_prob,
             max_aug=max_aug,
             schedule=schedule,
+            upscale=net.upscales_low_res,
         )
         x0 = stage_x0(batch)
         total, metrics = diffusion.diffusion_loss(

@@ -23,9 +23,10 @@ from tiny_diffusers import (
 )
 
 from imagen_jax.diffusion import samplers
+from imagen_jax.diffusion.adapter import resize_bilinear_aligned
 from imagen_jax.pipelines import cascade as cascade_lib
 from imagen_jax.pipelines import jobs, sampling
-from imagen_jax.pipelines.deepfloyd import load_if_cascade, resize_bilinear_aligned
+from imagen_jax.pipelines.deepfloyd import load_if_cascade
 from imagen_jax.weights import CheckpointError
 
 TOL = 1e-3

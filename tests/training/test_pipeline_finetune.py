@@ -33,6 +33,9 @@ from tiny_diffusers import (
     sd_pipeline,
     sdxl_pipeline,
     stage_1_pipeline,
+    stage_2_pipeline,
+    t5_tokenizer,
+    tiny_t5,
 )
 
 from imagen_jax import training
@@ -59,14 +62,16 @@ def pipes(tmp_path_factory):
     """{"sd": an SD 1.x pipeline (eps), "sd2": an SD 2.x one (v), both DDIM (a deterministic
     sampler; the trainer reads only the schedule and the prediction, and diffusers' scripts
     read the folder as a DDPMScheduler), "xl": the SDXL base, "sd3": SD 3 (with a T5),
-    "if": IF stage I} directories."""
+    "if": IF stage I, "if2": IF stage II with its own T5} directories."""
     root = tmp_path_factory.mktemp("pipelines")
     sd_pipeline(root / "sd", sd_ddim())
     sd2_pipeline(root / "sd2")
     sdxl_pipeline(root / "xl")
     sd3_pipeline(root / "sd3")
     stage_1_pipeline(root / "if")
-    return {name: root / name for name in ("sd", "sd2", "xl", "sd3", "if")}
+    tokenizer = t5_tokenizer()
+    stage_2_pipeline(root / "if2", text_encoder=tiny_t5(7, len(tokenizer)), tokenizer=tokenizer)
+    return {name: root / name for name in ("sd", "sd2", "xl", "sd3", "if", "if2")}
 
 
 def _config(pipe, arg="", *, family="sd_finetune", **train):
@@ -178,6 +183,92 @@ def test_if_loss_and_gradient_match_diffusers_train_dreambooth(pipes):
     ref.backward()
     worst = _gradient_error(grads, unet, net.cfg.unet)
     assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
+def test_if_stage_2_loss_and_gradient_match_the_super_resolution_pipeline_s_formula(pipes):
+    """IF stage II: the input upscaled bilinearly (corners aligned) and noised by the
+    image-noising scheduler at a level the UNet is told as its class label, concatenated to
+    the noised image, as IFSuperResolutionPipeline builds it; the eps half of the output
+    against the noise (diffusers' train_dreambooth.py for IF duplicates the noised image in
+    place of the input, which is not how the pipeline samples: the pipeline's own
+    construction is the reference)."""
+    import torch.nn.functional as F
+
+    path = pipes["if2"]
+    config = _config(path, "empty_prob=0", family="if_sr_finetune")
+    config.train.loss.vlb_weight = 0.0
+    net = state_lib.make_network(config.model)
+    assert net.low_res and net.upscales_low_res
+    text = encode_captions(make_text_encoder(config.text), PROMPTS)
+    b = len(PROMPTS)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, size=(b, 16, 16, 3), dtype=np.uint8)
+    low = rng.integers(0, 256, size=(b, 8, 8, 3), dtype=np.uint8)
+    batch = {"image": images, "low_res": low, "text": text["text"], "text_mask": text["text_mask"]}
+    params = jax.tree.map(jnp.asarray, pipeline_start.pipeline_params(net, str(path)))
+    _, rest = state_lib.init_params_and_rest(net, jax.random.key(0))
+    schedule = diffusion_config.make_schedule(config.diffusion)
+    loss_fn = step_lib.make_loss_fn(config, net, schedule, [])
+    key = jax.random.key(9)
+    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest, batch, key)
+
+    key_cond, key_loss, _ = jax.random.split(key, 3)
+    _, key_level, key_noise = jax.random.split(key_cond, 3)
+    aug_t = jax.random.uniform(key_level, (b,), maxval=config.train.noise_aug.max_level)
+    level = torch.from_numpy(np.floor(np.asarray(aug_t) * 1000).astype(np.int64))
+    aug_noise = np.asarray(jax.random.normal(key_noise, (b, 16, 16, 3)))
+    key_t, key_eps = jax.random.split(key_loss)
+    timesteps = torch.from_numpy(np.asarray(jax.random.randint(key_t, (b,), 0, 1000))).long()
+    x0 = images.astype(np.float32) / 127.5 - 1.0
+    noise = np.asarray(jax.random.normal(key_eps, x0.shape))
+    nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet")
+    scheduler = diffusers.DDPMScheduler.from_pretrained(path / "scheduler")
+    noising = diffusers.DDPMScheduler.from_pretrained(path / "image_noising_scheduler")
+    low_float = low.astype(np.float32) / 127.5 - 1.0
+    upscaled = F.interpolate(nchw(low_float), (16, 16), mode="bilinear", align_corners=True)
+    upscaled = noising.add_noise(upscaled, nchw(aug_noise), level)
+    noisy = scheduler.add_noise(nchw(x0), nchw(noise), timesteps)
+    hidden = torch.from_numpy(np.asarray(text["text"]))
+    model_input = torch.cat([noisy, upscaled], dim=1)
+    pred = unet(model_input, timesteps, hidden, class_labels=level, return_dict=False)[0]
+    pred, _ = torch.chunk(pred, 2, dim=1)
+    ref = torch.nn.functional.mse_loss(pred.float(), nchw(noise).float(), reduction="mean")
+    assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, float(ref)), (float(loss), float(ref))
+    ref.backward()
+    worst = _gradient_error(grads, unet, net.cfg.unet)
+    assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
+
+
+def test_if_stage_2_fine_tune_exports_the_unet_diffusers_loads(pipes, tmp_path):
+    config = _config(pipes["if2"], "lr=0.001", family="if_sr_finetune", steps=2, checkpoint_every=2)
+    config.train.sample_every = 2  # the grid from the first batch's upscaled, noised inputs
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert (tmp_path / "run" / "samples" / "step_00000002.png").is_file()
+    out = tmp_path / "export"
+    export.export_pipeline(config, str(tmp_path / "run"), str(out))
+    pipe = diffusers.IFSuperResolutionPipeline.from_pretrained(out)  # every component loads
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 6)).astype(np.float32)
+    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    t, level = np.array([10, 700]), np.array([250, 40])
+
+    def ours(path):
+        stage = deepfloyd.load_if_stage(path, "II")
+        args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
+        return np.asarray(stage.model(*args, class_labels=jnp.asarray(level, jnp.float32)))
+
+    with torch.no_grad():
+        theirs = pipe.unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            torch.from_numpy(t),
+            torch.from_numpy(text),
+            class_labels=torch.from_numpy(level),
+            return_dict=False,
+        )[0].numpy()
+    got = ours(str(out))
+    np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
+    assert np.abs(got - ours(str(pipes["if2"]))).max() > 1e-2  # the fine-tune moved the UNet
 
 
 def test_if_text_width_is_the_t5_s_not_the_cross_attention_s(tmp_path):
@@ -758,6 +849,13 @@ def test_sd3_trains_from_a_text_cache_as_from_its_encoders(pipes, tmp_path, capl
 
 # ----------------------------------------------------------------------------------------------
 # Bad input
+
+
+def test_an_if_stage_given_for_the_other_stage_is_named(pipes):
+    with pytest.raises(CheckpointError, match="IFSuperResolutionPipeline.*if_sr_finetune"):
+        state_lib.make_network(_config(pipes["if2"], family="if_finetune").model)
+    with pytest.raises(CheckpointError, match="IFPipeline .IF stage I.*low_resolution=8"):
+        state_lib.make_network(_config(pipes["if"], family="if_sr_finetune").model)
 
 
 def test_the_sdxl_refiner_is_refused_by_name(pipes, tmp_path):

@@ -39,6 +39,12 @@ How it is built (grain's dataset API):
    `worker_count`. `DataIterator` is a `grain.DatasetIterator`, so Orbax saves it with
    `grain.checkpoint.CheckpointSave` (one JSON file per process).
 
+Aspect-ratio buckets (`buckets=`, `buckets.py`): the stream is `bucket_stream` instead, a
+plan of global batches each of one bucket's shape; a process reads its slice of every
+global batch, random crops are seeded by the global position, and `DataIterator` keeps a
+run of `batch_size` positions together (a corrupt record's place goes to a copy of another
+of its batch). The state is the same dict plus "buckets".
+
 Finite runs (`num_epochs` set): the global stream is cut to a multiple of
 `process_count`, so every process gets the same number of positions (at most
 `process_count - 1` examples of the last epoch are dropped). Processes that skip different

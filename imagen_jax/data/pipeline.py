@@ -435,29 +435,20 @@ def make_pipeline(
             random_crop=random_crop,
             size_crop=size_crop,
         )
-        return DataIterator(
-            examples,
-            batch_size=batch_size,
-            worker_count=worker_count,
-            read_threads=read_threads,
+    else:
+        examples = example_stream(
+            source,
+            resolution=resolution,
+            low_resolution=low_resolution,
+            low_res_method=low_res_method,
             seed=seed,
+            shuffle=shuffle,
+            num_epochs=num_epochs,
             process_index=process_index,
             process_count=process_count,
-            buckets=format_buckets(buckets),
+            random_crop=random_crop,
+            size_crop=size_crop,
         )
-    examples = example_stream(
-        source,
-        resolution=resolution,
-        low_resolution=low_resolution,
-        low_res_method=low_res_method,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        process_index=process_index,
-        process_count=process_count,
-        random_crop=random_crop,
-        size_crop=size_crop,
-    )
     return DataIterator(
         examples,
         batch_size=batch_size,
@@ -467,4 +458,5 @@ def make_pipeline(
         seed=seed,
         process_index=process_index,
         process_count=process_count,
+        buckets=format_buckets(buckets),
     )

@@ -107,13 +107,10 @@ class JointTextEncoder:
         )
 
 
-def sdxl_text_encoder(
-    path: str | os.PathLike, *, dtype=jnp.float32, batch_bucket: int = 8
-) -> JointTextEncoder:
-    """The text encoders of the SDXL pipeline directory `path` (text_encoder, text_encoder_2
-    with their tokenizers), as StableDiffusionXLPipeline encodes prompts: 77 tokens, no mask
-    into the model, "" encoded like any prompt."""
-    encoders = [
+def _penultimate_clips(path, *, dtype, batch_bucket) -> list[TextEncoder]:
+    """A pipeline's text_encoder and text_encoder_2 as SDXL and SD 3 read them: the
+    penultimate hidden states, no mask into the model."""
+    return [
         load_text_encoder(
             os.path.join(path, name),
             "clip",
@@ -124,6 +121,15 @@ def sdxl_text_encoder(
         )
         for name in ("text_encoder", "text_encoder_2")
     ]
+
+
+def sdxl_text_encoder(
+    path: str | os.PathLike, *, dtype=jnp.float32, batch_bucket: int = 8
+) -> JointTextEncoder:
+    """The text encoders of the SDXL pipeline directory `path` (text_encoder, text_encoder_2
+    with their tokenizers), as StableDiffusionXLPipeline encodes prompts: 77 tokens, no mask
+    into the model, "" encoded like any prompt."""
+    encoders = _penultimate_clips(path, dtype=dtype, batch_bucket=batch_bucket)
     return JointTextEncoder(encoders, pooled="last")
 
 
@@ -140,17 +146,7 @@ def sd3_text_encoder(
     tokens (text_encoder_3, no mask into the model; zeros where the pipeline has none); the
     pooled text is both CLIPs' projections."""
     path = os.fspath(path)
-    clips = [
-        load_text_encoder(
-            os.path.join(path, name),
-            "clip",
-            dtype=dtype,
-            batch_bucket=batch_bucket,
-            hidden_layer=-2,
-            model_mask=False,
-        )
-        for name in ("text_encoder", "text_encoder_2")
-    ]
+    clips = _penultimate_clips(path, dtype=dtype, batch_bucket=batch_bucket)
     t5 = None
     if os.path.isdir(os.path.join(path, "text_encoder_3")):
         t5 = load_text_encoder(

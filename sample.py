@@ -46,7 +46,8 @@ tokenizer*/, scheduler/),
 with its scheduler's settings (override with --set=0.steps=30 --set=0.sampler=dpmpp_2m);
 --refiner=DIR adds the SDXL refiner for the steps after --refiner_start (default 0.8);
 --lora=FILE merges a diffusers LoRA file's adapters into an SD / SDXL / SD 3 pipeline or IF
-stage I (a LoRA export directory also works as --pipeline on its own).
+stage I, --lora_sr into IF stage II (a LoRA export directory also works on its own as
+--pipeline or --pipeline_sr).
 DeepFloyd IF: --pipeline=IF_I_DIR samples stage I (IFPipeline), --pipeline_sr=IF_II_DIR adds
 stage II (IFSuperResolutionPipeline) on its output, with the input noised at --noise_level
 (default 250); the two run as one cascade (--set=0.steps=50 --set=1.guidance_scale=4 ...).
@@ -141,6 +142,9 @@ flags.DEFINE_string(
     "into the SD / SDXL --pipeline's UNet (SD 3: its transformer; IF: stage I's).",
 )
 flags.DEFINE_string(
+    "lora_sr", None, "A diffusers LoRA file merged into the IF stage II --pipeline_sr's UNet."
+)
+flags.DEFINE_string(
     "pipeline_sr", None, "A DeepFloyd IF stage II directory (after an IF stage I --pipeline)."
 )
 flags.DEFINE_string("init_image", None, "Image-to-image / inpainting: the image to start from.")
@@ -185,6 +189,7 @@ def _run(f):
         refiner_start=f.refiner_start,
         lora=f.lora,
         pipeline_sr=f.pipeline_sr,
+        lora_sr=f.lora_sr,
         noise_level=f.noise_level,
         overwrite=f.overwrite,
         model=f.model,

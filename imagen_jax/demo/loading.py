@@ -31,9 +31,11 @@ def find_model_dirs(path: str) -> tuple[str, list[str]]:
     latent pipeline and an optional refiner)."""
     if "," in path:
         dirs = [p.strip() for p in path.split(",") if p.strip()]
-    elif public.resolve_lora_export(path)[1] is not None:  # a LoRA export: SD / SDXL
-        return "latent", [path]
-    elif os.path.isfile(os.path.join(path, "stage.json")) or _is_diffusers(path):
+    elif (
+        os.path.isfile(os.path.join(path, "stage.json"))
+        or _is_diffusers(path)
+        or public.resolve_lora_export(path)[1] is not None  # a LoRA export: of its base
+    ):
         dirs = [path]
     elif not os.path.isdir(path):
         raise FileNotFoundError(f"{path} is not a directory")
@@ -49,9 +51,10 @@ def find_model_dirs(path: str) -> tuple[str, list[str]]:
                 "diffusers pipeline (a folder with model_index.json)"
             )
         dirs = sorted(dirs, key=lambda d: stages_lib.read_stage_resolution(d))
-    if not _is_diffusers(dirs[0]):
+    base = public.resolve_lora_export(dirs[0])[0]
+    if not _is_diffusers(base):
         return "stages", dirs
-    if deepfloyd.is_if_pipeline(dirs[0]):
+    if deepfloyd.is_if_pipeline(base):
         if len(dirs) > 2:
             raise ValueError(f"{path}: DeepFloyd IF is stage I and an optional stage II")
         return "if", dirs

@@ -26,7 +26,7 @@ from imagen_jax.diffusion import config as diffusion_config
 from imagen_jax.diffusion.samplers import SAMPLERS
 from imagen_jax.images import to_uint8
 from imagen_jax.pipelines import cascade as cascade_lib
-from imagen_jax.pipelines import deepfloyd, editing, jobs, sampling
+from imagen_jax.pipelines import deepfloyd, editing, jobs, public, sampling
 
 MAX_IMAGES = 8  # per request
 MAX_PROMPT_CHARS = 1000
@@ -213,7 +213,11 @@ class DemoModel:
         # As sample.py loads them (the stages, their text encoder, the chain checked).
         self.deepfloyd_if = deepfloyd_if
         if deepfloyd_if:  # stage I (and II), as sample.py --pipeline [--pipeline_sr] loads it
-            self.loaded = deepfloyd.load_if_stages(*self.stage_dirs)
+            # A LoRA export stands for its base pipeline with its adapters.
+            (dirs, loras) = zip(*map(public.resolve_lora_export, self.stage_dirs), strict=True)
+            self.loaded = deepfloyd.load_if_stages(
+                *dirs, lora=loras[0], lora_sr=loras[1] if len(loras) > 1 else None
+            )
             self.encoder, self.conditioning = self.loaded[0].encoder, deepfloyd.if_conditioning
         else:
             cascade, self.loaded = sampling.load_cascade(self.stage_dirs)

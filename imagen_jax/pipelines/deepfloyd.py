@@ -391,10 +391,13 @@ def load_if_stages(
     overrides: Sequence[dict] = ({}, {}),
     noise_level: int = DEFAULT_NOISE_LEVEL,
     lora: str | None = None,
+    lora_sr: str | None = None,
 ) -> list[IFStage]:
     """IF stage I and optionally stage II, both directories checked, alone and together,
-    before any weights are read (the stages of `load_if_cascade`); lora: a diffusers LoRA
-    file merged into stage I's UNet."""
+    before any weights are read (the stages of `load_if_cascade`); lora, lora_sr: diffusers
+    LoRA files (or their directories) merged into stage I's and stage II's UNets."""
+    if lora_sr and stage_2 is None:
+        raise ValueError(f"a stage II LoRA ({lora_sr}) needs a stage II pipeline directory")
     directories = [inspect_if_pipeline(stage_1, "I")]
     if stage_2 is not None:
         directories.append(inspect_if_pipeline(stage_2, "II"))
@@ -406,7 +409,7 @@ def load_if_stages(
             dtype=dtype,
             sample_overrides=o,
             noise_level=noise_level,
-            lora=lora if i == 0 else None,
+            lora=(lora, lora_sr)[i],
         )
         for i, (d, o) in enumerate(zip(directories, overrides, strict=False))
     ]
@@ -425,13 +428,20 @@ def load_if_cascade(
     mesh=None,
     size: tuple[int, int] | None = None,
     lora: str | None = None,
+    lora_sr: str | None = None,
 ) -> tuple[cascade_lib.Cascade, list[IFStage]]:
     """(Cascade, its stages) of IF stage I and optionally stage II. Both directories are
     checked, alone and together, before any weights are read. overrides: per stage, `sample`
     group keys (steps, guidance_scale, sampler, ...); noise_level: stage II's; mesh and size:
-    as `Cascade`'s."""
+    as `Cascade`'s; lora, lora_sr: as `load_if_stages`'."""
     stages = load_if_stages(
-        stage_1, stage_2, dtype=dtype, overrides=overrides, noise_level=noise_level, lora=lora
+        stage_1,
+        stage_2,
+        dtype=dtype,
+        overrides=overrides,
+        noise_level=noise_level,
+        lora=lora,
+        lora_sr=lora_sr,
     )
     cascade = cascade_lib.Cascade(
         stages, stages[0].encoder, mesh=mesh, size=size, conditioning=if_conditioning

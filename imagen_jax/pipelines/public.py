@@ -67,15 +67,22 @@ def public_job(
     edit=None,
     per_prompt=None,
     lora=None,
+    lora_sr=None,
 ):
     """(job, what its images' metadata records) of a diffusers directory: a DeepFloyd IF
     cascade (stage I; stage II from `pipeline_sr`), or SD / SDXL (and an SDXL refiner) / SD 3;
-    lora: a diffusers LoRA file (or its directory) merged into the base's UNet (SD 3: transformer).
+    lora: a diffusers LoRA file (or its directory) merged into the base's UNet (SD 3: transformer);
+    lora_sr: one merged into IF stage II's UNet. A LoRA export given as `pipeline` or
+    `pipeline_sr` stands for its base pipeline with its adapters.
     edit: an `editing.EditRequest` applied to every image (IF: as a stage set's, the
     samplers' masked sampling with the known region kept clean, as diffusers' IF inpainting
     pipelines keep it; SD / SDXL: `LatentPipeline`'s image-to-image or inpainting)."""
     if lora is None:  # a LoRA export: its base pipeline with its adapters
         pipeline, lora = resolve_lora_export(pipeline)
+    if pipeline_sr and lora_sr is None:
+        pipeline_sr, lora_sr = resolve_lora_export(pipeline_sr)
+    if lora_sr and not deepfloyd.is_if_pipeline(pipeline):
+        raise ValueError(f"--lora_sr is for DeepFloyd IF stage II; {pipeline} is not IF stage I")
     if deepfloyd.is_if_pipeline(pipeline):
         if refiner:
             raise ValueError("--refiner is for SDXL; an IF stage II is --pipeline_sr")
@@ -87,6 +94,7 @@ def public_job(
             mesh=jobs.local_mesh(batch_size),
             size=(height, width),
             lora=lora,
+            lora_sr=lora_sr,
         )
         settings = jobs.stage_settings(loaded, cascade)
         if edit is None and not per_prompt:

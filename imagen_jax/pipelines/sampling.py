@@ -84,6 +84,7 @@ def run_sampling_job(
     lora: str | None = None,
     pipeline_sr: str | None = None,
     noise_level: int | None = None,
+    lora_sr: str | None = None,
     overwrite: bool = False,
     model: str | None = None,
     init_image: str | None = None,
@@ -99,7 +100,8 @@ def run_sampling_job(
     `refiner_start` of the steps; lora: a diffusers LoRA file merged into its UNet), or a
     DeepFloyd IF stage I directory (pipeline_sr: an IF
     stage II directory after it, whose input is noised at `noise_level`, None: diffusers'
-    250). overwrite: replace the images of another job in outdir (else a rerun into a
+    250; lora_sr: a LoRA file merged into stage II's UNet). overwrite: replace the images
+    of another job in outdir (else a rerun into a
     folder of another job refuses; see `jobs.prepare_outdir`). model: a shipped model's
     name (`pipelines.shipped`) instead of stages (None, without stages: the default).
     init_image, mask, strength, repaint_jump, repaint_resample: image-to-image and
@@ -125,6 +127,8 @@ def run_sampling_job(
         raise ValueError("--lora needs --pipeline (the SD / SDXL pipeline it adapts)")
     if pipeline_sr and not pipeline:
         raise ValueError("--pipeline_sr needs --pipeline (DeepFloyd IF stage I)")
+    if lora_sr and not pipeline_sr:
+        raise ValueError("--lora_sr needs --pipeline_sr (the IF stage II it adapts)")
     if noise_level is not None and not pipeline_sr:
         raise ValueError("--noise_level needs --pipeline_sr (DeepFloyd IF stage II)")
     if prompts and prompts_file:
@@ -171,6 +175,7 @@ def run_sampling_job(
             edit=request,
             per_prompt=per_prompt,
             lora=lora,
+            lora_sr=lora_sr,
         )
         if request is not None:
             for line in request.notes:

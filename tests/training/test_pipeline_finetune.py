@@ -349,6 +349,47 @@ def test_if_adapters_export_to_a_file_that_load_lora_weights_reads(pipes, tmp_pa
     assert np.abs(got - ours(None)).max() > 1e-2  # the adapters changed the UNet
 
 
+def test_if_stage_2_adapters_load_in_diffusers_and_sample_here_as_pipeline_sr(pipes, tmp_path):
+    """Stage II's adapters in a diffusers LoRA file: IFSuperResolutionPipeline's
+    load_lora_weights gives the UNet output of ours merged, and the export directory stands
+    for stage II with its adapters where sample.py and the demo take --pipeline_sr."""
+    config = _config(
+        pipes["if2"], "lora=2,alpha=4,lr=0.01", family="if_sr_finetune", steps=1, checkpoint_every=1
+    )
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+    out = tmp_path / "lora"
+    export.export_pipeline(config, str(tmp_path / "run"), str(out))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 16, 16, 6)).astype(np.float32)
+    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    t, level = np.array([10, 700]), np.array([250, 40])
+
+    def ours(stage):
+        args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
+        return np.asarray(stage.model(*args, class_labels=jnp.asarray(level, jnp.float32)))
+
+    pipe = diffusers.IFSuperResolutionPipeline.from_pretrained(pipes["if2"])
+    pipe.load_lora_weights(str(out))
+    with torch.no_grad():
+        theirs = pipe.unet(
+            torch.from_numpy(x.transpose(0, 3, 1, 2)),
+            torch.from_numpy(t),
+            torch.from_numpy(text),
+            class_labels=torch.from_numpy(level),
+            return_dict=False,
+        )[0].numpy()
+    kind, dirs = find_model_dirs(f"{pipes['if']},{out}")
+    assert kind == "if"
+    cascade, settings = public_job(str(pipes["if"]), [], pipeline_sr=str(out))
+    got = ours(cascade.stages[1].stage)
+    np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
+    assert np.abs(got - ours(deepfloyd.load_if_stage(pipes["if2"], "II"))).max() > 1e-2
+    assert settings["stages"][1]["lora"]["file"].startswith(str(out))  # the metadata names it
+    assert "lora" not in settings["stages"][0]
+    with pytest.raises(ValueError, match="stage II LoRA"):
+        deepfloyd.load_if_stages(pipes["if"], lora_sr=str(out))
+
+
 def _prior_config(pipe, **train):
     config = _config(pipe, "empty_prob=0", **train)
     config.data.prior_fraction = 0.5

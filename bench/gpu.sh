@@ -4,6 +4,7 @@
 #   bash bench/gpu.sh train_step   # the shapes stages' trainer step alone, float32 and bf16
 #   bash bench/gpu.sh sd15         # SD 1.5-sized sampling: ours, diffusers eager, torch.compile
 #   bash bench/gpu.sh mfu          # bf16 train-step MFU of the paper-width base, two attentions
+#   bash bench/gpu.sh train_loop   # train.py's loop against its step alone, host time by phase
 # train_step tells a training run's step time apart from its loop (data, text, host): the
 # shapes stages trained at ~1,300 / ~700 images/s on an H100 through train.py.
 set -uo pipefail
@@ -37,8 +38,14 @@ case "${1:-}" in
         --batch=64 --res=64 --dtype=bfloat16 --peak_tflops=989 --attention=$att
     done
     ;;
+  train_loop)  # data workers by the host's cores (data.worker_count=-1), then 0 for the A/B
+    run 280 train_loop "$PY" bench/train_loop.py --configs=shapes_base,shapes_sr --batch=128 \
+      --steps=300 --log_every=50
+    run 280 train_loop "$PY" bench/train_loop.py --configs=shapes_base --batch=128 \
+      --steps=300 --log_every=50 --worker_count=0 --note="threads only"
+    ;;
   *)
-    echo "usage: bash bench/gpu.sh train_step|sd15|mfu" >&2
+    echo "usage: bash bench/gpu.sh train_step|sd15|mfu|train_loop" >&2
     exit 2
     ;;
 esac

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -213,6 +214,21 @@ def stack_examples(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return batch
 
 
+# `worker_count=AUTO_WORKERS`: worker processes by the host's cores (`auto_worker_count`).
+AUTO_WORKERS = -1
+
+
+def auto_worker_count(cpus: int | None = None) -> int:
+    """Worker processes for a host of `cpus` cores (default: this process's): none up to
+    4 cores, where the train step needs them (and the 2-core CPU machine trains there),
+    then half of the cores past 4, at most 8. A record costs Python time under one GIL
+    per process (the shapes source renders ~1,000 images/s in one; bench/README.md,
+    train_loop.py), so a GPU host's loop needs them to keep the device fed."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(8, max(0, (int(cpus or 1) - 4) // 2))
+
+
 class DataIterator(grain.DatasetIterator):
     """Batches of this process's example stream; drops, logs and counts skipped records.
 
@@ -239,8 +255,12 @@ class DataIterator(grain.DatasetIterator):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}; expected >= 1")
+        if worker_count == AUTO_WORKERS:
+            worker_count = auto_worker_count()
         if worker_count < 0:
-            raise ValueError(f"worker_count={worker_count}; expected >= 0")
+            raise ValueError(
+                f"worker_count={worker_count}; expected >= 0, or {AUTO_WORKERS} (by the cores)"
+            )
         self._examples = examples
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
@@ -391,7 +411,8 @@ def make_pipeline(
         and jax.process_count().
       random_crop: random (seeded, per record and epoch) instead of centre square crops.
       worker_count: grain worker processes for loading; 0 loads in this process with
-        `read_threads` threads. Batches do not depend on it.
+        `read_threads` threads; `AUTO_WORKERS` (-1) by the host's cores
+        (`auto_worker_count`). Batches do not depend on it.
       drop_remainder: drop the last, short batch of a finite stream.
       low_res_method: the downsampling filter of "low_res" (preprocess.py).
       read_threads: threads per process reading and preprocessing records.

@@ -499,7 +499,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         #              "" = resolution x resolution squares
         size_crop=False,  # batches carry "size_crop" [B, 6]: each image's original size,
         #                   crop corner and target size (SDXL's micro-conditioning)
-        worker_count=0,  # grain worker processes; 0 = threads in this process
+        worker_count=-1,  # grain worker processes; 0 = threads in this process; -1 = by the
+        #                   host's cores (none up to 4, then half the cores past 4, at most 8:
+        #                   data.pipeline.auto_worker_count)
         # DreamBooth's prior preservation (Ruiz et al. 2023): this fraction of every batch
         # from a second source (`prior_source`: folder | tar | shapes | synthetic, at
         # `prior_path`), its loss weighted `prior_weight` (diffusers' --prior_loss_weight);

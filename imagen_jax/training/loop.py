@@ -232,6 +232,8 @@ def train_loop(
     last_saved = checkpointer.latest_step()
     stopped_at = None
 
+    host = metrics_lib.HostTimes()
+
     def flush():
         nonlocal last
         for step, metrics in jax.device_get(pending):
@@ -239,19 +241,22 @@ def train_loop(
             metrics_lib.check_finite(step, metrics, last_saved, checkpointer.directory)
             last = metrics
         if pending:
-            last = writer.write(pending[-1][0], last)
+            last = writer.write(pending[-1][0], {**last, **host.averages()})
         pending.clear()
 
     compiled = {}  # the batch's shapes -> the compiled step
     stop = StopSignal().install()
     try:
         for step in range(start + 1, tcfg.steps + 1):
+            host.start()
             local = next(data)
+            host.lap("data")
             if step == start + 1:
                 input_lib.check_batch(local, config)
             batch = device_batch(local, encoder, mesh)
             if prepare is not None:
                 batch = prepare(batch, step)
+            host.lap("prepare")
             shapes = tuple((x.shape, x.dtype) for x in jax.tree.leaves(batch))
             if shapes not in compiled:  # once, and once per aspect-ratio bucket
                 # Compile ahead, then wait for every process: the step's first collective
@@ -261,9 +266,13 @@ def train_loop(
                 parallel.barrier(f"imagen_jax train step compiled ({len(compiled)})")
             if grid is None and tcfg.sample_every:
                 grid = make_grid(batch)
+            host.start()  # a compile or the grid's first batch is not the step's time
             state, metrics = compiled[shapes](state, rest, batch)
+            host.lap("dispatch")
             if pending:  # at most two steps in flight: the host never runs far ahead
                 jax.block_until_ready(pending[-1][1])
+            host.lap("wait")
+            host.step_done()
             pending.append((step, metrics))
             writer.step_done()
             stopping = stop.should_stop(step, tcfg.log_every)

@@ -64,6 +64,44 @@ def truncate_metrics(path: str, last_step: int) -> int:
     return len(lines) - len(keep)
 
 
+class HostTimes:
+    """Where the training loop's host thread spends a step, summed between two metric
+    writes: `data` (the next batch from the input pipeline), `prepare` (tokenizing and
+    encoding the captions, sharding the batch, latents), `dispatch` (handing the step to
+    the device) and `wait` (waiting for the previous step: the device's share). `averages`
+    gives milliseconds per step, as `host_<phase>_ms` metrics, and starts the next
+    interval. A loop bound by its host side shows small `wait` and large `data` or
+    `prepare`; one bound by the device, the other way round."""
+
+    PHASES = ("data", "prepare", "dispatch", "wait")
+
+    def __init__(self):
+        self._sums = dict.fromkeys(self.PHASES, 0.0)
+        self._steps = 0
+        self._mark = time.perf_counter()
+
+    def start(self) -> None:
+        """Starts timing a step's first phase."""
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Adds the time since the last mark to `phase`."""
+        now = time.perf_counter()
+        self._sums[phase] += now - self._mark
+        self._mark = now
+
+    def step_done(self) -> None:
+        self._steps += 1
+
+    def averages(self) -> dict:
+        if not self._steps:
+            return {}
+        out = {f"host_{k}_ms": 1e3 * v / self._steps for k, v in self._sums.items()}
+        self._sums = dict.fromkeys(self.PHASES, 0.0)
+        self._steps = 0
+        return out
+
+
 class MetricWriter:
     """Writes scalar metrics per step; counts images/s between writes. Records of steps
     after `start_step` already in the workdir (a run killed after its last checkpoint) are

@@ -1,6 +1,7 @@
 """The grain pipeline: batches, determinism, resume, per-process shards, skips, workers."""
 
 import json
+import os
 
 import grain
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from imagen_jax.data import ImageFolderSource, TarShardSource, make_pipeline
+from imagen_jax.data.pipeline import AUTO_WORKERS, auto_worker_count
 
 N = 12  # records in the default data set
 
@@ -179,6 +181,19 @@ def test_worker_processes_give_the_same_batches_and_resume(source):
         assert_same_batches(take(it, 3), expected[3:])
     finally:
         it.close()
+
+
+def test_worker_count_by_the_cores(source, monkeypatch):
+    """None on small hosts (the train step needs the cores), half the cores past 4, at most
+    8; the configs' default (-1) takes it and reads the same batches."""
+    got = [auto_worker_count(c) for c in (1, 2, 4, 6, 8, 16, 24, 64)]
+    assert got == [0, 0, 0, 1, 2, 6, 8, 8]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    it = pipeline(source, worker_count=AUTO_WORKERS, seed=3)
+    assert it._worker_count == 0
+    assert_same_batches(take(it, 2), take(pipeline(source, seed=3), 2))
+    with pytest.raises(ValueError, match="worker_count=-2"):
+        pipeline(source, worker_count=-2)
 
 
 def test_bad_settings_raise(source):

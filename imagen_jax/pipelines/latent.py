@@ -136,6 +136,19 @@ class LatentPipeline:
         out = JointTextEncoder(self.encoders).encode(prompts)  # the refiner: encoder 2 alone
         return out.embeddings, out.pooled
 
+    def _encode_pairs(self, prompts: Sequence[str], negative_prompts=None):
+        """((tokens, pooled) of the prompts, those of their negatives ("" by default)),
+        encoded in one call: a row's encoding does not depend on the rows beside it, and
+        the encoders' compiled batch (`PROMPT_BUCKET`) holds a prompt and its negative."""
+        b = len(prompts)
+        negatives = [""] * b if negative_prompts is None else list(negative_prompts)
+        if len(negatives) != b:
+            raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
+        tokens, pooled = self._encode(list(prompts) + negatives)
+        split = lambda x: (None, None) if x is None else (x[:b], x[b:])  # noqa: E731
+        (t, nt), (p, np_) = split(tokens), split(pooled)
+        return (t, p), (nt, np_)
+
     def _time_ids(self, height, width, aesthetic_score):
         if self.requires_aesthetics_score:
             return [height, width, 0, 0, aesthetic_score]
@@ -153,15 +166,14 @@ class LatentPipeline:
     ):
         """(cond, uncond) trees of the network's conditioning for a batch of prompts."""
         b = len(prompts)
-        tokens, pooled = self._encode(prompts)
         if negative_prompts is None and self.xl and self.force_zeros_for_empty_prompt:
+            tokens, pooled = self._encode(prompts)
             neg_tokens = jnp.zeros_like(tokens)
             neg_pooled = jnp.zeros_like(pooled)
         else:
-            negatives = [""] * b if negative_prompts is None else list(negative_prompts)
-            if len(negatives) != b:
-                raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
-            neg_tokens, neg_pooled = self._encode(negatives)
+            (tokens, pooled), (neg_tokens, neg_pooled) = self._encode_pairs(
+                prompts, negative_prompts
+            )
         cond, uncond = {"text": tokens}, {"text": neg_tokens}
         if self.xl:
             ids = self._time_ids(height, width, aesthetic_score)
@@ -419,6 +431,12 @@ def encode_images(graph, state, x, key=None):
 # Loading
 # ----------------------------------------------------------------------------------------------
 
+# The compiled batch of a pipeline's text encoders: a prompt and its negative (CFG's pair).
+# A larger one pads a one-image call's two prompts to its size: 8 took 7x the time of 2
+# for SD's CLIP on the CPU (bench/README.md, sd_sampling.py); a row's encoding is the same
+# in any of them.
+PROMPT_BUCKET = 2
+
 # diffusers' defaults for a call without guidance_scale: SD 7.5, SDXL 5.0.
 DEFAULT_GUIDANCE = {"stable_diffusion": 7.5, "stable_diffusion_xl": 5.0}
 DEFAULT_STEPS = 50
@@ -460,6 +478,7 @@ def load_sd_pipeline(
                 dtype=dtype,
                 hidden_layer=-2 if family.name == "stable_diffusion_xl" else None,
                 model_mask=False,
+                batch_bucket=PROMPT_BUCKET,
             )
         )
     width = sum(text_width_of(os.path.join(path, n)) for n in encoder_names)

@@ -35,7 +35,7 @@ from flax import nnx
 from imagen_jax.models import lora as lora_lib
 from imagen_jax.models import sd3_transformer, vae
 from imagen_jax.pipelines import diffusers_format
-from imagen_jax.pipelines.latent import LatentPipeline, text_width_of
+from imagen_jax.pipelines.latent import PROMPT_BUCKET, LatentPipeline, text_width_of
 from imagen_jax.text.encoder import load_text_encoder
 from imagen_jax.text.joint import JointTextEncoder
 from imagen_jax.weights import CheckpointError
@@ -67,12 +67,7 @@ class SD3Pipeline(LatentPipeline):
 
     def conditioning(self, prompts, negative_prompts=None, **unused):
         """(cond, uncond) trees {"text": [B, 77 + L, D], "pooled": [B, P]}."""
-        b = len(prompts)
-        negatives = [""] * b if negative_prompts is None else list(negative_prompts)
-        if len(negatives) != b:
-            raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
-        tokens, pooled = self._encode(prompts)
-        neg_tokens, neg_pooled = self._encode(negatives)
+        (tokens, pooled), (neg_tokens, neg_pooled) = self._encode_pairs(prompts, negative_prompts)
         return {"text": tokens, "pooled": pooled}, {"text": neg_tokens, "pooled": neg_pooled}
 
     def _network(self):
@@ -135,7 +130,12 @@ def load_sd3_pipeline(
         )
     encoders = [
         load_text_encoder(
-            os.path.join(path, name), "clip", dtype=dtype, hidden_layer=-2, model_mask=False
+            os.path.join(path, name),
+            "clip",
+            dtype=dtype,
+            hidden_layer=-2,
+            model_mask=False,
+            batch_bucket=PROMPT_BUCKET,
         )
         for name in ("text_encoder", "text_encoder_2")
     ]
@@ -155,6 +155,7 @@ def load_sd3_pipeline(
                 max_length=max_sequence_length,
                 model_mask=False,
                 pooling="none",
+                batch_bucket=PROMPT_BUCKET,
             )
         )
     else:

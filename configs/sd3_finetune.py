@@ -14,8 +14,10 @@ layout, a StableDiffusion3Pipeline): its MMDiT transformer fully, or low-rank ad
 The same arguments and optimizer as configs/sd_finetune.py (`finetune_config`), at 1024 px,
 with SD 3's objective as diffusers' train_dreambooth_sd3.py computes it: rectified flow
 (x_t = (1 - sigma) x0 + sigma eps, the transformer predicts eps - x0, told sigma * 1000),
-sigma the scheduler's shift applied to a logit-normal time (mean 0, std 1: the script's
-default "logit_normal" weighting scheme, whose loss weight is 1). The text is SD 3's joint
+sigma the scheduler's shift applied to the time of `scheme` (the script's
+--weighting_scheme: logit_normal, the default, | mode | cosmap | sigma_sqrt | none), and
+with `precondition` (its --precondition_outputs, default 1) the implied x0 regressed onto
+x0 (`train.loss.x0_loss`). The text is SD 3's joint
 sequence (`text.kind = "sd3"`: both CLIPs' penultimate states padded to the T5's width,
 then `t5_len` T5 tokens, default 77 as the script's --max_sequence_length) and the pooled
 text both CLIPs' projections; a dropped caption gets the encodings of "". Adapters go on

@@ -44,6 +44,10 @@ ARGS = dict(
     snr_gamma=0.0,
     fsdp=1,
     t5_len=77,  # SD 3: the T5's tokens (train_dreambooth_sd3.py's --max_sequence_length)
+    # SD 3: train_dreambooth_sd3.py's --weighting_scheme (logit_normal | mode | cosmap |
+    # sigma_sqrt | none; "" = logit_normal) and --precondition_outputs (-1 = its default, 1)
+    scheme="",
+    precondition=-1,
     runlocal=False,
 )
 RESOLUTION = {  # (full, runlocal)
@@ -118,10 +122,15 @@ def finetune_config(arg, expect: str):
     if expect == "deepfloyd_if":  # its learned variance: the variational-bound term too
         config.train.loss.vlb_weight = 1.0
         config.model.lora.targets = training_config.IF_LORA_TARGETS
-    if expect == "stable_diffusion_3":  # rectified flow, logit-normal times, SD3's LoRA layers
-        config.train.loss.time_sampling = "logit_normal"
+    if expect == "stable_diffusion_3":  # rectified flow, SD 3's times and weights, LoRA layers
+        sd3_objective(config.train.loss, arg.scheme or "logit_normal", arg.precondition)
         config.sample.guidance_scale = 7.0
         config.model.lora.targets = training_config.SD3_LORA_TARGETS
+    elif arg.scheme or arg.precondition != -1:
+        raise ValueError(
+            f"scheme={arg.scheme!r} / precondition={arg.precondition} are SD 3's "
+            f"(train_dreambooth_sd3.py); this config is for {expect}"
+        )
     if arg.snr_gamma > 0:
         config.train.loss.weighting = "min_snr"
         config.train.loss.min_snr_gamma = arg.snr_gamma
@@ -140,3 +149,24 @@ def finetune_config(arg, expect: str):
         config.train.progress = False
         config.sample.steps = 2
     return config
+
+
+# train_dreambooth_sd3.py's --weighting_scheme: (time sampling, loss weighting).
+SD3_SCHEMES = {
+    "logit_normal": ("logit_normal", "uniform"),
+    "mode": ("mode", "uniform"),
+    "cosmap": ("uniform", "cosmap"),
+    "sigma_sqrt": ("uniform", "sigma_sqrt"),
+    "none": ("uniform", "uniform"),
+}
+
+
+def sd3_objective(loss, scheme: str, precondition: int) -> None:
+    """Sets `train.loss` to train_dreambooth_sd3.py's objective of --weighting_scheme
+    `scheme` and --precondition_outputs `precondition` (-1: the script's default, 1)."""
+    if scheme not in SD3_SCHEMES:
+        raise ValueError(f"scheme={scheme!r}; one of {sorted(SD3_SCHEMES)}")
+    if precondition not in (-1, 0, 1):
+        raise ValueError(f"precondition={precondition}; 0, 1 or -1 (the script's default, 1)")
+    loss.time_sampling, loss.weighting = SD3_SCHEMES[scheme]
+    loss.x0_loss = precondition != 0

@@ -32,8 +32,10 @@ import jax.numpy as jnp
 from imagen_jax.diffusion import parameterization as param_lib
 from imagen_jax.diffusion import schedules as sched_lib
 
-TIME_SAMPLINGS = ("uniform", "stratified", "logit_normal")
-WEIGHTINGS = ("uniform", "min_snr", "edm")
+TIME_SAMPLINGS = ("uniform", "stratified", "logit_normal", "mode")
+WEIGHTINGS = ("uniform", "min_snr", "edm", "sigma_sqrt", "cosmap")
+# Weightings written on a rectified-flow time sigma (SD 3's `compute_loss_weighting_for_sd3`).
+FLOW_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 LOSS_TYPES = ("l2", "l1", "huber")
 
 # Predictions that only make sense in one space (see parameterization.py).
@@ -73,7 +75,9 @@ def schedule_space(schedule) -> str:
     )
 
 
-def sample_unit_time(key, batch: int, *, method="uniform", logit_mean=0.0, logit_std=1.0):
+def sample_unit_time(
+    key, batch: int, *, method="uniform", logit_mean=0.0, logit_std=1.0, mode_scale=1.29
+):
     """u in [0, 1] per example [B].
 
     uniform:       u ~ U(0, 1).
@@ -81,6 +85,9 @@ def sample_unit_time(key, batch: int, *, method="uniform", logit_mean=0.0, logit
                    Kingma et al. 2021 (VDM), one u in each interval [i / B, (i + 1) / B).
     logit_normal:  u = sigmoid(n), n ~ N(logit_mean, logit_std^2) (Esser et al. 2024, SD3,
                    sec. 3.1; diffusers' `compute_density_for_timestep_sampling`).
+    mode:          u = 1 - v - mode_scale (cos^2(pi v / 2) - 1 + v), v ~ U(0, 1): SD3 sec.
+                   3.1's mode sampling with heavy tails (the same diffusers function; its
+                   training scripts' default mode_scale 1.29).
     """
     if method == "uniform":
         return jax.random.uniform(key, (batch,))
@@ -89,6 +96,9 @@ def sample_unit_time(key, batch: int, *, method="uniform", logit_mean=0.0, logit
         return jnp.mod(u0 + jnp.arange(batch, dtype=jnp.float32) / batch, 1.0)
     if method == "logit_normal":
         return jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (batch,)))
+    if method == "mode":
+        v = jax.random.uniform(key, (batch,))
+        return 1.0 - v - mode_scale * (jnp.cos(jnp.pi * v / 2) ** 2 - 1.0 + v)
     raise _unknown("time sampling", method, TIME_SAMPLINGS)
 
 
@@ -112,10 +122,19 @@ def time_from_unit(u, *, schedule):
     return sigma_t * schedule.num_train_timesteps, alpha_t, sigma_t
 
 
-def sample_time(key, batch: int, *, schedule, method="uniform", logit_mean=0.0, logit_std=1.0):
+def sample_time(
+    key,
+    batch: int,
+    *,
+    schedule,
+    method="uniform",
+    logit_mean=0.0,
+    logit_std=1.0,
+    mode_scale=1.29,
+):
     """Training times for a batch: (t [B], alpha_t [B], sigma_t [B]) in the schedule's space.
 
-    method: uniform | stratified | logit_normal (see `sample_unit_time`). For a
+    method: uniform | stratified | logit_normal | mode (see `sample_unit_time`). For a
     DiscreteSchedule, uniform draws integer t uniformly in [0, T) exactly (as diffusers'
     training scripts, `torch.randint`); the other methods bin a unit time (`time_from_unit`).
     """
@@ -124,7 +143,14 @@ def sample_time(key, batch: int, *, schedule, method="uniform", logit_mean=0.0, 
     if method == "uniform" and isinstance(schedule, sched_lib.DiscreteSchedule):
         t = jax.random.randint(key, (batch,), 0, schedule.num_train_timesteps)
         return (t, *schedule.alpha_sigma(t))
-    u = sample_unit_time(key, batch, method=method, logit_mean=logit_mean, logit_std=logit_std)
+    u = sample_unit_time(
+        key,
+        batch,
+        method=method,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        mode_scale=mode_scale,
+    )
     return time_from_unit(u, schedule=schedule)
 
 
@@ -186,10 +212,29 @@ def edm_weight(*, snr, prediction: str, sigma_data=0.5):
     raise _unknown("prediction", prediction, param_lib.PREDICTIONS)
 
 
+def flow_weight(weighting: str, *, snr):
+    """SD 3's weightings of a flow prediction's loss, written on the rectified-flow time
+    sigma = 1 / (1 + sqrt(SNR)) (diffusers' `compute_loss_weighting_for_sd3`): sigma_sqrt
+    sigma^-2; cosmap 2 / (pi (1 - 2 sigma + 2 sigma^2)), the density of Esser et al. 2024's
+    cosine-mapped times."""
+    s = 1.0 / (1.0 + jnp.sqrt(snr))
+    if weighting == "sigma_sqrt":
+        return s**-2.0
+    if weighting == "cosmap":
+        return 2.0 / (jnp.pi * (1.0 - 2.0 * s + 2.0 * s**2))
+    raise _unknown("flow weighting", weighting, FLOW_WEIGHTINGS)
+
+
 def loss_weight(weighting: str, *, snr, prediction: str, min_snr_gamma=5.0, sigma_data=0.5):
     """Per-example weight [B] of the per-example mean loss of `prediction`:
-    uniform | min_snr | edm."""
+    uniform | min_snr | edm | sigma_sqrt | cosmap (the last two: flow predictions only)."""
     param_lib.check_prediction(prediction)
+    if weighting in FLOW_WEIGHTINGS:
+        if prediction != "flow":
+            raise ValueError(
+                f"weighting {weighting!r} is SD 3's, on a flow prediction; got {prediction!r}"
+            )
+        return flow_weight(weighting, snr=snr)
     if weighting == "uniform":
         return jnp.ones_like(snr)
     if weighting == "min_snr":
@@ -334,6 +379,10 @@ def _check_options(*, prediction, model_space, time_sampling, weighting, loss_ty
     _check("time sampling", time_sampling, TIME_SAMPLINGS)
     _check("weighting", weighting, WEIGHTINGS)
     _check("loss type", loss_type, LOSS_TYPES)
+    if weighting in FLOW_WEIGHTINGS and prediction != "flow":
+        raise ValueError(
+            f"weighting {weighting!r} is SD 3's, on a flow prediction; got {prediction!r}"
+        )
     needed = _PREDICTION_SPACE.get(prediction, model_space)
     if needed != model_space:
         raise ValueError(
@@ -352,10 +401,11 @@ def diffusion_loss(
     schedule,
     prediction="eps",  # eps | x0 | v | flow
     model_space="vp",  # vp | flow
-    time_sampling="uniform",  # uniform | stratified | logit_normal
+    time_sampling="uniform",  # uniform | stratified | logit_normal | mode
     logit_mean=0.0,
     logit_std=1.0,
-    weighting="uniform",  # uniform | min_snr | edm
+    mode_scale=1.29,
+    weighting="uniform",  # uniform | min_snr | edm | sigma_sqrt | cosmap
     min_snr_gamma=5.0,
     sigma_data=0.5,
     loss_type="l2",  # l2 | l1 | huber
@@ -363,6 +413,7 @@ def diffusion_loss(
     learned_variance=False,
     vlb_weight=0.0,
     example_weight=None,
+    x0_loss=False,
 ):
     """The weighted denoising loss of one batch: (scalar loss, aux).
 
@@ -377,6 +428,11 @@ def diffusion_loss(
     (`vlb_term`, bits per dimension, the mean's gradient stopped): Nichol & Dhariwal 2021's
     L_hybrid with lambda = 0.001 is `vlb_weight = T / 1000` (1.0 for T = 1000: its code's
     RESCALED_MSE). aux then holds the per-example `vlb` too.
+
+    With `x0_loss` the element loss is taken on the error of the x0 that the prediction
+    implies at z_t, k * (prediction - target) (k from `x0_error_scale_sq`): for flow,
+    sigma_t (pred - target), which is diffusers' SD 3 scripts' `precondition_outputs`
+    (their x0 = z_t - sigma_t * pred regressed onto x0), also under l1 and huber.
 
     The loss is the batch mean of weight * per-example mean loss, in float32 (times
     `example_weight` [B] where given: e.g. DreamBooth's prior examples weighted against the
@@ -400,6 +456,7 @@ def diffusion_loss(
         method=time_sampling,
         logit_mean=logit_mean,
         logit_std=logit_std,
+        mode_scale=mode_scale,
     )
     eps = jax.random.normal(key_eps, x0.shape, jnp.float32)
     alpha_t, sigma_t = to_model_space(
@@ -420,12 +477,15 @@ def diffusion_loss(
         alpha_t=_per_example(alpha_t, x0),
         sigma_t=_per_example(sigma_t, x0),
     )
-    loss = per_example_loss(
-        loss_type, pred=output.astype(jnp.float32), target=target, huber_c=huber_c
-    )  # [B]
+    ratio = snr(alpha_t=alpha_t, sigma_t=sigma_t)
+    pred = output.astype(jnp.float32)
+    if x0_loss:  # the implied x0's error: both sides scaled by k per example
+        k = _per_example(jnp.sqrt(x0_error_scale_sq(prediction, snr=ratio)), x0)
+        pred, target = k * pred, k * target
+    loss = per_example_loss(loss_type, pred=pred, target=target, huber_c=huber_c)  # [B]
     weight = loss_weight(
         weighting,
-        snr=snr(alpha_t=alpha_t, sigma_t=sigma_t),
+        snr=ratio,
         prediction=prediction,
         min_snr_gamma=min_snr_gamma,
         sigma_data=sigma_data,

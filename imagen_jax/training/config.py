@@ -560,10 +560,11 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         ),
         loss=ml_collections.ConfigDict(  # keyword arguments of diffusion.diffusion_loss
             dict(
-                time_sampling="uniform",  # uniform | stratified | logit_normal
+                time_sampling="uniform",  # uniform | stratified | logit_normal | mode
                 logit_mean=0.0,
                 logit_std=1.0,
-                weighting="uniform",  # uniform | min_snr | edm
+                mode_scale=1.29,  # time_sampling=mode: SD 3's heavy-tail mode sampling
+                weighting="uniform",  # uniform | min_snr | edm | sigma_sqrt | cosmap (flow)
                 min_snr_gamma=5.0,
                 sigma_data=0.5,
                 loss_type="l2",  # l2 | l1 | huber
@@ -571,6 +572,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
                 # diffusion.variance=learned_range: the weight of the variational-bound term
                 # that trains the variance (1.0: Nichol & Dhariwal's L_hybrid at T = 1000)
                 vlb_weight=0.0,
+                # the loss on the x0 the prediction implies (flow: SD 3 scripts'
+                # precondition_outputs); diffusion.losses.diffusion_loss
+                x0_loss=False,
             )
         ),
         # Named auxiliary loss terms (`training/aux_losses.py`): NAME -> a group with `fn`

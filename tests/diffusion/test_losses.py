@@ -230,7 +230,9 @@ def test_perfect_network_has_zero_loss(schedule_name, prediction, model_space):
 
 
 @pytest.mark.parametrize("loss_type", losses.LOSS_TYPES)
-@pytest.mark.parametrize("weighting", losses.WEIGHTINGS)
+@pytest.mark.parametrize(
+    "weighting", [w for w in losses.WEIGHTINGS if w not in losses.FLOW_WEIGHTINGS]
+)
 def test_perfect_learned_variance_network_has_zero_loss(loss_type, weighting):
     schedule = SCHEDULES["logsnr"]
     x0, key = make_x0(), jax.random.key(5)
@@ -247,6 +249,20 @@ def test_perfect_learned_variance_network_has_zero_loss(loss_type, weighting):
         learned_variance=True,
     )
     assert abs(float(loss)) <= 1e-10
+
+
+def test_sd3_weightings_are_for_a_flow_prediction_only():
+    for weighting in losses.FLOW_WEIGHTINGS:
+        with pytest.raises(ValueError, match=f"weighting '{weighting}' is SD 3's"):
+            losses.diffusion_loss(
+                lambda z, t, c: z,
+                make_x0(),
+                None,
+                jax.random.key(0),
+                schedule=SCHEDULES["logsnr"],
+                prediction="eps",
+                weighting=weighting,
+            )
 
 
 def test_uniform_weight_is_one():

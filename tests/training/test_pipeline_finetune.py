@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_same_tree, stage_config
+from diffusers import training_utils
 from flax.nnx import traversals
 from tiny_diffusers import (
     sd2_pipeline,
@@ -778,10 +779,20 @@ def _sd3_reference_text(path, captions, t5_len):
     return torch.cat([clip, t5_embeds], dim=-2), torch.cat(pooled, dim=-1)
 
 
-def test_sd3_loss_and_gradient_match_diffusers_train_dreambooth_sd3(pipes):
+@pytest.mark.parametrize(
+    "scheme, precondition",
+    [("", -1), ("mode", 0), ("cosmap", 1), ("sigma_sqrt", 0)],
+)
+def test_sd3_loss_and_gradient_match_diffusers_train_dreambooth_sd3(pipes, scheme, precondition):
+    """The script's objective for its --weighting_scheme (default logit_normal) and
+    --precondition_outputs (default 1), its time densities and weights from diffusers'
+    training_utils."""
     path = pipes["sd3"]
-    config = _config(path, "empty_prob=0,t5_len=16", family="sd3_finetune")
-    assert config.text.kind == "sd3" and config.train.loss.time_sampling == "logit_normal"
+    arg = f"empty_prob=0,t5_len=16,scheme={scheme},precondition={precondition}"
+    config = _config(path, arg, family="sd3_finetune")
+    assert config.text.kind == "sd3"
+    scheme = scheme or "logit_normal"
+    precondition = precondition != 0  # the script's default: 1
     net = state_lib.make_network(config.model)
     encoder = make_text_encoder(config.text)
     text = encode_captions(encoder, PROMPTS)
@@ -802,10 +813,23 @@ def test_sd3_loss_and_gradient_match_diffusers_train_dreambooth_sd3(pipes):
     key = jax.random.key(11)
     (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, rest, batch, key)
 
-    # The step's draws: a logit-normal time u, the scheduler's shift (3) applied to it.
+    # The step's draws: the scheme's time u (diffusers' density from the same normal or
+    # uniform draws), the scheduler's shift (3) applied to it.
     _, key_loss, _ = jax.random.split(key, 3)
     key_t, key_eps = jax.random.split(key_loss)
-    u = np.asarray(jax.nn.sigmoid(jax.random.normal(key_t, (b,))), np.float64)
+    draw = jax.random.normal if scheme == "logit_normal" else jax.random.uniform
+    with torch.random.fork_rng():
+        values = torch.from_numpy(np.asarray(draw(key_t, (b,))))
+        replace = "normal" if scheme == "logit_normal" else "rand"
+        original = getattr(torch, replace)
+        setattr(torch, replace, lambda *a, **k: values.clone())
+        try:
+            u = training_utils.compute_density_for_timestep_sampling(
+                scheme, b, logit_mean=0.0, logit_std=1.0, mode_scale=1.29
+            )
+        finally:
+            setattr(torch, replace, original)
+    u = u.numpy().astype(np.float64)
     shift = config.diffusion.flow_shift
     assert shift == 3.0
     sigma = torch.from_numpy((shift * u / (1 + (shift - 1) * u)).astype(np.float32))
@@ -823,8 +847,10 @@ def test_sd3_loss_and_gradient_match_diffusers_train_dreambooth_sd3(pipes):
         pooled_projections=ref_pooled,
         return_dict=False,
     )[0]
-    weighting = torch.ones_like(sigmas)  # compute_loss_weighting_for_sd3("logit_normal")
-    target = eps - model_input
+    if precondition:  # the script's preconditioning: x0 = z - sigma * pred, onto x0
+        pred = pred * (-sigmas) + noisy
+    weighting = training_utils.compute_loss_weighting_for_sd3(scheme, sigmas=sigmas)
+    target = model_input if precondition else eps - model_input
     ref = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(b, -1), 1)
     ref = ref.mean()
     assert abs(float(loss) - float(ref)) < 1e-5 * max(1.0, float(ref)), (float(loss), float(ref))
@@ -897,6 +923,13 @@ def test_an_if_stage_given_for_the_other_stage_is_named(pipes):
         state_lib.make_network(_config(pipes["if2"], family="if_finetune").model)
     with pytest.raises(CheckpointError, match="IFPipeline .IF stage I.*low_resolution=8"):
         state_lib.make_network(_config(pipes["if"], family="if_sr_finetune").model)
+
+
+def test_sd3_schemes_are_named_and_refused_elsewhere(pipes):
+    with pytest.raises(ValueError, match="scheme='cosine'"):
+        _config(pipes["sd3"], "scheme=cosine", family="sd3_finetune")
+    with pytest.raises(ValueError, match="are SD 3's"):
+        _config(pipes["sd"], "scheme=mode")
 
 
 def test_the_sdxl_refiner_is_refused_by_name(pipes, tmp_path):

@@ -35,8 +35,50 @@ from imagen_jax.data.preprocess import CorruptRecordError
 _SPEC = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
 
 
-def parse_buckets(spec: str | Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """ "HxW,HxW,..." (or a sequence of "HxW") -> ((H, W), ...); "" -> ()."""
+AUTO = "auto"
+
+
+def pixel_budget_buckets(
+    side: int, *, step: int = 64, max_ratio: float = 4.0
+) -> tuple[tuple[int, int], ...]:
+    """SDXL's way of making buckets: for every width a multiple of `step` up to `side`, the
+    tallest height a multiple of `step` whose image holds at most side x side pixels, as
+    long as the aspect ratio stays within 1 : `max_ratio`, and each such shape turned on
+    its side; tallest first. For 1024 and 64: 2048x512 ... 1152x896, 1024x1024, 896x1152
+    ... 512x2048."""
+    if side < step or step < 1:
+        raise ValueError(f"data.buckets=auto: resolution {side} must be at least the step {step}")
+    area, out = side * side, set()
+    for width in range(step, side + 1, step):  # tall and square; wide ones mirror them
+        height = area // width // step * step
+        if height >= width and height <= max_ratio * width:
+            out.update({(height, width), (width, height)})
+    return tuple(sorted(out, key=lambda hw: (-hw[0] / hw[1], -hw[0])))
+
+
+def is_auto(spec: str | Sequence[str]) -> bool:
+    """Whether `data.buckets` asks for pixel-budget buckets ("auto" or "auto:STEP")."""
+    return isinstance(spec, str) and spec.strip().split(":")[0] == AUTO
+
+
+def parse_buckets(
+    spec: str | Sequence[str], *, resolution: int | None = None
+) -> tuple[tuple[int, int], ...]:
+    """ "HxW,HxW,..." (or a sequence of "HxW") -> ((H, W), ...); "" -> (). "auto" (or
+    "auto:STEP") -> `pixel_budget_buckets(resolution, step=STEP)`, step 64 by default;
+    a plan over such buckets passes over those too small for a batch (`BucketPlan`'s
+    `prune`)."""
+    if is_auto(spec):
+        _, _, step = spec.strip().partition(":")
+        if not (step.strip() or "64").isdigit():
+            raise ValueError(
+                f"data.buckets={spec!r}: expected 'auto' or 'auto:STEP' (e.g. auto:64)"
+            )
+        if not resolution:
+            raise ValueError(
+                f"data.buckets={spec!r} needs data.resolution (the pixel budget's side)"
+            )
+        return pixel_budget_buckets(int(resolution), step=int(step.strip() or 64))
     items = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if str(s).strip()]
     out = []
     for item in items:
@@ -89,18 +131,27 @@ class BucketPlan:
         global_batch: int,
         seed: int,
         shuffle: bool = True,
+        prune: bool = False,
     ):
         if not buckets:
             raise ValueError("a BucketPlan needs at least one bucket")
         self.buckets = tuple(buckets)
         self.global_batch = int(global_batch)
         self.seed, self.shuffle = int(seed), shuffle
-        assigned = np.array(
-            [-1 if s is None else nearest_bucket(*s, self.buckets) for s in shapes], np.int64
-        )
+        # With `prune`, the bucket with the fewest images among those holding fewer than a
+        # global batch is passed over and its images go to the nearest bucket left, until
+        # none is short: pixel-budget buckets are many, and a data set fills few of them.
+        active = list(range(len(self.buckets)))
+        while True:
+            assigned = self._assign(shapes, active)
+            self.counts = [int(np.sum(assigned == b)) for b in range(len(self.buckets))]
+            short = [b for b in active if 0 < self.counts[b] < self.global_batch]
+            if not (prune and short and len(active) > 1):
+                break
+            active.remove(min(short, key=lambda b: (self.counts[b], b)))
+        self.passed_over = tuple(b for b in range(len(self.buckets)) if b not in active)
         self.num_unreadable = int(np.sum(assigned < 0))
         self.members = [np.flatnonzero(assigned == b) for b in range(len(self.buckets))]
-        self.counts = [len(m) for m in self.members]
         for (h, w), count in zip(self.buckets, self.counts, strict=True):
             if 0 < count < self.global_batch:
                 raise ValueError(
@@ -116,9 +167,16 @@ class BucketPlan:
                 f"({self.describe()})"
             )
 
+    def _assign(self, shapes, active: list[int]) -> np.ndarray:
+        """Each record's bucket (an index into `buckets`) among `active`; -1 if unreadable."""
+        choices = [self.buckets[b] for b in active]
+        return np.array(
+            [-1 if s is None else active[nearest_bucket(*s, choices)] for s in shapes], np.int64
+        )
+
     def describe(self) -> str:
         pairs = zip(self.buckets, self.counts, strict=True)
-        return ", ".join(f"{h}x{w}: {c}" for (h, w), c in pairs)
+        return ", ".join(f"{h}x{w}: {c}" for (h, w), c in pairs if c)
 
     @property
     def epoch_length(self) -> int:

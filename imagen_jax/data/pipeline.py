@@ -392,6 +392,7 @@ def make_pipeline(
     read_threads: int = 8,
     size_crop: bool = False,
     buckets: Sequence[tuple[int, int]] = (),
+    prune_buckets: bool = False,
 ) -> DataIterator:
     """An iterator of this process's batches of one stage.
 
@@ -421,6 +422,9 @@ def make_pipeline(
       buckets: aspect-ratio buckets ((height, width), ...): every image is cropped to the
         bucket nearest its aspect ratio and every global batch is of one bucket
         (`buckets.py`; then `resolution` is not used). Base stages only.
+      prune_buckets: pass over buckets with fewer images than a global batch (their
+        images go to the nearest bucket left) instead of refusing them: for buckets made
+        from a pixel budget (`data.buckets="auto"`), most of which a data set leaves short.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -439,6 +443,7 @@ def make_pipeline(
             global_batch=batch_size * process_count,
             seed=seed,
             shuffle=shuffle,
+            prune=prune_buckets,
         )
         logging.info(
             "Aspect-ratio buckets (images each): %s; %d global batches an epoch%s",

@@ -496,6 +496,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         random_crop=False,
         buckets="",  # aspect-ratio buckets "HxW,HxW,...": every image cropped to the one
         #              nearest its aspect ratio, every batch of one bucket (data/buckets.py);
+        #              "auto" (or "auto:STEP") = SDXL-style buckets of resolution^2 pixels,
+        #              sides multiples of 64 (STEP), those a batch cannot fill passed over;
         #              "" = resolution x resolution squares
         size_crop=False,  # batches carry "size_crop" [B, 6]: each image's original size,
         #                   crop corner and target size (SDXL's micro-conditioning)

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from imagen_jax import data as data_lib
+from imagen_jax.data import buckets as buckets_lib
 from imagen_jax.shapes.tasks import parse_task_weights
 
 if TYPE_CHECKING:
@@ -205,7 +206,8 @@ def make_input(
             random_crop=cfg.random_crop,
             worker_count=cfg.worker_count,
             size_crop=cfg.get("size_crop", False),
-            buckets=data_lib.parse_buckets(cfg.get("buckets", "")),
+            buckets=data_lib.parse_buckets(cfg.get("buckets", ""), resolution=cfg.resolution),
+            prune_buckets=buckets_lib.is_auto(cfg.get("buckets", "")),
         )
 
     if n_prior and cfg.get("buckets"):
@@ -306,5 +308,5 @@ def check_batch(batch: dict, config: ml_collections.ConfigDict) -> None:
 def training_shapes(data: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
     """The (height, width) of the training images: `data.buckets`, else the square of
     `data.resolution`."""
-    buckets = data_lib.parse_buckets(data.get("buckets", ""))
+    buckets = data_lib.parse_buckets(data.get("buckets", ""), resolution=data.resolution)
     return buckets or ((data.resolution, data.resolution),)

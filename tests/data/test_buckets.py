@@ -141,3 +141,48 @@ def test_plans_depend_on_the_seed_and_epoch_only():
     assert [a.lookup(p) for p in range(15)] != [c.lookup(p) for p in range(15)]
     first, second = a.epoch(0), a.epoch(1)
     assert not np.array_equal(first[1], second[1])  # reshuffled every epoch
+
+
+def test_pixel_budget_buckets_as_sdxl_made_its_own():
+    """Every width a multiple of 64 with the tallest height within 1024^2 pixels, ratios up
+    to 4: SDXL's square, 1152x896 and 1344x768 among them, none over the budget."""
+    buckets = parse_buckets("auto", resolution=1024)
+    assert {(1024, 1024), (1152, 896), (896, 1152), (1344, 768), (2048, 512)} <= set(buckets)
+    assert all(h * w <= 1024**2 and h % 64 == 0 == w % 64 for h, w in buckets)
+    assert all(max(h, w) <= 4 * min(h, w) for h, w in buckets)
+    assert buckets == tuple((w, h) for h, w in reversed(buckets))  # wide mirror tall
+    assert parse_buckets("auto:32", resolution=64) == ((128, 32), (64, 64), (32, 128))
+    with pytest.raises(ValueError, match="needs data.resolution"):
+        parse_buckets("auto")
+    with pytest.raises(ValueError, match="'auto' or 'auto:STEP'"):
+        parse_buckets("auto:x", resolution=64)
+
+
+def test_buckets_a_batch_cannot_fill_are_passed_over_when_pruned():
+    """With `prune` (data.buckets=auto), the shortest bucket under a global batch gives its
+    images to the nearest bucket left, until none is short; without it, it is refused."""
+    shapes = [(24, 40)] * 6 + [(32, 32)] * 6 + [(10, 40)] * 2
+    buckets = parse_buckets(BUCKETS + ",8x32")
+    with pytest.raises(ValueError, match="bucket 8x32 holds 2 images"):
+        BucketPlan(buckets, shapes, global_batch=3, seed=0)
+    plan = BucketPlan(buckets, shapes, global_batch=3, seed=0, prune=True)
+    assert plan.passed_over == (3,)
+    assert plan.counts == [8, 0, 6, 0]  # the two very wide images went to 16x24
+    seen = [plan.lookup(p)[0] for p in range(plan.epoch_length)]  # 2 + 2 batches of 3
+    assert len(set(seen)) == len(seen) == 12 and set(seen) <= set(range(14))
+
+
+def test_a_pipeline_over_pixel_budget_buckets(folder):
+    root, _ = folder
+    buckets = parse_buckets("auto:8", resolution=24)
+    assert buckets == ((32, 16), (24, 24), (16, 32))
+    it = data_lib.make_pipeline(
+        data_lib.ImageFolderSource(str(root)),
+        batch_size=4,
+        resolution=24,
+        seed=3,
+        buckets=buckets,
+        prune_buckets=True,
+    )
+    shapes = {next(it)["image"].shape[1:3] for _ in range(6)}
+    assert shapes == set(buckets)  # 24x40 -> 16x32, 40x24 -> 32x16, 32x32 -> 24x24

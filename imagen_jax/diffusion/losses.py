@@ -225,15 +225,19 @@ def flow_weight(weighting: str, *, snr):
     raise _unknown("flow weighting", weighting, FLOW_WEIGHTINGS)
 
 
+def _check_flow_weighting(weighting: str, prediction: str) -> None:
+    if weighting in FLOW_WEIGHTINGS and prediction != "flow":
+        raise ValueError(
+            f"weighting {weighting!r} is SD 3's, on a flow prediction; got {prediction!r}"
+        )
+
+
 def loss_weight(weighting: str, *, snr, prediction: str, min_snr_gamma=5.0, sigma_data=0.5):
     """Per-example weight [B] of the per-example mean loss of `prediction`:
     uniform | min_snr | edm | sigma_sqrt | cosmap (the last two: flow predictions only)."""
     param_lib.check_prediction(prediction)
     if weighting in FLOW_WEIGHTINGS:
-        if prediction != "flow":
-            raise ValueError(
-                f"weighting {weighting!r} is SD 3's, on a flow prediction; got {prediction!r}"
-            )
+        _check_flow_weighting(weighting, prediction)
         return flow_weight(weighting, snr=snr)
     if weighting == "uniform":
         return jnp.ones_like(snr)
@@ -379,10 +383,7 @@ def _check_options(*, prediction, model_space, time_sampling, weighting, loss_ty
     _check("time sampling", time_sampling, TIME_SAMPLINGS)
     _check("weighting", weighting, WEIGHTINGS)
     _check("loss type", loss_type, LOSS_TYPES)
-    if weighting in FLOW_WEIGHTINGS and prediction != "flow":
-        raise ValueError(
-            f"weighting {weighting!r} is SD 3's, on a flow prediction; got {prediction!r}"
-        )
+    _check_flow_weighting(weighting, prediction)
     needed = _PREDICTION_SPACE.get(prediction, model_space)
     if needed != model_space:
         raise ValueError(

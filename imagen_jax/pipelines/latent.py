@@ -145,9 +145,9 @@ class LatentPipeline:
         if len(negatives) != b:
             raise ValueError(f"{len(negatives)} negative prompts for {b} prompts")
         tokens, pooled = self._encode(list(prompts) + negatives)
-        split = lambda x: (None, None) if x is None else (x[:b], x[b:])  # noqa: E731
-        (t, nt), (p, np_) = split(tokens), split(pooled)
-        return (t, p), (nt, np_)
+        if pooled is None:
+            return (tokens[:b], None), (tokens[b:], None)
+        return (tokens[:b], pooled[:b]), (tokens[b:], pooled[b:])
 
     def _time_ids(self, height, width, aesthetic_score):
         if self.requires_aesthetics_score:

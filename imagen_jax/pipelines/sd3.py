@@ -37,7 +37,7 @@ from imagen_jax.models import sd3_transformer, vae
 from imagen_jax.pipelines import diffusers_format
 from imagen_jax.pipelines.latent import PROMPT_BUCKET, LatentPipeline, text_width_of
 from imagen_jax.text.encoder import load_text_encoder
-from imagen_jax.text.joint import JointTextEncoder
+from imagen_jax.text.joint import JointTextEncoder, penultimate_clips
 from imagen_jax.weights import CheckpointError
 
 FAMILY = "stable_diffusion_3"
@@ -128,17 +128,7 @@ def load_sd3_pipeline(
             f"{where}: joint_attention_dim={joint} is narrower than the CLIP encoders' "
             f"{' + '.join(map(str, clip_widths))} channels"
         )
-    encoders = [
-        load_text_encoder(
-            os.path.join(path, name),
-            "clip",
-            dtype=dtype,
-            hidden_layer=-2,
-            model_mask=False,
-            batch_bucket=PROMPT_BUCKET,
-        )
-        for name in ("text_encoder", "text_encoder_2")
-    ]
+    encoders = penultimate_clips(path, dtype=dtype, batch_bucket=PROMPT_BUCKET)
     if has_t5:
         t5_dir = os.path.join(path, "text_encoder_3")
         t5_width = diffusers_format.read_json(os.path.join(t5_dir, "config.json"), t5_dir)

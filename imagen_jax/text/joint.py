@@ -107,7 +107,7 @@ class JointTextEncoder:
         )
 
 
-def _penultimate_clips(path, *, dtype, batch_bucket) -> list[TextEncoder]:
+def penultimate_clips(path, *, dtype, batch_bucket: int) -> list[TextEncoder]:
     """A pipeline's text_encoder and text_encoder_2 as SDXL and SD 3 read them: the
     penultimate hidden states, no mask into the model."""
     return [
@@ -129,7 +129,7 @@ def sdxl_text_encoder(
     """The text encoders of the SDXL pipeline directory `path` (text_encoder, text_encoder_2
     with their tokenizers), as StableDiffusionXLPipeline encodes prompts: 77 tokens, no mask
     into the model, "" encoded like any prompt."""
-    encoders = _penultimate_clips(path, dtype=dtype, batch_bucket=batch_bucket)
+    encoders = penultimate_clips(path, dtype=dtype, batch_bucket=batch_bucket)
     return JointTextEncoder(encoders, pooled="last")
 
 
@@ -146,7 +146,7 @@ def sd3_text_encoder(
     tokens (text_encoder_3, no mask into the model; zeros where the pipeline has none); the
     pooled text is both CLIPs' projections."""
     path = os.fspath(path)
-    clips = _penultimate_clips(path, dtype=dtype, batch_bucket=batch_bucket)
+    clips = penultimate_clips(path, dtype=dtype, batch_bucket=batch_bucket)
     t5 = None
     if os.path.isdir(os.path.join(path, "text_encoder_3")):
         t5 = load_text_encoder(

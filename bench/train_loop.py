@@ -39,7 +39,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from train_step import CONFIGS, synthetic_batch  # noqa: E402
+from train_step import CONFIGS, trainer_step  # noqa: E402
 
 from imagen_jax import training  # noqa: E402
 from imagen_jax.training import loop  # noqa: E402
@@ -67,11 +67,7 @@ def time_step(config, args) -> float:
     """Seconds per step of the trainer's step alone, one step in flight."""
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
-        net = training.make_network(config.model)
-        tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)
-        state, shardings, rest = training.create_train_state(config, net, tx, mesh)
-        batch = synthetic_batch(config, net, config.data.batch_size, mesh)
-        step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
+        _, step, state, rest, batch = trainer_step(config, mesh)
         state, metrics = step(state, rest, batch)
         jax.block_until_ready(metrics)
         timings = []

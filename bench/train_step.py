@@ -54,6 +54,17 @@ def synthetic_batch(config, net, batch: int, mesh, seed: int = 0):
     return parallel.global_batch(local, mesh)
 
 
+def trainer_step(config, mesh):
+    """(network, the trainer's jitted step, a fresh state, rest, a synthetic global batch)
+    of `config` on `mesh` (call inside `jax.set_mesh(mesh)`)."""
+    net = training.make_network(config.model)
+    tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)
+    state, shardings, rest = training.create_train_state(config, net, tx, mesh)
+    batch = synthetic_batch(config, net, config.data.batch_size, mesh)
+    step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
+    return net, step, state, rest, batch
+
+
 def bench(name: str, args) -> dict:
     module, arg = CONFIGS[name]
     config = importlib.import_module(f"configs.{module}").get_config(arg)
@@ -63,11 +74,7 @@ def bench(name: str, args) -> dict:
         config.model.dtype = args.dtype
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
-        net = training.make_network(config.model)
-        tx, lr_schedule = training.make_optimizer(config.optim, config.train.steps)
-        state, shardings, rest = training.create_train_state(config, net, tx, mesh)
-        batch = synthetic_batch(config, net, config.data.batch_size, mesh)
-        step = training.make_train_step(config, net, tx, lr_schedule, mesh, shardings, rest)
+        net, step, state, rest, batch = trainer_step(config, mesh)
         start = time.perf_counter()
         state, metrics = step(state, rest, batch)
         jax.block_until_ready(metrics)

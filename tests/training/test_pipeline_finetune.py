@@ -241,6 +241,47 @@ def test_if_stage_2_loss_and_gradient_match_the_super_resolution_pipeline_s_form
     assert worst < 1e-4, f"worst relative gradient error {worst:.2e}"
 
 
+def _if_unet_inputs(stage: str) -> dict:
+    """Fixed inputs of one call of the tiny IF UNets (NHWC): stage I x [2, 8, 8, 3]; stage II
+    x [2, 16, 16, 6] (noise and the upscaled input) and its noise levels as class labels."""
+    rng = np.random.default_rng(0)
+    shape, level = ((2, 8, 8, 3), None) if stage == "I" else ((2, 16, 16, 6), [250, 40])
+    x = rng.standard_normal(shape).astype(np.float32)
+    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
+    return dict(x=x, t=np.array([10, 700]), text=text, level=level and np.array(level))
+
+
+def _ours_if_unet(stage, inputs) -> np.ndarray:
+    """Our loaded IF stage's UNet on `inputs` (`_if_unet_inputs`)."""
+    args = (jnp.asarray(inputs["x"]), jnp.asarray(inputs["t"]), jnp.asarray(inputs["text"]))
+    if inputs["level"] is None:
+        return np.asarray(stage.model(*args))
+    return np.asarray(stage.model(*args, class_labels=jnp.asarray(inputs["level"], jnp.float32)))
+
+
+def _diffusers_if_unet(unet, inputs) -> np.ndarray:
+    """diffusers' UNet2DConditionModel on `inputs`, NHWC out."""
+    extra = {} if inputs["level"] is None else {"class_labels": torch.from_numpy(inputs["level"])}
+    with torch.no_grad():
+        out = unet(
+            torch.from_numpy(inputs["x"].transpose(0, 3, 1, 2)),
+            torch.from_numpy(inputs["t"]),
+            torch.from_numpy(inputs["text"]),
+            return_dict=False,
+            **extra,
+        )[0]
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def _adapter_export(pipe, family: str, tmp_path):
+    """The LoRA file directory of a one-step adapter run (rank 2, alpha 4) of `family`."""
+    config = _config(pipe, "lora=2,alpha=4,lr=0.01", family=family, steps=1, checkpoint_every=1)
+    training.train_and_evaluate(config, str(tmp_path / "run"))
+    out = tmp_path / "lora"
+    export.export_pipeline(config, str(tmp_path / "run"), str(out))
+    return out
+
+
 def test_if_stage_2_fine_tune_exports_the_unet_diffusers_loads(pipes, tmp_path):
     config = _config(pipes["if2"], "lr=0.001", family="if_sr_finetune", steps=2, checkpoint_every=2)
     config.train.sample_every = 2  # the grid from the first batch's upscaled, noised inputs
@@ -249,26 +290,13 @@ def test_if_stage_2_fine_tune_exports_the_unet_diffusers_loads(pipes, tmp_path):
     out = tmp_path / "export"
     export.export_pipeline(config, str(tmp_path / "run"), str(out))
     pipe = diffusers.IFSuperResolutionPipeline.from_pretrained(out)  # every component loads
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 16, 16, 6)).astype(np.float32)
-    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
-    t, level = np.array([10, 700]), np.array([250, 40])
+    inputs = _if_unet_inputs("II")
 
     def ours(path):
-        stage = deepfloyd.load_if_stage(path, "II")
-        args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
-        return np.asarray(stage.model(*args, class_labels=jnp.asarray(level, jnp.float32)))
+        return _ours_if_unet(deepfloyd.load_if_stage(path, "II"), inputs)
 
-    with torch.no_grad():
-        theirs = pipe.unet(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)),
-            torch.from_numpy(t),
-            torch.from_numpy(text),
-            class_labels=torch.from_numpy(level),
-            return_dict=False,
-        )[0].numpy()
     got = ours(str(out))
-    np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(got, _diffusers_if_unet(pipe.unet, inputs), atol=1e-4)
     assert np.abs(got - ours(str(pipes["if2"]))).max() > 1e-2  # the fine-tune moved the UNet
 
 
@@ -321,32 +349,16 @@ def _gradient_error(grads, unet, cfg, *, name="unet", key_map=None) -> float:
 def test_if_adapters_export_to_a_file_that_load_lora_weights_reads(pipes, tmp_path):
     """IF's adapters (its attention's projections, the text's added key and value too) in a
     diffusers LoRA file: IFPipeline.load_lora_weights gives the UNet output of ours merged."""
-    config = _config(
-        pipes["if"], "lora=2,alpha=4,lr=0.01", family="if_finetune", steps=1, checkpoint_every=1
-    )
-    training.train_and_evaluate(config, str(tmp_path / "run"))
-    out = tmp_path / "lora"
-    export.export_pipeline(config, str(tmp_path / "run"), str(out))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 8, 8, 3)).astype(np.float32)
-    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
-    t = np.array([10, 700])
+    out = _adapter_export(pipes["if"], "if_finetune", tmp_path)
+    inputs = _if_unet_inputs("I")
 
     def ours(lora):
-        stage = deepfloyd.load_if_stage(pipes["if"], "I", lora=lora)
-        return np.asarray(stage.model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(text)))
+        return _ours_if_unet(deepfloyd.load_if_stage(pipes["if"], "I", lora=lora), inputs)
 
     pipe = diffusers.IFPipeline.from_pretrained(pipes["if"])
     pipe.load_lora_weights(str(out))
-    with torch.no_grad():
-        theirs = pipe.unet(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)),
-            torch.from_numpy(t),
-            torch.from_numpy(text),
-            return_dict=False,
-        )[0].numpy()
     got = ours(str(out))
-    np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
+    np.testing.assert_allclose(got, _diffusers_if_unet(pipe.unet, inputs), atol=1e-4)
     assert np.abs(got - ours(None)).max() > 1e-2  # the adapters changed the UNet
 
 
@@ -354,37 +366,18 @@ def test_if_stage_2_adapters_load_in_diffusers_and_sample_here_as_pipeline_sr(pi
     """Stage II's adapters in a diffusers LoRA file: IFSuperResolutionPipeline's
     load_lora_weights gives the UNet output of ours merged, and the export directory stands
     for stage II with its adapters where sample.py and the demo take --pipeline_sr."""
-    config = _config(
-        pipes["if2"], "lora=2,alpha=4,lr=0.01", family="if_sr_finetune", steps=1, checkpoint_every=1
-    )
-    training.train_and_evaluate(config, str(tmp_path / "run"))
-    out = tmp_path / "lora"
-    export.export_pipeline(config, str(tmp_path / "run"), str(out))
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 16, 16, 6)).astype(np.float32)
-    text = rng.standard_normal((2, 77, 32)).astype(np.float32)
-    t, level = np.array([10, 700]), np.array([250, 40])
-
-    def ours(stage):
-        args = (jnp.asarray(x), jnp.asarray(t), jnp.asarray(text))
-        return np.asarray(stage.model(*args, class_labels=jnp.asarray(level, jnp.float32)))
-
+    out = _adapter_export(pipes["if2"], "if_sr_finetune", tmp_path)
+    inputs = _if_unet_inputs("II")
     pipe = diffusers.IFSuperResolutionPipeline.from_pretrained(pipes["if2"])
     pipe.load_lora_weights(str(out))
-    with torch.no_grad():
-        theirs = pipe.unet(
-            torch.from_numpy(x.transpose(0, 3, 1, 2)),
-            torch.from_numpy(t),
-            torch.from_numpy(text),
-            class_labels=torch.from_numpy(level),
-            return_dict=False,
-        )[0].numpy()
+    theirs = _diffusers_if_unet(pipe.unet, inputs)
     kind, dirs = find_model_dirs(f"{pipes['if']},{out}")
     assert kind == "if"
     cascade, settings = public_job(str(pipes["if"]), [], pipeline_sr=str(out))
-    got = ours(cascade.stages[1].stage)
-    np.testing.assert_allclose(got, theirs.transpose(0, 2, 3, 1), atol=1e-4)
-    assert np.abs(got - ours(deepfloyd.load_if_stage(pipes["if2"], "II"))).max() > 1e-2
+    got = _ours_if_unet(cascade.stages[1].stage, inputs)
+    np.testing.assert_allclose(got, theirs, atol=1e-4)
+    base = _ours_if_unet(deepfloyd.load_if_stage(pipes["if2"], "II"), inputs)
+    assert np.abs(got - base).max() > 1e-2
     assert settings["stages"][1]["lora"]["file"].startswith(str(out))  # the metadata names it
     assert "lora" not in settings["stages"][0]
     with pytest.raises(ValueError, match="stage II LoRA"):

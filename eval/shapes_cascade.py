@@ -4,7 +4,7 @@ accuracy and seconds per image, as one JSON line.
     python eval/shapes_cascade.py --split=heldout --outdir=runs/eval/heldout \\
         [--stage=DIR ...] [--base_only] [--set=0.sampler=dpmpp_2m --set=0.steps=20] \\
         [--images_per_prompt=4] [--prompts_per_task=60] [--tasks=position,color_attr] \\
-        [--results=docs/results/x.jsonl]
+        [--height=48 --width=88] [--results=docs/results/x.jsonl]
 
 With no --stage it evaluates the shipped default model (`checkpoints/shapes/`);
 --base_only keeps the first stage (32 px images). The prompts are a prompt set of the
@@ -51,6 +51,8 @@ flags.DEFINE_multi_string(
 flags.DEFINE_string("outdir", None, "Where the images and manifest go.")
 flags.DEFINE_string("results", None, "Also append the JSON line to this file.")
 flags.DEFINE_string("name", "", "A label for the JSON line (e.g. the sweep point).")
+flags.DEFINE_integer("height", None, "Image height (default: the last stage's square).")
+flags.DEFINE_integer("width", None, "Image width (as --height); wide images score alike.")
 flags.mark_flag_as_required("outdir")
 
 
@@ -71,9 +73,11 @@ def main(argv):
     if f.base_only:
         stage_dirs = stage_dirs[:1]
     cascade, loaded = sampling.load_cascade(stage_dirs, f.set, mesh=jobs.local_mesh(f.batch_size))
+    if f.height is not None or f.width is not None:
+        cascade.set_size(f.height, f.width)
     entries = prompt_entries(f.split, f.prompts_per_task, f.tasks)
     job = dict(images_per_prompt=f.images_per_prompt, seed=f.seed, batch_size=f.batch_size)
-    settings = {"stages": [s.settings() for s in loaded]}
+    settings = jobs.stage_settings(loaded, cascade)  # sizes included
     with tempfile.TemporaryDirectory() as warm:  # compiles every stage once
         jobs.run_job(cascade, entries[:1], warm, **job, settings=settings, progress=False)
     summary = jobs.run_job(cascade, entries, f.outdir, **job, settings=settings)
@@ -85,6 +89,7 @@ def main(argv):
         split=f.split,
         prompts=len(entries),
         images=len(entries) * f.images_per_prompt,
+        size=[f.height, f.width] if f.height or f.width else None,
         overall=scored["overall"],
         tasks={k: v["accuracy"] for k, v in scored["tasks"].items()},
         failures={k: v["failures"] for k, v in scored["tasks"].items()},

@@ -1,6 +1,8 @@
 """The shapes domain as a data source: record i is a scene drawn from a generator seeded by
 (seed, i), rendered at the stage's resolution, with its caption (and, on request, the
-caption of what the scene is not: `imagen_jax.shapes.tasks.counterfactual`)."""
+caption of what the scene is not: `imagen_jax.shapes.tasks.counterfactual`). With
+`canvases`, record i's image is one of several sizes (a wide or tall scene, not a crop of
+a square one): the aspect-ratio buckets of a training run (`data.buckets`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import numpy as np
 
 from imagen_jax.shapes import SPLITS, TASKS
 from imagen_jax.shapes.render import cell_labels, render
+from imagen_jax.shapes.spec import canvas_of, check_canvas
 from imagen_jax.shapes.tasks import check_counterfactual_kinds, check_task_weights, sample_example
 
 
@@ -33,6 +36,10 @@ class ShapesSource:
       rather than the first that applies (`tasks.counterfactual(mixed=True)`).
     cell_labels: > 0: records also hold "cell_labels", int32 [n, n] with n = cell_labels:
       the shape each cell of an n x n grid shows (`render.cell_labels`; 0 = background).
+    canvases: image sizes ((height, width), ...): record i is drawn on one of them, picked
+      uniformly by a generator of its own seeded by (seed, i, 1) (`image_shape` reads it
+      without drawing the scene), its scene on the matching canvas (`Scene`: objects keep
+      their shapes and relations their angles); () = square images of `resolution`.
     """
 
     def __init__(
@@ -49,6 +56,7 @@ class ShapesSource:
         counterfactual_kinds=None,
         counterfactual_mixed: bool = False,
         cell_labels: int = 0,
+        canvases=(),
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown shapes split {split!r}; expected one of {SPLITS}")
@@ -78,6 +86,14 @@ class ShapesSource:
         if cell_labels and resolution % cell_labels:
             raise ValueError(f"cell_labels={cell_labels} must divide the resolution {resolution}")
         self.cell_labels = int(cell_labels)
+        self.canvases = tuple((int(h), int(w)) for h, w in canvases)
+        for h, w in self.canvases:
+            try:
+                check_canvas(*canvas_of(h, w))
+            except ValueError as e:
+                raise ValueError(f"shapes canvas {h}x{w}: {e}") from None
+        if self.canvases and self.cell_labels:
+            raise ValueError("shapes cell_labels are for square images; canvases are set")
 
     def __len__(self) -> int:
         return self.size
@@ -86,6 +102,7 @@ class ShapesSource:
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} records")
         rng = np.random.default_rng([self.seed, int(index)])
+        shape = self.image_shape(index)
         example = sample_example(
             rng,
             task=self.task,
@@ -95,9 +112,10 @@ class ShapesSource:
             with_counterfactual=self.counterfactuals,
             counterfactual_kinds=self.counterfactual_kinds,
             counterfactual_mixed=self.counterfactual_mixed,
+            canvas=canvas_of(*shape),
         )
         record = {
-            "image": render(example.scene, self.resolution),
+            "image": render(example.scene, min(shape)),
             "caption": example.caption,
             "key": f"shapes-{self.split}-{self.seed}-{index}",
         }
@@ -107,6 +125,13 @@ class ShapesSource:
             record["cell_labels"] = cell_labels(example.scene, self.cell_labels, self.resolution)
         return record
 
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """Record `index`'s image (height, width), without drawing its scene."""
+        if not self.canvases:
+            return self.resolution, self.resolution
+        pick = np.random.default_rng([self.seed, int(index), 1]).integers(len(self.canvases))
+        return self.canvases[int(pick)]
+
     def __repr__(self) -> str:
         return (
             f"ShapesSource(size={self.size}, resolution={self.resolution}, "
@@ -115,5 +140,5 @@ class ShapesSource:
             f"counterfactuals={self.counterfactuals}, "
             f"counterfactual_kinds={self.counterfactual_kinds}, "
             f"counterfactual_mixed={self.counterfactual_mixed}, "
-            f"cell_labels={self.cell_labels})"
+            f"cell_labels={self.cell_labels}, canvases={self.canvases})"
         )

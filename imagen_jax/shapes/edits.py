@@ -55,8 +55,8 @@ class InpaintingTask:
 
 def footprint(scene: Scene, index: int, resolution: int) -> np.ndarray:
     """bool [H, W]: where object `index` changes the background (antialiased edge included)."""
-    alone = render(Scene((scene.objects[index],), scene.background), resolution)
-    empty = render(Scene((), scene.background), resolution)
+    alone = render(dataclasses.replace(scene, objects=(scene.objects[index],)), resolution)
+    empty = render(dataclasses.replace(scene, objects=()), resolution)
     return np.any(alone != empty, axis=-1)
 
 
@@ -112,7 +112,7 @@ def inpainting_task(
         new = dataclasses.replace(obj, **{kind: value})
         objects = list(scene.objects)
         objects[edited] = new
-        target = Scene(tuple(objects), scene.background)
+        target = dataclasses.replace(scene, objects=tuple(objects))
         old_px = footprint(scene, edited, resolution)
         new_px = footprint(target, edited, resolution)
         margin = max(1, round(MARGIN_PX * resolution / 64))

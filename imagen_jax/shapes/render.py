@@ -28,12 +28,23 @@ def _check_resolution(resolution: int) -> int:
     return int(resolution)
 
 
-def coverage(obj: SceneObject, resolution: int) -> tuple[tuple[slice, slice], np.ndarray]:
-    """The object's coverage [h, w] in [0, 1] over its window (rows, cols) of the canvas."""
+def image_size(scene: Scene, resolution: int) -> tuple[int, int]:
+    """(height, width) in pixels of the scene drawn with its shorter side `resolution`
+    pixels: the canvas's longer side rounded to whole pixels."""
+    resolution = _check_resolution(resolution)
+    return round(scene.height * resolution), round(scene.width * resolution)
+
+
+def coverage(
+    obj: SceneObject, resolution: int, shape: tuple[int, int] | None = None
+) -> tuple[tuple[slice, slice], np.ndarray]:
+    """The object's coverage [h, w] in [0, 1] over its window (rows, cols) of a canvas of
+    `shape` (height, width) pixels (square by default), `resolution` pixels a canvas unit."""
+    height, width = shape or (resolution, resolution)
     radius = geometry.circumradius(obj.shape) * obj.size * resolution  # pixels
     cx, cy = obj.x * resolution, obj.y * resolution
-    x0, x1 = max(0, math.floor(cx - radius - 1)), min(resolution, math.ceil(cx + radius + 1))
-    y0, y1 = max(0, math.floor(cy - radius - 1)), min(resolution, math.ceil(cy + radius + 1))
+    x0, x1 = max(0, math.floor(cx - radius - 1)), min(width, math.ceil(cx + radius + 1))
+    y0, y1 = max(0, math.floor(cy - radius - 1)), min(height, math.ceil(cy + radius + 1))
     window = (slice(y0, max(y0, y1)), slice(x0, max(x0, x1)))
     px = (np.arange(x0, x1, dtype=np.float32) + 0.5) / resolution
     py = (np.arange(y0, y1, dtype=np.float32) + 0.5) / resolution
@@ -43,12 +54,13 @@ def coverage(obj: SceneObject, resolution: int) -> tuple[tuple[slice, slice], np
 
 
 def render(scene: Scene, resolution: int) -> np.ndarray:
-    """The scene drawn on a square canvas: uint8 [resolution, resolution, 3]."""
-    resolution = _check_resolution(resolution)
-    canvas = np.empty((resolution, resolution, 3), np.float32)
+    """The scene drawn with `resolution` pixels to its canvas's shorter side: uint8
+    [resolution, resolution, 3] for the square canvas, `image_size` for any other."""
+    shape = image_size(scene, resolution)
+    canvas = np.empty((*shape, 3), np.float32)
     canvas[:] = BACKGROUNDS[scene.background]
     for obj in scene.objects:
-        window, alpha = coverage(obj, resolution)
+        window, alpha = coverage(obj, resolution, shape)
         if alpha.size:
             color = np.asarray(COLORS[obj.color], np.float32)
             canvas[window] += alpha[..., None] * (color - canvas[window])
@@ -61,6 +73,8 @@ def cell_labels(scene: Scene, grid: int, resolution: int) -> np.ndarray:
     cell, where it covers at least 1/8 of it (objects drawn later hide earlier ones, as in
     `render`). The per-cell targets of a captioner's auxiliary shape loss."""
     resolution = _check_resolution(resolution)
+    if scene.canvas != (1.0, 1.0):
+        raise ValueError(f"cell labels are for square canvases; this scene's is {scene.canvas}")
     if grid < 1 or resolution % grid:
         raise ValueError(f"grid {grid} must divide the resolution {resolution}")
     owner = np.full((resolution, resolution), -1, np.int32)  # object index per pixel

@@ -450,8 +450,10 @@ def _split(px: _Pixels, index: np.ndarray, min_pixels: float) -> list[tuple[np.n
 
 def _measure(px: _Pixels, region: np.ndarray, part: np.ndarray, color: int) -> Detection | None:
     """Coverage, size, position and shape of one single-colour part (mask [H, W]) of a
-    candidate; `region` [H, W]: the pixels that may hold its coverage."""
+    candidate; `region` [H, W]: the pixels that may hold its coverage. Positions and sizes
+    are in canvas units, the image's shorter side 1 (`Scene`)."""
     h, w = part.shape
+    side = min(h, w)
     index = np.flatnonzero(region)
     box = _box(index, (h, w), 0)
     y0, x0 = box[0].start, box[1].start
@@ -464,7 +466,7 @@ def _measure(px: _Pixels, region: np.ndarray, part: np.ndarray, color: int) -> D
     alpha = np.where(region[box] & (alpha > 0.1), alpha, 0.0)
     area = float(alpha.sum())
     iy, ix = np.nonzero(alpha >= 0.5)
-    if not (MIN_AREA * h * w <= area <= MAX_AREA * h * w and len(iy)):
+    if not (MIN_AREA * side**2 <= area <= MAX_AREA * side**2 and len(iy)):
         return None
     yy, xx = np.mgrid[0 : alpha.shape[0], 0 : alpha.shape[1]] + 0.5
     cx, cy = float((alpha * xx).sum() / area), float((alpha * yy).sum() / area)
@@ -481,15 +483,15 @@ def _measure(px: _Pixels, region: np.ndarray, part: np.ndarray, color: int) -> D
     return Detection(
         shape=best if distances[best] <= MAX_SHAPE_DISTANCE else None,
         color=COLOR_NAMES[color],
-        x=float((x0 + cx) / w),
-        y=float((y0 + cy) / h),
+        x=float((x0 + cx) / side),
+        y=float((y0 + cy) / side),
         bbox=(
-            float(x0 + ix.min()) / w,
-            float(y0 + iy.min()) / h,
-            float(x0 + ix.max() + 1) / w,
-            float(y0 + iy.max() + 1) / h,
+            float(x0 + ix.min()) / side,
+            float(y0 + iy.min()) / side,
+            float(x0 + ix.max() + 1) / side,
+            float(y0 + iy.max() + 1) / side,
         ),
-        size=math.sqrt(area / (h * w)),
+        size=math.sqrt(area) / side,
         rotation=rotations[best],
         shape_distance=distances[best],
         shape_margin=distances[ranked[1]] - distances[best],
@@ -498,15 +500,17 @@ def _measure(px: _Pixels, region: np.ndarray, part: np.ndarray, color: int) -> D
 
 
 def read_image(image: np.ndarray) -> Reading:
-    """The background and every object read from a uint8 image [H, W, 3]."""
+    """The background and every object read from a uint8 image [H, W, 3]; positions and
+    sizes in canvas units (the shorter side 1), so a wide image reads as a wide `Scene`."""
     img = _as_image(image)
     h, w = img.shape[:2]
+    side = min(h, w)
     bg, plain = _background(img)
     bg_name = tuple(BACKGROUNDS)[int(np.linalg.norm(BACKGROUND_PALETTE - bg, axis=-1).argmin())]
     if plain < MIN_PLAIN:
         return Reading(bg_name, tuple(float(v) for v in bg), (), plain_background=False)
     px, labels, n = _pixels(img, bg)
-    min_pixels = 0.5 * MIN_AREA * h * w
+    min_pixels = 0.5 * MIN_AREA * side**2
     parts = []
     for index in _pixel_sets(labels, n, min_pixels):
         parts += _split(px, index, min_pixels)
@@ -515,7 +519,7 @@ def read_image(image: np.ndarray) -> Reading:
     part_labels = np.zeros((h, w), np.int32)
     for k, (index, _) in enumerate(parts, start=1):
         part_labels.ravel()[index] = k
-    regions = grow_labels(part_labels, max(1, round(1.5 * max(h, w) / 32)))
+    regions = grow_labels(part_labels, max(1, round(1.5 * side / 32)))
     objects = []
     for k, (_, color) in enumerate(parts, start=1):
         found = _measure(px, regions == k, part_labels == k, color)

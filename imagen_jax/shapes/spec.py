@@ -58,6 +58,7 @@ INVERSE_RELATION = {
     "below": "above",
 }
 TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+MAX_CANVAS_RATIO = 2.0  # the longest scene canvas: twice as wide (or tall) as the other side
 MAX_COUNT = 6  # counts a prompt may state; scenes the samplers draw hold at most 4 objects
 
 
@@ -96,6 +97,26 @@ def _check_keys(cls, data: Any, what: str) -> Mapping[str, Any]:
     if unknown:
         raise ValueError(f"{what} has unknown keys {unknown}; expected some of {sorted(names)}")
     return data
+
+
+def check_canvas(width: Any, height: Any) -> tuple[float, float]:
+    """A scene canvas (width, height) in units of its shorter side: finite numbers, the
+    shorter exactly 1, the longer at most `MAX_CANVAS_RATIO`."""
+    for name, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 1:
+            raise ValueError(f"scene {name} must be a number >= 1 (canvas units), got {value!r}")
+    if min(width, height) != 1 or max(width, height) > MAX_CANVAS_RATIO:
+        raise ValueError(
+            f"scene canvas {width} x {height}: the shorter side must be 1 and the longer at "
+            f"most {MAX_CANVAS_RATIO}"
+        )
+    return float(width), float(height)
+
+
+def canvas_of(height: int, width: int) -> tuple[float, float]:
+    """The scene canvas (width, height) of an image of height x width pixels."""
+    side = min(height, width)
+    return width / side, height / side
 
 
 def _as_list(value: Any) -> Sequence[Any]:
@@ -152,10 +173,17 @@ class SceneObject:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
-    """What the renderer draws: objects, in drawing order, on a plain background."""
+    """What the renderer draws: objects, in drawing order, on a plain background.
+
+    The canvas is `width` x `height` canvas units, the shorter side 1 (1 x 1, the square,
+    by default; 1.25 x 1 is a wide one): object positions and sizes are in units of the
+    shorter side, so a shape keeps its proportions and a relation its angle on any canvas
+    (`render`, the scorer)."""
 
     objects: tuple[SceneObject, ...]
     background: str = "black"
+    width: float = 1.0
+    height: float = 1.0
 
     def __post_init__(self):
         object.__setattr__(self, "objects", tuple(self.objects))
@@ -163,9 +191,18 @@ class Scene:
             if not isinstance(obj, SceneObject):
                 raise ValueError(f"scene objects must be SceneObject, got {obj!r}")
         check_background(self.background)
+        check_canvas(self.width, self.height)
+
+    @property
+    def canvas(self) -> tuple[float, float]:
+        """(width, height) in canvas units."""
+        return self.width, self.height
 
     def to_dict(self) -> dict[str, Any]:
-        return {"objects": [o.to_dict() for o in self.objects], "background": self.background}
+        out = {"objects": [o.to_dict() for o in self.objects], "background": self.background}
+        if self.canvas != (1.0, 1.0):
+            out.update(width=self.width, height=self.height)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Scene:

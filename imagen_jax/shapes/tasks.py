@@ -45,6 +45,7 @@ from imagen_jax.shapes.spec import (
     PromptSpec,
     Scene,
     SceneObject,
+    check_canvas,
     check_task,
 )
 
@@ -224,8 +225,11 @@ def _enrich(rng: np.random.Generator, spec: PromptSpec, scene: Scene) -> PromptS
     return dataclasses.replace(spec, objects=tuple(groups), background=background)
 
 
-def _place(rng: np.random.Generator, objects: list[SceneObject]) -> list[SceneObject] | None:
-    """Positions for the objects (no overlap, inside the margin); None if none found.
+def _place(
+    rng: np.random.Generator, objects: list[SceneObject], canvas: tuple[float, float]
+) -> list[SceneObject] | None:
+    """Positions for the objects on a canvas (width, height) (no overlap, inside the
+    margin); None if none found.
 
     Uniform positions, one object after the other; when that finds no room (four large
     objects), a jittered 2 x 2 grid: each object keeps to its own quarter, away from the
@@ -234,22 +238,27 @@ def _place(rng: np.random.Generator, objects: list[SceneObject]) -> list[SceneOb
     radii = [geometry.circumradius(o.shape) * o.size for o in objects]
     placed: list[SceneObject] = []
     for obj, r in zip(objects, radii, strict=True):
-        lo, hi = MARGIN + r, 1.0 - MARGIN - r
-        for _ in range(_PLACEMENT_TRIES if lo <= hi else 0):
+        lo, hi = MARGIN + r, np.asarray(canvas) - MARGIN - r
+        for _ in range(_PLACEMENT_TRIES if np.all(lo <= hi) else 0):
             x, y = rng.uniform(lo, hi, size=2)
             others = zip(placed, radii, strict=False)  # radii of the objects placed so far
             if all(np.hypot(x - p.x, y - p.y) >= r + q + GAP for p, q in others):
                 placed.append(dataclasses.replace(obj, x=float(x), y=float(y)))
                 break
         else:
-            return _place_grid(rng, objects, radii)
+            return _place_grid(rng, objects, radii, canvas)
     return placed
 
 
-def _place_grid(rng: np.random.Generator, objects: list[SceneObject], radii: list[float]):
+def _place_grid(
+    rng: np.random.Generator,
+    objects: list[SceneObject],
+    radii: list[float],
+    canvas: tuple[float, float],
+):
     if len(objects) > 4:
         return None
-    cell = (1.0 - 2 * MARGIN) / 2
+    cell = (np.asarray(canvas) - 2 * MARGIN) / 2
     placed = []
     for obj, r, k in zip(objects, radii, rng.permutation(4)[: len(objects)], strict=True):
         row, col = divmod(int(k), 2)
@@ -267,18 +276,25 @@ _TOWARDS_B = {"left of": 0.0, "right of": 180.0, "above": 90.0, "below": 270.0}
 
 
 def _place_related(
-    rng: np.random.Generator, a: SceneObject, b: SceneObject, relation: str
+    rng: np.random.Generator,
+    a: SceneObject,
+    b: SceneObject,
+    relation: str,
+    canvas: tuple[float, float],
 ) -> list[SceneObject] | None:
-    """A and B placed so that A clearly stands `relation` B (see `_clear`)."""
+    """A and B placed on a canvas (width, height) so that A clearly stands `relation` B
+    (see `_clear`)."""
     ra, rb = (geometry.circumradius(o.shape) * o.size for o in (a, b))
-    if MARGIN + ra > 1.0 - MARGIN - ra or MARGIN + rb > 1.0 - MARGIN - rb:
+    size = np.asarray(canvas)
+    if np.any(MARGIN + max(ra, rb) > size - MARGIN - max(ra, rb)):
         return None
     for _ in range(_PLACEMENT_TRIES):
-        xa, ya = rng.uniform(MARGIN + ra, 1.0 - MARGIN - ra, size=2)
+        xa, ya = rng.uniform(MARGIN + ra, size - MARGIN - ra, size=2)
         angle = np.deg2rad(_TOWARDS_B[relation] + rng.uniform(-25.0, 25.0))
-        dist = rng.uniform(ra + rb + GAP, 1.0)
+        dist = rng.uniform(ra + rb + GAP, max(canvas))
         xb, yb = xa + dist * np.cos(angle), ya + dist * np.sin(angle)
-        if not (MARGIN + rb <= xb <= 1.0 - MARGIN - rb and MARGIN + rb <= yb <= 1.0 - MARGIN - rb):
+        xy = np.array([xb, yb])
+        if not np.all((MARGIN + rb <= xy) & (xy <= size - MARGIN - rb)):
             continue
         pa = dataclasses.replace(a, x=float(xa), y=float(ya))
         pb = dataclasses.replace(b, x=float(xb), y=float(yb))
@@ -300,14 +316,21 @@ def _draw_size(rng: np.random.Generator, name: str | None) -> float:
     return float(rng.uniform(lo, hi))
 
 
-def scene_for(rng: np.random.Generator, spec: PromptSpec, split: str = "train") -> Scene | None:
-    """A scene that satisfies every constraint of the spec, or None if none was found.
+def scene_for(
+    rng: np.random.Generator,
+    spec: PromptSpec,
+    split: str = "train",
+    canvas: tuple[float, float] = (1.0, 1.0),
+) -> Scene | None:
+    """A scene on a canvas (width, height) (`Scene`: the shorter side 1) that satisfies
+    every constraint of the spec, or None if none was found.
 
     Unstated colours are drawn from the training pairs, unstated sizes and the background
     at random; the objects of a group share one named size. In `train`, a scene showing a
     held-out combination is redrawn; `heldout` refuses nothing.
     """
     splits.check_split(split)
+    canvas = check_canvas(*canvas)
     for attempt in range(_SCENE_TRIES):
         objects = []
         for g in spec.objects:
@@ -326,13 +349,13 @@ def scene_for(rng: np.random.Generator, spec: PromptSpec, split: str = "train") 
                 for _ in range(g.count)
             ]
         if spec.relation is None:
-            placed = _place(rng, objects)
+            placed = _place(rng, objects, canvas)
         else:
-            placed = _place_related(rng, *objects, spec.relation)
+            placed = _place_related(rng, *objects, spec.relation, canvas)
         if placed is None:
             continue
         background = spec.background or _pick(rng, tuple(BACKGROUNDS))
-        scene = Scene(tuple(placed), background)
+        scene = Scene(tuple(placed), background, *canvas)
         if split == "train" and splits.scene_heldout(scene):
             continue
         return scene
@@ -389,6 +412,7 @@ def sample_example(
     with_counterfactual: bool = False,
     counterfactual_kinds=COUNTERFACTUAL_KINDS,
     counterfactual_mixed: bool = False,
+    canvas: tuple[float, float] = (1.0, 1.0),
 ) -> Example:
     """A scene, its spec (with task) and caption. task None: one of the six, uniformly, or
     with probabilities proportional to `task_weights` (task -> weight; missing tasks 0).
@@ -397,7 +421,7 @@ def sample_example(
     (`imagen_jax.shapes.wordings`: grammar | train | heldout). with_counterfactual: also
     word `counterfactual(spec, counterfactual_kinds, mixed=counterfactual_mixed)` as the
     caption was worded (`Example.counterfactual`; in the train split, one that names no
-    held-out combination)."""
+    held-out combination). canvas: the scene's (width, height) (`Scene`)."""
     splits.check_split(split)
     if task_weights is not None:
         check_task_weights(task_weights)
@@ -405,7 +429,7 @@ def sample_example(
     while True:
         chosen = check_task(task) if task is not None else _pick_task(rng, task_weights)
         spec = sample_prompt_spec(rng, chosen, split)
-        scene = scene_for(rng, spec, split)
+        scene = scene_for(rng, spec, split, canvas)
         if scene is not None:
             spec = _enrich(rng, spec, scene) if rich else spec
             wording = copy.deepcopy(rng) if with_counterfactual else None  # worded alike

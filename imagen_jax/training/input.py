@@ -126,6 +126,8 @@ def make_source(cfg: ml_collections.ConfigDict):
             counterfactual_kinds=kinds or None,
             counterfactual_mixed=bool(cfg.get("counterfactuals_mixed", False)),
             cell_labels=int(cfg.get("cell_labels", 0)),
+            # aspect-ratio buckets: scenes drawn on those canvases, not crops of squares
+            canvases=data_lib.parse_buckets(cfg.get("buckets", ""), resolution=cfg.resolution),
         )
     raise ValueError(f"unknown data.source {cfg.source!r}; expected one of {SOURCES}")
 

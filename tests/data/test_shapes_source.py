@@ -55,3 +55,46 @@ def test_task_weights_reach_the_source_through_the_data_config():
         assert parse_prompt(source[i]["caption"]).relation is not None, source[i]["caption"]
     with pytest.raises(ValueError, match="unknown shapes tasks \\['count'\\]"):
         ShapesSource(task_weights={"count": 1.0})
+
+
+def test_buckets_draw_whole_scenes_on_each_canvas_and_batch_by_bucket():
+    """data.buckets with the shapes source: each record is drawn on one of the buckets'
+    canvases (a wide scene, not a crop of a square one, so its caption still holds),
+    `image_shape` names it without drawing, and every batch is of one bucket; a square
+    record is the record of a source without buckets."""
+    from imagen_jax import training
+    from imagen_jax.training.input import make_source
+
+    cfg = training.data_config(source="shapes", resolution=32, size=400, batch_size=4)
+    cfg.buckets = "32x32,24x40,40x24"
+    source = make_source(cfg)
+    square = ShapesSource(size=400, resolution=32)
+    shapes = [source.image_shape(i) for i in range(60)]
+    assert set(shapes) == {(32, 32), (24, 40), (40, 24)}
+    for i in range(0, 60, 3):
+        record = source[i]
+        assert record["image"].shape[:2] == shapes[i]
+        assert score(record["image"], parse_prompt(record["caption"])).passed, record["caption"]
+        if shapes[i] == (32, 32):
+            np.testing.assert_array_equal(record["image"], square[i]["image"])
+    it = make_pipeline(
+        source,
+        batch_size=4,
+        resolution=32,
+        seed=0,
+        process_index=0,
+        process_count=1,
+        buckets=((32, 32), (24, 40), (40, 24)),
+    )
+    seen = set()
+    for _ in range(6):
+        batch = next(it)
+        seen.add(batch["image"].shape[1:3])
+        for key, image in zip(batch["key"], batch["image"], strict=True):
+            index = int(key.rsplit("-", 1)[1])
+            np.testing.assert_array_equal(image, source[index]["image"])  # not resized
+    assert len(seen) >= 2
+    with pytest.raises(ValueError, match="shapes canvas 24x64"):
+        ShapesSource(canvases=((24, 64),))
+    with pytest.raises(ValueError, match="cell_labels are for square images"):
+        ShapesSource(canvases=((24, 40),), cell_labels=4)

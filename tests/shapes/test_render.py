@@ -93,3 +93,41 @@ def test_cell_labels_name_the_shape_each_cell_shows():
     assert ((labels > 0) == (drawn >= 1 / 8 - 0.02)).all(), drawn
     with pytest.raises(ValueError, match="grid 5 must divide the resolution 64"):
         cell_labels(scene, 5, 64)
+
+
+@pytest.mark.parametrize("hw", [(48, 80), (80, 48), (40, 80)])
+def test_a_wide_or_tall_canvas_keeps_shapes_and_positions_in_units_of_its_shorter_side(hw):
+    """A circle on a 48 x 80 canvas is round (equal extent across and down) and sits where
+    its canvas units put it: x * 48 pixels from the left, not x * 80."""
+    h, w = hw
+    side = min(hw)
+    width, height = w / side, h / side
+    obj = SceneObject("circle", "red", 0.25, 0.8 * width, 0.4 * height)
+    scene = Scene((obj,), "black", width, height)
+    image = render(scene, side)
+    assert image.shape == (h, w, 3)
+    alpha = image.astype(np.float64) @ np.asarray(COLORS["red"], np.float64)
+    alpha /= np.asarray(COLORS["red"], np.float64) @ np.asarray(COLORS["red"], np.float64)
+    assert alpha.sum() / side**2 == pytest.approx(0.25**2, rel=0.02)
+    ys, xs = np.nonzero(alpha > 0.5)
+    assert xs.max() - xs.min() == pytest.approx(ys.max() - ys.min(), abs=1)
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    assert (alpha * xx).sum() / alpha.sum() / side == pytest.approx(0.8 * width, abs=0.01)
+    assert (alpha * yy).sum() / alpha.sum() / side == pytest.approx(0.4 * height, abs=0.01)
+    with pytest.raises(ValueError, match="square canvases"):
+        cell_labels(scene, 4, side)
+
+
+@pytest.mark.parametrize("canvas", [(1.6, 1.0), (1.0, 2.0)])
+def test_scenes_on_other_canvases_stay_inside_and_apart(canvas):
+    rng = np.random.default_rng(4)
+    for i in range(300):
+        scene = tasks.sample_example(rng, task=tasks.TASKS[i % 6], canvas=canvas).scene
+        assert scene.canvas == canvas
+        for k, o in enumerate(scene.objects):
+            x0, y0, x1, y1 = geometry.bbox(o)
+            assert min(x0, y0) >= tasks.MARGIN - 1e-9
+            assert x1 <= canvas[0] - tasks.MARGIN + 1e-9 and y1 <= canvas[1] - tasks.MARGIN + 1e-9
+            for p in scene.objects[k + 1 :]:
+                gap = np.hypot(o.x - p.x, o.y - p.y) - geometry.circumradius(o.shape) * o.size
+                assert gap - geometry.circumradius(p.shape) * p.size >= tasks.GAP - 1e-9

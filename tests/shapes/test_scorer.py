@@ -22,6 +22,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from imagen_jax.shapes import grammar, scorer, tasks
+from imagen_jax.shapes import spec as spec_lib
 from imagen_jax.shapes.render import render
 from imagen_jax.shapes.spec import COLORS, RELATIONS, SHAPES, TASKS, ObjectSpec, PromptSpec
 
@@ -372,6 +373,26 @@ def test_reads_non_square_images_and_rejects_bad_input():
         scorer.read_image(image.astype(np.float32))
     with pytest.raises(ValueError, match="uint8 image"):
         scorer.read_image(image[..., 0])
+
+
+@pytest.mark.parametrize("hw", [(48, 80), (80, 48)])
+def test_reads_scenes_drawn_on_wide_and_tall_canvases(hw):
+    """Scenes of every task drawn on a wide or tall canvas (`Scene`) pass their own specs
+    and fail wrong ones: the scorer reads positions in units of the shorter side."""
+    rng = np.random.default_rng(sum(hw))
+    canvas = spec_lib.canvas_of(*hw)
+    passed, wrong_passed, wrong_total = 0, 0, 0
+    for i in range(60):
+        example = tasks.sample_example(rng, task=TASKS[i % 6], rich=False, canvas=canvas)
+        image = render(example.scene, min(hw))
+        assert image.shape[:2] == hw
+        passed += scorer.score(image, example.spec).passed
+        for kind, wrong in wrong_specs(example.spec, rng).items():
+            if kind == "count" and wrong.objects[0].count == 1:
+                continue  # "a square" is true of an image of two squares
+            wrong_total += 1
+            wrong_passed += scorer.score(image, wrong).passed
+    assert passed == 60 and wrong_passed == 0, (passed, wrong_passed, wrong_total)
 
 
 def test_connected_components_match_scipy():

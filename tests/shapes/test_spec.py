@@ -1,5 +1,6 @@
 """Tests for imagen_jax.shapes.spec and geometry: the vocabulary, dataclasses, JSON, outlines."""
 
+import dataclasses
 import json
 import math
 
@@ -38,6 +39,10 @@ def test_scene_json_round_trip():
     )
     data = json.loads(json.dumps(scene.to_dict()))
     assert Scene.from_dict(data) == scene
+    assert set(data) == {"objects", "background"}  # the square canvas is the default
+    wide = dataclasses.replace(scene, width=1.6)
+    data = json.loads(json.dumps(wide.to_dict()))
+    assert data["width"] == 1.6 and Scene.from_dict(data) == wide
 
 
 def test_prompt_spec_json_round_trip():
@@ -68,6 +73,9 @@ def test_prompt_spec_json_round_trip():
         (lambda: SceneObject("circle", "red", 0.0, 0.5, 0.5), "size must be in"),
         (lambda: SceneObject("circle", "red", 0.2, math.nan, 0.5), "must be finite"),
         (lambda: Scene.from_dict({"objects": [], "bg": "black"}), "unknown keys \\['bg'\\]"),
+        (lambda: Scene((), width=1.5, height=1.2), "shorter side must be 1"),
+        (lambda: Scene((), width=2.5), "longer at most 2.0"),
+        (lambda: Scene((), height=0.5), "height must be a number >= 1"),
         (lambda: PromptSpec.from_dict({"objects": [{"color": "red"}]}), "shape"),
         (lambda: PromptSpec.from_dict({"objects": "circle"}), "must be a list"),
     ],

@@ -103,18 +103,21 @@ def test_the_registry_names_its_models():
         _job(model="cascade", pipeline="models/sd")
 
 
-@pytest.mark.skipif(
-    (shipped.ROOT / "latent" / "stage.json").is_file(), reason="the latent model is shipped"
-)
-def test_a_registered_model_not_shipped_yet_is_one_line(tmp_path):
+def test_a_registered_model_not_shipped_yet_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        shipped.MODELS, "next", shipped.ShippedModel(("next",), "a later one", released=False)
+    )
     with pytest.raises(FileNotFoundError) as error:
-        _job(model="latent", outdir=str(tmp_path / "out"))
+        _job(model="next", outdir=str(tmp_path / "out"))
     message = str(error.value)
-    assert message.startswith("--model=latent is not shipped yet: ")
-    assert str(shipped.ROOT / "latent") in message and "\n" not in message
+    assert message.startswith("--model=next is not shipped yet: ")
+    assert str(shipped.ROOT / "next") in message and "\n" not in message
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_an_unknown_model_is_one_line_from_sample_py(tmp_path):
     out = subprocess.run(
-        [sys.executable, "sample.py", "--model=latent", f"--outdir={tmp_path / 'out'}"],
+        [sys.executable, "sample.py", "--model=bogus", f"--outdir={tmp_path / 'out'}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -122,4 +125,6 @@ def test_a_registered_model_not_shipped_yet_is_one_line(tmp_path):
     )
     assert out.returncode != 0
     assert "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == f"sample.py: FileNotFoundError: {message}"
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("sample.py: ValueError: --model='bogus': the shipped models are ")
+    assert not (tmp_path / "out").exists()

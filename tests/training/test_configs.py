@@ -13,6 +13,7 @@ from conftest import ROOT, STAGES, stage_config, tiny
 from imagen_jax import text as text_lib
 from imagen_jax import training
 from imagen_jax.config_utils import ConfigError
+from imagen_jax.data.buckets import parse_buckets
 
 GROUPS = {"model", "diffusion", "text", "data", "optim", "train", "sample", "evals", "mesh"}
 
@@ -214,3 +215,17 @@ def test_text_groups_build_their_encoders():
 
 def test_evals_group_is_a_config_dict():
     assert isinstance(stage_config().evals, ml_collections.ConfigDict)
+
+
+def test_the_shapes_mmdit_trains_on_five_canvases_of_the_pixel_budget():
+    from configs import shapes_mmdit
+
+    config = shapes_mmdit.get_config()
+    shapes = parse_buckets(config.data.buckets)
+    assert shapes == ((64, 64), (56, 72), (72, 56), (48, 88), (88, 48))
+    for h, w in shapes:  # whole 2x2 patches of the factor-4 VAE's latents, at most 2:1
+        assert h % 8 == 0 and w % 8 == 0 and max(h, w) <= 2 * min(h, w)
+        assert abs(h * w - 64 * 64) <= 0.05 * 64 * 64
+    assert config.data.wordings == "train"
+    assert shapes_mmdit.get_config("buckets=").data.buckets == ""
+    assert shapes_mmdit.get_config("runlocal").data.buckets == ""

@@ -17,7 +17,7 @@ from imagen_jax.shapes.spec import Scene, SceneObject
 from imagen_jax.shapes.tasks import sample_example
 
 CAPTIONER = pathlib.Path(__file__).resolve().parents[2] / "checkpoints" / "shapes" / "captioner"
-MAX_BYTES = 12 * 2**20
+MAX_BYTES = 2 * 2**20  # the vocabulary cut to the domain (tools/trim_captioner_vocab.py)
 
 # (scene, what a right caption states: [(shape, colour, count)], relation or None)
 HELDOUT = [

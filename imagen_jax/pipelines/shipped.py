@@ -1,12 +1,12 @@
 """The models that ship with the repository, by name: what `sample.py --model=NAME` samples.
 
     shipped.stage_dirs()            # the default, "cascade": [.../base, .../sr]
-    shipped.stage_dirs("latent")    # [.../latent], once it is shipped
+    shipped.stage_dirs("latent")    # [.../latent]: one latent stage, its VAE inside
 
 Each name maps to stage directories (`imagen_jax.stages`) under `checkpoints/shapes/`, base
-first. A registered model whose directory is absent is refused in one line that names the
-directory ("latent" is registered before it is shipped: a VAE + MMDiT latent stage, exported
-from configs/shapes_mmdit.py with `python -m imagen_jax.training.export`).
+first. A model registered before it ships (`released=False`) is refused in one line that
+names its directory. "latent" is a VAE + SD3-style MMDiT stage exported from
+configs/shapes_mmdit.py with `python -m imagen_jax.training.export`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ShippedModel:
 MODELS = {
     "cascade": ShippedModel(("base", "sr"), "the shapes cascade, 32 px base then SR to 64 px"),
     "latent": ShippedModel(
-        ("latent",), "a VAE + SD3-style MMDiT latent stage (not shipped yet)", released=False
+        ("latent",), "a VAE + SD3-style MMDiT latent stage, 64 px and four wide or tall sizes"
     ),
 }
 DEFAULT = "cascade"

@@ -363,6 +363,11 @@ def create_train_state(config, net: Network, tx, mesh):
     return state, shardings, rest
 
 
+# The networks whose exported stage directory a run can start from: pixel stages, and
+# latent stages (whose VAE is the run's own `latent.vae`, e.g. the stage's vae/ copy).
+INIT_FAMILIES = ("imagen", "mmdit", "sd_unet")
+
+
 def params_from_stage(
     path: str, net: Network, shardings, fresh: dict | None = None, *, abstract=None
 ) -> dict:
@@ -373,8 +378,11 @@ def params_from_stage(
     initial parameters; zeros without it). abstract: the tree to fill (default the network's
     parameters; an adapted network's frozen base, `abstract_rest["base"]`)."""
     abstract = net.abstract_params if abstract is None else abstract
-    if net.family != "imagen":
-        raise ValueError(f"train.init_from reads pixel-stage directories; this is {net.family!r}")
+    if net.family not in INIT_FAMILIES:
+        raise ValueError(
+            f"train.init_from reads the stage directories of {', '.join(INIT_FAMILIES)} runs; "
+            f"this is {net.family!r}"
+        )
     file = os.path.join(path, "params.safetensors")
     if not os.path.isfile(file):
         raise FileNotFoundError(

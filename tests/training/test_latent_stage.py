@@ -159,6 +159,29 @@ def test_export_writes_a_self_contained_latent_stage(run):
         stage.with_settings(aug_level=0.1)
 
 
+def test_a_run_starts_from_an_exported_latent_stage(run, tmp_path):
+    """train.init_from reads a latent stage directory (its VAE the stage's own copy): the
+    new run's first step (learning rate 0 at the start of the warm-up) keeps its weights."""
+    config, _, f32, _ = run
+    again = config.copy_and_resolve_references()
+    again.train.init_from, again.latent.vae = f32, os.path.join(f32, "vae")
+    again.train.steps = again.train.checkpoint_every = 1
+    again.optim.warmup_steps = 10
+    again.evals.every = 0
+    train_and_evaluate(again, str(tmp_path / "run"))
+    out = export.export_stage(
+        again, str(tmp_path / "run"), str(tmp_path / "out"), storage_dtype="float32"
+    )
+    want = load_file(os.path.join(f32, "params.safetensors"))
+    got = load_file(os.path.join(out, "params.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    again.train.init_from = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="is not a stage directory"):
+        train_and_evaluate(again, str(tmp_path / "other"))
+
+
 def test_sample_py_images_equal_direct_sampling_of_the_ema_weights(run, tmp_path):
     config, workdir, f32, f16 = run
     _job(f32, tmp_path / "f32")

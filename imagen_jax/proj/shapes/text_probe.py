@@ -36,6 +36,7 @@ import numpy as np
 from absl import app, flags
 
 from imagen_jax.shapes import grammar, splits, tasks
+from imagen_jax.shapes import wordings as wordings_lib
 from imagen_jax.shapes.spec import COLORS, PromptSpec
 from imagen_jax.text.config import encode_captions, make_text_encoder, text_config
 
@@ -76,14 +77,16 @@ def _noun_positions(ids: np.ndarray, noun_ids: tuple[int, int]) -> tuple[int, in
 
 
 def task_prompts(
-    task: str, n: int, seed: int = 0, split: str = "train"
+    task: str, n: int, seed: int = 0, split: str = "train", wordings: str = "grammar"
 ) -> list[tuple[PromptSpec, str]]:
-    """n prompt specs of a task of the domain with a caption each."""
+    """n prompt specs of a task of the domain with a caption each, in a wording set
+    (`imagen_jax.shapes.wordings`: grammar | train | heldout)."""
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         spec = tasks.sample_prompt_spec(rng, task, split)
-        out.append((spec, grammar.caption(spec, rng)))
+        text = grammar.caption(spec, rng) if wordings == "grammar" else None
+        out.append((spec, text or wordings_lib.caption(spec, rng, wordings)))
     return out
 
 
@@ -106,11 +109,9 @@ def _encoder(text_cfg):
     return make_text_encoder(text_cfg)
 
 
-def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
-    """{question: {"accuracy", "separation"}} over the nouns of `prompts` position prompts,
-    with the text encoder of `text_cfg` (default: the shapes cascade's all-MiniLM-L6-v2)."""
-    encoder = _encoder(text_cfg)
-    pairs = position_prompts(prompts, seed)
+def _noun_tokens(encoder, pairs) -> tuple[np.ndarray, dict[str, list[bool]]]:
+    """(noun tokens [N, D], {question: answers [N]}) of the two nouns of position prompts
+    (prompts whose nouns are not found once each are passed over)."""
     captions = [c for _, c in pairs]
     emb = encode_captions(encoder, captions)["text"]
     ids = np.asarray(encoder.tokenizer(captions)[0])
@@ -128,7 +129,13 @@ def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
             answers["subject"].append(subject)
             answers["relation"].append(first)
             answers["side"].append(subject == first)
-    features = np.stack(features)
+    return np.stack(features), answers
+
+
+def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
+    """{question: {"accuracy", "separation"}} over the nouns of `prompts` position prompts,
+    with the text encoder of `text_cfg` (default: the shapes cascade's all-MiniLM-L6-v2)."""
+    features, answers = _noun_tokens(_encoder(text_cfg), position_prompts(prompts, seed))
     order = np.random.default_rng(seed).permutation(len(features))  # A and B rows apart
     out = {}
     for q in QUESTIONS:
@@ -184,19 +191,70 @@ def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e
     )
 
 
+def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e-2) -> dict:
+    """Whether what a layout and a binding need, read linearly from the frozen tokens of
+    captions in the training wordings, reads the same from held-out wordings: ridge
+    classifiers fitted on 70% of `prompts` training-wording prompts (training split), scored
+    on the other 30% ("train_wordings") and on `prompts // 2` held-out-wording prompts of
+    the same split ("heldout_wordings"). "side": is a position prompt's noun the left (upper)
+    object; "binding": a colour-attribution noun's colour (six-way). Nouns said once only
+    (synonyms such as "disc" are passed over)."""
+    encoder = _encoder(text_cfg)
+    out = {}
+    x, answers = _noun_tokens(encoder, task_prompts("position", prompts, seed, wordings="train"))
+    xt, answers_t = _noun_tokens(
+        encoder, task_prompts("position", prompts // 2, seed + 1, wordings="heldout")
+    )
+    y, yt = np.asarray(answers["side"]), np.asarray(answers_t["side"])
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    fit = np.arange(len(x)) < int(0.7 * len(x))
+    w = _ridge(_with_bias(x[fit]), np.where(y[fit], 1.0, -1.0), ridge)
+    out["side"] = dict(
+        train_wordings=float(np.mean((_with_bias(x[~fit]) @ w > 0) == y[~fit])),
+        heldout_wordings=float(np.mean((_with_bias(xt) @ w > 0) == yt)),
+        tokens=int(len(xt)),
+    )
+    x, y, _ = _shape_tokens(encoder, task_prompts("color_attr", prompts, seed, wordings="train"))
+    xt, yt, _ = _shape_tokens(
+        encoder, task_prompts("color_attr", prompts // 2, seed + 1, wordings="heldout")
+    )
+    order = np.random.default_rng(seed).permutation(len(x))
+    x, y = x[order], y[order]
+    fit = np.arange(len(x)) < int(0.7 * len(x))
+    onehot = -np.ones((int(fit.sum()), len(COLORS)))
+    onehot[np.arange(int(fit.sum())), y[fit]] = 1.0
+    w = _ridge(_with_bias(x[fit]), onehot, ridge)
+    out["binding"] = dict(
+        train_wordings=float(np.mean((_with_bias(x[~fit]) @ w).argmax(1) == y[~fit])),
+        heldout_wordings=float(np.mean((_with_bias(xt) @ w).argmax(1) == yt)),
+        tokens=int(len(xt)),
+    )
+    return out
+
+
 def _define_flags() -> None:
     """The command line's flags (defined only when run as a program, not on import)."""
     flags.DEFINE_integer("prompts", 3000, "Prompts to encode.")
     flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
     flags.DEFINE_string("json", "", "Also write the result to this file.")
-    flags.DEFINE_enum("task", "position", ["position", "color_attr"], "What to probe.")
+    flags.DEFINE_enum("task", "position", ["position", "color_attr", "wordings"], "What to probe.")
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     args = flags.FLAGS
-    if args.task == "color_attr":
+    if args.task == "wordings":
+        result = wording_transfer(prompts=args.prompts, seed=args.seed)
+        print("all-MiniLM-L6-v2, classifiers fitted on training wordings, accuracy on")
+        print("question   training wordings   held-out wordings   tokens")
+        for q in ("side", "binding"):
+            r = result[q]
+            print(
+                f"{q:<10} {r['train_wordings']:<19.3f} {r['heldout_wordings']:<19.3f} {r['tokens']}"
+            )
+    elif args.task == "color_attr":
         result = binding_probe(prompts=args.prompts, seed=args.seed)
         print(f"all-MiniLM-L6-v2, the colour of {result['tokens']} shape nouns of held-out")
         print("colour-attribution prompts, read by a classifier fitted on training prompts")

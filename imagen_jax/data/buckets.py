@@ -114,7 +114,10 @@ def image_shape(source, index: int) -> tuple[int, int] | None:
 
 
 def record_shapes(source, *, threads: int = 8) -> list[tuple[int, int] | None]:
-    """Every record's image (height, width), None for corrupt ones."""
+    """Every record's image (height, width), None for corrupt ones: the source's own
+    `image_shapes()` where it has one (a procedural source knows them all at once)."""
+    if hasattr(source, "image_shapes"):
+        return list(source.image_shapes())
     with futures.ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda i: image_shape(source, i), range(len(source))))
 

@@ -37,9 +37,10 @@ class ShapesSource:
     cell_labels: > 0: records also hold "cell_labels", int32 [n, n] with n = cell_labels:
       the shape each cell of an n x n grid shows (`render.cell_labels`; 0 = background).
     canvases: image sizes ((height, width), ...): record i is drawn on one of them, picked
-      uniformly by a generator of its own seeded by (seed, i, 1) (`image_shape` reads it
-      without drawing the scene), its scene on the matching canvas (`Scene`: objects keep
-      their shapes and relations their angles); () = square images of `resolution`.
+      uniformly (the picks of all records drawn at once from a generator seeded by
+      (seed, 1): `image_shape` reads them without drawing a scene), its scene on the
+      matching canvas (`Scene`: objects keep their shapes and relations their angles);
+      () = square images of `resolution`.
     """
 
     def __init__(
@@ -92,6 +93,9 @@ class ShapesSource:
                 check_canvas(*canvas_of(h, w))
             except ValueError as e:
                 raise ValueError(f"shapes canvas {h}x{w}: {e}") from None
+        if len(self.canvases) > 255:
+            raise ValueError(f"at most 255 shapes canvases, got {len(self.canvases)}")
+        self._picks = None  # record -> canvas index (`image_shape`)
         if self.canvases and self.cell_labels:
             raise ValueError("shapes cell_labels are for square images; canvases are set")
 
@@ -129,8 +133,17 @@ class ShapesSource:
         """Record `index`'s image (height, width), without drawing its scene."""
         if not self.canvases:
             return self.resolution, self.resolution
-        pick = np.random.default_rng([self.seed, int(index), 1]).integers(len(self.canvases))
-        return self.canvases[int(pick)]
+        if self._picks is None:  # every record's canvas, drawn at once on first use
+            rng = np.random.default_rng([self.seed, 1])
+            self._picks = rng.integers(len(self.canvases), size=self.size, dtype=np.uint8)
+        return self.canvases[int(self._picks[index])]
+
+    def image_shapes(self) -> list[tuple[int, int]]:
+        """Every record's `image_shape`, at once (what a bucket plan reads)."""
+        if not self.canvases:
+            return [(self.resolution, self.resolution)] * self.size
+        self.image_shape(0)
+        return [self.canvases[int(k)] for k in self._picks]
 
     def __repr__(self) -> str:
         return (

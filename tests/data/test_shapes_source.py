@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from imagen_jax.data import ShapesSource, make_pipeline
+from imagen_jax.data.buckets import record_shapes
 from imagen_jax.shapes import TASKS, parse_prompt, score
 
 
@@ -70,6 +71,7 @@ def test_buckets_draw_whole_scenes_on_each_canvas_and_batch_by_bucket():
     source = make_source(cfg)
     square = ShapesSource(size=400, resolution=32)
     shapes = [source.image_shape(i) for i in range(60)]
+    assert record_shapes(source)[:60] == shapes  # the bucket plan's bulk read agrees
     assert set(shapes) == {(32, 32), (24, 40), (40, 24)}
     for i in range(0, 60, 3):
         record = source[i]

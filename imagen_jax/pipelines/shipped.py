@@ -1,7 +1,7 @@
 """The models that ship with the repository, by name: what `sample.py --model=NAME` samples.
 
     shipped.stage_dirs()            # the default, "cascade": [.../base, .../sr]
-    shipped.stage_dirs("latent")    # [.../latent]: one latent stage, its VAE inside
+    shipped.stage_dirs("latent")    # [.../latent], once it ships: one stage, its VAE inside
 
 Each name maps to stage directories (`imagen_jax.stages`) under `checkpoints/shapes/`, base
 first. A model registered before it ships (`released=False`) is refused in one line that
@@ -28,7 +28,9 @@ class ShippedModel:
 MODELS = {
     "cascade": ShippedModel(("base", "sr"), "the shapes cascade, 32 px base then SR to 64 px"),
     "latent": ShippedModel(
-        ("latent",), "a VAE + SD3-style MMDiT latent stage, 64 px and four wide or tall sizes"
+        ("latent",),
+        "a VAE + SD3-style MMDiT latent stage, 64 px and four wide or tall sizes (in training)",
+        released=False,
     ),
 }
 DEFAULT = "cascade"

@@ -129,21 +129,24 @@ class ShapesSource:
             record["cell_labels"] = cell_labels(example.scene, self.cell_labels, self.resolution)
         return record
 
+    def _canvas_picks(self) -> np.ndarray:
+        """uint8 [size]: every record's index into `canvases`, drawn at once on first use."""
+        if self._picks is None:
+            rng = np.random.default_rng([self.seed, 1])
+            self._picks = rng.integers(len(self.canvases), size=self.size, dtype=np.uint8)
+        return self._picks
+
     def image_shape(self, index: int) -> tuple[int, int]:
         """Record `index`'s image (height, width), without drawing its scene."""
         if not self.canvases:
             return self.resolution, self.resolution
-        if self._picks is None:  # every record's canvas, drawn at once on first use
-            rng = np.random.default_rng([self.seed, 1])
-            self._picks = rng.integers(len(self.canvases), size=self.size, dtype=np.uint8)
-        return self.canvases[int(self._picks[index])]
+        return self.canvases[int(self._canvas_picks()[index])]
 
     def image_shapes(self) -> list[tuple[int, int]]:
         """Every record's `image_shape`, at once (what a bucket plan reads)."""
         if not self.canvases:
             return [(self.resolution, self.resolution)] * self.size
-        self.image_shape(0)
-        return [self.canvases[int(k)] for k in self._picks]
+        return [self.canvases[int(k)] for k in self._canvas_picks()]
 
     def __repr__(self) -> str:
         return (

@@ -191,6 +191,13 @@ def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e
     )
 
 
+def _shuffled_fit_rows(x: np.ndarray, y: np.ndarray, seed: int, fraction: float = 0.7):
+    """(x, y) in a seeded random order and the mask of the first `fraction` rows, which
+    fit a reader; the rest score it."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    return x[order], y[order], np.arange(len(x)) < int(fraction * len(x))
+
+
 def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e-2) -> dict:
     """Whether what a layout and a binding need, read linearly from the frozen tokens of
     captions in the training wordings, reads the same from held-out wordings: ridge
@@ -206,9 +213,7 @@ def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge
         encoder, task_prompts("position", prompts // 2, seed + 1, wordings="heldout")
     )
     y, yt = np.asarray(answers["side"]), np.asarray(answers_t["side"])
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    fit = np.arange(len(x)) < int(0.7 * len(x))
+    x, y, fit = _shuffled_fit_rows(x, y, seed)
     w = _ridge(_with_bias(x[fit]), np.where(y[fit], 1.0, -1.0), ridge)
     out["side"] = dict(
         train_wordings=float(np.mean((_with_bias(x[~fit]) @ w > 0) == y[~fit])),
@@ -219,9 +224,7 @@ def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge
     xt, yt, _ = _shape_tokens(
         encoder, task_prompts("color_attr", prompts // 2, seed + 1, wordings="heldout")
     )
-    order = np.random.default_rng(seed).permutation(len(x))
-    x, y = x[order], y[order]
-    fit = np.arange(len(x)) < int(0.7 * len(x))
+    x, y, fit = _shuffled_fit_rows(x, y, seed)
     onehot = -np.ones((int(fit.sum()), len(COLORS)))
     onehot[np.arange(int(fit.sum())), y[fit]] = 1.0
     w = _ridge(_with_bias(x[fit]), onehot, ridge)

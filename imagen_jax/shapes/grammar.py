@@ -228,7 +228,10 @@ _ITS = _alternatives(_ITS_OF)
 _WITH_ITS = re.compile(rf"^(?P<a>.+?) with (?P<b>.+?) (?P<its>{_ITS})$")
 _HAS_ITS = re.compile(rf"^(?P<b>.+?) has (?P<a>.+?) (?P<its>{_ITS})$")
 _AND_IT = re.compile(rf"^(?P<b>.+?) and (?P<a>.+?) (?:(?:is|sits) )?(?P<rel>{_REL}) it$")
-_FRONT_RELATION = re.compile(rf"^(?P<rel>{_REL}) (?P<b>.+?) there (?:is|are) (?P<a>.+)$")
+_WITH_IT = re.compile(rf"^(?P<b>.+?) with (?P<a>.+?) (?P<rel>{_REL}) it$")
+_FRONT_RELATION = re.compile(
+    rf"^(?P<rel>{_REL}) (?P<b>.+?) (?:there (?:is|are)|sits|stands) (?P<a>.+)$"
+)
 _RELATION = re.compile(
     rf"^(?P<a>.+?) (?:(?:is|are|{_alternatives(LINKS)}) )?(?P<rel>{_REL}) (?P<b>.+)$"
 )
@@ -282,7 +285,7 @@ def _objects_and_relation(s: str, fail) -> tuple[list[str], str | None]:
         return [m["a"], m["b"]], INVERSE_RELATION[_ITS_OF[m["its"]]]
     if m := _HAS_ITS.match(s):  # A stands `its` of B
         return [m["a"], m["b"]], _ITS_OF[m["its"]]
-    for pattern in (_AND_IT, _FRONT_RELATION, _RELATION):
+    for pattern in (_AND_IT, _WITH_IT, _FRONT_RELATION, _RELATION):
         if m := pattern.match(s):
             return [m["a"], m["b"]], _RELATION_OF[m["rel"]]
     return _JOIN.split(re.sub(r"^both ", "", s)), None

@@ -212,6 +212,14 @@ SENTENCES: dict[str, Template] = {
     "rel_fronted_sides": Template(
         "train", _related, lambda r, rel, a, b: _sides(r, rel, a, b, fronted=True)
     ),
+    "rel_fronted_verb": Template(
+        "train",
+        _related,
+        lambda r, rel, a, b: f"{_rel(r, rel)} {b} {_choice(r, ('sits', 'stands'))} {a}",
+    ),
+    "rel_with_it": Template(
+        "train", _related, lambda r, rel, a, b: f"{b} with {a} {_rel(r, rel)} it"
+    ),
     "rel_has_its": Template(
         "heldout", _related, lambda r, rel, a, b: f"{b} has {a} {_its(r, rel)}"
     ),

@@ -22,9 +22,17 @@ among everything else the token carries. A fact with high accuracy but a separat
 few percent sits in directions of tiny variance, which a linear layer trained by gradient
 descent is slow to pick out.
 
+Across wordings (`wording_transfer`, `refiner_transfer`): readers fitted on captions in the
+training wordings are scored on held-out wordings, linear ones on a noun's frozen token and
+trained ones through the cascade's token refiner (`TextRefiner`) over all the caption's
+tokens, the latter also by held-out sentence template: what a refiner trained with the
+cascade could at best read from the frozen encoder in a wording it never saw.
+
     python -m imagen_jax.proj.shapes.text_probe                 # all-MiniLM-L6-v2, 3000 prompts
     python -m imagen_jax.proj.shapes.text_probe --prompts=600 --json=runs/text_probe.json
     python -m imagen_jax.proj.shapes.text_probe --task=color_attr   # the binding question
+    python -m imagen_jax.proj.shapes.text_probe --task=wordings     # linear readers, wordings
+    python -m imagen_jax.proj.shapes.text_probe --task=refiner      # trained token refiners
 """
 
 from __future__ import annotations
@@ -32,9 +40,13 @@ from __future__ import annotations
 import functools
 import json
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
+from flax import nnx
 
+from imagen_jax.models.unet_layers import TextRefiner
 from imagen_jax.shapes import grammar, splits, tasks
 from imagen_jax.shapes import wordings as wordings_lib
 from imagen_jax.shapes.spec import COLORS, PromptSpec
@@ -76,18 +88,29 @@ def _noun_positions(ids: np.ndarray, noun_ids: tuple[int, int]) -> tuple[int, in
     return int(a[0]), int(b[-1])
 
 
-def task_prompts(
+def task_captions(
     task: str, n: int, seed: int = 0, split: str = "train", wordings: str = "grammar"
-) -> list[tuple[PromptSpec, str]]:
+) -> list[tuple[PromptSpec, str, str]]:
     """n prompt specs of a task of the domain with a caption each, in a wording set
-    (`imagen_jax.shapes.wordings`: grammar | train | heldout)."""
+    (`imagen_jax.shapes.wordings`: grammar | train | heldout), and the caption's sentence
+    template ("grammar" for the grammar's)."""
     out = []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         spec = tasks.sample_prompt_spec(rng, task, split)
         text = grammar.caption(spec, rng) if wordings == "grammar" else None
-        out.append((spec, text or wordings_lib.caption(spec, rng, wordings)))
+        used = ["grammar"]
+        if not text:
+            text, used = wordings_lib.compose(spec, rng, wordings)
+        out.append((spec, text, used[0]))
     return out
+
+
+def task_prompts(
+    task: str, n: int, seed: int = 0, split: str = "train", wordings: str = "grammar"
+) -> list[tuple[PromptSpec, str]]:
+    """`task_captions` without the templates: (spec, caption) pairs."""
+    return [(spec, text) for spec, text, _ in task_captions(task, n, seed, split, wordings)]
 
 
 def position_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[PromptSpec, str]]:
@@ -109,15 +132,15 @@ def _encoder(text_cfg):
     return make_text_encoder(text_cfg)
 
 
-def _noun_tokens(encoder, pairs) -> tuple[np.ndarray, dict[str, list[bool]]]:
-    """(noun tokens [N, D], {question: answers [N]}) of the two nouns of position prompts
-    (prompts whose nouns are not found once each are passed over)."""
+def _noun_sites(encoder, pairs):
+    """(text {"text" [N, L, D], "text_mask"}, sites [M, 2] of (row, token index), {question:
+    answers [M]}) of the two nouns of position prompts (prompts whose nouns are not found
+    once each are passed over)."""
     captions = [c for _, c in pairs]
-    emb = encode_captions(encoder, captions)["text"]
+    text = encode_captions(encoder, captions)
     ids = np.asarray(encoder.tokenizer(captions)[0])
     noun_id = functools.partial(_word_id, encoder)
-
-    features, answers = [], {q: [] for q in QUESTIONS}
+    sites, answers = [], {q: [] for q in QUESTIONS}
     for row, (spec, _) in enumerate(pairs):
         a, b = spec.objects
         where = _noun_positions(ids[row], (noun_id(a.shape), noun_id(b.shape)))
@@ -125,11 +148,22 @@ def _noun_tokens(encoder, pairs) -> tuple[np.ndarray, dict[str, list[bool]]]:
             continue
         first = spec.relation in FIRST_SIDE
         for index, subject in zip(where, (True, False), strict=True):
-            features.append(np.asarray(emb[row, index], np.float64))
+            sites.append((row, index))
             answers["subject"].append(subject)
             answers["relation"].append(first)
             answers["side"].append(subject == first)
-    return np.stack(features), answers
+    return text, np.asarray(sites, np.int64).reshape(-1, 2), answers
+
+
+def _at(text: dict, sites: np.ndarray) -> np.ndarray:
+    """The tokens [M, D] at `sites` (row, index), in float64."""
+    return np.asarray(text["text"][sites[:, 0], sites[:, 1]], np.float64)
+
+
+def _noun_tokens(encoder, pairs) -> tuple[np.ndarray, dict[str, list[bool]]]:
+    """(noun tokens [N, D], {question: answers [N]}) of the two nouns of position prompts."""
+    text, sites, answers = _noun_sites(encoder, pairs)
+    return _at(text, sites), answers
 
 
 def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
@@ -145,22 +179,29 @@ def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
     return out
 
 
-def _shape_tokens(encoder, pairs):
-    """(tokens [N, D], colour index [N], held-out pair [N]) of the shape nouns of `pairs`
-    (nouns the caption names once)."""
+def _shape_sites(encoder, pairs):
+    """(text, sites [M, 2], colour index [M], held-out pair [M]) of the shape nouns of
+    `pairs` (nouns the caption names once)."""
     captions = [c for _, c in pairs]
-    emb = encode_captions(encoder, captions)["text"]
+    text = encode_captions(encoder, captions)
     ids = np.asarray(encoder.tokenizer(captions)[0])
     names = list(COLORS)
-    features, colors, heldout = [], [], []
+    sites, colors, heldout = [], [], []
     for row, (spec, _) in enumerate(pairs):
         for obj in spec.objects:
             where = np.flatnonzero(ids[row] == _word_id(encoder, obj.shape))
             if len(where) == 1:
-                features.append(np.asarray(emb[row, where[0]], np.float64))
+                sites.append((row, where[0]))
                 colors.append(names.index(obj.color))
                 heldout.append((obj.color, obj.shape) in splits.HELDOUT_PAIRS)
-    return np.stack(features), np.asarray(colors), np.asarray(heldout, bool)
+    sites = np.asarray(sites, np.int64).reshape(-1, 2)
+    return text, sites, np.asarray(colors), np.asarray(heldout, bool)
+
+
+def _shape_tokens(encoder, pairs):
+    """(tokens [N, D], colour index [N], held-out pair [N]) of the shape nouns of `pairs`."""
+    text, sites, colors, heldout = _shape_sites(encoder, pairs)
+    return _at(text, sites), colors, heldout
 
 
 def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e-2) -> dict:
@@ -236,19 +277,154 @@ def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge
     return out
 
 
+class TokenReader(nnx.Module):
+    """The cascade's token refiner (`TextRefiner`, `depth` layers; none at 0) over frozen
+    tokens, then a linear classifier of the refined token at a site."""
+
+    def __init__(self, dim: int, depth: int, classes: int, *, rngs: nnx.Rngs):
+        self.refiner = TextRefiner(dim, depth, rngs=rngs) if depth else None
+        self.head = nnx.Linear(dim, classes, rngs=rngs)
+
+    def __call__(self, text, mask, index):  # text [B, L, D], mask [B, L], index [B]
+        if self.refiner is not None:
+            text = self.refiner(text, mask)
+        return self.head(jnp.take_along_axis(text, index[:, None, None], axis=1)[:, 0])
+
+
+def fit_token_reader(
+    text: dict,
+    sites: np.ndarray,
+    labels: np.ndarray,
+    classes: int,
+    *,
+    depth: int,
+    steps: int = 800,
+    batch: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+):
+    """A `TokenReader` fitted by AdamW (cross-entropy, `steps` batches of sites) to read
+    `labels` at `sites` of `text` (`encode_captions`' output); returns predict(text, sites)
+    -> classes [M]."""
+    model = TokenReader(text["text"].shape[-1], depth, classes, rngs=nnx.Rngs(seed))
+    opt = nnx.Optimizer(model, optax.adamw(lr, weight_decay=1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, opt, tokens, mask, index, label):
+        def loss_fn(model):
+            logits = model(tokens, mask, index)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, label).mean()
+
+        opt.update(model, nnx.grad(loss_fn)(model))
+
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        pick = rng.integers(0, len(sites), batch)
+        rows, index = sites[pick].T
+        step(model, opt, text["text"][rows], text["text_mask"][rows], index, labels[pick])
+    predict_batch = nnx.jit(lambda model, t, m, i: model(t, m, i).argmax(-1))
+
+    def predict(text: dict, sites: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(sites), 512):
+            rows, index = sites[start : start + 512].T
+            out.append(predict_batch(model, text["text"][rows], text["text_mask"][rows], index))
+        return np.concatenate(out)
+
+    return predict
+
+
+def _rows_before(sites: np.ndarray, fraction: float = 0.7) -> np.ndarray:
+    """Mask of the sites of the first `fraction` of the prompts (the rows are in a random
+    order already), so both nouns of a prompt fall on the same side of the split."""
+    return sites[:, 0] < int(fraction * (sites[:, 0].max() + 1))
+
+
+def _question_data(encoder, question: str, n: int, seed: int, wordings: str):
+    """(text, sites, labels, the sentence template of each site) of n prompts for a question
+    of `refiner_transfer`: "side" (position prompts) or "binding" (colour attribution)."""
+    if question == "side":
+        prompts = task_captions("position", n, seed, wordings=wordings)
+        text, sites, answers = _noun_sites(encoder, [(p, c) for p, c, _ in prompts])
+        labels = np.asarray(answers["side"], np.int32)
+    else:
+        prompts = task_captions("color_attr", n, seed, wordings=wordings)
+        text, sites, labels, _ = _shape_sites(encoder, [(p, c) for p, c, _ in prompts])
+    templates = np.asarray([t for _, _, t in prompts])[sites[:, 0]]
+    return text, sites, labels, templates
+
+
+def refiner_transfer(
+    text_cfg=None,
+    *,
+    prompts: int = 3000,
+    seed: int = 0,
+    depths=(0, 2),
+    steps: int = 800,
+    questions=("side", "binding"),
+) -> dict:
+    """`wording_transfer`'s two questions asked by trained readers: a token refiner of each
+    of `depths` layers (`TextRefiner`, the one `configs/shapes_base.py:text_refiner=N` puts
+    in the cascade's base) over all the frozen tokens of the caption, then a linear read of
+    the noun's refined token, fitted with the labels (the most direct training signal a
+    refiner could have) on 70% of the training-wording prompts, scored on the other 30% and
+    on held-out-wording prompts. {question: {depth: {"train_wordings", "heldout_wordings",
+    "by_template": {held-out sentence template: accuracy}}}}"""
+    encoder = _encoder(text_cfg)
+    data = {
+        (question, wordings): _question_data(encoder, question, n, s, wordings)
+        for question in questions
+        for wordings, n, s in (("train", prompts, seed), ("heldout", prompts // 2, seed + 1))
+    }
+    out = {}
+    for question in questions:
+        classes = {"side": 2, "binding": len(COLORS)}[question]
+        text, sites, labels, _ = data[question, "train"]
+        fit = _rows_before(sites)
+        held_text, held_sites, held_labels, held_templates = data[question, "heldout"]
+        out[question] = {}
+        for depth in depths:
+            predict = fit_token_reader(
+                text, sites[fit], labels[fit], classes, depth=depth, steps=steps, seed=seed
+            )
+            right = predict(held_text, held_sites) == held_labels
+            out[question][depth] = dict(
+                train_wordings=float(np.mean(predict(text, sites[~fit]) == labels[~fit])),
+                heldout_wordings=float(np.mean(right)),
+                by_template={
+                    t: float(np.mean(right[held_templates == t]))
+                    for t in sorted(set(held_templates))
+                },
+            )
+    return out
+
+
 def _define_flags() -> None:
     """The command line's flags (defined only when run as a program, not on import)."""
     flags.DEFINE_integer("prompts", 3000, "Prompts to encode.")
     flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
     flags.DEFINE_string("json", "", "Also write the result to this file.")
-    flags.DEFINE_enum("task", "position", ["position", "color_attr", "wordings"], "What to probe.")
+    flags.DEFINE_enum(
+        "task", "position", ["position", "color_attr", "wordings", "refiner"], "What to probe."
+    )
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     args = flags.FLAGS
-    if args.task == "wordings":
+    if args.task == "refiner":
+        result = refiner_transfer(prompts=args.prompts, seed=args.seed)
+        print("all-MiniLM-L6-v2, trained readers (token refiner of N layers) fitted on")
+        print("training wordings, accuracy on training / held-out wordings, and by template")
+        for q, by_depth in result.items():
+            for depth, r in by_depth.items():
+                templates = ", ".join(f"{t} {a:.2f}" for t, a in r["by_template"].items())
+                print(
+                    f"{q:<8} N={depth}  {r['train_wordings']:.3f} / {r['heldout_wordings']:.3f}"
+                    f"  ({templates})"
+                )
+    elif args.task == "wordings":
         result = wording_transfer(prompts=args.prompts, seed=args.seed)
         print("all-MiniLM-L6-v2, classifiers fitted on training wordings, accuracy on")
         print("question   training wordings   held-out wordings   tokens")

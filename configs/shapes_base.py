@@ -7,6 +7,9 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
     python train.py --config=configs/shapes_base.py:pos_emb --workdir=...  # 2-D positions
     python train.py --config=configs/shapes_base.py:text_refiner=2 --workdir=...  # token refiner
     python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=...  # layout head
+    python train.py \
+        --config=configs/shapes_base.py:text_refiner=2,layout_grid=4,layout_text=refined \
+        --workdir=...  # the layout head reads the refined tokens (its loss trains the refiner)
     python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=... \
         --config.train.aux_losses.counterfactual.weight=0.05 --config.data.counterfactuals=colors
 
@@ -77,6 +80,7 @@ def get_config(arg=None):
         pos_emb=False,
         text_refiner=0,
         layout_grid=0,
+        layout_text="frozen",
     )
     config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     config.model = training.model_config(
@@ -86,6 +90,7 @@ def get_config(arg=None):
         pos_emb=arg.pos_emb,
         text_refiner=arg.text_refiner,
         layout_grid=arg.layout_grid,
+        layout_text=arg.layout_text,
     )
     config.diffusion.resolution = arg.res
     if arg.runlocal:

@@ -64,6 +64,10 @@ class UNetConfig:
     # zero-initialised convolution; the head is fitted by its own regression loss
     # (`train.aux_losses.layout`; `python -m imagen_jax.proj.shapes.layout_fit`).
     layout_grid: int = 0
+    # What the layout head reads: "frozen", the encoder's tokens; "refined", the tokens after
+    # `text_proj` and the token refiner (which needs `text_refiner` > 0), so that the head's
+    # regression loss, a direct signal of where each named object is, trains the refiner too.
+    layout_text: str = "frozen"
 
     def blocks(self, level: int) -> int:
         n = self.num_res_blocks
@@ -146,7 +150,16 @@ def make_config(variant: str, **overrides) -> UNetConfig:
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown UNet config keys {unknown}; allowed: {sorted(fields)}")
-    return UNetConfig(**{**VARIANTS[variant], **overrides})
+    cfg = UNetConfig(**{**VARIANTS[variant], **overrides})
+    if cfg.layout_text not in ("frozen", "refined"):
+        raise ValueError(f"layout_text={cfg.layout_text!r}; expected 'frozen' or 'refined'")
+    if cfg.layout_text == "refined" and not (cfg.layout_grid and cfg.text_refiner):
+        raise ValueError(
+            "layout_text='refined' reads the token refiner's output into the layout head: set "
+            f"layout_grid and text_refiner above 0 (they are {cfg.layout_grid}, "
+            f"{cfg.text_refiner})"
+        )
+    return cfg
 
 
 class _Level(nnx.Module):
@@ -331,11 +344,19 @@ class ImagenUNet(nnx.Module):
         low = jax.image.resize(cond["low_res"].astype(z_t.dtype), (b, h, w, c), "bilinear")
         return jnp.concatenate([z_t, low], axis=-1)
 
+    def layout_prediction(self, text, mask):
+        """The layout head's prediction [B, G, G, C] from the caption's frozen tokens [B, L, D]
+        (read as they are or refined, `cfg.layout_text`)."""
+        mask = mask.astype(bool)
+        if self.cfg.layout_text == "refined":
+            text = self.text_refiner(self.text_proj(text), mask)
+        return self.layout(text, mask)
+
     def _layout_hint(self, z_t, cond):
-        """The layout head's prediction from the frozen text (zero where the text is
-        dropped), gradient stopped, times `layout_scale`, upsampled to the image, through
+        """The layout head's prediction from the text (zero where the text is dropped),
+        gradient stopped, times `layout_scale`, upsampled to the image, through
         `layout_in`."""
-        pred = jax.lax.stop_gradient(self.layout(cond["text"], cond["text_mask"].astype(bool)))
+        pred = jax.lax.stop_gradient(self.layout_prediction(cond["text"], cond["text_mask"]))
         pred = pred * self.layout_scale
         if "drop_text" in cond:
             pred = jnp.where(cond["drop_text"].astype(bool)[:, None, None, None], 0.0, pred)

@@ -88,6 +88,42 @@ def test_layout_loss_trains_only_the_head_and_the_denoiser_never_does():
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(others)) == 0.0
 
 
+def test_a_head_reading_refined_tokens_trains_the_refiner_too():
+    """layout_text="refined": the layout loss reaches the token refiner and the text
+    projection, and the head's prediction depends on them; the denoising loss still gives
+    the head nothing (the hint's gradient is stopped). Without a refiner it is refused."""
+    model = jittered_model("runlocal", text_dim=32, layout_grid=4, text_refiner=1)
+    refined = jittered_model(
+        "runlocal", text_dim=32, layout_grid=4, text_refiner=1, layout_text="refined"
+    )
+    nnx.update(refined, _params(model))  # the same weights, read the other way
+    cond = _cond()
+    frozen_pred = model.layout_prediction(cond["text"], cond["text_mask"])
+    assert not np.allclose(
+        refined.layout_prediction(cond["text"], cond["text_mask"]), frozen_pred, atol=1e-4
+    )
+    batch = dict(image=jnp.full((2, 16, 16, 3), 100, jnp.uint8), **cond)
+    batch["image"] = batch["image"].at[:, :8].set(250)
+    graphdef, params, rest = nnx.split(refined, nnx.Param, ...)
+
+    def grads(loss):
+        return nnx.to_pure_dict(jax.grad(lambda p: loss(nnx.merge(graphdef, p, rest)))(params))
+
+    def largest(tree):
+        return max(float(jnp.abs(x).max()) for x in jax.tree.leaves(tree))
+
+    layout = grads(lambda m: shapes_losses.layout_loss(m, step_lib.stage_x0(batch), batch))
+    assert largest(layout["text_refiner"]) > 0.0 and largest(layout["text_proj"]) > 0.0
+    assert largest({k: v for k, v in layout.items() if k.startswith("down")}) == 0.0
+    z, t = jax.random.normal(jax.random.key(1), (2, 16, 16, 3)), jnp.array([0.5, 0.8])
+    denoise = grads(lambda m: jnp.mean(jnp.square(m(z, t, cond))))
+    assert largest(denoise["layout"]) == 0.0
+    with pytest.raises(ValueError, match="set layout_grid and text_refiner above 0"):
+        imagen_unet.make_config("runlocal", text_dim=32, layout_grid=4, layout_text="refined")
+    with pytest.raises(ValueError, match="layout_text='tokens'"):
+        imagen_unet.make_config("runlocal", text_dim=32, layout_text="tokens")
+
+
 def test_fit_layout_head_learns_which_token_goes_where():
     """Synthetic captions: token 0 is A or B and the image is bright on A's side; the head
     must learn the side from the token (a caption-blind fit cannot beat the mean)."""

@@ -144,7 +144,7 @@ def counterfactual(net, *, schedule, diffusion, beta, min_time, rows=0, margin=0
 def layout_loss(model, x0, batch):
     """The layout head's regression loss (module docstring): the mean squared error of its
     prediction from the caption against the image pooled to its grid."""
-    pred = model.layout(batch["text"], batch["text_mask"].astype(bool)).astype(jnp.float32)
+    pred = model.layout_prediction(batch["text"], batch["text_mask"]).astype(jnp.float32)
     target = layout_target(x0.astype(jnp.float32), pred.shape[1])
     return jnp.mean(jnp.square(pred - target))
 

@@ -135,7 +135,9 @@ def layout_probe(stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str 
     encoder = make_text_encoder(text_config(**stage.text))
     images, true, _ = probe_scenes(scenes, seed, split, stage.resolution, "position")
     batch = encode_captions(encoder, true)
-    pred = stage.model.layout(jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"]))
+    pred = stage.model.layout_prediction(
+        jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"])
+    )
     target = layout_target(to_float_image(images), stage.unet.layout_grid)
     horizontal = [parse_prompt(c).relation in ("left of", "right of") for c in true]
     return layout_side_accuracy(pred, target, horizontal)

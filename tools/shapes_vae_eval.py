@@ -1,5 +1,5 @@
 """How well a shapes VAE keeps what the prompts state, per image size: the scorer's pass
-rate and the PSNR of round trips of rendered scenes (`imagen_jax.proj.shapes.vae_round_trip`),
+rate and the PSNR of round trips of rendered scenes (`imagen_jax.evaluation.vae_round_trip`),
 the ceiling the VAE puts on a latent model sampled at each size.
 
     python tools/shapes_vae_eval.py --vae=runs/shapes_vae/vae [--sizes=64x64,48x88] [--n=48]
@@ -12,8 +12,8 @@ import json
 from absl import app, flags
 
 from imagen_jax.data.buckets import parse_buckets
+from imagen_jax.evaluation.vae_round_trip import round_trip
 from imagen_jax.models import vae as vae_lib
-from imagen_jax.proj.shapes.vae_round_trip import round_trip
 
 flags.DEFINE_string("vae", None, "A diffusers AutoencoderKL directory.", required=True)
 flags.DEFINE_string("sizes", "64x64,48x88", "Image sizes HxW.")

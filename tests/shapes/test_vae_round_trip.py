@@ -1,6 +1,6 @@
 """The VAE round-trip score: an untrained VAE keeps nothing the prompts state."""
 
-from imagen_jax.proj.shapes.vae_round_trip import round_trip
+from imagen_jax.evaluation.vae_round_trip import round_trip
 from imagen_jax.training.latent_space import RANDOM, load_frozen_vae
 
 

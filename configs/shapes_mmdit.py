@@ -12,7 +12,9 @@ VAE, conditioned on all-MiniLM-L6-v2 (384-dim tokens, the MMDiT's joint_attentio
 As SD3 (Esser et al. 2024): z_t = (1 - t) x0 + t eps, the network predicts the velocity
 eps - x0, t drawn logit-normal (mean 0, std 1) with the resolution shift `shift` (SD3 uses
 3.0 at 1024 px; 1.0 here, for 16x16 latents), the unweighted velocity loss; the network is
-told t * 1000. Sampling: flow-matching Euler, 28 steps. Classifier-free guidance dropout
+told t * 1000; the network starts from DiT's adaLN-Zero initialization (`model.adaln_zero`:
+every block the identity, the prediction zero; diffusers' SD3 draws those layers as any
+other). Sampling: flow-matching Euler, 28 steps. Classifier-free guidance dropout
 swaps the text for learned null tokens (`models/latent_mmdit.py`). The captions use the
 training wordings (`wordings=train`: the grammar's and the templates of
 imagen_jax/shapes/wordings.py marked for training; the held-out ones never), and the scenes
@@ -58,6 +60,7 @@ def get_config(arg=None):
         in_channels=4,  # the VAE's latent_channels
         out_channels=4,
         joint_attention_dim=384,
+        adaln_zero=True,  # DiT's initialization: blocks start as the identity
     )
     config.latent = training.latent_config(vae=arg.vae, sample_posterior=True)
     config.diffusion.schedule = "flow"

@@ -60,6 +60,10 @@ class MMDiTWrapperConfig:
 @dataclasses.dataclass(frozen=True)
 class LatentMMDiTConfig(MMDiTWrapperConfig):
     null_text_len: int = 8  # learned null tokens standing in for dropped text
+    # DiT's adaLN-Zero initialization (`sd3_transformer.adaln_zero_init`) for training
+    # from scratch; False: diffusers' (every linear layer alike). Weights that are loaded
+    # replace either, so exported stages do not record it.
+    adaln_zero: bool = False
 
 
 # SD3TransformerConfig fields per variant (SD 3.5's RMS query-key norm; the position table
@@ -96,9 +100,11 @@ VARIANTS = {
         pos_embed_max_size=None,
         qk_norm="rms_norm",
         null_text_len=8,
+        adaln_zero=True,
     ),
 }
-VARIANT_FIELDS = tuple(sorted(_SD3_FIELDS | {"null_text_len"}))
+_WRAPPER_FIELDS = {"null_text_len", "adaln_zero"}
+VARIANT_FIELDS = tuple(sorted(_SD3_FIELDS | _WRAPPER_FIELDS))
 
 
 def make_config(variant: str, **overrides) -> LatentMMDiTConfig:
@@ -108,6 +114,7 @@ def make_config(variant: str, **overrides) -> LatentMMDiTConfig:
     values, null_text_len = variant_values(
         VARIANTS, variant, overrides, VARIANT_FIELDS, what="latent MMDiT"
     )
+    adaln_zero = bool(values.pop("adaln_zero", False))
     if "joint_attention_dim" in overrides and "pooled_projection_dim" not in overrides:
         values["pooled_projection_dim"] = values["joint_attention_dim"]
     if values["pooled_projection_dim"] != values["joint_attention_dim"]:
@@ -117,7 +124,9 @@ def make_config(variant: str, **overrides) -> LatentMMDiTConfig:
             "is the mean text token"
         )
     return LatentMMDiTConfig(
-        sd3_transformer.SD3TransformerConfig(**values), null_text_len=int(null_text_len)
+        sd3_transformer.SD3TransformerConfig(**values),
+        null_text_len=int(null_text_len),
+        adaln_zero=adaln_zero,
     )
 
 
@@ -138,6 +147,8 @@ class LatentMMDiT(nnx.Module):
         self.transformer = sd3_transformer.SD3Transformer(
             cfg.transformer, rngs=rngs, dtype=dtype, param_dtype=param_dtype
         )
+        if cfg.adaln_zero:
+            sd3_transformer.adaln_zero_init(self.transformer)
         shape = (1, cfg.null_text_len, cfg.text_dim)
         self.null_text = nnx.Param(
             (jax.random.normal(rngs.params(), shape) * 0.02).astype(param_dtype)

@@ -540,6 +540,22 @@ class SD3Transformer(nnx.Module):
         return out.reshape(b, hh, ww, co)
 
 
+def adaln_zero_init(model: SD3Transformer) -> SD3Transformer:
+    """Zeroes, in place, every adaptive norm's projection (each block's shifts, scales and
+    gates, the output norm's) and `proj_out`: DiT's adaLN-Zero initialization (Peebles &
+    Xie 2023) for training from scratch. Every block then starts as the identity and the
+    model predicts zero; diffusers' SD3 initializes these layers as any linear layer."""
+    layers = [model.proj_out]
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, AdaNormZero | AdaNormContinuous):
+            layers.append(module.linear)
+    for layer in layers:
+        layer.kernel[...] = jnp.zeros_like(layer.kernel[...])
+        if layer.bias is not None:
+            layer.bias[...] = jnp.zeros_like(layer.bias[...])
+    return model
+
+
 # --------------------------------------------------------------------------------------------
 # diffusers weights
 

@@ -232,3 +232,31 @@ def test_model_groups_are_strict():
     model = training.model_config(family="sd_unet", low_resolution=8)
     with pytest.raises(ValueError, match="latent super-resolution is not implemented"):
         training.make_network(model)
+
+
+def test_mmdit_adaln_zero_starts_as_identity_and_still_learns():
+    """adaLN-Zero: every block the identity and a zero prediction at initialization, yet
+    the output layer has a gradient; the shipped variant uses it, diffusers' init does not."""
+    assert latent_mmdit.make_config("shapes_mmdit").adaln_zero
+    default = latent_mmdit.make_config("runlocal")
+    cfg = latent_mmdit.make_config("runlocal", adaln_zero=True)
+    model = latent_mmdit.LatentMMDiT(cfg, rngs=nnx.Rngs(0))
+    plain = latent_mmdit.LatentMMDiT(default, rngs=nnx.Rngs(0))
+    z = jax.random.normal(jax.random.key(1), (2, 8, 8, 4))
+    cond = {"text": jax.random.normal(jax.random.key(2), (2, 3, 32)), "text_mask": jnp.ones((2, 3))}
+    t = jnp.array([100.0, 900.0])
+    np.testing.assert_array_equal(model(z, t, cond), 0.0)
+    assert float(jnp.abs(plain(z, t, cond)).mean()) > 1e-2
+    tr = model.transformer
+    tokens = tr.pos_embed(z)
+    text = tr.context_embedder(cond["text"])
+    temb = tr.time_text_embed(t, cond["text"].mean(axis=1))
+    out, ctx = tr.transformer_blocks[0](tokens, text, temb)
+    np.testing.assert_array_equal(out, tokens)
+    np.testing.assert_array_equal(ctx, text)
+
+    def loss(m):
+        return jnp.mean((m(z, t, cond) - z) ** 2)
+
+    grads = nnx.grad(loss)(model)
+    assert float(jnp.abs(grads.transformer.proj_out.kernel[...]).max()) > 0

@@ -1,4 +1,5 @@
-"""The repository's own rules: unique test basenames, and dependencies that point one way.
+"""The repository's own rules: unique test basenames, shipped weights within their budget,
+and dependencies that point one way.
 
 Test folders are not packages, so pytest imports each test module by its basename; two
 files of one name in different folders make the second fail to collect ("import file
@@ -151,6 +152,14 @@ def _main_files() -> list[pathlib.Path]:
     for folder in ("eval", "tools", "bench"):
         mains += sorted((ROOT / folder).rglob("*.py"))
     return [p for p in mains if p.exists()]
+
+
+def test_shipped_weights_fit_the_budget():
+    """Everything under checkpoints/ (the shipped models and their cards) within 40 MB."""
+    files = [p for p in (ROOT / "checkpoints").rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    largest = sorted(files, key=lambda p: -p.stat().st_size)[:3]
+    assert total <= 40 * 2**20, (total, [str(p.relative_to(ROOT)) for p in largest])
 
 
 def test_no_import_cycles():

@@ -5,7 +5,8 @@
 
 Each name maps to stage directories (`imagen_jax.stages`) under `checkpoints/shapes/`, base
 first. A model registered before it ships (`released=False`) is refused in one line that
-names its directory. "latent" is a VAE + SD3-style MMDiT stage exported from
+names its directory (a run in training may already keep its weights there, to resume from
+in a later session: it is refused all the same). "latent" is a VAE + SD3-style MMDiT stage exported from
 configs/shapes_mmdit.py with `python -m imagen_jax.training.export`.
 """
 
@@ -53,6 +54,11 @@ def stage_dirs(name: str = DEFAULT) -> list[str]:
         raise FileNotFoundError(
             f"--model={name} is not shipped yet: {', '.join(missing)} does not exist (export a "
             "trained run there with python -m imagen_jax.training.export, or give --stage)"
+        )
+    if not model.released:  # the weights there are a run's resume point, still in training
+        raise FileNotFoundError(
+            f"--model={name} is not shipped yet: {', '.join(map(str, dirs))} holds a run still "
+            "in training (sample it with --stage=DIR, knowing it is unfinished)"
         )
     if missing:
         raise FileNotFoundError(

@@ -113,6 +113,15 @@ def test_a_registered_model_not_shipped_yet_is_one_line(tmp_path, monkeypatch):
     assert message.startswith("--model=next is not shipped yet: ")
     assert str(shipped.ROOT / "next") in message and "\n" not in message
     assert not (tmp_path / "out").exists()  # refused before anything is written
+    # Weights of a run still in training there: refused all the same, pointing at --stage.
+    folder = tmp_path / "models"
+    (folder / "next").mkdir(parents=True)
+    (folder / "next" / "stage.json").write_text("{}")
+    monkeypatch.setattr(shipped, "ROOT", folder)
+    with pytest.raises(FileNotFoundError, match="holds a run still in training") as error:
+        _job(model="next", outdir=str(tmp_path / "out"))
+    assert "--stage=DIR" in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unknown_model_is_one_line_from_sample_py(tmp_path):

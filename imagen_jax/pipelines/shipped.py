@@ -6,8 +6,8 @@
 Each name maps to stage directories (`imagen_jax.stages`) under `checkpoints/shapes/`, base
 first. A model registered before it ships (`released=False`) is refused in one line that
 names its directory (a run in training may already keep its weights there, to resume from
-in a later session: it is refused all the same). "latent" is a VAE + SD3-style MMDiT stage exported from
-configs/shapes_mmdit.py with `python -m imagen_jax.training.export`.
+in a later session: it is refused all the same). "latent" is a VAE + SD3-style MMDiT stage
+exported from configs/shapes_mmdit.py with `python -m imagen_jax.training.export`.
 """
 
 from __future__ import annotations

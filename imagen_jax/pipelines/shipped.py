@@ -52,8 +52,8 @@ def stage_dirs(name: str = DEFAULT) -> list[str]:
     missing = [str(d) for d in dirs if not (d / "stage.json").is_file()]
     if missing and not model.released:
         raise FileNotFoundError(
-            f"--model={name} is not shipped yet: {', '.join(missing)} does not exist (export a "
-            "trained run there with python -m imagen_jax.training.export, or give --stage)"
+            f"--model={name} is not shipped yet: {', '.join(missing)} holds no stage.json (export "
+            "a trained run there with python -m imagen_jax.training.export, or give --stage)"
         )
     if not model.released:  # the weights there are a run's resume point, still in training
         raise FileNotFoundError(

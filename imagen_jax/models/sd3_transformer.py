@@ -542,9 +542,10 @@ class SD3Transformer(nnx.Module):
 
 def adaln_zero_init(model: SD3Transformer) -> SD3Transformer:
     """Zeroes, in place, every adaptive norm's projection (each block's shifts, scales and
-    gates, the output norm's) and `proj_out`: DiT's adaLN-Zero initialization (Peebles &
-    Xie 2023) for training from scratch. Every block then starts as the identity and the
-    model predicts zero; diffusers' SD3 initializes these layers as any linear layer."""
+    gates, the last block's text norm, the output norm) and `proj_out`: DiT's adaLN-Zero
+    initialization (Peebles & Xie 2023) for training from scratch. Every block then starts
+    as the identity and the model predicts zero; diffusers' SD3 initializes these layers as
+    any linear layer."""
     layers = [model.proj_out]
     for _, module in nnx.iter_graph(model):
         if isinstance(module, AdaNormZero | AdaNormContinuous):

@@ -50,16 +50,15 @@ def stage_dirs(name: str = DEFAULT) -> list[str]:
     model = MODELS[name]
     dirs = [ROOT / folder for folder in model.stages]
     missing = [str(d) for d in dirs if not (d / "stage.json").is_file()]
-    if missing and not model.released:
-        raise FileNotFoundError(
-            f"--model={name} is not shipped yet: {', '.join(missing)} holds no stage.json (export "
-            "a trained run there with python -m imagen_jax.training.export, or give --stage)"
+    if not model.released:  # weights there are a run's resume point, still in training
+        what = (
+            f"{', '.join(missing)} holds no stage.json (export a trained run there with "
+            "python -m imagen_jax.training.export, or give --stage)"
+            if missing
+            else f"{', '.join(map(str, dirs))} holds a run still in training (sample it with "
+            "--stage=DIR, knowing it is unfinished)"
         )
-    if not model.released:  # the weights there are a run's resume point, still in training
-        raise FileNotFoundError(
-            f"--model={name} is not shipped yet: {', '.join(map(str, dirs))} holds a run still "
-            "in training (sample it with --stage=DIR, knowing it is unfinished)"
-        )
+        raise FileNotFoundError(f"--model={name} is not shipped yet: {what}")
     if missing:
         raise FileNotFoundError(
             f"the shipped model {name!r} is missing ({', '.join(missing)}); sample.py finds it "

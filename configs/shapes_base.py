@@ -10,6 +10,8 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
     python train.py \
         --config=configs/shapes_base.py:text_refiner=2,layout_grid=4,layout_text=refined \
         --workdir=...  # the layout head reads the refined tokens (its loss trains the refiner)
+    python train.py --config=configs/shapes_base.py:layout_grid=4,layout_depth=2 \
+        --workdir=...  # the layout head reads its own self-attention layers' tokens
     python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=... \
         --config.train.aux_losses.counterfactual.weight=0.05 --config.data.counterfactuals=colors
 
@@ -81,6 +83,7 @@ def get_config(arg=None):
         text_refiner=0,
         layout_grid=0,
         layout_text="frozen",
+        layout_depth=0,
     )
     config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     config.model = training.model_config(
@@ -91,6 +94,7 @@ def get_config(arg=None):
         text_refiner=arg.text_refiner,
         layout_grid=arg.layout_grid,
         layout_text=arg.layout_text,
+        layout_depth=arg.layout_depth,
     )
     config.diffusion.resolution = arg.res
     if arg.runlocal:

@@ -68,6 +68,10 @@ class UNetConfig:
     # `text_proj` and the token refiner (which needs `text_refiner` > 0), so that the head's
     # regression loss, a direct signal of where each named object is, trains the refiner too.
     layout_text: str = "frozen"
+    # Self-attention layers over the tokens inside the layout head (layers.TextRefiner, each
+    # the identity at first), before its queries read them: a head that reads the whole
+    # sentence rather than each token alone, for wordings it was not fitted on.
+    layout_depth: int = 0
 
     def blocks(self, level: int) -> int:
         n = self.num_res_blocks
@@ -159,6 +163,11 @@ def make_config(variant: str, **overrides) -> UNetConfig:
             f"layout_grid and text_refiner above 0 (they are {cfg.layout_grid}, "
             f"{cfg.text_refiner})"
         )
+    if cfg.layout_depth and not cfg.layout_grid:
+        raise ValueError(
+            f"layout_depth={cfg.layout_depth} adds layers to the layout head: set layout_grid "
+            "above 0"
+        )
     return cfg
 
 
@@ -227,7 +236,9 @@ class ImagenUNet(nnx.Module):
         grid = cfg.layout_grid
         self.layout_scale = 1.0  # the gain on the head's prediction (a sampling setting)
         self.layout = (
-            layout_head.LayoutHead(cfg.text_dim, grid, cfg.in_channels, rngs=rngs, **kw)
+            layout_head.LayoutHead(
+                cfg.text_dim, grid, cfg.in_channels, depth=cfg.layout_depth, rngs=rngs, **kw
+            )
             if grid
             else None
         )

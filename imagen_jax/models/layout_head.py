@@ -12,12 +12,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imagen_jax.models.unet_layers import Attention
+from imagen_jax.models.unet_layers import Attention, TextRefiner
 
 
 class LayoutHead(nnx.Module):
     """A coarse picture of the image, read from the text alone: `grid` x `grid` learned
     queries attend over the frozen text tokens, and an MLP maps each to `channels` values.
+    With `depth` > 0 the projected tokens first pass through that many self-attention layers
+    (`TextRefiner`, each the identity at first, so a head grown with them keeps its
+    function), and the queries read tokens that have seen the whole caption.
 
     It is fitted by regression on the image average-pooled to `grid` x `grid`, minus the
     image's mean (`layout_target`): the expected layout given the caption, where things of
@@ -37,6 +40,7 @@ class LayoutHead(nnx.Module):
         *,
         width=128,
         head_dim=32,
+        depth=0,
         rngs,
         dtype=None,
         param_dtype=jnp.float32,
@@ -45,12 +49,15 @@ class LayoutHead(nnx.Module):
         self.grid, self.channels = grid, channels
         self.proj = nnx.Linear(text_dim, width, **kw)
         self.queries = nnx.Param(jax.random.normal(rngs.params(), (1, grid * grid, width)) * 0.5)
+        self.refiner = TextRefiner(width, depth, head_dim=head_dim, **kw) if depth else None
         self.attn = Attention(width, head_dim=head_dim, **kw)
         self.mlp_in = nnx.Linear(width, width, **kw)
         self.mlp_out = nnx.Linear(width, channels, **kw)
 
     def __call__(self, text, mask):  # text [B, L, Dt] frozen tokens, mask [B, L] -> [B, g, g, C]
         tokens = self.proj(text)
+        if self.refiner is not None:
+            tokens = self.refiner(tokens, mask.astype(bool))
         b = text.shape[0]
         queries = self.queries[...].astype(tokens.dtype)
         queries = jnp.broadcast_to(queries, (b, *queries.shape[1:]))

@@ -448,13 +448,16 @@ def place_params(tree, abstract, shardings):
 #   pos           model.pos_emb: .../pos/{kernel,bias} in the attention blocks
 #   text_refiner  model.text_refiner: the token refiner's layers
 #   layout        model.layout_grid: the layout head and the convolution that reads it
-GROWN_MODULES = ("pos", "text_refiner", "layout")
+#   layout_refiner  model.layout_depth: the self-attention layers inside the layout head
+GROWN_MODULES = ("pos", "text_refiner", "layout", "layout_refiner")
 
 
 def _grown_module(key: str) -> str | None:
     parts = key.split("/")
     if parts[0] == "text_refiner":
         return "text_refiner"
+    if parts[:2] == ["layout", "refiner"]:
+        return "layout_refiner"
     if parts[0] in ("layout", "layout_in"):
         return "layout"
     if parts[-2:-1] == ["pos"]:

@@ -120,6 +120,8 @@ def test_a_head_reading_refined_tokens_trains_the_refiner_too():
     assert largest(denoise["layout"]) == 0.0
     with pytest.raises(ValueError, match="set layout_grid and text_refiner above 0"):
         imagen_unet.make_config("runlocal", text_dim=32, layout_grid=4, layout_text="refined")
+    with pytest.raises(ValueError, match="layout_depth=2 adds layers to the layout head"):
+        imagen_unet.make_config("runlocal", text_dim=32, layout_depth=2)
     with pytest.raises(ValueError, match="layout_text='tokens'"):
         imagen_unet.make_config("runlocal", text_dim=32, layout_text="tokens")
 

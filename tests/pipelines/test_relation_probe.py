@@ -18,12 +18,19 @@ from imagen_jax.shapes import parse_prompt, score
 from imagen_jax.shapes.spec import INVERSE_RELATION
 
 
+@pytest.mark.parametrize("wordings", ["grammar", "heldout"])
 @pytest.mark.parametrize("task", ["position", "color_attr"])
-def test_caption_pairs_state_the_scene_and_its_counterfactual(task):
-    images, true, other = probe_scenes(12, seed=3, split="train", resolution=64, task=task)
+def test_caption_pairs_state_the_scene_and_its_counterfactual(task, wordings):
+    images, true, other, specs = probe_scenes(
+        12, seed=3, split="train", resolution=64, task=task, wordings=wordings
+    )
     assert images.shape == (12, 64, 64, 3) and len(set(true)) == 12
-    for image, a, b in zip(images, true, other, strict=True):
+    grammar_words = probe_scenes(12, seed=3, split="train", resolution=64, task=task)[1]
+    assert (true == grammar_words) == (wordings == "grammar")  # the same scenes, reworded
+    for image, a, b, spec in zip(images, true, other, specs, strict=True):
         spec_a, spec_b = parse_prompt(a), parse_prompt(b)
+        assert spec_a.relation == spec.relation
+        assert [o.shape for o in spec_a.objects] == [o.shape for o in spec.objects]
         if task == "position":
             assert spec_b.relation == INVERSE_RELATION[spec_a.relation]
             assert spec_a.objects == spec_b.objects
@@ -51,9 +58,9 @@ def test_probe_rows_on_a_tiny_stage(stage_dirs):
 
 
 def test_layout_side_accuracy_reads_the_sides_of_the_relation():
-    images, true, _ = probe_scenes(40, seed=2, split="train", resolution=32)
+    images, _, _, specs = probe_scenes(40, seed=2, split="train", resolution=32)
     target = np.asarray(layers.layout_target(to_float_image(images), 4))
-    horizontal = np.array([parse_prompt(c).relation in ("left of", "right of") for c in true])
+    horizontal = np.array([s.relation in ("left of", "right of") for s in specs])
     assert horizontal.any() and not horizontal.all()
     accuracy, count = layout_side_accuracy(target, target, horizontal)
     assert accuracy == 1.0 and count >= 30

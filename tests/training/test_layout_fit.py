@@ -56,3 +56,38 @@ def test_layout_fit_grows_a_stage_that_samples_as_before_and_trains_on(tmp_path)
     config.train.init_from = str(tmp_path / "fitted")
     _, metrics = train_and_evaluate(config, str(tmp_path / "on"))
     assert np.isfinite(metrics["layout_loss"]) and metrics["layout_loss"] > 0
+
+
+def test_a_fitted_head_grows_self_attention_layers_and_fits_them(tmp_path):
+    """model.layout_depth: a stage's head grows self-attention layers that start as the
+    identity (the refit starts from the head's held-out error) and are fitted with it;
+    nothing else changes, and the stage records the depth so sample.py builds it."""
+    config = tiny(steps=2)
+    config.model.layout_grid = 4
+    train_and_evaluate(config, str(tmp_path / "run"))
+    stage = export.export_stage(
+        config, str(tmp_path / "run"), str(tmp_path / "stage"), storage_dtype="float32"
+    )
+    shallow = layout_fit.layout_fit(
+        config, stage, str(tmp_path / "shallow"), examples=40, steps=20, batch=8, lr=3e-3
+    )
+    config.model.layout_depth = 2
+    deeper = layout_fit.layout_fit(
+        config,
+        str(tmp_path / "shallow"),
+        str(tmp_path / "deeper"),
+        examples=40,
+        steps=20,
+        batch=8,
+        lr=3e-3,
+    )
+    np.testing.assert_allclose(deeper["val_mse_before"], shallow["val_mse"], rtol=1e-4)
+    before = load_file(tmp_path / "shallow" / "params.safetensors")
+    after = load_file(tmp_path / "deeper" / "params.safetensors")
+    grown = sorted(set(after) - set(before))
+    assert grown and all(k.startswith("layout/refiner/") for k in grown)
+    assert any(np.any(after[k]) for k in grown if k.startswith("layout/refiner/ff_out"))
+    for key in before:
+        if not key.startswith("layout/"):
+            np.testing.assert_array_equal(after[key], before[key])
+    assert stages.load_stage(str(tmp_path / "deeper")).unet.layout_depth == 2

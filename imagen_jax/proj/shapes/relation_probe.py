@@ -14,6 +14,7 @@ still undecided; where the two losses agree, the difference carries nothing the 
     python -m imagen_jax.proj.shapes.relation_probe --stage=checkpoints/shapes/base
     python -m imagen_jax.proj.shapes.relation_probe --stage=runs/export/base --scenes=128
     python -m imagen_jax.proj.shapes.relation_probe --task=color_attr --split=heldout
+    python -m imagen_jax.proj.shapes.relation_probe --split=heldout --wordings=heldout
 
 Prints, per unit time t (1 = pure noise), the mean v-prediction loss with each caption, and
 the fraction of scenes whose true caption has the lower loss (0.5 = the difference is
@@ -40,7 +41,8 @@ from imagen_jax.diffusion import parameterization as param_lib
 from imagen_jax.diffusion.adapter import model_fn
 from imagen_jax.images import to_float_image
 from imagen_jax.models.layout_head import layout_target
-from imagen_jax.shapes import grammar, parse_prompt, tasks
+from imagen_jax.shapes import tasks
+from imagen_jax.shapes import wordings as wordings_lib
 from imagen_jax.shapes.render import render
 from imagen_jax.text.config import encode_captions, make_text_encoder, text_config
 
@@ -48,24 +50,43 @@ TIMES = (0.2, 0.4, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 TASKS = ("position", "color_attr")
 
 
-def probe_scenes(n: int, seed: int, split: str, resolution: int, task: str = "position"):
-    """n scenes of `task`: images uint8 [n, r, r, 3], true and counterfactual captions."""
+def probe_scenes(
+    n: int,
+    seed: int,
+    split: str,
+    resolution: int,
+    task: str = "position",
+    wordings: str = "grammar",
+):
+    """n scenes of `task`: images uint8 [n, r, r, 3], true and counterfactual captions (in
+    one template each, from the wording set `wordings`: grammar | train | heldout), and
+    the scenes' specs."""
     if task not in TASKS:
         raise ValueError(f"the probe takes task one of {TASKS}, got {task!r}")
-    images, true, other = [], [], []
+    images, true, other, specs = [], [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed, i])
         example = tasks.sample_example(rng, task=task, split=split, rich=False)
         images.append(render(example.scene, resolution))
-        true.append(grammar.caption(example.spec, np.random.default_rng([seed, i, 1])))
-        other.append(
-            grammar.caption(tasks.counterfactual(example.spec), np.random.default_rng([seed, i, 1]))
-        )
-    return np.stack(images), true, other
+        specs.append(example.spec)
+        for caption_of, captions in (
+            (example.spec, true),
+            (tasks.counterfactual(example.spec), other),
+        ):
+            captions.append(
+                wordings_lib.caption(caption_of, np.random.default_rng([seed, i, 1]), wordings)
+            )
+    return np.stack(images), true, other, specs
 
 
 def relation_probe(
-    stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str = "train", task="position"
+    stage_dir: str,
+    *,
+    scenes: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    task="position",
+    wordings: str = "grammar",
 ):
     """Per time: mean loss with the true and the counterfactual caption, and the fraction of
     scenes where the true caption's loss is lower."""
@@ -75,7 +96,7 @@ def relation_probe(
     encoder = make_text_encoder(text_config(**stage.text))
     schedule = diffusion_config.make_schedule(stage.diffusion)
     prediction = stage.diffusion.prediction
-    images, true, other = probe_scenes(scenes, seed, split, stage.resolution, task)
+    images, true, other, _ = probe_scenes(scenes, seed, split, stage.resolution, task, wordings)
     x0 = to_float_image(images)
     denoise = model_fn(stage.model, schedule=schedule)
 
@@ -126,20 +147,29 @@ def layout_side_accuracy(pred, target, horizontal, *, min_difference=0.05) -> tu
     return float(np.mean((true * ours).sum(axis=1)[keep] > 0)), int(keep.sum())
 
 
-def layout_probe(stage_dir: str, *, scenes: int = 32, seed: int = 0, split: str = "train"):
+def layout_probe(
+    stage_dir: str,
+    *,
+    scenes: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    wordings: str = "grammar",
+):
     """`layout_side_accuracy` of a stage's layout head on position scenes; None for a stage
     without one."""
     stage = stages.load_stage(stage_dir)
     if not stage.unet.layout_grid:
         return None
     encoder = make_text_encoder(text_config(**stage.text))
-    images, true, _ = probe_scenes(scenes, seed, split, stage.resolution, "position")
+    images, true, _, specs = probe_scenes(
+        scenes, seed, split, stage.resolution, "position", wordings
+    )
     batch = encode_captions(encoder, true)
     pred = stage.model.layout_prediction(
         jnp.asarray(batch["text"]), jnp.asarray(batch["text_mask"])
     )
     target = layout_target(to_float_image(images), stage.unet.layout_grid)
-    horizontal = [parse_prompt(c).relation in ("left of", "right of") for c in true]
+    horizontal = [spec.relation in ("left of", "right of") for spec in specs]
     return layout_side_accuracy(pred, target, horizontal)
 
 
@@ -150,6 +180,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("seed", 0, "Seed of the scenes, times and noise.")
     flags.DEFINE_enum("split", "train", ["train", "heldout"], "The shapes split.")
     flags.DEFINE_enum("task", "position", list(TASKS), "The counterfactual's kind.")
+    flags.DEFINE_enum(
+        "wordings", "grammar", list(wordings_lib.WORDINGS), "The captions' wording set."
+    )
     flags.DEFINE_string("json", "", "Also write the rows to this file.")
 
 
@@ -157,10 +190,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     args = flags.FLAGS
-    rows = relation_probe(
-        args.stage, scenes=args.scenes, seed=args.seed, split=args.split, task=args.task
-    )
-    print(f"{args.stage}: {args.scenes} {args.split} {args.task} scenes")
+    where = dict(scenes=args.scenes, seed=args.seed, split=args.split, wordings=args.wordings)
+    rows = relation_probe(args.stage, task=args.task, **where)
+    print(f"{args.stage}: {args.scenes} {args.split} {args.task} scenes, {args.wordings} wordings")
     print("t      loss(true)  loss(counter.)  true lower")
     for r in rows:
         t, ours, other, lower = (
@@ -169,14 +201,12 @@ def main(argv):
         print(f"{t:<6} {ours:<11.5f} {other:<15.5f} {lower:.2f}")
     layout = None
     if args.task == "position":
-        layout = layout_probe(args.stage, scenes=args.scenes, seed=args.seed, split=args.split)
+        layout = layout_probe(args.stage, **where)
     if layout is not None:
         print(f"layout head: the objects' sides right in {layout[0]:.3f} of {layout[1]} scenes")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                dict(stage=args.stage, split=args.split, task=args.task, rows=rows), f, indent=1
-            )
+            json.dump(dict(stage=args.stage, task=args.task, rows=rows, **where), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """`python -m imagen_jax.proj.shapes.layout_fit`: a stage grows a layout head, fitted on its data,
 keeps sampling what it sampled, and the train loop goes on from it with the head's loss."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,6 +73,10 @@ def test_a_fitted_head_grows_self_attention_layers_and_fits_them(tmp_path):
     shallow = layout_fit.layout_fit(
         config, stage, str(tmp_path / "shallow"), examples=40, steps=20, batch=8, lr=3e-3
     )
+    meta_path = tmp_path / "shallow" / "stage.json"
+    meta = json.loads(meta_path.read_text())
+    meta["sample"].update(layout_scale=1.5, steps=7)  # the stage's own sampling settings
+    meta_path.write_text(json.dumps(meta))
     config.model.layout_depth = 2
     deeper = layout_fit.layout_fit(
         config,
@@ -90,4 +96,6 @@ def test_a_fitted_head_grows_self_attention_layers_and_fits_them(tmp_path):
     for key in before:
         if not key.startswith("layout/"):
             np.testing.assert_array_equal(after[key], before[key])
-    assert stages.load_stage(str(tmp_path / "deeper")).unet.layout_depth == 2
+    loaded = stages.load_stage(str(tmp_path / "deeper"))
+    assert loaded.unet.layout_depth == 2
+    assert loaded.model.layout_scale == 1.5 and loaded.sample.steps == 7  # carried over

@@ -15,8 +15,9 @@ The stage's weights are read as `train.init_from` reads them (the head and the c
 that feeds its prediction to the UNet grown when the stage has none: that convolution
 starts at zero, so the written stage samples as the input stage did). The head is fitted
 with AdamW on `examples` records of `config.data` (the last tenth held out), and the stage
-is written to `outdir` with the head in it, ready for `train.init_from`, where the train
-loop goes on fitting the head (`train.aux_losses.layout`) while the UNet learns to read it.
+is written to `outdir` with the head in it and the input stage's sampling settings, ready
+for sample.py and for `train.init_from`, where the train loop goes on fitting the head
+(`train.aux_losses.layout`) while the UNet learns to read it.
 """
 
 from __future__ import annotations
@@ -121,14 +122,18 @@ def layout_fit(config, stage: str, outdir: str, *, examples: int, steps: int, ba
     result = fit_layout_head(model, data, steps=steps, batch=batch, lr=lr, log=log)
     result.update(examples=examples, steps=steps, batch=batch, lr=lr)
     with open(os.path.join(stage, "stage.json")) as f:
-        identity = json.load(f).get("identity", {})
+        meta = json.load(f)
+    identity = meta.get("identity", {})
+    # The stage's own sampling settings (its layout_scale, sampler...) carry over: only the
+    # head changes; the config's are the training defaults.
+    sample = ml_collections.ConfigDict({**config.sample.to_dict(), **meta.get("sample", {})})
     _, fitted, _ = nnx.split(model, nnx.Param, ...)
     stages.save_stage(
         outdir,
         unet=net.cfg,
         params=jax.tree.map(np.asarray, nnx.to_pure_dict(fitted)),
         diffusion=config.diffusion,
-        sample=config.sample,
+        sample=sample,
         resolution=config.model.resolution,
         low_resolution=config.model.low_resolution,
         text=config.text.to_dict(),

@@ -10,6 +10,12 @@ Layout of one checkpoint, `workdir/checkpoints/<step>/`:
            is restored.
 The last `train.keep_checkpoints` are kept. Saves are asynchronous (Orbax copies the
 arrays to host memory before `save` returns, so the next step may donate them).
+
+A replicated array is written by its replicas together (each a slice) only where each
+slice holds at least `REPLICA_PARALLEL_MIN_BYTES`: Orbax's default on CPU and TPU splits
+every replicated array however small, one device slice per replica and array, which made
+a save of the runlocal stage on 8 devices cost about 3 s more than writing each small
+array whole from its first replica.
 """
 
 from __future__ import annotations
@@ -25,6 +31,25 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from imagen_jax import parallel
+
+REPLICA_PARALLEL_MIN_BYTES = 2**20
+
+
+def _use_array_handler() -> None:
+    """Orbax's handler of jax.Array (its global registry; the same handler otherwise),
+    splitting replicated arrays across their replicas only in slices of at least
+    REPLICA_PARALLEL_MIN_BYTES."""
+    handler = ocp.type_handlers.get_type_handler(jax.Array)
+    if handler._min_slice_bytes_for_replica_parallel == REPLICA_PARALLEL_MIN_BYTES:
+        return
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(
+            array_metadata_store=handler._array_metadata_store,  # Orbax's (version pinned)
+            min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES,
+        ),
+        override=True,
+    )
 
 
 class CheckpointMismatchError(ValueError):
@@ -74,6 +99,7 @@ class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, signature: dict):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.signature = signature
+        _use_array_handler()
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),

@@ -1,12 +1,12 @@
 """One process of the two-process test (test_distributed.py); not a test itself.
 
-    python distributed_worker.py PORT PROCESS_ID WORKDIR [sigterm | lora PIPELINE_DIR]
+    python distributed_worker.py PORT PROCESS_ID WORKDIR (sigterm | lora PIPELINE_DIR)
 
-Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains
-the runlocal base stage for 2 steps in WORKDIR (with a periodic evaluation at step 2), and
-prints one JSON line with its view of the result. With `sigterm`, the run is 4 steps long
-(stop requests shared every 2) and process 1 sends itself SIGTERM while preparing step 1:
-both processes raise `Preempted` at the same step, and the result is its state. With
+Joins a 2-process job on 127.0.0.1:PORT with 4 simulated CPU devices of its own, trains in
+WORKDIR and prints one JSON line with its view of the result. With `sigterm`, the runlocal
+base stage for 4 steps (stop requests shared every 2, a periodic evaluation every 2), and
+process 1 sends itself SIGTERM while preparing step 1: both processes evaluate and
+checkpoint step 2 and raise `Preempted` there, and the result is its state. With
 `lora PIPELINE_DIR`, two steps of rank-2 adapters on a tiny SD pipeline
 (configs/sd_finetune.py:runlocal).
 """
@@ -45,22 +45,22 @@ def lora_config(pipeline: str):
     return stage_config("sd_finetune", arg, steps=2, checkpoint_every=2, sample_every=0)
 
 
-def main(port: str, process_id: str, workdir: str, mode: str = "", pipeline: str = ""):
+def main(port: str, process_id: str, workdir: str, mode: str, pipeline: str = ""):
     parallel.initialize_distributed(
         coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id)
     )
-    if mode == "sigterm":
-        config = tiny(steps=4, log_every=2)
-        if jax.process_index() == 1:
-            sigterm_on_first_batch()
-    elif mode == "lora":
+    if mode == "lora":
         config = lora_config(pipeline)
-    else:
-        config = tiny(steps=2)
+    elif mode == "sigterm":
+        config = tiny(steps=4, log_every=2)
         config.evals.every = 2  # periodic evaluation: over both hosts' devices, gathered
         config.evals.prompts_per_task = 1
         config.evals.batch_size = 8
         config.sample.steps = 2
+        if jax.process_index() == 1:
+            sigterm_on_first_batch()
+    else:
+        raise SystemExit(f"unknown mode {mode!r}: sigterm | lora PIPELINE_DIR")
     try:
         state, metrics = train_and_evaluate(config, workdir)
         preempted = False

@@ -1,5 +1,5 @@
-"""Two processes joined by jax.distributed on 127.0.0.1 train one model together, and stop
-together when one of them gets SIGTERM."""
+"""Two processes joined by jax.distributed on 127.0.0.1 train one model together, evaluate it
+over both hosts' devices, and stop together when one of them gets SIGTERM."""
 
 import json
 import os
@@ -53,25 +53,21 @@ def _run_two_processes(workdir, *mode) -> list[dict]:
     return results
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
-    results = _run_two_processes(tmp_path, "sigterm")  # process 1 is signalled before step 1
+def test_two_processes_train_evaluate_and_stop_together_on_sigterm_to_one(tmp_path):
+    """Process 1 is signalled before step 1 of 4; the request is shared at step 2, where
+    both evaluate (over both hosts' devices), checkpoint and stop."""
+    results = _run_two_processes(tmp_path, "sigterm")
+    assert all(r["processes"] == 2 and r["devices"] == 8 for r in results)
     assert [r["step"] for r in results] == [2, 2]  # stopped where the request was shared
     assert all(r["preempted"] for r in results)  # both report the stop (train.py: exit 143)
-    assert results[0]["param_checksum"] == results[1]["param_checksum"]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
-
-
-def test_two_processes_train_together(tmp_path):
-    results = _run_two_processes(tmp_path)
-    assert all(r["processes"] == 2 and r["devices"] == 8 and r["step"] == 2 for r in results)
-    assert not any(r["preempted"] for r in results)
     assert results[0]["loss"] == results[1]["loss"]
     assert results[0]["param_checksum"] == results[1]["param_checksum"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
     data = sorted(p.name for p in (tmp_path / "checkpoints" / "2" / "data").glob("*.json"))
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines if "loss" in x] == [1, 2]  # process 0 only
-    # The evaluation sampled over both hosts' devices; both saw every image and agree.
+    assert [x["step"] for x in lines if "loss" in x] == [2]  # every 2 steps, process 0 only
+    # Both hosts saw every image of the evaluation and agree.
     evals = [x for x in lines if "eval/compositional/heldout/overall" in x]
     assert [x["step"] for x in evals] == [2]
     assert results[0]["evals"] == results[1]["evals"]
@@ -92,6 +88,7 @@ def test_two_processes_train_adapters_on_a_public_pipeline(tmp_path):
     sd_pipeline(tmp_path / "sd", sd_ddim())
     results = _run_two_processes(tmp_path / "run", "lora", str(tmp_path / "sd"))
     assert all(r["processes"] == 2 and r["devices"] == 8 and r["step"] == 2 for r in results)
+    assert not any(r["preempted"] for r in results)  # a run that reaches its end finishes
     assert results[0]["loss"] == results[1]["loss"]
     assert results[0]["param_checksum"] == results[1]["param_checksum"]
     data = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / "2" / "data").glob("*.json"))

@@ -305,7 +305,9 @@ def fit_token_reader(
 ):
     """A `TokenReader` fitted by AdamW (cross-entropy, `steps` batches of sites) to read
     `labels` at `sites` of `text` (`encode_captions`' output); returns predict(text, sites)
-    -> classes [M]."""
+    -> classes [M]. The tokens past the longest caption are cut off first: they are outside
+    every mask, so the refiner's attention never reads them, and the fit costs half."""
+    text = _cut_padding(text)
     model = TokenReader(text["text"].shape[-1], depth, classes, rngs=nnx.Rngs(seed))
     opt = nnx.Optimizer(model, optax.adamw(lr, weight_decay=1e-2), wrt=nnx.Param)
 
@@ -325,6 +327,7 @@ def fit_token_reader(
     predict_batch = nnx.jit(lambda model, t, m, i: model(t, m, i).argmax(-1))
 
     def predict(text: dict, sites: np.ndarray) -> np.ndarray:
+        text = _cut_padding(text)
         out = []
         for start in range(0, len(sites), 512):
             rows, index = sites[start : start + 512].T
@@ -332,6 +335,12 @@ def fit_token_reader(
         return np.concatenate(out)
 
     return predict
+
+
+def _cut_padding(text: dict) -> dict:
+    """`text` without the token columns that no caption's mask reaches."""
+    length = int(np.nonzero(text["text_mask"].any(0))[0].max()) + 1
+    return {"text": text["text"][:, :length], "text_mask": text["text_mask"][:, :length]}
 
 
 def _rows_before(sites: np.ndarray, fraction: float = 0.7) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""The README's results table of the shipped shapes cascade, from the JSON lines that
-`eval/shapes_results.sh` appends (`docs/results/shapes.jsonl`), as Markdown.
+"""The results table of the shipped shapes cascade (its card), from the JSON lines that
+`eval/shapes_results.sh` appends (`docs/results/shapes_cascade.jsonl`), as Markdown.
 
-    python eval/shapes_table.py [docs/results/shapes.jsonl]
+    python eval/shapes_table.py [docs/results/shapes_cascade.jsonl]
 
 One row per line, in file order; a name that appears twice keeps its last line (a rerun).
 Then, for the lines that carry them, what the failed images got wrong (each task's failures
@@ -27,13 +27,20 @@ SAMPLER_LABELS = {
     "unipc": "UniPC",
     "ddpm": "DDPM",
 }
-MAIN_ROWS = ("cascade_heldout", "cascade_train", "base_heldout", "cascade_heldout_all")
+MAIN_ROWS = (
+    "cascade_heldout",
+    "cascade_heldout_wording",
+    "cascade_train",
+    "base_heldout",
+    "cascade_heldout_all",
+)
 
 
 def describe(name: str) -> str:
     """A row label for a sweep point's name (as shapes_results.sh names them)."""
     fixed = {
         "cascade_heldout": "cascade, shipped settings",
+        "cascade_heldout_wording": "cascade, shipped settings",
         "cascade_heldout_all": "cascade, shipped settings, all 60 prompts a task",
         "cascade_train": "cascade, shipped settings",
         "base_heldout": "base stage alone (32 px)",
@@ -91,7 +98,7 @@ def failure_rows(lines: list[dict], names=MAIN_ROWS) -> list[str]:
 
 
 def main(argv: list[str]) -> None:
-    path = argv[1] if len(argv) > 1 else "docs/results/shapes.jsonl"
+    path = argv[1] if len(argv) > 1 else "docs/results/shapes_cascade.jsonl"
     with open(path, encoding="utf-8") as f:
         lines = [json.loads(text) for text in f if text.strip()]
     if not lines:

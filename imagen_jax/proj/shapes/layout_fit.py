@@ -23,9 +23,7 @@ for sample.py and for `train.init_from`, where the train loop goes on fitting th
 from __future__ import annotations
 
 import json
-import os
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -33,13 +31,12 @@ import optax
 from absl import app, flags, logging
 from flax import nnx
 
-from imagen_jax import stages
 from imagen_jax.config_utils import define_config_file
 from imagen_jax.images import to_float_image
 from imagen_jax.models.layout_head import layout_target
+from imagen_jax.proj.shapes import refit
 from imagen_jax.text.config import encode_captions, make_text_encoder
 from imagen_jax.training import input as input_lib
-from imagen_jax.training import state as state_lib
 
 
 def layout_examples(config: ml_collections.ConfigDict, count: int, *, chunk: int = 512):
@@ -108,12 +105,7 @@ def layout_fit(config, stage: str, outdir: str, *, examples: int, steps: int, ba
     numbers (also in the written stage.json's identity)."""
     if not config.model.get("layout_grid", 0):
         raise ValueError("model.layout_grid is 0: the config has no layout head to fit")
-    net = state_lib.make_network(config.model)
-    fresh, rest = state_lib.init_params_and_rest(net, jax.random.key(config.train.seed))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shardings = jax.tree.map(lambda _: device, net.abstract_params)
-    params = state_lib.params_from_stage(stage, net, shardings, fresh=fresh)
-    model = net.merge(params, rest)
+    net, model = refit.grown_stage(config, stage)
     data = layout_examples(config, examples)
 
     def log(s, train, val):
@@ -121,25 +113,7 @@ def layout_fit(config, stage: str, outdir: str, *, examples: int, steps: int, ba
 
     result = fit_layout_head(model, data, steps=steps, batch=batch, lr=lr, log=log)
     result.update(examples=examples, steps=steps, batch=batch, lr=lr)
-    with open(os.path.join(stage, "stage.json")) as f:
-        meta = json.load(f)
-    identity = meta.get("identity", {})
-    # The stage's own sampling settings (its layout_scale, sampler...) carry over: only the
-    # head changes; the config's are the training defaults.
-    sample = ml_collections.ConfigDict({**config.sample.to_dict(), **meta.get("sample", {})})
-    _, fitted, _ = nnx.split(model, nnx.Param, ...)
-    stages.save_stage(
-        outdir,
-        unet=net.cfg,
-        params=jax.tree.map(np.asarray, nnx.to_pure_dict(fitted)),
-        diffusion=config.diffusion,
-        sample=sample,
-        resolution=config.model.resolution,
-        low_resolution=config.model.low_resolution,
-        text=config.text.to_dict(),
-        identity=dict(stage=stage, stage_identity=identity, layout_fit=result),
-        domain="shapes" if config.data.source == "shapes" else "",
-    )
+    refit.save_refit(config, net, model, stage, outdir, fit="layout_fit", result=result)
     return result
 
 

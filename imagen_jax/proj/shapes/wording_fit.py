@@ -161,6 +161,8 @@ def fit_refiner(
         return float(np.mean([held_out(model, teacher, b, k) for b, k in pairs]))
 
     before = val_loss()
+    if log is not None:
+        log(0, float("nan"), before)
     rng = np.random.default_rng(seed)
     key = jax.random.key(seed)
     recent = []

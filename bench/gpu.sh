@@ -5,6 +5,7 @@
 #   bash bench/gpu.sh sd15         # SD 1.5-sized sampling: ours, diffusers eager, torch.compile
 #   bash bench/gpu.sh mfu          # bf16 train-step MFU of the paper-width base, two attentions
 #   bash bench/gpu.sh train_loop   # train.py's loop against its step alone, host time by phase
+#   bash bench/gpu.sh train_loop_latent   # the same for the latent stages, from a text cache
 # train_step tells a training run's step time apart from its loop (data, text, host): the
 # shapes stages trained at ~1,300 / ~700 images/s on an H100 through train.py.
 set -uo pipefail
@@ -44,8 +45,14 @@ case "${1:-}" in
     run 280 train_loop "$PY" bench/train_loop.py --configs=shapes_base --batch=128 \
       --steps=300 --log_every=50 --worker_count=0 --note="threads only"
     ;;
+  train_loop_latent)  # the VAE's encoding in both sides; the captions of 16,384 scenes cached
+    run 280 train_loop "$PY" bench/train_loop.py --configs=shapes_latent --batch=128 \
+      --steps=300 --log_every=50 --text_cache=16384
+    run 280 train_loop "$PY" bench/train_loop.py --configs=shapes_mmdit --batch=128 \
+      --steps=300 --log_every=50 --text_cache=16384
+    ;;
   *)
-    echo "usage: bash bench/gpu.sh train_step|sd15|mfu|train_loop" >&2
+    echo "usage: bash bench/gpu.sh train_step|sd15|mfu|train_loop|train_loop_latent" >&2
     exit 2
     ;;
 esac

@@ -15,7 +15,15 @@ For each config, in one process:
   the device). Checkpoints and the sample grid are off (`checkpoint_every` past the end),
   so the loop is measured, not the disk.
 
+A latent stage (`shapes_latent`: the SD-style UNet, `shapes_mmdit`: the SD3-style MMDiT,
+both on the shipped shapes VAE, squares only) adds the VAE's encoding of the batch to both
+sides, as the trainer runs it before each step. `--text_cache=N` draws the run's scenes
+from N records (`data.size`), builds the text-embedding cache of their captions with the
+config's encoder before anything is timed (float16, as `training.text_cache` writes it),
+and trains from it: the loop then runs no text encoder.
+
     python bench/train_loop.py --configs=shapes_base,shapes_sr --steps=30 --log_every=10
+    python bench/train_loop.py --configs=shapes_latent,shapes_mmdit --text_cache=4096
 
 Prints one JSON line per config with both sides and `loop_over_step` (the issue's
 target on a GPU: at least 0.8).
@@ -42,12 +50,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import CONFIGS, trainer_step  # noqa: E402
 
 from imagen_jax import training  # noqa: E402
-from imagen_jax.training import loop  # noqa: E402
+from imagen_jax.training import latent_space, loop, text_cache  # noqa: E402
+from imagen_jax.training.config import is_latent_stage  # noqa: E402
 from imagen_jax.training.metrics import HostTimes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED_VAE = os.path.join(ROOT, "checkpoints", "shapes", "latent", "vae")
+LATENT_CONFIGS = {  # name -> (config file, arg): the latent stages on the shipped VAE
+    "shapes_latent": ("shapes_latent", f"vae={SHIPPED_VAE}"),
+    "shapes_mmdit": ("shapes_mmdit", f"vae={SHIPPED_VAE},buckets="),
+}
 
 
 def make_config(name: str, args):
-    module, arg = CONFIGS[name]
+    module, arg = {**CONFIGS, **LATENT_CONFIGS}[name]
     config = importlib.import_module(f"configs.{module}").get_config(arg)
     if args.batch:
         config.data.batch_size = args.batch
@@ -60,22 +76,28 @@ def make_config(name: str, args):
         config.data.worker_count = args.worker_count
     if "evals" in config:
         config.evals.every = 0
+    if args.text_cache:
+        config.data.size = args.text_cache
     return config
 
 
 def time_step(config, args) -> float:
-    """Seconds per step of the trainer's step alone, one step in flight."""
+    """Seconds per step of the trainer's step alone (a latent stage's: the VAE's encoding
+    of the batch, then the step), one step in flight."""
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
-        _, step, state, rest, batch = trainer_step(config, mesh)
-        state, metrics = step(state, rest, batch)
+        net, step, state, rest, batch = trainer_step(config, mesh)
+        prepare = lambda batch, step: batch  # noqa: E731
+        if is_latent_stage(config.model):
+            prepare = latent_space.LatentSpace.from_config(config, net, mesh).encode_batch
+        state, metrics = step(state, rest, prepare(batch, 0))
         jax.block_until_ready(metrics)
         timings = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             previous = None
-            for _ in range(args.log_every):
-                state, metrics = step(state, rest, batch)
+            for i in range(args.log_every):
+                state, metrics = step(state, rest, prepare(batch, i))
                 if previous is not None:
                     jax.block_until_ready(previous)
                 previous = metrics
@@ -102,10 +124,13 @@ def time_loop(config, workdir: str) -> dict:
 
 def bench(name: str, args) -> dict:
     config = make_config(name, args)
-    load_before = os.getloadavg()[0]
-    step_s = time_step(config, args)
-    with tempfile.TemporaryDirectory() as workdir:
-        looped = time_loop(config, workdir)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.text_cache:
+            config.text.cache = os.path.join(tmp, "text_cache")
+            text_cache.build_text_cache(config, config.text.cache)
+        load_before = os.getloadavg()[0]
+        step_s = time_step(config, args)
+        looped = time_loop(config, os.path.join(tmp, "run"))
     step_images = config.data.batch_size / step_s
     return dict(
         bench="train_loop",
@@ -114,7 +139,8 @@ def bench(name: str, args) -> dict:
         batch=config.data.batch_size,
         res=config.model.resolution,
         text=config.text.kind if "kind" in config.text else "",
-        text_cache=bool(config.text.get("cache", "")),
+        text_cache=args.text_cache,
+        latent=is_latent_stage(config.model),
         worker_count=config.data.worker_count,
         steps=args.steps,
         log_every=args.log_every,
@@ -143,6 +169,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timings of the step alone")
     parser.add_argument(
         "--worker_count", type=int, default=None, help="data workers; default the config's"
+    )
+    parser.add_argument(
+        "--text_cache",
+        type=int,
+        default=0,
+        help="records to draw from, trained from a cache of their captions; 0 = no cache",
     )
     parser.add_argument("--note", default="")
     args = parser.parse_args()

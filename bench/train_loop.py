@@ -87,7 +87,7 @@ def time_step(config, args) -> float:
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net, step, state, rest, batch = trainer_step(config, mesh)
-        prepare = lambda batch, step: batch  # noqa: E731
+        prepare = lambda batch, _: batch  # noqa: E731
         if is_latent_stage(config.model):
             prepare = latent_space.LatentSpace.from_config(config, net, mesh).encode_batch
         state, metrics = step(state, rest, prepare(batch, 0))

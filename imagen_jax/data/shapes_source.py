@@ -103,21 +103,8 @@ class ShapesSource:
         return self.size
 
     def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.size:
-            raise IndexError(f"index {index} out of range for {self.size} records")
-        rng = np.random.default_rng([self.seed, int(index)])
+        example = self.example(index)
         shape = self.image_shape(index)
-        example = sample_example(
-            rng,
-            task=self.task,
-            split=self.split,
-            task_weights=self.task_weights,
-            wordings=self.wordings,
-            with_counterfactual=self.counterfactuals,
-            counterfactual_kinds=self.counterfactual_kinds,
-            counterfactual_mixed=self.counterfactual_mixed,
-            canvas=canvas_of(*shape),
-        )
         record = {
             "image": render(example.scene, min(shape)),
             "caption": example.caption,
@@ -128,6 +115,24 @@ class ShapesSource:
         if self.cell_labels:
             record["cell_labels"] = cell_labels(example.scene, self.cell_labels, self.resolution)
         return record
+
+    def example(self, index: int):
+        """Record `index`'s `tasks.Example` (scene, spec and caption), not rendered."""
+        if not 0 <= index < self.size:
+            raise IndexError(f"index {index} out of range for {self.size} records")
+        rng = np.random.default_rng([self.seed, int(index)])
+        shape = self.image_shape(index)
+        return sample_example(
+            rng,
+            task=self.task,
+            split=self.split,
+            task_weights=self.task_weights,
+            wordings=self.wordings,
+            with_counterfactual=self.counterfactuals,
+            counterfactual_kinds=self.counterfactual_kinds,
+            counterfactual_mixed=self.counterfactual_mixed,
+            canvas=canvas_of(*shape),
+        )
 
     def _canvas_picks(self) -> np.ndarray:
         """uint8 [size]: every record's index into `canvases`, drawn at once on first use."""

@@ -56,11 +56,12 @@ FIRST_SIDE = ("left of", "above")  # relations whose subject is the left / upper
 QUESTIONS = ("subject", "relation", "side")
 
 
-def _with_bias(x: np.ndarray) -> np.ndarray:
+def with_bias(x: np.ndarray) -> np.ndarray:
+    """x [N, D] with a column of ones appended, in float64."""
     return np.concatenate([x, np.ones((len(x), 1))], axis=1).astype(np.float64)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+def ridge_fit(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
     """Ridge regression weights of targets y [N] or [N, K] on the rows of x [N, D]."""
     return np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ y)
 
@@ -70,9 +71,9 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, *, train_fraction=0.7
     [N, D] (the first `train_fraction` of the rows fit it), and the class-mean separation
     (|mean(True) - mean(False)| / RMS distance of the rows to their mean)."""
     labels = np.asarray(labels, bool)
-    x = _with_bias(features)
+    x = with_bias(features)
     fit = np.arange(len(x)) < int(train_fraction * len(x))
-    w = _ridge(x[fit], np.where(labels, 1.0, -1.0)[fit], ridge)
+    w = ridge_fit(x[fit], np.where(labels, 1.0, -1.0)[fit], ridge)
     accuracy = float(np.mean((x[~fit] @ w > 0) == labels[~fit]))
     spread = np.sqrt(np.mean(np.sum((features - features.mean(0)) ** 2, axis=1)))
     gap = np.linalg.norm(features[labels].mean(0) - features[~labels].mean(0))
@@ -118,7 +119,8 @@ def position_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[
     return task_prompts("position", n, seed, split)
 
 
-def _word_id(encoder, word: str) -> int:
+def word_id(encoder, word: str) -> int:
+    """The one token id of `word` (a ValueError where it is more than one token)."""
     row = np.asarray(encoder.tokenizer([word])[0])[0]
     inner = [t for t in row[1:] if t != encoder.tokenizer.pad_id][:-1]  # no [CLS] / [SEP]
     if len(inner) != 1:
@@ -139,7 +141,7 @@ def _noun_sites(encoder, pairs):
     captions = [c for _, c in pairs]
     text = encode_captions(encoder, captions)
     ids = np.asarray(encoder.tokenizer(captions)[0])
-    noun_id = functools.partial(_word_id, encoder)
+    noun_id = functools.partial(word_id, encoder)
     sites, answers = [], {q: [] for q in QUESTIONS}
     for row, (spec, _) in enumerate(pairs):
         a, b = spec.objects
@@ -179,7 +181,7 @@ def text_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0) -> dict:
     return out
 
 
-def _shape_sites(encoder, pairs):
+def shape_sites(encoder, pairs):
     """(text, sites [M, 2], colour index [M], held-out pair [M]) of the shape nouns of
     `pairs` (nouns the caption names once)."""
     captions = [c for _, c in pairs]
@@ -189,7 +191,7 @@ def _shape_sites(encoder, pairs):
     sites, colors, heldout = [], [], []
     for row, (spec, _) in enumerate(pairs):
         for obj in spec.objects:
-            where = np.flatnonzero(ids[row] == _word_id(encoder, obj.shape))
+            where = np.flatnonzero(ids[row] == word_id(encoder, obj.shape))
             if len(where) == 1:
                 sites.append((row, where[0]))
                 colors.append(names.index(obj.color))
@@ -200,7 +202,7 @@ def _shape_sites(encoder, pairs):
 
 def _shape_tokens(encoder, pairs):
     """(tokens [N, D], colour index [N], held-out pair [N]) of the shape nouns of `pairs`."""
-    text, sites, colors, heldout = _shape_sites(encoder, pairs)
+    text, sites, colors, heldout = shape_sites(encoder, pairs)
     return _at(text, sites), colors, heldout
 
 
@@ -219,8 +221,8 @@ def binding_probe(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge=1e
     mean = x.mean(0)
     onehot = -np.ones((len(y), len(COLORS)))
     onehot[np.arange(len(y)), y] = 1.0
-    w = _ridge(_with_bias(x - mean), onehot, ridge)
-    guess = (_with_bias(xt - mean) @ w).argmax(1)
+    w = ridge_fit(with_bias(x - mean), onehot, ridge)
+    guess = (with_bias(xt - mean) @ w).argmax(1)
     spread = np.sqrt(np.mean(np.sum((x - mean) ** 2, axis=1)))
     means = np.stack([x[y == c].mean(0) for c in np.unique(y)])
     separation = np.sqrt(np.mean(np.sum((means - means.mean(0)) ** 2, axis=1))) / spread
@@ -255,10 +257,10 @@ def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge
     )
     y, yt = np.asarray(answers["side"]), np.asarray(answers_t["side"])
     x, y, fit = _shuffled_fit_rows(x, y, seed)
-    w = _ridge(_with_bias(x[fit]), np.where(y[fit], 1.0, -1.0), ridge)
+    w = ridge_fit(with_bias(x[fit]), np.where(y[fit], 1.0, -1.0), ridge)
     out["side"] = dict(
-        train_wordings=float(np.mean((_with_bias(x[~fit]) @ w > 0) == y[~fit])),
-        heldout_wordings=float(np.mean((_with_bias(xt) @ w > 0) == yt)),
+        train_wordings=float(np.mean((with_bias(x[~fit]) @ w > 0) == y[~fit])),
+        heldout_wordings=float(np.mean((with_bias(xt) @ w > 0) == yt)),
         tokens=int(len(xt)),
     )
     x, y, _ = _shape_tokens(encoder, task_prompts("color_attr", prompts, seed, wordings="train"))
@@ -268,10 +270,10 @@ def wording_transfer(text_cfg=None, *, prompts: int = 3000, seed: int = 0, ridge
     x, y, fit = _shuffled_fit_rows(x, y, seed)
     onehot = -np.ones((int(fit.sum()), len(COLORS)))
     onehot[np.arange(int(fit.sum())), y[fit]] = 1.0
-    w = _ridge(_with_bias(x[fit]), onehot, ridge)
+    w = ridge_fit(with_bias(x[fit]), onehot, ridge)
     out["binding"] = dict(
-        train_wordings=float(np.mean((_with_bias(x[~fit]) @ w).argmax(1) == y[~fit])),
-        heldout_wordings=float(np.mean((_with_bias(xt) @ w).argmax(1) == yt)),
+        train_wordings=float(np.mean((with_bias(x[~fit]) @ w).argmax(1) == y[~fit])),
+        heldout_wordings=float(np.mean((with_bias(xt) @ w).argmax(1) == yt)),
         tokens=int(len(xt)),
     )
     return out
@@ -358,7 +360,7 @@ def _question_data(encoder, question: str, n: int, seed: int, wordings: str):
         labels = np.asarray(answers["side"], np.int32)
     else:
         prompts = task_captions("color_attr", n, seed, wordings=wordings)
-        text, sites, labels, _ = _shape_sites(encoder, [(p, c) for p, c, _ in prompts])
+        text, sites, labels, _ = shape_sites(encoder, [(p, c) for p, c, _ in prompts])
     templates = np.asarray([t for _, _, t in prompts])[sites[:, 0]]
     return text, sites, labels, templates
 

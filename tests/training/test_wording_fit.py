@@ -83,7 +83,7 @@ def test_the_binding_term_alone_puts_the_colour_in_the_refined_noun():
     config = _minilm_colour_attribution(tiny(), size=96)
     config.model.text_refiner = 2
     model = state.make_network(config.model).build(nnx.Rngs(0))
-    data = wording_fit.Paraphrases(config, batch_size=16)
+    data = wording_fit.Paraphrases(config, batch_size=16, binding=True)
     reader = wording_fit.grammar_reader(model, data.encoder, prompts=500)
     fitted = [data.batch(range(start, start + 16)) for start in range(0, 80, 16)]
     before = wording_fit.binding_accuracy(model, fitted, reader)

@@ -70,9 +70,10 @@ from imagen_jax.training import input as input_lib
 class Paraphrases:
     """Record i of `config.data` (its wordings) with the grammar's caption of the same
     scene: batch(indices) -> {"x0" [B, H, W, 3] in [-1, 1], "text", "text_mask" (the
-    record's caption), "teacher_text", "teacher_mask" (the grammar's)}."""
+    record's caption), "teacher_text", "teacher_mask" (the grammar's)}, and with `binding`
+    {"noun_sites", "noun_colors"} (`binding_labels`)."""
 
-    def __init__(self, config, *, batch_size: int):
+    def __init__(self, config, *, batch_size: int, binding: bool = False):
         data = config.data
         if data.source != "shapes":
             raise ValueError(
@@ -88,6 +89,7 @@ class Paraphrases:
         grammar.wordings = "grammar"
         self.teacher = input_lib.make_source(grammar)
         self.encoder = make_text_encoder(config.text, batch_size=batch_size)
+        self.binding = binding  # batches carry `binding_labels` (for the binding term)
 
     def __len__(self) -> int:
         return len(self.student)
@@ -101,16 +103,17 @@ class Paraphrases:
         grammar = [self.teacher[int(i)]["caption"] for i in indices]
         student = encode_captions(self.encoder, [r["caption"] for r in records])
         teacher = encode_captions(self.encoder, grammar)
-        sites, colors = self.binding_labels(indices, [r["caption"] for r in records])
-        return {
+        batch = {
             "x0": to_float_image(np.stack([r["image"] for r in records])),
             "text": student["text"],
             "text_mask": student["text_mask"],
             "teacher_text": teacher["text"],
             "teacher_mask": teacher["text_mask"],
-            "noun_sites": sites,
-            "noun_colors": colors,
         }
+        if self.binding:
+            captions = [r["caption"] for r in records]
+            batch["noun_sites"], batch["noun_colors"] = self.binding_labels(indices, captions)
+        return batch
 
     def binding_labels(self, indices, captions) -> tuple[np.ndarray, np.ndarray]:
         """(token index [B, 2] of each shape noun of a colour-attribution record's caption,
@@ -244,6 +247,8 @@ def fit_refiner(
     opt = nnx.Optimizer(model, optax.adamw(lr, weight_decay=1e-4), wrt=refiner)
     if binding_weight and getattr(data.encoder, "tokenizer", None) is None:
         raise ValueError("binding_weight needs a text encoder with a tokenizer (config.text)")
+    if binding_weight and not data.binding:
+        raise ValueError("binding_weight needs Paraphrases(..., binding=True)")
     reader = grammar_reader(model, data.encoder, seed=seed) if binding_weight else None
     held_out_fn = lambda m, teacher, b, key: distillation_loss(  # noqa: E731
         m, teacher, b, key, schedule=schedule, min_time=min_time
@@ -315,7 +320,7 @@ def wording_fit(
     if not config.model.get("text_refiner", 0):
         raise ValueError("model.text_refiner is 0: the config has no token refiner to fit")
     net, model = refit.grown_stage(config, stage)
-    data = Paraphrases(config, batch_size=batch)
+    data = Paraphrases(config, batch_size=batch, binding=binding_weight > 0)
 
     def log(s, train, held):
         logging.info("wording_fit: step %d, train loss %.5f, held-out loss %.5f", s, train, held)

@@ -7,7 +7,8 @@
 #   bash tools/shapes_latent_gpu.sh STAGE_DIR OUTDIR [SECONDS=420] [BATCH=256]
 # STAGE_DIR is an export of configs/shapes_mmdit.py (python -m imagen_jax.training.export);
 # carry it to the device with the call. The optimizer state is not carried over (a fresh
-# AdamW with a 100-step warm-up).
+# AdamW with a 100-step warm-up). STAGE_DIR "scratch" starts a new MMDiT on the committed
+# VAE (checkpoints/shapes/latent/vae) instead, with the config's warm-up.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 if [[ $# -lt 2 ]]; then
@@ -20,10 +21,15 @@ OUT=$2
 LIMIT=${3:-420}
 BATCH=${4:-256}
 WORK=runs/shapes_mmdit_gpu
-CONFIG="--config=configs/shapes_mmdit.py:vae=$STAGE/vae,batch=$BATCH"
-timeout --signal=TERM "$LIMIT" "$PY" train.py "$CONFIG" \
-  --config.train.init_from="$STAGE" --config.optim.warmup_steps=100 \
+if [[ $STAGE == scratch ]]; then
+  CONFIG="--config=configs/shapes_mmdit.py:vae=checkpoints/shapes/latent/vae,batch=$BATCH"
+  INIT=()
+else
+  CONFIG="--config=configs/shapes_mmdit.py:vae=$STAGE/vae,batch=$BATCH"
+  INIT=(--config.train.init_from="$STAGE" --config.optim.warmup_steps=100)
+fi
+timeout --signal=TERM "$LIMIT" "$PY" train.py "$CONFIG" "${INIT[@]}" \
   --config.train.checkpoint_every=250 --config.train.sample_every=0 --workdir=$WORK
 echo "train.py: exit $? (124: stopped at the time limit, checkpointed)" >&2
-"$PY" -m imagen_jax.training.export "$CONFIG" --config.train.init_from="$STAGE" \
+"$PY" -m imagen_jax.training.export "$CONFIG" "${INIT[@]}" \
   --workdir=$WORK --outdir="$OUT/latent"

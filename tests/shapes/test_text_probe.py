@@ -94,8 +94,10 @@ def test_a_token_reader_needs_the_refiner_for_a_fact_spread_over_two_tokens():
 
 def test_a_token_refiner_reads_the_binding_in_wordings_it_was_not_fitted_on():
     """Where the linear reader of a noun's frozen token loses more than 0.1 in held-out
-    wordings (test above), a trained refiner over the caption's tokens keeps the binding."""
-    result = refiner_transfer(prompts=600, depths=(2,), steps=300, questions=("binding",))
+    wordings (test above), a trained refiner over the caption's tokens keeps the binding.
+    At 900 prompts and 400 steps, seeds 0-3 read 0.96-0.99 on training wordings and
+    0.94-0.96 on held-out ones; at 600 and 300 the fit was short of the first (0.86-0.95)."""
+    result = refiner_transfer(prompts=900, depths=(2,), steps=400, questions=("binding",))
     r = result["binding"][2]
     assert r["train_wordings"] > 0.9
     assert r["heldout_wordings"] > 0.85

@@ -100,8 +100,9 @@ class Paraphrases:
 
     def batch(self, indices) -> dict:
         records = [self.student[int(i)] for i in indices]
+        captions = [r["caption"] for r in records]
         grammar = [self.teacher[int(i)]["caption"] for i in indices]
-        student = encode_captions(self.encoder, [r["caption"] for r in records])
+        student = encode_captions(self.encoder, captions)
         teacher = encode_captions(self.encoder, grammar)
         batch = {
             "x0": to_float_image(np.stack([r["image"] for r in records])),
@@ -111,7 +112,6 @@ class Paraphrases:
             "teacher_mask": teacher["text_mask"],
         }
         if self.binding:
-            captions = [r["caption"] for r in records]
             batch["noun_sites"], batch["noun_colors"] = self.binding_labels(indices, captions)
         return batch
 
@@ -228,13 +228,15 @@ def fit_refiner(
     val: int,
     seed: int = 0,
     binding_weight: float = 0.0,
+    reader=None,
     log=None,
 ) -> dict:
     """Fits `model.text_refiner` in place on records [0, len - val) of `data`, the teacher a
     copy of `model` as it is now; returns {"train_loss", "val_loss", "val_loss_before"} (the
     distillation loss on the last `val` records, the same noise each time) and, with a
     `binding_weight`, {"binding_before", "binding"} (the grammar reader's accuracy on those
-    records' refined shape nouns)."""
+    records' refined shape nouns). The binding term holds `reader` (`grammar_reader`'s
+    output) fixed; by default it is fitted on `model` as it is now."""
     if model.text_refiner is None:
         raise ValueError("model.text_refiner is 0: the config has no token refiner to fit")
     n_train = len(data) - val
@@ -249,7 +251,9 @@ def fit_refiner(
         raise ValueError("binding_weight needs a text encoder with a tokenizer (config.text)")
     if binding_weight and not data.binding:
         raise ValueError("binding_weight needs Paraphrases(..., binding=True)")
-    reader = grammar_reader(model, data.encoder, seed=seed) if binding_weight else None
+    if binding_weight and reader is None:
+        reader = grammar_reader(model, data.encoder, seed=seed)
+    reader = reader if binding_weight else None
     held_out_fn = lambda m, teacher, b, key: distillation_loss(  # noqa: E731
         m, teacher, b, key, schedule=schedule, min_time=min_time
     )

@@ -88,7 +88,7 @@ def test_the_binding_term_alone_puts_the_colour_in_the_refined_noun():
     fitted = [data.batch(range(start, start + 16)) for start in range(0, 80, 16)]
     before = wording_fit.binding_accuracy(model, fitted, reader)
     options = dict(steps=60, batch=16, lr=3e-3, min_time=0.3, val=16, binding_weight=1.0)
-    options["reader"] = reader
+    options["reader_prompts"] = 500  # the fit holds the reader fitted above
     schedule = make_schedule(config.diffusion)
     result = wording_fit.fit_refiner(model, data, schedule=schedule, **options)
     assert result["val_loss"] == result["val_loss_before"] == 0.0  # no distillation signal

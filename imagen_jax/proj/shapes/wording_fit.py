@@ -228,15 +228,15 @@ def fit_refiner(
     val: int,
     seed: int = 0,
     binding_weight: float = 0.0,
-    reader=None,
+    reader_prompts: int = 2000,
     log=None,
 ) -> dict:
     """Fits `model.text_refiner` in place on records [0, len - val) of `data`, the teacher a
     copy of `model` as it is now; returns {"train_loss", "val_loss", "val_loss_before"} (the
     distillation loss on the last `val` records, the same noise each time) and, with a
     `binding_weight`, {"binding_before", "binding"} (the grammar reader's accuracy on those
-    records' refined shape nouns). The binding term holds `reader` (`grammar_reader`'s
-    output) fixed; by default it is fitted on `model` as it is now."""
+    records' refined shape nouns). The binding term holds fixed a `grammar_reader` fitted
+    on `model` as it is now, on `reader_prompts` captions."""
     if model.text_refiner is None:
         raise ValueError("model.text_refiner is 0: the config has no token refiner to fit")
     n_train = len(data) - val
@@ -251,9 +251,9 @@ def fit_refiner(
         raise ValueError("binding_weight needs a text encoder with a tokenizer (config.text)")
     if binding_weight and not data.binding:
         raise ValueError("binding_weight needs Paraphrases(..., binding=True)")
-    if binding_weight and reader is None:
-        reader = grammar_reader(model, data.encoder, seed=seed)
-    reader = reader if binding_weight else None
+    reader = None
+    if binding_weight:
+        reader = grammar_reader(model, data.encoder, prompts=reader_prompts, seed=seed)
     held_out_fn = lambda m, teacher, b, key: distillation_loss(  # noqa: E731
         m, teacher, b, key, schedule=schedule, min_time=min_time
     )

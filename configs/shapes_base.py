@@ -14,6 +14,12 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
         --workdir=...  # the layout head reads its own self-attention layers' tokens
     python train.py --config=configs/shapes_base.py:layout_grid=4 --workdir=... \
         --config.train.aux_losses.counterfactual.weight=0.05 --config.data.counterfactuals=colors
+    python train.py --config=configs/shapes_base.py:shipped --workdir=... \
+        --config.train.init_from=checkpoints/shapes/base  # go on training the shipped base
+
+`shipped` gives the network of the shipped `checkpoints/shapes/base` (`SHIPPED_BASE`; a
+test holds it to the stage's stage.json), so commands that start from the shipped base
+stay true when it changes; its settings given beside it (`shipped,text_refiner=0`) win.
 
 The shapes research's auxiliary losses (`imagen_jax/proj/shapes/losses.py`) are named here:
 the layout head's regression (it fits the head of a network that has one) and the
@@ -71,20 +77,21 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
     return config
 
 
+# The network settings of the shipped base stage, checkpoints/shapes/base (its stage.json).
+SHIPPED_BASE = dict(text_refiner=2, layout_grid=4, layout_depth=2)
+
+# The network settings a config arg can give, with their defaults (a plain UNet).
+NETWORK_ARGS = dict(
+    pos_emb=False, text_refiner=0, layout_grid=0, layout_text="frozen", layout_depth=0
+)
+
+
 def get_config(arg=None):
-    arg = parse_arg(
-        arg,
-        runlocal=False,
-        res=32,
-        batch=32,
-        steps=100_000,
-        fsdp=1,
-        pos_emb=False,
-        text_refiner=0,
-        layout_grid=0,
-        layout_text="frozen",
-        layout_depth=0,
-    )
+    spec = dict(runlocal=False, res=32, batch=32, steps=100_000, fsdp=1, shipped=False)
+    arg_spec = {**spec, **NETWORK_ARGS}
+    if parse_arg(arg, **arg_spec).shipped:  # the shipped network, unless the arg says other
+        arg_spec.update(SHIPPED_BASE)
+    arg = parse_arg(arg, **arg_spec)
     config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     config.model = training.model_config(
         variant="shapes_base",

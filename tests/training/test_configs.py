@@ -229,3 +229,30 @@ def test_the_shapes_mmdit_trains_on_five_canvases_of_the_pixel_budget():
     assert config.data.wordings == "train"
     assert shapes_mmdit.get_config("buckets=").data.buckets == ""
     assert shapes_mmdit.get_config("runlocal").data.buckets == ""
+
+
+def test_the_shipped_arg_is_the_network_of_the_shipped_shapes_base():
+    """`configs/shapes_base.py:shipped` builds the network whose parameters the shipped
+    stage holds, every name and shape (so `train.init_from=checkpoints/shapes/base` with it
+    passes the strict check); settings given beside it win."""
+    import dataclasses
+    import json
+
+    from safetensors import safe_open
+
+    from imagen_jax import stages
+    from imagen_jax.training import state as state_lib
+
+    stage = ROOT / "checkpoints" / "shapes" / "base"
+    model = stage_config("shapes_base", "shipped").model
+    stored = json.loads((stage / "stage.json").read_text())["unet"]
+    unet = dataclasses.asdict(training.unet_config(model))
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in unet.items()} == stored
+    with safe_open(str(stage / "params.safetensors"), "np") as f:
+        names = f.keys()  # a safe_open handle is not iterable
+        shapes = {key: f.get_slice(key).get_shape() for key in names}
+    expected = stages.flatten(state_lib.make_network(model).abstract_params)
+    assert {k: list(v.shape) for k, v in expected.items()} == shapes
+    plain = stage_config("shapes_base", "shipped,text_refiner=0").model
+    assert (plain.text_refiner, plain.layout_grid) == (0, 4)
+    assert stage_config("shapes_base", "").model.text_refiner == 0

@@ -2,7 +2,7 @@
 it reads the grammar's caption of the same scene: paraphrase distillation, the UNet frozen.
 
     python -m imagen_jax.proj.shapes.wording_fit \
-        --config=configs/shapes_base.py:layout_grid=4,layout_depth=2,text_refiner=2 \
+        --config=configs/shapes_base.py:shipped \
         --config.data.wordings=train --stage=checkpoints/shapes/base \
         --outdir=runs/base_wording [--steps=1000] [--batch=32] [--lr=3e-4] [--min_time=0.3] \
         [--binding_weight=0.1]

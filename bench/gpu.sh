@@ -2,7 +2,10 @@
 # The GPU measurements, in parts that each fit a 10-minute call; JSON lines to
 # bench/results/DATE_gpu_PART.jsonl (or $RESULTS_DIR), each part under its own time limit.
 #   bash bench/gpu.sh train_step   # the shapes stages' trainer step alone, float32 and bf16
-#   bash bench/gpu.sh sd15         # SD 1.5-sized sampling: ours, diffusers eager, torch.compile
+#   bash bench/gpu.sh sd15         # SD 1.5 sampling, batch 1 and 8: ours, diffusers eager,
+#                                  # torch.compile, torch.compile(mode="reduce-overhead")
+#   bash bench/gpu.sh sdxl1        # the same for SDXL at 1024 px, batch 1
+#   bash bench/gpu.sh sdxl8        # SDXL at 1024 px, batch 8
 #   bash bench/gpu.sh mfu          # bf16 train-step MFU of the paper-width base, two attentions
 #   bash bench/gpu.sh train_loop   # train.py's loop against its step alone, host time by phase
 #   bash bench/gpu.sh train_loop_latent   # the same for the latent stages, from a text cache
@@ -30,8 +33,17 @@ case "${1:-}" in
       run 140 train_step "$PY" bench/train_step.py --configs=shapes_sr --batch=64 --dtype=$dtype --steps=20
     done
     ;;
-  sd15)
-    run 560 sd15 "$PY" bench/sd_sampling.py --gpu_sd15 --sd15_peer --sd15_compile --steps 20 --repeats 5
+  sd15)  # each side in its own process, under its own limit
+    run 580 sampling "$PY" bench/sampling_sides.py --unet sd15 --batch 1,8 --steps 20 \
+      --repeats 5 --side_timeout 130
+    ;;
+  sdxl1)
+    run 580 sampling "$PY" bench/sampling_sides.py --unet sdxl --batch 1 --steps 20 \
+      --repeats 5 --side_timeout 120
+    ;;
+  sdxl8)
+    run 580 sampling "$PY" bench/sampling_sides.py --unet sdxl --batch 8 --steps 20 \
+      --repeats 2 --side_timeout 120
     ;;
   mfu)  # cuDNN's fused attention (auto) and the one-piece path; each compiles in ~160 s
     for att in auto xla; do
@@ -52,7 +64,7 @@ case "${1:-}" in
       --steps=300 --log_every=50 --text_cache=16384
     ;;
   *)
-    echo "usage: bash bench/gpu.sh train_step|sd15|mfu|train_loop|train_loop_latent" >&2
+    echo "usage: bash bench/gpu.sh train_step|sd15|sdxl1|sdxl8|mfu|train_loop|train_loop_latent" >&2
     exit 2
     ;;
 esac

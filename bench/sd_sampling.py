@@ -30,23 +30,7 @@ OMP_WAIT_POLICY.)
 The final images must agree within 1e-3 (values in [0, 1]) before anything is timed. Medians
 of --repeats rounds after a warm-up (which compiles ours), the sides taking turns.
 
-`--gpu_sd15` instead measures a UNet of SD 1.5's full size (block_out_channels
-(320, 640, 1280, 1280), 64x64 latents, 512 px; random weights, no VAE or text encoder):
-denoising steps per second at batch 1, each step one CFG-batched UNet call (batch 2), as a
-diffusers pipeline's progress bar counts its it/s; DPM-Solver++(2M), whose arithmetic is
-negligible next to the UNet. With `--sd15_peer` diffusers' eager loop runs beside ours in
-the same process, alternating, on the same weights (diffusers' random initialisation,
-saved and loaded into ours), in `--peer_dtype` (float16, as published), and with
-`--sd15_compile` the same loop over `torch.compile(unet)` as a third side; the line carries
-how far the two final latents are apart (in float32 on both sides they must agree within
-1e-3, relative). Also compare with the published diffusers figures on an H100, fp16 (54.5
-it/s eager, 66.0 with torch.compile, 104.6 with stable-fast; chengzeyi/stable-fast
-README). It is meant for a GPU (--dtype bfloat16 there); it runs on a CPU too, slowly, for
-a smoke test:
-
-    python bench/sd_sampling.py --gpu_sd15 --sd15_peer --sd15_compile --steps 20 --repeats 5
-    python bench/sd_sampling.py --gpu_sd15 --sd15_peer --steps 2 --repeats 1 --dtype float32 \
-        --peer_dtype float32 --sd15_latent 16                                   # CPU smoke
+SD 1.5 and SDXL at full size, on a GPU, each side in its own process: bench/sampling_sides.py.
 """
 
 from __future__ import annotations
@@ -68,8 +52,6 @@ from flax import nnx
 from tokenizers import pre_tokenizers
 
 from imagen_jax.diffusion import config as diffusion_config
-from imagen_jax.diffusion import samplers
-from imagen_jax.models import sd_unet
 from imagen_jax.pipelines.public import load_latent_pipeline
 
 SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -97,8 +79,6 @@ PROMPTS = [
 ]
 GUIDANCE = 7.5
 TOL = 1e-3
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-PUBLISHED_H100_SD15_IT_S = {"diffusers_eager": 54.5, "torch_compile": 66.0, "stable_fast": 104.6}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -344,157 +324,6 @@ def report(common, seconds, unet_s, checks, args) -> None:
     print(json.dumps(dict(common, **ratios, **checks)), flush=True)
 
 
-# ----------------------------------------------------------------------------------------------
-# SD 1.5 at full size, ours alone (for a GPU)
-
-SD15_UNET = dict(
-    sample_size=64,
-    block_out_channels=(320, 640, 1280, 1280),
-    cross_attention_dim=768,
-    **sd_unet_forward.SD15_BLOCKS,
-)
-
-
-def sd15_models(args, dtype):
-    """(our SDUNet, diffusers' UNet2DConditionModel or None, init seconds). With
-    --sd15_peer both hold one set of random weights: diffusers' initialisation, saved with
-    save_pretrained and loaded into ours by `sd_unet.load_unet`."""
-    start = time.perf_counter()
-    if not args.sd15_peer:
-        config = sd_unet.SDUNetConfig(**SD15_UNET)
-        model = sd_unet.SDUNet(config, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=dtype)
-        model.eval()
-        return model, None, time.perf_counter() - start
-    peer = sd_unet_forward.build_diffusers_unet(SD15_UNET, seed=3)
-    with tempfile.TemporaryDirectory() as tmp:
-        peer.save_pretrained(os.path.join(tmp, "unet"))
-        model, _ = sd_unet.load_unet(os.path.join(tmp, "unet"), dtype)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peer = peer.to(device, TORCH_DTYPES[args.peer_dtype])
-    return model, peer, time.perf_counter() - start
-
-
-def diffusers_sd15_loop(unet, steps: int, z: np.ndarray, cond: np.ndarray, uncond: np.ndarray):
-    """The StableDiffusionPipeline's denoising loop from embeddings, eager: DPM-Solver++(2M)
-    with SD's settings, one UNet call on the CFG-doubled batch per step, latents float32."""
-    param = next(unet.parameters())
-    device, dtype = param.device, param.dtype
-    scheduler = SCHEDULERS["dpmpp_2m"]()
-    text = torch.from_numpy(np.concatenate([uncond, cond])).to(device, dtype)
-    z0 = torch.from_numpy(np.ascontiguousarray(z.transpose(0, 3, 1, 2))).to(device)
-
-    @torch.no_grad()
-    def run():
-        scheduler.set_timesteps(steps, device=device)
-        latents = z0 * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
-            inp = torch.cat([latents] * 2).to(dtype)
-            eps = unet(inp, t, encoder_hidden_states=text, return_dict=False)[0].float()
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + GUIDANCE * (eps_cond - eps_uncond)
-            latents = scheduler.step(eps, t, latents, return_dict=False)[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return latents.cpu().numpy().transpose(0, 2, 3, 1)
-
-    return run
-
-
-def bench_sd15(args) -> None:
-    dtype = jnp.dtype(args.dtype)
-    model, peer, init_s = sd15_models(args, dtype)
-    graph, state = nnx.split(model)
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-
-    def apply_fn(state, z, t, cond):
-        return nnx.merge(graph, state)(z, t, cond["text"])
-
-    diffusion = diffusion_config.diffusion_config(
-        schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-    )
-    sample = diffusion_config.sample_config(
-        sampler="dpmpp_2m", steps=args.steps, steps_offset=1, guidance_scale=GUIDANCE
-    )
-    sampling = diffusion_config.make_sampling(diffusion, sample)
-    run = samplers.compile_sampler(
-        apply_fn,
-        sampler=sampling.sampler,
-        sampler_options=sampling.sampler_options,
-        **sampling.denoiser_options,
-    )
-    rng = np.random.default_rng(0)
-    side = args.sd15_latent
-    noise = rng.standard_normal((1, side, side, 4)).astype(np.float32)
-    text = rng.standard_normal((2, 77, 768)).astype(np.float32)
-    z = sampling.grid.init_sigma * jnp.asarray(noise)
-    cond = {"text": jnp.asarray(text[1:], dtype)}
-    uncond = {"text": jnp.asarray(text[:1], dtype)}
-
-    def ours():
-        return run(state, z, sampling.grid, cond, uncond, jnp.float32(GUIDANCE)).block_until_ready()
-
-    start = time.perf_counter()
-    out = ours()
-    compile_s = time.perf_counter() - start
-    if not bool(jnp.all(jnp.isfinite(out))):
-        raise SystemExit("non-finite latents")
-    fns = {"imagen_jax": ours}
-    agreement, timings = {}, {}
-    if peer is not None:
-        fns["diffusers_eager"] = diffusers_sd15_loop(peer, args.steps, noise, text[1:], text[:1])
-        theirs = fns["diffusers_eager"]()  # warm-up (cuDNN's algorithm search)
-        ours_np = np.asarray(out, np.float32)
-        agreement = dict(
-            final_latents_max_abs_diff=float(np.abs(ours_np - theirs).max()),
-            final_latents_rel_l2=float(np.linalg.norm(ours_np - theirs) / np.linalg.norm(theirs)),
-        )
-        exact = args.dtype == "float32" and args.peer_dtype == "float32"
-        if exact and agreement["final_latents_rel_l2"] > TOL:
-            raise SystemExit(f"the two loops disagree in float32: {agreement}")
-        if args.sd15_compile:  # torch.compile's default mode; its first calls compile
-            fns["diffusers_compile"] = diffusers_sd15_loop(
-                torch.compile(peer), args.steps, noise, text[1:], text[:1]
-            )
-            start = time.perf_counter()
-            fns["diffusers_compile"]()
-            timings["diffusers_compile_first_run_s"] = time.perf_counter() - start
-    seconds = sd_unet_forward.time_interleaved(fns, args.repeats)
-    common = dict(
-        bench="sd_sampling_sd15",
-        unet_params=params,
-        latent=side,
-        image_size=8 * side,
-        batch=1,
-        steps=args.steps,
-        sampler="dpmpp_2m",
-        guidance_scale=GUIDANCE,
-        same_weights=peer is not None,
-        init_s=init_s,
-        compile_and_first_run_s=compile_s,
-        repeats=args.repeats,
-        published_h100_diffusers_it_per_s=PUBLISHED_H100_SD15_IT_S,
-        device=str(jax.devices()[0].device_kind),
-        **agreement,
-        **timings,
-        **sd_unet_forward._env(args, os.getloadavg()),
-    )
-    for name, sec in seconds.items():
-        record = dict(
-            common,
-            side=name,
-            dtype=str(dtype) if name == "imagen_jax" else args.peer_dtype,
-            seconds=sec,
-            it_per_s=args.steps / sec,
-            # Meaningful on an H100 only (the published figures are fp16 on an H100).
-            ratio_to_published={
-                k: args.steps / sec / v for k, v in PUBLISHED_H100_SD15_IT_S.items()
-            },
-        )
-        if name != "imagen_jax":
-            record["ours_speedup"] = sec / seconds["imagen_jax"]
-        print(json.dumps(record), flush=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--configs", default="tiny,mid")
@@ -507,23 +336,9 @@ def main():
         "--torch_1thread_row", action="store_true", help="add diffusers' loop on one thread"
     )
     parser.add_argument("--note", default="", help="e.g. what else the machine was running")
-    parser.add_argument("--gpu_sd15", action="store_true", help="ours alone, SD 1.5 full size")
-    parser.add_argument("--sd15_latent", type=int, default=64, help="--gpu_sd15 latent side")
-    parser.add_argument("--dtype", default="bfloat16", help="--gpu_sd15: float32 | bfloat16")
-    parser.add_argument(
-        "--sd15_peer", action="store_true", help="--gpu_sd15: diffusers' loop too, same weights"
-    )
-    parser.add_argument("--peer_dtype", default="float16", choices=sorted(TORCH_DTYPES))
-    parser.add_argument(
-        "--sd15_compile", action="store_true", help="--sd15_peer: also torch.compile's loop"
-    )
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    if args.gpu_sd15:
-        sd_unet_forward.import_torchvision_without_operators()
-        bench_sd15(args)
-        return
     args.schedulers = args.schedulers.split(",")
     sd_unet_forward.import_torchvision_without_operators()
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,6 +38,7 @@ import time
 
 import numpy as np
 import sd_unet_forward
+from sd_sampling import GUIDANCE, SCHEDULERS, SD_BETAS, TOL
 from sd_unet_forward import SD15_BLOCKS
 
 UNETS = {  # name: UNet2DConditionModel arguments (sample_size = the latent side)
@@ -79,12 +80,7 @@ COMPILE_MODES = {"diffusers_compile": "default", "diffusers_reduce_overhead": "r
 PUBLISHED_H100_IT_S = {
     "sd15": {"diffusers_eager": 54.5, "torch_compile": 66.0, "stable_fast": 104.6}
 }
-GUIDANCE = 7.5
 TOKENS = 77
-TOL = 1e-3
-SD_SCHEDULER = dict(
-    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1
-)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,7 +136,9 @@ def ours(folder: str, dtype: str, steps: int):
         return nnx.merge(graph, state)(z, t, cond["text"], added_cond=cond.get("added"))
 
     diffusion = diffusion_config.diffusion_config(
-        schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+        schedule=SD_BETAS["beta_schedule"],
+        beta_start=SD_BETAS["beta_start"],
+        beta_end=SD_BETAS["beta_end"],
     )
     sample = diffusion_config.sample_config(
         sampler="dpmpp_2m", steps=steps, steps_offset=1, guidance_scale=GUIDANCE
@@ -180,7 +178,7 @@ def theirs(folder: str, dtype: str, steps: int, side: str):
     unet = unet.to(device).eval()
     if side in COMPILE_MODES:
         unet = torch.compile(unet, mode=COMPILE_MODES[side])
-    scheduler = diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULER)
+    scheduler = SCHEDULERS["dpmpp_2m"]()
     graphs = side == "diffusers_reduce_overhead" and device.type == "cuda"
 
     def put(*arrays):
@@ -260,16 +258,6 @@ def build_weights(folder: str, unet: str, latent: int, dtype: str) -> int:
     return params
 
 
-def versions() -> dict:
-    out = {}
-    for name in ("jax", "flax", "torch", "diffusers"):
-        try:
-            out[name] = __import__(name).__version__
-        except ImportError:
-            out[name] = None
-    return out
-
-
 def drive(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
@@ -286,9 +274,7 @@ def drive(args) -> None:
             guidance_scale=GUIDANCE,
             repeats=args.repeats,
             build_s=time.perf_counter() - start,
-            cpus=os.cpu_count(),
-            note=args.note,
-            **versions(),
+            **sd_unet_forward._env(args, os.getloadavg()),
         )
         if args.unet in PUBLISHED_H100_IT_S and args.latent == UNETS[args.unet]["sample_size"]:
             common["published_h100_it_per_s"] = PUBLISHED_H100_IT_S[args.unet]

@@ -415,6 +415,18 @@ def _versions():
     }
 
 
+def _allocator() -> str:
+    """The malloc both sides run on: "tcmalloc" or "jemalloc" where one is loaded into this
+    process (LD_PRELOAD), else "libc". Both sides' steps allocate and free large buffers
+    every step, and the allocator moves both (bench/README.md)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    return next((name for name in ("tcmalloc", "jemalloc") if name in maps), "libc")
+
+
 def _env():
     return dict(
         machine=platform.processor() or platform.machine(),
@@ -422,6 +434,7 @@ def _env():
         jax_backend=jax.default_backend(),
         jax_device=str(jax.devices()[0].device_kind),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+        allocator=_allocator(),
         loadavg_1m=round(os.getloadavg()[0], 2),
         versions=_versions(),
     )

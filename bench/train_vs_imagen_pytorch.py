@@ -84,6 +84,7 @@ from torch.utils import flop_counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from imagen_jax import logs  # noqa: E402
 from imagen_jax.diffusion import losses, schedules  # noqa: E402
 from imagen_jax.diffusion.adapter import model_fn  # noqa: E402
 from imagen_jax.models import imagen_unet  # noqa: E402
@@ -415,18 +416,6 @@ def _versions():
     }
 
 
-def _allocator() -> str:
-    """The malloc both sides run on: "tcmalloc" or "jemalloc" where one is loaded into this
-    process (LD_PRELOAD), else "libc". Both sides' steps allocate and free large buffers
-    every step, and the allocator moves both (bench/README.md)."""
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        return "unknown"
-    return next((name for name in ("tcmalloc", "jemalloc") if name in maps), "libc")
-
-
 def _env():
     return dict(
         machine=platform.processor() or platform.machine(),
@@ -434,7 +423,7 @@ def _env():
         jax_backend=jax.default_backend(),
         jax_device=str(jax.devices()[0].device_kind),
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
-        allocator=_allocator(),
+        allocator=logs.allocator(),  # moves both sides (bench/README.md)
         loadavg_1m=round(os.getloadavg()[0], 2),
         versions=_versions(),
     )

@@ -64,3 +64,21 @@ def test_verbosity_shows_them(tmp_path):
     assert "Unable to initialize backend 'tpu'" in log
     assert any("orbax" in line or "checkpoint" in line for line in info), log
     assert len(info) > 3
+
+
+def test_allocator_reads_the_process_map_and_the_cpu_note_names_tcmalloc(tmp_path):
+    from imagen_jax import logs
+
+    glibc = tmp_path / "glibc"
+    glibc.write_text("7f00-7f10 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    tcmalloc = tmp_path / "tcmalloc"
+    tcmalloc.write_text(
+        glibc.read_text() + "7f20-7f30 r-xp 0 08:01 2 /usr/lib/libtcmalloc_minimal.so.4\n"
+    )
+    assert logs.allocator(str(glibc)) == "libc"
+    assert logs.allocator(str(tcmalloc)) == "tcmalloc"
+    assert logs.allocator(str(tmp_path / "absent")) == "unknown"
+    note = logs.cpu_allocator_note("cpu", str(glibc))
+    assert "LD_PRELOAD=" + logs.TCMALLOC in note and "docs/training.md" in note
+    assert logs.cpu_allocator_note("cpu", str(tcmalloc)) is None
+    assert logs.cpu_allocator_note("gpu", str(glibc)) is None

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from imagen_jax import parallel
+from imagen_jax import logs, parallel
 from imagen_jax.text.config import encode_captions
 from imagen_jax.training import checkpoint as ckpt_lib
 from imagen_jax.training import input as input_lib
@@ -141,6 +141,9 @@ def make_state(config, net, tx, mesh, checkpointer, data_iterator):
         rest = state_lib.init_rest(config, net, mesh)
         logging.info("Resumed from %s/%d", checkpointer.directory, latest)
     rest = state_lib.with_frozen_base(config, net, rest)
+    note = logs.cpu_allocator_note(jax.default_backend())
+    if note:
+        logging.info(note)
     logging.info(
         "Mesh %s; sharded parameters:\n%s",
         dict(mesh.shape),

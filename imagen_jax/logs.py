@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import platform
 
 from absl import flags
 
@@ -61,7 +62,8 @@ def quiet_logs() -> None:
         absl_logger.addFilter(_DropPackageInfo(_package_folders(QUIET_PACKAGES)))
 
 
-TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"  # Debian's libtcmalloc-minimal4
+# Debian's libtcmalloc-minimal4, in its multiarch folder (x86_64-linux-gnu, aarch64-linux-gnu).
+TCMALLOC = f"/usr/lib/{platform.machine()}-linux-gnu/libtcmalloc_minimal.so.4"
 
 
 def allocator(maps: str = "/proc/self/maps") -> str:

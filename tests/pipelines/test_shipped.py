@@ -137,3 +137,17 @@ def test_an_unknown_model_is_one_line_from_sample_py(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("sample.py: ValueError: --model='bogus': the shipped models are ")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_latent_resume_point_loads_and_is_not_shipped(tmp_path):
+    """checkpoints/shapes/latent holds the MMDiT still in training: its weights fit its
+    stage.json and the VAE beside it, and --model=latent refuses it until it ships."""
+    folder = shipped.ROOT / "latent"
+    stage = stages.load_stage(str(folder))
+    assert isinstance(stage, stages.LatentStage) and stage.family == "mmdit"
+    assert stage.domain == "shapes" and stage.resolution == 64
+    assert stage.network_config.in_channels == stage.vae.config.latent_channels
+    assert not shipped.MODELS["latent"].released
+    with pytest.raises(FileNotFoundError, match="holds a run still in training"):
+        _job(model="latent", outdir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ timed; see bench/text_encode.py and bench/data_pipeline.py for those.
 
     python bench/train_step.py                                # runlocal, shapes_base, shapes_sr
     python bench/train_step.py --configs=shapes_base --batch=64 --steps=20
+    python bench/train_step.py --configs=shapes_mmdit      # the latent MMDiT, random latents
 
 Prints one JSON line per config: the median over --repeats timings of --steps steps,
 after a compiled warm-up step (`compile_s` is the first call: trace, compile, run).
@@ -37,6 +38,7 @@ CONFIGS = {  # name -> (config file, arg)
     "runlocal_sr": ("shapes_sr", "runlocal"),
     "shapes_base": ("shapes_base", ""),
     "shapes_sr": ("shapes_sr", ""),
+    "shapes_mmdit": ("shapes_mmdit", ""),
 }
 
 
@@ -51,6 +53,11 @@ def synthetic_batch(config, net, batch: int, mesh, seed: int = 0):
     }
     if low:
         local["low_res"] = rng.integers(0, 256, (batch, low, low, 3), np.uint8)
+    transformer = getattr(net.cfg, "transformer", None)
+    if transformer is not None:  # a latent MMDiT: the VAE's latents, as the trainer passes them
+        side = transformer.sample_size
+        local["latents"] = rng.normal(size=(batch, side, side, transformer.in_channels))
+        local["latents"] = local["latents"].astype(np.float32)
     return parallel.global_batch(local, mesh)
 
 

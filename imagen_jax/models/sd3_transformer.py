@@ -53,6 +53,7 @@ from flax import nnx
 
 from imagen_jax.models import diffusers_loading
 from imagen_jax.models.attention import dot_product_attention
+from imagen_jax.models.cpu_fusion import materialize
 from imagen_jax.models.sd_unet import (
     TimestepEmbedding,
     sinusoidal_embedding,
@@ -533,6 +534,8 @@ class SD3Transformer(nnx.Module):
         temb = self.time_text_embed(t, jnp.asarray(pooled).astype(self.dtype))  # [B, D]
         text = self.context_embedder(jnp.asarray(context).astype(self.dtype))  # [B, L, D]
         for block in self.transformer_blocks:
+            # Each block reads its residual stream once written (see models/cpu_fusion.py).
+            tokens, text = materialize(tokens), materialize(text)
             tokens, text = block(tokens, text, temb)
         out = self.proj_out(self.norm_out(tokens, temb))  # [B, N, p * p * C]
         h, w, co = hh // p, ww // p, c.output_channels

@@ -523,7 +523,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
         lr=1e-4,  # peak learning rate
         warmup_steps=1000,  # linear warm-up from 0
         decay="cosine",  # cosine | linear | constant (after the warm-up)
-        end_lr_factor=0.0,  # final lr = lr * end_lr_factor (cosine, linear)
+        end_lr_factor=0.0,  # final lr = lr * end_lr_factor (cosine, linear, cool-down)
+        cooldown_steps=0,  # constant only: linear decay over the last N of train.steps
         b1=0.9,
         b2=0.999,
         eps=1e-8,
@@ -655,6 +656,7 @@ _NUMBER_RULES = (
     ("optim.lr", (0,), None, "real"),
     ("optim.warmup_steps", 0, None, "int"),
     ("optim.end_lr_factor", 0, None, "real"),
+    ("optim.cooldown_steps", 0, None, "int"),
     ("optim.b1", 0, (1,), "real"),
     ("optim.b2", 0, (1,), "real"),
     ("optim.eps", 0, None, "real"),

@@ -214,9 +214,23 @@ def init_params_and_rest(net: Network, key):
 
 def make_lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine | linear decay to
-    `lr * end_lr_factor` at `total_steps`, or constant."""
+    `lr * end_lr_factor` at `total_steps`, or constant. A constant schedule with
+    `cooldown_steps` > 0 decays linearly to `lr * end_lr_factor` over the last
+    `cooldown_steps` before `total_steps` (warm-up, stable, decay: a constant-rate run that
+    is extended by resuming ends with its own cool-down, set when resuming for the last
+    time)."""
     warmup = max(0, int(cfg.warmup_steps))
     end = cfg.lr * cfg.end_lr_factor
+    cooldown = int(cfg.get("cooldown_steps", 0))
+    if cooldown and cfg.decay != "constant":
+        raise ValueError(f"optim.cooldown_steps={cooldown} needs optim.decay='constant'")
+    if cooldown:
+        start = max(warmup, total_steps - cooldown)
+        parts = [optax.linear_schedule(0.0, cfg.lr, warmup)] if warmup else []
+        parts += [optax.constant_schedule(cfg.lr)] if start > warmup else []
+        parts += [optax.linear_schedule(cfg.lr, end, max(1, total_steps - start))]
+        bounds = ([warmup] if warmup else []) + ([start] if start > warmup else [])
+        return optax.join_schedules(parts, bounds)
     if cfg.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=end

@@ -80,6 +80,23 @@ def test_lr_schedules():
     cfg.decay = "constant"
     sched = state_lib.make_lr_schedule(cfg, total_steps=110)
     np.testing.assert_allclose([sched(5), sched(1000)], [0.5, 1.0], atol=1e-6)
+    cfg.cooldown_steps = 40  # constant, then linear to lr * end_lr_factor over the last 40
+    sched = state_lib.make_lr_schedule(cfg, total_steps=110)
+    np.testing.assert_allclose(
+        [sched(5), sched(10), sched(70), sched(90), sched(110), sched(200)],
+        [0.5, 1, 1, 0.55, 0.1, 0.1],
+        atol=1e-6,
+    )
+    cfg.cooldown_steps = 105  # longer than what follows the warm-up: decays from its end
+    sched = state_lib.make_lr_schedule(cfg, total_steps=110)
+    np.testing.assert_allclose([sched(10), sched(60), sched(110)], [1, 0.55, 0.1], atol=1e-6)
+    cfg.warmup_steps = 0
+    sched = state_lib.make_lr_schedule(cfg, total_steps=110)
+    np.testing.assert_allclose([sched(0), sched(5), sched(110)], [1, 1, 0.1], atol=1e-6)
+    cfg.decay = "linear"
+    with pytest.raises(ValueError, match="optim.cooldown_steps=105 needs"):
+        state_lib.make_lr_schedule(cfg, total_steps=110)
+    cfg.cooldown_steps = 0
     cfg.decay = "step"
     with pytest.raises(ValueError, match="optim.decay"):
         state_lib.make_lr_schedule(cfg, total_steps=110)

@@ -6,9 +6,10 @@ outputs (x + gate * attn + gate * mlp + ...). XLA's CPU fusion duplicates cheap 
 producers into every consumer, and does so across blocks: in the backward pass, each
 consumer of block k's residual (its norms' statistics, the transposed activations of its
 weight gradients) recomputed the whole chain from the embedding onward, quadratic in the
-depth. In the 6-block shapes MMDiT's train step those recomputing copies took 0.5 of the
-step's 0.6 s. `jax.lax.optimization_barrier` does not help there: the CPU compiler expands
-barriers before it fuses.
+depth. In the 6-block shapes MMDiT's train step those recomputing copies took 534 of the
+873 ms of operation time in a profile; with `materialize` the step takes 250 ms, not 605
+(bench/README.md, train_step.py). `jax.lax.optimization_barrier` does not help there: the
+CPU compiler expands barriers before it fuses.
 
 `materialize(x)` divides x by a one computed at run time (1 + 0 * one element of x): an
 exact identity (x / 1 == x in IEEE arithmetic, and the gradient passes through as g / 1;

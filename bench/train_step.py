@@ -56,8 +56,8 @@ def synthetic_batch(config, net, batch: int, mesh, seed: int = 0):
     transformer = getattr(net.cfg, "transformer", None)
     if transformer is not None:  # a latent MMDiT: the VAE's latents, as the trainer passes them
         side = transformer.sample_size
-        local["latents"] = rng.normal(size=(batch, side, side, transformer.in_channels))
-        local["latents"] = local["latents"].astype(np.float32)
+        shape = (batch, side, side, transformer.in_channels)
+        local["latents"] = rng.normal(size=shape).astype(np.float32)
     return parallel.global_batch(local, mesh)
 
 

@@ -224,13 +224,6 @@ def make_lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.
     cooldown = int(cfg.get("cooldown_steps", 0))
     if cooldown and cfg.decay != "constant":
         raise ValueError(f"optim.cooldown_steps={cooldown} needs optim.decay='constant'")
-    if cooldown:
-        start = max(warmup, total_steps - cooldown)
-        parts = [optax.linear_schedule(0.0, cfg.lr, warmup)] if warmup else []
-        parts += [optax.constant_schedule(cfg.lr)] if start > warmup else []
-        parts += [optax.linear_schedule(cfg.lr, end, max(1, total_steps - start))]
-        bounds = ([warmup] if warmup else []) + ([start] if start > warmup else [])
-        return optax.join_schedules(parts, bounds)
     if cfg.decay == "cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=end
@@ -239,6 +232,10 @@ def make_lr_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.
         decay = optax.linear_schedule(cfg.lr, end, max(1, total_steps - warmup))
     elif cfg.decay == "constant":
         decay = optax.constant_schedule(cfg.lr)
+        if cooldown:  # counted from the warm-up's end, as `decay` is
+            stable = max(0, total_steps - warmup - cooldown)
+            tail = optax.linear_schedule(cfg.lr, end, max(1, total_steps - warmup - stable))
+            decay = optax.join_schedules([decay, tail], [stable])
     else:
         raise ValueError(f"optim.decay={cfg.decay!r}; expected cosine | linear | constant")
     if not warmup:

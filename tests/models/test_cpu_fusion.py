@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from imagen_jax.models import latent_mmdit
 from imagen_jax.models import sd3_transformer as sd3
 from imagen_jax.models.cpu_fusion import materialize
 
@@ -30,27 +31,20 @@ def test_materialize_is_an_exact_identity_and_passes_gradients_unchanged():
 
 def _fusion_sizes(layers: int) -> tuple[int, int]:
     """(largest, total) instruction counts of the fused computations in the compiled
-    gradient of a tiny SD3 transformer with `layers` blocks."""
-    cfg = sd3.SD3TransformerConfig(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=layers,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=24,
-        caption_projection_dim=16,
-        pooled_projection_dim=20,
-        out_channels=4,
-        pos_embed_max_size=None,
-    )
+    gradient of the runlocal MMDiT's SD3 transformer with `layers` blocks."""
+    cfg = latent_mmdit.make_config("runlocal", num_layers=layers).transformer
     graphdef, params = nnx.split(sd3.SD3Transformer(cfg, rngs=nnx.Rngs(0)))
 
     def loss(p, x, context, pooled):
         out = nnx.merge(graphdef, p)(x, jnp.array([500.0, 20.0]), context, pooled)
         return jnp.sum(out**2)
 
-    args = (jnp.ones((2, 8, 8, 4)), jnp.ones((2, 5, 24)), jnp.ones((2, 20)))
+    side, width = cfg.sample_size, cfg.joint_attention_dim
+    args = (
+        jnp.ones((2, side, side, cfg.in_channels)),
+        jnp.ones((2, 5, width)),
+        jnp.ones((2, width)),
+    )
     hlo = jax.jit(jax.grad(loss)).lower(params, *args).compile().as_text()
     computations = re.split(r"\n(?=%?\S+ \(|ENTRY)", hlo)
     sizes = [c.count("\n") for c in computations if c.lstrip("%").startswith("fused_computation")]

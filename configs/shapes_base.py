@@ -16,6 +16,8 @@ conditioned on all-MiniLM-L6-v2 (384-dim tokens).
         --config.train.aux_losses.counterfactual.weight=0.05 --config.data.counterfactuals=colors
     python train.py --config=configs/shapes_base.py:shipped --workdir=... \
         --config.train.init_from=checkpoints/shapes/base  # go on training the shipped base
+    python train.py --config=configs/shapes_base.py:width=22 --workdir=... \
+        --config.data.wordings=train  # a 3.7 M-parameter plain UNet, the shapes MMDiT's size
 
 `shipped` gives the network of the shipped `checkpoints/shapes/base` (`SHIPPED_BASE`; a
 test holds it to the stage's stage.json), so commands that start from the shipped base
@@ -80,9 +82,12 @@ def shapes_config(*, res: int, batch: int, steps: int, fsdp: int = 1):
 # The network settings of the shipped base stage, checkpoints/shapes/base (its stage.json).
 SHIPPED_BASE = dict(text_refiner=2, layout_grid=4, layout_depth=2)
 
-# The network settings a config arg can give, with their defaults (a plain UNet).
+# The network settings a config arg can give, with their defaults (a plain UNet). `width`:
+# the UNet's first-level channels (0: the variant's 32); its attention heads and GroupNorm
+# groups follow it (head_dim = groups = width), so that every level keeps the variant's
+# heads and channels a group: width=22 is a 3.7 M-parameter plain UNet (the variant's 6.5 M).
 NETWORK_ARGS = dict(
-    pos_emb=False, text_refiner=0, layout_grid=0, layout_text="frozen", layout_depth=0
+    pos_emb=False, text_refiner=0, layout_grid=0, layout_text="frozen", layout_depth=0, width=0
 )
 
 
@@ -93,8 +98,10 @@ def get_config(arg=None):
         arg_spec.update(SHIPPED_BASE)
     arg = parse_arg(arg, **arg_spec)
     config = shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
+    width = {} if not arg.width else dict(channels=arg.width, head_dim=arg.width, groups=arg.width)
     config.model = training.model_config(
         variant="shapes_base",
+        **width,
         resolution=arg.res,
         text_dim=384,
         pos_emb=arg.pos_emb,

@@ -256,3 +256,27 @@ def test_the_shipped_arg_is_the_network_of_the_shipped_shapes_base():
     plain = stage_config("shapes_base", "shipped,text_refiner=0").model
     assert (plain.text_refiner, plain.layout_grid) == (0, 4)
     assert stage_config("shapes_base", "").model.text_refiner == 0
+
+
+
+def test_the_width_arg_scales_the_shapes_base_to_the_mmdits_size():
+    """`configs/shapes_base.py:width=22` is the plain UNet of the equal-parameter comparison
+    with the shapes MMDiT: within 5% of the MMDiT's parameters, every level with the
+    variant's heads and channels a group."""
+    import jax
+
+    from imagen_jax.training import state as state_lib
+
+    def count(model):
+        params = state_lib.make_network(model).abstract_params
+        return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+    default = training.unet_config(stage_config("shapes_base", "").model)
+    unet = training.unet_config(stage_config("shapes_base", "width=22").model)
+    assert (unet.channels, unet.head_dim, unet.groups) == (22, 22, 22)
+    for mult in unet.channel_mult:  # heads and channels a group, level by level
+        assert mult * unet.channels // unet.head_dim == mult * default.channels // default.head_dim
+        assert mult * unet.channels // unet.groups == mult * default.channels // default.groups
+    pixel = count(stage_config("shapes_base", "width=22").model)
+    mmdit = count(stage_config("shapes_mmdit", "").model)
+    assert abs(pixel / mmdit - 1) < 0.05, (pixel, mmdit)

@@ -258,7 +258,6 @@ def test_the_shipped_arg_is_the_network_of_the_shipped_shapes_base():
     assert stage_config("shapes_base", "").model.text_refiner == 0
 
 
-
 def test_the_width_arg_scales_the_shapes_base_to_the_mmdits_size():
     """`configs/shapes_base.py:width=22` is the plain UNet of the equal-parameter comparison
     with the shapes MMDiT: within 5% of the MMDiT's parameters, every level with the

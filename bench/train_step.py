@@ -9,6 +9,7 @@ timed; see bench/text_encode.py and bench/data_pipeline.py for those.
     python bench/train_step.py                                # runlocal, shapes_base, shapes_sr
     python bench/train_step.py --configs=shapes_base --batch=64 --steps=20
     python bench/train_step.py --configs=shapes_mmdit      # the latent MMDiT, random latents
+    python bench/train_step.py --configs=shapes_base_w22,shapes_mmdit  # equal parameters
 
 Prints one JSON line per config: the median over --repeats timings of --steps steps,
 after a compiled warm-up step (`compile_s` is the first call: trace, compile, run).
@@ -27,6 +28,7 @@ import time
 
 import jax
 import numpy as np
+from unet_train_step import xla_flops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -39,6 +41,7 @@ CONFIGS = {  # name -> (config file, arg)
     "shapes_base": ("shapes_base", ""),
     "shapes_sr": ("shapes_sr", ""),
     "shapes_mmdit": ("shapes_mmdit", ""),
+    "shapes_base_w22": ("shapes_base", "width=22"),  # the plain UNet of the MMDiT's size
 }
 
 
@@ -82,6 +85,7 @@ def bench(name: str, args) -> dict:
     mesh = loop.make_mesh(config)
     with jax.set_mesh(mesh):
         net, step, state, rest, batch = trainer_step(config, mesh)
+        flops = xla_flops(step.lower(state, rest, batch))
         start = time.perf_counter()
         state, metrics = step(state, rest, batch)
         jax.block_until_ready(metrics)
@@ -109,6 +113,8 @@ def bench(name: str, args) -> dict:
         compile_s=round(compile_s, 2),
         step_ms=round(1000 * step_s, 2),
         images_per_s=round(config.data.batch_size / step_s, 2),
+        # XLA's cost analysis of the lowered step (every op, not only products), per image
+        gflop_per_image=None if flops is None else round(flops / config.data.batch_size / 1e9, 3),
         loss=float(metrics["loss"]),
         device=jax.devices()[0].device_kind,
         backend=jax.default_backend(),

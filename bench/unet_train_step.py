@@ -92,7 +92,7 @@ def random_model(cfg, dtype):
     return graphdef, fill(), rest
 
 
-def _flops(stage) -> float | None:
+def xla_flops(stage) -> float | None:
     """FLOPs of a jax.stages.Lowered or Compiled from XLA's cost analysis (None where the
     backend gives none: a GPU plug-in's lowered module)."""
     cost = stage.cost_analysis()
@@ -132,7 +132,7 @@ def model_flops(cfg, dtype, optimizer, schedule, args) -> float:
     graphdef, params, rest = _abstract_model(cfg, dtype)[1]
     opt_state = jax.eval_shape(optimizer.init, params)
     step = make_step(graphdef, rest, optimizer, schedule)
-    flops = _flops(step.lower(params, opt_state, _batch_shapes(cfg, args), jax.random.key(0)))
+    flops = xla_flops(step.lower(params, opt_state, _batch_shapes(cfg, args), jax.random.key(0)))
     _use_attention(args.attention)
     if flops is None:
         raise RuntimeError(f"no cost analysis of the lowered step on {jax.default_backend()}")
@@ -204,7 +204,7 @@ def main():
     clock = time.perf_counter()
     compiled = lowered.compile()
     compile_s = phase("compiled", clock)
-    compiled_flops = _flops(compiled)
+    compiled_flops = xla_flops(compiled)
 
     params, opt_state, loss = step(params, opt_state, batch, key)  # warm-up
     jax.block_until_ready(loss)

@@ -9,7 +9,7 @@ timed; see bench/text_encode.py and bench/data_pipeline.py for those.
     python bench/train_step.py                                # runlocal, shapes_base, shapes_sr
     python bench/train_step.py --configs=shapes_base --batch=64 --steps=20
     python bench/train_step.py --configs=shapes_mmdit      # the latent MMDiT, random latents
-    python bench/train_step.py --configs=shapes_base_w22,shapes_mmdit  # equal parameters
+    python bench/train_step.py --configs=shapes_base_w22,shapes_mmdit,shapes_latent_w32  # same size
 
 Prints one JSON line per config: the median over --repeats timings of --steps steps,
 after a compiled warm-up step (`compile_s` is the first call: trace, compile, run).
@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imagen_jax import parallel, training  # noqa: E402
 from imagen_jax.training import loop  # noqa: E402
 
+LATENT_FACTOR = 4  # the shapes VAE's downsampling: 64 px scenes, 16 x 16 latents
 CONFIGS = {  # name -> (config file, arg)
     "runlocal": ("shapes_base", "runlocal"),
     "runlocal_sr": ("shapes_sr", "runlocal"),
@@ -42,6 +43,8 @@ CONFIGS = {  # name -> (config file, arg)
     "shapes_sr": ("shapes_sr", ""),
     "shapes_mmdit": ("shapes_mmdit", ""),
     "shapes_base_w22": ("shapes_base", "width=22"),  # the plain UNet of the MMDiT's size
+    # the latent UNet of the MMDiT's size, with its objective (random latents)
+    "shapes_latent_w32": ("shapes_latent", "width=32,layers=1,objective=flow"),
 }
 
 
@@ -56,10 +59,9 @@ def synthetic_batch(config, net, batch: int, mesh, seed: int = 0):
     }
     if low:
         local["low_res"] = rng.integers(0, 256, (batch, low, low, 3), np.uint8)
-    transformer = getattr(net.cfg, "transformer", None)
-    if transformer is not None:  # a latent MMDiT: the VAE's latents, as the trainer passes them
-        side = transformer.sample_size
-        shape = (batch, side, side, transformer.in_channels)
+    if config.get("latent") is not None:  # a latent stage: the VAE's latents, as the
+        side = res // LATENT_FACTOR  # trainer passes them (the shapes VAE's factor)
+        shape = (batch, side, side, net.cfg.in_channels)
         local["latents"] = rng.normal(size=shape).astype(np.float32)
     return parallel.global_batch(local, mesh)
 

@@ -16,6 +16,17 @@ swaps the text for a learned null text (`models/latent_unet.py`), not for the en
 "". The sample grid decodes the sampled latents with the VAE. Periodic evaluation is
 configured as configs/shapes_base.py's (the shapes judge on held-out prompts, off until
 `evals.every` is set) and samples through the VAE as sample.py samples the exported stage.
+
+The third arm of the equal-parameter comparison (docs/training.md): `width=32,layers=1`
+scales the UNet to the shapes MMDiT's size (3.4 M parameters: channels width x (1, 2, 4),
+width/2 GroupNorm groups and width/8 heads, so every level keeps the variant's channels a
+group and head widths), and `objective=flow` trains it with the MMDiT's objective and
+sampler (`rectified_flow`: rectified flow, logit-normal times, flow-matching Euler), on
+the training wordings (`wordings=train`); squares only, as a UNet that halves its
+latents twice cannot take the MMDiT's 14 x 18 or 12 x 22 latent canvases.
+
+    python train.py --workdir=/tmp/shapes_latent_w32 --config=configs/shapes_latent.py:\
+vae=checkpoints/shapes/latent/vae,width=32,layers=1,objective=flow,wordings=train
 """
 
 from configs import common, shapes_base
@@ -24,8 +35,31 @@ from imagen_jax.config_utils import parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, res=64, batch=32, steps=100_000, vae="", fsdp=1)
+    arg = parse_arg(
+        arg,
+        runlocal=False,
+        res=64,
+        batch=32,
+        steps=100_000,
+        vae="",
+        fsdp=1,
+        width=0,
+        layers=0,
+        objective="eps",
+        wordings="grammar",
+    )
     config = shapes_base.shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
+    config.data.wordings = arg.wordings
+    widths = {}
+    if arg.width:  # the variant's 64 wide: 32 groups, 8 heads
+        if arg.width % 8:
+            raise ValueError(f"width must be a multiple of 8 (width/8 heads), got {arg.width}")
+        w = arg.width
+        widths = dict(
+            block_out_channels=(w, 2 * w, 4 * w), norm_num_groups=w // 2, attention_head_dim=w // 8
+        )
+    if arg.layers:
+        widths["layers_per_block"] = arg.layers
     config.model = training.model_config(
         family="sd_unet",
         variant="shapes_latent",
@@ -33,14 +67,20 @@ def get_config(arg=None):
         in_channels=4,  # the VAE's latent_channels
         out_channels=4,
         cross_attention_dim=384,
+        **widths,
     )
     config.latent = training.latent_config(vae=arg.vae, sample_posterior=True)
-    config.diffusion.schedule = "scaled_linear"  # Stable Diffusion's 1000 discrete steps
-    config.diffusion.beta_start = 0.00085  # and its betas
-    config.diffusion.beta_end = 0.012
-    config.diffusion.prediction = "eps"
     config.diffusion.resolution = arg.res
-    config.train.loss.weighting = "min_snr"
+    if arg.objective == "flow":
+        rectified_flow(config)
+    elif arg.objective == "eps":
+        config.diffusion.schedule = "scaled_linear"  # Stable Diffusion's 1000 discrete steps
+        config.diffusion.beta_start = 0.00085  # and its betas
+        config.diffusion.beta_end = 0.012
+        config.diffusion.prediction = "eps"
+        config.train.loss.weighting = "min_snr"
+    else:
+        raise ValueError(f"objective must be 'eps' or 'flow', got {arg.objective!r}")
     if arg.runlocal:
         common.runlocal(config)
         config.model = training.model_config(
@@ -48,3 +88,19 @@ def get_config(arg=None):
         )
         config.latent.vae = arg.vae or "random"
     return config
+
+
+def rectified_flow(config, shift: float = 1.0):
+    """SD 3's objective and sampler on `config` (Esser et al. 2024): z_t = (1 - t) x0 + t eps,
+    the velocity eps - x0 predicted in the flow space with an unweighted loss, t drawn
+    logit-normal with the resolution shift `shift`; sampled by flow-matching Euler, 28
+    linearly spaced steps."""
+    config.diffusion.schedule = "flow"
+    config.diffusion.prediction = "flow"
+    config.diffusion.model_space = "flow"
+    config.diffusion.flow_shift = shift
+    config.train.loss.weighting = "uniform"
+    config.train.loss.time_sampling = "logit_normal"
+    config.sample.sampler = "flow_euler"
+    config.sample.steps = 28
+    config.sample.spacing = "linspace"

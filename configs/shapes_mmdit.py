@@ -27,7 +27,7 @@ accuracy on the held-out shapes prompts), off until `evals.every` is set
 Euler sampler and decodes them with the VAE, as sample.py samples the exported stage.
 """
 
-from configs import common, shapes_base
+from configs import common, shapes_base, shapes_latent
 from imagen_jax import training
 from imagen_jax.config_utils import parse_arg
 
@@ -63,16 +63,8 @@ def get_config(arg=None):
         adaln_zero=True,  # DiT's initialization: blocks start as the identity
     )
     config.latent = training.latent_config(vae=arg.vae, sample_posterior=True)
-    config.diffusion.schedule = "flow"
-    config.diffusion.prediction = "flow"
-    config.diffusion.model_space = "flow"
-    config.diffusion.flow_shift = arg.shift
     config.diffusion.resolution = arg.res
-    config.train.loss.weighting = "uniform"
-    config.train.loss.time_sampling = "logit_normal"
-    config.sample.sampler = "flow_euler"
-    config.sample.steps = 28
-    config.sample.spacing = "linspace"
+    shapes_latent.rectified_flow(config, arg.shift)
     if arg.runlocal:
         common.runlocal(config)
         config.data.buckets = ""

@@ -279,3 +279,38 @@ def test_the_width_arg_scales_the_shapes_base_to_the_mmdits_size():
     pixel = count(stage_config("shapes_base", "width=22").model)
     mmdit = count(stage_config("shapes_mmdit", "").model)
     assert abs(pixel / mmdit - 1) < 0.05, (pixel, mmdit)
+
+
+def test_the_latent_unet_of_the_mmdits_size_trains_with_its_objective():
+    """`configs/shapes_latent.py:width=32,layers=1,objective=flow` is the third arm of the
+    equal-parameter comparison: a latent UNet within 5% of the MMDiT's parameters, with the
+    variant's channels a group and head width at every level, trained and sampled with the
+    MMDiT's objective on the same VAE and wordings."""
+    import jax
+
+    from imagen_jax.training import state as state_lib
+
+    def count(model):
+        params = state_lib.make_network(model).abstract_params
+        return sum(leaf.size for leaf in jax.tree.leaves(params))
+
+    arg = "vae=V,width=32,layers=1,objective=flow,wordings=train"
+    latent, mmdit = stage_config("shapes_latent", arg), stage_config("shapes_mmdit", "vae=V")
+    default = stage_config("shapes_latent", "").model
+    unet = training.make_network(latent.model).cfg.unet
+    assert unet.block_out_channels == (32, 64, 128) and unet.layers_per_block == 1
+    base = training.make_network(default).cfg.unet
+    for ch, base_ch in zip(unet.block_out_channels, base.block_out_channels, strict=True):
+        assert ch // unet.norm_num_groups == base_ch // base.norm_num_groups
+        assert ch // unet.attention_head_dim == base_ch // base.attention_head_dim
+    assert abs(count(latent.model) / count(mmdit.model) - 1) < 0.05
+    for group in ("diffusion", "sample"):
+        assert latent[group].to_dict() == mmdit[group].to_dict(), group
+    assert latent.train.loss.to_dict() == mmdit.train.loss.to_dict()
+    assert latent.latent.vae == mmdit.latent.vae == "V"
+    assert latent.data.wordings == mmdit.data.wordings == "train"
+    assert stage_config("shapes_latent", "").diffusion.prediction == "eps"
+    with pytest.raises(ValueError, match="objective"):
+        stage_config("shapes_latent", "objective=v")
+    with pytest.raises(ValueError, match="width must be a multiple of 8"):
+        stage_config("shapes_latent", "width=20")

@@ -23,7 +23,10 @@ width/2 GroupNorm groups and width/8 heads, so every level keeps the variant's c
 group and head widths), and `objective=flow` trains it with the MMDiT's objective and
 sampler (`rectified_flow`: rectified flow, logit-normal times, flow-matching Euler), on
 the training wordings (`wordings=train`); squares only, as a UNet that halves its
-latents twice cannot take the MMDiT's 14 x 18 or 12 x 22 latent canvases.
+latents twice cannot take the MMDiT's 14 x 18 or 12 x 22 latent canvases. `objective=v`
+trains it with the pixel base's instead (v-prediction on the cosine schedule, min-SNR-5
+weights, DPM-Solver++(2M) in 20 steps: `shapes_base.shapes_config`'s), which separates the
+objective from the latent space.
 
     python train.py --workdir=/tmp/shapes_latent_w32 --config=configs/shapes_latent.py:\
 vae=checkpoints/shapes/latent/vae,width=32,layers=1,objective=flow,wordings=train
@@ -79,8 +82,8 @@ def get_config(arg=None):
         config.diffusion.beta_end = 0.012
         config.diffusion.prediction = "eps"
         config.train.loss.weighting = "min_snr"
-    else:
-        raise ValueError(f"objective must be 'eps' or 'flow', got {arg.objective!r}")
+    elif arg.objective != "v":  # v: the pixel base's (shapes_config's) objective and sampler
+        raise ValueError(f"objective must be 'eps', 'flow' or 'v', got {arg.objective!r}")
     if arg.runlocal:
         common.runlocal(config)
         config.model = training.model_config(

@@ -310,7 +310,12 @@ def test_the_latent_unet_of_the_mmdits_size_trains_with_its_objective():
     assert latent.latent.vae == mmdit.latent.vae == "V"
     assert latent.data.wordings == mmdit.data.wordings == "train"
     assert stage_config("shapes_latent", "").diffusion.prediction == "eps"
+    v, pixel = stage_config("shapes_latent", "objective=v"), stage_config("shapes_base", "")
+    assert v.sample.to_dict() == pixel.sample.to_dict()
+    assert v.train.loss.to_dict() == pixel.train.loss.to_dict()
+    for key in ("schedule", "prediction", "model_space", "logsnr_min", "logsnr_max"):
+        assert v.diffusion[key] == pixel.diffusion[key], key
     with pytest.raises(ValueError, match="objective"):
-        stage_config("shapes_latent", "objective=v")
+        stage_config("shapes_latent", "objective=x0")
     with pytest.raises(ValueError, match="width must be a multiple of 8"):
         stage_config("shapes_latent", "width=20")

@@ -262,22 +262,14 @@ def test_the_width_arg_scales_the_shapes_base_to_the_mmdits_size():
     """`configs/shapes_base.py:width=22` is the plain UNet of the equal-parameter comparison
     with the shapes MMDiT: within 5% of the MMDiT's parameters, every level with the
     variant's heads and channels a group."""
-    import jax
-
-    from imagen_jax.training import state as state_lib
-
-    def count(model):
-        params = state_lib.make_network(model).abstract_params
-        return sum(leaf.size for leaf in jax.tree.leaves(params))
-
     default = training.unet_config(stage_config("shapes_base", "").model)
     unet = training.unet_config(stage_config("shapes_base", "width=22").model)
     assert (unet.channels, unet.head_dim, unet.groups) == (22, 22, 22)
     for mult in unet.channel_mult:  # heads and channels a group, level by level
         assert mult * unet.channels // unet.head_dim == mult * default.channels // default.head_dim
         assert mult * unet.channels // unet.groups == mult * default.channels // default.groups
-    pixel = count(stage_config("shapes_base", "width=22").model)
-    mmdit = count(stage_config("shapes_mmdit", "").model)
+    pixel = param_count(stage_config("shapes_base", "width=22").model)
+    mmdit = param_count(stage_config("shapes_mmdit", "").model)
     assert abs(pixel / mmdit - 1) < 0.05, (pixel, mmdit)
 
 
@@ -286,14 +278,6 @@ def test_the_latent_unet_of_the_mmdits_size_trains_with_its_objective():
     equal-parameter comparison: a latent UNet within 5% of the MMDiT's parameters, with the
     variant's channels a group and head width at every level, trained and sampled with the
     MMDiT's objective on the same VAE and wordings."""
-    import jax
-
-    from imagen_jax.training import state as state_lib
-
-    def count(model):
-        params = state_lib.make_network(model).abstract_params
-        return sum(leaf.size for leaf in jax.tree.leaves(params))
-
     arg = "vae=V,width=32,layers=1,objective=flow,wordings=train"
     latent, mmdit = stage_config("shapes_latent", arg), stage_config("shapes_mmdit", "vae=V")
     default = stage_config("shapes_latent", "").model
@@ -303,7 +287,7 @@ def test_the_latent_unet_of_the_mmdits_size_trains_with_its_objective():
     for ch, base_ch in zip(unet.block_out_channels, base.block_out_channels, strict=True):
         assert ch // unet.norm_num_groups == base_ch // base.norm_num_groups
         assert ch // unet.attention_head_dim == base_ch // base.attention_head_dim
-    assert abs(count(latent.model) / count(mmdit.model) - 1) < 0.05
+    assert abs(param_count(latent.model) / param_count(mmdit.model) - 1) < 0.05
     for group in ("diffusion", "sample"):
         assert latent[group].to_dict() == mmdit[group].to_dict(), group
     assert latent.train.loss.to_dict() == mmdit.train.loss.to_dict()
@@ -319,3 +303,13 @@ def test_the_latent_unet_of_the_mmdits_size_trains_with_its_objective():
         stage_config("shapes_latent", "objective=x0")
     with pytest.raises(ValueError, match="width must be a multiple of 8"):
         stage_config("shapes_latent", "width=20")
+
+
+def param_count(model) -> int:
+    """The parameters of the network `model` (a config's model group) builds, traced only."""
+    import jax
+
+    from imagen_jax.training import state as state_lib
+
+    params = state_lib.make_network(model).abstract_params
+    return sum(leaf.size for leaf in jax.tree.leaves(params))

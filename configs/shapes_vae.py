@@ -1,5 +1,6 @@
 """An AutoencoderKL for the shapes domain: the first stage of latent diffusion (Rombach et
-al. 2022), 64 px images -> 16x16x4 latents (factor 4; `factor=8` gives 8x8x4).
+al. 2022), 64 px images -> 16x16x4 latents (factor 4; `factor=8` gives 8x8x4, `factor=2`
+32x32x4, or 16x16x4 of 32 px scenes with `res=32`).
 
     python train.py --config=configs/shapes_vae.py --workdir=/tmp/shapes_vae
     python train.py --config=configs/shapes_vae.py:runlocal --workdir=/tmp/shapes_vae_local
@@ -26,8 +27,8 @@ from imagen_jax.config_utils import parse_arg
 # the layers per block and GroupNorm groups, per width: "small" is a quarter of the compute of
 # "base" per image (the shipped latent model's VAE: flat-coloured shapes compress easily).
 _CHANNELS = {
-    "base": {4: (32, 64, 128), 8: (32, 64, 128, 128)},
-    "small": {4: (16, 32, 64), 8: (16, 32, 64, 64)},
+    "base": {2: (32, 64), 4: (32, 64, 128), 8: (32, 64, 128, 128)},
+    "small": {2: (16, 32), 4: (16, 32, 64), 8: (16, 32, 64, 64)},
 }
 _LAYERS = {
     "base": dict(layers_per_block=2, norm_num_groups=32),

@@ -305,6 +305,26 @@ def test_the_latent_unet_of_the_mmdits_size_trains_with_its_objective():
         stage_config("shapes_latent", "width=20")
 
 
+@pytest.mark.parametrize("res, factor, latent", [(64, 4, 16), (64, 8, 8), (32, 2, 16)])
+def test_the_shapes_vae_factor_sets_its_latents_size(res, factor, latent):
+    """`configs/shapes_vae.py:res=R,factor=F` encodes R px scenes to (R/F)^2 x 4 latents, at
+    both widths (`res=32,factor=2`: the 16x16 latents of the pixel base's 32 px scenes)."""
+    import jax
+    import jax.numpy as jnp
+
+    for width in ("base", "small"):
+        config = stage_config("shapes_vae", f"res={res},factor={factor},width={width}")
+        net = training.make_network(config.model)
+        z = jax.eval_shape(
+            lambda p, x, net=net: net.merge(p, net.abstract_rest).encode(x).mean,
+            net.abstract_params,
+            jax.ShapeDtypeStruct((1, res, res, 3), jnp.float32),
+        )
+        assert z.shape == (1, latent, latent, 4), (width, z.shape)
+    with pytest.raises(ValueError, match="factor=3"):
+        stage_config("shapes_vae", "factor=3")
+
+
 def param_count(model) -> int:
     """The parameters of the network `model` (a config's model group) builds, traced only."""
     import jax

@@ -26,7 +26,9 @@ the training wordings (`wordings=train`); squares only, as a UNet that halves it
 latents twice cannot take the MMDiT's 14 x 18 or 12 x 22 latent canvases. `objective=v`
 trains it with the pixel base's instead (v-prediction on the cosine schedule, min-SNR-5
 weights, DPM-Solver++(2M) in 20 steps: `shapes_base.shapes_config`'s), which separates the
-objective from the latent space.
+objective from the latent space. With `res=32` and a factor-2 VAE of 32 px scenes
+(`configs/shapes_vae.py:width=small,res=32,factor=2`) the same UNet samples 16x16x4 latents
+of the pixel base's scene size, which the shipped super-resolution stage takes to 64 px.
 
     python train.py --workdir=/tmp/shapes_latent_w32 --config=configs/shapes_latent.py:\
 vae=checkpoints/shapes/latent/vae,width=32,layers=1,objective=flow,wordings=train

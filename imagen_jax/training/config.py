@@ -450,6 +450,7 @@ def vae_loss_config(**overrides) -> ml_collections.ConfigDict:
         reconstruction="l1",  # l1 | l2, per pixel value
         kl_weight=1e-6,  # on the KL summed over the latent, per pixel value (as LDM's 1e-6)
         sample_posterior=True,  # decode a sample of q(z | x); False: its mode
+        latent_noise=0.0,  # > 0: decode z + u s std(z) n, u ~ U(0, 1) (vae_step.py)
     )
     return _group(defaults, overrides, "vae_loss")
 
@@ -653,6 +654,8 @@ _NUMBER_RULES = (
     ("train.ema_warmup_power", 0, None, "real"),
     ("train.noise_aug.max_level", 0, 1, "real"),
     ("train.noise_aug.sample_level", 0, 1, "real"),
+    ("vae_loss.kl_weight", 0, None, "real"),
+    ("vae_loss.latent_noise", 0, None, "real"),
     ("optim.lr", (0,), None, "real"),
     ("optim.warmup_steps", 0, None, "int"),
     ("optim.end_lr_factor", 0, None, "real"),
@@ -669,8 +672,8 @@ _NUMBER_RULES = (
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError, one line naming the key and its value, on the first number of the
-    `train`, `optim` and `data` groups that cannot work: a run of `train.steps <= 0` (which
-    would end at once, successfully, having trained nothing), a batch of no images, a
+    `train`, `optim`, `data` and `vae_loss` groups that cannot work: a run of `train.steps <=
+    0` (which would end at once, successfully, having trained nothing), a batch of no images, a
     learning rate that is not positive and finite, a probability outside [0, 1], ...
     Keys a config does not have are skipped."""
     for key, low, high, kind in _NUMBER_RULES:

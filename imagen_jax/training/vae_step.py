@@ -13,6 +13,12 @@ p = 1 (`vae_loss.reconstruction = "l1"`) or 2 ("l2"), z a sample of the posterio
 are per pixel value: LDM sums both over the image and the latent, which is this loss times
 H W C, so its kl_weight of 1e-6 means the same here.
 
+`vae_loss.latent_noise = s > 0` decodes z + u s std(z) n instead, n ~ N(0, I), u ~ U(0, 1)
+per example, std(z) the batch's (no gradient; the exported scaling_factor is 1 / the std of
+the posterior means, so s is about the noise's largest std in the units a latent stage
+samples in): the decoder learns to draw from latents as far off as a sampler leaves them,
+and the encoder to keep what matters above that noise. 0 (default) is LDM's loss.
+
 Gradient accumulation (`optim.accum_steps`), the optimizer, clipping and the EMA are the
 diffusion step's (`step.make_grad_fn`, `step.make_update`). Metrics: those of
 `step.make_train_step` and rec_loss (the reconstruction term) and kl (nats per example).
@@ -29,15 +35,31 @@ from imagen_jax.training import step as step_lib
 RECONSTRUCTION = ("l1", "l2")
 
 
-def vae_loss(model, images, key, *, reconstruction: str, kl_weight: float, sample_posterior: bool):
+def vae_loss(
+    model,
+    images,
+    key,
+    *,
+    reconstruction: str,
+    kl_weight: float,
+    sample_posterior: bool,
+    latent_noise: float = 0.0,
+):
     """(loss, {"rec_loss", "kl"}) of `model` (an AutoencoderKL) on uint8 images [B, H, W, 3]."""
     if reconstruction not in RECONSTRUCTION:
         raise ValueError(
             f"vae_loss.reconstruction={reconstruction!r}; expected one of {RECONSTRUCTION}"
         )
+    if not latent_noise >= 0:
+        raise ValueError(f"vae_loss.latent_noise={latent_noise!r}; must be >= 0")
     x = step_lib.to_float_image(images)  # [B, H, W, 3] in [-1, 1]
     posterior = model.encode(x)
     z = posterior.sample(key) if sample_posterior else posterior.mode()
+    if latent_noise:  # its own stream: the default loss draws exactly what it drew before
+        level_key, noise_key = jax.random.split(jax.random.fold_in(key, 1))
+        level = latent_noise * jax.random.uniform(level_key, (z.shape[0],) + (1,) * (z.ndim - 1))
+        scale = jax.lax.stop_gradient(jnp.std(z.astype(jnp.float32)))
+        z = z + (level * scale * jax.random.normal(noise_key, z.shape)).astype(z.dtype)
     error = model.decode(z).astype(jnp.float32) - x
     error = jnp.abs(error) if reconstruction == "l1" else jnp.square(error)
     rec = jnp.mean(error, axis=(1, 2, 3))  # [B]

@@ -260,3 +260,64 @@ def test_mmdit_adaln_zero_starts_as_identity_and_still_learns():
 
     grads = nnx.grad(loss)(model)
     assert float(jnp.abs(grads.transformer.proj_out.kernel[...]).max()) > 0
+
+
+class _SpyVAE:
+    """An autoencoder whose encoder returns fixed latents and whose decoder records what it is
+    given (and returns zeros): what `vae_loss` decodes, seen directly."""
+
+    def __init__(self, latents):
+        self.latents, self.decoded = latents, None
+
+    def encode(self, x):
+        latents = self.latents
+
+        class Posterior:
+            def mode(self):
+                return latents
+
+            def sample(self, key):
+                return latents + jax.random.normal(key, latents.shape)
+
+            def kl(self):
+                return jnp.zeros(latents.shape[0])
+
+        return Posterior()
+
+    def decode(self, z):
+        self.decoded = z
+        return jnp.zeros(z.shape[:1] + (8, 8, 3))
+
+
+def test_vae_latent_noise_decodes_noised_latents_in_their_own_units():
+    """`vae_loss.latent_noise = s` decodes the latents plus noise of std u * s * std(z), u
+    drawn per example in [0, 1); 0 decodes what the loss decoded before (the latents, or the
+    posterior's draw from the same key); a negative s stops the loss and the config check."""
+    from imagen_jax.training.config import ConfigError, check_config
+    from imagen_jax.training.vae_step import vae_loss
+
+    latents = jnp.asarray(np.random.default_rng(0).normal(size=(64, 4, 4, 4)) * 3.0 + 1.0)
+    images = jnp.zeros((64, 8, 8, 3), jnp.uint8)
+    key = jax.random.key(0)
+    options = dict(reconstruction="l1", kl_weight=0.0, sample_posterior=False)
+    spy = _SpyVAE(latents)
+    vae_loss(spy, images, key, **options)
+    np.testing.assert_array_equal(spy.decoded, latents)
+    vae_loss(spy, images, key, **options, latent_noise=0.5)
+    noise = np.asarray(spy.decoded - latents) / float(jnp.std(latents))
+    per_example = noise.reshape(64, -1).std(axis=1)
+    assert 0 < per_example.min() < 0.1 and 0.4 < per_example.max() < 0.55, per_example
+    assert 0.15 < per_example.mean() < 0.35  # E[u s] = 0.25
+    sampled = dict(options, sample_posterior=True)
+    vae_loss(spy, images, key, **sampled)
+    drawn = spy.decoded
+    vae_loss(spy, images, key, **sampled, latent_noise=0.5)
+    assert not np.array_equal(spy.decoded, drawn)
+    vae_loss(spy, images, key, **sampled, latent_noise=0.0)
+    np.testing.assert_array_equal(spy.decoded, drawn)
+    with pytest.raises(ValueError, match="latent_noise=-0.1"):
+        vae_loss(spy, images, key, **options, latent_noise=-0.1)
+    config = stage_config("shapes_vae")
+    config.vae_loss.latent_noise = -1.0
+    with pytest.raises(ConfigError, match="vae_loss.latent_noise=-1.0: must be >= 0"):
+        check_config(config)

@@ -5,9 +5,13 @@ Layout of one checkpoint, `workdir/checkpoints/<step>/`:
            PyTree (StandardSave): restored into the current mesh's shardings, so a
            checkpoint written on 8 devices restores onto 1, or onto another FSDP layout.
   data/    the input iterator's state, one JSON file per process (grain's CheckpointSave).
-  model/   JSON: the UNet config and every parameter's shape. A workdir holding another
-           model's checkpoint stops the run with the differences named, before anything
-           is restored.
+  model/   JSON: the UNet config, every parameter's shape and the run's recipe (every
+           config value but those of RESUMABLE_KEYS, which may change on resume). A
+           workdir holding another model's checkpoint, or one trained with other settings,
+           stops the run with the differences named, before anything is restored; the
+           keys of `train.allow_changes` (comma-separated, a group name allows the group)
+           may differ, to resume on purpose with, say, a moved dataset or a new loss
+           weight.
 The last `train.keep_checkpoints` are kept. Saves are asynchronous (Orbax copies the
 arrays to host memory before `save` returns, so the next step may donate them).
 
@@ -53,7 +57,33 @@ def _use_array_handler() -> None:
 
 
 class CheckpointMismatchError(ValueError):
-    """The workdir holds a checkpoint of a different model."""
+    """The workdir holds a checkpoint of a different model, or of other training settings."""
+
+
+# Config keys (a group name stands for the group) that a resumed run may change: the run's
+# length, bookkeeping, sampling and evaluation, the device layout, where inputs are read
+# from in ways that do not change them, and the model (its signature is checked apart).
+RESUMABLE_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.init_from",
+    "train.sample_every",
+    "train.num_samples",
+    "train.sample_prompts",
+    "train.progress",
+    "train.sharding_rules",
+    "train.fsdp_min_size",
+    "train.allow_changes",
+    "data.worker_count",
+    "text.cache",
+    "text.batch_bucket",
+    "evals",
+    "sample",
+    "mesh",
+    "model",
+)
 
 
 def model_signature(net) -> dict:
@@ -68,6 +98,49 @@ def model_signature(net) -> dict:
         if f.default is not dataclasses.MISSING
     }
     return {"unet": unet, "param_shapes": shapes, "defaults": json.loads(json.dumps(defaults))}
+
+
+def _under(key: str, names) -> bool:
+    return any(key == name or key.startswith(name + ".") for name in names)
+
+
+def recipe(config) -> dict:
+    """The config's values that decide what a training step computes, flat by dotted key
+    (JSON-able): every key but those under RESUMABLE_KEYS."""
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), item)
+        else:
+            flat[prefix] = value
+
+    walk("", json.loads(json.dumps(config.to_dict(), default=repr)))
+    return {key: value for key, value in flat.items() if not _under(key, RESUMABLE_KEYS)}
+
+
+def run_signature(net, config) -> dict:
+    """model_signature(net) with the run's recipe(config)."""
+    return {**model_signature(net), "recipe": recipe(config)}
+
+
+def describe_recipe_changes(saved: dict, current: dict, allowed=(), limit: int = 8) -> list[str]:
+    """The keys whose values differ between a checkpoint's recipe and the config's (a key
+    only one side has included), but for those under `allowed`."""
+
+    def show(values: dict, key: str) -> str:
+        return repr(values[key]) if key in values else "absent"
+
+    diffs = [
+        f"{key}: checkpoint {show(saved, key)}, config {show(current, key)}"
+        for key in sorted(set(saved) | set(current))
+        if not _under(key, allowed)
+        and (key not in saved or key not in current or saved[key] != current[key])
+    ]
+    if len(diffs) > limit:
+        diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
+    return diffs
 
 
 def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
@@ -96,9 +169,10 @@ def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
 class Checkpointer:
     """Saves and restores (TrainState, data iterator) under `workdir/checkpoints`."""
 
-    def __init__(self, workdir: str, *, keep: int, signature: dict):
+    def __init__(self, workdir: str, *, keep: int, signature: dict, allow_changes: str = ""):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         self.signature = signature
+        self.allow_changes = tuple(k.strip() for k in allow_changes.split(",") if k.strip())
         _use_array_handler()
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -109,13 +183,27 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def check_model(self, step: int) -> None:
-        """Raises CheckpointMismatchError if checkpoint `step` holds another model."""
+        """Raises CheckpointMismatchError if checkpoint `step` holds another model, or was
+        trained with another recipe (where both it and this signature record one)."""
         saved = self.manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))
-        diffs = describe_mismatch(dict(saved["model"]), self.signature)
+        saved = dict(saved["model"])
+        diffs = describe_mismatch(saved, self.signature)
         if diffs:
             raise CheckpointMismatchError(
                 f"{self.directory}/{step} holds a checkpoint of another model; use a new "
                 "workdir or the matching config. Differences:\n  " + "\n  ".join(diffs)
+            )
+        if "recipe" not in saved or "recipe" not in self.signature:
+            return
+        diffs = describe_recipe_changes(
+            dict(saved["recipe"]), self.signature["recipe"], self.allow_changes
+        )
+        if diffs:
+            raise CheckpointMismatchError(
+                f"{self.directory}/{step} was trained with other settings; resume with the "
+                "same ones, start a new workdir (train.init_from takes an exported stage), "
+                "or name the keys that may change in train.allow_changes (comma-separated; "
+                "a group name allows the group). Differences:\n  " + "\n  ".join(diffs)
             )
 
     def restore(self, step: int, target, data_iterator):
@@ -159,6 +247,17 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def run_checkpointer(config, workdir: str, net) -> Checkpointer:
+    """The Checkpointer of a training run of `config` on `net`: its checkpoints record the
+    model and the recipe, and resuming checks both (train.allow_changes excepted)."""
+    return Checkpointer(
+        workdir,
+        keep=config.train.keep_checkpoints,
+        signature=run_signature(net, config),
+        allow_changes=config.train.get("allow_changes", ""),
+    )
 
 
 def restore_params(config, workdir: str, step: int | None = None, *, ema: bool = True):

@@ -587,6 +587,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         sharding_rules=((".*", "fsdp"),),  # (regex, spec | "fsdp"); see parallel.py
         fsdp_min_size=2**18,  # parameters smaller than this stay replicated under "fsdp"
         progress=True,  # a tqdm bar on process 0's console
+        # Resuming checks the checkpoint's recipe against this config (training/checkpoint.py):
+        # the comma-separated keys (or groups) here may differ, e.g. "data.path,optim.lr".
+        allow_changes="",
     )
     return _group(defaults, overrides, "train")
 

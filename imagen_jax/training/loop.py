@@ -341,9 +341,7 @@ def train_and_export(
             tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
         else:
             tx, lr_schedule = make_optimizer(config, net)
-        checkpointer = ckpt_lib.Checkpointer(
-            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
-        )
+        checkpointer = ckpt_lib.run_checkpointer(config, workdir, net)
         data = None
         try:
             data = make_data(config)

@@ -97,9 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         if is_latent_stage(config.model):
             latent = latent_space.LatentSpace.from_config(config, net, mesh)
         tx, lr_schedule = state_lib.make_optimizer(config.optim, config.train.steps)
-        checkpointer = ckpt_lib.Checkpointer(
-            workdir, keep=config.train.keep_checkpoints, signature=ckpt_lib.model_signature(net)
-        )
+        checkpointer = ckpt_lib.run_checkpointer(config, workdir, net)
         data = None
         try:
             encoder = stage_text_encoder(config, net)  # also for the sample grid's prompts

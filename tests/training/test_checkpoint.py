@@ -233,6 +233,37 @@ def test_another_models_checkpoint_stops_the_run(reference, tmp_path):
         train_and_evaluate(config, str(tmp_path))
 
 
+def test_resuming_with_other_training_settings_stops_unless_allowed(reference, tmp_path):
+    """A checkpoint records its recipe: resuming with another loss setting stops with the key
+    named, before anything is restored or saved; the same resume goes on once
+    train.allow_changes names the key's group, and a longer train.steps needs no leave."""
+    shutil.copytree(reference[0] / "checkpoints", tmp_path / "checkpoints")
+    config = tiny(steps=4)
+    config.train.loss.weighting = "uniform"
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"(?s)other settings.*train\.loss\.weighting: checkpoint 'min_snr', config 'uniform'",
+    ):
+        train_and_evaluate(config, str(tmp_path))
+    assert checkpoint_steps(tmp_path) == [2, 3]
+    config.train.allow_changes = "data.seed, train.loss"
+    state, _ = train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 4
+
+
+def test_a_recipe_key_only_one_side_has_is_a_difference():
+    """An auxiliary loss added on resume is a change of recipe like any other; the recipe
+    leaves out what may change (the length, the model, sampling)."""
+    saved = checkpoint.recipe(tiny())
+    assert "optim.lr" in saved and "train.steps" not in saved
+    assert not any(key.startswith(("model.", "sample.")) for key in saved)
+    grown = {**saved, "train.aux_losses.extra.weight": 0.5}
+    assert checkpoint.describe_recipe_changes(saved, grown) == [
+        "train.aux_losses.extra.weight: checkpoint absent, config 0.5"
+    ]
+    assert checkpoint.describe_recipe_changes(saved, grown, ("train.aux_losses",)) == []
+
+
 def test_nan_loss_stops_before_saving(tmp_path, monkeypatch):
     nan_text = lambda batch: dict(batch, text=batch["text"] * np.nan)  # noqa: E731
     patch_batches(monkeypatch, 3, nan_text)

@@ -94,7 +94,7 @@ def _train_py(workdir, *overrides):
         ),
         (
             "--config.train.batchh=4",  # nothing close: the group's keys
-            "unknown config key train.batchh; train has keys: aux_losses, checkpoint_every,",
+            "unknown config key train.batchh; train has keys: allow_changes, aux_losses,",
         ),
     ],
 )

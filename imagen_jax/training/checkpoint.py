@@ -61,10 +61,12 @@ class CheckpointMismatchError(ValueError):
 
 
 # Config keys (a group name stands for the group) that a resumed run may change: the run's
-# length, bookkeeping, sampling and evaluation, the device layout, where inputs are read
+# length and its cool-down (a constant-rate run extended by resuming sets it on its last
+# resume), bookkeeping, sampling and evaluation, the device layout, where inputs are read
 # from in ways that do not change them, and the model (its signature is checked apart).
 RESUMABLE_KEYS = (
     "train.steps",
+    "optim.cooldown_steps",
     "train.log_every",
     "train.checkpoint_every",
     "train.keep_checkpoints",

@@ -2,12 +2,16 @@
 split, grammar captions) rendered at a size, encoded and decoded (the posterior's mean),
 then scored by the shapes scorer against their own specs, with the round trip's PSNR. The
 renders themselves pass every time, so the pass rate is the ceiling the VAE puts on a
-latent model sampled at that size (`tools/shapes_vae_eval.py` runs it per size)."""
+latent model sampled at that size (`tools/shapes_vae_eval.py` runs it per size). With
+`latent_noise` = s the decoder is given the means plus s std n (n ~ N(0, I), std that of the
+batch's means, so s is in the units a latent stage samples in): how far off a sampler's
+latents may land before what the prompts state is lost."""
 
 from __future__ import annotations
 
 from collections import Counter
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -18,13 +22,18 @@ from imagen_jax.shapes.spec import TASKS, canvas_of
 
 
 @nnx.jit
-def _round_trip(model, x):
-    return model.decode(model.encode(x).mean)
+def _round_trip(model, x, noise):
+    z = model.encode(x).mean
+    return model.decode(z + noise * jnp.std(z))
 
 
-def round_trip(model, height: int, width: int, n: int, seed: int = 0) -> dict:
+def round_trip(
+    model, height: int, width: int, n: int, seed: int = 0, latent_noise: float = 0.0
+) -> dict:
     """{"size": [h, w], "images", "psnr" (dB), "passed" (the fraction of round trips the
-    scorer passes), "failures" (counts by kind)} over n scenes (the six tasks in turn)."""
+    scorer passes), "failures" (counts by kind)} over n scenes (the six tasks in turn),
+    decoded from latents noised by `latent_noise` (with "latent_noise" in the result when
+    it is not 0)."""
     rng = np.random.default_rng(seed)
     examples = [
         tasks.sample_example(
@@ -33,12 +42,16 @@ def round_trip(model, height: int, width: int, n: int, seed: int = 0) -> dict:
         for i in range(n)
     ]
     images = np.stack([render(e.scene, min(height, width)) for e in examples])
-    y = np.asarray(_round_trip(model, jnp.asarray(images, jnp.float32) / 127.5 - 1))
+    x = jnp.asarray(images, jnp.float32) / 127.5 - 1
+    z_shape = jax.eval_shape(lambda x: model.encode(x).mean, x).shape
+    noise = latent_noise * rng.standard_normal(z_shape).astype(np.float32)
+    y = np.asarray(_round_trip(model, x, jnp.asarray(noise)))
     out = np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8)
     mse = float(np.mean((out.astype(np.float64) - images) ** 2))
     results = [scorer.score(o, e.spec) for o, e in zip(out, examples, strict=True)]
     return dict(
         size=[height, width],
+        **({"latent_noise": latent_noise} if latent_noise else {}),
         images=n,
         psnr=round(10 * np.log10(255**2 / mse), 2),
         passed=float(np.mean([r.passed for r in results])),

@@ -22,5 +22,7 @@ def test_the_shipped_vae_keeps_what_prompts_state():
     model, _ = vae_lib.load_vae(shipped.ROOT / "latent" / "vae")
     square = round_trip(model, 64, 64, n=24)
     assert square["passed"] >= 0.9 and square["psnr"] > 27.0, square
+    noisy = round_trip(model, 64, 64, n=24, latent_noise=0.5)
+    assert noisy["latent_noise"] == 0.5 and noisy["psnr"] < square["psnr"] - 3.0, noisy
     wide = round_trip(model, 48, 88, n=24)
     assert wide["passed"] >= 0.55 and wide["psnr"] > 27.0, wide

@@ -22,9 +22,9 @@ from imagen_jax.shapes.spec import TASKS, canvas_of
 
 
 @nnx.jit
-def _round_trip(model, x, noise):
+def _round_trip(model, x, latent_noise, key):
     z = model.encode(x).mean
-    return model.decode(z + noise * jnp.std(z))
+    return model.decode(z + latent_noise * jnp.std(z) * jax.random.normal(key, z.shape))
 
 
 def round_trip(
@@ -43,9 +43,7 @@ def round_trip(
     ]
     images = np.stack([render(e.scene, min(height, width)) for e in examples])
     x = jnp.asarray(images, jnp.float32) / 127.5 - 1
-    z_shape = jax.eval_shape(lambda x: model.encode(x).mean, x).shape
-    noise = latent_noise * rng.standard_normal(z_shape).astype(np.float32)
-    y = np.asarray(_round_trip(model, x, jnp.asarray(noise)))
+    y = np.asarray(_round_trip(model, x, latent_noise, jax.random.key(seed)))
     out = np.clip(np.rint((y + 1) * 127.5), 0, 255).astype(np.uint8)
     mse = float(np.mean((out.astype(np.float64) - images) ** 2))
     results = [scorer.score(o, e.spec) for o, e in zip(out, examples, strict=True)]

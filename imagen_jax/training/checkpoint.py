@@ -35,6 +35,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from imagen_jax import parallel
+from imagen_jax.pipelines import jobs
 
 REPLICA_PARALLEL_MIN_BYTES = 2**20
 
@@ -129,20 +130,13 @@ def run_signature(net, config) -> dict:
 
 def describe_recipe_changes(saved: dict, current: dict, allowed=(), limit: int = 8) -> list[str]:
     """The keys whose values differ between a checkpoint's recipe and the config's (a key
-    only one side has included), but for those under `allowed`."""
+    only one side has included), as "key: checkpoint -> config" lines, but for those under
+    `allowed`."""
 
-    def show(values: dict, key: str) -> str:
-        return repr(values[key]) if key in values else "absent"
+    def kept(values: dict) -> dict:
+        return {key: value for key, value in values.items() if not _under(key, allowed)}
 
-    diffs = [
-        f"{key}: checkpoint {show(saved, key)}, config {show(current, key)}"
-        for key in sorted(set(saved) | set(current))
-        if not _under(key, allowed)
-        and (key not in saved or key not in current or saved[key] != current[key])
-    ]
-    if len(diffs) > limit:
-        diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
-    return diffs
+    return jobs.differences(kept(saved), kept(current), limit=limit)
 
 
 def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
@@ -205,7 +199,8 @@ class Checkpointer:
                 f"{self.directory}/{step} was trained with other settings; resume with the "
                 "same ones, start a new workdir (train.init_from takes an exported stage), "
                 "or name the keys that may change in train.allow_changes (comma-separated; "
-                "a group name allows the group). Differences:\n  " + "\n  ".join(diffs)
+                "a group name allows the group). Differences, checkpoint -> config:\n  "
+                + "\n  ".join(diffs)
             )
 
     def restore(self, step: int, target, data_iterator):

@@ -242,7 +242,7 @@ def test_resuming_with_other_training_settings_stops_unless_allowed(reference, t
     config.train.loss.weighting = "uniform"
     with pytest.raises(
         CheckpointMismatchError,
-        match=r"(?s)other settings.*train\.loss\.weighting: checkpoint 'min_snr', config 'uniform'",
+        match=r'(?s)other settings.*train\.loss\.weighting: "min_snr" -> "uniform"',
     ):
         train_and_evaluate(config, str(tmp_path))
     assert checkpoint_steps(tmp_path) == [2, 3]
@@ -259,7 +259,7 @@ def test_a_recipe_key_only_one_side_has_is_a_difference():
     assert not any(key.startswith(("model.", "sample.")) for key in saved)
     grown = {**saved, "train.aux_losses.extra.weight": 0.5}
     assert checkpoint.describe_recipe_changes(saved, grown) == [
-        "train.aux_losses.extra.weight: checkpoint absent, config 0.5"
+        "train.aux_losses.extra.weight: (absent) -> 0.5"
     ]
     assert checkpoint.describe_recipe_changes(saved, grown, ("train.aux_losses",)) == []
 

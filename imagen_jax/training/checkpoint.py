@@ -100,7 +100,11 @@ def model_signature(net) -> dict:
         for f in dataclasses.fields(net.cfg)
         if f.default is not dataclasses.MISSING
     }
-    return {"unet": unet, "param_shapes": shapes, "defaults": json.loads(json.dumps(defaults))}
+    signature = {"unet": unet, "param_shapes": shapes, "defaults": json.loads(json.dumps(defaults))}
+    spec = getattr(net, "lora", None)
+    if spec is not None:  # the adapters' scale: their shapes are in param_shapes, it is not
+        signature["lora"] = {"rank": spec.rank, "alpha": spec.alpha}
+    return signature
 
 
 def _under(key: str, names) -> bool:
@@ -157,6 +161,12 @@ def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
             diffs.append(
                 f"parameter {path}: checkpoint {saved_shapes.get(path)}, config {shapes.get(path)}"
             )
+    # Adapters: a checkpoint from before their scale was recorded agrees on it.
+    if "lora" in saved and saved["lora"] != current.get("lora"):
+        for key in sorted(set(saved["lora"]) | set(current.get("lora") or {})):
+            was, now = saved["lora"].get(key), (current.get("lora") or {}).get(key)
+            if was != now:
+                diffs.append(f"lora.{key}: checkpoint {was!r}, config {now!r}")
     if len(diffs) > limit:
         diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
     return diffs

@@ -519,6 +519,19 @@ def test_resumed_adapter_run_matches_the_uninterrupted_one(runs, tmp_path):
     assert_same_tree(resumed, state)
 
 
+def test_an_adapter_run_does_not_resume_at_another_scale(runs, tmp_path):
+    """The adapters' alpha changes no parameter's shape but every merged weight: a resume
+    (or an export) with another one is refused, naming it."""
+    _, workdir, config, _ = runs["lora_8"]
+    shutil.copytree(workdir / "checkpoints" / "1", tmp_path / "checkpoints" / "1")
+    config = config.copy_and_resolve_references()
+    config.model.lora.alpha = 8.0
+    with pytest.raises(
+        training.CheckpointMismatchError, match=r"lora\.alpha: checkpoint 4\.0, config 8\.0"
+    ):
+        training.train_and_evaluate(config, str(tmp_path))
+
+
 def _sample_both(ours_dir, ref, *, lora=None):
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     want = ref(

@@ -20,7 +20,8 @@ training wordings (`wordings=train`: the grammar's and the templates of
 imagen_jax/shapes/wordings.py marked for training; the held-out ones never), and the scenes
 are drawn on five canvases, the square and four of about res^2 pixels up to 11:6 wide or
 tall (`buckets=auto`, `bucket_shapes`; `buckets=` trains squares only), every batch of one
-canvas. Everything else (VAE, data, optimizer) is `configs/shapes_latent.py`'s. Periodic
+canvas. `patch=1` cuts the latents into 1x1 patches instead of 2x2 (256 image tokens at
+64 px instead of 64, about 4x the step's operations). Everything else (VAE, data, optimizer) is `configs/shapes_latent.py`'s. Periodic
 evaluation is configured as configs/shapes_base.py's (`shapes_config`: compositional
 accuracy on the held-out shapes prompts), off until `evals.every` is set
 (`--config.evals.every=2000`); it samples the MMDiT's latents with the stage's flow-matching
@@ -44,6 +45,7 @@ def get_config(arg=None):
         fsdp=1,
         buckets="auto",
         wordings="train",
+        patch=2,
     )
     config = shapes_base.shapes_config(res=arg.res, batch=arg.batch, steps=arg.steps, fsdp=arg.fsdp)
     # Aspect-ratio buckets: scenes drawn on wide and tall canvases of about res^2 pixels
@@ -61,6 +63,7 @@ def get_config(arg=None):
         out_channels=4,
         joint_attention_dim=384,
         adaln_zero=True,  # DiT's initialization: blocks start as the identity
+        patch_size=arg.patch,  # 2: 64 tokens of 16x16 latents; 1: 256
     )
     config.latent = training.latent_config(vae=arg.vae, sample_posterior=True)
     config.diffusion.resolution = arg.res

@@ -2,6 +2,7 @@
 key is one line naming the closest key), values that cannot work rejected by name, and the
 checks that stop a run whose stage and data disagree before anything is compiled."""
 
+import math
 import pathlib
 import subprocess
 import sys
@@ -229,6 +230,28 @@ def test_the_shapes_mmdit_trains_on_five_canvases_of_the_pixel_budget():
     assert config.data.wordings == "train"
     assert shapes_mmdit.get_config("buckets=").data.buckets == ""
     assert shapes_mmdit.get_config("runlocal").data.buckets == ""
+
+
+def test_the_shapes_mmdit_patch_arg_sets_its_tokens():
+    """`configs/shapes_mmdit.py:patch=P` embeds the 16x16 latents in PxP patches: the patch
+    embedding's kernel is PxP, and the number of parameters is otherwise the same."""
+    import jax
+
+    kernels, counts = {}, {}
+    for patch in (1, 2):
+        model = stage_config("shapes_mmdit", f"vae=V,patch={patch}").model
+        assert model.patch_size == patch
+        params = training.make_network(model).abstract_params
+        flat = {
+            jax.tree_util.keystr(p): x.shape
+            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+        }
+        (key,) = [k for k in flat if "pos_embed" in k and "proj" in k and "kernel" in k]
+        kernels[patch] = flat[key]
+        counts[patch] = sum(math.prod(shape) for shape in flat.values())
+    assert kernels[1][:2] == (1, 1) and kernels[2][:2] == (2, 2)
+    # The patch embedding and the final projection shrink by 4x; nothing else changes.
+    assert 0 < counts[2] - counts[1] < 0.01 * counts[2]
 
 
 def test_the_shipped_arg_is_the_network_of_the_shipped_shapes_base():

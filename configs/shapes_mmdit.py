@@ -21,11 +21,12 @@ imagen_jax/shapes/wordings.py marked for training; the held-out ones never), and
 are drawn on five canvases, the square and four of about res^2 pixels up to 11:6 wide or
 tall (`buckets=auto`, `bucket_shapes`; `buckets=` trains squares only), every batch of one
 canvas. `patch=1` cuts the latents into 1x1 patches instead of 2x2 (256 image tokens at
-64 px instead of 64, about 4x the step's operations). Everything else (VAE, data, optimizer) is `configs/shapes_latent.py`'s. Periodic
-evaluation is configured as configs/shapes_base.py's (`shapes_config`: compositional
-accuracy on the held-out shapes prompts), off until `evals.every` is set
-(`--config.evals.every=2000`); it samples the MMDiT's latents with the stage's flow-matching
-Euler sampler and decodes them with the VAE, as sample.py samples the exported stage.
+64 px instead of 64, about 4x the step's operations). Everything else (VAE, data,
+optimizer) is `configs/shapes_latent.py`'s. Periodic evaluation is configured as
+configs/shapes_base.py's (`shapes_config`: compositional accuracy on the held-out shapes
+prompts), off until `evals.every` is set (`--config.evals.every=2000`); it samples the
+MMDiT's latents with the stage's flow-matching Euler sampler and decodes them with the VAE,
+as sample.py samples the exported stage.
 """
 
 from configs import common, shapes_base, shapes_latent

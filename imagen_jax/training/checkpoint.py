@@ -161,12 +161,14 @@ def describe_mismatch(saved: dict, current: dict, limit: int = 8) -> list[str]:
             diffs.append(
                 f"parameter {path}: checkpoint {saved_shapes.get(path)}, config {shapes.get(path)}"
             )
-    # Adapters: a checkpoint from before their scale was recorded agrees on it.
-    if "lora" in saved and saved["lora"] != current.get("lora"):
-        for key in sorted(set(saved["lora"]) | set(current.get("lora") or {})):
-            was, now = saved["lora"].get(key), (current.get("lora") or {}).get(key)
-            if was != now:
-                diffs.append(f"lora.{key}: checkpoint {was!r}, config {now!r}")
+    # The adapters' scale, where the checkpoint records it (those written before do not).
+    saved_lora, lora = saved.get("lora"), current.get("lora") or {}
+    if saved_lora is not None:
+        diffs += [
+            f"lora.{key}: checkpoint {saved_lora.get(key)!r}, config {lora.get(key)!r}"
+            for key in sorted(set(saved_lora) | set(lora))
+            if saved_lora.get(key) != lora.get(key)
+        ]
     if len(diffs) > limit:
         diffs = diffs[:limit] + [f"... and {len(diffs) - limit} more"]
     return diffs
